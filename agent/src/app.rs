@@ -1,0 +1,734 @@
+//! One watched app: a check (PM2 state + /proc samples + HTTP probe), its judgement, and the
+//! actions that follow (restart with verification and kill escalation, resurrect, give up).
+//!
+//! Shared by the daemon's per-app worker and by `check --once`, so both judge and act alike.
+//! The decisions themselves are in `policy`; this module is the edge that touches the world.
+//! Invariants: a restart is made only under `restart.lock` after re-reading `restarts.json`, so
+//! two pmguard processes never restart one app inside its cooldown; only processes owned by the
+//! PM2 user are ever signalled, through a pidfd (never a reused pid).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::clock;
+use crate::config::{AgentConfig, AppConfig};
+use crate::events::{Event, EventLog, Kind};
+use crate::files::LockError;
+use crate::pm2::{Client, Pm2Error, ProcessEntry, Snapshot};
+use crate::policy::{
+    self, decide, judge, AppState, Decision, Health, InstanceView, Mono, PidTracker, Pm2View,
+    Policy, StuckRule, Verdict,
+};
+use crate::probe::{ProbeResult, Prober};
+use crate::procfs::{self, ProcWatch};
+use crate::state::{
+    AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartRecord, StateDir,
+};
+
+const LIST_TIMEOUT: Duration = Duration::from_secs(3);
+const HISTORY: usize = 20;
+const DEFAULT_KILL_TIMEOUT_MS: u64 = 1_600;
+
+/// What every app shares: the PM2 client, the event sink, the state directory.
+pub struct Shared {
+    pub agent: AgentConfig,
+    pub client: Arc<Client>,
+    pub events: Arc<EventLog>,
+    pub state: StateDir,
+    pub proc_root: PathBuf,
+    pub ticks_per_sec: u64,
+    /// The last `getMonitorData`, reused by apps checked within `SNAPSHOT_MAX_AGE` of it.
+    snapshot: Mutex<Option<(Mono, Result<Arc<Snapshot>, String>)>>,
+    /// Serializes `pm2 resurrect` among the apps of this process.
+    resurrect: Mutex<()>,
+    pub board: Mutex<BTreeMap<String, AppStatus>>,
+}
+
+/// Apps checked at nearly the same moment share one `getMonitorData`.
+pub const SNAPSHOT_MAX_AGE: u64 = 250;
+
+impl Shared {
+    pub fn new(agent: AgentConfig, client: Arc<Client>, events: Arc<EventLog>) -> Shared {
+        Shared {
+            state: StateDir::new(&agent.state_dir),
+            agent,
+            client,
+            events,
+            proc_root: PathBuf::from("/proc"),
+            ticks_per_sec: procfs::ticks_per_sec(),
+            snapshot: Mutex::new(None),
+            resurrect: Mutex::new(()),
+            board: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// PM2's process list, at most `max_age` ms old. Concurrent callers wait for one call.
+    pub fn snapshot(&self, max_age: u64) -> Result<Arc<Snapshot>, String> {
+        let mut cached = lock(&self.snapshot);
+        let now = clock::mono_now();
+        if let Some((at, snap)) = cached.as_ref() {
+            if now.saturating_sub(*at) <= max_age {
+                return snap.clone();
+            }
+        }
+        let fresh = self
+            .client
+            .list(LIST_TIMEOUT)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        *cached = Some((clock::mono_now(), fresh.clone()));
+        fresh
+    }
+
+    pub fn emit(&self, e: Event) {
+        self.events.emit(e);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one check saw, before judgement.
+#[derive(Debug)]
+pub struct Check {
+    pub at: Mono,
+    pub view: Pm2View,
+    pub probe: Option<ProbeResult>,
+    pub verdict: Verdict,
+    snapshot: Option<Arc<Snapshot>>,
+}
+
+/// The watcher of one app.
+#[derive(Debug)]
+pub struct App {
+    pub cfg: AppConfig,
+    pub policy: Policy,
+    pub state: AppState,
+    prober: Option<Prober>,
+    trackers: BTreeMap<u32, (ProcWatch, PidTracker)>,
+    /// Last seen PM2 restart counter per pm_id, to notice restarts made behind our back.
+    restart_counts: BTreeMap<u32, u64>,
+    probes: VecDeque<ProbeRecord>,
+    restarts_shown: VecDeque<RestartRecord>,
+    note: Option<String>,
+}
+
+impl App {
+    pub fn new(cfg: AppConfig, now: Mono, persisted: Option<&AppRestarts>) -> App {
+        let policy = Policy::from(&cfg);
+        let mut state = AppState::new(now, &policy);
+        if let Some(p) = persisted {
+            p.apply_to(&mut state);
+            // A restart made shortly before this process started still deserves its grace.
+            if let Some(last) = p.last() {
+                let grace_end = last + policy.startup_grace;
+                state.grace_until = Some(state.grace_until.map_or(grace_end, |g| g.min(grace_end.max(now))));
+            }
+        }
+        App {
+            prober: cfg.health_url.clone().map(Prober::new),
+            policy,
+            state,
+            cfg,
+            trackers: BTreeMap::new(),
+            restart_counts: BTreeMap::new(),
+            probes: VecDeque::new(),
+            restarts_shown: VecDeque::new(),
+            note: None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Takes a new config for this app, keeping its history.
+    pub fn reconfigure(&mut self, cfg: AppConfig) {
+        if cfg.health_url != self.cfg.health_url {
+            self.prober = cfg.health_url.clone().map(Prober::new);
+        }
+        self.policy = Policy::from(&cfg);
+        self.cfg = cfg;
+    }
+
+    /// The period until the next check: `interval` when healthy, `retry_interval` otherwise.
+    pub fn period(&self) -> Duration {
+        match self.state.health {
+            Health::Healthy => self.cfg.interval,
+            _ => self.cfg.retry_interval.min(self.cfg.interval.max(self.cfg.retry_interval)),
+        }
+    }
+
+    fn stuck_rule(&self) -> StuckRule {
+        StuckRule {
+            cpu_threshold: self.cfg.cpu_threshold,
+            cpu_duration: self.cfg.cpu_duration.as_millis() as u64,
+            halt_window: self.cfg.timeout.as_millis() as u64,
+            ticks_per_sec: 0,
+        }
+    }
+
+    /// Looks at PM2, /proc and the health endpoint once.
+    pub fn check(&mut self, shared: &Shared, max_age: u64) -> Check {
+        let snap = shared.snapshot(max_age);
+        let at = clock::mono_now();
+        let mut rule = self.stuck_rule();
+        rule.ticks_per_sec = shared.ticks_per_sec;
+        let (view, snapshot) = match &snap {
+            Err(e) => (Pm2View::DaemonDown(e.clone()), None),
+            Ok(s) => {
+                let entries = s.by_name(&self.cfg.name);
+                if entries.is_empty() {
+                    (Pm2View::Missing, Some(s.clone()))
+                } else {
+                    let views = entries
+                        .iter()
+                        .map(|e| self.sample(shared, e, at, &rule))
+                        .collect();
+                    let alive: Vec<u32> = entries.iter().map(|e| e.pid).collect();
+                    self.trackers.retain(|pid, _| alive.contains(pid));
+                    (Pm2View::Instances(views), Some(s.clone()))
+                }
+            }
+        };
+        let probe = self.prober.as_mut().map(|p| {
+            p.probe(
+                self.cfg.timeout,
+                &self.cfg.expect_status,
+                self.cfg.expect_body.as_deref(),
+            )
+        });
+        let failure = probe
+            .as_ref()
+            .filter(|p| !p.outcome.passed())
+            .map(|p| p.outcome.reason());
+        let verdict = judge(&view, failure.as_deref());
+        Check {
+            at,
+            view,
+            probe,
+            verdict,
+            snapshot,
+        }
+    }
+
+    fn sample(&mut self, shared: &Shared, e: &ProcessEntry, now: Mono, rule: &StuckRule) -> InstanceView {
+        let mut stuck = None;
+        if e.pid > 0 && e.status == crate::pm2::Status::Online {
+            if !self.trackers.contains_key(&e.pid) {
+                if let Ok(w) = ProcWatch::open(&shared.proc_root, e.pid) {
+                    if let Ok(s) = w.sample() {
+                        self.trackers
+                            .insert(e.pid, (w, PidTracker::new(e.pid, s.start_ticks)));
+                    }
+                }
+            }
+            if let Some((w, t)) = self.trackers.get_mut(&e.pid) {
+                match w.sample() {
+                    Ok(s) if s.start_ticks == t.start_ticks => {
+                        stuck = t.observe(s.state, s.cpu_ticks, now, rule);
+                    }
+                    _ => {
+                        self.trackers.remove(&e.pid);
+                    }
+                }
+            }
+        }
+        InstanceView {
+            pm_id: e.pm_id,
+            pid: e.pid,
+            status: e.status.clone(),
+            stuck,
+        }
+    }
+
+    /// Notices restarts PM2 made by itself (autorestart after a crash, `pm2 restart` by a person)
+    /// and gives the app a fresh grace. Returns the pm_ids whose counter moved.
+    pub fn notice_pm2_restarts(&mut self, shared: &Shared, snap: &Snapshot, now: Mono) -> Vec<u32> {
+        let mut moved = Vec::new();
+        for e in snap.by_name(&self.cfg.name) {
+            let prev = self.restart_counts.insert(e.pm_id, e.restart_time);
+            if prev.is_some_and(|p| p != e.restart_time) {
+                moved.push(e.pm_id);
+            }
+        }
+        if !moved.is_empty() {
+            self.state.restarted_elsewhere(now, &self.policy);
+            shared.emit(
+                Event::new(Kind::Pm2Event, Some(&self.cfg.name), "PM2 restarted the app by itself; counting from zero with a fresh grace.")
+                    .with("pm_ids", moved.clone()),
+            );
+        }
+        moved
+    }
+
+    /// Judges a check, records it, acts on the decision. Returns the decision taken.
+    pub fn handle(&mut self, shared: &Shared, check: Check) -> Decision {
+        let now = check.at;
+        if let Some(s) = &check.snapshot {
+            self.notice_pm2_restarts(shared, s, now);
+        }
+        let before = self.state.health;
+        let decision = decide(&mut self.state, &self.policy, &check.verdict, now);
+        self.record_probe(shared, &check);
+        if let Decision::Wait { why } = &decision {
+            self.note = why.clone();
+        } else {
+            self.note = None;
+        }
+        if self.state.health != before {
+            let mut e = Event::new(
+                Kind::StateChange,
+                Some(&self.cfg.name),
+                format!("App is now {}.", health_word(self.state.health)),
+            )
+            .with("from", health_word(before))
+            .with("to", health_word(self.state.health));
+            if let Some(n) = &self.note {
+                e = e.with("reason", n.as_str());
+            }
+            shared.emit(e);
+        }
+        let decision = match decision {
+            Decision::Restart { culprits, reason } => self.restart(shared, culprits, reason),
+            Decision::Resurrect { reason } => {
+                self.resurrect(shared, &reason);
+                Decision::Resurrect { reason }
+            }
+            Decision::GiveUp { restarts, pause_ms, reason } => {
+                shared.emit(
+                    Event::new(Kind::GiveUp, Some(&self.cfg.name), format!(
+                        "Crash loop: {restarts} restarts within {}; not restarting for {}. A person should look at this app.",
+                        crate::duration::format(self.cfg.crashloop_window),
+                        crate::duration::format(Duration::from_millis(pause_ms)),
+                    ))
+                    .with("restarts", restarts)
+                    .with("pause_ms", pause_ms)
+                    .with("reason", reason.as_str()),
+                );
+                self.persist(shared);
+                Decision::GiveUp { restarts, pause_ms, reason }
+            }
+            d => d,
+        };
+        self.publish(shared, check.snapshot.as_deref(), now);
+        decision
+    }
+
+    fn record_probe(&mut self, shared: &Shared, check: &Check) {
+        let mut e = Event::new(Kind::Check, Some(&self.cfg.name), verdict_line(&check.verdict));
+        if let Some(p) = &check.probe {
+            let latency_ms = p.latency.as_millis() as u64;
+            self.probes.push_back(ProbeRecord {
+                ts_ms: clock::wall_ms(),
+                ok: p.outcome.passed(),
+                latency_ms,
+                result: p.outcome.reason(),
+            });
+            if self.probes.len() > HISTORY {
+                self.probes.pop_front();
+            }
+            e = Event::new(Kind::Probe, Some(&self.cfg.name), verdict_line(&check.verdict))
+                .with("url", self.cfg.health_url.as_ref().map_or("", |u| u.url.as_str()))
+                .with("ok", p.outcome.passed())
+                .with("latency_ms", latency_ms)
+                .with("result", p.outcome.reason());
+            if let Some(s) = p.outcome.status() {
+                e = e.with("status", s);
+            }
+        }
+        if let Pm2View::Instances(list) = &check.view {
+            e = e.with("pids", list.iter().map(|i| i.pid).collect::<Vec<_>>());
+        }
+        e = e.with("failures", self.state.failures);
+        shared.emit(e);
+    }
+
+    /// Updates this app's line in the shared board (`status.json`).
+    pub fn publish(&self, shared: &Shared, snap: Option<&Snapshot>, now: Mono) {
+        let _ = now;
+        let instances = snap
+            .map(|s| {
+                s.by_name(&self.cfg.name)
+                    .into_iter()
+                    .map(|e| InstanceStatus {
+                        pm_id: e.pm_id,
+                        pid: e.pid,
+                        status: e.status.as_str().to_string(),
+                        cpu_pct: self.trackers.get(&e.pid).and_then(|(_, t)| t.cpu_pct),
+                        memory: e.memory,
+                        restart_time: e.restart_time,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let status = AppStatus {
+            name: self.cfg.name.clone(),
+            health: health_word(self.state.health).to_string(),
+            failures: self.state.failures,
+            max_retries: self.cfg.max_retries,
+            note: self.note.clone(),
+            last_check_ms: Some(clock::wall_ms()),
+            instances,
+            probes: self.probes.clone(),
+            restarts: self.restarts_shown.clone(),
+        };
+        lock(&shared.board).insert(self.cfg.name.clone(), status);
+    }
+
+    fn persist(&self, shared: &Shared) {
+        match shared.state.lock_restarts(Duration::from_secs(5)) {
+            Ok(_guard) => {
+                let mut book = shared.state.read_restarts();
+                book.apps.insert(self.cfg.name.clone(), AppRestarts::from_state(&self.state));
+                if let Err(error) = shared.state.write_restarts(&book) {
+                    tracing::warn!(message = "Cannot save restart history.", app = %self.cfg.name, %error);
+                }
+            }
+            Err(e) => tracing::warn!(message = "Cannot lock restart history.", app = %self.cfg.name, error = ?e),
+        }
+    }
+
+    /// Restarts the culprits (or every instance), verifies, escalates; returns what was done.
+    fn restart(&mut self, shared: &Shared, culprits: Vec<u32>, reason: String) -> Decision {
+        let name = self.cfg.name.clone();
+        let guard = match shared.state.lock_restarts(self.cfg.restart_timeout) {
+            Ok(g) => g,
+            Err(e) => {
+                let why = match e {
+                    LockError::Busy => "another pmguard process holds restart.lock".to_string(),
+                    LockError::Io(e) => e.to_string(),
+                };
+                // Undo the booking: nothing was restarted.
+                self.state.restarts.pop_back();
+                shared.emit(Event::new(Kind::RestartFailed, Some(&name), format!("Restart skipped: {why}.")));
+                return Decision::Wait { why: Some(why) };
+            }
+        };
+        let mut book = shared.state.read_restarts();
+        let ours = self.state.restarts.pop_back().unwrap_or_else(clock::mono_now);
+        if let Some(theirs) = book.apps.get(&name) {
+            // Someone else (the backup check, or a previous agent) restarted within the cooldown.
+            if theirs.last().is_some_and(|t| ours.saturating_sub(t) < self.policy.restart_cooldown
+                && self.state.last_restart() != Some(t))
+            {
+                theirs.apply_to(&mut self.state);
+                self.state.grace_until = theirs.last().map(|t| t + self.policy.startup_grace);
+                drop(guard);
+                return Decision::Wait { why: Some("another pmguard process restarted this app within the cooldown".into()) };
+            }
+        }
+        self.state.restarts.push_back(ours);
+        let started = clock::mono_now();
+        let mut e = Event::new(Kind::Restart, Some(&name), format!("Restarting: {reason}."))
+            .with("reason", reason.as_str())
+            .with("attempt", self.state.restarts.len());
+        if !culprits.is_empty() {
+            e = e.with("pm_ids", culprits.clone());
+        }
+        shared.emit(e);
+        let outcome = restart_instances(shared, &name, &culprits, self.cfg.restart_timeout);
+        let elapsed = clock::mono_now().saturating_sub(started);
+        match &outcome {
+            Ok(done) => {
+                shared.emit(
+                    Event::new(Kind::RestartDone, Some(&name), "Restart done; waiting for a passing check.")
+                        .with("pm_ids", done.iter().map(|d| d.pm_id).collect::<Vec<_>>())
+                        .with("old_pids", done.iter().map(|d| d.old_pid).collect::<Vec<_>>())
+                        .with("pids", done.iter().map(|d| d.new_pid).collect::<Vec<_>>())
+                        .with("escalated", done.iter().any(|d| d.escalated))
+                        .with("duration_ms", elapsed),
+                );
+            }
+            Err(why) => {
+                shared.emit(
+                    Event::new(Kind::RestartFailed, Some(&name), format!("Restart failed: {why}."))
+                        .with("duration_ms", elapsed),
+                );
+            }
+        }
+        // The grace starts when PM2 is done, not when we asked.
+        self.state.grace_until = Some(clock::mono_now() + self.policy.startup_grace);
+        self.trackers.clear();
+        self.restarts_shown.push_back(RestartRecord {
+            ts_ms: clock::wall_ms(),
+            reason: reason.clone(),
+            pm_ids: outcome.as_ref().map(|d| d.iter().map(|x| x.pm_id).collect()).unwrap_or_default(),
+        });
+        if self.restarts_shown.len() > HISTORY {
+            self.restarts_shown.pop_front();
+        }
+        book.apps.insert(name.clone(), AppRestarts::from_state(&self.state));
+        if let Err(error) = shared.state.write_restarts(&book) {
+            tracing::warn!(message = "Cannot save restart history.", app = %name, %error);
+        }
+        drop(guard);
+        // Counters moved by our own restart are not "PM2 restarting by itself".
+        if let Ok(s) = shared.snapshot(0) {
+            for e in s.by_name(&name) {
+                self.restart_counts.insert(e.pm_id, e.restart_time);
+            }
+        }
+        Decision::Restart { culprits, reason }
+    }
+
+    /// Brings a dead PM2 daemon back with `pm2 resurrect`, at most once per cooldown (shared
+    /// with the other apps and with the backup check through `restarts.json`).
+    fn resurrect(&mut self, shared: &Shared, reason: &str) {
+        let _one = lock(&shared.resurrect);
+        if !shared.agent.resurrect {
+            shared.emit(Event::new(Kind::Resurrect, Some(&self.cfg.name), format!("PM2 daemon is down ({reason}); resurrect is off in the config, so a person must run `pm2 resurrect`.")));
+            return;
+        }
+        // Another app may have brought it back while we waited.
+        if shared.client.ping(Duration::from_secs(1)).is_ok() {
+            return;
+        }
+        let Ok(_guard) = shared.state.lock_restarts(Duration::from_secs(5)) else {
+            return;
+        };
+        let mut book = shared.state.read_restarts();
+        let now = clock::mono_now();
+        if book.resurrected_at.is_some_and(|t| now.saturating_sub(t) < self.policy.restart_cooldown) {
+            return;
+        }
+        book.resurrected_at = Some(now);
+        let _ = shared.state.write_restarts(&book);
+        let home = shared.client.paths().home.clone();
+        let result = run_resurrect(&shared.agent.pm2_bin, &home);
+        let e = Event::new(
+            Kind::Resurrect,
+            Some(&self.cfg.name),
+            match &result {
+                Ok(()) => format!("PM2 daemon was down ({reason}); ran `pm2 resurrect`."),
+                Err(e) => format!("PM2 daemon was down ({reason}); `pm2 resurrect` failed: {e}."),
+            },
+        )
+        .with("path", home.display().to_string());
+        shared.emit(e);
+        self.state.restarted_elsewhere(clock::mono_now(), &self.policy);
+    }
+}
+
+fn health_word(h: Health) -> &'static str {
+    match h {
+        Health::Starting => "starting",
+        Health::Healthy => "healthy",
+        Health::Failing => "failing",
+        Health::CoolingDown => "cooling_down",
+        Health::CrashLoop => "crash_loop",
+        Health::Missing => "missing",
+        Health::Pm2Down => "pm2_down",
+    }
+}
+
+fn verdict_line(v: &Verdict) -> String {
+    match v {
+        Verdict::Healthy => "Check passed.".into(),
+        Verdict::Transitional(s) => format!("PM2 reports `{s}`."),
+        Verdict::Missing => "PM2 does not know this app.".into(),
+        Verdict::DaemonDown(e) => format!("PM2 daemon unreachable: {e}."),
+        Verdict::Failed { reason, .. } => format!("Check failed: {reason}."),
+    }
+}
+
+/// One instance restarted.
+#[derive(Debug, Clone)]
+pub struct Restarted {
+    pub pm_id: u32,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub escalated: bool,
+}
+
+/// Restarts `culprits` (or all instances) of `name` through PM2, one pm_id at a time, with the
+/// SIGKILL escalation when PM2 does not finish or the old process survives.
+pub fn restart_instances(
+    shared: &Shared,
+    name: &str,
+    culprits: &[u32],
+    restart_timeout: Duration,
+) -> Result<Vec<Restarted>, String> {
+    let snap = shared.snapshot(0)?;
+    let targets: Vec<ProcessEntry> = snap
+        .by_name(name)
+        .into_iter()
+        .filter(|e| culprits.is_empty() || culprits.contains(&e.pm_id))
+        .cloned()
+        .collect();
+    if targets.is_empty() {
+        return Err("PM2 no longer lists the app".into());
+    }
+    let owner = pm2_owner(shared);
+    let mut done = Vec::new();
+    for t in targets {
+        let old = (t.pid > 0).then(|| Pidfd::open(t.pid, owner, &shared.proc_root)).flatten();
+        let deadline = Duration::from_millis(t.kill_timeout_ms.unwrap_or(DEFAULT_KILL_TIMEOUT_MS))
+            + restart_timeout;
+        let first = shared.client.restart(t.pm_id, snap.generation, deadline);
+        let mut escalated = false;
+        let survivor = old.as_ref().is_some_and(|p| p.alive());
+        if first.is_err() || survivor {
+            if let Some(p) = old.as_ref().filter(|p| p.alive()) {
+                escalated = true;
+                let killed = p.kill();
+                shared.emit(
+                    Event::new(Kind::Escalation, Some(name), format!(
+                        "PM2 did not restart pm_id {} in time ({}); sent SIGKILL to pid {}.",
+                        t.pm_id,
+                        first.as_ref().err().map_or("the old process survived".to_string(), |e| e.to_string()),
+                        t.pid
+                    ))
+                    .with("pm_id", t.pm_id)
+                    .with("pid", t.pid)
+                    .with("signal", "SIGKILL")
+                    .with("ok", killed.is_ok()),
+                );
+                p.wait_exit(Duration::from_secs(2));
+            }
+            if first.is_err() || escalated {
+                // Start it again on a fresh view (the daemon may have reconnected or renumbered).
+                let again = shared.snapshot(0)?;
+                let still = again
+                    .by_name(name)
+                    .into_iter()
+                    .find(|e| e.pm_id == t.pm_id)
+                    .cloned();
+                let needs = still.as_ref().is_none_or(|e| e.pid == t.pid || e.status != crate::pm2::Status::Online);
+                if needs {
+                    if let Err(e) = shared.client.restart(t.pm_id, again.generation, deadline) {
+                        if !escalated {
+                            return Err(format!("pm_id {}: {}", t.pm_id, e));
+                        }
+                        if matches!(e, Pm2Error::DaemonDown { .. }) {
+                            return Err(format!("pm_id {}: {}", t.pm_id, e));
+                        }
+                    }
+                }
+            }
+        }
+        let _ = shared.client.notify_restart(t.pm_id, Duration::from_secs(1));
+        let after = shared.snapshot(0)?;
+        let new_pid = after
+            .by_name(name)
+            .into_iter()
+            .find(|e| e.pm_id == t.pm_id)
+            .map_or(0, |e| e.pid);
+        done.push(Restarted {
+            pm_id: t.pm_id,
+            old_pid: t.pid,
+            new_pid,
+            escalated,
+        });
+    }
+    Ok(done)
+}
+
+/// The uid that owns PM2's RPC socket: the only uid whose processes pmguard may signal.
+fn pm2_owner(shared: &Shared) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(&shared.client.paths().rpc).ok().map(|m| m.uid())
+}
+
+/// A pidfd on a process owned by the PM2 user.
+#[derive(Debug)]
+struct Pidfd {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Pidfd {
+    fn open(pid: u32, owner: Option<u32>, proc_root: &std::path::Path) -> Option<Pidfd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the returned fd is owned below.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // Checked after opening: if the pid was reused in between, the uid check still applies
+        // to what the pidfd points at, because /proc/<pid> is that same process while it lives.
+        let w = ProcWatch::open(proc_root, pid).ok()?;
+        if owner.is_some_and(|o| o != w.uid) {
+            tracing::warn!(message = "Not signalling a process PM2's user does not own.", pid, uid = w.uid);
+            return None;
+        }
+        Some(Pidfd { fd })
+    }
+
+    fn alive(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd. A pidfd polls readable once the process has exited.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n == 0
+    }
+
+    fn kill(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: valid pidfd, null siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn wait_exit(&self, max: Duration) {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, max.as_millis() as libc::c_int) };
+    }
+}
+
+/// Runs `pm2 resurrect` with PM2_HOME set, in its own process group, bounded to 60 s.
+fn run_resurrect(pm2_bin: &str, home: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(pm2_bin)
+        .arg("resurrect")
+        .env("PM2_HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot run `{pm2_bin}`: {e}"))?;
+    let deadline = clock::mono_now() + 60_000;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("exited with {status}")),
+            Ok(None) if clock::mono_now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("did not finish within 60 s".into());
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+pub use policy::record_restart;

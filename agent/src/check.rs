@@ -1,0 +1,142 @@
+//! `pmguard-agent check --once`: the backup check cron runs every 5 minutes.
+//!
+//! If the daemon's heartbeat is fresh it does nothing. Otherwise it checks every app with the
+//! daemon's own judgement (`App`), up to `max_retries` times `retry_interval` apart, and restarts
+//! what needs it, under the same `restart.lock` and `restarts.json` as the daemon: the two can
+//! never restart one app within its cooldown. The startup grace is taken from when PM2 (or
+//! pmguard) last started the app, not from when this check began.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::app::{App, Shared};
+use crate::clock;
+use crate::config::Config;
+use crate::events::{Event, EventLog, Kind};
+use crate::pm2::{Client, Pm2Paths};
+use crate::policy::{Decision, Health};
+use crate::state::StateDir;
+
+/// What the backup check concluded.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// The daemon is alive; nothing was checked.
+    AgentAlive { age_ms: u64 },
+    /// Every app was checked; `acted` lists the apps it had to act on.
+    Checked { acted: Vec<String> },
+}
+
+pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
+    let state = StateDir::new(&config.agent.state_dir);
+    if let Ok(Some(status)) = state.read_status() {
+        if status.is_fresh() {
+            let age_ms = status.age_ms().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "pmguard-agent (pid {}) is alive: heartbeat {} ms old. Nothing to do.",
+                status.pid, age_ms
+            );
+            return Ok(Outcome::AgentAlive { age_ms });
+        }
+    }
+    state
+        .create()
+        .map_err(|e| format!("state directory {}: {e}", state.dir.display()))?;
+    let events = Arc::new(
+        EventLog::open(&state.dir, config.agent.events_max_bytes)
+            .map_err(|e| format!("event file in {}: {e}", state.dir.display()))?,
+    );
+    let paths = Pm2Paths::resolve(config.agent.pm2_home.as_deref()).map_err(|e| e.to_string())?;
+    let shared = Shared::new(config.agent.clone(), Arc::new(Client::new(paths)), events.clone());
+    events.emit(Event::new(
+        Kind::Check,
+        None,
+        "Backup check: the agent's heartbeat is missing or stale; checking every app.",
+    ));
+    let book = state.read_restarts();
+    let results: Vec<(String, bool, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = config
+            .apps
+            .iter()
+            .map(|cfg| {
+                let shared = &shared;
+                let persisted = book.apps.get(&cfg.name).cloned();
+                scope.spawn(move || check_app(shared, cfg.clone(), persisted))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(&config.apps)
+            .map(|(h, cfg)| {
+                h.join()
+                    .unwrap_or_else(|_| (cfg.name.clone(), false, "internal error".into()))
+            })
+            .collect()
+    });
+    let mut acted = Vec::new();
+    for (name, did, line) in results {
+        let _ = writeln!(out, "{name}: {line}");
+        if did {
+            acted.push(name);
+        }
+    }
+    Ok(Outcome::Checked { acted })
+}
+
+fn check_app(
+    shared: &Shared,
+    cfg: crate::config::AppConfig,
+    persisted: Option<crate::state::AppRestarts>,
+) -> (String, bool, String) {
+    let name = cfg.name.clone();
+    let now = clock::mono_now();
+    let mut app = App::new(cfg, now, persisted.as_ref());
+    // Grace from the app's real start, not from now.
+    app.state.grace_until = persisted
+        .as_ref()
+        .and_then(|p| p.last())
+        .map(|t| t + app.policy.startup_grace)
+        .filter(|g| *g > now);
+    if let Ok(snap) = shared.snapshot(0) {
+        let wall = clock::wall_ms();
+        let newest = snap
+            .by_name(&name)
+            .iter()
+            .filter_map(|e| e.pm_uptime_ms)
+            .max();
+        if let Some(started) = newest {
+            let age = wall.saturating_sub(started);
+            if age < app.policy.startup_grace {
+                let g = now + (app.policy.startup_grace - age);
+                app.state.grace_until = Some(app.state.grace_until.map_or(g, |x| x.max(g)));
+            }
+        }
+    }
+    let rounds = app.cfg.max_retries + 1;
+    for round in 0..rounds {
+        let check = app.check(shared, 0);
+        let decision = app.handle(shared, check);
+        match decision {
+            Decision::Restart { reason, .. } => {
+                return (name, true, format!("restarted ({reason})"))
+            }
+            Decision::Resurrect { reason } => {
+                return (name, true, format!("PM2 daemon was down ({reason}); resurrect attempted"))
+            }
+            Decision::GiveUp { restarts, .. } => {
+                return (name, true, format!("crash loop: {restarts} restarts in the window; not restarting"))
+            }
+            Decision::Wait { why } => {
+                if app.state.health == Health::Healthy {
+                    return (name, false, "healthy".into());
+                }
+                let counting = app.state.failures > 0;
+                if !counting || round + 1 == rounds {
+                    return (name, false, why.unwrap_or_else(|| "waiting".into()));
+                }
+                std::thread::sleep(app.cfg.retry_interval);
+            }
+        }
+    }
+    (name, false, "no decision".into())
+}

@@ -1,0 +1,790 @@
+//! The agent's configuration file (TOML): its format, its defaults and its validation.
+//!
+//! Both binaries read this file, so this module owns the format. Parsing never stops at the first
+//! problem: every unknown key, wrong type and out-of-range value is collected with its line and
+//! column and a sentence that says how to fix it, so one edit-and-validate cycle fixes them all.
+//! A `Config` that exists is valid: every later stage relies on the ranges checked here.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml_edit::{ImDocument, Item, Table, Value};
+
+use crate::duration;
+use crate::probe::HttpTarget;
+
+/// A whole, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from (used in messages and to reload on SIGHUP).
+    pub path: PathBuf,
+    pub agent: AgentConfig,
+    pub apps: Vec<AppConfig>,
+}
+
+/// `[agent]`: settings of the agent process itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Check period of a healthy app (default "10s"; an app may override it).
+    pub interval: Duration,
+    /// Where the agent keeps its heartbeat, status, restart history and event file
+    /// (default "/var/lib/pmguard"). Created mode 0750 if missing.
+    pub state_dir: PathBuf,
+    /// PM2's home directory (default: $PM2_HOME, else ~/.pm2 of the running user).
+    pub pm2_home: Option<PathBuf>,
+    /// The `pm2` command, used only to bring a dead PM2 daemon back (`pm2 resurrect`); never per check.
+    pub pm2_bin: String,
+    /// Run `pm2 resurrect` when the PM2 daemon is gone (default true).
+    pub resurrect: bool,
+    /// The event file (`events.jsonl` in `state_dir`) is rotated once it reaches this size
+    /// (default 16 MiB); one rotated file is kept.
+    pub events_max_bytes: u64,
+}
+
+/// Which HTTP statuses count as healthy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusMatch {
+    /// Any 2xx (the default).
+    Success,
+    /// Exactly one of these.
+    AnyOf(Vec<u16>),
+}
+
+impl StatusMatch {
+    pub fn accepts(&self, status: u16) -> bool {
+        match self {
+            StatusMatch::Success => (200..300).contains(&status),
+            StatusMatch::AnyOf(list) => list.contains(&status),
+        }
+    }
+}
+
+/// One `[[apps]]` entry: a PM2 app to watch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppConfig {
+    /// The PM2 app name (as in `pm2 list`). A cluster app's instances are judged one by one.
+    pub name: String,
+    /// The HTTP endpoint to probe (http only; probe the app's local port). Without it the app is
+    /// judged by its PM2 state and CPU alone.
+    pub health_url: Option<HttpTarget>,
+    /// Check period while healthy (default: `[agent] interval`).
+    pub interval: Duration,
+    /// Per-probe deadline, connect to last byte (default "5s").
+    pub timeout: Duration,
+    /// HTTP statuses that pass (default: any 2xx). An integer or a list of integers.
+    pub expect_status: StatusMatch,
+    /// A substring the response body must contain (default: none).
+    pub expect_body: Option<String>,
+    /// Consecutive failed checks before a restart (default 3).
+    pub max_retries: u32,
+    /// Check period after a failure (default "10s").
+    pub retry_interval: Duration,
+    /// Minimum time between two restarts of this app (default "60s").
+    pub restart_cooldown: Duration,
+    /// CPU, in % of one core, that counts as stuck when sustained (default 90).
+    pub cpu_threshold: f64,
+    /// How long the CPU must stay at or above `cpu_threshold` to count as stuck (default "60s").
+    pub cpu_duration: Duration,
+    /// After the agent starts or the app (re)starts, failures do not count until the first
+    /// passing check or until this has passed (default "30s").
+    pub startup_grace: Duration,
+    /// How long PM2 may take to restart the app beyond its own `kill_timeout` before the agent
+    /// escalates with SIGKILL (default "10s").
+    pub restart_timeout: Duration,
+    /// Crash-loop protection: this many restarts by the agent ... (default 5)
+    pub crashloop_restarts: u32,
+    /// ... within this window (default "15m") make the agent stop restarting and raise an alert.
+    pub crashloop_window: Duration,
+    /// First pause after a crash-loop give-up before trying again (default "5m"); doubles each time.
+    pub crashloop_backoff: Duration,
+    /// Longest pause between tries of a crash-looping app (default "1h").
+    pub crashloop_backoff_max: Duration,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub help: Option<String>,
+}
+
+/// Why a config could not be used: every problem, each with its place in the file.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read { path: PathBuf, source: std::io::Error },
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, source } => {
+                write!(f, "cannot read config {}: {source}", path.display())
+            }
+            ConfigError::Invalid { path, problems } => {
+                let n = problems.len();
+                write!(
+                    f,
+                    "{} has {n} problem{}:",
+                    path.display(),
+                    if n == 1 { "" } else { "s" }
+                )?;
+                for p in problems {
+                    write!(
+                        f,
+                        "\n{}:{}:{}: {}",
+                        path.display(),
+                        p.line,
+                        p.column,
+                        p.message
+                    )?;
+                    if let Some(help) = &p.help {
+                        write!(f, "\n  help: {help}")?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const AGENT_KEYS: &[&str] = &[
+    "interval",
+    "state_dir",
+    "pm2_home",
+    "pm2_bin",
+    "resurrect",
+    "events_max_bytes",
+];
+const APP_KEYS: &[&str] = &[
+    "name",
+    "health_url",
+    "interval",
+    "timeout",
+    "expect_status",
+    "expect_body",
+    "max_retries",
+    "retry_interval",
+    "restart_cooldown",
+    "cpu_threshold",
+    "cpu_duration",
+    "startup_grace",
+    "restart_timeout",
+    "crashloop_restarts",
+    "crashloop_window",
+    "crashloop_backoff",
+    "crashloop_backoff_max",
+];
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates config text; `path` is only used in messages and kept in the result.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut cx = Cx {
+            src: text,
+            problems: Vec::new(),
+        };
+        let config = match ImDocument::parse(text) {
+            Ok(doc) => cx.config(path, doc.as_table()),
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let message = e.message().trim().to_string();
+                cx.problem(span, format!("invalid TOML: {message}"), None);
+                None
+            }
+        };
+        cx.problems.sort_by_key(|p| (p.line, p.column));
+        match config {
+            Some(c) if cx.problems.is_empty() => Ok(c),
+            _ => Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems: cx.problems,
+            }),
+        }
+    }
+
+    pub fn app(&self, name: &str) -> Option<&AppConfig> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+}
+
+/// Collects problems while walking the document.
+struct Cx<'s> {
+    src: &'s str,
+    problems: Vec<Problem>,
+}
+
+impl Cx<'_> {
+    fn problem(&mut self, span: Range<usize>, message: String, help: Option<String>) {
+        let at = span.start.min(self.src.len());
+        let before = &self.src[..at];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        self.problems.push(Problem {
+            line,
+            column,
+            message,
+            help,
+        });
+    }
+
+    fn config(&mut self, path: &Path, root: &Table) -> Option<Config> {
+        let whole = 0..0;
+        for (key, _) in root.iter() {
+            if key != "agent" && key != "apps" {
+                let span = key_span(root, key);
+                let help = suggest(key, &["agent", "apps"]).map_or_else(
+                    || "the sections are [agent] and [[apps]]".to_string(),
+                    |s| format!("did you mean `{s}`?"),
+                );
+                self.problem(span, format!("unknown section `{key}`"), Some(help));
+            }
+        }
+        let agent = match root.get("agent") {
+            None => self.agent(&Table::new()),
+            Some(Item::Table(t)) => self.agent(t),
+            Some(other) => {
+                self.problem(
+                    other.span().unwrap_or(whole.clone()),
+                    "`agent` must be a table".into(),
+                    Some("write it as a section: [agent]".into()),
+                );
+                self.agent(&Table::new())
+            }
+        };
+        let mut apps = Vec::new();
+        match root.get("apps") {
+            None => self.problem(
+                whole,
+                "no apps to watch".into(),
+                Some("add at least one [[apps]] section with `name = \"<pm2 app name>\"`".into()),
+            ),
+            Some(Item::ArrayOfTables(list)) => {
+                for table in list.iter() {
+                    if let Some(app) = self.app(table, &agent) {
+                        if apps.iter().any(|a: &AppConfig| a.name == app.name) {
+                            let span = value_span(table, "name");
+                            self.problem(
+                                span,
+                                format!("app `{}` is listed twice", app.name),
+                                Some("keep one [[apps]] section per PM2 app name".into()),
+                            );
+                        } else {
+                            apps.push(app);
+                        }
+                    }
+                }
+            }
+            Some(other) => self.problem(
+                other.span().unwrap_or(0..0),
+                "`apps` must be a list of tables".into(),
+                Some("write each app as its own [[apps]] section".into()),
+            ),
+        }
+        Some(Config {
+            path: path.to_path_buf(),
+            agent,
+            apps,
+        })
+    }
+
+    fn agent(&mut self, t: &Table) -> AgentConfig {
+        self.unknown_keys(t, AGENT_KEYS, "[agent]");
+        let interval = self.duration(t, "interval", secs(10), ms(100)..=secs(3600));
+        let state_dir = self
+            .string(t, "state_dir")
+            .map(|(s, span)| {
+                let p = PathBuf::from(&s);
+                if !p.is_absolute() {
+                    self.problem(
+                        span,
+                        format!("state_dir `{s}` is not an absolute path"),
+                        Some("write a full path, e.g. state_dir = \"/var/lib/pmguard\"".into()),
+                    );
+                }
+                p
+            })
+            .unwrap_or_else(|| PathBuf::from("/var/lib/pmguard"));
+        let pm2_home = self.string(t, "pm2_home").map(|(s, span)| {
+            let p = PathBuf::from(&s);
+            if !p.is_absolute() {
+                self.problem(
+                    span,
+                    format!("pm2_home `{s}` is not an absolute path"),
+                    Some("write a full path, e.g. pm2_home = \"/home/ubuntu/.pm2\"".into()),
+                );
+            }
+            p
+        });
+        let pm2_bin = self
+            .string(t, "pm2_bin")
+            .map_or_else(|| "pm2".to_string(), |(s, _)| s);
+        let resurrect = self.boolean(t, "resurrect").unwrap_or(true);
+        let events_max_bytes =
+            self.integer(t, "events_max_bytes", 16 << 20, 65_536..=(1 << 34)) as u64;
+        AgentConfig {
+            interval,
+            state_dir,
+            pm2_home,
+            pm2_bin,
+            resurrect,
+            events_max_bytes,
+        }
+    }
+
+    fn app(&mut self, t: &Table, agent: &AgentConfig) -> Option<AppConfig> {
+        self.unknown_keys(t, APP_KEYS, "[[apps]]");
+        let name = match self.string(t, "name") {
+            Some((n, span)) => {
+                if n.trim().is_empty() || n.chars().any(char::is_control) {
+                    self.problem(
+                        span,
+                        "name must be the PM2 app name, not empty".into(),
+                        Some("copy it from the `name` column of `pm2 list`".into()),
+                    );
+                }
+                n
+            }
+            None => {
+                if !t.contains_key("name") {
+                    self.problem(
+                        t.span().unwrap_or(0..0),
+                        "an [[apps]] section has no `name`".into(),
+                        Some("add name = \"<pm2 app name>\" (as shown by `pm2 list`)".into()),
+                    );
+                }
+                String::new()
+            }
+        };
+        let health_url = self.string(t, "health_url").and_then(|(u, span)| {
+            match HttpTarget::parse(&u) {
+                Ok(target) => Some(target),
+                Err(why) => {
+                    self.problem(span, format!("health_url `{u}`: {why}"), Some(
+                        "write the app's local HTTP endpoint, e.g. \"http://127.0.0.1:5000/api-health\"".into(),
+                    ));
+                    None
+                }
+            }
+        });
+        let interval = self.duration(t, "interval", agent.interval, ms(100)..=secs(3600));
+        let timeout = self.duration(t, "timeout", secs(5), ms(10)..=secs(300));
+        let expect_status = self.status_match(t);
+        let expect_body = self.string(t, "expect_body").map(|(s, span)| {
+            if s.is_empty() {
+                self.problem(
+                    span,
+                    "expect_body is empty".into(),
+                    Some("remove the key, or give the text a healthy reply contains".into()),
+                );
+            }
+            s
+        });
+        let max_retries = self.integer(t, "max_retries", 3, 1..=100) as u32;
+        let retry_interval = self.duration(t, "retry_interval", secs(10), ms(100)..=secs(3600));
+        let restart_cooldown =
+            self.duration(t, "restart_cooldown", secs(60), secs(0)..=secs(86_400));
+        let cpu_threshold = self.number(t, "cpu_threshold", 90.0, 1.0..=6400.0);
+        let cpu_duration = self.duration(t, "cpu_duration", secs(60), ms(100)..=secs(86_400));
+        let startup_grace = self.duration(t, "startup_grace", secs(30), secs(0)..=secs(3600));
+        let restart_timeout = self.duration(t, "restart_timeout", secs(10), secs(1)..=secs(600));
+        let crashloop_restarts = self.integer(t, "crashloop_restarts", 5, 1..=1000) as u32;
+        let crashloop_window =
+            self.duration(t, "crashloop_window", secs(900), secs(1)..=secs(86_400));
+        let crashloop_backoff =
+            self.duration(t, "crashloop_backoff", secs(300), secs(1)..=secs(86_400));
+        let crashloop_backoff_max =
+            self.duration(t, "crashloop_backoff_max", secs(3600), secs(1)..=secs(604_800));
+        if crashloop_backoff_max < crashloop_backoff {
+            self.problem(
+                value_span(t, "crashloop_backoff_max"),
+                format!(
+                    "crashloop_backoff_max ({}) is shorter than crashloop_backoff ({})",
+                    duration::format(crashloop_backoff_max),
+                    duration::format(crashloop_backoff)
+                ),
+                Some("make crashloop_backoff_max at least crashloop_backoff".into()),
+            );
+        }
+        if name.is_empty() {
+            return None;
+        }
+        Some(AppConfig {
+            name,
+            health_url,
+            interval,
+            timeout,
+            expect_status,
+            expect_body,
+            max_retries,
+            retry_interval,
+            restart_cooldown,
+            cpu_threshold,
+            cpu_duration,
+            startup_grace,
+            restart_timeout,
+            crashloop_restarts,
+            crashloop_window,
+            crashloop_backoff,
+            crashloop_backoff_max,
+        })
+    }
+
+    fn unknown_keys(&mut self, t: &Table, known: &[&str], section: &str) {
+        for (key, _) in t.iter() {
+            if !known.contains(&key) {
+                let help = match suggest(key, known) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("the keys of {section} are: {}", known.join(", ")),
+                };
+                self.problem(
+                    key_span(t, key),
+                    format!("unknown key `{key}` in {section}"),
+                    Some(help),
+                );
+            }
+        }
+    }
+
+    fn value<'t>(&mut self, t: &'t Table, key: &str) -> Option<(&'t Value, Range<usize>)> {
+        let item = t.get(key)?;
+        let span = item.span().unwrap_or_else(|| key_span(t, key));
+        match item.as_value() {
+            Some(v) => Some((v, span)),
+            None => {
+                self.problem(span, format!("`{key}` must be a value, not a table"), None);
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, t: &Table, key: &str) -> Option<(String, Range<usize>)> {
+        let (v, span) = self.value(t, key)?;
+        match v.as_str() {
+            Some(s) => Some((s.to_string(), span)),
+            None => {
+                self.problem(
+                    span,
+                    format!("`{key}` must be a string, not {}", v.type_name()),
+                    Some(format!("put the value in double quotes: {key} = \"...\"")),
+                );
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, t: &Table, key: &str) -> Option<bool> {
+        let (v, span) = self.value(t, key)?;
+        match v.as_bool() {
+            Some(b) => Some(b),
+            None => {
+                self.problem(
+                    span,
+                    format!("`{key}` must be true or false, not {}", v.type_name()),
+                    Some(format!("write {key} = true or {key} = false")),
+                );
+                None
+            }
+        }
+    }
+
+    fn integer(
+        &mut self,
+        t: &Table,
+        key: &str,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> i64 {
+        let Some((v, span)) = self.value(t, key) else {
+            return default;
+        };
+        let help = format!(
+            "set {key} to a whole number from {} to {} (default {default})",
+            range.start(),
+            range.end()
+        );
+        match v.as_integer() {
+            Some(n) if range.contains(&n) => n,
+            Some(n) => {
+                self.problem(
+                    span,
+                    format!(
+                        "{key} must be {}..={}, not {n}",
+                        range.start(),
+                        range.end()
+                    ),
+                    Some(help),
+                );
+                default
+            }
+            None => {
+                self.problem(
+                    span,
+                    format!("`{key}` must be a whole number, not {}", v.type_name()),
+                    Some(help),
+                );
+                default
+            }
+        }
+    }
+
+    fn number(
+        &mut self,
+        t: &Table,
+        key: &str,
+        default: f64,
+        range: std::ops::RangeInclusive<f64>,
+    ) -> f64 {
+        let Some((v, span)) = self.value(t, key) else {
+            return default;
+        };
+        let n = v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
+        let help = format!(
+            "set {key} to a number from {} to {} (% of one core; default {default})",
+            range.start(),
+            range.end()
+        );
+        match n {
+            Some(n) if range.contains(&n) => n,
+            Some(n) => {
+                self.problem(
+                    span,
+                    format!(
+                        "{key} must be {}..={}, not {n}",
+                        range.start(),
+                        range.end()
+                    ),
+                    Some(help),
+                );
+                default
+            }
+            None => {
+                self.problem(
+                    span,
+                    format!("`{key}` must be a number, not {}", v.type_name()),
+                    Some(help),
+                );
+                default
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        t: &Table,
+        key: &str,
+        default: Duration,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Duration {
+        let Some((v, span)) = self.value(t, key) else {
+            return default;
+        };
+        let bounds = format!(
+            "from {} to {}",
+            duration::format(*range.start()),
+            duration::format(*range.end())
+        );
+        let help = format!(
+            "write a duration {bounds} with a unit, e.g. {key} = \"{}\" (the default)",
+            duration::format(default)
+        );
+        let Some(text) = v.as_str() else {
+            let message = match v.as_integer() {
+                Some(n) => format!("`{key}` = {n} has no unit"),
+                None => format!("`{key}` must be a duration string, not {}", v.type_name()),
+            };
+            self.problem(span, message, Some(help));
+            return default;
+        };
+        match duration::parse(text) {
+            Ok(d) if range.contains(&d) => d,
+            Ok(_) => {
+                self.problem(
+                    span,
+                    format!("{key} must be {bounds}, not {text}"),
+                    Some(help),
+                );
+                default
+            }
+            Err(why) => {
+                self.problem(span, format!("{key}: {why}"), Some(help));
+                default
+            }
+        }
+    }
+
+    fn status_match(&mut self, t: &Table) -> StatusMatch {
+        let Some((v, span)) = self.value(t, "expect_status") else {
+            return StatusMatch::Success;
+        };
+        let help = "write one status or a list, e.g. expect_status = 200 or [200, 204]";
+        let valid = |n: i64| (100..=599).contains(&n);
+        let codes: Option<Vec<i64>> = match v {
+            Value::Integer(i) => Some(vec![*i.value()]),
+            Value::Array(a) => a.iter().map(Value::as_integer).collect(),
+            _ => None,
+        };
+        match codes {
+            Some(c) if !c.is_empty() && c.iter().all(|n| valid(*n)) => {
+                StatusMatch::AnyOf(c.into_iter().map(|n| n as u16).collect())
+            }
+            _ => {
+                self.problem(
+                    span,
+                    "expect_status must be HTTP statuses (100..=599)".into(),
+                    Some(help.into()),
+                );
+                StatusMatch::Success
+            }
+        }
+    }
+}
+
+fn key_span(t: &Table, key: &str) -> Range<usize> {
+    t.key(key).and_then(|k| k.span()).unwrap_or(0..0)
+}
+
+fn value_span(t: &Table, key: &str) -> Range<usize> {
+    t.get(key)
+        .and_then(Item::span)
+        .unwrap_or_else(|| key_span(t, key))
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// The closest known word, if it is close enough to be a likely typo.
+fn suggest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (levenshtein(word, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/pmguard/pmguard.toml"), text)
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn seed_defaults_apply() {
+        let c = parse("[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\n")
+            .unwrap();
+        let a = &c.apps[0];
+        assert_eq!(c.agent.interval, secs(10));
+        assert_eq!(c.agent.state_dir, PathBuf::from("/var/lib/pmguard"));
+        assert_eq!(a.max_retries, 3);
+        assert_eq!(a.retry_interval, secs(10));
+        assert_eq!(a.restart_cooldown, secs(60));
+        assert_eq!(a.cpu_threshold, 90.0);
+        assert_eq!(a.cpu_duration, secs(60));
+        assert_eq!(a.startup_grace, secs(30));
+        assert_eq!(a.timeout, secs(5));
+        assert_eq!(a.interval, secs(10));
+        let url = a.health_url.as_ref().unwrap();
+        assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("localhost", 5000, "/api-health"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = "[agent]\ninterval = 10\nstate_dir = \"relative\"\n\n[[apps]]\nname = \"codebox\"\nmax_retries = 0\nretry_intervall = \"10s\"\ntimeout = \"5 s\"\ncpu_threshold = \"90\"\n";
+        let p = problems(text);
+        let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![2, 3, 7, 8, 9, 10], "{p:#?}");
+        assert_eq!(p[0].message, "`interval` = 10 has no unit");
+        assert!(p[0].help.as_ref().unwrap().contains("interval = \"10s\""));
+        assert_eq!(p[3].message, "unknown key `retry_intervall` in [[apps]]");
+        assert_eq!(p[3].help.as_deref(), Some("did you mean `retry_interval`?"));
+        assert_eq!(p[2].message, "max_retries must be 1..=100, not 0");
+        assert_eq!(p[2].column, 15);
+    }
+
+    #[test]
+    fn display_names_file_line_and_fix() {
+        let err = parse("[[apps]]\nname = \"web\"\nmax_retries = 500\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/etc/pmguard/pmguard.toml:3:15: max_retries must be 1..=100, not 500"), "{text}");
+        assert!(text.contains("help: set max_retries to a whole number from 1 to 100 (default 3)"), "{text}");
+    }
+
+    #[test]
+    fn structural_mistakes() {
+        assert_eq!(problems("[agent]\n")[0].message, "no apps to watch");
+        let p = problems("[[apps]]\nhealth_url = \"http://x/\"\n");
+        assert_eq!(p[0].message, "an [[apps]] section has no `name`");
+        let p = problems("[[apps]]\nname = \"a\"\n[[apps]]\nname = \"a\"\n");
+        assert_eq!((p[0].line, p[0].message.as_str()), (4, "app `a` is listed twice"));
+        let p = problems("[aws]\nregion = \"x\"\n[[apps]]\nname = \"a\"\n");
+        assert_eq!(p[0].message, "unknown section `aws`");
+        let p = problems("[[apps]]\nname = \"a\"\nhealth_url = \"https://127.0.0.1/h\"\n");
+        assert!(p[0].message.contains("https"), "{p:?}");
+        let p = problems("[[apps]\nname = 1");
+        assert!(p[0].message.starts_with("invalid TOML"), "{p:?}");
+        assert_eq!(p[0].line, 1);
+    }
+
+    #[test]
+    fn expect_status_forms() {
+        let c = parse("[[apps]]\nname = \"a\"\nexpect_status = [200, 204]\n").unwrap();
+        assert!(c.apps[0].expect_status.accepts(204));
+        assert!(!c.apps[0].expect_status.accepts(201));
+        let c = parse("[[apps]]\nname = \"a\"\n").unwrap();
+        assert!(c.apps[0].expect_status.accepts(201));
+        assert!(!c.apps[0].expect_status.accepts(500));
+        let p = problems("[[apps]]\nname = \"a\"\nexpect_status = 700\n");
+        assert_eq!(p[0].line, 3);
+    }
+
+    #[test]
+    fn per_app_interval_defaults_to_agent_interval() {
+        let c = parse("[agent]\ninterval = \"2s\"\n[[apps]]\nname = \"a\"\n[[apps]]\nname = \"b\"\ninterval = \"500ms\"\n").unwrap();
+        assert_eq!(c.apps[0].interval, secs(2));
+        assert_eq!(c.apps[1].interval, ms(500));
+    }
+}

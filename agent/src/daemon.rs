@@ -1,0 +1,412 @@
+//! `pmguard-agent run`: one worker thread per app, the PM2 bus listener, signals, the heartbeat,
+//! and systemd's notify protocol.
+//!
+//! Threads: main (signals from a sigwait thread, heartbeat, watchdog, reload), one worker per app
+//! (check, decide, act; a slow restart of one app never delays another), the bus reader, and the
+//! PM2 client's reader. Invariants: the heartbeat (`status.json`) and `WATCHDOG=1` are refreshed
+//! only while every worker keeps its promised schedule, so a wedged agent looks dead to systemd
+//! and to the backup check; a worker that panics is logged and started again; SIGTERM stops
+//! promptly (`STOPPING=1`); SIGHUP reloads, and an invalid file keeps the old config.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::app::{App, Shared};
+use crate::clock;
+use crate::config::{AppConfig, Config, ConfigError};
+use crate::events::{Event, EventLog, Kind};
+use crate::files::LockError;
+use crate::notify::Notifier;
+use crate::pm2::{Bus, BusEvent, Client, Pm2Paths};
+use crate::state::StatusFile;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("another pmguard-agent is already running with state directory {path} (it holds agent.lock)")]
+    AlreadyRunning { path: String },
+    #[error("PM2 home: {0}")]
+    Pm2(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+enum ToWorker {
+    Config(Box<AppConfig>),
+    Bus(BusEvent),
+    Stop,
+}
+
+enum ToMain {
+    Signal(i32),
+}
+
+struct Worker {
+    tx: Sender<ToWorker>,
+    join: JoinHandle<()>,
+    /// `Mono` by which the worker promises to report again; 0 before its first check.
+    due: Arc<AtomicU64>,
+    checks: Arc<AtomicU64>,
+}
+
+type Routes = Arc<Mutex<BTreeMap<String, Sender<ToWorker>>>>;
+
+/// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
+pub fn run(config: Config) -> Result<(), StartError> {
+    let signals = block_signals();
+    let state = crate::state::StateDir::new(&config.agent.state_dir);
+    let sd = |source| StartError::StateDir {
+        path: config.agent.state_dir.display().to_string(),
+        source,
+    };
+    state.create().map_err(sd)?;
+    let _life = match state.lock_agent() {
+        Ok(l) => l,
+        Err(LockError::Busy) => {
+            return Err(StartError::AlreadyRunning {
+                path: config.agent.state_dir.display().to_string(),
+            })
+        }
+        Err(LockError::Io(e)) => return Err(sd(e)),
+    };
+    let events = Arc::new(EventLog::open(&state.dir, config.agent.events_max_bytes).map_err(sd)?);
+    let paths = Pm2Paths::resolve(config.agent.pm2_home.as_deref())
+        .map_err(|e| StartError::Pm2(e.to_string()))?;
+    let client = Arc::new(Client::new(paths.clone()));
+    let shared = Arc::new(Shared::new(config.agent.clone(), client, events.clone()));
+    let notifier = Notifier::from_env();
+
+    let (main_tx, main_rx) = mpsc::channel::<ToMain>();
+    spawn_signal_thread(signals, main_tx).map_err(StartError::Thread)?;
+
+    events.emit(
+        Event::new(Kind::AgentStart, None, "pmguard-agent started.")
+            .with("version", env!("CARGO_PKG_VERSION"))
+            .with("apps", config.apps.iter().map(|a| a.name.clone()).collect::<Vec<_>>())
+            .with("path", paths.home.display().to_string())
+            .with("pid", std::process::id()),
+    );
+
+    let routes: Routes = Arc::new(Mutex::new(BTreeMap::new()));
+    let book = shared.state.read_restarts();
+    let mut workers = BTreeMap::new();
+    for app in &config.apps {
+        let w = spawn_worker(&shared, app.clone(), book.apps.get(&app.name).cloned())
+            .map_err(StartError::Thread)?;
+        lock(&routes).insert(app.name.clone(), w.tx.clone());
+        workers.insert(app.name.clone(), w);
+    }
+    let bus_routes = routes.clone();
+    let bus = Bus::spawn(paths, move |ev: BusEvent| {
+        if let Some(tx) = lock(&bus_routes).get(&ev.name) {
+            let _ = tx.send(ToWorker::Bus(ev));
+        }
+    })
+    .map_err(StartError::Thread)?;
+
+    let mut config = config;
+    let mut ready = false;
+    let mut wedged_reported = false;
+    let tick = Duration::from_millis(500);
+    let mut last_ping = 0u64;
+    loop {
+        match main_rx.recv_timeout(tick) {
+            Ok(ToMain::Signal(libc::SIGHUP)) => {
+                notifier.send("RELOADING=1");
+                config = reload(config, &shared, &mut workers, &routes, &events);
+                notifier.send("READY=1");
+            }
+            Ok(ToMain::Signal(sig)) => {
+                notifier.send("STOPPING=1");
+                events.emit(
+                    Event::new(Kind::AgentStop, None, "pmguard-agent stopping.")
+                        .with("signal", signal_name(sig)),
+                );
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        // Restart any worker that died (a panic is a bug, but watching must go on).
+        let dead: Vec<String> = workers
+            .iter()
+            .filter(|(_, w)| w.join.is_finished())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in dead {
+            if let Some(app) = config.app(&name).cloned() {
+                tracing::error!(message = "A worker stopped unexpectedly; starting it again.", app = %name);
+                let book = shared.state.read_restarts();
+                if let Ok(w) = spawn_worker(&shared, app, book.apps.get(&name).cloned()) {
+                    lock(&routes).insert(name.clone(), w.tx.clone());
+                    workers.insert(name, w);
+                }
+            }
+        }
+        let now = clock::mono_now();
+        let all_checked = workers.values().all(|w| w.checks.load(Ordering::Relaxed) > 0);
+        let wedged: Vec<&String> = workers
+            .iter()
+            .filter(|(_, w)| {
+                let due = w.due.load(Ordering::Relaxed);
+                due != 0 && now > due
+            })
+            .map(|(n, _)| n)
+            .collect();
+        if !wedged.is_empty() {
+            if !wedged_reported {
+                tracing::error!(message = "A worker missed its schedule; withholding the heartbeat.", app = ?wedged);
+                wedged_reported = true;
+            }
+            continue;
+        }
+        wedged_reported = false;
+        if all_checked {
+            write_heartbeat(&shared, &config);
+            if !ready {
+                ready = true;
+                notifier.send("READY=1");
+                notifier.send(&format!("STATUS=Watching {} app(s).", workers.len()));
+            }
+            if let Some(every) = notifier.watchdog {
+                if now.saturating_sub(last_ping) >= every.as_millis() as u64 / 2 {
+                    notifier.send("WATCHDOG=1");
+                    last_ping = now;
+                }
+            }
+        }
+    }
+    for w in workers.values() {
+        let _ = w.tx.send(ToWorker::Stop);
+    }
+    bus.stop();
+    // Workers finish their current step; a restart in flight is not cut off half-way, but the
+    // process does not wait past a short deadline for it.
+    let deadline = clock::mono_now() + 3_000;
+    for (_, w) in workers {
+        while !w.join.is_finished() && clock::mono_now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_heartbeat(shared: &Shared, config: &Config) {
+    let apps = lock(&shared.board).values().cloned().collect();
+    let interval_ms = config
+        .apps
+        .iter()
+        .map(|a| a.interval.max(a.retry_interval).as_millis() as u64)
+        .max()
+        .unwrap_or(10_000);
+    let status = StatusFile {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        boot_id: clock::boot_id(),
+        heartbeat: clock::mono_now(),
+        updated_at: clock::rfc3339(clock::wall_ms()),
+        interval_ms,
+        apps,
+    };
+    if let Err(error) = shared.state.write_status(&status) {
+        tracing::warn!(message = "Cannot write the heartbeat.", path = %shared.state.dir.display(), %error);
+    }
+}
+
+fn reload(
+    old: Config,
+    shared: &Arc<Shared>,
+    workers: &mut BTreeMap<String, Worker>,
+    routes: &Routes,
+    events: &EventLog,
+) -> Config {
+    let new = match Config::load(&old.path) {
+        Ok(c) => c,
+        Err(e) => {
+            let detail = match &e {
+                ConfigError::Invalid { problems, .. } => problems.len(),
+                ConfigError::Read { .. } => 1,
+            };
+            events.emit(
+                Event::new(Kind::ConfigRejected, None, format!("Reload refused; keeping the running config. {e}"))
+                    .with("problems", detail)
+                    .with("path", old.path.display().to_string()),
+            );
+            return old;
+        }
+    };
+    if new.agent != old.agent {
+        tracing::warn!(message = "Changes to [agent] take effect at the next agent restart.", path = %old.path.display());
+    }
+    let book = shared.state.read_restarts();
+    let mut changed = Vec::new();
+    for app in &new.apps {
+        match workers.get(&app.name) {
+            Some(w) if old.app(&app.name) != Some(app) => {
+                let _ = w.tx.send(ToWorker::Config(Box::new(app.clone())));
+                changed.push(app.name.clone());
+            }
+            Some(_) => {}
+            None => {
+                if let Ok(w) = spawn_worker(shared, app.clone(), book.apps.get(&app.name).cloned()) {
+                    lock(routes).insert(app.name.clone(), w.tx.clone());
+                    workers.insert(app.name.clone(), w);
+                    changed.push(app.name.clone());
+                }
+            }
+        }
+    }
+    let gone: Vec<String> = workers
+        .keys()
+        .filter(|n| new.app(n).is_none())
+        .cloned()
+        .collect();
+    for name in &gone {
+        if let Some(w) = workers.remove(name) {
+            let _ = w.tx.send(ToWorker::Stop);
+        }
+        lock(routes).remove(name);
+        lock(&shared.board).remove(name);
+    }
+    events.emit(
+        Event::new(Kind::Reload, None, "Config reloaded.")
+            .with("changed", changed)
+            .with("removed", gone)
+            .with("path", old.path.display().to_string()),
+    );
+    new
+}
+
+fn spawn_worker(
+    shared: &Arc<Shared>,
+    cfg: AppConfig,
+    persisted: Option<crate::state::AppRestarts>,
+) -> std::io::Result<Worker> {
+    let (tx, rx) = mpsc::channel();
+    let due = Arc::new(AtomicU64::new(0));
+    let checks = Arc::new(AtomicU64::new(0));
+    let (s, d, c) = (shared.clone(), due.clone(), checks.clone());
+    let join = std::thread::Builder::new()
+        .name(format!("app:{}", cfg.name))
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let app = App::new(cfg, clock::mono_now(), persisted.as_ref());
+            worker_loop(app, &s, rx, &d, &c);
+        })?;
+    Ok(Worker {
+        tx,
+        join,
+        due,
+        checks,
+    })
+}
+
+fn worker_loop(
+    mut app: App,
+    shared: &Shared,
+    rx: Receiver<ToWorker>,
+    due: &AtomicU64,
+    checks: &AtomicU64,
+) {
+    let mut next = clock::mono_now();
+    loop {
+        let now = clock::mono_now();
+        let wait = Duration::from_millis(next.saturating_sub(now));
+        due.store(next + 2_000, Ordering::Relaxed);
+        match rx.recv_timeout(wait) {
+            Ok(ToWorker::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(ToWorker::Config(cfg)) => {
+                app.reconfigure(*cfg);
+                next = next.min(clock::mono_now() + app.period().as_millis() as u64);
+                continue;
+            }
+            Ok(ToWorker::Bus(ev)) => {
+                on_bus(&mut app, shared, &ev);
+                // Look now rather than at the next period: PM2 just told us something changed.
+                if matches!(ev.event.as_str(), "exit" | "stop" | "delete") {
+                    next = next.min(clock::mono_now() + 200);
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let start = clock::mono_now();
+        // The worst a check plus a restart may take, with slack: past it the agent is wedged.
+        let bound = app.cfg.timeout + app.cfg.restart_timeout * 2 + Duration::from_secs(15);
+        due.store(start + bound.as_millis() as u64, Ordering::Relaxed);
+        let check = app.check(shared, crate::app::SNAPSHOT_MAX_AGE);
+        let decision = app.handle(shared, check);
+        checks.fetch_add(1, Ordering::Relaxed);
+        if matches!(decision, crate::policy::Decision::Restart { .. }) {
+            // Bus events our own restart caused are already accounted for.
+            while let Ok(m) = rx.try_recv() {
+                match m {
+                    ToWorker::Bus(_) => {}
+                    ToWorker::Stop => return,
+                    ToWorker::Config(cfg) => app.reconfigure(*cfg),
+                }
+            }
+        }
+        let period = app.period().as_millis() as u64;
+        next = (start + period).max(clock::mono_now() + 10);
+    }
+}
+
+fn on_bus(app: &mut App, shared: &Shared, ev: &BusEvent) {
+    let e = Event::new(Kind::Pm2Event, Some(app.name()), format!("PM2 event: {}.", ev.event))
+        .with("action", ev.event.as_str())
+        .with("pm_id", ev.pm_id)
+        .with("manually", ev.manually);
+    shared.emit(e);
+}
+
+/// Blocks the signals the agent handles in every thread, so only the sigwait thread sees them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset operations on a local set; pthread_sigmask on the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn spawn_signal_thread(set: libc::sigset_t, tx: Sender<ToMain>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: set is a valid sigset; sig is writable.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r == 0 && tx.send(ToMain::Signal(sig)).is_err() {
+                return;
+            }
+        })
+        .map(|_| ())
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
+}

@@ -1,0 +1,224 @@
+//! Events: every probe result, state change and action, as structured records.
+//!
+//! Each event goes to the log (tracing; probe results at debug level, the rest at info and up)
+//! and as one JSON line to `events.jsonl` in the state directory, which is rotated at a size
+//! bound keeping one older file. A failing event file is reported (at most once a minute) and
+//! never stops the agent. Events never carry the app's environment.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::clock;
+use crate::files;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    AgentStart,
+    AgentStop,
+    Reload,
+    ConfigRejected,
+    Probe,
+    StateChange,
+    Restart,
+    RestartDone,
+    RestartFailed,
+    Escalation,
+    GiveUp,
+    Resurrect,
+    Pm2Event,
+    Check,
+}
+
+impl Kind {
+    fn level(self) -> tracing::Level {
+        use tracing::Level;
+        match self {
+            Kind::Probe | Kind::Check => Level::DEBUG,
+            Kind::GiveUp | Kind::RestartFailed | Kind::ConfigRejected => Level::ERROR,
+            Kind::Escalation | Kind::Resurrect => Level::WARN,
+            _ => Level::INFO,
+        }
+    }
+}
+
+/// One event. `fields` carry the details under the project's field names (pm_id, pid, latency_ms, ...).
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub ts: String,
+    pub ts_ms: u64,
+    pub kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    pub message: String,
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+impl Event {
+    pub fn new(kind: Kind, app: Option<&str>, message: impl Into<String>) -> Event {
+        let ts_ms = clock::wall_ms();
+        Event {
+            ts: clock::rfc3339(ts_ms),
+            ts_ms,
+            kind,
+            app: app.map(str::to_string),
+            message: message.into(),
+            fields: Map::new(),
+        }
+    }
+
+    /// Adds a detail field.
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Event {
+        self.fields.insert(key.to_string(), value.into());
+        self
+    }
+}
+
+/// The local event sink: the log plus `events.jsonl`.
+#[derive(Debug)]
+pub struct EventLog {
+    path: PathBuf,
+    max_bytes: u64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    file: Option<File>,
+    size: u64,
+    last_error_ms: Option<u64>,
+}
+
+impl EventLog {
+    /// Opens (or creates, mode 0640) `events.jsonl` in `state_dir`.
+    pub fn open(state_dir: &Path, max_bytes: u64) -> std::io::Result<EventLog> {
+        let path = state_dir.join("events.jsonl");
+        let file = files::open_append(&path, 0o640)?;
+        let size = file.metadata()?.len();
+        Ok(EventLog {
+            path,
+            max_bytes,
+            inner: Mutex::new(Inner {
+                file: Some(file),
+                size,
+                last_error_ms: None,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Logs the event and appends it to the event file.
+    pub fn emit(&self, event: Event) {
+        log(&event);
+        let mut line = match serde_json::to_vec(&event) {
+            Ok(l) => l,
+            Err(_) => return,
+        };
+        line.push(b'\n');
+        let mut inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Err(error) = self.append(&mut inner, &line) {
+            let now = clock::mono_now();
+            if inner.last_error_ms.is_none_or(|t| now.saturating_sub(t) > 60_000) {
+                inner.last_error_ms = Some(now);
+                tracing::warn!(message = "Cannot write the event file.", path = %self.path.display(), %error);
+            }
+        }
+    }
+
+    fn append(&self, inner: &mut Inner, line: &[u8]) -> std::io::Result<()> {
+        if inner.size + line.len() as u64 > self.max_bytes && inner.size > 0 {
+            inner.file = None;
+            let mut rotated = self.path.clone().into_os_string();
+            rotated.push(".1");
+            std::fs::rename(&self.path, rotated)?;
+            inner.size = 0;
+        }
+        if inner.file.is_none() {
+            let f = files::open_append(&self.path, 0o640)?;
+            inner.size = f.metadata()?.len();
+            inner.file = Some(f);
+        }
+        let file = inner.file.as_mut().expect("opened above");
+        // One write per line: with O_APPEND, lines from concurrent writers never interleave.
+        file.write_all(line)?;
+        inner.size += line.len() as u64;
+        Ok(())
+    }
+}
+
+fn log(e: &Event) {
+    let app = e.app.as_deref().unwrap_or("-");
+    let details = e
+        .fields
+        .iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let msg = &e.message;
+    match e.kind.level() {
+        tracing::Level::ERROR => tracing::error!(message = %msg, app, kind, %details),
+        tracing::Level::WARN => tracing::warn!(message = %msg, app, kind, %details),
+        tracing::Level::INFO => tracing::info!(message = %msg, app, kind, %details),
+        _ => tracing::debug!(message = %msg, app, kind, %details),
+    }
+}
+
+/// Reads the last `n` events of the event file (for `status`); unreadable lines are skipped.
+pub fn tail(state_dir: &Path, n: usize) -> Vec<Value> {
+    let Ok(Some(bytes)) = files::read_optional(&state_dir.join("events.jsonl")) else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let mut out: Vec<Value> = text
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .take(n)
+        .collect();
+    out.reverse();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_json_lines_and_rotates() {
+        let d = tempfile::tempdir().unwrap();
+        let log = EventLog::open(d.path(), 65_536).unwrap();
+        for i in 0..600 {
+            log.emit(Event::new(Kind::Probe, Some("web"), "Probe passed.").with("latency_ms", i));
+        }
+        let current = std::fs::read_to_string(d.path().join("events.jsonl")).unwrap();
+        let rotated = std::fs::read_to_string(d.path().join("events.jsonl.1")).unwrap();
+        assert!(current.len() as u64 <= 65_536 && rotated.len() as u64 <= 65_536);
+        let total = current.lines().count() + rotated.lines().count();
+        let first: Value = serde_json::from_str(current.lines().next().unwrap()).unwrap();
+        assert_eq!(first["kind"], "probe");
+        assert_eq!(first["app"], "web");
+        assert!(total >= 400, "kept {total} lines");
+        let last = tail(d.path(), 1);
+        assert_eq!(last[0]["latency_ms"], 599);
+    }
+}

@@ -1,0 +1,211 @@
+//! Safe file primitives for the state directory: atomic replace, no-follow opens, flock locks.
+//!
+//! Every file is opened with O_NOFOLLOW|O_CLOEXEC so a symlink planted in the state directory can
+//! never redirect a write, and created with an explicit mode. Replacement is write-to-temp in the
+//! same directory, optional fsync, rename: a reader sees the old or the new file, never half.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Creates `dir` (mode 0750) if missing; refuses a world-writable directory or one that is a symlink.
+pub fn ensure_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is a symlink; give the real directory", dir.display()),
+        )),
+        Ok(m) if !m.is_dir() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a directory", dir.display()),
+        )),
+        Ok(m) if m.permissions().mode() & 0o002 != 0 => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is world-writable; run `chmod o-w {}`",
+                dir.display(),
+                dir.display()
+            ),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens (creating with `mode`) a file for appending, never through a symlink.
+pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Opens an existing file for reading, never through a symlink.
+pub fn open_read(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Reads a whole file, never through a symlink; `None` when it does not exist.
+pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match open_read(path) {
+        Ok(mut f) => {
+            let mut buf = Vec::new();
+            io::Read::read_to_end(&mut f, &mut buf)?;
+            Ok(Some(buf))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces `path` with `data` atomically, with `mode`; fsyncs file and directory when `durable`.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let mut attempt = 0u32;
+    let (tmp, mut file) = loop {
+        let tmp: PathBuf = dir.join(format!(
+            ".{name}.{}.{}.tmp",
+            std::process::id(),
+            unique() + attempt as u64
+        ));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 16 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    let result = (|| {
+        file.write_all(data)?;
+        // The umask may have narrowed the mode at create; set it exactly.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        if durable {
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) ^ (crate::clock::mono_now() << 16)
+}
+
+/// An exclusive flock on a lock file in the state directory; released on drop.
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+/// Why a lock was not taken.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another process holds it.
+    Busy,
+    Io(io::Error),
+}
+
+fn open_lock(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+impl Lock {
+    /// Takes the lock now or reports `Busy`.
+    pub fn try_take(path: &Path) -> Result<Lock, LockError> {
+        let file = open_lock(path).map_err(LockError::Io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Lock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Busy),
+            Err(std::fs::TryLockError::Error(e)) => Err(LockError::Io(e)),
+        }
+    }
+
+    /// Waits for the lock up to `wait`.
+    pub fn take(path: &Path, wait: Duration) -> Result<Lock, LockError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match Lock::try_take(path) {
+                Err(LockError::Busy) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn atomic_write_sets_mode_and_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("status.json");
+        write_atomic(&p, b"one", 0o640, true).unwrap();
+        write_atomic(&p, b"two", 0o640, false).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o640);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp files left");
+    }
+
+    #[test]
+    fn refuses_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("victim");
+        std::fs::write(&target, b"precious").unwrap();
+        let link = d.path().join("events.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(open_append(&link, 0o640).is_err());
+        assert!(Lock::try_take(&link).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+        let dirlink = d.path().join("state");
+        std::os::unix::fs::symlink(d.path(), &dirlink).unwrap();
+        assert!(ensure_dir(&dirlink).is_err());
+    }
+
+    #[test]
+    fn lock_is_exclusive_across_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("restart.lock");
+        let held = Lock::try_take(&p).unwrap();
+        assert!(matches!(Lock::try_take(&p), Err(LockError::Busy)));
+        assert!(matches!(Lock::take(&p, Duration::from_millis(60)), Err(LockError::Busy)));
+        drop(held);
+        Lock::try_take(&p).unwrap();
+    }
+}

@@ -1,0 +1,144 @@
+//! The `pmguard-agent` binary: command line, logging set-up, exit codes, error rendering.
+//! Exit codes: 0 ok; 1 checks failed (invalid config for `validate`, action taken by `check`,
+//! stale heartbeat for `status`); 2 error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pmguard_agent::check::Outcome;
+use pmguard_agent::config::{Config, ConfigError};
+use pmguard_agent::state::StateDir;
+
+#[derive(Parser)]
+#[command(name = "pmguard-agent", version, about = "Keeps PM2-managed services alive.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch the configured apps until stopped (SIGTERM); SIGHUP reloads the config.
+    Run {
+        #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
+        config: PathBuf,
+    },
+    /// Check a config file and report every problem (exit 0 valid, 1 invalid).
+    Validate {
+        #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
+        config: PathBuf,
+    },
+    /// The backup check for cron: if the agent is not alive, check every app once and act.
+    Check {
+        /// Run one check and exit (the only mode).
+        #[arg(long, required = true)]
+        once: bool,
+        #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
+        config: PathBuf,
+    },
+    /// Show each app's state, recent probes and restarts, as the running agent last saw them.
+    Status {
+        #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Validate { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: valid, {} app(s).", config.display(), c.apps.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::Run { config } => {
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    config_failure(&e);
+                    return ExitCode::from(2);
+                }
+            };
+            match pmguard_agent::daemon::run(c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Check { config, .. } => {
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    config_failure(&e);
+                    return ExitCode::from(2);
+                }
+            };
+            match pmguard_agent::check::run(&c, &mut std::io::stdout()) {
+                Ok(Outcome::AgentAlive { .. }) => ExitCode::SUCCESS,
+                Ok(Outcome::Checked { acted }) if acted.is_empty() => ExitCode::SUCCESS,
+                Ok(Outcome::Checked { .. }) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Status { config, json } => {
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    config_failure(&e);
+                    return ExitCode::from(2);
+                }
+            };
+            let state = StateDir::new(&c.agent.state_dir);
+            match pmguard_agent::status::print(&state, json, &mut std::io::stdout()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+fn config_failure(e: &ConfigError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        ConfigError::Invalid { .. } => ExitCode::from(1),
+        ConfigError::Read { .. } => ExitCode::from(2),
+    }
+}
+
+/// Logs go to stderr; under systemd (JOURNAL_STREAM set) without timestamps, which the journal adds.
+fn init_logging() {
+    use tracing::Level;
+    let level = match std::env::var("PMGUARD_LOG").as_deref() {
+        Ok("error") => Level::ERROR,
+        Ok("warn") => Level::WARN,
+        Ok("debug") => Level::DEBUG,
+        Ok("trace") => Level::TRACE,
+        _ => Level::INFO,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(false);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

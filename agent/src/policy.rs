@@ -1,0 +1,632 @@
+//! The decisions: from what one check saw to what the agent does. Pure functions over values.
+//!
+//! Time is passed in as milliseconds on a monotonic clock (`Mono`), so every window, cooldown and
+//! backoff here is tested without sleeping. Invariants, each tested below:
+//! - a restart needs `max_retries` consecutive counted failures, and resets the count;
+//! - failures do not count during the startup grace (after the agent starts or the app restarts),
+//!   which ends early at the first passing check; nor while PM2 is mid-transition, unless that
+//!   transition outlasts the grace;
+//! - two restarts of one app are at least `restart_cooldown` apart;
+//! - `crashloop_restarts` restarts within `crashloop_window` stop the restarts, raise a give-up,
+//!   and a single retry follows after a backoff that doubles up to a cap; a healthy window resets it.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::config::AppConfig;
+use crate::pm2::Status;
+
+/// Milliseconds on a monotonic clock shared by all processes of one boot (CLOCK_BOOTTIME).
+pub type Mono = u64;
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+/// One instance (one pm_id) as seen in one check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceView {
+    pub pm_id: u32,
+    pub pid: u32,
+    pub status: Status,
+    /// Set when the CPU tracker found this pid stuck (see `PidTracker`).
+    pub stuck: Option<String>,
+}
+
+/// What PM2 said about the app in one check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pm2View {
+    DaemonDown(String),
+    Missing,
+    Instances(Vec<InstanceView>),
+}
+
+/// The judgement of one check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Healthy,
+    /// PM2 is starting, stopping or waiting to restart the app.
+    Transitional(String),
+    /// PM2 does not know the app: nothing the agent can restart.
+    Missing,
+    DaemonDown(String),
+    /// The check failed; `culprits` are the pm_ids found at fault (empty = the whole app).
+    Failed { reason: String, culprits: Vec<u32> },
+}
+
+/// Judges one check from PM2's view and the probe's outcome (`None` = no probe configured).
+pub fn judge(pm2: &Pm2View, probe_failure: Option<&str>) -> Verdict {
+    let instances = match pm2 {
+        Pm2View::DaemonDown(e) => return Verdict::DaemonDown(e.clone()),
+        Pm2View::Missing => return Verdict::Missing,
+        Pm2View::Instances(i) => i,
+    };
+    if let Some(t) = instances.iter().find(|i| i.status.is_transitional()) {
+        return Verdict::Transitional(t.status.as_str().to_string());
+    }
+    let mut reasons = Vec::new();
+    let mut culprits = Vec::new();
+    for i in instances {
+        if i.status != Status::Online {
+            reasons.push(format!("pm_id {} is {}", i.pm_id, i.status.as_str()));
+            culprits.push(i.pm_id);
+        } else if let Some(why) = &i.stuck {
+            reasons.push(format!("pm_id {} pid {} is stuck: {why}", i.pm_id, i.pid));
+            culprits.push(i.pm_id);
+        }
+    }
+    if let Some(p) = probe_failure {
+        reasons.insert(0, format!("probe {p}"));
+    }
+    if reasons.is_empty() {
+        return Verdict::Healthy;
+    }
+    // When every instance is at fault, or only the (shared) probe failed, restart the whole app.
+    if culprits.len() == instances.len() {
+        culprits.clear();
+    }
+    Verdict::Failed {
+        reason: reasons.join("; "),
+        culprits,
+    }
+}
+
+/// The settings `decide` needs, taken from an app's config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    pub max_retries: u32,
+    pub restart_cooldown: u64,
+    pub startup_grace: u64,
+    pub crashloop_restarts: u32,
+    pub crashloop_window: u64,
+    pub crashloop_backoff: u64,
+    pub crashloop_backoff_max: u64,
+}
+
+impl From<&AppConfig> for Policy {
+    fn from(c: &AppConfig) -> Policy {
+        Policy {
+            max_retries: c.max_retries,
+            restart_cooldown: ms(c.restart_cooldown),
+            startup_grace: ms(c.startup_grace),
+            crashloop_restarts: c.crashloop_restarts,
+            crashloop_window: ms(c.crashloop_window),
+            crashloop_backoff: ms(c.crashloop_backoff),
+            crashloop_backoff_max: ms(c.crashloop_backoff_max),
+        }
+    }
+}
+
+/// Where an app stands, as shown by `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Starting,
+    Healthy,
+    Failing,
+    CoolingDown,
+    CrashLoop,
+    Missing,
+    Pm2Down,
+}
+
+/// The memory of one app across checks. Plain data: persisted parts are in `restarts`/`backoff`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppState {
+    pub health: Health,
+    /// Consecutive counted failures.
+    pub failures: u32,
+    /// Failures do not count before this (cleared by the first passing check).
+    pub grace_until: Option<Mono>,
+    /// Restarts made by pmguard (the daemon or the backup check), oldest first.
+    pub restarts: VecDeque<Mono>,
+    /// Current crash-loop backoff; `None` when not in a crash loop.
+    pub backoff: Option<u64>,
+    /// No restart before this (crash-loop pause).
+    pub hold_until: Option<Mono>,
+    /// In a crash loop, the one retry after the pause has been made.
+    pub retried: bool,
+    pub healthy_since: Option<Mono>,
+    pub transitional_since: Option<Mono>,
+}
+
+impl AppState {
+    /// A fresh state at agent start: the startup grace applies from `now`.
+    pub fn new(now: Mono, policy: &Policy) -> AppState {
+        AppState {
+            health: Health::Starting,
+            failures: 0,
+            grace_until: Some(now + policy.startup_grace),
+            restarts: VecDeque::new(),
+            backoff: None,
+            hold_until: None,
+            retried: false,
+            healthy_since: None,
+            transitional_since: None,
+        }
+    }
+
+    pub fn last_restart(&self) -> Option<Mono> {
+        self.restarts.back().copied()
+    }
+
+    /// PM2 (re)started the app by itself, or someone else restarted it: start over with a grace.
+    pub fn restarted_elsewhere(&mut self, now: Mono, policy: &Policy) {
+        self.failures = 0;
+        self.grace_until = Some(now + policy.startup_grace);
+        self.health = Health::Starting;
+        self.healthy_since = None;
+    }
+}
+
+/// What to do after a check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Nothing; `why` says what holds the agent back when it is not simply healthy.
+    Wait { why: Option<String> },
+    /// Restart these pm_ids (empty = every instance of the app).
+    Restart { culprits: Vec<u32>, reason: String },
+    /// The PM2 daemon is gone: bring it back.
+    Resurrect { reason: String },
+    /// Too many restarts in the window: stop, alert, retry after `pause_ms`.
+    GiveUp { restarts: usize, pause_ms: u64, reason: String },
+}
+
+fn wait(why: impl Into<String>) -> Decision {
+    Decision::Wait {
+        why: Some(why.into()),
+    }
+}
+
+/// Updates `state` with one check's verdict and says what to do.
+pub fn decide(state: &mut AppState, policy: &Policy, verdict: &Verdict, now: Mono) -> Decision {
+    if !matches!(verdict, Verdict::Transitional(_)) {
+        state.transitional_since = None;
+    }
+    let (reason, culprits, daemon_down) = match verdict {
+        Verdict::Healthy => {
+            state.failures = 0;
+            state.grace_until = None;
+            let since = *state.healthy_since.get_or_insert(now);
+            if state.backoff.is_some() && now.saturating_sub(since) >= policy.crashloop_window {
+                state.backoff = None;
+                state.hold_until = None;
+                state.retried = false;
+            }
+            state.health = Health::Healthy;
+            return Decision::Wait { why: None };
+        }
+        Verdict::Missing => {
+            state.health = Health::Missing;
+            state.healthy_since = None;
+            return wait("PM2 does not know this app");
+        }
+        Verdict::Transitional(status) => {
+            let since = *state.transitional_since.get_or_insert(now);
+            if now.saturating_sub(since) < policy.startup_grace {
+                return wait(format!("PM2 reports `{status}`"));
+            }
+            (
+                format!(
+                    "PM2 has reported `{status}` for {} ms",
+                    now.saturating_sub(since)
+                ),
+                Vec::new(),
+                false,
+            )
+        }
+        Verdict::DaemonDown(e) => (format!("PM2 daemon unreachable: {e}"), Vec::new(), true),
+        Verdict::Failed { reason, culprits } => (reason.clone(), culprits.clone(), false),
+    };
+    state.healthy_since = None;
+    if state.grace_until.is_some_and(|g| now < g) {
+        state.health = Health::Starting;
+        return wait(format!("startup grace: not counting {reason}"));
+    }
+    state.failures = state.failures.saturating_add(1);
+    state.health = if daemon_down {
+        Health::Pm2Down
+    } else {
+        Health::Failing
+    };
+    if state.failures < policy.max_retries {
+        return wait(format!(
+            "failure {}/{}: {reason}",
+            state.failures, policy.max_retries
+        ));
+    }
+    if daemon_down {
+        // The daemon is shared by every app: resurrect has its own cooldown, kept by the caller.
+        return Decision::Resurrect { reason };
+    }
+    if let Some(hold) = state.hold_until {
+        if now < hold {
+            state.health = Health::CrashLoop;
+            return wait(format!("crash loop: paused for {} ms more", hold - now));
+        }
+    }
+    if let Some(last) = state.last_restart() {
+        let since = now.saturating_sub(last);
+        if since < policy.restart_cooldown {
+            state.health = Health::CoolingDown;
+            return wait(format!(
+                "cooldown: {} ms since the last restart",
+                since
+            ));
+        }
+    }
+    while state
+        .restarts
+        .front()
+        .is_some_and(|t| now.saturating_sub(*t) >= policy.crashloop_window)
+    {
+        state.restarts.pop_front();
+    }
+    let looping = match state.backoff {
+        Some(_) => state.retried,
+        None => state.restarts.len() >= policy.crashloop_restarts as usize,
+    };
+    if looping {
+        let pause = match state.backoff {
+            Some(b) => b.saturating_mul(2).min(policy.crashloop_backoff_max),
+            None => policy.crashloop_backoff,
+        };
+        state.backoff = Some(pause);
+        state.hold_until = Some(now + pause);
+        state.retried = false;
+        state.health = Health::CrashLoop;
+        return Decision::GiveUp {
+            restarts: state.restarts.len(),
+            pause_ms: pause,
+            reason,
+        };
+    }
+    if state.backoff.is_some() {
+        state.retried = true;
+    }
+    record_restart(state, policy, now);
+    Decision::Restart { culprits, reason }
+}
+
+/// Books a restart made at `now` (by this process or, read from disk, by another).
+pub fn record_restart(state: &mut AppState, policy: &Policy, now: Mono) {
+    state.failures = 0;
+    state.restarts.push_back(now);
+    state.grace_until = Some(now + policy.startup_grace);
+    state.health = Health::Starting;
+    state.healthy_since = None;
+}
+
+/// Tracks one pid's CPU and scheduler state across samples to tell when it is stuck.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PidTracker {
+    pub pid: u32,
+    pub start_ticks: u64,
+    prev: Option<(u64, Mono)>,
+    high_since: Option<Mono>,
+    halted_since: Option<(char, Mono)>,
+    pub cpu_pct: Option<f64>,
+}
+
+/// Thresholds for `PidTracker::observe`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StuckRule {
+    pub cpu_threshold: f64,
+    pub cpu_duration: u64,
+    /// A pid stopped (T) or in uninterruptible sleep (D) longer than this is stuck.
+    pub halt_window: u64,
+    pub ticks_per_sec: u64,
+}
+
+impl PidTracker {
+    pub fn new(pid: u32, start_ticks: u64) -> PidTracker {
+        PidTracker {
+            pid,
+            start_ticks,
+            prev: None,
+            high_since: None,
+            halted_since: None,
+            cpu_pct: None,
+        }
+    }
+
+    /// Feeds one sample taken at `now`; returns why the pid is stuck, if it is.
+    pub fn observe(
+        &mut self,
+        state: char,
+        cpu_ticks: u64,
+        now: Mono,
+        rule: &StuckRule,
+    ) -> Option<String> {
+        if let Some((ticks, at)) = self.prev {
+            let pct = crate::procfs::cpu_percent(
+                ticks,
+                cpu_ticks,
+                now.saturating_sub(at),
+                rule.ticks_per_sec,
+            );
+            self.cpu_pct = Some(pct);
+            if pct >= rule.cpu_threshold {
+                // The busy stretch began at the previous sample.
+                self.high_since.get_or_insert(at);
+            } else {
+                self.high_since = None;
+            }
+        }
+        self.prev = Some((cpu_ticks, now));
+        match (state, self.halted_since) {
+            ('T' | 'D', Some((s, _))) if s == state => {}
+            ('T' | 'D', _) => self.halted_since = Some((state, now)),
+            _ => self.halted_since = None,
+        }
+        if let Some((s, since)) = self.halted_since {
+            let held = now.saturating_sub(since);
+            if held >= rule.halt_window {
+                let what = if s == 'T' {
+                    "stopped (state T)"
+                } else {
+                    "in uninterruptible sleep (state D)"
+                };
+                return Some(format!("{what} for {held} ms"));
+            }
+        }
+        if let Some(since) = self.high_since {
+            let held = now.saturating_sub(since);
+            if held >= rule.cpu_duration {
+                return Some(format!(
+                    "CPU {:.0}% >= {}% for {held} ms",
+                    self.cpu_pct.unwrap_or(0.0),
+                    rule.cpu_threshold
+                ));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            max_retries: 3,
+            restart_cooldown: 60_000,
+            startup_grace: 30_000,
+            crashloop_restarts: 3,
+            crashloop_window: 900_000,
+            crashloop_backoff: 300_000,
+            crashloop_backoff_max: 1_200_000,
+        }
+    }
+
+    fn fail() -> Verdict {
+        Verdict::Failed {
+            reason: "probe timed out".into(),
+            culprits: vec![],
+        }
+    }
+
+    fn after_grace() -> (AppState, Policy, Mono) {
+        let p = policy();
+        let mut s = AppState::new(0, &p);
+        assert_eq!(decide(&mut s, &p, &Verdict::Healthy, 1_000), Decision::Wait { why: None });
+        (s, p, 1_000)
+    }
+
+    fn is_restart(d: &Decision) -> bool {
+        matches!(d, Decision::Restart { .. })
+    }
+
+    #[test]
+    fn restarts_after_exactly_max_retries_and_resets_the_count() {
+        let (mut s, p, t) = after_grace();
+        assert!(!is_restart(&decide(&mut s, &p, &fail(), t + 10_000)));
+        assert!(!is_restart(&decide(&mut s, &p, &fail(), t + 20_000)));
+        assert!(is_restart(&decide(&mut s, &p, &fail(), t + 30_000)));
+        assert_eq!(s.failures, 0);
+        assert_eq!(s.health, Health::Starting);
+    }
+
+    #[test]
+    fn a_pass_in_between_resets_the_count() {
+        let (mut s, p, t) = after_grace();
+        decide(&mut s, &p, &fail(), t + 1);
+        decide(&mut s, &p, &fail(), t + 2);
+        decide(&mut s, &p, &Verdict::Healthy, t + 3);
+        decide(&mut s, &p, &fail(), t + 4);
+        assert!(!is_restart(&decide(&mut s, &p, &fail(), t + 5)));
+    }
+
+    #[test]
+    fn no_counting_during_startup_grace_but_a_pass_ends_it() {
+        let p = policy();
+        let mut s = AppState::new(0, &p);
+        for t in [1_000, 2_000, 3_000, 4_000, 29_999] {
+            let d = decide(&mut s, &p, &fail(), t);
+            assert!(matches!(&d, Decision::Wait { why: Some(w) } if w.starts_with("startup grace")), "{d:?}");
+        }
+        assert_eq!(s.failures, 0);
+        // Grace over: three counted failures restart.
+        decide(&mut s, &p, &fail(), 30_000);
+        decide(&mut s, &p, &fail(), 31_000);
+        assert!(is_restart(&decide(&mut s, &p, &fail(), 32_000)));
+        // After the restart a new grace applies, ended early by the first pass.
+        assert!(!is_restart(&decide(&mut s, &p, &fail(), 33_000)));
+        assert_eq!(s.failures, 0);
+        decide(&mut s, &p, &Verdict::Healthy, 35_000);
+        assert_eq!(s.grace_until, None);
+        decide(&mut s, &p, &fail(), 36_000);
+        assert_eq!(s.failures, 1);
+    }
+
+    #[test]
+    fn cooldown_holds_a_second_restart() {
+        let (mut s, p, t) = after_grace();
+        let mut clock = t;
+        let mut tick = |s: &mut AppState, v: &Verdict| {
+            clock += 10_000;
+            (clock, decide(s, &p, v, clock))
+        };
+        for _ in 0..2 {
+            tick(&mut s, &fail());
+        }
+        let (first, d) = tick(&mut s, &fail());
+        assert!(is_restart(&d));
+        // Fails on, right through grace and cooldown: the next restart is 60 s after the first.
+        let mut second = None;
+        for _ in 0..20 {
+            let (at, d) = tick(&mut s, &fail());
+            if is_restart(&d) {
+                second = Some(at);
+                break;
+            }
+        }
+        let second = second.expect("a second restart");
+        assert!(second - first >= p.restart_cooldown, "{first} {second}");
+        assert!(second - first <= p.restart_cooldown + 10_000);
+    }
+
+    #[test]
+    fn transitional_states_wait_until_they_outlast_the_grace() {
+        let (mut s, p, t) = after_grace();
+        let v = Verdict::Transitional("waiting restart".into());
+        for dt in [0, 10_000, 29_999] {
+            let d = decide(&mut s, &p, &v, t + dt);
+            assert!(matches!(d, Decision::Wait { .. }));
+        }
+        assert_eq!(s.failures, 0);
+        decide(&mut s, &p, &v, t + 30_000);
+        assert_eq!(s.failures, 1);
+    }
+
+    #[test]
+    fn crash_loop_gives_up_then_retries_with_growing_backoff() {
+        let p = Policy { restart_cooldown: 0, startup_grace: 0, max_retries: 1, ..policy() };
+        let mut s = AppState::new(0, &p);
+        let mut t = 1_000;
+        for _ in 0..3 {
+            assert!(is_restart(&decide(&mut s, &p, &fail(), t)));
+            t += 1_000;
+        }
+        let d = decide(&mut s, &p, &fail(), t);
+        assert!(matches!(d, Decision::GiveUp { restarts: 3, pause_ms: 300_000, .. }), "{d:?}");
+        assert_eq!(s.health, Health::CrashLoop);
+        // Paused: no restart, however many failures.
+        for dt in [1_000, 100_000, 299_999] {
+            assert!(!is_restart(&decide(&mut s, &p, &fail(), t + dt)));
+        }
+        // One retry after the pause, then a longer pause.
+        assert!(is_restart(&decide(&mut s, &p, &fail(), t + 300_000)));
+        let d = decide(&mut s, &p, &fail(), t + 301_000);
+        assert!(matches!(d, Decision::GiveUp { pause_ms: 600_000, .. }), "{d:?}");
+        let t2 = t + 301_000 + 600_000;
+        assert!(is_restart(&decide(&mut s, &p, &fail(), t2)));
+        let d = decide(&mut s, &p, &fail(), t2 + 1);
+        assert!(matches!(d, Decision::GiveUp { pause_ms: 1_200_000, .. }), "{d:?}");
+        let t3 = t2 + 1 + 1_200_000;
+        assert!(is_restart(&decide(&mut s, &p, &fail(), t3)));
+        let d = decide(&mut s, &p, &fail(), t3 + 1);
+        assert!(matches!(d, Decision::GiveUp { pause_ms: 1_200_000, .. }), "capped: {d:?}");
+        // Healthy for a whole window after a retry: out of the crash loop.
+        let t4 = t3 + 1 + 1_200_000;
+        assert!(is_restart(&decide(&mut s, &p, &fail(), t4)));
+        decide(&mut s, &p, &Verdict::Healthy, t4 + 1);
+        decide(&mut s, &p, &Verdict::Healthy, t4 + 1 + p.crashloop_window);
+        assert_eq!(s.backoff, None);
+    }
+
+    #[test]
+    fn spaced_out_restarts_never_give_up() {
+        // monit's flaw: its limit counts cycles. Ours counts wall-clock time in a window.
+        let p = Policy { restart_cooldown: 0, startup_grace: 0, max_retries: 1, ..policy() };
+        let mut s = AppState::new(0, &p);
+        for i in 1..=20u64 {
+            let d = decide(&mut s, &p, &fail(), i * (p.crashloop_window / 2));
+            assert!(is_restart(&d), "restart {i}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn daemon_down_asks_for_resurrect_and_missing_waits() {
+        let (mut s, p, t) = after_grace();
+        let v = Verdict::DaemonDown("no socket".into());
+        decide(&mut s, &p, &v, t + 1);
+        decide(&mut s, &p, &v, t + 2);
+        assert!(matches!(decide(&mut s, &p, &v, t + 3), Decision::Resurrect { .. }));
+        assert_eq!(s.health, Health::Pm2Down);
+        let d = decide(&mut s, &p, &Verdict::Missing, t + 4);
+        assert!(matches!(d, Decision::Wait { why: Some(_) }));
+        assert_eq!(s.health, Health::Missing);
+    }
+
+    fn inst(pm_id: u32, status: Status, stuck: Option<&str>) -> InstanceView {
+        InstanceView { pm_id, pid: 100 + pm_id, status, stuck: stuck.map(String::from) }
+    }
+
+    #[test]
+    fn judge_blames_the_stuck_worker_only() {
+        let view = Pm2View::Instances(vec![
+            inst(0, Status::Online, None),
+            inst(1, Status::Online, Some("stopped (state T) for 2000 ms")),
+        ]);
+        // The shared port still answers through worker 0.
+        match judge(&view, None) {
+            Verdict::Failed { culprits, reason } => {
+                assert_eq!(culprits, vec![1]);
+                assert!(reason.contains("pm_id 1 pid 101 is stuck"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // Probe failing and nobody identified: the whole app.
+        let view = Pm2View::Instances(vec![inst(0, Status::Online, None)]);
+        assert_eq!(
+            judge(&view, Some("timed out")),
+            Verdict::Failed { reason: "probe timed out".into(), culprits: vec![] }
+        );
+        assert_eq!(judge(&view, None), Verdict::Healthy);
+        let view = Pm2View::Instances(vec![inst(0, Status::Stopped, None)]);
+        assert!(matches!(judge(&view, None), Verdict::Failed { culprits, .. } if culprits.is_empty()));
+        let view = Pm2View::Instances(vec![inst(0, Status::Launching, None)]);
+        assert!(matches!(judge(&view, None), Verdict::Transitional(_)));
+    }
+
+    #[test]
+    fn pid_tracker_finds_spin_and_stop() {
+        let rule = StuckRule { cpu_threshold: 90.0, cpu_duration: 3_000, halt_window: 1_000, ticks_per_sec: 100 };
+        let mut t = PidTracker::new(7, 1);
+        assert_eq!(t.observe('R', 0, 0, &rule), None);
+        assert_eq!(t.observe('R', 100, 1_000, &rule), None); // 100% since 0
+        assert_eq!(t.observe('R', 200, 2_000, &rule), None);
+        let stuck = t.observe('R', 300, 3_000, &rule).unwrap();
+        assert!(stuck.starts_with("CPU 100% >= 90% for 3000 ms"), "{stuck}");
+        // A dip resets it.
+        assert_eq!(t.observe('S', 310, 4_000, &rule), None);
+        assert_eq!(t.observe('R', 410, 5_000, &rule), None);
+        // Stopped: stuck once held for the halt window.
+        assert_eq!(t.observe('T', 410, 6_000, &rule), None);
+        assert_eq!(t.observe('T', 410, 6_999, &rule), None);
+        assert!(t.observe('T', 410, 7_000, &rule).unwrap().starts_with("stopped (state T)"));
+        assert_eq!(t.observe('S', 410, 8_000, &rule), None);
+    }
+}

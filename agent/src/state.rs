@@ -1,0 +1,239 @@
+//! What the agent keeps in its state directory, and how the daemon and the backup check share it.
+//!
+//! - `status.json`: the daemon's heartbeat and each app's state, rewritten every round (0640).
+//! - `restarts.json`: every restart pmguard made, per app, with the crash-loop backoff (0600).
+//!   It is read and written only under `restart.lock`, so the daemon and `check --once` can never
+//!   both restart one app inside its cooldown. Times are `Mono` of the boot named in the file.
+//! - `agent.lock`: held by the running daemon for its whole life (one daemon per state dir).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock;
+use crate::files::{self, Lock, LockError};
+use crate::policy::{AppState, Mono};
+
+pub const STATUS_FILE: &str = "status.json";
+pub const RESTARTS_FILE: &str = "restarts.json";
+pub const AGENT_LOCK: &str = "agent.lock";
+pub const RESTART_LOCK: &str = "restart.lock";
+
+/// The persisted part of one app's restart history.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppRestarts {
+    pub restarts: Vec<Mono>,
+    pub backoff_ms: Option<u64>,
+    pub hold_until: Option<Mono>,
+    pub retried: bool,
+}
+
+impl AppRestarts {
+    pub fn from_state(s: &AppState) -> AppRestarts {
+        AppRestarts {
+            restarts: s.restarts.iter().copied().collect(),
+            backoff_ms: s.backoff,
+            hold_until: s.hold_until,
+            retried: s.retried,
+        }
+    }
+
+    /// Copies the persisted history into a live state (keeps the live probe counters).
+    pub fn apply_to(&self, s: &mut AppState) {
+        s.restarts = self.restarts.iter().copied().collect::<VecDeque<_>>();
+        s.backoff = self.backoff_ms;
+        s.hold_until = self.hold_until;
+        s.retried = self.retried;
+    }
+
+    pub fn last(&self) -> Option<Mono> {
+        self.restarts.last().copied()
+    }
+}
+
+/// `restarts.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestartBook {
+    pub boot_id: String,
+    pub apps: BTreeMap<String, AppRestarts>,
+    /// When pmguard last ran `pm2 resurrect`.
+    pub resurrected_at: Option<Mono>,
+}
+
+/// The state directory of one agent.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: &Path) -> StateDir {
+        StateDir {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn create(&self) -> std::io::Result<()> {
+        files::ensure_dir(&self.dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Takes the daemon's life-long lock, or reports that another daemon holds it.
+    pub fn lock_agent(&self) -> Result<Lock, LockError> {
+        Lock::try_take(&self.path(AGENT_LOCK))
+    }
+
+    pub fn lock_restarts(&self, wait: Duration) -> Result<Lock, LockError> {
+        Lock::take(&self.path(RESTART_LOCK), wait)
+    }
+
+    /// Reads `restarts.json`. A file from another boot yields an empty book; a corrupt one is
+    /// moved aside to `restarts.json.corrupt` (and said so), never silently overwritten.
+    pub fn read_restarts(&self) -> RestartBook {
+        let boot = clock::boot_id();
+        let path = self.path(RESTARTS_FILE);
+        let fresh = RestartBook {
+            boot_id: boot.clone(),
+            ..RestartBook::default()
+        };
+        match files::read_optional(&path) {
+            Ok(None) => fresh,
+            Ok(Some(bytes)) => match serde_json::from_slice::<RestartBook>(&bytes) {
+                Ok(book) if book.boot_id == boot => book,
+                Ok(_) => fresh,
+                Err(error) => {
+                    let aside = self.path("restarts.json.corrupt");
+                    let _ = std::fs::rename(&path, &aside);
+                    tracing::warn!(message = "Restart history is corrupt; moved aside.", path = %aside.display(), %error);
+                    fresh
+                }
+            },
+            Err(error) => {
+                tracing::warn!(message = "Cannot read restart history.", path = %path.display(), %error);
+                fresh
+            }
+        }
+    }
+
+    pub fn write_restarts(&self, book: &RestartBook) -> std::io::Result<()> {
+        let data = serde_json::to_vec_pretty(book).map_err(std::io::Error::other)?;
+        files::write_atomic(&self.path(RESTARTS_FILE), &data, 0o600, true)
+    }
+
+    pub fn write_status(&self, status: &StatusFile) -> std::io::Result<()> {
+        let data = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+        files::write_atomic(&self.path(STATUS_FILE), &data, 0o640, false)
+    }
+
+    pub fn read_status(&self) -> Result<Option<StatusFile>, String> {
+        let path = self.path(STATUS_FILE);
+        match files::read_optional(&path) {
+            Ok(None) => Ok(None),
+            Ok(Some(b)) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// One probe in the response-time history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeRecord {
+    pub ts_ms: u64,
+    pub ok: bool,
+    pub latency_ms: u64,
+    pub result: String,
+}
+
+/// One restart as shown by `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartRecord {
+    pub ts_ms: u64,
+    pub reason: String,
+    pub pm_ids: Vec<u32>,
+}
+
+/// One PM2 instance as last seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub pm_id: u32,
+    pub pid: u32,
+    pub status: String,
+    pub cpu_pct: Option<f64>,
+    pub memory: u64,
+    pub restart_time: u64,
+}
+
+/// One app in `status.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub name: String,
+    pub health: String,
+    pub failures: u32,
+    pub max_retries: u32,
+    pub note: Option<String>,
+    pub last_check_ms: Option<u64>,
+    pub instances: Vec<InstanceStatus>,
+    pub probes: VecDeque<ProbeRecord>,
+    pub restarts: VecDeque<RestartRecord>,
+}
+
+/// `status.json`: the heartbeat and the board.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusFile {
+    pub pid: u32,
+    pub version: String,
+    pub boot_id: String,
+    /// `Mono` of the last heartbeat (compare with `clock::mono_now()` on the same boot).
+    pub heartbeat: Mono,
+    pub updated_at: String,
+    /// The longest check period among the apps: a heartbeat older than 3 of these is stale.
+    pub interval_ms: u64,
+    pub apps: Vec<AppStatus>,
+}
+
+impl StatusFile {
+    /// How old the heartbeat is, or `None` if it is from another boot.
+    pub fn age_ms(&self) -> Option<u64> {
+        (self.boot_id == clock::boot_id()).then(|| clock::mono_now().saturating_sub(self.heartbeat))
+    }
+
+    /// Fresh = written by a live daemon within 3 check periods.
+    pub fn is_fresh(&self) -> bool {
+        self.age_ms()
+            .is_some_and(|age| age <= 3 * self.interval_ms.max(1_000))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_book_round_trips_and_survives_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let mut book = s.read_restarts();
+        assert!(book.apps.is_empty());
+        book.apps.insert(
+            "web".into(),
+            AppRestarts { restarts: vec![5, 9], backoff_ms: Some(300_000), hold_until: Some(99), retried: true },
+        );
+        s.write_restarts(&book).unwrap();
+        assert_eq!(s.read_restarts(), book);
+        std::fs::write(s.path(RESTARTS_FILE), b"{ not json").unwrap();
+        assert!(s.read_restarts().apps.is_empty());
+        assert_eq!(std::fs::read(s.path("restarts.json.corrupt")).unwrap(), b"{ not json");
+        // Another boot's times mean nothing here.
+        let mut other = book.clone();
+        other.boot_id = "another-boot".into();
+        s.write_restarts(&other).unwrap();
+        assert!(s.read_restarts().apps.is_empty());
+    }
+}

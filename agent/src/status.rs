@@ -1,0 +1,105 @@
+//! `pmguard-agent status`: what the daemon last wrote to `status.json`, for a person or as JSON.
+
+use std::io::Write;
+
+use serde_json::json;
+
+use crate::clock;
+use crate::state::{StateDir, StatusFile};
+
+/// Prints the status. Returns false when there is no fresh heartbeat.
+pub fn print(state: &StateDir, as_json: bool, out: &mut dyn Write) -> Result<bool, String> {
+    let Some(status) = state.read_status()? else {
+        if as_json {
+            let _ = writeln!(out, "{}", json!({"running": false, "apps": []}));
+        } else {
+            let _ = writeln!(
+                out,
+                "No status in {}: pmguard-agent has not run with this state_dir.",
+                state.dir.display()
+            );
+        }
+        return Ok(false);
+    };
+    let fresh = status.is_fresh();
+    if as_json {
+        let mut v = serde_json::to_value(&status).map_err(|e| e.to_string())?;
+        v["fresh"] = json!(fresh);
+        v["age_ms"] = json!(status.age_ms());
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(fresh);
+    }
+    render(&status, fresh, out);
+    Ok(fresh)
+}
+
+fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
+    let age = s
+        .age_ms()
+        .map_or("from another boot".to_string(), |a| format!("{:.1} s ago", a as f64 / 1000.0));
+    let _ = writeln!(
+        out,
+        "pmguard-agent {} (pid {}): heartbeat {} ({})",
+        s.version,
+        s.pid,
+        age,
+        if fresh { "alive" } else { "STALE: the agent is not running or is stuck" }
+    );
+    let _ = writeln!(
+        out,
+        "{:<20} {:<13} {:<9} {:<18} {:<28} {}",
+        "APP", "HEALTH", "FAILURES", "PM2", "LAST PROBE", "RESPONSE ms (p50/max)"
+    );
+    for a in &s.apps {
+        let pm2 = if a.instances.is_empty() {
+            "-".to_string()
+        } else {
+            a.instances
+                .iter()
+                .map(|i| format!("{}:{}", i.pid, short(&i.status)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let last = a.probes.back().map_or("-".to_string(), |p| {
+            format!("{} {} ms", if p.ok { "ok" } else { "FAIL" }, p.latency_ms)
+        });
+        let mut lat: Vec<u64> = a.probes.iter().map(|p| p.latency_ms).collect();
+        lat.sort_unstable();
+        let stats = if lat.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{}/{}", lat[lat.len() / 2], lat[lat.len() - 1])
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:<13} {:<9} {:<18} {:<28} {}",
+            a.name,
+            a.health,
+            format!("{}/{}", a.failures, a.max_retries),
+            pm2,
+            last,
+            stats
+        );
+        if let Some(n) = &a.note {
+            let _ = writeln!(out, "    note: {n}");
+        }
+        if !a.probes.is_empty() {
+            let hist: Vec<String> = a
+                .probes
+                .iter()
+                .map(|p| if p.ok { p.latency_ms.to_string() } else { "x".into() })
+                .collect();
+            let _ = writeln!(out, "    response times, oldest first (x = failed): {}", hist.join(" "));
+        }
+        for r in a.restarts.iter().rev().take(5) {
+            let _ = writeln!(out, "    restarted {}: {}", clock::rfc3339(r.ts_ms), r.reason);
+        }
+    }
+}
+
+fn short(status: &str) -> &str {
+    match status {
+        "waiting restart" => "waiting",
+        s => s,
+    }
+}
