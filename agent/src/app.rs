@@ -23,9 +23,7 @@ use crate::policy::{
 };
 use crate::probe::{ProbeResult, Prober};
 use crate::procfs::{self, ProcWatch};
-use crate::state::{
-    AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartRecord, StateDir,
-};
+use crate::state::{AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartRecord, StateDir};
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 const HISTORY: usize = 20;
@@ -125,7 +123,11 @@ impl App {
             // A restart made shortly before this process started still deserves its grace.
             if let Some(last) = p.last() {
                 let grace_end = last + policy.startup_grace;
-                state.grace_until = Some(state.grace_until.map_or(grace_end, |g| g.min(grace_end.max(now))));
+                state.grace_until = Some(
+                    state
+                        .grace_until
+                        .map_or(grace_end, |g| g.min(grace_end.max(now))),
+                );
             }
         }
         App {
@@ -158,7 +160,10 @@ impl App {
     pub fn period(&self) -> Duration {
         match self.state.health {
             Health::Healthy => self.cfg.interval,
-            _ => self.cfg.retry_interval.min(self.cfg.interval.max(self.cfg.retry_interval)),
+            _ => self
+                .cfg
+                .retry_interval
+                .min(self.cfg.interval.max(self.cfg.retry_interval)),
         }
     }
 
@@ -215,7 +220,13 @@ impl App {
         }
     }
 
-    fn sample(&mut self, shared: &Shared, e: &ProcessEntry, now: Mono, rule: &StuckRule) -> InstanceView {
+    fn sample(
+        &mut self,
+        shared: &Shared,
+        e: &ProcessEntry,
+        now: Mono,
+        rule: &StuckRule,
+    ) -> InstanceView {
         let mut stuck = None;
         if e.pid > 0 && e.status == crate::pm2::Status::Online {
             if !self.trackers.contains_key(&e.pid) {
@@ -258,8 +269,12 @@ impl App {
         if !moved.is_empty() {
             self.state.restarted_elsewhere(now, &self.policy);
             shared.emit(
-                Event::new(Kind::Pm2Event, Some(&self.cfg.name), "PM2 restarted the app by itself; counting from zero with a fresh grace.")
-                    .with("pm_ids", moved.clone()),
+                Event::new(
+                    Kind::Pm2Event,
+                    Some(&self.cfg.name),
+                    "PM2 restarted the app by itself; counting from zero with a fresh grace.",
+                )
+                .with("pm_ids", moved.clone()),
             );
         }
         moved
@@ -298,7 +313,11 @@ impl App {
                 self.resurrect(shared, &reason);
                 Decision::Resurrect { reason }
             }
-            Decision::GiveUp { restarts, pause_ms, reason } => {
+            Decision::GiveUp {
+                restarts,
+                pause_ms,
+                reason,
+            } => {
                 shared.emit(
                     Event::new(Kind::GiveUp, Some(&self.cfg.name), format!(
                         "Crash loop: {restarts} restarts within {}; not restarting for {}. A person should look at this app.",
@@ -310,7 +329,11 @@ impl App {
                     .with("reason", reason.as_str()),
                 );
                 self.persist(shared);
-                Decision::GiveUp { restarts, pause_ms, reason }
+                Decision::GiveUp {
+                    restarts,
+                    pause_ms,
+                    reason,
+                }
             }
             d => d,
         };
@@ -319,7 +342,11 @@ impl App {
     }
 
     fn record_probe(&mut self, shared: &Shared, check: &Check) {
-        let mut e = Event::new(Kind::Check, Some(&self.cfg.name), verdict_line(&check.verdict));
+        let mut e = Event::new(
+            Kind::Check,
+            Some(&self.cfg.name),
+            verdict_line(&check.verdict),
+        );
         if let Some(p) = &check.probe {
             let latency_ms = p.latency.as_millis() as u64;
             self.probes.push_back(ProbeRecord {
@@ -331,11 +358,18 @@ impl App {
             if self.probes.len() > HISTORY {
                 self.probes.pop_front();
             }
-            e = Event::new(Kind::Probe, Some(&self.cfg.name), verdict_line(&check.verdict))
-                .with("url", self.cfg.health_url.as_ref().map_or("", |u| u.url.as_str()))
-                .with("ok", p.outcome.passed())
-                .with("latency_ms", latency_ms)
-                .with("result", p.outcome.reason());
+            e = Event::new(
+                Kind::Probe,
+                Some(&self.cfg.name),
+                verdict_line(&check.verdict),
+            )
+            .with(
+                "url",
+                self.cfg.health_url.as_ref().map_or("", |u| u.url.as_str()),
+            )
+            .with("ok", p.outcome.passed())
+            .with("latency_ms", latency_ms)
+            .with("result", p.outcome.reason());
             if let Some(s) = p.outcome.status() {
                 e = e.with("status", s);
             }
@@ -383,12 +417,15 @@ impl App {
         match shared.state.lock_restarts(Duration::from_secs(5)) {
             Ok(_guard) => {
                 let mut book = shared.state.read_restarts();
-                book.apps.insert(self.cfg.name.clone(), AppRestarts::from_state(&self.state));
+                book.apps
+                    .insert(self.cfg.name.clone(), AppRestarts::from_state(&self.state));
                 if let Err(error) = shared.state.write_restarts(&book) {
                     tracing::warn!(message = "Cannot save restart history.", app = %self.cfg.name, %error);
                 }
             }
-            Err(e) => tracing::warn!(message = "Cannot lock restart history.", app = %self.cfg.name, error = ?e),
+            Err(e) => {
+                tracing::warn!(message = "Cannot lock restart history.", app = %self.cfg.name, error = ?e)
+            }
         }
     }
 
@@ -404,21 +441,34 @@ impl App {
                 };
                 // Undo the booking: nothing was restarted.
                 self.state.restarts.pop_back();
-                shared.emit(Event::new(Kind::RestartFailed, Some(&name), format!("Restart skipped: {why}.")));
+                shared.emit(Event::new(
+                    Kind::RestartFailed,
+                    Some(&name),
+                    format!("Restart skipped: {why}."),
+                ));
                 return Decision::Wait { why: Some(why) };
             }
         };
         let mut book = shared.state.read_restarts();
-        let ours = self.state.restarts.pop_back().unwrap_or_else(clock::mono_now);
+        let ours = self
+            .state
+            .restarts
+            .pop_back()
+            .unwrap_or_else(clock::mono_now);
         if let Some(theirs) = book.apps.get(&name) {
             // Someone else (the backup check, or a previous agent) restarted within the cooldown.
-            if theirs.last().is_some_and(|t| ours.saturating_sub(t) < self.policy.restart_cooldown
-                && self.state.last_restart() != Some(t))
-            {
+            if theirs.last().is_some_and(|t| {
+                ours.saturating_sub(t) < self.policy.restart_cooldown
+                    && self.state.last_restart() != Some(t)
+            }) {
                 theirs.apply_to(&mut self.state);
                 self.state.grace_until = theirs.last().map(|t| t + self.policy.startup_grace);
                 drop(guard);
-                return Decision::Wait { why: Some("another pmguard process restarted this app within the cooldown".into()) };
+                return Decision::Wait {
+                    why: Some(
+                        "another pmguard process restarted this app within the cooldown".into(),
+                    ),
+                };
             }
         }
         self.state.restarts.push_back(ours);
@@ -435,18 +485,29 @@ impl App {
         match &outcome {
             Ok(done) => {
                 shared.emit(
-                    Event::new(Kind::RestartDone, Some(&name), "Restart done; waiting for a passing check.")
-                        .with("pm_ids", done.iter().map(|d| d.pm_id).collect::<Vec<_>>())
-                        .with("old_pids", done.iter().map(|d| d.old_pid).collect::<Vec<_>>())
-                        .with("pids", done.iter().map(|d| d.new_pid).collect::<Vec<_>>())
-                        .with("escalated", done.iter().any(|d| d.escalated))
-                        .with("duration_ms", elapsed),
+                    Event::new(
+                        Kind::RestartDone,
+                        Some(&name),
+                        "Restart done; waiting for a passing check.",
+                    )
+                    .with("pm_ids", done.iter().map(|d| d.pm_id).collect::<Vec<_>>())
+                    .with(
+                        "old_pids",
+                        done.iter().map(|d| d.old_pid).collect::<Vec<_>>(),
+                    )
+                    .with("pids", done.iter().map(|d| d.new_pid).collect::<Vec<_>>())
+                    .with("escalated", done.iter().any(|d| d.escalated))
+                    .with("duration_ms", elapsed),
                 );
             }
             Err(why) => {
                 shared.emit(
-                    Event::new(Kind::RestartFailed, Some(&name), format!("Restart failed: {why}."))
-                        .with("duration_ms", elapsed),
+                    Event::new(
+                        Kind::RestartFailed,
+                        Some(&name),
+                        format!("Restart failed: {why}."),
+                    )
+                    .with("duration_ms", elapsed),
                 );
             }
         }
@@ -456,12 +517,16 @@ impl App {
         self.restarts_shown.push_back(RestartRecord {
             ts_ms: clock::wall_ms(),
             reason: reason.clone(),
-            pm_ids: outcome.as_ref().map(|d| d.iter().map(|x| x.pm_id).collect()).unwrap_or_default(),
+            pm_ids: outcome
+                .as_ref()
+                .map(|d| d.iter().map(|x| x.pm_id).collect())
+                .unwrap_or_default(),
         });
         if self.restarts_shown.len() > HISTORY {
             self.restarts_shown.pop_front();
         }
-        book.apps.insert(name.clone(), AppRestarts::from_state(&self.state));
+        book.apps
+            .insert(name.clone(), AppRestarts::from_state(&self.state));
         if let Err(error) = shared.state.write_restarts(&book) {
             tracing::warn!(message = "Cannot save restart history.", app = %name, %error);
         }
@@ -492,7 +557,10 @@ impl App {
         };
         let mut book = shared.state.read_restarts();
         let now = clock::mono_now();
-        if book.resurrected_at.is_some_and(|t| now.saturating_sub(t) < self.policy.restart_cooldown) {
+        if book
+            .resurrected_at
+            .is_some_and(|t| now.saturating_sub(t) < self.policy.restart_cooldown)
+        {
             return;
         }
         book.resurrected_at = Some(now);
@@ -509,7 +577,8 @@ impl App {
         )
         .with("path", home.display().to_string());
         shared.emit(e);
-        self.state.restarted_elsewhere(clock::mono_now(), &self.policy);
+        self.state
+            .restarted_elsewhere(clock::mono_now(), &self.policy);
     }
 }
 
@@ -565,7 +634,9 @@ pub fn restart_instances(
     let owner = pm2_owner(shared);
     let mut done = Vec::new();
     for t in targets {
-        let old = (t.pid > 0).then(|| Pidfd::open(t.pid, owner, &shared.proc_root)).flatten();
+        let old = (t.pid > 0)
+            .then(|| Pidfd::open(t.pid, owner, &shared.proc_root))
+            .flatten();
         let deadline = Duration::from_millis(t.kill_timeout_ms.unwrap_or(DEFAULT_KILL_TIMEOUT_MS))
             + restart_timeout;
         let first = shared.client.restart(t.pm_id, snap.generation, deadline);
@@ -576,12 +647,19 @@ pub fn restart_instances(
                 escalated = true;
                 let killed = p.kill();
                 shared.emit(
-                    Event::new(Kind::Escalation, Some(name), format!(
-                        "PM2 did not restart pm_id {} in time ({}); sent SIGKILL to pid {}.",
-                        t.pm_id,
-                        first.as_ref().err().map_or("the old process survived".to_string(), |e| e.to_string()),
-                        t.pid
-                    ))
+                    Event::new(
+                        Kind::Escalation,
+                        Some(name),
+                        format!(
+                            "PM2 did not restart pm_id {} in time ({}); sent SIGKILL to pid {}.",
+                            t.pm_id,
+                            first
+                                .as_ref()
+                                .err()
+                                .map_or("the old process survived".to_string(), |e| e.to_string()),
+                            t.pid
+                        ),
+                    )
                     .with("pm_id", t.pm_id)
                     .with("pid", t.pid)
                     .with("signal", "SIGKILL")
@@ -597,7 +675,9 @@ pub fn restart_instances(
                     .into_iter()
                     .find(|e| e.pm_id == t.pm_id)
                     .cloned();
-                let needs = still.as_ref().is_none_or(|e| e.pid == t.pid || e.status != crate::pm2::Status::Online);
+                let needs = still
+                    .as_ref()
+                    .is_none_or(|e| e.pid == t.pid || e.status != crate::pm2::Status::Online);
                 if needs {
                     if let Err(e) = shared.client.restart(t.pm_id, again.generation, deadline) {
                         if !escalated {
@@ -610,7 +690,9 @@ pub fn restart_instances(
                 }
             }
         }
-        let _ = shared.client.notify_restart(t.pm_id, Duration::from_secs(1));
+        let _ = shared
+            .client
+            .notify_restart(t.pm_id, Duration::from_secs(1));
         let after = shared.snapshot(0)?;
         let new_pid = after
             .by_name(name)
@@ -630,7 +712,9 @@ pub fn restart_instances(
 /// The uid that owns PM2's RPC socket: the only uid whose processes pmguard may signal.
 fn pm2_owner(shared: &Shared) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(&shared.client.paths().rpc).ok().map(|m| m.uid())
+    std::fs::metadata(&shared.client.paths().rpc)
+        .ok()
+        .map(|m| m.uid())
 }
 
 /// A pidfd on a process owned by the PM2 user.
@@ -653,7 +737,11 @@ impl Pidfd {
         // to what the pidfd points at, because /proc/<pid> is that same process while it lives.
         let w = ProcWatch::open(proc_root, pid).ok()?;
         if owner.is_some_and(|o| o != w.uid) {
-            tracing::warn!(message = "Not signalling a process PM2's user does not own.", pid, uid = w.uid);
+            tracing::warn!(
+                message = "Not signalling a process PM2's user does not own.",
+                pid,
+                uid = w.uid
+            );
             return None;
         }
         Some(Pidfd { fd })
@@ -720,7 +808,9 @@ fn run_resurrect(pm2_bin: &str, home: &std::path::Path) -> Result<(), String> {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return Ok(()),
             Ok(Some(status)) => return Err(format!("exited with {status}")),
-            Ok(None) if clock::mono_now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(None) if clock::mono_now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();

@@ -47,7 +47,11 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
             .map_err(|e| format!("event file in {}: {e}", state.dir.display()))?,
     );
     let paths = Pm2Paths::resolve(config.agent.pm2_home.as_deref()).map_err(|e| e.to_string())?;
-    let shared = Shared::new(config.agent.clone(), Arc::new(Client::new(paths)), events.clone());
+    let shared = Shared::new(
+        config.agent.clone(),
+        Arc::new(Client::new(paths)),
+        events.clone(),
+    );
     events.emit(Event::new(
         Kind::Check,
         None,
@@ -121,10 +125,18 @@ fn check_app(
                 return (name, true, format!("restarted ({reason})"))
             }
             Decision::Resurrect { reason } => {
-                return (name, true, format!("PM2 daemon was down ({reason}); resurrect attempted"))
+                return (
+                    name,
+                    true,
+                    format!("PM2 daemon was down ({reason}); resurrect attempted"),
+                )
             }
             Decision::GiveUp { restarts, .. } => {
-                return (name, true, format!("crash loop: {restarts} restarts in the window; not restarting"))
+                return (
+                    name,
+                    true,
+                    format!("crash loop: {restarts} restarts in the window; not restarting"),
+                )
             }
             Decision::Wait { why } => {
                 if app.state.health == Health::Healthy {

@@ -115,8 +115,14 @@ pub struct Problem {
 /// Why a config could not be used: every problem, each with its place in the file.
 #[derive(Debug)]
 pub enum ConfigError {
-    Read { path: PathBuf, source: std::io::Error },
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -407,8 +413,12 @@ impl Cx<'_> {
             self.duration(t, "crashloop_window", secs(900), secs(1)..=secs(86_400));
         let crashloop_backoff =
             self.duration(t, "crashloop_backoff", secs(300), secs(1)..=secs(86_400));
-        let crashloop_backoff_max =
-            self.duration(t, "crashloop_backoff_max", secs(3600), secs(1)..=secs(604_800));
+        let crashloop_backoff_max = self.duration(
+            t,
+            "crashloop_backoff_max",
+            secs(3600),
+            secs(1)..=secs(604_800),
+        );
         if crashloop_backoff_max < crashloop_backoff {
             self.problem(
                 value_span(t, "crashloop_backoff_max"),
@@ -522,11 +532,7 @@ impl Cx<'_> {
             Some(n) => {
                 self.problem(
                     span,
-                    format!(
-                        "{key} must be {}..={}, not {n}",
-                        range.start(),
-                        range.end()
-                    ),
+                    format!("{key} must be {}..={}, not {n}", range.start(), range.end()),
                     Some(help),
                 );
                 default
@@ -563,11 +569,7 @@ impl Cx<'_> {
             Some(n) => {
                 self.problem(
                     span,
-                    format!(
-                        "{key} must be {}..={}, not {n}",
-                        range.start(),
-                        range.end()
-                    ),
+                    format!("{key} must be {}..={}, not {n}", range.start(), range.end()),
                     Some(help),
                 );
                 default
@@ -714,8 +716,10 @@ mod tests {
 
     #[test]
     fn seed_defaults_apply() {
-        let c = parse("[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\n")
-            .unwrap();
+        let c = parse(
+            "[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\n",
+        )
+        .unwrap();
         let a = &c.apps[0];
         assert_eq!(c.agent.interval, secs(10));
         assert_eq!(c.agent.state_dir, PathBuf::from("/var/lib/pmguard"));
@@ -728,7 +732,10 @@ mod tests {
         assert_eq!(a.timeout, secs(5));
         assert_eq!(a.interval, secs(10));
         let url = a.health_url.as_ref().unwrap();
-        assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("localhost", 5000, "/api-health"));
+        assert_eq!(
+            (url.host.as_str(), url.port, url.path.as_str()),
+            ("localhost", 5000, "/api-health")
+        );
     }
 
     #[test]
@@ -749,8 +756,14 @@ mod tests {
     fn display_names_file_line_and_fix() {
         let err = parse("[[apps]]\nname = \"web\"\nmax_retries = 500\n").unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("/etc/pmguard/pmguard.toml:3:15: max_retries must be 1..=100, not 500"), "{text}");
-        assert!(text.contains("help: set max_retries to a whole number from 1 to 100 (default 3)"), "{text}");
+        assert!(
+            text.contains("/etc/pmguard/pmguard.toml:3:15: max_retries must be 1..=100, not 500"),
+            "{text}"
+        );
+        assert!(
+            text.contains("help: set max_retries to a whole number from 1 to 100 (default 3)"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -759,7 +772,10 @@ mod tests {
         let p = problems("[[apps]]\nhealth_url = \"http://x/\"\n");
         assert_eq!(p[0].message, "an [[apps]] section has no `name`");
         let p = problems("[[apps]]\nname = \"a\"\n[[apps]]\nname = \"a\"\n");
-        assert_eq!((p[0].line, p[0].message.as_str()), (4, "app `a` is listed twice"));
+        assert_eq!(
+            (p[0].line, p[0].message.as_str()),
+            (4, "app `a` is listed twice")
+        );
         let p = problems("[aws]\nregion = \"x\"\n[[apps]]\nname = \"a\"\n");
         assert_eq!(p[0].message, "unknown section `aws`");
         let p = problems("[[apps]]\nname = \"a\"\nhealth_url = \"https://127.0.0.1/h\"\n");

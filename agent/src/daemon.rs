@@ -91,7 +91,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
     events.emit(
         Event::new(Kind::AgentStart, None, "pmguard-agent started.")
             .with("version", env!("CARGO_PKG_VERSION"))
-            .with("apps", config.apps.iter().map(|a| a.name.clone()).collect::<Vec<_>>())
+            .with(
+                "apps",
+                config
+                    .apps
+                    .iter()
+                    .map(|a| a.name.clone())
+                    .collect::<Vec<_>>(),
+            )
             .with("path", paths.home.display().to_string())
             .with("pid", std::process::id()),
     );
@@ -153,7 +160,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
             }
         }
         let now = clock::mono_now();
-        let all_checked = workers.values().all(|w| w.checks.load(Ordering::Relaxed) > 0);
+        let all_checked = workers
+            .values()
+            .all(|w| w.checks.load(Ordering::Relaxed) > 0);
         let wedged: Vec<&String> = workers
             .iter()
             .filter(|(_, w)| {
@@ -241,9 +250,13 @@ fn reload(
                 ConfigError::Read { .. } => 1,
             };
             events.emit(
-                Event::new(Kind::ConfigRejected, None, format!("Reload refused; keeping the running config. {e}"))
-                    .with("problems", detail)
-                    .with("path", old.path.display().to_string()),
+                Event::new(
+                    Kind::ConfigRejected,
+                    None,
+                    format!("Reload refused; keeping the running config. {e}"),
+                )
+                .with("problems", detail)
+                .with("path", old.path.display().to_string()),
             );
             return old;
         }
@@ -261,7 +274,8 @@ fn reload(
             }
             Some(_) => {}
             None => {
-                if let Ok(w) = spawn_worker(shared, app.clone(), book.apps.get(&app.name).cloned()) {
+                if let Ok(w) = spawn_worker(shared, app.clone(), book.apps.get(&app.name).cloned())
+                {
                     lock(routes).insert(app.name.clone(), w.tx.clone());
                     workers.insert(app.name.clone(), w);
                     changed.push(app.name.clone());
@@ -366,10 +380,14 @@ fn worker_loop(
 }
 
 fn on_bus(app: &mut App, shared: &Shared, ev: &BusEvent) {
-    let e = Event::new(Kind::Pm2Event, Some(app.name()), format!("PM2 event: {}.", ev.event))
-        .with("action", ev.event.as_str())
-        .with("pm_id", ev.pm_id)
-        .with("manually", ev.manually);
+    let e = Event::new(
+        Kind::Pm2Event,
+        Some(app.name()),
+        format!("PM2 event: {}.", ev.event),
+    )
+    .with("action", ev.event.as_str())
+    .with("pm_id", ev.pm_id)
+    .with("manually", ev.manually);
     shared.emit(e);
 }
 

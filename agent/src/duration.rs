@@ -86,7 +86,9 @@ mod tests {
 
     #[test]
     fn format_round_trips() {
-        for ms in [0u64, 1, 999, 1000, 1500, 60_000, 90_000, 3_600_000, 3_723_004] {
+        for ms in [
+            0u64, 1, 999, 1000, 1500, 60_000, 90_000, 3_600_000, 3_723_004,
+        ] {
             let d = Duration::from_millis(ms);
             assert_eq!(parse(&format(d)), Ok(d), "{}", format(d));
         }

@@ -131,7 +131,10 @@ impl EventLog {
         };
         if let Err(error) = self.append(&mut inner, &line) {
             let now = clock::mono_now();
-            if inner.last_error_ms.is_none_or(|t| now.saturating_sub(t) > 60_000) {
+            if inner
+                .last_error_ms
+                .is_none_or(|t| now.saturating_sub(t) > 60_000)
+            {
                 inner.last_error_ms = Some(now);
                 tracing::warn!(message = "Cannot write the event file.", path = %self.path.display(), %error);
             }

@@ -180,7 +180,11 @@ mod tests {
         write_atomic(&p, b"two", 0o640, false).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o640);
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp files left");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no temp files left"
+        );
     }
 
     #[test]
@@ -204,7 +208,10 @@ mod tests {
         let p = d.path().join("restart.lock");
         let held = Lock::try_take(&p).unwrap();
         assert!(matches!(Lock::try_take(&p), Err(LockError::Busy)));
-        assert!(matches!(Lock::take(&p, Duration::from_millis(60)), Err(LockError::Busy)));
+        assert!(matches!(
+            Lock::take(&p, Duration::from_millis(60)),
+            Err(LockError::Busy)
+        ));
         drop(held);
         Lock::try_take(&p).unwrap();
     }

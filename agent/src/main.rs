@@ -11,7 +11,11 @@ use pmguard_agent::config::{Config, ConfigError};
 use pmguard_agent::state::StateDir;
 
 #[derive(Parser)]
-#[command(name = "pmguard-agent", version, about = "Keeps PM2-managed services alive.")]
+#[command(
+    name = "pmguard-agent",
+    version,
+    about = "Keeps PM2-managed services alive."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -51,7 +51,10 @@ pub enum Verdict {
     Missing,
     DaemonDown(String),
     /// The check failed; `culprits` are the pm_ids found at fault (empty = the whole app).
-    Failed { reason: String, culprits: Vec<u32> },
+    Failed {
+        reason: String,
+        culprits: Vec<u32>,
+    },
 }
 
 /// Judges one check from PM2's view and the probe's outcome (`None` = no probe configured).
@@ -189,7 +192,11 @@ pub enum Decision {
     /// The PM2 daemon is gone: bring it back.
     Resurrect { reason: String },
     /// Too many restarts in the window: stop, alert, retry after `pause_ms`.
-    GiveUp { restarts: usize, pause_ms: u64, reason: String },
+    GiveUp {
+        restarts: usize,
+        pause_ms: u64,
+        reason: String,
+    },
 }
 
 fn wait(why: impl Into<String>) -> Decision {
@@ -269,10 +276,7 @@ pub fn decide(state: &mut AppState, policy: &Policy, verdict: &Verdict, now: Mon
         let since = now.saturating_sub(last);
         if since < policy.restart_cooldown {
             state.health = Health::CoolingDown;
-            return wait(format!(
-                "cooldown: {} ms since the last restart",
-                since
-            ));
+            return wait(format!("cooldown: {} ms since the last restart", since));
         }
     }
     while state
@@ -430,7 +434,10 @@ mod tests {
     fn after_grace() -> (AppState, Policy, Mono) {
         let p = policy();
         let mut s = AppState::new(0, &p);
-        assert_eq!(decide(&mut s, &p, &Verdict::Healthy, 1_000), Decision::Wait { why: None });
+        assert_eq!(
+            decide(&mut s, &p, &Verdict::Healthy, 1_000),
+            Decision::Wait { why: None }
+        );
         (s, p, 1_000)
     }
 
@@ -464,7 +471,10 @@ mod tests {
         let mut s = AppState::new(0, &p);
         for t in [1_000, 2_000, 3_000, 4_000, 29_999] {
             let d = decide(&mut s, &p, &fail(), t);
-            assert!(matches!(&d, Decision::Wait { why: Some(w) } if w.starts_with("startup grace")), "{d:?}");
+            assert!(
+                matches!(&d, Decision::Wait { why: Some(w) } if w.starts_with("startup grace")),
+                "{d:?}"
+            );
         }
         assert_eq!(s.failures, 0);
         // Grace over: three counted failures restart.
@@ -522,7 +532,12 @@ mod tests {
 
     #[test]
     fn crash_loop_gives_up_then_retries_with_growing_backoff() {
-        let p = Policy { restart_cooldown: 0, startup_grace: 0, max_retries: 1, ..policy() };
+        let p = Policy {
+            restart_cooldown: 0,
+            startup_grace: 0,
+            max_retries: 1,
+            ..policy()
+        };
         let mut s = AppState::new(0, &p);
         let mut t = 1_000;
         for _ in 0..3 {
@@ -530,7 +545,17 @@ mod tests {
             t += 1_000;
         }
         let d = decide(&mut s, &p, &fail(), t);
-        assert!(matches!(d, Decision::GiveUp { restarts: 3, pause_ms: 300_000, .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::GiveUp {
+                    restarts: 3,
+                    pause_ms: 300_000,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
         assert_eq!(s.health, Health::CrashLoop);
         // Paused: no restart, however many failures.
         for dt in [1_000, 100_000, 299_999] {
@@ -539,15 +564,42 @@ mod tests {
         // One retry after the pause, then a longer pause.
         assert!(is_restart(&decide(&mut s, &p, &fail(), t + 300_000)));
         let d = decide(&mut s, &p, &fail(), t + 301_000);
-        assert!(matches!(d, Decision::GiveUp { pause_ms: 600_000, .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::GiveUp {
+                    pause_ms: 600_000,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
         let t2 = t + 301_000 + 600_000;
         assert!(is_restart(&decide(&mut s, &p, &fail(), t2)));
         let d = decide(&mut s, &p, &fail(), t2 + 1);
-        assert!(matches!(d, Decision::GiveUp { pause_ms: 1_200_000, .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::GiveUp {
+                    pause_ms: 1_200_000,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
         let t3 = t2 + 1 + 1_200_000;
         assert!(is_restart(&decide(&mut s, &p, &fail(), t3)));
         let d = decide(&mut s, &p, &fail(), t3 + 1);
-        assert!(matches!(d, Decision::GiveUp { pause_ms: 1_200_000, .. }), "capped: {d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::GiveUp {
+                    pause_ms: 1_200_000,
+                    ..
+                }
+            ),
+            "capped: {d:?}"
+        );
         // Healthy for a whole window after a retry: out of the crash loop.
         let t4 = t3 + 1 + 1_200_000;
         assert!(is_restart(&decide(&mut s, &p, &fail(), t4)));
@@ -559,7 +611,12 @@ mod tests {
     #[test]
     fn spaced_out_restarts_never_give_up() {
         // monit's flaw: its limit counts cycles. Ours counts wall-clock time in a window.
-        let p = Policy { restart_cooldown: 0, startup_grace: 0, max_retries: 1, ..policy() };
+        let p = Policy {
+            restart_cooldown: 0,
+            startup_grace: 0,
+            max_retries: 1,
+            ..policy()
+        };
         let mut s = AppState::new(0, &p);
         for i in 1..=20u64 {
             let d = decide(&mut s, &p, &fail(), i * (p.crashloop_window / 2));
@@ -573,7 +630,10 @@ mod tests {
         let v = Verdict::DaemonDown("no socket".into());
         decide(&mut s, &p, &v, t + 1);
         decide(&mut s, &p, &v, t + 2);
-        assert!(matches!(decide(&mut s, &p, &v, t + 3), Decision::Resurrect { .. }));
+        assert!(matches!(
+            decide(&mut s, &p, &v, t + 3),
+            Decision::Resurrect { .. }
+        ));
         assert_eq!(s.health, Health::Pm2Down);
         let d = decide(&mut s, &p, &Verdict::Missing, t + 4);
         assert!(matches!(d, Decision::Wait { why: Some(_) }));
@@ -581,7 +641,12 @@ mod tests {
     }
 
     fn inst(pm_id: u32, status: Status, stuck: Option<&str>) -> InstanceView {
-        InstanceView { pm_id, pid: 100 + pm_id, status, stuck: stuck.map(String::from) }
+        InstanceView {
+            pm_id,
+            pid: 100 + pm_id,
+            status,
+            stuck: stuck.map(String::from),
+        }
     }
 
     #[test]
@@ -602,18 +667,28 @@ mod tests {
         let view = Pm2View::Instances(vec![inst(0, Status::Online, None)]);
         assert_eq!(
             judge(&view, Some("timed out")),
-            Verdict::Failed { reason: "probe timed out".into(), culprits: vec![] }
+            Verdict::Failed {
+                reason: "probe timed out".into(),
+                culprits: vec![]
+            }
         );
         assert_eq!(judge(&view, None), Verdict::Healthy);
         let view = Pm2View::Instances(vec![inst(0, Status::Stopped, None)]);
-        assert!(matches!(judge(&view, None), Verdict::Failed { culprits, .. } if culprits.is_empty()));
+        assert!(
+            matches!(judge(&view, None), Verdict::Failed { culprits, .. } if culprits.is_empty())
+        );
         let view = Pm2View::Instances(vec![inst(0, Status::Launching, None)]);
         assert!(matches!(judge(&view, None), Verdict::Transitional(_)));
     }
 
     #[test]
     fn pid_tracker_finds_spin_and_stop() {
-        let rule = StuckRule { cpu_threshold: 90.0, cpu_duration: 3_000, halt_window: 1_000, ticks_per_sec: 100 };
+        let rule = StuckRule {
+            cpu_threshold: 90.0,
+            cpu_duration: 3_000,
+            halt_window: 1_000,
+            ticks_per_sec: 100,
+        };
         let mut t = PidTracker::new(7, 1);
         assert_eq!(t.observe('R', 0, 0, &rule), None);
         assert_eq!(t.observe('R', 100, 1_000, &rule), None); // 100% since 0
@@ -626,7 +701,10 @@ mod tests {
         // Stopped: stuck once held for the halt window.
         assert_eq!(t.observe('T', 410, 6_000, &rule), None);
         assert_eq!(t.observe('T', 410, 6_999, &rule), None);
-        assert!(t.observe('T', 410, 7_000, &rule).unwrap().starts_with("stopped (state T)"));
+        assert!(t
+            .observe('T', 410, 7_000, &rule)
+            .unwrap()
+            .starts_with("stopped (state T)"));
         assert_eq!(t.observe('S', 410, 8_000, &rule), None);
     }
 }

@@ -101,7 +101,9 @@ pub struct ProbeResult {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProbeOutcome {
-    Pass { status: u16 },
+    Pass {
+        status: u16,
+    },
     /// Nothing listens, or the connection was refused or reset.
     Connect(String),
     /// No complete answer within the deadline.
@@ -109,7 +111,9 @@ pub enum ProbeOutcome {
     /// Answered with a status that is not healthy.
     Status(u16),
     /// Healthy status, but the body lacked the expected text.
-    Body { status: u16 },
+    Body {
+        status: u16,
+    },
     /// Not an HTTP response.
     Protocol(String),
 }
@@ -359,7 +363,10 @@ fn parse_status_line(line: &str) -> Result<u16, String> {
     let mut parts = line.splitn(3, ' ');
     let version = parts.next().unwrap_or("");
     if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1 status line: {:?}", truncate(line, 40)));
+        return Err(format!(
+            "not an HTTP/1 status line: {:?}",
+            truncate(line, 40)
+        ));
     }
     match parts.next().and_then(|c| c.parse::<u16>().ok()) {
         Some(code) if (100..=999).contains(&code) => Ok(code),
@@ -420,7 +427,10 @@ mod tests {
     use std::thread;
 
     /// Serves one connection with `reply` after `delay`, on 127.0.0.1.
-    fn serve_once(reply: &'static [u8], delay: Duration) -> (HttpTarget, thread::JoinHandle<Vec<u8>>) {
+    fn serve_once(
+        reply: &'static [u8],
+        delay: Duration,
+    ) -> (HttpTarget, thread::JoinHandle<Vec<u8>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let handle = thread::spawn(move || {
@@ -437,17 +447,29 @@ mod tests {
     }
 
     fn probe(t: HttpTarget, timeout_ms: u64, body: Option<&str>) -> ProbeResult {
-        Prober::new(t).probe(Duration::from_millis(timeout_ms), &StatusMatch::Success, body)
+        Prober::new(t).probe(
+            Duration::from_millis(timeout_ms),
+            &StatusMatch::Success,
+            body,
+        )
     }
 
     #[test]
     fn parses_urls() {
         let t = HttpTarget::parse("http://localhost:5000/api-health").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("localhost", 5000, "/api-health"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("localhost", 5000, "/api-health")
+        );
         let t = HttpTarget::parse("http://[::1]:8080").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("::1", 8080, "/"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("::1", 8080, "/")
+        );
         assert_eq!(t.host_header(), "[::1]:8080");
-        assert!(HttpTarget::parse("https://x/").unwrap_err().contains("https"));
+        assert!(HttpTarget::parse("https://x/")
+            .unwrap_err()
+            .contains("https"));
         assert!(HttpTarget::parse("ftp://x/").is_err());
         assert!(HttpTarget::parse("http://x:0/").is_err());
         assert!(HttpTarget::parse("http://x:99999/").is_err());
@@ -458,23 +480,35 @@ mod tests {
 
     #[test]
     fn passes_on_2xx_and_sends_a_proper_request() {
-        let (t, h) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", Duration::ZERO);
+        let (t, h) = serve_once(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            Duration::ZERO,
+        );
         let r = probe(t, 2000, None);
         assert_eq!(r.outcome, ProbeOutcome::Pass { status: 200 });
         let req = String::from_utf8(h.join().unwrap()).unwrap();
-        assert!(req.starts_with("GET /api-health?x=1 HTTP/1.1\r\nHost: 127.0.0.1:"), "{req}");
+        assert!(
+            req.starts_with("GET /api-health?x=1 HTTP/1.1\r\nHost: 127.0.0.1:"),
+            "{req}"
+        );
         assert!(req.ends_with("\r\n\r\n"));
     }
 
     #[test]
     fn fails_on_500_and_on_missing_body_text() {
-        let (t, _h) = serve_once(b"HTTP/1.1 500 Internal Server Error\r\n\r\n", Duration::ZERO);
+        let (t, _h) = serve_once(
+            b"HTTP/1.1 500 Internal Server Error\r\n\r\n",
+            Duration::ZERO,
+        );
         assert_eq!(probe(t, 2000, None).outcome, ProbeOutcome::Status(500));
         let (t, _h) = serve_once(
             b"HTTP/1.1 200 OK\r\nContent-Length: 18\r\n\r\n{\"status\":\"dead\"}\n",
             Duration::ZERO,
         );
-        assert_eq!(probe(t, 2000, Some("healthy")).outcome, ProbeOutcome::Body { status: 200 });
+        assert_eq!(
+            probe(t, 2000, Some("healthy")).outcome,
+            ProbeOutcome::Body { status: 200 }
+        );
     }
 
     #[test]
@@ -483,12 +517,18 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n{\"statu\r\n14\r\ns\":\"API is healthy\"}\r\n0\r\n\r\n",
             Duration::ZERO,
         );
-        assert_eq!(probe(t, 2000, Some("API is healthy")).outcome, ProbeOutcome::Pass { status: 200 });
+        assert_eq!(
+            probe(t, 2000, Some("API is healthy")).outcome,
+            ProbeOutcome::Pass { status: 200 }
+        );
     }
 
     #[test]
     fn slow_but_in_time_passes_and_too_slow_times_out_on_time() {
-        let (t, _h) = serve_once(b"HTTP/1.0 204 No Content\r\n\r\n", Duration::from_millis(150));
+        let (t, _h) = serve_once(
+            b"HTTP/1.0 204 No Content\r\n\r\n",
+            Duration::from_millis(150),
+        );
         let r = probe(t, 1000, None);
         assert_eq!(r.outcome, ProbeOutcome::Pass { status: 204 });
         assert!(r.latency >= Duration::from_millis(150));
@@ -506,11 +546,20 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let t = HttpTarget::parse(&format!("http://127.0.0.1:{port}/")).unwrap();
-        assert!(matches!(probe(t, 500, None).outcome, ProbeOutcome::Connect(_)));
+        assert!(matches!(
+            probe(t, 500, None).outcome,
+            ProbeOutcome::Connect(_)
+        ));
         let (t, _h) = serve_once(b"SSH-2.0-OpenSSH\r\n\r\n", Duration::ZERO);
-        assert!(matches!(probe(t, 500, None).outcome, ProbeOutcome::Protocol(_)));
+        assert!(matches!(
+            probe(t, 500, None).outcome,
+            ProbeOutcome::Protocol(_)
+        ));
         let (t, _h) = serve_once(b"", Duration::ZERO);
-        assert!(matches!(probe(t, 500, None).outcome, ProbeOutcome::Connect(_)));
+        assert!(matches!(
+            probe(t, 500, None).outcome,
+            ProbeOutcome::Connect(_)
+        ));
     }
 
     #[test]

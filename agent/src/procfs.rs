@@ -106,7 +106,14 @@ mod tests {
     #[test]
     fn parses_real_stat_lines() {
         let s = parse_stat(SLEEPING).unwrap();
-        assert_eq!(s, StatSample { state: 'S', cpu_ticks: 0, start_ticks: 34867 });
+        assert_eq!(
+            s,
+            StatSample {
+                state: 'S',
+                cpu_ticks: 0,
+                start_ticks: 34867
+            }
+        );
         // Command name "we ird) (name": the last `)` ends it.
         let s = parse_stat(STOPPED_WEIRD).unwrap();
         assert_eq!(s.state, 'T');
@@ -131,7 +138,10 @@ mod tests {
 
     #[test]
     fn watches_a_live_process_and_sees_it_exit() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let w = ProcWatch::open(Path::new("/proc"), child.id()).unwrap();
         assert_eq!(w.uid, unsafe { libc::geteuid() });
         let s = w.sample().unwrap();

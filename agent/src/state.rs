@@ -223,13 +223,21 @@ mod tests {
         assert!(book.apps.is_empty());
         book.apps.insert(
             "web".into(),
-            AppRestarts { restarts: vec![5, 9], backoff_ms: Some(300_000), hold_until: Some(99), retried: true },
+            AppRestarts {
+                restarts: vec![5, 9],
+                backoff_ms: Some(300_000),
+                hold_until: Some(99),
+                retried: true,
+            },
         );
         s.write_restarts(&book).unwrap();
         assert_eq!(s.read_restarts(), book);
         std::fs::write(s.path(RESTARTS_FILE), b"{ not json").unwrap();
         assert!(s.read_restarts().apps.is_empty());
-        assert_eq!(std::fs::read(s.path("restarts.json.corrupt")).unwrap(), b"{ not json");
+        assert_eq!(
+            std::fs::read(s.path("restarts.json.corrupt")).unwrap(),
+            b"{ not json"
+        );
         // Another boot's times mean nothing here.
         let mut other = book.clone();
         other.boot_id = "another-boot".into();

@@ -26,7 +26,11 @@ pub fn print(state: &StateDir, as_json: bool, out: &mut dyn Write) -> Result<boo
         let mut v = serde_json::to_value(&status).map_err(|e| e.to_string())?;
         v["fresh"] = json!(fresh);
         v["age_ms"] = json!(status.age_ms());
-        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        );
         return Ok(fresh);
     }
     render(&status, fresh, out);
@@ -34,16 +38,20 @@ pub fn print(state: &StateDir, as_json: bool, out: &mut dyn Write) -> Result<boo
 }
 
 fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
-    let age = s
-        .age_ms()
-        .map_or("from another boot".to_string(), |a| format!("{:.1} s ago", a as f64 / 1000.0));
+    let age = s.age_ms().map_or("from another boot".to_string(), |a| {
+        format!("{:.1} s ago", a as f64 / 1000.0)
+    });
     let _ = writeln!(
         out,
         "pmguard-agent {} (pid {}): heartbeat {} ({})",
         s.version,
         s.pid,
         age,
-        if fresh { "alive" } else { "STALE: the agent is not running or is stuck" }
+        if fresh {
+            "alive"
+        } else {
+            "STALE: the agent is not running or is stuck"
+        }
     );
     let _ = writeln!(
         out,
@@ -87,12 +95,27 @@ fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
             let hist: Vec<String> = a
                 .probes
                 .iter()
-                .map(|p| if p.ok { p.latency_ms.to_string() } else { "x".into() })
+                .map(|p| {
+                    if p.ok {
+                        p.latency_ms.to_string()
+                    } else {
+                        "x".into()
+                    }
+                })
                 .collect();
-            let _ = writeln!(out, "    response times, oldest first (x = failed): {}", hist.join(" "));
+            let _ = writeln!(
+                out,
+                "    response times, oldest first (x = failed): {}",
+                hist.join(" ")
+            );
         }
         for r in a.restarts.iter().rev().take(5) {
-            let _ = writeln!(out, "    restarted {}: {}", clock::rfc3339(r.ts_ms), r.reason);
+            let _ = writeln!(
+                out,
+                "    restarted {}: {}",
+                clock::rfc3339(r.ts_ms),
+                r.reason
+            );
         }
     }
 }

@@ -55,7 +55,10 @@ impl Bus {
         let thread = std::thread::Builder::new()
             .name("pm2-bus".into())
             .spawn(move || run(&paths, &thread_ctl, &on_event))?;
-        Ok(Bus { ctl, thread: Some(thread) })
+        Ok(Bus {
+            ctl,
+            thread: Some(thread),
+        })
     }
 
     /// Stops the thread and waits for it.
@@ -80,7 +83,9 @@ impl Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bus").field("running", &self.thread.is_some()).finish()
+        f.debug_struct("Bus")
+            .field("running", &self.thread.is_some())
+            .finish()
     }
 }
 
@@ -147,7 +152,10 @@ fn run(paths: &Pm2Paths, ctl: &Ctl, on_event: &dyn Fn(BusEvent)) {
 /// Sleeps `d` unless stopped first; returns whether the bus is stopped.
 fn sleep_or_stop(ctl: &Ctl, d: Duration) -> bool {
     let st = lock(&ctl.state);
-    let (st, _) = ctl.wake.wait_timeout_while(st, d, |s| !s.stopped).unwrap_or_else(|e| e.into_inner());
+    let (st, _) = ctl
+        .wake
+        .wait_timeout_while(st, d, |s| !s.stopped)
+        .unwrap_or_else(|e| e.into_inner());
     st.stopped
 }
 
@@ -168,11 +176,15 @@ fn read_events(mut stream: UnixStream, on_event: &dyn Fn(BusEvent)) -> String {
                     if frame.len() != 2 || !frame[0].is_str(TOPIC) {
                         continue;
                     }
-                    let Some(json) = frame[1].as_json() else { continue };
+                    let Some(json) = frame[1].as_json() else {
+                        continue;
+                    };
                     match serde_json::from_slice::<RawBusEvent>(json).map(RawBusEvent::into_event) {
                         Ok(Some(ev)) => on_event(ev),
                         Ok(None) => debug!(message = "PM2 bus event without a pm_id ignored."),
-                        Err(error) => debug!(message = "Undecodable PM2 bus event ignored.", %error),
+                        Err(error) => {
+                            debug!(message = "Undecodable PM2 bus event ignored.", %error)
+                        }
                     }
                 }
                 Ok(None) => break,

@@ -117,21 +117,31 @@ impl Client {
 
     pub fn version(&self, timeout: Duration) -> Result<String, Pm2Error> {
         let (v, _) = self.call::<_, String>("getVersion", &EmptyObject {}, None, timeout)?;
-        v.ok_or_else(|| Pm2Error::Protocol { detail: "getVersion reply has no result".into() })
+        v.ok_or_else(|| Pm2Error::Protocol {
+            detail: "getVersion reply has no result".into(),
+        })
     }
 
     /// `getMonitorData`: every process, tagged with the generation of the connection it came on.
     pub fn list(&self, timeout: Duration) -> Result<Snapshot, Pm2Error> {
         let (raw, generation) =
             self.call::<_, Vec<RawEntry>>("getMonitorData", &EmptyObject {}, None, timeout)?;
-        let raw = raw.ok_or_else(|| Pm2Error::Protocol { detail: "getMonitorData reply has no result".into() })?;
+        let raw = raw.ok_or_else(|| Pm2Error::Protocol {
+            detail: "getMonitorData reply has no result".into(),
+        })?;
         let processes = raw.into_iter().filter_map(RawEntry::into_entry).collect();
-        Ok(Snapshot { generation, processes })
+        Ok(Snapshot {
+            generation,
+            processes,
+        })
     }
 
     /// `restartProcessId {"id":N,"env":{}}` (an empty env leaves the app's environment unchanged).
     pub fn restart(&self, pm_id: u32, generation: u64, timeout: Duration) -> Result<(), Pm2Error> {
-        let arg = RestartArg { id: pm_id, env: EmptyObject {} };
+        let arg = RestartArg {
+            id: pm_id,
+            env: EmptyObject {},
+        };
         self.call::<_, IgnoredAny>("restartProcessId", &arg, Some(generation), timeout)?;
         Ok(())
     }
@@ -139,7 +149,11 @@ impl Client {
     /// `notifyByProcessId`: makes the daemon emit the `restart` bus event the CLI emits, so other
     /// PM2 clients see the restart as manual.
     pub fn notify_restart(&self, pm_id: u32, timeout: Duration) -> Result<(), Pm2Error> {
-        let arg = NotifyArg { id: pm_id, action_name: "restart", manually: true };
+        let arg = NotifyArg {
+            id: pm_id,
+            action_name: "restart",
+            manually: true,
+        };
         self.call::<_, IgnoredAny>("notifyByProcessId", &arg, None, timeout)?;
         Ok(())
     }
@@ -169,7 +183,11 @@ impl Client {
             if expected_generation.is_some_and(|g| g != conn.generation) {
                 return Err(Pm2Error::Reconnected { method });
             }
-            let id = format!("{}{}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed));
+            let id = format!(
+                "{}{}",
+                self.id_prefix,
+                self.next_id.fetch_add(1, Ordering::Relaxed)
+            );
             let Some(rx) = conn.register(&id) else {
                 // Closed between the liveness check and now: nothing was sent, try a fresh one.
                 if !fresh && !retried {
@@ -182,8 +200,14 @@ impl Client {
             if let Err(error) = conn.send(&frame, deadline) {
                 conn.unregister(&id);
                 self.drop_conn(&conn, "write failed", &error);
-                if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
-                    return Err(Pm2Error::Timeout { method, after: timeout });
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    return Err(Pm2Error::Timeout {
+                        method,
+                        after: timeout,
+                    });
                 }
                 // The daemon went away since the last call (EPIPE on a stale connection): the
                 // request was not processed, so one retry on a new connection is safe. It reports
@@ -199,8 +223,15 @@ impl Client {
                 Ok(body) => decode_reply::<R>(method, &body).map(|r| (r, conn.generation)),
                 Err(RecvTimeoutError::Timeout) => {
                     conn.unregister(&id);
-                    debug!(message = "PM2 call timed out.", method, timeout_ms = timeout.as_millis() as u64);
-                    Err(Pm2Error::Timeout { method, after: timeout })
+                    debug!(
+                        message = "PM2 call timed out.",
+                        method,
+                        timeout_ms = timeout.as_millis() as u64
+                    );
+                    Err(Pm2Error::Timeout {
+                        method,
+                        after: timeout,
+                    })
                 }
                 Err(RecvTimeoutError::Disconnected) => Err(Pm2Error::Disconnected { method }),
             };
@@ -230,9 +261,15 @@ impl Client {
                 if slot.last_failure.is_none() {
                     debug!(message = "PM2 connect failed.", path = %self.paths.rpc.display(), error = %source);
                 }
-                slot.last_failure =
-                    Some(ConnectFailure { at: Instant::now(), kind: source.kind(), message: source.to_string() });
-                return Err(Pm2Error::DaemonDown { path: self.paths.rpc.clone(), source });
+                slot.last_failure = Some(ConnectFailure {
+                    at: Instant::now(),
+                    kind: source.kind(),
+                    message: source.to_string(),
+                });
+                return Err(Pm2Error::DaemonDown {
+                    path: self.paths.rpc.clone(),
+                    source,
+                });
             }
         };
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -257,7 +294,10 @@ impl Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("rpc", &self.paths.rpc).field("generation", &self.generation()).finish()
+        f.debug_struct("Client")
+            .field("rpc", &self.paths.rpc)
+            .field("generation", &self.generation())
+            .finish()
     }
 }
 
@@ -320,7 +360,8 @@ impl Conn {
         if remaining.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        self.stream.set_write_timeout(Some(remaining.max(Duration::from_millis(1))))?;
+        self.stream
+            .set_write_timeout(Some(remaining.max(Duration::from_millis(1))))?;
         let fd = self.stream.as_raw_fd();
         let mut off = 0;
         while off < bytes.len() {
@@ -370,7 +411,10 @@ impl Conn {
     fn dispatch(&self, mut frame: Vec<codec::RawArg>) {
         // Reply: [ j:{...} , s:<id> ]. Anything else is ignored (and not logged: it may carry env).
         if frame.len() != 2 {
-            debug!(message = "PM2 frame with unexpected arity ignored.", args = frame.len());
+            debug!(
+                message = "PM2 frame with unexpected arity ignored.",
+                args = frame.len()
+            );
             return;
         }
         let id = frame.pop().expect("len checked");
@@ -390,12 +434,19 @@ impl Conn {
     }
 }
 
-fn decode_reply<R: DeserializeOwned>(method: &'static str, body: &[u8]) -> Result<Option<R>, Pm2Error> {
+fn decode_reply<R: DeserializeOwned>(
+    method: &'static str,
+    body: &[u8],
+) -> Result<Option<R>, Pm2Error> {
     let json = body.strip_prefix(b"j:").unwrap_or(body);
-    let reply: Reply<R> = serde_json::from_slice(json)
-        .map_err(|e| Pm2Error::Protocol { detail: format!("cannot decode the {method} reply: {e}") })?;
+    let reply: Reply<R> = serde_json::from_slice(json).map_err(|e| Pm2Error::Protocol {
+        detail: format!("cannot decode the {method} reply: {e}"),
+    })?;
     if let Some(error) = reply.error {
-        return Err(Pm2Error::Remote { method, message: error.0 });
+        return Err(Pm2Error::Remote {
+            method,
+            message: error.0,
+        });
     }
     Ok(reply.args.and_then(|a| a.0))
 }
@@ -410,11 +461,15 @@ mod tests {
 
     const T: Duration = Duration::from_secs(2);
 
-    fn read_request(stream: &mut UnixStream, dec: &mut Decoder) -> Option<(serde_json::Value, String)> {
+    fn read_request(
+        stream: &mut UnixStream,
+        dec: &mut Decoder,
+    ) -> Option<(serde_json::Value, String)> {
         let mut buf = [0u8; 4096];
         loop {
             if let Some(f) = dec.next_frame().unwrap() {
-                let call: serde_json::Value = serde_json::from_slice(f[0].as_json().unwrap()).unwrap();
+                let call: serde_json::Value =
+                    serde_json::from_slice(f[0].as_json().unwrap()).unwrap();
                 assert_eq!(call["args"].as_array().unwrap().len(), 1, "exactly one arg");
                 return Some((call, f[1].as_str().unwrap().to_owned()));
             }
@@ -427,7 +482,9 @@ mod tests {
     }
 
     fn reply(stream: &mut UnixStream, id: &str, json: &str) {
-        stream.write_all(&encode_frame(&[Arg::Json(json.as_bytes()), Arg::Str(id)])).unwrap();
+        stream
+            .write_all(&encode_frame(&[Arg::Json(json.as_bytes()), Arg::Str(id)]))
+            .unwrap();
     }
 
     fn fake() -> (tempfile::TempDir, Pm2Paths, UnixListener) {
@@ -448,7 +505,11 @@ mod tests {
             // Answer the second first, both in one write.
             let mut both = Vec::new();
             for (call, id) in [&b, &a] {
-                let answer = if call["method"] == "getVersion" { r#"{"args":["7.0.4"]}"# } else { r#"{"args":[{"msg":"pong"}]}"# };
+                let answer = if call["method"] == "getVersion" {
+                    r#"{"args":["7.0.4"]}"#
+                } else {
+                    r#"{"args":[{"msg":"pong"}]}"#
+                };
                 both.extend(encode_frame(&[Arg::Json(answer.as_bytes()), Arg::Str(id)]));
             }
             s.write_all(&both).unwrap();
@@ -459,7 +520,11 @@ mod tests {
         let v = std::thread::spawn(move || c2.version(T));
         // Make sure the version request goes first.
         let start = Instant::now();
-        while lock(&client.slot).conn.as_ref().is_none_or(|c| lock(&c.pending).waiters.is_empty()) {
+        while lock(&client.slot)
+            .conn
+            .as_ref()
+            .is_none_or(|c| lock(&c.pending).waiters.is_empty())
+        {
             assert!(start.elapsed() < T);
             std::thread::yield_now();
         }
@@ -481,8 +546,14 @@ mod tests {
         let start = Instant::now();
         let err = client.ping(Duration::from_millis(300)).unwrap_err();
         let took = start.elapsed();
-        assert!(matches!(err, Pm2Error::Timeout { method: "ping", .. }), "{err:?}");
-        assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(800), "{took:?}");
+        assert!(
+            matches!(err, Pm2Error::Timeout { method: "ping", .. }),
+            "{err:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(800),
+            "{took:?}"
+        );
     }
 
     #[test]
@@ -498,7 +569,15 @@ mod tests {
         let client = Client::new(paths);
         let start = Instant::now();
         let err = client.list(Duration::from_secs(5)).unwrap_err();
-        assert!(matches!(err, Pm2Error::Disconnected { method: "getMonitorData" }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                Pm2Error::Disconnected {
+                    method: "getMonitorData"
+                }
+            ),
+            "{err:?}"
+        );
         assert!(start.elapsed() < Duration::from_secs(1));
         // The next call reconnects; a pm_id call with the old generation is refused unsent.
         let listener = server.join().unwrap();
@@ -509,12 +588,16 @@ mod tests {
             assert_eq!(call["method"], "ping");
             reply(&mut s, &id, r#"{"args":[{"msg":"pong"}]}"#);
             // Nothing else arrives: the restart below must not be sent.
-            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
             assert!(read_request(&mut s, &mut dec).is_none());
         });
         client.ping(T).unwrap();
         assert_eq!(client.generation(), 2);
-        assert!(matches!(client.restart(0, 1, T), Err(Pm2Error::Reconnected { .. })));
+        assert!(matches!(
+            client.restart(0, 1, T),
+            Err(Pm2Error::Reconnected { .. })
+        ));
         server.join().unwrap();
     }
 
@@ -524,13 +607,20 @@ mod tests {
         let client = Client::new(Pm2Paths::from_home(dir.path()));
         let err = client.ping(T).unwrap_err();
         assert!(matches!(err, Pm2Error::DaemonDown { .. }), "{err:?}");
-        assert!(err.to_string().starts_with("PM2 daemon is down (no answer on "), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("PM2 daemon is down (no answer on "),
+            "{err}"
+        );
         // Within the backoff window the socket appearing is not noticed yet.
         let _l = UnixListener::bind(dir.path().join("rpc.sock")).unwrap();
         assert!(matches!(client.ping(T), Err(Pm2Error::DaemonDown { .. })));
         assert_eq!(client.generation(), 0);
         // And no daemon got spawned: only our socket is there.
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("rpc.sock")]);
     }
 
@@ -542,17 +632,28 @@ mod tests {
             let mut dec = Decoder::new();
             let (call, id) = read_request(&mut s, &mut dec).unwrap();
             assert_eq!(call["args"][0], serde_json::json!({"id": 7, "env": {}}));
-            reply(&mut s, &id, r#"{"error":"Process 7 not found","stack":"..."}"#);
+            reply(
+                &mut s,
+                &id,
+                r#"{"error":"Process 7 not found","stack":"..."}"#,
+            );
             let (call, id) = read_request(&mut s, &mut dec).unwrap();
             assert_eq!(call["method"], "getMonitorData");
-            reply(&mut s, &id, r#"{"args":[[{"pid":42,"name":"web","pm_id":0,"monit":{"memory":1,"cpu":0},
-                "pm2_env":{"status":"online","env":{"TOKEN":"hunter2"},"TOKEN":"hunter2"}}]]}"#);
+            reply(
+                &mut s,
+                &id,
+                r#"{"args":[[{"pid":42,"name":"web","pm_id":0,"monit":{"memory":1,"cpu":0},
+                "pm2_env":{"status":"online","env":{"TOKEN":"hunter2"},"TOKEN":"hunter2"}}]]}"#,
+            );
         });
         let client = Client::new(paths);
         // A fresh client's first connection is generation 1.
         let err = client.restart(7, 1, T).unwrap_err();
         match &err {
-            Pm2Error::Remote { method: "restartProcessId", message } => assert_eq!(message, "Process 7 not found"),
+            Pm2Error::Remote {
+                method: "restartProcessId",
+                message,
+            } => assert_eq!(message, "Process 7 not found"),
             other => panic!("{other:?}"),
         }
         let snap = client.list(T).unwrap();

@@ -30,7 +30,9 @@ pub struct RawArg(pub Vec<u8>);
 impl RawArg {
     /// The string of an `s:` argument, if it is one and valid UTF-8.
     pub fn as_str(&self) -> Option<&str> {
-        self.0.strip_prefix(b"s:").and_then(|b| std::str::from_utf8(b).ok())
+        self.0
+            .strip_prefix(b"s:")
+            .and_then(|b| std::str::from_utf8(b).ok())
     }
     /// The JSON bytes of a `j:` argument, if it is one.
     pub fn as_json(&self) -> Option<&[u8]> {
@@ -72,7 +74,10 @@ pub enum DecodeError {
 /// Encodes one frame. Panics only on programming errors (more than 15 arguments or an argument
 /// over 4 GiB), which the typed callers in this module never produce.
 pub fn encode_frame(args: &[Arg<'_>]) -> Vec<u8> {
-    assert!(args.len() <= MAX_ARGS, "amp frames carry at most 15 arguments");
+    assert!(
+        args.len() <= MAX_ARGS,
+        "amp frames carry at most 15 arguments"
+    );
     let total = 1 + args.iter().map(|a| 4 + a.encoded_len()).sum::<usize>();
     let mut out = Vec::with_capacity(total);
     out.push((VERSION << 4) | args.len() as u8);
@@ -105,12 +110,20 @@ struct Call<'a, A: Serialize> {
 
 /// Encodes an axon-rpc call `[ j:{"type":"call","method":M,"args":[arg]} , s:<id> ]`.
 pub fn encode_call<A: Serialize>(method: &str, arg: &A, id: &str) -> Vec<u8> {
-    let call = Call { kind: "call", method, args: [arg] };
+    let call = Call {
+        kind: "call",
+        method,
+        args: [arg],
+    };
     // Serializing these plain structs cannot fail: no maps with non-string keys, no custom impls
     // that error. Falling back to `{}` keeps the one-element invariant even if it ever did.
     let json = serde_json::to_vec(&call).unwrap_or_else(|_| {
-        serde_json::to_vec(&Call { kind: "call", method, args: [&EmptyObject {}] })
-            .unwrap_or_default()
+        serde_json::to_vec(&Call {
+            kind: "call",
+            method,
+            args: [&EmptyObject {}],
+        })
+        .unwrap_or_default()
     });
     encode_frame(&[Arg::Json(&json), Arg::Str(id)])
 }
@@ -164,7 +177,9 @@ impl Decoder {
 
     fn parse(&mut self) -> Result<Option<Vec<RawArg>>, DecodeError> {
         let data = &self.buf[self.pos..];
-        let Some(&meta) = data.first() else { return Ok(None) };
+        let Some(&meta) = data.first() else {
+            return Ok(None);
+        };
         let version = meta >> 4;
         if version != VERSION {
             return Err(DecodeError::Version { version, meta });
@@ -173,11 +188,16 @@ impl Decoder {
         // First pass: check that the whole frame is here, without copying.
         let mut off = 1usize;
         for _ in 0..argc {
-            let Some(hdr) = data.get(off..off + 4) else { return Ok(None) };
+            let Some(hdr) = data.get(off..off + 4) else {
+                return Ok(None);
+            };
             let len = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize;
             let end = off + 4 + len;
             if end > MAX_FRAME {
-                return Err(DecodeError::TooLarge { size: end, max: MAX_FRAME });
+                return Err(DecodeError::TooLarge {
+                    size: end,
+                    max: MAX_FRAME,
+                });
             }
             if data.len() < end {
                 return Ok(None);
@@ -187,7 +207,8 @@ impl Decoder {
         let mut args = Vec::with_capacity(argc);
         let mut at = 1usize;
         for _ in 0..argc {
-            let len = u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+            let len =
+                u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
             args.push(RawArg(data[at + 4..at + 4 + len].to_vec()));
             at += 4 + len;
         }
@@ -224,7 +245,10 @@ mod tests {
 
     #[test]
     fn ping_request_bytes_match_the_capture() {
-        assert_eq!(encode_call("ping", &EmptyObject {}, "pmguard-8247:0"), ping_request());
+        assert_eq!(
+            encode_call("ping", &EmptyObject {}, "pmguard-8247:0"),
+            ping_request()
+        );
     }
 
     #[test]
@@ -255,7 +279,11 @@ mod tests {
     fn several_frames_in_one_buffer() {
         let mut all = Vec::new();
         for i in 0..5 {
-            all.extend(encode_call("getVersion", &EmptyObject {}, &format!("pmguard-1:{i}")));
+            all.extend(encode_call(
+                "getVersion",
+                &EmptyObject {},
+                &format!("pmguard-1:{i}"),
+            ));
         }
         all.extend(encode_frame(&[]));
         all.extend(&pong_reply()[..7]);
@@ -285,7 +313,10 @@ mod tests {
     fn bad_version_is_an_error() {
         let mut d = Decoder::new();
         d.feed(&[0x22, 0, 0, 0, 0]);
-        assert!(matches!(d.next_frame(), Err(DecodeError::Version { version: 2, .. })));
+        assert!(matches!(
+            d.next_frame(),
+            Err(DecodeError::Version { version: 2, .. })
+        ));
     }
 
     #[test]
@@ -306,7 +337,11 @@ mod tests {
         let mut at = 0;
         let mut i = 0;
         while at < bytes.len() {
-            let n = sizes.get(i % sizes.len().max(1)).copied().unwrap_or(1).max(1);
+            let n = sizes
+                .get(i % sizes.len().max(1))
+                .copied()
+                .unwrap_or(1)
+                .max(1);
             let end = (at + n).min(bytes.len());
             out.push(bytes[at..end].to_vec());
             at = end;

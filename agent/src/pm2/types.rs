@@ -49,16 +49,27 @@ impl Pm2Paths {
 
     /// `rpc = home/rpc.sock`, `pubsub = home/pub.sock`; no environment lookups.
     pub fn from_home(home: &Path) -> Pm2Paths {
-        Pm2Paths { home: home.to_path_buf(), rpc: home.join("rpc.sock"), pubsub: home.join("pub.sock") }
+        Pm2Paths {
+            home: home.to_path_buf(),
+            rpc: home.join("rpc.sock"),
+            pubsub: home.join("pub.sock"),
+        }
     }
 }
 
 fn socket_override(var: &str) -> Result<Option<PathBuf>, Pm2Error> {
-    let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) else { return Ok(None) };
+    let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
     // PM2 treats a bare number as a TCP port; this client speaks Unix sockets only.
-    if v.to_str().is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit())) {
+    if v.to_str()
+        .is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err(Pm2Error::Home {
-            detail: format!("{var}={} is a TCP port; only Unix socket paths are supported", v.to_string_lossy()),
+            detail: format!(
+                "{var}={} is a TCP port; only Unix socket paths are supported",
+                v.to_string_lossy()
+            ),
         });
     }
     Ok(Some(PathBuf::from(v)))
@@ -76,7 +87,13 @@ fn user_home() -> Result<PathBuf, Pm2Error> {
         let mut result: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: all pointers are valid for the given lengths; getpwuid_r writes strings into buf.
         let rc = unsafe {
-            libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut result)
+            libc::getpwuid_r(
+                uid,
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
         };
         if rc == libc::ERANGE && buf.len() < 1 << 20 {
             buf.resize(buf.len() * 2, 0);
@@ -84,16 +101,23 @@ fn user_home() -> Result<PathBuf, Pm2Error> {
         }
         if rc != 0 {
             return Err(Pm2Error::Home {
-                detail: format!("getpwuid_r({uid}) failed: {}", std::io::Error::from_raw_os_error(rc)),
+                detail: format!(
+                    "getpwuid_r({uid}) failed: {}",
+                    std::io::Error::from_raw_os_error(rc)
+                ),
             });
         }
         if result.is_null() || pwd.pw_dir.is_null() {
-            return Err(Pm2Error::Home { detail: format!("uid {uid} has no passwd entry; set pm2_home") });
+            return Err(Pm2Error::Home {
+                detail: format!("uid {uid} has no passwd entry; set pm2_home"),
+            });
         }
         // SAFETY: pw_dir points into buf, NUL-terminated, valid while buf lives.
         let dir = unsafe { CStr::from_ptr(pwd.pw_dir) };
         if dir.to_bytes().is_empty() {
-            return Err(Pm2Error::Home { detail: format!("uid {uid} has an empty home directory; set pm2_home") });
+            return Err(Pm2Error::Home {
+                detail: format!("uid {uid} has an empty home directory; set pm2_home"),
+            });
         }
         return Ok(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())));
     }
@@ -142,7 +166,10 @@ impl Status {
 
     /// Launching, stopping or waiting restart: PM2 is in the middle of something.
     pub fn is_transitional(&self) -> bool {
-        matches!(self, Status::Launching | Status::Stopping | Status::WaitingRestart)
+        matches!(
+            self,
+            Status::Launching | Status::Stopping | Status::WaitingRestart
+        )
     }
 }
 
@@ -210,11 +237,20 @@ pub struct BusEvent {
 #[derive(Debug, thiserror::Error)]
 pub enum Pm2Error {
     #[error("PM2 daemon is down (no answer on {path}): {source}")]
-    DaemonDown { path: PathBuf, source: std::io::Error },
+    DaemonDown {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("PM2 call {method} timed out after {after:?}")]
-    Timeout { method: &'static str, after: Duration },
+    Timeout {
+        method: &'static str,
+        after: Duration,
+    },
     #[error("PM2 call {method} failed: {message}")]
-    Remote { method: &'static str, message: String },
+    Remote {
+        method: &'static str,
+        message: String,
+    },
     #[error("PM2 protocol error: {detail}")]
     Protocol { detail: String },
     #[error("PM2 connection was re-established before {method}: pm_ids must be resolved again")]
@@ -304,7 +340,12 @@ impl<'de> Deserialize<'de> for Lenient {
                 Ok(Lenient((0.0..1.8e19).contains(&v).then_some(v as u64)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Lenient, E> {
-                Ok(Lenient(v.trim().parse::<f64>().ok().and_then(|f| V.visit_f64::<E>(f).ok()?.0)))
+                Ok(Lenient(
+                    v.trim()
+                        .parse::<f64>()
+                        .ok()
+                        .and_then(|f| V.visit_f64::<E>(f).ok()?.0),
+                ))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient, E> {
                 Ok(Lenient(None))
@@ -346,7 +387,12 @@ impl<'de> Deserialize<'de> for LenientF64 {
         }
         Ok(LenientF64(match Shape::deserialize(d)? {
             Shape::Num(f) if f.is_finite() => f,
-            Shape::Text(s) => s.trim().parse().ok().filter(|f: &f64| f.is_finite()).unwrap_or(0.0),
+            Shape::Text(s) => s
+                .trim()
+                .parse()
+                .ok()
+                .filter(|f: &f64| f.is_finite())
+                .unwrap_or(0.0),
             _ => 0.0,
         }))
     }
@@ -395,7 +441,10 @@ impl RawEntry {
     /// `None` when the entry has no usable pm_id.
     pub(crate) fn into_entry(self) -> Option<ProcessEntry> {
         let pm_id = u32::try_from(self.pm_id.0?).ok()?;
-        let (cpu, memory) = self.monit.map(|m| (m.cpu.0, m.memory.0.unwrap_or(0))).unwrap_or((0.0, 0));
+        let (cpu, memory) = self
+            .monit
+            .map(|m| (m.cpu.0, m.memory.0.unwrap_or(0)))
+            .unwrap_or((0.0, 0));
         let env = self.pm2_env;
         Some(ProcessEntry {
             name: self.name,
@@ -458,7 +507,16 @@ mod tests {
 
     #[test]
     fn status_round_trips() {
-        for s in ["online", "launching", "stopping", "stopped", "errored", "waiting restart", "one-launch-status", "weird"] {
+        for s in [
+            "online",
+            "launching",
+            "stopping",
+            "stopped",
+            "errored",
+            "waiting restart",
+            "one-launch-status",
+            "weird",
+        ] {
             assert_eq!(Status::parse(s).as_str(), s);
         }
         assert_eq!(Status::parse("waiting restart"), Status::WaitingRestart);
@@ -488,7 +546,8 @@ mod tests {
 
     #[test]
     fn reply_error_shapes() {
-        let r: Reply<IgnoredAny> = serde_json::from_slice(br#"{"error":"no such id","stack":"x"}"#).unwrap();
+        let r: Reply<IgnoredAny> =
+            serde_json::from_slice(br#"{"error":"no such id","stack":"x"}"#).unwrap();
         assert_eq!(r.error.unwrap().0, "no such id");
         let r: Reply<IgnoredAny> = serde_json::from_slice(br#"{"error":{"message":"m"}}"#).unwrap();
         assert_eq!(r.error.unwrap().0, "m");

@@ -1,0 +1,635 @@
+//! The agent end to end: the real `pmguard-agent` binary watching apps run by a real PM2 daemon.
+//! Each test has its own PM2_HOME, state directory and ports, and short intervals.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, set_mode, wait_until, Pm2Sandbox};
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pmguard-agent");
+
+/// A running `pmguard-agent run` with its own config and state directory.
+struct Agent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn config_text(pm2: &Pm2Sandbox, state: &Path, agent_extra: &str, apps: &str) -> String {
+        format!(
+            "[agent]\ninterval = \"300ms\"\nstate_dir = \"{}\"\npm2_home = \"{}\"\n{agent_extra}\n{apps}",
+            state.display(),
+            pm2.home().display()
+        )
+    }
+
+    fn prepare(pm2: &Pm2Sandbox, agent_extra: &str, apps: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::write(
+            dir.path().join("pmguard.toml"),
+            Agent::config_text(pm2, &state, agent_extra, apps),
+        )
+        .unwrap();
+        Agent { child: None, dir }
+    }
+
+    fn start(pm2: &Pm2Sandbox, apps: &str) -> Agent {
+        Agent::start_with(pm2, "", apps, &[])
+    }
+
+    fn start_with(pm2: &Pm2Sandbox, agent_extra: &str, apps: &str, env: &[(&str, &str)]) -> Agent {
+        let mut a = Agent::prepare(pm2, agent_extra, apps);
+        a.spawn(env);
+        a
+    }
+
+    fn spawn(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let mut cmd = Command::new(AGENT);
+        cmd.args(["run", "--config"])
+            .arg(self.config())
+            .env("PMGUARD_LOG", "debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("pmguard.toml")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state().join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn of_kind(&self, kind: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    fn wait_for(&self, timeout: Duration, kind: &str) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self.of_kind(kind).into_iter().next() {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{kind}` event within {timeout:?}; agent log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// SIGTERM, then the exit status (within 5 s).
+    fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop within 5 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An [[apps]] section with short test timings; keys in `extra` replace the defaults.
+fn app(name: &str, port: u16, extra: &str) -> String {
+    let mut text =
+        format!("[[apps]]\nname = \"{name}\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\n");
+    for (key, value) in [
+        ("timeout", "\"500ms\""),
+        ("retry_interval", "\"300ms\""),
+        ("startup_grace", "\"0s\""),
+        ("restart_cooldown", "\"1s\""),
+    ] {
+        if !extra.lines().any(|l| l.starts_with(&format!("{key} "))) {
+            text.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    text + extra + "\n"
+}
+
+fn probes_failed_before_first_restart(events: &[Value]) -> usize {
+    events
+        .iter()
+        .take_while(|e| e["kind"] != "restart")
+        .filter(|e| e["kind"] == "probe" && e["ok"] == false)
+        .count()
+}
+
+#[test]
+fn restarts_after_exactly_max_retries_failures() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let old = pm2.pids("web");
+    let agent = Agent::start(&pm2, &app("web", port, "max_retries = 4"));
+    wait_until(Duration::from_secs(10), "a passing probe", || {
+        agent.of_kind("probe").iter().any(|e| e["ok"] == true)
+    });
+    set_mode(port, "500").unwrap();
+    let restart = agent.wait_for(Duration::from_secs(15), "restart");
+    assert!(
+        restart["reason"].as_str().unwrap().contains("http 500"),
+        "{restart}"
+    );
+    assert_eq!(probes_failed_before_first_restart(&agent.events()), 4);
+    agent.wait_for(Duration::from_secs(10), "restart_done");
+    wait_until(Duration::from_secs(10), "a new pid", || {
+        let p = pm2.pids("web");
+        !p.is_empty() && p != old && p[0] != 0
+    });
+    // The restarted app answers 200 again (mode is per process), and the agent sees it.
+    wait_until(Duration::from_secs(10), "healthy after restart", || {
+        agent
+            .events()
+            .iter()
+            .rev()
+            .take_while(|e| e["kind"] != "restart_done")
+            .any(|e| e["kind"] == "probe" && e["ok"] == true)
+    });
+    assert_eq!(agent.of_kind("restart").len(), 1);
+}
+
+#[test]
+fn slow_but_in_time_is_never_restarted() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("slow", port, &[]);
+    set_mode(port, "slow:250").unwrap();
+    let agent = Agent::start(
+        &pm2,
+        &app("slow", port, "max_retries = 1\ntimeout = \"1s\""),
+    );
+    wait_until(Duration::from_secs(15), "ten probes", || {
+        agent.of_kind("probe").len() >= 10
+    });
+    let probes = agent.of_kind("probe");
+    assert!(probes.iter().all(|p| p["ok"] == true), "{probes:?}");
+    assert!(probes
+        .iter()
+        .all(|p| p["latency_ms"].as_u64().unwrap() >= 250));
+    assert!(agent.of_kind("restart").is_empty());
+}
+
+#[test]
+fn no_restart_during_startup_grace() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("boot", port, &[]);
+    set_mode(port, "500").unwrap();
+    let started = Instant::now();
+    let agent = Agent::start(
+        &pm2,
+        &app("boot", port, "max_retries = 1\nstartup_grace = \"3s\""),
+    );
+    agent.wait_for(Duration::from_secs(15), "restart");
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(2900),
+        "restarted {after:?} after start, inside the 3 s grace"
+    );
+    let failed_in_grace = agent
+        .of_kind("probe")
+        .iter()
+        .filter(|p| p["ok"] == false)
+        .count();
+    assert!(
+        failed_in_grace >= 5,
+        "the app was failing all along ({failed_in_grace} failed probes)"
+    );
+}
+
+#[test]
+fn cooldown_and_crash_loop_limits_hold() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    // MODE=500 from the environment: every restarted process fails again.
+    pm2.start_app_env("loop", port, &[], &[("MODE", "500")]);
+    let agent = Agent::start(
+        &pm2,
+        &app(
+            "loop",
+            port,
+            "max_retries = 1\nrestart_cooldown = \"2s\"\ncrashloop_restarts = 3\ncrashloop_window = \"1m\"\ncrashloop_backoff = \"1m\"",
+        ),
+    );
+    let give_up = agent.wait_for(Duration::from_secs(30), "give_up");
+    assert_eq!(give_up["restarts"], 3, "{give_up}");
+    let restarts: Vec<u64> = agent
+        .of_kind("restart")
+        .iter()
+        .map(|e| e["ts_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(restarts.len(), 3);
+    for pair in restarts.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 2_000,
+            "restarts {pair:?} closer than the 2 s cooldown"
+        );
+    }
+    // Paused: still failing, but no fourth restart for a while.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent.of_kind("restart").len(), 3);
+    let status = Command::new(AGENT)
+        .args(["status", "--json", "--config"])
+        .arg(agent.config())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["apps"][0]["health"], "crash_loop", "{v}");
+}
+
+#[test]
+fn hung_cluster_worker_is_restarted_alone() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("cl", port, &["-i", "2"]);
+    let entries = pm2.jlist();
+    let workers: Vec<(u64, u32)> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["pm_id"].as_u64().unwrap(),
+                e["pid"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect();
+    assert_eq!(workers.len(), 2);
+    let agent = Agent::start(
+        &pm2,
+        &app("cl", port, "max_retries = 2\ntimeout = \"400ms\""),
+    );
+    wait_until(Duration::from_secs(10), "a passing probe", || {
+        agent.of_kind("probe").iter().any(|e| e["ok"] == true)
+    });
+    let (hung_id, hung_pid) = workers[1];
+    let (ok_id, ok_pid) = workers[0];
+    // SAFETY: plain syscall on a test app process.
+    unsafe { libc::kill(hung_pid as i32, libc::SIGSTOP) };
+    let restart = agent.wait_for(Duration::from_secs(15), "restart");
+    assert_eq!(restart["pm_ids"], serde_json::json!([hung_id]), "{restart}");
+    agent.wait_for(Duration::from_secs(15), "restart_done");
+    wait_until(Duration::from_secs(10), "the hung worker replaced", || {
+        pm2.jlist().as_array().unwrap().iter().any(|e| {
+            e["pm_id"] == hung_id
+                && e["pid"].as_u64() != Some(hung_pid as u64)
+                && e["pm2_env"]["status"] == "online"
+        })
+    });
+    let after = pm2.jlist();
+    let other = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["pm_id"] == ok_id)
+        .unwrap();
+    assert_eq!(
+        other["pid"].as_u64(),
+        Some(ok_pid as u64),
+        "the healthy worker was left alone"
+    );
+}
+
+#[test]
+fn spinning_process_is_stuck_by_cpu_alone() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("spin", port, &[]);
+    let old = pm2.pids("spin");
+    // No health_url: only PM2 state and CPU judge this app.
+    let cfg = "[[apps]]\nname = \"spin\"\nretry_interval = \"300ms\"\nmax_retries = 2\nstartup_grace = \"0s\"\ncpu_threshold = 80\ncpu_duration = \"1500ms\"\n";
+    let agent = Agent::start(&pm2, cfg);
+    wait_until(Duration::from_secs(10), "a first check", || {
+        !agent.of_kind("check").is_empty()
+    });
+    set_mode(port, "spin");
+    let restart = agent.wait_for(Duration::from_secs(20), "restart");
+    let reason = restart["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("CPU") && reason.contains(">= 80%"),
+        "{reason}"
+    );
+    wait_until(Duration::from_secs(10), "a new pid", || {
+        let p = pm2.pids("spin");
+        !p.is_empty() && p[0] != 0 && p != old
+    });
+}
+
+#[test]
+fn steady_state_spawns_no_process() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("calm", port, &[]);
+    // A `pm2` (and `node`) shim first on PATH records any call the agent makes.
+    let shim = tempfile::tempdir().unwrap();
+    let record = shim.path().join("calls");
+    for name in ["pm2", "node"] {
+        let p = shim.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\necho \"{name} $*\" >> {}\nexit 1\n",
+                record.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        shim.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut agent = Agent::start_with(&pm2, "", &app("calm", port, ""), &[("PATH", &path)]);
+    wait_until(Duration::from_secs(15), "twenty checks", || {
+        agent.of_kind("probe").len() >= 20
+    });
+    let pid = agent.child.as_ref().unwrap().id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    assert!(
+        children.trim().is_empty(),
+        "the agent has child processes: {children}"
+    );
+    assert!(
+        !record.exists(),
+        "the agent ran: {}",
+        std::fs::read_to_string(&record).unwrap_or_default()
+    );
+    assert!(agent.of_kind("probe").iter().all(|p| p["ok"] == true));
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn backup_check_acts_only_when_the_daemon_is_dead() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("bk", port, &[]);
+    let mut agent = Agent::start(&pm2, &app("bk", port, "restart_cooldown = \"1m\""));
+    wait_until(Duration::from_secs(10), "a heartbeat", || {
+        agent.state().join("status.json").exists()
+    });
+    let config = agent.config();
+    let check = || {
+        Command::new(AGENT)
+            .args(["check", "--once", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    set_mode(port, "500").unwrap();
+    // Alive daemon: the check does nothing at once, whatever the app does.
+    let out = check();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is alive"));
+    // The daemon restarts the failing app, then dies.
+    agent.wait_for(Duration::from_secs(15), "restart");
+    agent.wait_for(Duration::from_secs(15), "restart_done");
+    assert!(agent.stop().success());
+    let daemon_restarts = agent.of_kind("restart").len();
+    wait_until(
+        Duration::from_secs(10),
+        "the restarted app to take a mode",
+        || set_mode(port, "500").is_some(),
+    );
+    // Stale = older than 3 check periods (with a 1 s floor per period).
+    wait_until(Duration::from_secs(10), "a stale heartbeat", || {
+        let out = Command::new(AGENT)
+            .args(["status", "--config"])
+            .arg(agent.config())
+            .output()
+            .unwrap();
+        out.status.code() == Some(1)
+    });
+    // Within the daemon's cooldown: the check sees the failure but must not restart again.
+    let out = check();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("cooldown"), "{text}");
+    assert_eq!(agent.of_kind("restart").len(), daemon_restarts);
+    // Past the cooldown (shortened in the config; the history on disk is shared) it restarts.
+    let cfg = std::fs::read_to_string(agent.config())
+        .unwrap()
+        .replace("restart_cooldown = \"1m\"", "restart_cooldown = \"1s\"");
+    std::fs::write(agent.config(), cfg).unwrap();
+    let old = pm2.pids("bk");
+    let out = check();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("bk: restarted"), "{text}");
+    wait_until(Duration::from_secs(10), "a new pid", || {
+        pm2.pids("bk") != old
+    });
+}
+
+#[test]
+fn dead_pm2_daemon_is_resurrected() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("res", port, &[]);
+    assert!(pm2.pm2(&["save"]).status.success());
+    let pm2_bin = std::env::var("PMGUARD_TEST_PM2").unwrap_or_else(|_| "pm2".into());
+    let agent = Agent::start_with(
+        &pm2,
+        &format!("pm2_bin = \"{pm2_bin}\""),
+        &app("res", port, "max_retries = 2"),
+        &[],
+    );
+    wait_until(Duration::from_secs(10), "a passing probe", || {
+        agent.of_kind("probe").iter().any(|e| e["ok"] == true)
+    });
+    pm2.kill_daemon();
+    let ev = agent.wait_for(Duration::from_secs(30), "resurrect");
+    assert!(
+        ev["message"]
+            .as_str()
+            .unwrap()
+            .contains("ran `pm2 resurrect`"),
+        "{ev}"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the app back under a new daemon",
+        || common::http_get(port, "/health").is_some_and(|(s, _)| s == 200),
+    );
+    wait_until(Duration::from_secs(10), "the agent sees it healthy", || {
+        agent
+            .events()
+            .iter()
+            .rev()
+            .take_while(|e| e["kind"] != "resurrect")
+            .any(|e| e["kind"] == "probe" && e["ok"] == true)
+    });
+}
+
+#[test]
+fn sighup_reloads_and_keeps_the_old_config_when_invalid() {
+    let pm2 = Pm2Sandbox::new();
+    let (p1, p2) = (free_port(), free_port());
+    pm2.start_app("one", p1, &[]);
+    pm2.start_app("two", p2, &[]);
+    let agent = Agent::start(&pm2, &app("one", p1, ""));
+    wait_until(Duration::from_secs(10), "probes of one", || {
+        agent.of_kind("probe").iter().any(|e| e["app"] == "one")
+    });
+    // Broken file: refused, the agent keeps watching.
+    std::fs::write(agent.config(), "[agent]\ninterval = 5\n").unwrap();
+    agent.signal(libc::SIGHUP);
+    let rejected = agent.wait_for(Duration::from_secs(5), "config_rejected");
+    assert!(
+        rejected["message"]
+            .as_str()
+            .unwrap()
+            .contains("pmguard.toml:2:12"),
+        "{rejected}"
+    );
+    let before = agent.of_kind("probe").len();
+    wait_until(Duration::from_secs(5), "probes go on", || {
+        agent.of_kind("probe").len() > before + 2
+    });
+    // A valid file with a second app: it is watched without a restart of the agent.
+    let text = Agent::config_text(
+        &pm2,
+        &agent.state(),
+        "",
+        &(app("one", p1, "") + &app("two", p2, "")),
+    );
+    std::fs::write(agent.config(), text).unwrap();
+    agent.signal(libc::SIGHUP);
+    agent.wait_for(Duration::from_secs(5), "reload");
+    wait_until(Duration::from_secs(10), "probes of two", || {
+        agent.of_kind("probe").iter().any(|e| e["app"] == "two")
+    });
+}
+
+#[test]
+fn speaks_sd_notify() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("nt", port, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut agent = Agent::prepare(&pm2, "", &app("nt", port, ""));
+    agent.spawn(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1000000"),
+    ]);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m: &String| m == "READY=1")
+        && seen.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2)
+    {
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(agent.stop().success());
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING=1");
+        if &buf[..n] == b"STOPPING=1" {
+            break;
+        }
+    }
+}
+
+#[test]
+fn bad_configs_are_rejected_with_file_line_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(b"[agent]\ninterval = \"10\"\n\n[[apps]]\nname = \"codebox\"\nmax_retries = 0\ncolor = \"red\"\n").unwrap();
+    let out = Command::new(AGENT)
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let p = path.display();
+    assert!(
+        err.contains(&format!("{p}:2:12: interval: `10` has no unit")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{p}:6:15: max_retries must be 1..=100, not 0")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{p}:7:1: unknown key `color` in [[apps]]")),
+        "{err}"
+    );
+    assert!(err.contains("help: "), "{err}");
+    // `run` refuses it too, before touching anything.
+    let out = Command::new(AGENT)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(AGENT)
+        .args(["validate", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
