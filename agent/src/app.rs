@@ -29,6 +29,9 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 const HISTORY: usize = 20;
 const DEFAULT_KILL_TIMEOUT_MS: u64 = 1_600;
 
+/// A PM2 process list, or why there is none.
+type SnapshotResult = Result<Arc<Snapshot>, String>;
+
 /// What every app shares: the PM2 client, the event sink, the state directory.
 pub struct Shared {
     pub agent: AgentConfig,
@@ -38,7 +41,7 @@ pub struct Shared {
     pub proc_root: PathBuf,
     pub ticks_per_sec: u64,
     /// The last `getMonitorData`, reused by apps checked within `SNAPSHOT_MAX_AGE` of it.
-    snapshot: Mutex<Option<(Mono, Result<Arc<Snapshot>, String>)>>,
+    snapshot: Mutex<Option<(Mono, SnapshotResult)>>,
     /// Serializes `pm2 resurrect` among the apps of this process.
     resurrect: Mutex<()>,
     pub board: Mutex<BTreeMap<String, AppStatus>>,
@@ -229,11 +232,10 @@ impl App {
     ) -> InstanceView {
         let mut stuck = None;
         if e.pid > 0 && e.status == crate::pm2::Status::Online {
-            if !self.trackers.contains_key(&e.pid) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.trackers.entry(e.pid) {
                 if let Ok(w) = ProcWatch::open(&shared.proc_root, e.pid) {
                     if let Ok(s) = w.sample() {
-                        self.trackers
-                            .insert(e.pid, (w, PidTracker::new(e.pid, s.start_ticks)));
+                        slot.insert((w, PidTracker::new(e.pid, s.start_ticks)));
                     }
                 }
             }

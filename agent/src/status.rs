@@ -55,8 +55,8 @@ fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
     );
     let _ = writeln!(
         out,
-        "{:<20} {:<13} {:<9} {:<18} {:<28} {}",
-        "APP", "HEALTH", "FAILURES", "PM2", "LAST PROBE", "RESPONSE ms (p50/max)"
+        "{:<20} {:<13} {:<9} {:<18} {:<28} RESPONSE ms (p50/max)",
+        "APP", "HEALTH", "FAILURES", "PM2", "LAST PROBE"
     );
     for a in &s.apps {
         let pm2 = if a.instances.is_empty() {
