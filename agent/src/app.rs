@@ -45,6 +45,8 @@ pub struct Shared {
     /// Serializes `pm2 resurrect` among the apps of this process.
     resurrect: Mutex<()>,
     pub board: Mutex<BTreeMap<String, AppStatus>>,
+    /// Per-check metrics for the AWS sink; `None` without an `[aws]` section.
+    pub recorder: Option<Arc<crate::aws::Recorder>>,
 }
 
 /// Apps checked at nearly the same moment share one `getMonitorData`.
@@ -62,6 +64,7 @@ impl Shared {
             snapshot: Mutex::new(None),
             resurrect: Mutex::new(()),
             board: Mutex::new(BTreeMap::new()),
+            recorder: None,
         }
     }
 
@@ -262,11 +265,17 @@ impl App {
     /// and gives the app a fresh grace. Returns the pm_ids whose counter moved.
     pub fn notice_pm2_restarts(&mut self, shared: &Shared, snap: &Snapshot, now: Mono) -> Vec<u32> {
         let mut moved = Vec::new();
+        let mut restarts = 0;
         for e in snap.by_name(&self.cfg.name) {
             let prev = self.restart_counts.insert(e.pm_id, e.restart_time);
-            if prev.is_some_and(|p| p != e.restart_time) {
+            if let Some(p) = prev.filter(|p| *p != e.restart_time) {
                 moved.push(e.pm_id);
+                // A counter that went down was reset (pm2 reset, daemon restart): count one.
+                restarts += e.restart_time.saturating_sub(p).max(1);
             }
+        }
+        if let Some(r) = &shared.recorder {
+            r.restarts(&self.cfg.name, restarts);
         }
         if !moved.is_empty() {
             self.state.restarted_elsewhere(now, &self.policy);
@@ -291,6 +300,7 @@ impl App {
         let before = self.state.health;
         let decision = decide(&mut self.state, &self.policy, &check.verdict, now);
         self.record_probe(shared, &check);
+        self.record_metrics(shared, &check);
         if let Decision::Wait { why } = &decision {
             self.note = why.clone();
         } else {
@@ -381,6 +391,34 @@ impl App {
         }
         e = e.with("failures", self.state.failures);
         shared.emit(e);
+    }
+
+    /// Feeds this check into the AWS sink's aggregate (nothing without `[aws]`).
+    fn record_metrics(&self, shared: &Shared, check: &Check) {
+        let Some(r) = &shared.recorder else {
+            return;
+        };
+        let (mut cpu, mut memory) = (None, None);
+        if let Some(s) = &check.snapshot {
+            for e in s.by_name(&self.cfg.name) {
+                *memory.get_or_insert(0.0) += e.memory as f64;
+                if let Some(pct) = self.trackers.get(&e.pid).and_then(|(_, t)| t.cpu_pct) {
+                    *cpu.get_or_insert(0.0) += pct;
+                }
+            }
+        }
+        r.check(
+            &self.cfg.name,
+            &crate::aws::metrics::CheckSample {
+                healthy: matches!(check.verdict, Verdict::Healthy),
+                response_ms: check
+                    .probe
+                    .as_ref()
+                    .map(|p| p.latency.as_secs_f64() * 1000.0),
+                cpu_pct: cpu,
+                memory_bytes: memory,
+            },
+        );
     }
 
     /// Updates this app's line in the shared board (`status.json`).
@@ -482,6 +520,9 @@ impl App {
             e = e.with("pm_ids", culprits.clone());
         }
         shared.emit(e);
+        if let Some(r) = &shared.recorder {
+            r.restarts(&name, 1);
+        }
         let outcome = restart_instances(shared, &name, &culprits, self.cfg.restart_timeout);
         let elapsed = clock::mono_now().saturating_sub(started);
         match &outcome {

@@ -22,6 +22,42 @@ pub struct Config {
     pub path: PathBuf,
     pub agent: AgentConfig,
     pub apps: Vec<AppConfig>,
+    /// `[aws]`: metrics, events and alerts to CloudWatch, CloudWatch Logs and SNS. Without the
+    /// section the agent is fully local and runs no AWS code.
+    pub aws: Option<AwsConfig>,
+}
+
+/// `[aws]`: where the agent sends metrics, events and alerts. No credentials here: the agent uses
+/// the standard AWS chain (environment, profile, the instance profile through IMDSv2 on EC2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwsConfig {
+    /// AWS region (default: the SDK chain: AWS_REGION, the profile, IMDSv2 on EC2).
+    pub region: Option<String>,
+    /// CloudWatch namespace of the metrics (default "PM2/CodeBox"; may not start with "AWS/").
+    pub namespace: String,
+    /// CloudWatch Logs group of the events (default "/aws/ec2/pm2-health"); one stream per instance.
+    pub log_group: String,
+    /// Retention set on the log group when the agent has to create it (default 30; one of
+    /// CloudWatch's values 1, 3, 5, 7, 14, 30, 60, 90, ... 3653).
+    pub log_retention_days: u32,
+    /// SNS topic NAME (not ARN) for alerts on crash-loop give-ups and kill escalations; alerts are
+    /// published only when it is set. Resolved to its ARN with CreateTopic (idempotent).
+    pub sns_topic: Option<String>,
+    /// Address the installer subscribes to the topic and the alarms (the agent does not use it).
+    pub alarm_email: Option<String>,
+    /// How often the aggregated metrics and the buffered events are sent (default "60s").
+    pub flush_interval: Duration,
+    /// Send metrics at 1-second storage resolution (default false: 60 s, the cheaper standard).
+    pub high_resolution: bool,
+    /// The `InstanceId` dimension and log stream name (default: the EC2 instance id from IMDSv2,
+    /// else the host name).
+    pub instance_id: Option<String>,
+    /// Service-Down alarm (provision-aws): no passing check for this many minutes (default 10).
+    pub alarm_down_minutes: u32,
+    /// High-Error-Rate alarm: more than this many failed checks in 5 minutes (default 3).
+    pub alarm_failures: u32,
+    /// Frequent-Restarts alarm: more than this many restarts in 15 minutes (default 2).
+    pub alarm_restarts: u32,
 }
 
 /// `[agent]`: settings of the agent process itself.
@@ -168,6 +204,21 @@ const AGENT_KEYS: &[&str] = &[
     "resurrect",
     "events_max_bytes",
 ];
+const SECTIONS: &[&str] = &["agent", "aws", "apps"];
+const AWS_KEYS: &[&str] = &[
+    "region",
+    "namespace",
+    "log_group",
+    "log_retention_days",
+    "sns_topic",
+    "alarm_email",
+    "flush_interval",
+    "high_resolution",
+    "instance_id",
+    "alarm_down_minutes",
+    "alarm_failures",
+    "alarm_restarts",
+];
 const APP_KEYS: &[&str] = &[
     "name",
     "health_url",
@@ -251,10 +302,10 @@ impl Cx<'_> {
     fn config(&mut self, path: &Path, root: &Table) -> Option<Config> {
         let whole = 0..0;
         for (key, _) in root.iter() {
-            if key != "agent" && key != "apps" {
+            if !SECTIONS.contains(&key) {
                 let span = key_span(root, key);
-                let help = suggest(key, &["agent", "apps"]).map_or_else(
-                    || "the sections are [agent] and [[apps]]".to_string(),
+                let help = suggest(key, SECTIONS).map_or_else(
+                    || "the sections are [agent], [aws] and [[apps]]".to_string(),
                     |s| format!("did you mean `{s}`?"),
                 );
                 self.problem(span, format!("unknown section `{key}`"), Some(help));
@@ -270,6 +321,18 @@ impl Cx<'_> {
                     Some("write it as a section: [agent]".into()),
                 );
                 self.agent(&Table::new())
+            }
+        };
+        let aws = match root.get("aws") {
+            None => None,
+            Some(Item::Table(t)) => Some(self.aws(t)),
+            Some(other) => {
+                self.problem(
+                    other.span().unwrap_or(whole.clone()),
+                    "`aws` must be a table".into(),
+                    Some("write it as a section: [aws]".into()),
+                );
+                None
             }
         };
         let mut apps = Vec::new();
@@ -305,7 +368,152 @@ impl Cx<'_> {
             path: path.to_path_buf(),
             agent,
             apps,
+            aws,
         })
+    }
+
+    fn aws(&mut self, t: &Table) -> AwsConfig {
+        use crate::aws::names;
+        self.unknown_keys(t, AWS_KEYS, "[aws]");
+        let region = self.string(t, "region").map(|(r, span)| {
+            let ok = !r.is_empty()
+                && r.len() <= 64
+                && r.split('-').count() >= 3
+                && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                self.problem(
+                    span,
+                    format!("region `{r}` is not an AWS region name"),
+                    Some("write a region such as \"us-east-1\", or remove the key to use the SDK chain (AWS_REGION, profile, IMDS)".into()),
+                );
+            }
+            r
+        });
+        let namespace = self
+            .string(t, "namespace")
+            .map(|(n, span)| {
+                if let Some(why) = namespace_problem(&n) {
+                    self.problem(
+                        span,
+                        format!("namespace `{n}` {why}"),
+                        Some(format!(
+                            "use your own namespace, e.g. namespace = \"{}\" (the default)",
+                            names::DEFAULT_NAMESPACE
+                        )),
+                    );
+                }
+                n
+            })
+            .unwrap_or_else(|| names::DEFAULT_NAMESPACE.to_string());
+        let log_group = self
+            .string(t, "log_group")
+            .map(|(g, span)| {
+                let ok = !g.is_empty()
+                    && g.len() <= 512
+                    && g.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/#".contains(&b));
+                if !ok {
+                    self.problem(
+                        span,
+                        format!("log_group `{g}` is not a CloudWatch Logs group name"),
+                        Some(format!("use 1 to 512 of A-Z a-z 0-9 . _ - / #, e.g. log_group = \"{}\" (the default)", names::DEFAULT_LOG_GROUP)),
+                    );
+                }
+                g
+            })
+            .unwrap_or_else(|| names::DEFAULT_LOG_GROUP.to_string());
+        let log_retention_days = match self.value(t, "log_retention_days") {
+            None => names::DEFAULT_LOG_RETENTION_DAYS,
+            Some((v, span)) => match v.as_integer() {
+                Some(n)
+                    if u32::try_from(n).is_ok_and(|d| names::LOG_RETENTION_DAYS.contains(&d)) =>
+                {
+                    n as u32
+                }
+                other => {
+                    let shown = other.map_or_else(|| v.type_name().to_string(), |n| n.to_string());
+                    let list = names::LOG_RETENTION_DAYS
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    self.problem(
+                        span,
+                        format!("log_retention_days must be a retention CloudWatch Logs accepts, not {shown}"),
+                        Some(format!("use one of {list} (default {})", names::DEFAULT_LOG_RETENTION_DAYS)),
+                    );
+                    names::DEFAULT_LOG_RETENTION_DAYS
+                }
+            },
+        };
+        let sns_topic = self.string(t, "sns_topic").map(|(n, span)| {
+            if n.starts_with("arn:") {
+                let name = n.rsplit(':').next().unwrap_or("");
+                self.problem(
+                    span,
+                    "sns_topic is an ARN; give the topic name".into(),
+                    Some(format!("write sns_topic = \"{name}\" (the agent resolves the ARN in the instance's account and region)")),
+                );
+            } else if n.is_empty()
+                || n.len() > 256
+                || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                self.problem(
+                    span,
+                    format!("sns_topic `{n}` is not an SNS topic name"),
+                    Some("use 1 to 256 of A-Z a-z 0-9 - _ (a standard topic, not .fifo), e.g. sns_topic = \"pmguard-alerts\"".into()),
+                );
+            }
+            n
+        });
+        let alarm_email = self.string(t, "alarm_email").map(|(e, span)| {
+            let ok = e.split_once('@').is_some_and(|(user, host)| {
+                !user.is_empty()
+                    && host.contains('.')
+                    && !host.starts_with('.')
+                    && !host.ends_with('.')
+            }) && !e.chars().any(|c| c.is_whitespace() || c.is_control())
+                && e.matches('@').count() == 1;
+            if !ok {
+                self.problem(
+                    span,
+                    format!("alarm_email `{e}` is not an email address"),
+                    Some("write one address, e.g. alarm_email = \"ops@example.com\"".into()),
+                );
+            }
+            e
+        });
+        let flush_interval = self.duration(t, "flush_interval", secs(60), secs(1)..=secs(3600));
+        let high_resolution = self.boolean(t, "high_resolution").unwrap_or(false);
+        let instance_id = self.string(t, "instance_id").map(|(i, span)| {
+            if i.trim().is_empty() || i.len() > 255 || i.chars().any(char::is_control) {
+                self.problem(
+                    span,
+                    "instance_id must be 1 to 255 printable characters".into(),
+                    Some(
+                        "remove the key to use the EC2 instance id (or the host name off EC2)"
+                            .into(),
+                    ),
+                );
+            }
+            i
+        });
+        let alarm_down_minutes = self.integer(t, "alarm_down_minutes", 10, 1..=1440) as u32;
+        let alarm_failures = self.integer(t, "alarm_failures", 3, 0..=100_000) as u32;
+        let alarm_restarts = self.integer(t, "alarm_restarts", 2, 0..=10_000) as u32;
+        AwsConfig {
+            region,
+            namespace,
+            log_group,
+            log_retention_days,
+            sns_topic,
+            alarm_email,
+            flush_interval,
+            high_resolution,
+            instance_id,
+            alarm_down_minutes,
+            alarm_failures,
+            alarm_restarts,
+        }
     }
 
     fn agent(&mut self, t: &Table) -> AgentConfig {
@@ -656,6 +864,24 @@ impl Cx<'_> {
     }
 }
 
+/// Why a CloudWatch namespace would be refused, if it would.
+fn namespace_problem(n: &str) -> Option<&'static str> {
+    if n.trim().is_empty() {
+        Some("is empty")
+    } else if n.len() > 255 {
+        Some("is longer than 255 characters")
+    } else if n.starts_with("AWS/") {
+        Some("starts with `AWS/`, which is reserved for AWS services")
+    } else if !n
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ".-_/#: ".contains(c))
+    {
+        Some("has characters CloudWatch refuses (allowed: A-Z a-z 0-9 . - _ / # : space)")
+    } else {
+        None
+    }
+}
+
 fn key_span(t: &Table, key: &str) -> Range<usize> {
     t.key(key).and_then(|k| k.span()).unwrap_or(0..0)
 }
@@ -776,8 +1002,9 @@ mod tests {
             (p[0].line, p[0].message.as_str()),
             (4, "app `a` is listed twice")
         );
-        let p = problems("[aws]\nregion = \"x\"\n[[apps]]\nname = \"a\"\n");
-        assert_eq!(p[0].message, "unknown section `aws`");
+        let p = problems("[awz]\nregion = \"x\"\n[[apps]]\nname = \"a\"\n");
+        assert_eq!(p[0].message, "unknown section `awz`");
+        assert_eq!(p[0].help.as_deref(), Some("did you mean `aws`?"));
         let p = problems("[[apps]]\nname = \"a\"\nhealth_url = \"https://127.0.0.1/h\"\n");
         assert!(p[0].message.contains("https"), "{p:?}");
         let p = problems("[[apps]\nname = 1");
@@ -802,5 +1029,81 @@ mod tests {
         let c = parse("[agent]\ninterval = \"2s\"\n[[apps]]\nname = \"a\"\n[[apps]]\nname = \"b\"\ninterval = \"500ms\"\n").unwrap();
         assert_eq!(c.apps[0].interval, secs(2));
         assert_eq!(c.apps[1].interval, ms(500));
+    }
+
+    #[test]
+    fn aws_section_is_optional_and_has_defaults() {
+        let c = parse("[[apps]]\nname = \"a\"\n").unwrap();
+        assert_eq!(c.aws, None);
+        let c = parse("[aws]\n[[apps]]\nname = \"a\"\n").unwrap();
+        let aws = c.aws.unwrap();
+        assert_eq!(aws.region, None);
+        assert_eq!(aws.namespace, "PM2/CodeBox");
+        assert_eq!(aws.log_group, "/aws/ec2/pm2-health");
+        assert_eq!(aws.log_retention_days, 30);
+        assert_eq!(aws.sns_topic, None);
+        assert_eq!(aws.alarm_email, None);
+        assert_eq!(aws.flush_interval, secs(60));
+        assert!(!aws.high_resolution);
+        assert_eq!(aws.instance_id, None);
+    }
+
+    #[test]
+    fn aws_section_full() {
+        let c = parse("[aws]\nregion = \"eu-west-3\"\nnamespace = \"Acme/Web\"\nlog_group = \"/acme/web\"\nlog_retention_days = 14\nsns_topic = \"pmguard-alerts\"\nalarm_email = \"ops@example.com\"\nflush_interval = \"1s\"\nhigh_resolution = true\ninstance_id = \"web-1\"\n[[apps]]\nname = \"a\"\n").unwrap();
+        let aws = c.aws.unwrap();
+        assert_eq!(aws.region.as_deref(), Some("eu-west-3"));
+        assert_eq!(aws.namespace, "Acme/Web");
+        assert_eq!(aws.log_group, "/acme/web");
+        assert_eq!(aws.log_retention_days, 14);
+        assert_eq!(aws.sns_topic.as_deref(), Some("pmguard-alerts"));
+        assert_eq!(aws.alarm_email.as_deref(), Some("ops@example.com"));
+        assert_eq!(aws.flush_interval, secs(1));
+        assert!(aws.high_resolution);
+        assert_eq!(aws.instance_id.as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn aws_problems_are_all_reported_with_their_place() {
+        let text = "[aws]\nregion = \"Paris\"\nnamespace = \"AWS/EC2\"\nlog_group = \"bad group\"\nlog_retention_days = 31\nsns_topic = \"arn:aws:sns:us-east-1:123456789012:alerts\"\nalarm_email = \"ops\"\nflush_interval = \"500ms\"\nhigh_resolution = \"yes\"\ninstance_id = \"\"\nkey_id = \"AKIA\"\n[[apps]]\nname = \"a\"\n";
+        let p = problems(text);
+        let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
+        assert_eq!(lines, (2..=11).collect::<Vec<_>>(), "{p:#?}");
+        assert_eq!(p[0].message, "region `Paris` is not an AWS region name");
+        assert_eq!(
+            p[1].message,
+            "namespace `AWS/EC2` starts with `AWS/`, which is reserved for AWS services"
+        );
+        assert_eq!(p[1].column, 13);
+        assert!(p[2].message.contains("not a CloudWatch Logs group name"));
+        assert!(p[3].message.contains("not 31"), "{}", p[3].message);
+        assert!(p[3].help.as_ref().unwrap().contains("1, 3, 5, 7, 14, 30"));
+        assert_eq!(p[4].message, "sns_topic is an ARN; give the topic name");
+        assert!(p[4]
+            .help
+            .as_ref()
+            .unwrap()
+            .contains("sns_topic = \"alerts\""));
+        assert!(p[5].message.contains("not an email address"));
+        assert_eq!(
+            p[6].message,
+            "flush_interval must be from 1s to 1h, not 500ms"
+        );
+        assert!(p[7].message.contains("true or false"));
+        assert!(p[8].message.starts_with("instance_id"));
+        assert_eq!(p[9].message, "unknown key `key_id` in [aws]");
+    }
+
+    #[test]
+    fn aws_must_be_a_table_and_names_are_checked() {
+        let p = problems("aws = 1\n[[apps]]\nname = \"a\"\n");
+        assert_eq!(p[0].message, "`aws` must be a table");
+        assert!(namespace_problem("PM2/CodeBox").is_none());
+        assert!(namespace_problem("My App:prod #1").is_none());
+        assert!(namespace_problem("").is_some());
+        assert!(namespace_problem("a\u{e9}").is_some());
+        assert!(namespace_problem(&"x".repeat(256)).is_some());
+        let p = problems("[aws]\nsns_topic = \"alerts.fifo\"\n[[apps]]\nname = \"a\"\n");
+        assert!(p[0].message.contains("not an SNS topic name"));
     }
 }

@@ -82,7 +82,31 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let paths = Pm2Paths::resolve(config.agent.pm2_home.as_deref())
         .map_err(|e| StartError::Pm2(e.to_string()))?;
     let client = Arc::new(Client::new(paths.clone()));
-    let shared = Arc::new(Shared::new(config.agent.clone(), client, events.clone()));
+    let mut shared = Shared::new(config.agent.clone(), client, events.clone());
+    // With no [aws] section nothing below runs: no runtime, no AWS code.
+    let sink = match &config.aws {
+        None => None,
+        Some(aws) => {
+            let recorder = Arc::new(crate::aws::Recorder::new());
+            match crate::aws::Sink::start(
+                aws.clone(),
+                &state.dir,
+                recorder.clone(),
+                crate::aws::SinkOptions::default(),
+            ) {
+                Ok(sink) => {
+                    events.set_forward(recorder.clone());
+                    shared.recorder = Some(recorder);
+                    Some(sink)
+                }
+                Err(error) => {
+                    tracing::error!(message = "Cannot start the AWS sink; metrics and events stay local.", %error);
+                    None
+                }
+            }
+        }
+    };
+    let shared = Arc::new(shared);
     let notifier = Notifier::from_env();
 
     let (main_tx, main_rx) = mpsc::channel::<ToMain>();
@@ -206,6 +230,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    // Last: the workers' final events and `agent_stop` go out (or to the spool) within 5 s.
+    if let Some(sink) = sink {
+        sink.stop();
+    }
     Ok(())
 }
 
@@ -261,6 +289,9 @@ fn reload(
             return old;
         }
     };
+    if new.aws != old.aws {
+        tracing::warn!(message = "Changes to [aws] take effect at the next agent restart.", path = %old.path.display());
+    }
     if new.agent != old.agent {
         tracing::warn!(message = "Changes to [agent] take effect at the next agent restart.", path = %old.path.display());
     }

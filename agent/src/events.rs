@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -81,12 +81,21 @@ impl Event {
     }
 }
 
-/// The local event sink: the log plus `events.jsonl`.
+/// Somewhere events are also sent (the AWS sink), set once at start.
+///
+/// - `forward` is called on the emitting thread, for every event: it must be cheap and must
+///   never block on I/O (hand the event over and return).
+pub trait Forward: Send + Sync + std::fmt::Debug {
+    fn forward(&self, event: &Event);
+}
+
+/// The local event sink: the log plus `events.jsonl`, and an optional forward.
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
     max_bytes: u64,
     inner: Mutex<Inner>,
+    forward: OnceLock<Arc<dyn Forward>>,
 }
 
 #[derive(Debug)]
@@ -110,7 +119,13 @@ impl EventLog {
                 size,
                 last_error_ms: None,
             }),
+            forward: OnceLock::new(),
         })
+    }
+
+    /// Sends every later event to `f` as well. Only the first call has an effect.
+    pub fn set_forward(&self, f: Arc<dyn Forward>) {
+        let _ = self.forward.set(f);
     }
 
     pub fn path(&self) -> &Path {
@@ -120,6 +135,9 @@ impl EventLog {
     /// Logs the event and appends it to the event file.
     pub fn emit(&self, event: Event) {
         log(&event);
+        if let Some(f) = self.forward.get() {
+            f.forward(&event);
+        }
         let mut line = match serde_json::to_vec(&event) {
             Ok(l) => l,
             Err(_) => return,

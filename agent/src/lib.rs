@@ -7,6 +7,7 @@
 //! (the cron backup check), `status` (what the daemon last saw).
 
 pub mod app;
+pub mod aws;
 pub mod check;
 pub mod clock;
 pub mod config;

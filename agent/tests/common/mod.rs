@@ -16,7 +16,17 @@ use std::time::{Duration, Instant};
 use pmguard_agent::pm2::Pm2Paths;
 
 /// The test app, started under PM2 by [`Pm2Sandbox::start_app`].
-pub const APP_JS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/app.js");
+/// (This harness is shared with the workspace root's tests, whose manifest dir is one level up.)
+pub fn app_js() -> String {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let own = here.join("tests/apps/app.js");
+    let path = if own.exists() {
+        own
+    } else {
+        here.join("agent/tests/apps/app.js")
+    };
+    path.display().to_string()
+}
 
 pub struct Pm2Sandbox {
     _dir: tempfile::TempDir,
@@ -70,7 +80,8 @@ impl Pm2Sandbox {
 
     /// [`start_app`](Self::start_app) with extra environment variables for the app.
     pub fn start_app_env(&self, name: &str, port: u16, extra: &[&str], env: &[(&str, &str)]) {
-        let mut args = vec!["start", APP_JS, "--name", name];
+        let app = app_js();
+        let mut args = vec!["start", app.as_str(), "--name", name];
         args.extend_from_slice(extra);
         let mut cmd = self.command(&args);
         cmd.env("PORT", port.to_string());

@@ -1,0 +1,89 @@
+//! The names pmguard uses in AWS: metric and dimension names, defaults, and the exact IAM
+//! actions the agent's sink calls.
+//!
+//! The installer renders the IAM policy and the alarms from these constants, so what the agent
+//! sends and what the installer grants and watches can never drift apart.
+
+/// 1 per passing check, 0 per failing one (Average = share of healthy checks).
+pub const SERVICE_STATUS: &str = "ServiceStatus";
+/// Failed checks (Sum).
+pub const HEALTH_CHECK_FAILURES: &str = "HealthCheckFailures";
+/// Restarts: by pmguard and by PM2 itself as noticed by the agent (Sum).
+pub const SERVICE_RESTARTS: &str = "ServiceRestarts";
+/// HTTP probe latency, milliseconds.
+pub const RESPONSE_TIME: &str = "ResponseTime";
+/// CPU of the app's processes, % of one core (summed over cluster workers).
+pub const CPU_PERCENT: &str = "CpuPercent";
+/// RSS of the app's processes, bytes (summed over cluster workers).
+pub const MEMORY_BYTES: &str = "MemoryBytes";
+/// 1 per flush while the agent runs (dimension InstanceId only): the dead-man's switch.
+pub const AGENT_HEARTBEAT: &str = "AgentHeartbeat";
+/// Datapoints and events the agent had to drop because its buffer overflowed while AWS was
+/// unreachable (dimension InstanceId only). Sent only when non-zero.
+pub const DROPPED_DATAPOINTS: &str = "DroppedDatapoints";
+
+/// Every metric name the agent may send.
+pub const METRICS: &[&str] = &[
+    SERVICE_STATUS,
+    HEALTH_CHECK_FAILURES,
+    SERVICE_RESTARTS,
+    RESPONSE_TIME,
+    CPU_PERCENT,
+    MEMORY_BYTES,
+    AGENT_HEARTBEAT,
+    DROPPED_DATAPOINTS,
+];
+
+/// Dimension: the PM2 app name.
+pub const DIM_APP: &str = "App";
+/// Dimension: the EC2 instance id (IMDSv2), or the host name off EC2, or `[aws] instance_id`.
+pub const DIM_INSTANCE_ID: &str = "InstanceId";
+
+pub const DEFAULT_NAMESPACE: &str = "PM2/CodeBox";
+pub const DEFAULT_LOG_GROUP: &str = "/aws/ec2/pm2-health";
+pub const DEFAULT_LOG_RETENTION_DAYS: u32 = 30;
+
+/// The only retention periods CloudWatch Logs accepts (PutRetentionPolicy).
+pub const LOG_RETENTION_DAYS: &[u32] = &[
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
+    3288, 3653,
+];
+
+/// The IAM actions the agent's sink calls, and nothing else.
+///
+/// - `cloudwatch:PutMetricData`: Resource `*`, scope it with the `cloudwatch:namespace` condition.
+/// - `logs:CreateLogGroup`, `logs:PutRetentionPolicy`: only when the group is missing.
+/// - `logs:CreateLogStream`, `logs:PutLogEvents`: the instance's stream in the group.
+/// - `sns:CreateTopic` (resolves the topic name to its ARN; idempotent), `sns:Publish`.
+pub const AGENT_IAM_ACTIONS: &[&str] = &[
+    "cloudwatch:PutMetricData",
+    "logs:CreateLogGroup",
+    "logs:CreateLogStream",
+    "logs:PutLogEvents",
+    "logs:PutRetentionPolicy",
+    "sns:CreateTopic",
+    "sns:Publish",
+];
+
+/// The IAM actions the agent needs for a given config: SNS only when a topic is set.
+pub fn agent_iam_actions(with_sns: bool) -> Vec<&'static str> {
+    AGENT_IAM_ACTIONS
+        .iter()
+        .copied()
+        .filter(|a| with_sns || !a.starts_with("sns:"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_are_sorted_by_service_and_sns_is_optional() {
+        assert_eq!(agent_iam_actions(true), AGENT_IAM_ACTIONS);
+        let without = agent_iam_actions(false);
+        assert!(without.iter().all(|a| !a.starts_with("sns:")));
+        assert_eq!(without.len(), AGENT_IAM_ACTIONS.len() - 2);
+        assert!(METRICS.iter().all(|m| !m.is_empty() && m.len() <= 255));
+    }
+}

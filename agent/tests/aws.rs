@@ -1,0 +1,616 @@
+//! The AWS sink end to end: the real agent binary, real PM2 apps, and ministack on 127.0.0.1 as
+//! the AWS stand-in (read back with the real SDK). Flush interval 1 s.
+//!
+//! Fails closed: without `ministack` on PATH these tests fail (never skip), and every endpoint
+//! they use is checked to be a loopback URL.
+
+mod aws_common;
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_common::{rt, Ministack, Receiver};
+use common::{free_port, set_mode, wait_until, Pm2Sandbox};
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pmguard-agent");
+const NS: &str = "PM2/Test";
+const GROUP: &str = "/pmguard/test";
+
+struct Agent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    runs: u32,
+}
+
+impl Agent {
+    fn new(pm2: &Pm2Sandbox, aws: &str, apps: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let text = format!(
+            "[agent]\ninterval = \"300ms\"\nstate_dir = \"{}\"\npm2_home = \"{}\"\n\n{aws}\n{apps}",
+            state.display(),
+            pm2.home().display()
+        );
+        std::fs::write(dir.path().join("pmguard.toml"), text).unwrap();
+        Agent {
+            child: None,
+            dir,
+            runs: 0,
+        }
+    }
+
+    fn spawn(&mut self, ms: Option<&Ministack>) {
+        self.runs += 1;
+        let log = std::fs::File::create(self.dir.path().join(format!("agent-{}.log", self.runs)))
+            .unwrap();
+        let mut cmd = Command::new(AGENT);
+        cmd.args(["run", "--config"])
+            .arg(self.dir.path().join("pmguard.toml"))
+            .env("PMGUARD_LOG", "debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // Never a real AWS address: only the stand-in, with dummy credentials and IMDS off.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AWS_") {
+                cmd.env_remove(k);
+            }
+        }
+        if let Some(ms) = ms {
+            for (k, v) in ms.env() {
+                cmd.env(k, v);
+            }
+        }
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn log(&self) -> String {
+        (1..=self.runs)
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("agent-{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n--- next run ---\n")
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state().join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn of_kind(&self, kind: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// SIGTERM; the exit status within `within`.
+    fn stop(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop within {within:?} of SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's threads' names.
+    fn threads(&self) -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .filter_map(|t| t.ok())
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|s| s.trim().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn aws_section(instance: &str, extra: &str) -> String {
+    format!(
+        "[aws]\nnamespace = \"{NS}\"\nlog_group = \"{GROUP}\"\nflush_interval = \"1s\"\ninstance_id = \"{instance}\"\n{extra}\n"
+    )
+}
+
+fn app(name: &str, port: u16, extra: &str) -> String {
+    let mut text =
+        format!("[[apps]]\nname = \"{name}\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\n");
+    for (key, value) in [
+        ("timeout", "\"500ms\""),
+        ("retry_interval", "\"300ms\""),
+        ("startup_grace", "\"0s\""),
+        ("restart_cooldown", "\"1s\""),
+    ] {
+        if !extra.lines().any(|l| l.starts_with(&format!("{key} "))) {
+            text.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    text + extra + "\n"
+}
+
+/// SampleCount, Sum, Minimum, Maximum of a metric over the last hour, summed over datapoints.
+fn stats(ms: &Ministack, metric: &str, dims: &[(&str, &str)]) -> Option<(f64, f64, f64, f64)> {
+    use aws_sdk_cloudwatch::types::{Dimension, Statistic};
+    let cw = aws_sdk_cloudwatch::Client::new(&ms.sdk_config());
+    let now = std::time::SystemTime::now();
+    let out = rt()
+        .block_on(
+            cw.get_metric_statistics()
+                .namespace(NS)
+                .metric_name(metric)
+                .set_dimensions(Some(
+                    dims.iter()
+                        .map(|(k, v)| Dimension::builder().name(*k).value(*v).build())
+                        .collect(),
+                ))
+                .start_time((now - Duration::from_secs(3600)).into())
+                .end_time((now + Duration::from_secs(3600)).into())
+                .period(60)
+                .statistics(Statistic::SampleCount)
+                .statistics(Statistic::Sum)
+                .statistics(Statistic::Minimum)
+                .statistics(Statistic::Maximum)
+                .send(),
+        )
+        .unwrap_or_else(|e| panic!("GetMetricStatistics {metric}: {e:?}"));
+    let points = out.datapoints();
+    if points.is_empty() {
+        return None;
+    }
+    let mut acc = (0.0, 0.0, f64::MAX, f64::MIN);
+    for p in points {
+        acc.0 += p.sample_count().unwrap_or(0.0);
+        acc.1 += p.sum().unwrap_or(0.0);
+        acc.2 = acc.2.min(p.minimum().unwrap_or(f64::MAX));
+        acc.3 = acc.3.max(p.maximum().unwrap_or(f64::MIN));
+    }
+    Some(acc)
+}
+
+/// Every message in the instance's log stream (empty if the group or stream does not exist).
+fn log_messages(ms: &Ministack, stream: &str) -> Vec<String> {
+    let logs = aws_sdk_cloudwatchlogs::Client::new(&ms.sdk_config());
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let r = rt().block_on(
+            logs.get_log_events()
+                .log_group_name(GROUP)
+                .log_stream_name(stream)
+                .start_from_head(true)
+                .set_next_token(token.clone())
+                .send(),
+        );
+        let Ok(r) = r else { return out };
+        let n = r.events().len();
+        out.extend(
+            r.events()
+                .iter()
+                .filter_map(|e| e.message().map(str::to_string)),
+        );
+        let next = r.next_forward_token().map(str::to_string);
+        if n == 0 || next.is_none() || next == token {
+            return out;
+        }
+        token = next;
+    }
+}
+
+fn kinds(messages: &[String]) -> Vec<String> {
+    messages
+        .iter()
+        .filter_map(|m| serde_json::from_str::<Value>(m).ok())
+        .map(|v| v["kind"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// The events of `events.jsonl` that go to CloudWatch Logs, at or after `since_ms`.
+fn shipped_since(agent: &Agent, since_ms: u64) -> Vec<String> {
+    let text = std::fs::read_to_string(agent.state().join("events.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+            v["kind"] != "probe"
+                && v["kind"] != "check"
+                && v["ts_ms"].as_u64().unwrap_or(0) >= since_ms
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Each of `expected` appears exactly once in `got`, and nothing in `got` appears twice.
+fn assert_exactly_once(expected: &[String], got: &[String], what: &str) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for m in got {
+        *counts.entry(m.as_str()).or_default() += 1;
+    }
+    let dup: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dup.is_empty(), "{what}: delivered more than once: {dup:#?}");
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|e| !counts.contains_key(e.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{what}: never delivered: {missing:#?}\ngot kinds {:?}",
+        kinds(got)
+    );
+}
+
+#[test]
+fn metrics_events_and_alerts_reach_aws() {
+    let ms = Ministack::start();
+    // An HTTP subscriber on 127.0.0.1 for the alert topic.
+    let rx = Receiver::start();
+    let sns = aws_sdk_sns::Client::new(&ms.sdk_config());
+    let topic = rt()
+        .block_on(sns.create_topic().name("pmguard-test").send())
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_string();
+    rt().block_on(
+        sns.subscribe()
+            .topic_arn(&topic)
+            .protocol("http")
+            .endpoint(format!("http://127.0.0.1:{}/sns", rx.port))
+            .send(),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the subscription confirmation",
+        || {
+            rx.bodies()
+                .iter()
+                .any(|b| b["Type"] == "SubscriptionConfirmation")
+        },
+    );
+    let token = rx
+        .bodies()
+        .into_iter()
+        .find(|b| b["Type"] == "SubscriptionConfirmation")
+        .unwrap()["Token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rt().block_on(
+        sns.confirm_subscription()
+            .topic_arn(&topic)
+            .token(token)
+            .send(),
+    )
+    .unwrap();
+
+    let pm2 = Pm2Sandbox::new();
+    let (ok_port, bad_port) = (free_port(), free_port());
+    pm2.start_app("okapp", ok_port, &[]);
+    pm2.start_app_env("loopapp", bad_port, &[], &[("MODE", "500")]);
+    let mut agent = Agent::new(
+        &pm2,
+        &aws_section("test-host", "sns_topic = \"pmguard-test\"\nlog_retention_days = 7"),
+        &(app("okapp", ok_port, "")
+            + &app(
+                "loopapp",
+                bad_port,
+                "max_retries = 1\ncrashloop_restarts = 2\ncrashloop_window = \"1m\"\ncrashloop_backoff = \"1m\"",
+            )),
+    );
+    agent.spawn(Some(&ms));
+    wait_until(Duration::from_secs(30), "a give_up event", || {
+        !agent.of_kind("give_up").is_empty()
+    });
+    assert!(agent.threads().iter().any(|t| t == "aws-sink"));
+    // The alert arrives through SNS, promptly (not only at the next flush).
+    wait_until(Duration::from_secs(10), "the SNS notification", || {
+        rx.bodies().iter().any(|b| b["Type"] == "Notification")
+    });
+    let notes: Vec<Value> = rx
+        .bodies()
+        .into_iter()
+        .filter(|b| b["Type"] == "Notification")
+        .collect();
+    let subject = notes[0]["Subject"].as_str().unwrap_or("");
+    assert!(
+        subject.contains("loopapp") && subject.contains("crash loop"),
+        "{notes:#?}"
+    );
+    assert!(notes[0]["Message"].as_str().unwrap().contains("test-host"));
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = agent.stop(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+
+    // Metrics, read back with a real SDK client.
+    let ok = [("App", "okapp"), ("InstanceId", "test-host")];
+    let (count, sum, min, max) = stats(&ms, "ServiceStatus", &ok).expect("ServiceStatus");
+    assert!(
+        count >= 3.0 && sum == count && min == 1.0 && max == 1.0,
+        "{count} {sum}"
+    );
+    let (count, sum, min, max) = stats(&ms, "ResponseTime", &ok).expect("ResponseTime");
+    assert!(
+        count >= 3.0 && min > 0.0 && min <= max && sum >= min * count,
+        "{count} {sum} {min} {max}"
+    );
+    let (_, _, min, _) = stats(&ms, "MemoryBytes", &ok).expect("MemoryBytes");
+    assert!(min > 1e6, "an app's RSS is more than 1 MB: {min}");
+    assert!(stats(&ms, "CpuPercent", &ok).is_some());
+    let (_, sum, _, _) = stats(&ms, "HealthCheckFailures", &ok).expect("HealthCheckFailures");
+    assert_eq!(sum, 0.0);
+    let bad = [("App", "loopapp"), ("InstanceId", "test-host")];
+    let (_, failures, _, _) = stats(&ms, "HealthCheckFailures", &bad).unwrap();
+    assert!(failures >= 2.0);
+    let restarts = agent.of_kind("restart").len() as f64;
+    let (_, sum, _, _) = stats(&ms, "ServiceRestarts", &bad).unwrap();
+    assert_eq!(sum, restarts, "every restart counted once");
+    let (count, _, _, _) =
+        stats(&ms, "AgentHeartbeat", &[("InstanceId", "test-host")]).expect("heartbeat");
+    assert!(count >= 3.0);
+    // Events: the instance's stream in the log group, without the per-check probe results.
+    let msgs = log_messages(&ms, "test-host");
+    let k = kinds(&msgs);
+    for want in [
+        "agent_start",
+        "restart",
+        "restart_done",
+        "give_up",
+        "state_change",
+        "agent_stop",
+    ] {
+        assert!(k.iter().any(|x| x == want), "no {want} in {k:?}");
+    }
+    assert!(!k.iter().any(|x| x == "probe" || x == "check"));
+    assert_exactly_once(&shipped_since(&agent, 0), &msgs, "events");
+    let agent_log = agent.log();
+    assert!(
+        agent_log.contains("Created the CloudWatch Logs group."),
+        "{agent_log}"
+    );
+    assert!(!agent.state().join("spool/pending.json").exists());
+}
+
+#[test]
+fn outage_keeps_watching_and_delivers_everything_once() {
+    let mut ms = Ministack::start();
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let mut agent = Agent::new(
+        &pm2,
+        &aws_section("fault-host", ""),
+        &app("web", port, "max_retries = 2"),
+    );
+    agent.spawn(Some(&ms));
+    wait_until(Duration::from_secs(20), "agent_start delivered", || {
+        kinds(&log_messages(&ms, "fault-host"))
+            .iter()
+            .any(|k| k == "agent_start")
+    });
+    // AWS goes away; the app hangs.
+    let outage_ms = wall_ms();
+    ms.pause();
+    let hung = Instant::now();
+    set_mode(port, "hang").unwrap();
+    wait_until(Duration::from_secs(15), "the restart", || {
+        !agent.of_kind("restart_done").is_empty()
+    });
+    let took = hung.elapsed();
+    // 2 failed checks (500 ms timeout, 300 ms apart) + the restart: AWS being down costs nothing.
+    assert!(
+        took < Duration::from_secs(6),
+        "restart took {took:?}\n{}",
+        agent.log()
+    );
+    wait_until(Duration::from_secs(10), "a failed flush", || {
+        agent
+            .log()
+            .contains("AWS unreachable or refusing; keeping data to send later.")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let spool = agent.state().join("spool/pending.json");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(&spool)
+            .expect("spilled while AWS is down")
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // AWS comes back (empty): what was buffered arrives.
+    let back_ms = wall_ms();
+    ms.resume();
+    wait_until(Duration::from_secs(20), "buffered events delivered", || {
+        kinds(&log_messages(&ms, "fault-host"))
+            .iter()
+            .any(|k| k == "restart_done")
+    });
+    assert!(agent
+        .log()
+        .contains("AWS reachable again; sending buffered data."));
+    let stop_ms = wall_ms();
+    assert!(agent.stop(Duration::from_secs(10)).success());
+    let msgs = log_messages(&ms, "fault-host");
+    assert_exactly_once(
+        &shipped_since(&agent, outage_ms),
+        &msgs,
+        "events after the outage",
+    );
+    let restarts = agent
+        .of_kind("restart")
+        .iter()
+        .filter(|e| e["ts_ms"].as_u64().unwrap() >= outage_ms)
+        .count() as f64;
+    assert!(restarts >= 1.0);
+    let (_, sum, _, _) = stats(
+        &ms,
+        "ServiceRestarts",
+        &[("App", "web"), ("InstanceId", "fault-host")],
+    )
+    .expect("restart metrics from the outage");
+    assert_eq!(sum, restarts, "each restart counted exactly once");
+    // One heartbeat per flush from the outage to the stop: none lost, none twice.
+    let (beats, _, _, _) = stats(&ms, "AgentHeartbeat", &[("InstanceId", "fault-host")]).unwrap();
+    let outage_flushes = (back_ms - outage_ms) as f64 / 1000.0;
+    let all_flushes = (stop_ms - outage_ms) as f64 / 1000.0;
+    assert!(
+        beats >= outage_flushes - 1.0 && beats <= all_flushes + 2.0,
+        "{beats} heartbeats for {outage_flushes:.1} s of outage and {all_flushes:.1} s in all"
+    );
+    assert!(!spool.exists(), "spool removed once delivered");
+}
+
+#[test]
+fn agent_restart_while_aws_is_down_loses_nothing() {
+    let mut ms = Ministack::start();
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let mut agent = Agent::new(
+        &pm2,
+        &aws_section("restart-host", ""),
+        &app("web", port, ""),
+    );
+    agent.spawn(Some(&ms));
+    wait_until(Duration::from_secs(20), "agent_start delivered", || {
+        kinds(&log_messages(&ms, "restart-host"))
+            .iter()
+            .any(|k| k == "agent_start")
+    });
+    let outage_ms = wall_ms();
+    ms.pause();
+    agent.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(5), "the reload", || {
+        !agent.of_kind("reload").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped = Instant::now();
+    assert!(agent.stop(Duration::from_secs(10)).success());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(8),
+        "stop took {:?}",
+        stopped.elapsed()
+    );
+    let spool = agent.state().join("spool/pending.json");
+    let spooled = std::fs::read_to_string(&spool).expect("the buffer was spilled at stop");
+    assert!(spooled.contains("agent_stop") && spooled.contains("reload"));
+    // Second run, AWS still down.
+    agent.spawn(Some(&ms));
+    wait_until(Duration::from_secs(10), "second agent_start", || {
+        agent.of_kind("agent_start").len() == 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    ms.resume();
+    wait_until(Duration::from_secs(20), "everything delivered", || {
+        kinds(&log_messages(&ms, "restart-host"))
+            .iter()
+            .filter(|k| *k == "agent_start")
+            .count()
+            == 1
+            && !agent.state().join("spool/pending.json").exists()
+    });
+    assert!(agent.stop(Duration::from_secs(10)).success());
+    let msgs = log_messages(&ms, "restart-host");
+    assert_exactly_once(
+        &shipped_since(&agent, outage_ms),
+        &msgs,
+        "events across the restart",
+    );
+    let k = kinds(&msgs);
+    // In order: the first run's reload and stop come before the second run's start.
+    let pos = |kind: &str| k.iter().position(|x| x == kind).unwrap();
+    assert!(
+        pos("reload") < pos("agent_stop") && pos("agent_stop") < pos("agent_start"),
+        "{k:?}"
+    );
+    assert!(agent
+        .log()
+        .contains("Loaded undelivered AWS data from the spool"));
+    // The first run's heartbeats during the outage made it too.
+    let (beats, _, _, _) = stats(&ms, "AgentHeartbeat", &[("InstanceId", "restart-host")]).unwrap();
+    assert!(beats >= 3.0, "{beats}");
+}
+
+#[test]
+fn without_aws_section_no_sink_runs() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let mut agent = Agent::new(&pm2, "", &app("web", port, ""));
+    agent.spawn(None);
+    wait_until(Duration::from_secs(10), "a probe", || {
+        !agent.of_kind("probe").is_empty()
+    });
+    let threads = agent.threads();
+    assert!(
+        !threads
+            .iter()
+            .any(|t| t.contains("aws") || t.contains("tokio")),
+        "{threads:?}"
+    );
+    assert!(agent.stop(Duration::from_secs(5)).success());
+    assert!(!agent.state().join("spool").exists());
+    assert!(!agent.log().contains("AWS"));
+}
+
+#[test]
+fn refuses_a_non_loopback_endpoint() {
+    aws_common::assert_loopback("http://127.0.0.1:4566");
+    aws_common::assert_loopback("http://[::1]:4566/");
+    aws_common::assert_loopback("http://localhost:1");
+    for bad in [
+        "https://monitoring.us-east-1.amazonaws.com",
+        "http://10.0.0.1:4566",
+        "ftp://127.0.0.1",
+    ] {
+        assert!(
+            std::panic::catch_unwind(|| aws_common::assert_loopback(bad)).is_err(),
+            "{bad}"
+        );
+    }
+}

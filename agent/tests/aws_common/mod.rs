@@ -1,0 +1,265 @@
+//! The AWS stand-in for tests: a private `ministack` on 127.0.0.1, and SDK clients pointed at it.
+//!
+//! Fails closed: `Ministack::start` panics (the test fails, it is never skipped) when `ministack`
+//! is not on PATH (CI installs it with `pip install ministack cbor2`), and every client and agent
+//! it configures talks only to the loopback endpoint, with dummy static credentials and IMDS off.
+//! `assert_loopback` refuses to go on if the endpoint is anything but a loopback URL.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const REGION: &str = "us-east-1";
+
+/// A running ministack on 127.0.0.1:<port>; killed on drop.
+pub struct Ministack {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    starts: u32,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Panics unless `url` is http(s) to 127.0.0.0/8, ::1 or localhost.
+pub fn assert_loopback(url: &str) {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or_else(|| panic!("AWS_ENDPOINT_URL {url:?} is not an http URL; refusing to run"));
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = if let Some(h) = host.strip_prefix('[') {
+        h.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    let ok = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    assert!(
+        ok,
+        "AWS_ENDPOINT_URL {url:?} is not a loopback URL; refusing to run tests against it"
+    );
+}
+
+impl Ministack {
+    pub fn start() -> Ministack {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join("ministack").is_file()))
+            .unwrap_or(false);
+        assert!(
+            found,
+            "`ministack` is not on PATH: the AWS tests need it. Install it with `pip install ministack cbor2` (bash .ci/run does)."
+        );
+        let mut m = Ministack {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            starts: 0,
+        };
+        m.resume();
+        m
+    }
+
+    pub fn endpoint(&self) -> String {
+        let url = format!("http://127.0.0.1:{}", self.port);
+        assert_loopback(&url);
+        url
+    }
+
+    /// The environment an agent or client needs to reach this stand-in and nothing else.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_SESSION_TOKEN", "test".into()),
+            ("AWS_REGION", REGION.into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("AWS_CONFIG_FILE", "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+            ("AWS_PROFILE", "default".into()),
+        ]
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        for i in 1..=self.starts {
+            s += &std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+        }
+        s
+    }
+
+    fn log_path(&self, n: u32) -> PathBuf {
+        self.dir.path().join(format!("ministack-{n}.log"))
+    }
+
+    /// Starts (again) on the same port, with empty state; waits for /_localstack/health.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none());
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path(self.starts)).unwrap();
+        let child = Command::new("ministack")
+            .env("BIND_HOST", "127.0.0.1")
+            .env("GATEWAY_PORT", self.port.to_string())
+            .env("MINISTACK_HOST", "127.0.0.1")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start ministack");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while get(self.port, "/_localstack/health").is_none_or(|(s, _)| s != 200) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "ministack exited ({st}) before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ministack not ready in 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops it (an AWS outage); `resume` brings it back with empty state.
+    pub fn pause(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain syscall on the process group of the child we started.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+        // Wait until the port refuses connections.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// An SDK config for this stand-in (static dummy credentials, fixed region, loopback only).
+    pub fn sdk_config(&self) -> aws_config::SdkConfig {
+        let endpoint = self.endpoint();
+        rt().block_on(async move {
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .endpoint_url(endpoint)
+                .region(aws_config::Region::new(REGION))
+                .credentials_provider(aws_sdk_cloudwatch::config::Credentials::new(
+                    "test", "test", None, None, "static",
+                ))
+                .load()
+                .await
+        })
+    }
+}
+
+impl Drop for Ministack {
+    fn drop(&mut self) {
+        self.pause();
+    }
+}
+
+use std::os::unix::process::CommandExt;
+
+/// A current-thread runtime for test-side SDK calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let t = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), t).ok()?;
+    s.set_read_timeout(Some(t)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A tiny HTTP server on 127.0.0.1 that records every POST body (an SNS HTTP subscriber).
+pub struct Receiver {
+    pub port: u16,
+    pub bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b = bodies.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut raw = Vec::new();
+                let mut buf = [0u8; 8192];
+                // Read headers, then Content-Length bytes of body.
+                let body = loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break None,
+                        Ok(n) => raw.extend_from_slice(&buf[..n]),
+                    }
+                    let text = String::from_utf8_lossy(&raw).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break Some(body.to_string());
+                        }
+                    }
+                };
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                if let Some(body) = body {
+                    b.lock().unwrap().push(body);
+                }
+            }
+        });
+        Receiver { port, bodies }
+    }
+
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect()
+    }
+}
