@@ -1,0 +1,782 @@
+//! `pmguard doctor`: every part of a pmguard install checked, each with ok / warn / fail, one
+//! line, and for warn/fail the exact fix. Checks only read: doctor never changes anything.
+//!
+//! Local checks are plain functions over what they read (under the root); the AWS checks reuse
+//! provision-aws's observe and plan, so "drift" means exactly what provision-aws would change.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use pmguard_agent::config::Config;
+use pmguard_agent::pm2::{Client, Pm2Paths, Status};
+use pmguard_agent::probe::Prober;
+use pmguard_agent::state::StateDir;
+use serde::Serialize;
+
+use crate::manifest::Manifest;
+use crate::render::{self, under, DesiredFile, Settings};
+use crate::users;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    pub check: String,
+    pub status: Level,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+fn ok(check: &str, detail: impl Into<String>) -> Check {
+    Check {
+        check: check.into(),
+        status: Level::Ok,
+        detail: detail.into(),
+        fix: None,
+    }
+}
+fn warn(check: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        check: check.into(),
+        status: Level::Warn,
+        detail: detail.into(),
+        fix: Some(fix.into()),
+    }
+}
+fn fail(check: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        check: check.into(),
+        status: Level::Fail,
+        detail: detail.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+/// What doctor was asked to look at.
+pub struct Target<'a> {
+    pub root: &'a Path,
+    pub config_path: &'a Path,
+    /// Whether the host's systemd may be asked (false under --root).
+    pub live: bool,
+    pub user: Option<String>,
+}
+
+/// Runs every local check. AWS checks are added by `aws_checks`.
+pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
+    let mut out = Vec::new();
+    let config = match Config::load(t.config_path) {
+        Ok(c) => {
+            out.push(ok(
+                "config",
+                format!(
+                    "{} is valid ({} app(s))",
+                    t.config_path.display(),
+                    c.apps.len()
+                ),
+            ));
+            c
+        }
+        Err(e) => {
+            out.push(fail(
+                "config",
+                e.to_string(),
+                format!(
+                    "fix the lines above, then `pmguard-agent validate --config {}`",
+                    t.config_path.display()
+                ),
+            ));
+            return (out, None);
+        }
+    };
+    out.push(agent_binary(t));
+    let manifest = Manifest::read(&under(t.root, Path::new(render::MANIFEST_PATH)))
+        .ok()
+        .flatten();
+    let account = user_of(t, &config);
+    let desired = account.as_ref().and_then(|a| {
+        let config_text = std::fs::read_to_string(t.config_path).ok()?;
+        let agent_binary =
+            std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default();
+        render::render(
+            &config,
+            &Settings {
+                account: a.clone(),
+                config_text,
+                agent_binary,
+            },
+        )
+        .ok()
+    });
+    for (name, path) in [
+        ("unit file", render::UNIT_PATH),
+        ("cron backup check", render::CRON_PATH),
+        ("logrotate file", render::LOGROTATE_PATH),
+    ] {
+        out.push(rendered_file(t, name, path, desired.as_deref()));
+    }
+    out.push(cron_readable(t));
+    out.extend(installed_modes(t, manifest.as_ref()));
+    out.extend(systemd_checks(t));
+    out.push(heartbeat(t, &config));
+    let paths = pm2_paths(t, &config, account.as_ref());
+    out.extend(pm2_checks(&config, &paths));
+    (out, Some(config))
+}
+
+fn agent_binary(t: &Target) -> Check {
+    let path = under(t.root, Path::new(render::AGENT_PATH));
+    if !path.exists() {
+        return fail(
+            "agent binary",
+            format!("{} is missing", path.display()),
+            "run `pmguard install --config <file>`",
+        );
+    }
+    match Command::new(&path).arg("--version").output() {
+        Ok(o) if o.status.success() => {
+            let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            let want = format!("pmguard-agent {}", env!("CARGO_PKG_VERSION"));
+            if v == want {
+                ok("agent binary", format!("{} ({v})", render::AGENT_PATH))
+            } else {
+                fail(
+                    "agent binary",
+                    format!(
+                        "{} is `{v}`, this pmguard is {}",
+                        render::AGENT_PATH,
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                    "run `pmguard install` from this release to put the matching agent in place",
+                )
+            }
+        }
+        Ok(o) => fail(
+            "agent binary",
+            format!("{} --version failed ({})", path.display(), o.status),
+            "reinstall with `pmguard install`",
+        ),
+        Err(e) => fail(
+            "agent binary",
+            format!("{} cannot run: {e}", path.display()),
+            "reinstall with `pmguard install`",
+        ),
+    }
+}
+
+fn user_of(t: &Target, config: &Config) -> Option<users::Account> {
+    let name = t.user.clone().or_else(|| {
+        let unit = std::fs::read_to_string(under(t.root, Path::new(render::UNIT_PATH))).ok()?;
+        unit.lines()
+            .find_map(|l| l.strip_prefix("User="))
+            .map(str::to_string)
+    })?;
+    let _ = config; // the account comes from --user or the installed unit, not the config
+    users::lookup(t.root, &name).ok()
+}
+
+fn rendered_file(t: &Target, name: &str, path: &str, desired: Option<&[DesiredFile]>) -> Check {
+    let real = under(t.root, Path::new(path));
+    let Ok(found) = std::fs::read(&real) else {
+        return fail(
+            name,
+            format!("{path} is missing"),
+            "run `pmguard install --config <file>`",
+        );
+    };
+    let Some(want) = desired.and_then(|d| d.iter().find(|f| f.path == Path::new(path))) else {
+        return warn(
+            name,
+            format!("{path} exists; cannot tell its user (pass --user)"),
+            "pass --user USER",
+        );
+    };
+    if found == want.content {
+        ok(name, format!("{path} is as pmguard renders it"))
+    } else {
+        let diff = crate::plan::diff(&found, &want.content);
+        fail(
+            name,
+            format!("{path} differs from what pmguard renders (edited by hand?):\n{diff}"),
+            "run `pmguard install --config <file>` to put it back (`--dry-run` shows the diff)",
+        )
+    }
+}
+
+fn cron_readable(t: &Target) -> Check {
+    let dir = under(t.root, Path::new("/etc/cron.d"));
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return fail(
+            "cron file name",
+            format!("{} is missing", dir.display()),
+            "install cron (`apt-get install cron`)",
+        );
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let ours = std::fs::read_to_string(e.path())
+            .is_ok_and(|t| t.contains("pmguard-agent check --once"));
+        if !ours {
+            continue;
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return fail("cron file name", format!("/etc/cron.d/{name} holds the pmguard check, but cron ignores files whose names have characters other than A-Z a-z 0-9 _ -"), format!("rename it: mv /etc/cron.d/{name} /etc/cron.d/pmguard (or re-run `pmguard install`)"));
+        }
+        let Ok(m) = e.metadata() else { continue };
+        if m.mode() & 0o022 != 0 || (t.live && m.uid() != 0) {
+            return fail("cron file name", format!("/etc/cron.d/{name} is mode {:04o} owner {}: cron ignores group/other-writable or non-root files", m.mode() & 0o7777, m.uid()), format!("chown root:root /etc/cron.d/{name} && chmod 0644 /etc/cron.d/{name}"));
+        }
+        return ok(
+            "cron file name",
+            format!("/etc/cron.d/{name} will be read by cron"),
+        );
+    }
+    fail(
+        "cron file name",
+        "no file in /etc/cron.d runs `pmguard-agent check --once`",
+        "run `pmguard install --config <file>`",
+    )
+}
+
+fn installed_modes(t: &Target, manifest: Option<&Manifest>) -> Vec<Check> {
+    let Some(m) = manifest else {
+        return vec![warn(
+            "installed files",
+            "no install manifest: pmguard was not installed with `pmguard install`",
+            "run `pmguard install --config <file>`",
+        )];
+    };
+    let mut problems = Vec::new();
+    for (path, hash) in &m.files {
+        let real = under(t.root, path);
+        let Ok(meta) = std::fs::symlink_metadata(&real) else {
+            problems.push(format!("{} is missing", path.display()));
+            continue;
+        };
+        if meta.mode() & 0o002 != 0 {
+            problems.push(format!("{} is world-writable", path.display()));
+        }
+        if t.live && meta.uid() != 0 {
+            problems.push(format!(
+                "{} is owned by uid {}, not root",
+                path.display(),
+                meta.uid()
+            ));
+        }
+        let _ = hash; // content drift is reported per file above; here: modes and owners
+                      // Every directory on the way must not be world-writable (unless sticky, like /tmp).
+        let mut dir = real.parent();
+        while let Some(d) = dir {
+            if let Ok(dm) = std::fs::metadata(d) {
+                if dm.mode() & 0o002 != 0 && dm.mode() & 0o1000 == 0 {
+                    problems.push(format!(
+                        "{} (on the way to {}) is world-writable",
+                        d.display(),
+                        path.display()
+                    ));
+                }
+            }
+            if d == t.root {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    if problems.is_empty() {
+        vec![ok(
+            "installed files",
+            format!("{} files with safe modes and owners", m.files.len()),
+        )]
+    } else {
+        vec![fail("installed files", problems.join("; "), "run `pmguard install --config <file>` (it resets modes and owners), and `chmod o-w` any directory named")]
+    }
+}
+
+fn systemd_checks(t: &Target) -> Vec<Check> {
+    if !t.live {
+        return vec![warn(
+            "systemd unit",
+            "staging root: systemd not asked",
+            "run doctor without --root on the host",
+        )];
+    }
+    if !Path::new("/run/systemd/system").is_dir() {
+        return vec![warn(
+            "systemd unit",
+            "systemd is not running here (PID 1 is not systemd): the agent is not supervised",
+            "run the agent under systemd, or start `pmguard-agent run` by other means",
+        )];
+    }
+    let out = Command::new("systemctl")
+        .args(["show", render::UNIT_NAME, "-p", "LoadState,UnitFileState,ActiveState,SubState,Result,NRestarts,WatchdogUSec,ExecMainStatus"])
+        .output();
+    let Ok(out) = out else {
+        return vec![fail(
+            "systemd unit",
+            "cannot run systemctl",
+            "check that systemd is installed",
+        )];
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut v = Vec::new();
+    if get("LoadState") != "loaded" {
+        v.push(fail(
+            "systemd unit",
+            format!("{} is {}", render::UNIT_NAME, get("LoadState")),
+            "run `pmguard install` and `systemctl daemon-reload`",
+        ));
+        return v;
+    }
+    v.push(if get("UnitFileState") == "enabled" {
+        ok("unit enabled", "enabled at boot")
+    } else {
+        fail(
+            "unit enabled",
+            format!("unit file state: {}", get("UnitFileState")),
+            format!("systemctl enable {}", render::UNIT_NAME),
+        )
+    });
+    v.push(if get("ActiveState") == "active" {
+        ok(
+            "unit active",
+            format!(
+                "active ({}), restarts {}",
+                get("SubState"),
+                get("NRestarts")
+            ),
+        )
+    } else {
+        fail(
+            "unit active",
+            format!(
+                "{} ({}), last result {}, exit status {}",
+                get("ActiveState"),
+                get("SubState"),
+                get("Result"),
+                get("ExecMainStatus")
+            ),
+            format!(
+                "journalctl -u {} -n 50; then systemctl restart {}",
+                render::UNIT_NAME,
+                render::UNIT_NAME
+            ),
+        )
+    });
+    let restarts: u32 = get("NRestarts").parse().unwrap_or(0);
+    if restarts >= 3 {
+        v.push(warn(
+            "agent crash loop",
+            format!("systemd restarted the agent {restarts} times"),
+            format!("journalctl -u {} to see why it exits", render::UNIT_NAME),
+        ));
+    }
+    let wd = get("WatchdogUSec");
+    v.push(if !wd.is_empty() && wd != "0" && wd != "infinity" {
+        ok("watchdog", format!("armed ({wd})"))
+    } else {
+        warn(
+            "watchdog",
+            "WatchdogSec is not set: a wedged agent would not be restarted",
+            "re-run `pmguard install` (the unit sets WatchdogSec)",
+        )
+    });
+    v
+}
+
+/// Runtime state (heartbeat, PM2) is always the live system's: `--root` maps installed files only.
+fn heartbeat(t: &Target, config: &Config) -> Check {
+    let _ = t;
+    let dir = config.agent.state_dir.clone();
+    let state = StateDir::new(&dir);
+    match state.read_status() {
+        Ok(Some(s)) if s.is_fresh() => ok("agent alive", format!("heartbeat {} ms old (pid {})", s.age_ms().unwrap_or(0), s.pid)),
+        Ok(Some(s)) => fail(
+            "agent alive",
+            match s.age_ms() {
+                Some(a) => format!("last heartbeat {:.0} s ago (more than 3 check periods): the agent is dead or wedged", a as f64 / 1000.0),
+                None => "the last heartbeat is from before the last boot".into(),
+            },
+            format!("systemctl restart {} (and journalctl -u {} for why it stopped)", render::UNIT_NAME, render::UNIT_NAME),
+        ),
+        Ok(None) => fail("agent alive", format!("no heartbeat in {}", dir.display()), format!("start the agent: systemctl enable --now {}", render::UNIT_NAME)),
+        Err(e) => fail("agent alive", e, "check the state directory's permissions"),
+    }
+}
+
+fn pm2_paths(t: &Target, config: &Config, account: Option<&users::Account>) -> Option<Pm2Paths> {
+    let _ = t;
+    if let Some(h) = &config.agent.pm2_home {
+        return Some(Pm2Paths::from_home(h));
+    }
+    if let Some(a) = account {
+        return Some(Pm2Paths::from_home(&a.home.join(".pm2")));
+    }
+    Pm2Paths::resolve(None).ok()
+}
+
+fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>) -> Vec<Check> {
+    let Some(paths) = paths else {
+        return vec![fail(
+            "pm2 daemon",
+            "cannot tell where PM2 lives",
+            "set [agent] pm2_home or pass --user",
+        )];
+    };
+    let client = Client::new(paths.clone());
+    let snap = match client.list(Duration::from_secs(3)) {
+        Ok(s) => s,
+        Err(e) => {
+            let mut v = vec![fail(
+                "pm2 daemon",
+                format!("no PM2 daemon answers at {}: {e}", paths.rpc.display()),
+                format!("start PM2 as the app user (`pm2 resurrect` or `systemctl start pm2-<user>`), or point [agent] pm2_home at the directory that holds rpc.sock (PM2_HOME={} now)", paths.home.display()),
+            )];
+            for app in &config.apps {
+                v.push(fail(
+                    &format!("app {}", app.name),
+                    "unknown: PM2 is not reachable",
+                    "fix the PM2 daemon first",
+                ));
+            }
+            return v;
+        }
+    };
+    let version = client
+        .version(Duration::from_secs(2))
+        .unwrap_or_else(|_| "?".into());
+    let mut v = vec![ok(
+        "pm2 daemon",
+        format!("PM2 {version} answers at {}", paths.rpc.display()),
+    )];
+    for app in &config.apps {
+        let name = format!("app {}", app.name);
+        let entries = snap.by_name(&app.name);
+        if entries.is_empty() {
+            v.push(fail(&name, "PM2 does not know this app", format!("start it under PM2 (`pm2 start <script> --name {}`) and `pm2 save`, or fix the name in the config", app.name)));
+            continue;
+        }
+        let bad: Vec<String> = entries
+            .iter()
+            .filter(|e| e.status != Status::Online)
+            .map(|e| format!("pm_id {} is {}", e.pm_id, e.status.as_str()))
+            .collect();
+        if !bad.is_empty() {
+            let fix = if entries.iter().any(|e| e.status == Status::Errored) {
+                format!(
+                    "PM2 gave up on it: `pm2 logs {}` to see why, then `pm2 restart {}`",
+                    app.name, app.name
+                )
+            } else {
+                format!("pm2 start {}", app.name)
+            };
+            v.push(fail(&name, bad.join(", "), fix));
+        } else {
+            let restarts: u64 = entries.iter().map(|e| e.unstable_restarts).sum();
+            if restarts > 0 {
+                v.push(warn(
+                    &name,
+                    format!("online, but {restarts} unstable restart(s) recently"),
+                    format!("`pm2 logs {}`: it exits soon after starting", app.name),
+                ));
+            } else {
+                let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
+                v.push(ok(&name, format!("online (pid {})", pids.join(", "))));
+            }
+        }
+        v.push(stuck_now(
+            app,
+            &entries.iter().map(|e| e.pid).collect::<Vec<_>>(),
+        ));
+        if let Some(url) = &app.health_url {
+            let r = Prober::new(url.clone()).probe(
+                app.timeout,
+                &app.expect_status,
+                app.expect_body.as_deref(),
+            );
+            let ms = r.latency.as_millis();
+            v.push(if r.outcome.passed() {
+                ok(
+                    &format!("health {}", app.name),
+                    format!("{} answered {} in {ms} ms", url.url, r.outcome.reason()),
+                )
+            } else {
+                fail(
+                    &format!("health {}", app.name),
+                    format!("{}: {} after {ms} ms", url.url, r.outcome.reason()),
+                    format!(
+                        "`pm2 logs {}`; the agent restarts it after {} failed checks",
+                        app.name, app.max_retries
+                    ),
+                )
+            });
+        }
+    }
+    v
+}
+
+/// CPU over a short window and the scheduler state of each pid, now.
+fn stuck_now(app: &pmguard_agent::config::AppConfig, pids: &[u32]) -> Check {
+    use pmguard_agent::procfs::{cpu_percent, ticks_per_sec, ProcWatch};
+    let name = format!("cpu {}", app.name);
+    let watches: Vec<ProcWatch> = pids
+        .iter()
+        .filter(|p| **p > 0)
+        .filter_map(|p| ProcWatch::open(Path::new("/proc"), *p).ok())
+        .collect();
+    let first: Vec<_> = watches.iter().map(|w| w.sample().ok()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut notes = Vec::new();
+    let mut worst = 0.0f64;
+    for (w, a) in watches.iter().zip(first) {
+        let (Some(a), Ok(b)) = (a, w.sample()) else {
+            continue;
+        };
+        let pct = cpu_percent(a.cpu_ticks, b.cpu_ticks, 300, ticks_per_sec());
+        worst = worst.max(pct);
+        if matches!(b.state, 'T' | 'D') {
+            notes.push(format!(
+                "pid {} is {}",
+                w.pid,
+                if b.state == 'T' {
+                    "stopped (state T)"
+                } else {
+                    "in uninterruptible sleep (D)"
+                }
+            ));
+        }
+    }
+    if !notes.is_empty() {
+        fail(&name, notes.join(", "), format!("the agent restarts it; by hand: `pm2 restart {}` (a stopped process: kill -CONT <pid>)", app.name))
+    } else if worst >= app.cpu_threshold {
+        warn(
+            &name,
+            format!("CPU {worst:.0}% now (threshold {}%)", app.cpu_threshold),
+            format!(
+                "if it stays there for {} the agent restarts it",
+                pmguard_agent::duration::format(app.cpu_duration)
+            ),
+        )
+    } else {
+        ok(&name, format!("CPU {worst:.0}% now"))
+    }
+}
+
+/// The AWS checks (only with an `[aws]` section).
+pub async fn aws_checks(config: &Config) -> Vec<Check> {
+    use crate::aws::provision;
+    let Some(aws) = config.aws.as_ref() else {
+        return vec![ok("aws", "no [aws] section: fully local")];
+    };
+    let mut v = Vec::new();
+    let source = if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        "environment variables"
+    } else if std::env::var_os("AWS_PROFILE").is_some() {
+        "AWS_PROFILE"
+    } else {
+        "the default chain (profile or instance profile via IMDSv2)"
+    };
+    let clients = provision::clients(config).await;
+    v.push(ok(
+        "aws credentials",
+        format!("from {source}; region {}", clients.region),
+    ));
+    let instance = match &aws.instance_id {
+        Some(i) => i.clone(),
+        None => pmguard_agent::aws::sink::instance_id().await,
+    };
+    let observed = match provision::observe(&clients, config, &instance).await {
+        Ok(o) => o,
+        Err(e) => {
+            v.push(fail("aws access", e.detail.clone(), e.fix.clone()));
+            return v;
+        }
+    };
+    v.push(ok(
+        "aws access",
+        "DescribeAlarms, DescribeLogGroups, ListTopics allowed",
+    ));
+    match provision::plan(config, &instance, &clients.region, &observed) {
+        Ok(steps) if steps.is_empty() => v.push(ok(
+            "aws resources",
+            "topic, log group, alarms and dashboard match the config",
+        )),
+        Ok(steps) => v.push(fail(
+            "aws resources",
+            format!(
+                "{} difference(s) from the config:\n{}",
+                steps.len(),
+                provision::display(&steps, &observed, config).trim_end()
+            ),
+            "run `pmguard provision-aws --config <file>` (`--dry-run` first to see it)",
+        )),
+        Err(e) => v.push(fail("aws resources", e, "fix the config")),
+    }
+    v.extend(subscription_check(config, &observed));
+    v.push(metrics_arriving(&clients, config, &instance).await);
+    v
+}
+
+/// The email subscription is confirmed (pure: from what was observed).
+pub fn subscription_check(
+    config: &Config,
+    obs: &crate::aws::provision::AwsObserved,
+) -> Option<Check> {
+    let email = config.aws.as_ref()?.alarm_email.as_ref()?;
+    Some(match obs.subscriptions.get(email) {
+        None => fail("alarm email", format!("{email} is not subscribed to the topic"), "run `pmguard provision-aws --config <file>`"),
+        Some(s) if s.eq_ignore_ascii_case("PendingConfirmation") || s.eq_ignore_ascii_case("pending confirmation") => warn(
+            "alarm email",
+            format!("{email} has not confirmed the subscription: alarm emails are not delivered"),
+            "click the link in the email from AWS Notifications (search the inbox and spam for \"AWS Notification - Subscription Confirmation\")",
+        ),
+        Some(_) => ok("alarm email", format!("{email} is subscribed")),
+    })
+}
+
+async fn metrics_arriving(
+    c: &crate::aws::provision::Clients,
+    config: &Config,
+    instance: &str,
+) -> Check {
+    use aws_sdk_cloudwatch::types::{Dimension, Statistic};
+    let Some(aws) = config.aws.as_ref() else {
+        return ok("metrics", "no [aws]");
+    };
+    let now = std::time::SystemTime::now();
+    let start = now - Duration::from_secs(3600);
+    let out =
+        c.cw.get_metric_statistics()
+            .namespace(&aws.namespace)
+            .metric_name(pmguard_agent::aws::names::AGENT_HEARTBEAT)
+            .dimensions(
+                Dimension::builder()
+                    .name(pmguard_agent::aws::names::DIM_INSTANCE_ID)
+                    .value(instance)
+                    .build(),
+            )
+            .start_time(start.into())
+            .end_time(now.into())
+            .period(60)
+            .statistics(Statistic::SampleCount)
+            .send()
+            .await;
+    match out {
+        Ok(o) => {
+            let latest = o
+                .datapoints()
+                .iter()
+                .filter_map(|d| d.timestamp())
+                .map(|t| t.secs())
+                .max();
+            let now_s = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            match latest {
+                Some(t) if now_s - t <= 3 * aws.flush_interval.as_secs().max(60) as i64 => ok("metrics", format!("latest AgentHeartbeat datapoint {} s old", now_s - t)),
+                Some(t) => fail("metrics", format!("latest AgentHeartbeat datapoint is {} s old", now_s - t), "check the agent's log for AWS errors (journalctl -u pmguard-agent | grep -i aws)"),
+                None => fail("metrics", format!("no AgentHeartbeat from {instance} in the last hour"), "check that the agent runs with the [aws] section and that its role has cloudwatch:PutMetricData"),
+            }
+        }
+        Err(e) => fail(
+            "metrics",
+            format!("GetMetricStatistics failed: {e}"),
+            "grant cloudwatch:GetMetricStatistics to whoever runs doctor",
+        ),
+    }
+}
+
+/// Renders the checks as a table for a person.
+pub fn table(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let tag = match c.status {
+            Level::Ok => "ok  ",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        };
+        let mut lines = c.detail.lines();
+        out.push_str(&format!(
+            "{tag}  {:<22} {}\n",
+            c.check,
+            lines.next().unwrap_or("")
+        ));
+        for l in lines {
+            out.push_str(&format!("      {:<22} {l}\n", ""));
+        }
+        if let Some(f) = &c.fix {
+            out.push_str(&format!("      {:<22} fix: {f}\n", ""));
+        }
+    }
+    let fails = checks.iter().filter(|c| c.status == Level::Fail).count();
+    let warns = checks.iter().filter(|c| c.status == Level::Warn).count();
+    out.push_str(&format!(
+        "{} checks: {fails} failed, {warns} warnings\n",
+        checks.len()
+    ));
+    out
+}
+
+/// Whether anything failed.
+pub fn failed(checks: &[Check]) -> bool {
+    checks.iter().any(|c| c.status == Level::Fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::provision::AwsObserved;
+
+    #[test]
+    fn a_pending_subscription_is_a_warning_with_the_fix() {
+        // The stand-ins confirm email subscriptions at once, so this state is built by hand.
+        let c = Config::parse(
+            Path::new("/c.toml"),
+            "[[apps]]\nname = \"a\"\n[aws]\nsns_topic = \"t\"\nalarm_email = \"ops@example.com\"\n",
+        )
+        .unwrap();
+        let mut obs = AwsObserved::default();
+        obs.subscriptions
+            .insert("ops@example.com".into(), "PendingConfirmation".into());
+        let check = subscription_check(&c, &obs).unwrap();
+        assert_eq!(check.status, Level::Warn);
+        assert!(check.fix.unwrap().contains("Subscription Confirmation"));
+        obs.subscriptions.insert(
+            "ops@example.com".into(),
+            "arn:aws:sns:us-east-1:1:t:abc".into(),
+        );
+        assert_eq!(subscription_check(&c, &obs).unwrap().status, Level::Ok);
+        obs.subscriptions.clear();
+        assert_eq!(subscription_check(&c, &obs).unwrap().status, Level::Fail);
+    }
+
+    #[test]
+    fn table_shows_fixes_under_failures() {
+        let t = table(&[
+            ok("config", "fine"),
+            fail("pm2 daemon", "down", "pm2 resurrect"),
+        ]);
+        assert!(t.contains("FAIL  pm2 daemon"), "{t}");
+        assert!(t.contains("fix: pm2 resurrect"), "{t}");
+        assert!(t.ends_with("2 checks: 1 failed, 0 warnings\n"), "{t}");
+    }
+}

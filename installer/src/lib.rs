@@ -1,0 +1,11 @@
+//! pmguard's installer: render what `pmguard install` lays down, observe the target, plan the
+//! difference, apply it. Libraries never print; the `pmguard` binary renders plans and errors.
+
+pub mod aws;
+pub mod doctor;
+pub mod iam;
+pub mod manifest;
+pub mod plan;
+pub mod render;
+pub mod systemd;
+pub mod users;

@@ -1,0 +1,678 @@
+//! observe -> plan -> apply, for `install` and `uninstall`.
+//!
+//! `observe` reads what is on the target (under the root); `plan_install`/`plan_uninstall` are
+//! pure and decide every step; `apply` carries the steps out, each file atomically (temp file in
+//! the same directory, fsync, rename) with an explicit mode and owner, the manifest last. An up to
+//! date host plans nothing ("Nothing to do.", not even an mtime changes); an install interrupted
+//! anywhere converges on the next run, because every step is derived from what is observed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::manifest::{sha256, Manifest};
+use crate::render::{under, DesiredFile, FileKind, MANIFEST_PATH, UNIT_NAME};
+use crate::systemd::{Systemd, UnitState};
+
+/// A file as found on the target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundFile {
+    pub content: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What is on the target now.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub files: BTreeMap<PathBuf, Option<FoundFile>>,
+    /// Directories (among the parents of desired files) that do not exist yet.
+    pub missing_dirs: Vec<PathBuf>,
+    pub manifest: Option<Manifest>,
+    pub unit: UnitState,
+}
+
+/// Reads the current state of every path in `paths` (and the manifest's) under `root`.
+pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<Observed, String> {
+    let manifest = Manifest::read(&under(root, Path::new(MANIFEST_PATH)))?;
+    let mut all: Vec<PathBuf> = paths.to_vec();
+    if let Some(m) = &manifest {
+        all.extend(m.files.keys().cloned());
+    }
+    all.push(PathBuf::from(MANIFEST_PATH));
+    let mut files = BTreeMap::new();
+    for p in all {
+        let real = under(root, &p);
+        let found = match std::fs::symlink_metadata(&real) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "{} is a symlink: pmguard will not write through it; remove it and re-run",
+                    real.display()
+                ))
+            }
+            Ok(m) => Some(FoundFile {
+                content: std::fs::read(&real).map_err(|e| format!("{}: {e}", real.display()))?,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("{}: {e}", real.display())),
+        };
+        files.insert(p, found);
+    }
+    let mut missing_dirs = Vec::new();
+    for p in paths
+        .iter()
+        .chain(std::iter::once(&PathBuf::from(MANIFEST_PATH)))
+    {
+        let mut dir = p.parent();
+        let mut chain = Vec::new();
+        while let Some(d) = dir {
+            if d == Path::new("/") || under(root, d).exists() {
+                break;
+            }
+            chain.push(d.to_path_buf());
+            dir = d.parent();
+        }
+        for d in chain.into_iter().rev() {
+            if !missing_dirs.contains(&d) {
+                missing_dirs.push(d);
+            }
+        }
+    }
+    Ok(Observed {
+        files,
+        missing_dirs,
+        manifest,
+        unit: systemd.state(UNIT_NAME),
+    })
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    MkDir {
+        path: PathBuf,
+    },
+    Write {
+        file: DesiredFile,
+        old: Option<FoundFile>,
+    },
+    Remove {
+        path: PathBuf,
+        old: FoundFile,
+    },
+    RemoveDir {
+        path: PathBuf,
+    },
+    Systemctl {
+        args: Vec<String>,
+    },
+}
+
+/// What install or uninstall will do.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// Said to the user, e.g. skipped systemd steps.
+    pub notes: Vec<String>,
+    /// Why the plan must not be applied without `--force` (with the diff to show).
+    pub blocked: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+}
+
+fn metadata_differs(f: &DesiredFile, old: &FoundFile, can_chown: bool) -> bool {
+    old.mode != f.mode || (can_chown && (old.uid != f.uid || old.gid != f.gid))
+}
+
+/// Plans an install of `desired` over what was observed.
+pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_chown: bool) -> Plan {
+    let mut plan = Plan::default();
+    let mut changed_service = false;
+    let mut manifest = Manifest {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        files: BTreeMap::new(),
+        created_dirs: obs
+            .manifest
+            .as_ref()
+            .map(|m| m.created_dirs.clone())
+            .unwrap_or_default(),
+        unit: Some(UNIT_NAME.to_string()),
+    };
+    for d in &obs.missing_dirs {
+        if !manifest.created_dirs.contains(d) {
+            manifest.created_dirs.push(d.clone());
+        }
+    }
+    for f in desired {
+        manifest.files.insert(f.path.clone(), sha256(&f.content));
+        let old = obs.files.get(&f.path).cloned().flatten();
+        let needs = match &old {
+            None => true,
+            Some(o) => o.content != f.content || metadata_differs(f, o, can_chown),
+        };
+        if !needs {
+            continue;
+        }
+        if let (FileKind::UserConfig, Some(o)) = (f.kind, &old) {
+            let ours = obs
+                .manifest
+                .as_ref()
+                .and_then(|m| m.files.get(&f.path))
+                .is_some_and(|h| *h == sha256(&o.content));
+            if o.content != f.content && !ours && !force {
+                plan.blocked.push(format!(
+                    "{} was edited since pmguard installed it (or was not installed by pmguard); re-run with --force to replace it:\n{}",
+                    f.path.display(),
+                    diff(&o.content, &f.content)
+                ));
+                continue;
+            }
+        }
+        changed_service |= f.path.ends_with(UNIT_NAME) || f.kind != FileKind::Managed;
+        plan.steps.push(Step::Write {
+            file: f.clone(),
+            old,
+        });
+    }
+    // Files a previous install laid down that are no longer wanted (e.g. the IAM policy after
+    // [aws] was removed from the config).
+    if let Some(m) = &obs.manifest {
+        for (path, hash) in &m.files {
+            if desired.iter().any(|f| &f.path == path) {
+                continue;
+            }
+            if let Some(Some(old)) = obs.files.get(path) {
+                if sha256(&old.content) == *hash {
+                    plan.steps.push(Step::Remove {
+                        path: path.clone(),
+                        old: old.clone(),
+                    });
+                } else {
+                    plan.notes.push(format!(
+                        "{} is no longer needed but was edited since install: left in place",
+                        path.display()
+                    ));
+                }
+            }
+        }
+    }
+    // The manifest goes first (after its own directories): an install cut short anywhere later
+    // still records every directory and file it may have created, so uninstall removes them.
+    let mut head = Vec::new();
+    let manifest_dir = Path::new(MANIFEST_PATH).parent().unwrap_or(Path::new("/"));
+    let (first, rest): (Vec<&PathBuf>, Vec<&PathBuf>) = obs
+        .missing_dirs
+        .iter()
+        .partition(|d| manifest_dir.starts_with(d));
+    head.extend(first.into_iter().map(|d| Step::MkDir { path: d.clone() }));
+    let manifest_bytes = manifest.to_bytes();
+    let old_manifest = obs.files.get(Path::new(MANIFEST_PATH)).cloned().flatten();
+    if old_manifest.as_ref().map(|o| &o.content) != Some(&manifest_bytes) {
+        head.push(Step::Write {
+            file: DesiredFile {
+                path: PathBuf::from(MANIFEST_PATH),
+                content: manifest_bytes,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                kind: FileKind::Managed,
+            },
+            old: old_manifest,
+        });
+    }
+    head.extend(rest.into_iter().map(|d| Step::MkDir { path: d.clone() }));
+    plan.steps.splice(0..0, head);
+    match &obs.unit {
+        UnitState::Staged => plan
+            .notes
+            .push("Staging root: files only; nothing is started.".into()),
+        UnitState::NoSystemd(why) => plan.notes.push(format!(
+            "systemd is not running here ({why}): skipped daemon-reload, enable and start. Once it runs: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
+        )),
+        UnitState::Live { enabled, active } => {
+            if changed_service {
+                plan.steps.push(systemctl(&["daemon-reload"]));
+            }
+            if !enabled {
+                plan.steps.push(systemctl(&["enable", UNIT_NAME]));
+            }
+            if changed_service || !active {
+                plan.steps.push(systemctl(&["restart", UNIT_NAME]));
+            }
+        }
+    }
+    plan.notes.push("Logs go to the journal (journalctl -u pmguard-agent); the logrotate file rotates only the agent's event file.".into());
+    plan
+}
+
+/// Plans an uninstall from the manifest.
+pub fn plan_uninstall(obs: &Observed) -> Plan {
+    let mut plan = Plan::default();
+    let Some(m) = &obs.manifest else {
+        plan.notes
+            .push("No install manifest: pmguard is not installed here (nothing removed).".into());
+        return plan;
+    };
+    if let UnitState::Live { enabled, active } = &obs.unit {
+        if *active || *enabled {
+            plan.steps.push(systemctl(&["disable", "--now", UNIT_NAME]));
+        }
+    }
+    for (path, hash) in &m.files {
+        let Some(Some(old)) = obs.files.get(path) else {
+            continue;
+        };
+        let edited = sha256(&old.content) != *hash;
+        let is_config = path.ends_with("pmguard.toml");
+        if edited && is_config {
+            plan.notes.push(format!(
+                "{} was edited since install: kept (remove it by hand if you no longer need it)",
+                path.display()
+            ));
+            continue;
+        }
+        plan.steps.push(Step::Remove {
+            path: path.clone(),
+            old: old.clone(),
+        });
+    }
+    if let Some(Some(old)) = obs.files.get(Path::new(MANIFEST_PATH)) {
+        plan.steps.push(Step::Remove {
+            path: PathBuf::from(MANIFEST_PATH),
+            old: old.clone(),
+        });
+    }
+    for d in m.created_dirs.iter().rev() {
+        plan.steps.push(Step::RemoveDir { path: d.clone() });
+    }
+    if matches!(obs.unit, UnitState::Live { .. }) {
+        plan.steps.push(systemctl(&["daemon-reload"]));
+    }
+    plan
+}
+
+fn systemctl(args: &[&str]) -> Step {
+    Step::Systemctl {
+        args: args.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// A unified diff of two texts (or a one-line note for binaries).
+pub fn diff(old: &[u8], new: &[u8]) -> String {
+    match (std::str::from_utf8(old), std::str::from_utf8(new)) {
+        (Ok(a), Ok(b)) => similar::TextDiff::from_lines(a, b)
+            .unified_diff()
+            .context_radius(2)
+            .header("installed", "pmguard")
+            .to_string(),
+        _ => format!(
+            "binary differs: sha256 {} -> {}\n",
+            &sha256(old)[..16],
+            &sha256(new)[..16]
+        ),
+    }
+}
+
+/// The plan as shown to a person (and snapshot-tested).
+pub fn display(plan: &Plan) -> String {
+    let mut out = String::new();
+    for b in &plan.blocked {
+        let _ = writeln!(out, "BLOCKED: {b}");
+    }
+    if plan.steps.is_empty() {
+        let _ = writeln!(out, "Nothing to do.");
+    }
+    for s in &plan.steps {
+        match s {
+            Step::MkDir { path } => {
+                let _ = writeln!(out, "create directory {}", path.display());
+            }
+            Step::Write { file, old: None } => {
+                let _ = writeln!(
+                    out,
+                    "create {} (mode {:04o})",
+                    file.path.display(),
+                    file.mode
+                );
+            }
+            Step::Write { file, old: Some(o) } => {
+                if o.content == file.content {
+                    let _ = writeln!(
+                        out,
+                        "fix mode/owner of {}: {:04o} {}:{} -> {:04o} {}:{}",
+                        file.path.display(),
+                        o.mode,
+                        o.uid,
+                        o.gid,
+                        file.mode,
+                        file.uid,
+                        file.gid
+                    );
+                } else {
+                    let _ = writeln!(out, "update {}", file.path.display());
+                    out.push_str(&indent(&diff(&o.content, &file.content)));
+                }
+            }
+            Step::Remove { path, .. } => {
+                let _ = writeln!(out, "remove {}", path.display());
+            }
+            Step::RemoveDir { path } => {
+                let _ = writeln!(out, "remove directory {} (if empty)", path.display());
+            }
+            Step::Systemctl { args } => {
+                let _ = writeln!(out, "systemctl {}", args.join(" "));
+            }
+        }
+    }
+    for n in &plan.notes {
+        let _ = writeln!(out, "note: {n}");
+    }
+    out
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// Carries out a plan under `root`. Stops at the first failure (the next run converges).
+pub fn apply(
+    plan: &Plan,
+    root: &Path,
+    systemd: &dyn Systemd,
+    can_chown: bool,
+) -> Result<(), String> {
+    for s in &plan.steps {
+        match s {
+            Step::MkDir { path } => {
+                let real = under(root, path);
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&real)
+                    .or_else(|e| if real.is_dir() { Ok(()) } else { Err(e) })
+                    .map_err(|e| format!("create {}: {e}", real.display()))?;
+            }
+            Step::Write { file, .. } => write_file(root, file, can_chown)?,
+            Step::Remove { path, .. } => {
+                let real = under(root, path);
+                match std::fs::remove_file(&real) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("remove {}: {e}", real.display())),
+                }
+            }
+            Step::RemoveDir { path } => {
+                // Only when empty: anything the user put there stays.
+                let _ = std::fs::remove_dir(under(root, path));
+            }
+            Step::Systemctl { args } => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                systemd.run(&args)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_file(root: &Path, f: &DesiredFile, can_chown: bool) -> Result<(), String> {
+    let real = under(root, &f.path);
+    let dir = real.parent().ok_or("no parent directory")?;
+    let tmp = dir.join(format!(
+        ".{}.pmguard-{}.tmp",
+        real.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        file.write_all(&f.content)?;
+        if can_chown {
+            std::os::unix::fs::fchown(&file, Some(f.uid), Some(f.gid))?;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &real)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("write {}: {e}", real.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::tests::{rendered, FULL, MINIMAL};
+    use crate::render::{CONFIG_PATH, UNIT_PATH};
+    use crate::systemd::Systemctl;
+
+    const STAGED: Systemctl = Systemctl { staged: true };
+
+    /// Every file under `root` with its bytes and mode: what "exactly as before" compares.
+    fn tree(root: &Path) -> BTreeMap<PathBuf, (Vec<u8>, u32)> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let m = std::fs::symlink_metadata(&p).unwrap();
+                let rel = p.strip_prefix(root).unwrap().to_path_buf();
+                if m.is_dir() {
+                    out.insert(rel, (Vec::new(), m.mode()));
+                    stack.push(p);
+                } else {
+                    out.insert(rel, (std::fs::read(&p).unwrap(), m.mode()));
+                }
+            }
+        }
+        out
+    }
+
+    fn install(root: &Path, config: &str, force: bool) -> Plan {
+        let desired = rendered(config);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root, &paths, &STAGED).unwrap();
+        let plan = plan_install(&desired, &obs, force, false);
+        if plan.blocked.is_empty() {
+            apply(&plan, root, &STAGED, false).unwrap();
+        }
+        plan
+    }
+
+    fn replan(root: &Path, config: &str) -> Plan {
+        let desired = rendered(config);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        plan_install(
+            &desired,
+            &observe(root, &paths, &STAGED).unwrap(),
+            false,
+            false,
+        )
+    }
+
+    fn user_files(root: &Path) {
+        std::fs::create_dir_all(root.join("etc/systemd/system")).unwrap();
+        std::fs::write(
+            root.join("etc/systemd/system/other.service"),
+            "[Service]\nExecStart=/bin/true\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn apply_then_plan_again_is_empty_and_touches_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let first = install(root.path(), FULL, false);
+        assert!(!first.is_empty());
+        let unit = root.path().join("etc/systemd/system/pmguard-agent.service");
+        let mtime = std::fs::metadata(&unit).unwrap().modified().unwrap();
+        let again = replan(root.path(), FULL);
+        assert!(again.is_empty(), "{}", display(&again));
+        assert!(display(&again).starts_with("Nothing to do.\n"));
+        install(root.path(), FULL, false);
+        assert_eq!(std::fs::metadata(&unit).unwrap().modified().unwrap(), mtime);
+    }
+
+    #[test]
+    fn a_hand_edited_unit_is_put_back_with_the_diff_shown() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), MINIMAL, false);
+        let unit = root.path().join("etc/systemd/system/pmguard-agent.service");
+        let original = std::fs::read_to_string(&unit).unwrap();
+        std::fs::write(&unit, original.replace("Restart=on-failure", "Restart=no")).unwrap();
+        let plan = replan(root.path(), MINIMAL);
+        let shown = display(&plan);
+        assert!(shown.contains(&format!("update {UNIT_PATH}")), "{shown}");
+        assert!(
+            shown.contains("-Restart=no") && shown.contains("+Restart=on-failure"),
+            "{shown}"
+        );
+        install(root.path(), MINIMAL, false);
+        assert_eq!(std::fs::read_to_string(&unit).unwrap(), original);
+    }
+
+    #[test]
+    fn a_mode_change_is_put_back() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), MINIMAL, false);
+        let cron = root.path().join("etc/cron.d/pmguard");
+        std::fs::set_permissions(&cron, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let plan = replan(root.path(), MINIMAL);
+        assert!(
+            display(&plan).contains("fix mode/owner of /etc/cron.d/pmguard: 0666"),
+            "{}",
+            display(&plan)
+        );
+        install(root.path(), MINIMAL, false);
+        assert_eq!(std::fs::metadata(&cron).unwrap().mode() & 0o777, 0o644);
+    }
+
+    #[test]
+    fn an_edited_config_needs_force() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), MINIMAL, false);
+        let cfg = root.path().join("etc/pmguard/pmguard.toml");
+        std::fs::write(&cfg, format!("{MINIMAL}max_retries = 5\n")).unwrap();
+        let plan = install(root.path(), FULL, false);
+        assert_eq!(plan.blocked.len(), 1);
+        let shown = display(&plan);
+        assert!(
+            shown.contains(&format!("BLOCKED: {CONFIG_PATH} was edited")),
+            "{shown}"
+        );
+        assert!(shown.contains("-max_retries = 5"), "{shown}");
+        assert!(
+            std::fs::read_to_string(&cfg)
+                .unwrap()
+                .contains("max_retries = 5"),
+            "nothing written"
+        );
+        let plan = install(root.path(), FULL, true);
+        assert!(plan.blocked.is_empty());
+        assert!(std::fs::read_to_string(&cfg).unwrap().contains("[aws]"));
+    }
+
+    #[test]
+    fn uninstall_leaves_the_root_exactly_as_before() {
+        let root = tempfile::tempdir().unwrap();
+        user_files(root.path());
+        let before = tree(root.path());
+        install(root.path(), FULL, false);
+        assert_ne!(tree(root.path()), before);
+        let obs = observe(root.path(), &[], &STAGED).unwrap();
+        let plan = plan_uninstall(&obs);
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        assert_eq!(tree(root.path()), before);
+        let again = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn uninstall_keeps_an_edited_config() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), MINIMAL, false);
+        let cfg = root.path().join("etc/pmguard/pmguard.toml");
+        std::fs::write(&cfg, "# mine\n").unwrap();
+        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "# mine\n");
+        assert!(!root
+            .path()
+            .join("etc/systemd/system/pmguard-agent.service")
+            .exists());
+    }
+
+    #[test]
+    fn an_interrupted_install_converges() {
+        for cut in 1..14 {
+            let root = tempfile::tempdir().unwrap();
+            let desired = rendered(FULL);
+            let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+            let mut plan = plan_install(
+                &desired,
+                &observe(root.path(), &paths, &STAGED).unwrap(),
+                false,
+                false,
+            );
+            let manifest_at = plan
+                .steps
+                .iter()
+                .position(|s| matches!(s, Step::Write { file, .. } if file.path == Path::new(MANIFEST_PATH)))
+                .unwrap();
+            plan.steps.truncate(cut);
+            apply(&plan, root.path(), &STAGED, false).unwrap();
+            install(root.path(), FULL, false);
+            assert!(replan(root.path(), FULL).is_empty(), "cut at {cut}");
+            let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+            apply(&plan, root.path(), &STAGED, false).unwrap();
+            // Once the manifest is written (step 3 on an empty root), nothing is left behind.
+            if cut > manifest_at {
+                assert!(
+                    tree(root.path()).is_empty(),
+                    "cut at {cut}: {:?}",
+                    tree(root.path()).keys().collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn removing_aws_removes_the_iam_policy() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), FULL, true);
+        assert!(root.path().join("etc/pmguard/iam-policy.json").exists());
+        install(root.path(), MINIMAL, true);
+        assert!(!root.path().join("etc/pmguard/iam-policy.json").exists());
+        assert!(replan(root.path(), MINIMAL).is_empty());
+    }
+
+    #[test]
+    fn plan_display_snapshot() {
+        let root = tempfile::tempdir().unwrap();
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let plan = plan_install(
+            &desired,
+            &observe(root.path(), &paths, &STAGED).unwrap(),
+            false,
+            false,
+        );
+        insta::assert_snapshot!("fresh_install_plan", display(&plan));
+    }
+}

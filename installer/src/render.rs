@@ -1,0 +1,353 @@
+//! What `pmguard install` lays down, rendered from the config: every file's path, bytes, mode and
+//! owner. Pure: no file is read here except the agent binary's bytes passed in by the caller.
+//!
+//! Text files come from askama templates in `templates/` (escaping off: none of them is HTML);
+//! the IAM policy is JSON built from typed structs. Every text file carries `MARKER`.
+
+use std::path::{Path, PathBuf};
+
+use askama::Template;
+use pmguard_agent::config::Config;
+
+use crate::iam;
+use crate::users::Account;
+
+/// The "managed by pmguard" marker every rendered text file carries.
+pub const MARKER: &str =
+    "Managed by pmguard. Do not edit: changes are reverted by `pmguard install`.";
+
+pub const AGENT_PATH: &str = "/usr/local/bin/pmguard-agent";
+pub const CONFIG_PATH: &str = "/etc/pmguard/pmguard.toml";
+pub const UNIT_PATH: &str = "/etc/systemd/system/pmguard-agent.service";
+pub const UNIT_NAME: &str = "pmguard-agent.service";
+pub const CRON_PATH: &str = "/etc/cron.d/pmguard";
+pub const LOGROTATE_PATH: &str = "/etc/logrotate.d/pmguard";
+pub const IAM_PATH: &str = "/etc/pmguard/iam-policy.json";
+pub const MANIFEST_PATH: &str = "/etc/pmguard/install-manifest.json";
+
+/// One file to lay down.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredFile {
+    /// Absolute path on the target system (the root is applied later).
+    pub path: PathBuf,
+    pub content: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub kind: FileKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// Rendered by pmguard; drift is put back.
+    Managed,
+    /// The user's config: never overwritten silently once edited.
+    UserConfig,
+    /// The agent binary.
+    Binary,
+}
+
+/// Inputs to rendering that are not in the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub account: Account,
+    /// The validated config file's exact text.
+    pub config_text: String,
+    pub agent_binary: Vec<u8>,
+}
+
+#[derive(Template)]
+#[template(path = "pmguard-agent.service", escape = "none")]
+struct UnitTemplate<'a> {
+    marker: &'a str,
+    user: &'a str,
+    group: &'a str,
+    pm2_unit: String,
+    pm2_home: String,
+    agent_path: &'a str,
+    config_path: &'a str,
+    watchdog_sec: &'a str,
+    state_lines: Vec<String>,
+    local_only: bool,
+}
+
+#[derive(Template)]
+#[template(path = "pmguard.cron", escape = "none")]
+struct CronTemplate<'a> {
+    marker: &'a str,
+    schedule: &'a str,
+    user: &'a str,
+    agent_path: &'a str,
+    config_path: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "pmguard.logrotate", escape = "none")]
+struct LogrotateTemplate<'a> {
+    marker: &'a str,
+    events_path: String,
+    user: &'a str,
+    group: &'a str,
+}
+
+/// Why rendering failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("template {name}: {source}")]
+    Template {
+        name: &'static str,
+        source: askama::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The PM2 home the agent will use: the config's, else `~user/.pm2`.
+pub fn pm2_home(config: &Config, account: &Account) -> PathBuf {
+    config
+        .agent
+        .pm2_home
+        .clone()
+        .unwrap_or_else(|| account.home.join(".pm2"))
+}
+
+/// Renders every file `install` lays down, in a stable order.
+pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderError> {
+    let a = &s.account;
+    for (what, value) in [
+        ("state_dir", config.agent.state_dir.display().to_string()),
+        ("pm2_home", pm2_home(config, a).display().to_string()),
+        ("user", a.user.clone()),
+    ] {
+        if value
+            .chars()
+            .any(|c| c.is_whitespace() || c == '%' || c == '"' || c == '\\')
+        {
+            return Err(RenderError::Unsupported(format!(
+                "{what} `{value}` holds spaces, quotes, backslashes or %: systemd and cron need it plain"
+            )));
+        }
+    }
+    let state_dir = &config.agent.state_dir;
+    let state_lines = match state_dir.strip_prefix("/var/lib") {
+        Ok(rel) if !rel.as_os_str().is_empty() => vec![
+            format!("StateDirectory={}", rel.display()),
+            "StateDirectoryMode=0750".to_string(),
+        ],
+        _ => vec![format!("ReadWritePaths={}", state_dir.display())],
+    };
+    let unit = UnitTemplate {
+        marker: MARKER,
+        user: &a.user,
+        group: &a.group,
+        pm2_unit: format!("pm2-{}.service", a.user),
+        pm2_home: pm2_home(config, a).display().to_string(),
+        agent_path: AGENT_PATH,
+        config_path: CONFIG_PATH,
+        watchdog_sec: "30s",
+        state_lines,
+        local_only: config.aws.is_none()
+            && config
+                .apps
+                .iter()
+                .all(|a| a.health_url.as_ref().is_none_or(|u| is_loopback(&u.host))),
+    }
+    .render()
+    .map_err(|source| RenderError::Template {
+        name: "pmguard-agent.service",
+        source,
+    })?;
+    let cron = CronTemplate {
+        marker: MARKER,
+        schedule: "*/5 * * * *",
+        user: &a.user,
+        agent_path: AGENT_PATH,
+        config_path: CONFIG_PATH,
+    }
+    .render()
+    .map_err(|source| RenderError::Template {
+        name: "pmguard.cron",
+        source,
+    })?;
+    let logrotate = LogrotateTemplate {
+        marker: MARKER,
+        events_path: state_dir.join("events.jsonl").display().to_string(),
+        user: &a.user,
+        group: &a.group,
+    }
+    .render()
+    .map_err(|source| RenderError::Template {
+        name: "pmguard.logrotate",
+        source,
+    })?;
+    let text = |path: &str, body: String, mode: u32, gid: u32| DesiredFile {
+        path: PathBuf::from(path),
+        content: ensure_newline(body).into_bytes(),
+        mode,
+        uid: 0,
+        gid,
+        kind: FileKind::Managed,
+    };
+    let mut files = vec![
+        DesiredFile {
+            path: PathBuf::from(AGENT_PATH),
+            content: s.agent_binary.clone(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            kind: FileKind::Binary,
+        },
+        DesiredFile {
+            path: PathBuf::from(CONFIG_PATH),
+            content: ensure_newline(s.config_text.clone()).into_bytes(),
+            // Readable by the agent's group (the cron check runs as the PM2 user), not by others.
+            mode: 0o640,
+            uid: 0,
+            gid: a.gid,
+            kind: FileKind::UserConfig,
+        },
+        text(UNIT_PATH, unit, 0o644, 0),
+        text(CRON_PATH, cron, 0o644, 0),
+        text(LOGROTATE_PATH, logrotate, 0o644, 0),
+    ];
+    if let Some(policy) = iam::policy(config) {
+        files.push(text(IAM_PATH, iam::to_json(&policy), 0o644, 0));
+    }
+    Ok(files)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn ensure_newline(mut s: String) -> String {
+    if !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+/// `path` under `root` (like DESTDIR).
+pub fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::path::Path;
+
+    pub(crate) fn account() -> Account {
+        Account {
+            user: "ubuntu".into(),
+            uid: 1000,
+            group: "ubuntu".into(),
+            gid: 1000,
+            home: PathBuf::from("/home/ubuntu"),
+        }
+    }
+
+    pub(crate) fn rendered(config: &str) -> Vec<DesiredFile> {
+        let c = Config::parse(Path::new("/etc/pmguard/pmguard.toml"), config).unwrap();
+        render(
+            &c,
+            &Settings {
+                account: account(),
+                config_text: config.to_string(),
+                agent_binary: b"\x7fELF not a real binary".to_vec(),
+            },
+        )
+        .unwrap()
+    }
+
+    pub(crate) const MINIMAL: &str =
+        "[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\n";
+    pub(crate) const FULL: &str = "[agent]\ninterval = \"10s\"\nstate_dir = \"/var/lib/pmguard\"\npm2_home = \"/home/ubuntu/.pm2\"\n\n[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\nexpect_body = \"healthy\"\nmax_retries = 3\n\n[aws]\nregion = \"us-east-1\"\nnamespace = \"PM2/CodeBox\"\nlog_group = \"/aws/ec2/pm2-health\"\nsns_topic = \"pmguard-alerts\"\nalarm_email = \"ops@example.com\"\n";
+    pub(crate) const MULTI: &str = "[agent]\nstate_dir = \"/srv/pmguard/state\"\n\n[[apps]]\nname = \"api\"\nhealth_url = \"http://127.0.0.1:5000/health\"\n\n[[apps]]\nname = \"worker\"\n\n[[apps]]\nname = \"web\"\nhealth_url = \"http://10.0.0.5:8080/health\"\n";
+
+    fn snapshot_all(label: &str, config: &str) {
+        for f in rendered(config) {
+            if f.kind == FileKind::Binary {
+                continue;
+            }
+            let name = format!("{label}{}", f.path.display().to_string().replace('/', "_"));
+            let text = String::from_utf8(f.content.clone()).unwrap();
+            insta::assert_snapshot!(
+                name,
+                format!("mode {:04o} owner {}:{}\n{text}", f.mode, f.uid, f.gid)
+            );
+        }
+    }
+
+    #[test]
+    fn snapshots_minimal() {
+        snapshot_all("minimal", MINIMAL);
+    }
+
+    #[test]
+    fn snapshots_full() {
+        snapshot_all("full", FULL);
+    }
+
+    #[test]
+    fn snapshots_multi_app() {
+        snapshot_all("multi", MULTI);
+    }
+
+    #[test]
+    fn every_text_file_is_marked_and_ends_with_a_newline() {
+        for f in rendered(FULL) {
+            if f.kind == FileKind::Managed {
+                let t = String::from_utf8(f.content).unwrap();
+                assert!(
+                    t.contains(MARKER) || f.path.ends_with("iam-policy.json"),
+                    "{}",
+                    f.path.display()
+                );
+                assert!(t.ends_with('\n'));
+            }
+        }
+    }
+
+    #[test]
+    fn loopback_only_without_aws_denies_other_addresses() {
+        let unit = |c: &str| {
+            let f = rendered(c)
+                .into_iter()
+                .find(|f| f.path == Path::new(UNIT_PATH))
+                .unwrap();
+            String::from_utf8(f.content).unwrap()
+        };
+        assert!(unit(MINIMAL).contains("IPAddressDeny=any"));
+        assert!(
+            !unit(FULL).contains("IPAddressDeny=any"),
+            "AWS must stay reachable"
+        );
+        assert!(
+            !unit(MULTI).contains("IPAddressDeny=any"),
+            "10.0.0.5 is probed"
+        );
+    }
+
+    #[test]
+    fn unsafe_values_are_refused() {
+        let c = Config::parse(
+            Path::new("/x.toml"),
+            "[agent]\nstate_dir = \"/var/lib/pm guard\"\n[[apps]]\nname = \"a\"\n",
+        )
+        .unwrap();
+        let err = render(
+            &c,
+            &Settings {
+                account: account(),
+                config_text: String::new(),
+                agent_binary: vec![],
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("spaces"), "{err}");
+    }
+}

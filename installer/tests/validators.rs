@@ -1,0 +1,249 @@
+//! Every rendered file through the real tool that will read it, failing on any warning:
+//! systemd-analyze (verify, security), logrotate -d, crontab -n, parliament (IAM lint).
+//! The tools are installed by .ci/run; a missing tool fails the test with the package to install.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use pmguard_agent::config::Config;
+use pmguard_installer::iam;
+use pmguard_installer::render::{
+    self, DesiredFile, Settings, CRON_PATH, IAM_PATH, LOGROTATE_PATH, UNIT_PATH,
+};
+use pmguard_installer::users;
+
+const FULL: &str = "[agent]\ninterval = \"10s\"\n\n[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\n\n[[apps]]\nname = \"worker\"\n\n[aws]\nregion = \"us-east-1\"\nsns_topic = \"pmguard-alerts\"\nalarm_email = \"ops@example.com\"\n";
+const LOCAL: &str = "[[apps]]\nname = \"codebox\"\nhealth_url = \"http://127.0.0.1:5000/health\"\n";
+
+fn tool(name: &str, package: &str) -> String {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "`{name}` is missing: install {package} (bash .ci/run does)"
+    );
+    String::from_utf8(found.stdout).unwrap().trim().to_string()
+}
+
+/// Renders for a user that exists on this host (logrotate checks `su`/`create` owners).
+fn render_for_host(config: &str) -> Vec<DesiredFile> {
+    render_as(config, users::lookup(Path::new("/"), "nobody").unwrap())
+}
+
+/// Renders for the seed's `ubuntu` account (systemd flags `nobody` as unsafe, rightly).
+fn render_for_ubuntu(config: &str) -> Vec<DesiredFile> {
+    let account = users::Account {
+        user: "ubuntu".into(),
+        uid: 1000,
+        group: "ubuntu".into(),
+        gid: 1000,
+        home: "/home/ubuntu".into(),
+    };
+    render_as(config, account)
+}
+
+fn render_as(config: &str, account: users::Account) -> Vec<DesiredFile> {
+    let c = Config::parse(Path::new("/etc/pmguard/pmguard.toml"), config).unwrap();
+    render::render(
+        &c,
+        &Settings {
+            account,
+            config_text: config.into(),
+            agent_binary: b"#!/bin/sh\n".to_vec(),
+        },
+    )
+    .unwrap()
+}
+
+/// A staging root with the rendered files, the host's systemd units and /bin/kill.
+fn staged(config: &str) -> (tempfile::TempDir, Vec<DesiredFile>) {
+    let root = tempfile::tempdir().unwrap();
+    let files = render_for_ubuntu(config);
+    for f in &files {
+        let p = render::under(root.path(), &f.path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &f.content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode)).unwrap();
+    }
+    let units = root.path().join("usr/lib/systemd");
+    std::fs::create_dir_all(&units).unwrap();
+    assert!(Command::new("cp")
+        .args(["-a", "/usr/lib/systemd/system"])
+        .arg(&units)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::create_dir_all(root.path().join("bin")).unwrap();
+    std::fs::copy("/bin/kill", root.path().join("bin/kill")).unwrap();
+    (root, files)
+}
+
+fn file<'a>(files: &'a [DesiredFile], path: &str) -> &'a DesiredFile {
+    files.iter().find(|f| f.path == Path::new(path)).unwrap()
+}
+
+#[test]
+fn unit_verifies_without_a_single_warning() {
+    let sa = tool("systemd-analyze", "systemd");
+    for config in [FULL, LOCAL] {
+        let (root, _) = staged(config);
+        let out = Command::new(&sa)
+            .arg("verify")
+            .arg(format!("--root={}", root.path().display()))
+            .arg("--man=no")
+            .arg(render::under(root.path(), Path::new(UNIT_PATH)))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "systemd-analyze verify: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn unit_exposure_is_at_most_1_5() {
+    let sa = tool("systemd-analyze", "systemd");
+    for config in [FULL, LOCAL] {
+        let (root, _) = staged(config);
+        let out = Command::new(&sa)
+            .args(["security", "--offline=true", "--threshold=15", "--no-pager"])
+            .arg(format!("--root={}", root.path().display()))
+            .arg("pmguard-agent.service")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "exposure above 1.5:\n{text}");
+        let level: f64 = text
+            .lines()
+            .find_map(|l| l.split("pmguard-agent.service: ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+        assert!(level <= 1.5, "exposure {level}");
+    }
+}
+
+#[test]
+fn logrotate_reads_it_without_error() {
+    let lr = tool("logrotate", "logrotate");
+    let root = tempfile::tempdir().unwrap();
+    let f = render_for_host(FULL)
+        .into_iter()
+        .find(|f| f.path == Path::new(LOGROTATE_PATH))
+        .unwrap();
+    let p = render::under(root.path(), &f.path);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, &f.content).unwrap();
+    let state = root.path().join("logrotate.status");
+    let out = Command::new(lr)
+        .arg("-d")
+        .arg("-s")
+        .arg(&state)
+        .arg(render::under(root.path(), Path::new(LOGROTATE_PATH)))
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !all.contains("error:"),
+        "logrotate -d:\n{all}"
+    );
+    assert!(
+        all.contains("rotating pattern: /var/lib/pmguard/events.jsonl"),
+        "{all}"
+    );
+}
+
+#[test]
+fn cron_file_is_one_cron_will_read() {
+    let ct = tool("crontab", "cron");
+    let files = render_for_host(FULL);
+    let cron = file(&files, CRON_PATH);
+    let name = cron.path.file_name().unwrap().to_str().unwrap();
+    assert!(
+        name.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+        "cron ignores {name}"
+    );
+    assert_eq!(cron.mode, 0o644);
+    assert_eq!(cron.uid, 0);
+    let text = String::from_utf8(cron.content.clone()).unwrap();
+    assert!(text.ends_with('\n'));
+    let jobs: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('=') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(jobs.len(), 1);
+    // crontab -n checks user-crontab syntax: drop the user field (the 6th).
+    let fields: Vec<&str> = jobs[0].split_whitespace().collect();
+    assert_eq!(fields[5], "nobody");
+    let user_line = format!("{} {}\n", fields[..5].join(" "), fields[6..].join(" "));
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("line");
+    std::fs::write(&p, &user_line).unwrap();
+    let out = Command::new(ct).arg("-n").arg(&p).output().unwrap();
+    assert!(
+        out.status.success(),
+        "crontab -n: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn iam_policy_is_clean_and_grants_exactly_the_calls_made() {
+    let parliament = tool("parliament", "parliament (pip)");
+    let files = render_for_host(FULL);
+    let policy = file(&files, IAM_PATH);
+    let mut child = Command::new(parliament)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&policy.content)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "parliament findings:\n{text}"
+    );
+    let c = Config::parse(Path::new("/x.toml"), FULL).unwrap();
+    let granted = iam::actions(&iam::policy(&c).unwrap());
+    let mut made: Vec<String> = pmguard_agent::aws::names::AGENT_IAM_ACTIONS
+        .iter()
+        .chain(iam::PROVISION_IAM_ACTIONS)
+        .map(|s| s.to_string())
+        .collect();
+    made.sort();
+    made.dedup();
+    assert_eq!(granted, made);
+    let v: serde_json::Value = serde_json::from_slice(&policy.content).unwrap();
+    let put = v["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Action"][0] == "cloudwatch:PutMetricData")
+        .unwrap();
+    assert_eq!(
+        put["Condition"]["StringEquals"]["cloudwatch:namespace"],
+        "PM2/CodeBox"
+    );
+}

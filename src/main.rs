@@ -1,0 +1,289 @@
+//! `pmguard`: the installer CLI. Renders plans and errors; the work is in `pmguard-installer`.
+//! Exit codes: 0 ok (or nothing to do); 1 blocked, drift or checks failed; 2 error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pmguard_agent::config::Config;
+use pmguard_installer::plan::{self, Plan};
+use pmguard_installer::render::{self, Settings};
+use pmguard_installer::systemd::Systemctl;
+use pmguard_installer::users;
+
+#[derive(Parser)]
+#[command(
+    name = "pmguard",
+    version,
+    about = "Install, provision and check pmguard."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lay down the agent, its config, systemd unit, cron backup check, logrotate file and IAM
+    /// policy; enable and start the agent. Shows the plan first; re-running is safe.
+    Install {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Staging root (like DESTDIR): every path is written under it and nothing is started.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Print the plan (with diffs) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The account that runs PM2 (default: $SUDO_USER).
+        #[arg(long)]
+        user: Option<String>,
+        /// Replace a config file that was edited since pmguard installed it.
+        #[arg(long)]
+        force: bool,
+        /// The agent binary to install (default: pmguard-agent next to this program).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+    },
+    /// Stop and disable the agent and remove exactly what install laid down.
+    Uninstall {
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove what provision-aws created for this instance (alarms, dashboard, topic,
+        /// log group); needs --config.
+        #[arg(long)]
+        aws: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check every part of the install and say how to fix what is wrong
+    /// (exit 0: nothing failed; 1: something failed; 2: doctor could not run).
+    Doctor {
+        #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// The account that runs PM2 (default: the unit's User=).
+        #[arg(long)]
+        user: Option<String>,
+        /// Machine-readable list of checks.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create or update the SNS topic, email subscription, log group, alarms and dashboard
+    /// the config asks for; a second run changes nothing.
+    ProvisionAws {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Install {
+            config,
+            root,
+            dry_run,
+            user,
+            force,
+            agent_bin,
+        } => install(&config, root, dry_run, user, force, agent_bin),
+        Command::Uninstall {
+            root,
+            dry_run,
+            aws,
+            config,
+        } => uninstall(root, dry_run).and_then(|code| {
+            if !aws {
+                return Ok(code);
+            }
+            let config = config.ok_or("--aws needs --config (to know the names to remove)")?;
+            aws_converge(&config, dry_run, true)
+        }),
+        Command::ProvisionAws { config, dry_run } => aws_converge(&config, dry_run, false),
+        Command::Doctor {
+            config,
+            root,
+            user,
+            json,
+        } => doctor(&config, root, user, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Only root can give files their owners; a staging install as a user keeps its own.
+fn can_chown() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn install(
+    config_path: &Path,
+    root: Option<PathBuf>,
+    dry_run: bool,
+    user: Option<String>,
+    force: bool,
+    agent_bin: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let config = Config::load(config_path).map_err(|e| format!("{e}\nNothing was installed."))?;
+    let config_text = std::fs::read_to_string(config_path)
+        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let staged = root.is_some();
+    let root = root.unwrap_or_else(|| PathBuf::from("/"));
+    let user = user
+        .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
+        .ok_or("which account runs PM2? pass --user USER (the user of `pm2 startup`)")?;
+    let account = users::lookup(&root, &user)?;
+    let agent_bin = match agent_bin {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("pmguard-agent"),
+    };
+    let agent_binary = std::fs::read(&agent_bin).map_err(|e| {
+        format!(
+            "cannot read the agent binary {}: {e} (pass --agent-bin)",
+            agent_bin.display()
+        )
+    })?;
+    let settings = Settings {
+        account,
+        config_text,
+        agent_binary,
+    };
+    let desired = render::render(&config, &settings).map_err(|e| e.to_string())?;
+    let systemd = Systemctl { staged };
+    let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+    let observed = plan::observe(&root, &paths, &systemd)?;
+    let plan = plan::plan_install(&desired, &observed, force, can_chown());
+    finish(&plan, &root, &systemd, dry_run)?;
+    if let Some(policy) = pmguard_installer::iam::policy(&config) {
+        if !dry_run && plan.blocked.is_empty() {
+            println!(
+                "\nAttach this IAM policy to the instance role (also in {}):\n{}",
+                render::IAM_PATH,
+                pmguard_installer::iam::to_json(&policy)
+            );
+        }
+    }
+    Ok(if plan.blocked.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, String> {
+    let staged = root.is_some();
+    let root = root.unwrap_or_else(|| PathBuf::from("/"));
+    let systemd = Systemctl { staged };
+    let observed = plan::observe(&root, &[], &systemd)?;
+    let plan = plan::plan_uninstall(&observed);
+    finish(&plan, &root, &systemd, dry_run)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Result<(), String> {
+    print!("{}", plan::display(plan));
+    if !plan.blocked.is_empty() {
+        println!("Nothing was changed.");
+        return Ok(());
+    }
+    if dry_run || plan.is_empty() {
+        return Ok(());
+    }
+    plan::apply(plan, root, systemd, can_chown())?;
+    println!("Done.");
+    Ok(())
+}
+
+/// provision-aws (or, with `remove`, uninstall --aws): observe, plan, print, apply.
+fn aws_converge(config_path: &Path, dry_run: bool, remove: bool) -> Result<ExitCode, String> {
+    use pmguard_installer::aws::provision;
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let Some(aws) = config.aws.as_ref() else {
+        return Err(format!(
+            "{} has no [aws] section: nothing to provision",
+            config_path.display()
+        ));
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let clients = provision::clients(&config).await;
+        let instance = match &aws.instance_id {
+            Some(i) => i.clone(),
+            None => pmguard_agent::aws::sink::instance_id().await,
+        };
+        let observed = provision::observe(&clients, &config, &instance)
+            .await
+            .map_err(|e| e.to_string())?;
+        let steps = if remove {
+            provision::plan_removal(&config, &instance, &observed)
+        } else {
+            provision::plan(&config, &instance, &clients.region, &observed)?
+        };
+        println!("AWS ({}, instance {instance}):", clients.region);
+        print!("{}", provision::display(&steps, &observed, &config));
+        if dry_run || steps.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let calls = provision::apply(&clients, &steps)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("Done: {calls} change(s) applied.");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn doctor(
+    config_path: &Path,
+    root: Option<PathBuf>,
+    user: Option<String>,
+    json: bool,
+) -> Result<ExitCode, String> {
+    use pmguard_installer::doctor;
+    let live = root.is_none();
+    let root = root.unwrap_or_else(|| PathBuf::from("/"));
+    let target = doctor::Target {
+        root: &root,
+        config_path,
+        live,
+        user,
+    };
+    let (mut checks, config) = doctor::local_checks(&target);
+    if let Some(config) = &config {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        checks.extend(runtime.block_on(doctor::aws_checks(config)));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&checks).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", doctor::table(&checks));
+    }
+    Ok(if doctor::failed(&checks) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
