@@ -42,8 +42,13 @@ pub struct Shared {
     pub ticks_per_sec: u64,
     /// The last `getMonitorData`, reused by apps checked within `SNAPSHOT_MAX_AGE` of it.
     snapshot: Mutex<Option<(Mono, SnapshotResult)>>,
-    /// Serializes `pm2 resurrect` among the apps of this process.
-    resurrect: Mutex<()>,
+    /// Serializes `pm2 resurrect` among the apps of this process; holds when the agent last
+    /// alerted that it cannot resurrect from inside its sandbox.
+    resurrect: Mutex<Option<Mono>>,
+    /// Running in the systemd sandbox (`PMGUARD_SANDBOXED=1` in the unit): a PM2 daemon started
+    /// from here would inherit the sandbox (read-only home, private /tmp) and die with the agent,
+    /// so the daemon alerts and the cron backup check, outside the sandbox, resurrects.
+    pub sandboxed: bool,
     pub board: Mutex<BTreeMap<String, AppStatus>>,
     /// Per-check metrics for the AWS sink; `None` without an `[aws]` section.
     pub recorder: Option<Arc<crate::aws::Recorder>>,
@@ -62,7 +67,8 @@ impl Shared {
             proc_root: PathBuf::from("/proc"),
             ticks_per_sec: procfs::ticks_per_sec(),
             snapshot: Mutex::new(None),
-            resurrect: Mutex::new(()),
+            resurrect: Mutex::new(None),
+            sandboxed: false,
             board: Mutex::new(BTreeMap::new()),
             recorder: None,
         }
@@ -586,43 +592,66 @@ impl App {
     /// Brings a dead PM2 daemon back with `pm2 resurrect`, at most once per cooldown (shared
     /// with the other apps and with the backup check through `restarts.json`).
     fn resurrect(&mut self, shared: &Shared, reason: &str) {
-        let _one = lock(&shared.resurrect);
-        if !shared.agent.resurrect {
-            shared.emit(Event::new(Kind::Resurrect, Some(&self.cfg.name), format!("PM2 daemon is down ({reason}); resurrect is off in the config, so a person must run `pm2 resurrect`.")));
+        if shared.sandboxed {
+            let mut last = lock(&shared.resurrect);
+            let now = clock::mono_now();
+            if last.is_none_or(|t| now.saturating_sub(t) >= self.policy.restart_cooldown) {
+                *last = Some(now);
+                shared.emit(
+                    Event::new(Kind::Resurrect, Some(&self.cfg.name), format!(
+                        "PM2 daemon is down ({reason}). The agent runs in systemd's sandbox, which a PM2 it started would inherit, so the backup check (cron, every 5 minutes) resurrects it. Now: `sudo systemctl restart pm2-<user>` or `pm2 resurrect` as the PM2 user."
+                    ))
+                    .with("action", "alert"),
+                );
+            }
             return;
         }
-        // Another app may have brought it back while we waited.
-        if shared.client.ping(Duration::from_secs(1)).is_ok() {
-            return;
+        if resurrect_pm2(shared, &self.cfg.name, reason, self.policy.restart_cooldown) {
+            self.state
+                .restarted_elsewhere(clock::mono_now(), &self.policy);
         }
-        let Ok(_guard) = shared.state.lock_restarts(Duration::from_secs(5)) else {
-            return;
-        };
-        let mut book = shared.state.read_restarts();
-        let now = clock::mono_now();
-        if book
-            .resurrected_at
-            .is_some_and(|t| now.saturating_sub(t) < self.policy.restart_cooldown)
-        {
-            return;
-        }
-        book.resurrected_at = Some(now);
-        let _ = shared.state.write_restarts(&book);
-        let home = shared.client.paths().home.clone();
-        let result = run_resurrect(&shared.agent.pm2_bin, &home);
-        let e = Event::new(
-            Kind::Resurrect,
-            Some(&self.cfg.name),
-            match &result {
-                Ok(()) => format!("PM2 daemon was down ({reason}); ran `pm2 resurrect`."),
-                Err(e) => format!("PM2 daemon was down ({reason}); `pm2 resurrect` failed: {e}."),
-            },
-        )
-        .with("path", home.display().to_string());
-        shared.emit(e);
-        self.state
-            .restarted_elsewhere(clock::mono_now(), &self.policy);
     }
+}
+
+/// Runs `pm2 resurrect` when the PM2 daemon does not answer, at most once per `cooldown_ms`
+/// (shared with every app and with the other pmguard process through `restarts.json`).
+/// Returns whether it ran.
+pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64) -> bool {
+    let _one = lock(&shared.resurrect);
+    if !shared.agent.resurrect {
+        shared.emit(Event::new(Kind::Resurrect, Some(app), format!("PM2 daemon is down ({reason}); resurrect is off in the config, so a person must run `pm2 resurrect`.")));
+        return false;
+    }
+    // Another app may have brought it back while we waited.
+    if shared.client.ping(Duration::from_secs(1)).is_ok() {
+        return false;
+    }
+    let Ok(_guard) = shared.state.lock_restarts(Duration::from_secs(5)) else {
+        return false;
+    };
+    let mut book = shared.state.read_restarts();
+    let now = clock::mono_now();
+    if book
+        .resurrected_at
+        .is_some_and(|t| now.saturating_sub(t) < cooldown_ms)
+    {
+        return false;
+    }
+    book.resurrected_at = Some(now);
+    let _ = shared.state.write_restarts(&book);
+    let home = shared.client.paths().home.clone();
+    let result = run_resurrect(&shared.agent.pm2_bin, &home);
+    let e = Event::new(
+        Kind::Resurrect,
+        Some(app),
+        match &result {
+            Ok(()) => format!("PM2 daemon was down ({reason}); ran `pm2 resurrect`."),
+            Err(e) => format!("PM2 daemon was down ({reason}); `pm2 resurrect` failed: {e}."),
+        },
+    )
+    .with("path", home.display().to_string());
+    shared.emit(e);
+    true
 }
 
 fn health_word(h: Health) -> &'static str {

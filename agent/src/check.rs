@@ -28,15 +28,23 @@ pub enum Outcome {
 
 pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
     let state = StateDir::new(&config.agent.state_dir);
+    let mut pm2_down = None;
     if let Ok(Some(status)) = state.read_status() {
         if status.is_fresh() {
             let age_ms = status.age_ms().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "pmguard-agent (pid {}) is alive: heartbeat {} ms old. Nothing to do.",
-                status.pid, age_ms
-            );
-            return Ok(Outcome::AgentAlive { age_ms });
+            // The daemon may run sandboxed (systemd), where it cannot bring PM2 back itself:
+            // that one job is the backup check's even while the daemon lives.
+            match status.apps.iter().find(|a| a.health == "pm2_down") {
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "pmguard-agent (pid {}) is alive: heartbeat {} ms old. Nothing to do.",
+                        status.pid, age_ms
+                    );
+                    return Ok(Outcome::AgentAlive { age_ms });
+                }
+                Some(a) => pm2_down = Some(a.name.clone()),
+            }
         }
     }
     state
@@ -52,6 +60,25 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
         Arc::new(Client::new(paths)),
         events.clone(),
     );
+    if let Some(app) = pm2_down {
+        let cooldown = config
+            .app(&app)
+            .map_or(60_000, |a| a.restart_cooldown.as_millis() as u64);
+        let ran =
+            crate::app::resurrect_pm2(&shared, &app, "reported by the running agent", cooldown);
+        let _ = writeln!(
+            out,
+            "pmguard-agent is alive but reports the PM2 daemon down: {}",
+            if ran {
+                "ran `pm2 resurrect`."
+            } else {
+                "PM2 answers again, or was resurrected within the cooldown."
+            }
+        );
+        return Ok(Outcome::Checked {
+            acted: if ran { vec![app] } else { Vec::new() },
+        });
+    }
     events.emit(Event::new(
         Kind::Check,
         None,

@@ -83,6 +83,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         .map_err(|e| StartError::Pm2(e.to_string()))?;
     let client = Arc::new(Client::new(paths.clone()));
     let mut shared = Shared::new(config.agent.clone(), client, events.clone());
+    shared.sandboxed = std::env::var_os("PMGUARD_SANDBOXED").is_some_and(|v| v == "1");
     // With no [aws] section nothing below runs: no runtime, no AWS code.
     let sink = match &config.aws {
         None => None,

@@ -167,6 +167,17 @@ impl EventLog {
             std::fs::rename(&self.path, rotated)?;
             inner.size = 0;
         }
+        // Moved away (logrotate `create`) or removed: start a new file at the path, lose nothing.
+        if let Some(f) = &inner.file {
+            use std::os::unix::fs::MetadataExt;
+            let same = match (std::fs::symlink_metadata(&self.path), f.metadata()) {
+                (Ok(p), Ok(o)) => p.ino() == o.ino() && p.dev() == o.dev(),
+                _ => false,
+            };
+            if !same {
+                inner.file = None;
+            }
+        }
         if inner.file.is_none() {
             let f = files::open_append(&self.path, 0o640)?;
             inner.size = f.metadata()?.len();
@@ -223,6 +234,31 @@ pub fn tail(state_dir: &Path, n: usize) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reopens_a_file_moved_by_logrotate() {
+        let d = tempfile::tempdir().unwrap();
+        let log = EventLog::open(d.path(), 1 << 20).unwrap();
+        log.emit(Event::new(Kind::Restart, Some("web"), "one"));
+        std::fs::rename(
+            d.path().join("events.jsonl"),
+            d.path().join("events.jsonl-20261128"),
+        )
+        .unwrap();
+        log.emit(Event::new(Kind::Restart, Some("web"), "two"));
+        let old = std::fs::read_to_string(d.path().join("events.jsonl-20261128")).unwrap();
+        let new = std::fs::read_to_string(d.path().join("events.jsonl")).unwrap();
+        assert!(old.contains("\"one\"") && !old.contains("\"two\""), "{old}");
+        assert!(new.contains("\"two\""), "{new}");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(d.path().join("events.jsonl"))
+                .unwrap()
+                .mode()
+                & 0o777,
+            0o640
+        );
+    }
 
     #[test]
     fn appends_json_lines_and_rotates() {

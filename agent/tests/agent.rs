@@ -521,6 +521,64 @@ fn dead_pm2_daemon_is_resurrected() {
 }
 
 #[test]
+fn sandboxed_agent_alerts_and_the_backup_check_resurrects() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("sbx", port, &[]);
+    assert!(pm2.pm2(&["save"]).status.success());
+    let pm2_bin = std::env::var("PMGUARD_TEST_PM2").unwrap_or_else(|_| "pm2".into());
+    // As under the installed systemd unit.
+    let agent = Agent::start_with(
+        &pm2,
+        &format!("pm2_bin = \"{pm2_bin}\""),
+        &app("sbx", port, "max_retries = 2"),
+        &[("PMGUARD_SANDBOXED", "1")],
+    );
+    wait_until(Duration::from_secs(10), "a passing probe", || {
+        agent.of_kind("probe").iter().any(|e| e["ok"] == true)
+    });
+    pm2.kill_daemon();
+    let alert = agent.wait_for(Duration::from_secs(15), "resurrect");
+    assert_eq!(alert["action"], "alert", "{alert}");
+    assert!(
+        alert["message"].as_str().unwrap().contains("backup check"),
+        "{alert}"
+    );
+    assert!(
+        pm2.daemon_pid().is_none(),
+        "the sandboxed agent must not start PM2 itself"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the heartbeat to say pm2_down",
+        || {
+            std::fs::read_to_string(agent.state().join("status.json"))
+                .is_ok_and(|s| s.contains("pm2_down"))
+        },
+    );
+    let out = Command::new(AGENT)
+        .args(["check", "--once", "--config"])
+        .arg(agent.config())
+        .env("PM2_HOME", pm2.home())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ran `pm2 resurrect`"), "{text}");
+    wait_until(Duration::from_secs(20), "the app back", || {
+        common::http_get(port, "/health").is_some_and(|(s, _)| s == 200)
+    });
+    wait_until(Duration::from_secs(10), "the agent sees it healthy", || {
+        agent
+            .events()
+            .iter()
+            .rev()
+            .take_while(|e| e["kind"] != "resurrect")
+            .any(|e| e["kind"] == "probe" && e["ok"] == true)
+    });
+}
+
+#[test]
 fn sighup_reloads_and_keeps_the_old_config_when_invalid() {
     let pm2 = Pm2Sandbox::new();
     let (p1, p2) = (free_port(), free_port());
