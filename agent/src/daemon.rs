@@ -206,6 +206,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
         wedged_reported = false;
         if all_checked {
             write_heartbeat(&shared, &config);
+            if let Some(r) = &shared.recorder {
+                r.alive();
+            }
             if !ready {
                 ready = true;
                 notifier.send("READY=1");

@@ -164,6 +164,7 @@ pub fn encode(
     instance_id: &str,
     ts_ms: u64,
     dropped: u64,
+    alive: bool,
 ) -> Vec<Datum> {
     let inst = || (names::DIM_INSTANCE_ID.to_string(), instance_id.to_string());
     let mut out = Vec::with_capacity(apps.len() * 6 + 2);
@@ -194,13 +195,16 @@ pub fn encode(
         push(names::CPU_PERCENT, a.cpu_pct, Unit::Percent);
         push(names::MEMORY_BYTES, a.memory, Unit::Bytes);
     }
-    out.push(Datum {
-        name: names::AGENT_HEARTBEAT.to_string(),
-        dims: vec![inst()],
-        ts_ms,
-        stats: Stats::one(1.0),
-        unit: Unit::Count,
-    });
+    // Only while the daemon's watch loop is on schedule: a wedged agent must look dead.
+    if alive {
+        out.push(Datum {
+            name: names::AGENT_HEARTBEAT.to_string(),
+            dims: vec![inst()],
+            ts_ms,
+            stats: Stats::one(1.0),
+            unit: Unit::Count,
+        });
+    }
     if dropped > 0 {
         out.push(Datum {
             name: names::DROPPED_DATAPOINTS.to_string(),
@@ -299,7 +303,7 @@ mod tests {
             ("web".to_string(), a),
             ("idle".to_string(), AppAggregate::default()),
         ]);
-        let d = encode(&apps, "i-1", 1000, 0);
+        let d = encode(&apps, "i-1", 1000, 0, true);
         let names: Vec<&str> = d.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(
             names,
@@ -323,7 +327,7 @@ mod tests {
         );
         assert_eq!(d[6].dims, [("InstanceId".to_string(), "i-1".to_string())]);
         assert!(d.iter().all(|d| d.invalid().is_none()));
-        let d = encode(&BTreeMap::new(), "i-1", 1000, 7);
+        let d = encode(&BTreeMap::new(), "i-1", 1000, 7, true);
         assert_eq!(d.len(), 2);
         assert_eq!(
             (d[1].name.as_str(), d[1].stats.sum),

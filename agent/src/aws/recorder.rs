@@ -23,6 +23,8 @@ pub struct Taken {
     pub dropped: u64,
     /// A full flush (metrics and heartbeat), not only an early delivery of events.
     pub heartbeat: bool,
+    /// The daemon's watch loop was on schedule since the last flush (see `Recorder::alive`).
+    pub alive: bool,
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +32,7 @@ struct Inner {
     apps: BTreeMap<String, AppAggregate>,
     events: VecDeque<Event>,
     dropped: u64,
+    alive: bool,
 }
 
 /// Shared by the workers (writers) and the sink (the one reader).
@@ -51,6 +54,12 @@ impl Recorder {
 
     pub fn urgent(&self) -> Arc<tokio::sync::Notify> {
         self.urgent.clone()
+    }
+
+    /// The daemon's main loop found every worker on schedule (called once per tick): the next
+    /// flush carries an AgentHeartbeat.
+    pub fn alive(&self) {
+        self.lock().alive = true;
     }
 
     /// One check of `app`.
@@ -99,6 +108,7 @@ impl Recorder {
             events: g.events.drain(..).collect(),
             dropped: std::mem::take(&mut g.dropped),
             heartbeat: true,
+            alive: std::mem::take(&mut g.alive),
         }
     }
 
@@ -110,6 +120,7 @@ impl Recorder {
             events: g.events.drain(..).collect(),
             dropped: std::mem::take(&mut g.dropped),
             heartbeat: false,
+            alive: false,
         }
     }
 }

@@ -334,7 +334,7 @@ impl State {
         logs::chronological(&mut records);
         if t.heartbeat {
             let dropped = std::mem::take(&mut self.buf.dropped);
-            datums = metrics::encode(&t.apps, &self.instance, now, dropped);
+            datums = metrics::encode(&t.apps, &self.instance, now, dropped, t.alive);
             let before = datums.len();
             datums.retain(|d| match d.invalid() {
                 None => true,
