@@ -177,6 +177,35 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
     let journal = m.run(&["journalctl", "-u", "pmguard-agent", "--no-pager"]);
     assert!(journal.contains("Restarting:"), "{journal}");
 
+    // doctor, on the real systemd: every check passes, the unit ones included.
+    let doctor = m.exec(&["/root/pmguard", "doctor", "--json"]);
+    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout)
+        .unwrap_or_else(|e| panic!("doctor: {e}: {}", String::from_utf8_lossy(&doctor.stdout)));
+    let status = |name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .map(|c| c["status"].as_str().unwrap().to_string())
+    };
+    assert_eq!(doctor.status.code(), Some(0), "{checks:#}");
+    for name in [
+        "unit enabled",
+        "unit active",
+        "watchdog",
+        "agent alive",
+        "pm2 daemon",
+        "health codebox",
+        "cron file name",
+        "installed files",
+        "unit file",
+    ] {
+        assert_eq!(status(name).as_deref(), Some("ok"), "{name}: {checks:#}");
+    }
+    // Just restarted by pmguard: ok, or a warning about recent restarts, never a failure.
+    assert_ne!(status("app codebox").as_deref(), Some("fail"), "{checks:#}");
+
     // Again: nothing to do.
     let out = m.run(&[
         "/root/pmguard",

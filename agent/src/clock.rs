@@ -1,6 +1,9 @@
 //! Clocks. Decisions use `Mono` (CLOCK_BOOTTIME in ms): monotonic, counts suspend, and is the
 //! same clock for every process of one boot, so the daemon and the backup check can compare the
-//! times they persist. `boot_id` says whether a persisted `Mono` belongs to this boot.
+//! times they persist. `boot_epoch` (wall time minus boot time: when this boot began) says
+//! whether a persisted `Mono` belongs to this boot. Unlike /proc/sys/kernel/random/boot_id it
+//! reads the same inside systemd's sandbox and in containers (systemd-nspawn overmounts boot_id,
+//! and ProtectKernelTunables= remounts /proc/sys, so two processes of one boot can disagree).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,11 +26,15 @@ pub fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id`), or "" where it cannot be read.
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// When this boot began, in wall-clock epoch milliseconds (wall now minus CLOCK_BOOTTIME).
+pub fn boot_epoch() -> u64 {
+    wall_ms().saturating_sub(mono_now())
+}
+
+/// Whether a `boot_epoch` persisted earlier names this boot. The two readings of one boot differ
+/// by scheduling jitter and by clock slewing; a reboot moves it by at least the boot's length.
+pub fn same_boot(persisted: u64) -> bool {
+    boot_epoch().abs_diff(persisted) < 30_000
 }
 
 /// Formats epoch milliseconds as RFC 3339 UTC (`2026-11-28T13:45:01.250Z`).
@@ -60,6 +67,14 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_873_501_250), "2026-11-28T13:45:01.250Z");
+    }
+
+    #[test]
+    fn boot_epoch_is_stable_within_a_boot() {
+        let a = boot_epoch();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(same_boot(a));
+        assert!(!same_boot(a - 3_600_000));
     }
 
     #[test]

@@ -256,7 +256,7 @@ fn write_heartbeat(shared: &Shared, config: &Config) {
     let status = StatusFile {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        boot_id: clock::boot_id(),
+        boot_epoch: clock::boot_epoch(),
         heartbeat: clock::mono_now(),
         updated_at: clock::rfc3339(clock::wall_ms()),
         interval_ms,

@@ -56,7 +56,8 @@ impl AppRestarts {
 /// `restarts.json`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RestartBook {
-    pub boot_id: String,
+    /// `clock::boot_epoch()` of the boot these `Mono` times belong to.
+    pub boot_epoch: u64,
     pub apps: BTreeMap<String, AppRestarts>,
     /// When pmguard last ran `pm2 resurrect`.
     pub resurrected_at: Option<Mono>,
@@ -95,16 +96,15 @@ impl StateDir {
     /// Reads `restarts.json`. A file from another boot yields an empty book; a corrupt one is
     /// moved aside to `restarts.json.corrupt` (and said so), never silently overwritten.
     pub fn read_restarts(&self) -> RestartBook {
-        let boot = clock::boot_id();
         let path = self.path(RESTARTS_FILE);
         let fresh = RestartBook {
-            boot_id: boot.clone(),
+            boot_epoch: clock::boot_epoch(),
             ..RestartBook::default()
         };
         match files::read_optional(&path) {
             Ok(None) => fresh,
             Ok(Some(bytes)) => match serde_json::from_slice::<RestartBook>(&bytes) {
-                Ok(book) if book.boot_id == boot => book,
+                Ok(book) if clock::same_boot(book.boot_epoch) => book,
                 Ok(_) => fresh,
                 Err(error) => {
                     let aside = self.path("restarts.json.corrupt");
@@ -189,7 +189,8 @@ pub struct AppStatus {
 pub struct StatusFile {
     pub pid: u32,
     pub version: String,
-    pub boot_id: String,
+    /// `clock::boot_epoch()` of the daemon that wrote it.
+    pub boot_epoch: u64,
     /// `Mono` of the last heartbeat (compare with `clock::mono_now()` on the same boot).
     pub heartbeat: Mono,
     pub updated_at: String,
@@ -201,7 +202,7 @@ pub struct StatusFile {
 impl StatusFile {
     /// How old the heartbeat is, or `None` if it is from another boot.
     pub fn age_ms(&self) -> Option<u64> {
-        (self.boot_id == clock::boot_id()).then(|| clock::mono_now().saturating_sub(self.heartbeat))
+        clock::same_boot(self.boot_epoch).then(|| clock::mono_now().saturating_sub(self.heartbeat))
     }
 
     /// Fresh = written by a live daemon within 3 check periods.
@@ -240,7 +241,7 @@ mod tests {
         );
         // Another boot's times mean nothing here.
         let mut other = book.clone();
-        other.boot_id = "another-boot".into();
+        other.boot_epoch -= 3_600_000;
         s.write_restarts(&other).unwrap();
         assert!(s.read_restarts().apps.is_empty());
     }
