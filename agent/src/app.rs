@@ -394,6 +394,16 @@ impl App {
         }
         if let Pm2View::Instances(list) = &check.view {
             e = e.with("pids", list.iter().map(|i| i.pid).collect::<Vec<_>>());
+            let cpu: Vec<Option<f64>> = list
+                .iter()
+                .map(|i| {
+                    self.trackers
+                        .get(&i.pid)
+                        .and_then(|(_, t)| t.cpu_pct)
+                        .map(|c| c.round())
+                })
+                .collect();
+            e = e.with("cpu_pct", cpu);
         }
         e = e.with("failures", self.state.failures);
         shared.emit(e);

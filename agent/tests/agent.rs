@@ -349,16 +349,21 @@ fn spinning_process_is_stuck_by_cpu_alone() {
     pm2.start_app("spin", port, &[]);
     let old = pm2.pids("spin");
     // No health_url: only PM2 state and CPU judge this app.
-    let cfg = "[[apps]]\nname = \"spin\"\nretry_interval = \"300ms\"\nmax_retries = 2\nstartup_grace = \"0s\"\ncpu_threshold = 80\ncpu_duration = \"1500ms\"\n";
+    // A low threshold: on a loaded 2-core CI machine a spinning process may get well under 100%.
+    let cfg = "[[apps]]\nname = \"spin\"\nretry_interval = \"300ms\"\nmax_retries = 2\nstartup_grace = \"0s\"\ncpu_threshold = 30\ncpu_duration = \"1500ms\"\n";
     let agent = Agent::start(&pm2, cfg);
     wait_until(Duration::from_secs(10), "a first check", || {
         !agent.of_kind("check").is_empty()
     });
-    set_mode(port, "spin");
+    wait_until(
+        Duration::from_secs(10),
+        "the app to take the spin mode",
+        || set_mode(port, "spin").is_some(),
+    );
     let restart = agent.wait_for(Duration::from_secs(20), "restart");
     let reason = restart["reason"].as_str().unwrap();
     assert!(
-        reason.contains("CPU") && reason.contains(">= 80%"),
+        reason.contains("CPU") && reason.contains(">= 30%"),
         "{reason}"
     );
     wait_until(Duration::from_secs(10), "a new pid", || {
