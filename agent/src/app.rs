@@ -124,6 +124,8 @@ pub struct App {
     probes: VecDeque<ProbeRecord>,
     restarts_shown: VecDeque<RestartRecord>,
     note: Option<String>,
+    /// When pmguard last restarted this app, until a check passes again.
+    awaiting_recovery: Option<Mono>,
 }
 
 impl App {
@@ -152,6 +154,7 @@ impl App {
             probes: VecDeque::new(),
             restarts_shown: VecDeque::new(),
             note: None,
+            awaiting_recovery: None,
         }
     }
 
@@ -322,6 +325,12 @@ impl App {
             .with("to", health_word(self.state.health));
             if let Some(n) = &self.note {
                 e = e.with("reason", n.as_str());
+            }
+            if self.state.health == Health::Healthy {
+                if let Some(at) = self.awaiting_recovery.take() {
+                    // The restart is verified: a passing check after it.
+                    e = e.with("recovered_ms", now.saturating_sub(at));
+                }
             }
             shared.emit(e);
         }
@@ -541,14 +550,23 @@ impl App {
         }
         let outcome = restart_instances(shared, &name, &culprits, self.cfg.restart_timeout);
         let elapsed = clock::mono_now().saturating_sub(started);
+        self.awaiting_recovery = Some(started);
         match &outcome {
             Ok(done) => {
+                let replaced = done
+                    .iter()
+                    .all(|d| d.new_pid != 0 && d.new_pid != d.old_pid);
                 shared.emit(
                     Event::new(
                         Kind::RestartDone,
                         Some(&name),
-                        "Restart done; waiting for a passing check.",
+                        if replaced {
+                            "Restart done: new process(es) up; waiting for a passing check."
+                        } else {
+                            "Restart done, but PM2 shows no new process yet; waiting for a passing check."
+                        },
                     )
+                    .with("replaced", replaced)
                     .with("pm_ids", done.iter().map(|d| d.pm_id).collect::<Vec<_>>())
                     .with(
                         "old_pids",

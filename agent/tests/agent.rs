@@ -198,6 +198,15 @@ fn restarts_after_exactly_max_retries_failures() {
             .any(|e| e["kind"] == "probe" && e["ok"] == true)
     });
     assert_eq!(agent.of_kind("restart").len(), 1);
+    let done = agent.of_kind("restart_done").remove(0);
+    assert_eq!(done["replaced"], true, "{done}");
+    // Verified: the first passing check after the restart says how long recovery took.
+    wait_until(Duration::from_secs(10), "a recovery event", || {
+        agent
+            .of_kind("state_change")
+            .iter()
+            .any(|e| e["to"] == "healthy" && e["recovered_ms"].as_u64().is_some())
+    });
 }
 
 #[test]

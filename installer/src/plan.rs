@@ -662,6 +662,82 @@ mod tests {
         assert!(replan(root.path(), MINIMAL).is_empty());
     }
 
+    struct FakeSystemd(UnitState);
+    impl Systemd for FakeSystemd {
+        fn state(&self, _: &str) -> UnitState {
+            self.0.clone()
+        }
+        fn run(&self, _: &[&str]) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn without_systemd_the_plan_says_which_steps_were_skipped() {
+        let root = tempfile::tempdir().unwrap();
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let sd = FakeSystemd(UnitState::NoSystemd("PID 1 is process_api".into()));
+        let plan = plan_install(
+            &desired,
+            &observe(root.path(), &paths, &sd).unwrap(),
+            false,
+            false,
+        );
+        let shown = display(&plan);
+        assert!(
+            !shown.lines().any(|l| l.starts_with("systemctl ")),
+            "{shown}"
+        );
+        assert!(shown.contains("systemd is not running here (PID 1 is process_api): skipped daemon-reload, enable and start"), "{shown}");
+    }
+
+    #[test]
+    fn on_a_live_systemd_changes_restart_the_agent_and_nothing_else_does() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), MINIMAL, false);
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let up = FakeSystemd(UnitState::Live {
+            enabled: true,
+            active: true,
+        });
+        assert!(plan_install(
+            &desired,
+            &observe(root.path(), &paths, &up).unwrap(),
+            false,
+            false
+        )
+        .is_empty());
+        let down = FakeSystemd(UnitState::Live {
+            enabled: false,
+            active: false,
+        });
+        let shown = display(&plan_install(
+            &desired,
+            &observe(root.path(), &paths, &down).unwrap(),
+            false,
+            false,
+        ));
+        assert!(
+            shown.contains(
+                "systemctl enable pmguard-agent.service\nsystemctl restart pmguard-agent.service"
+            ),
+            "{shown}"
+        );
+        let desired = rendered(FULL);
+        let shown = display(&plan_install(
+            &desired,
+            &observe(root.path(), &paths, &up).unwrap(),
+            true,
+            false,
+        ));
+        assert!(
+            shown.contains("systemctl daemon-reload") && shown.contains("systemctl restart"),
+            "{shown}"
+        );
+    }
+
     #[test]
     fn plan_display_snapshot() {
         let root = tempfile::tempdir().unwrap();
