@@ -1,162 +1,17 @@
 //! The agent end to end: the real `pmguard-agent` binary watching apps run by a real PM2 daemon.
 //! Each test has its own PM2_HOME, state directory and ports, and short intervals.
 
+mod agent_harness;
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use agent_harness::{app, Agent, AGENT};
 
 use common::{free_port, set_mode, wait_until, Pm2Sandbox};
 use serde_json::Value;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_pmguard-agent");
-
-/// A running `pmguard-agent run` with its own config and state directory.
-struct Agent {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn config_text(pm2: &Pm2Sandbox, state: &Path, agent_extra: &str, apps: &str) -> String {
-        format!(
-            "[agent]\ninterval = \"300ms\"\nstate_dir = \"{}\"\npm2_home = \"{}\"\n{agent_extra}\n{apps}",
-            state.display(),
-            pm2.home().display()
-        )
-    }
-
-    fn prepare(pm2: &Pm2Sandbox, agent_extra: &str, apps: &str) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        std::fs::write(
-            dir.path().join("pmguard.toml"),
-            Agent::config_text(pm2, &state, agent_extra, apps),
-        )
-        .unwrap();
-        Agent { child: None, dir }
-    }
-
-    fn start(pm2: &Pm2Sandbox, apps: &str) -> Agent {
-        Agent::start_with(pm2, "", apps, &[])
-    }
-
-    fn start_with(pm2: &Pm2Sandbox, agent_extra: &str, apps: &str, env: &[(&str, &str)]) -> Agent {
-        let mut a = Agent::prepare(pm2, agent_extra, apps);
-        a.spawn(env);
-        a
-    }
-
-    fn spawn(&mut self, env: &[(&str, &str)]) {
-        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
-        let mut cmd = Command::new(AGENT);
-        cmd.args(["run", "--config"])
-            .arg(self.config())
-            .env("PMGUARD_LOG", "debug")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().unwrap());
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("pmguard.toml")
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.state().join("events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn of_kind(&self, kind: &str) -> Vec<Value> {
-        self.events()
-            .into_iter()
-            .filter(|e| e["kind"] == kind)
-            .collect()
-    }
-
-    fn wait_for(&self, timeout: Duration, kind: &str) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(found) = self.of_kind(kind).into_iter().next() {
-                return found;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no `{kind}` event within {timeout:?}; agent log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().unwrap().id() as i32;
-        // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(pid, sig) };
-    }
-
-    /// SIGTERM, then the exit status (within 5 s).
-    fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not stop within 5 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// An [[apps]] section with short test timings; keys in `extra` replace the defaults.
-fn app(name: &str, port: u16, extra: &str) -> String {
-    let mut text =
-        format!("[[apps]]\nname = \"{name}\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\n");
-    for (key, value) in [
-        ("timeout", "\"500ms\""),
-        ("retry_interval", "\"300ms\""),
-        ("startup_grace", "\"0s\""),
-        ("restart_cooldown", "\"1s\""),
-    ] {
-        if !extra.lines().any(|l| l.starts_with(&format!("{key} "))) {
-            text.push_str(&format!("{key} = {value}\n"));
-        }
-    }
-    text + extra + "\n"
-}
 
 fn probes_failed_before_first_restart(events: &[Value]) -> usize {
     events

@@ -4,147 +4,21 @@
 //! Fails closed: without `ministack` on PATH these tests fail (never skip), and every endpoint
 //! they use is checked to be a loopback URL.
 
+mod agent_harness;
 mod aws_common;
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
+use agent_harness::{app, Agent};
 use aws_common::{rt, Ministack, Receiver};
 use common::{free_port, set_mode, wait_until, Pm2Sandbox};
 use serde_json::Value;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_pmguard-agent");
 const NS: &str = "PM2/Test";
 const GROUP: &str = "/pmguard/test";
-
-struct Agent {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    runs: u32,
-}
-
-impl Agent {
-    fn new(pm2: &Pm2Sandbox, aws: &str, apps: &str) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let text = format!(
-            "[agent]\ninterval = \"300ms\"\nstate_dir = \"{}\"\npm2_home = \"{}\"\n\n{aws}\n{apps}",
-            state.display(),
-            pm2.home().display()
-        );
-        std::fs::write(dir.path().join("pmguard.toml"), text).unwrap();
-        Agent {
-            child: None,
-            dir,
-            runs: 0,
-        }
-    }
-
-    fn spawn(&mut self, ms: Option<&Ministack>) {
-        self.runs += 1;
-        let log = std::fs::File::create(self.dir.path().join(format!("agent-{}.log", self.runs)))
-            .unwrap();
-        let mut cmd = Command::new(AGENT);
-        cmd.args(["run", "--config"])
-            .arg(self.dir.path().join("pmguard.toml"))
-            .env("PMGUARD_LOG", "debug")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // Never a real AWS address: only the stand-in, with dummy credentials and IMDS off.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AWS_") {
-                cmd.env_remove(k);
-            }
-        }
-        if let Some(ms) = ms {
-            for (k, v) in ms.env() {
-                cmd.env(k, v);
-            }
-        }
-        self.child = Some(cmd.spawn().unwrap());
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn log(&self) -> String {
-        (1..=self.runs)
-            .map(|i| {
-                std::fs::read_to_string(self.dir.path().join(format!("agent-{i}.log")))
-                    .unwrap_or_default()
-            })
-            .collect::<Vec<_>>()
-            .join("\n--- next run ---\n")
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.state().join("events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn of_kind(&self, kind: &str) -> Vec<Value> {
-        self.events()
-            .into_iter()
-            .filter(|e| e["kind"] == kind)
-            .collect()
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(self.pid() as i32, sig) };
-    }
-
-    /// SIGTERM; the exit status within `within`.
-    fn stop(&mut self, within: Duration) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not stop within {within:?} of SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The agent's threads' names.
-    fn threads(&self) -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
-            .unwrap()
-            .filter_map(|t| t.ok())
-            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-            .map(|s| s.trim().to_string())
-            .collect()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn aws_section(instance: &str, extra: &str) -> String {
     format!(
@@ -152,23 +26,6 @@ fn aws_section(instance: &str, extra: &str) -> String {
     )
 }
 
-fn app(name: &str, port: u16, extra: &str) -> String {
-    let mut text =
-        format!("[[apps]]\nname = \"{name}\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\n");
-    for (key, value) in [
-        ("timeout", "\"500ms\""),
-        ("retry_interval", "\"300ms\""),
-        ("startup_grace", "\"0s\""),
-        ("restart_cooldown", "\"1s\""),
-    ] {
-        if !extra.lines().any(|l| l.starts_with(&format!("{key} "))) {
-            text.push_str(&format!("{key} = {value}\n"));
-        }
-    }
-    text + extra + "\n"
-}
-
-/// SampleCount, Sum, Minimum, Maximum of a metric over the last hour, summed over datapoints.
 fn stats(ms: &Ministack, metric: &str, dims: &[(&str, &str)]) -> Option<(f64, f64, f64, f64)> {
     use aws_sdk_cloudwatch::types::{Dimension, Statistic};
     let cw = aws_sdk_cloudwatch::Client::new(&ms.sdk_config());
@@ -343,7 +200,7 @@ fn metrics_events_and_alerts_reach_aws() {
                 "max_retries = 1\ncrashloop_restarts = 2\ncrashloop_window = \"1m\"\ncrashloop_backoff = \"1m\"",
             )),
     );
-    agent.spawn(Some(&ms));
+    agent.spawn_env(&ms.env());
     wait_until(Duration::from_secs(30), "a give_up event", || {
         !agent.of_kind("give_up").is_empty()
     });
@@ -364,7 +221,7 @@ fn metrics_events_and_alerts_reach_aws() {
     );
     assert!(notes[0]["Message"].as_str().unwrap().contains("test-host"));
     std::thread::sleep(Duration::from_millis(2500));
-    let status = agent.stop(Duration::from_secs(10));
+    let status = agent.stop_within(Duration::from_secs(10));
     assert!(status.success(), "{status:?}\n{}", agent.log());
 
     // Metrics, read back with a real SDK client.
@@ -427,7 +284,7 @@ fn outage_keeps_watching_and_delivers_everything_once() {
         &aws_section("fault-host", ""),
         &app("web", port, "max_retries = 2"),
     );
-    agent.spawn(Some(&ms));
+    agent.spawn_env(&ms.env());
     wait_until(Duration::from_secs(20), "agent_start delivered", || {
         kinds(&log_messages(&ms, "fault-host"))
             .iter()
@@ -474,7 +331,7 @@ fn outage_keeps_watching_and_delivers_everything_once() {
         .log()
         .contains("AWS reachable again; sending buffered data."));
     let stop_ms = wall_ms();
-    assert!(agent.stop(Duration::from_secs(10)).success());
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
     let msgs = log_messages(&ms, "fault-host");
     assert_exactly_once(
         &shipped_since(&agent, outage_ms),
@@ -516,7 +373,7 @@ fn agent_restart_while_aws_is_down_loses_nothing() {
         &aws_section("restart-host", ""),
         &app("web", port, ""),
     );
-    agent.spawn(Some(&ms));
+    agent.spawn_env(&ms.env());
     wait_until(Duration::from_secs(20), "agent_start delivered", || {
         kinds(&log_messages(&ms, "restart-host"))
             .iter()
@@ -530,7 +387,7 @@ fn agent_restart_while_aws_is_down_loses_nothing() {
     });
     std::thread::sleep(Duration::from_secs(2));
     let stopped = Instant::now();
-    assert!(agent.stop(Duration::from_secs(10)).success());
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
     assert!(
         stopped.elapsed() < Duration::from_secs(8),
         "stop took {:?}",
@@ -540,7 +397,7 @@ fn agent_restart_while_aws_is_down_loses_nothing() {
     let spooled = std::fs::read_to_string(&spool).expect("the buffer was spilled at stop");
     assert!(spooled.contains("agent_stop") && spooled.contains("reload"));
     // Second run, AWS still down.
-    agent.spawn(Some(&ms));
+    agent.spawn_env(&ms.env());
     wait_until(Duration::from_secs(10), "second agent_start", || {
         agent.of_kind("agent_start").len() == 2
     });
@@ -554,7 +411,7 @@ fn agent_restart_while_aws_is_down_loses_nothing() {
             == 1
             && !agent.state().join("spool/pending.json").exists()
     });
-    assert!(agent.stop(Duration::from_secs(10)).success());
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
     let msgs = log_messages(&ms, "restart-host");
     assert_exactly_once(
         &shipped_since(&agent, outage_ms),
@@ -582,7 +439,7 @@ fn without_aws_section_no_sink_runs() {
     let port = free_port();
     pm2.start_app("web", port, &[]);
     let mut agent = Agent::new(&pm2, "", &app("web", port, ""));
-    agent.spawn(None);
+    agent.spawn_env(&[]);
     wait_until(Duration::from_secs(10), "a probe", || {
         !agent.of_kind("probe").is_empty()
     });
@@ -593,7 +450,7 @@ fn without_aws_section_no_sink_runs() {
             .any(|t| t.contains("aws") || t.contains("tokio")),
         "{threads:?}"
     );
-    assert!(agent.stop(Duration::from_secs(5)).success());
+    assert!(agent.stop_within(Duration::from_secs(5)).success());
     assert!(!agent.state().join("spool").exists());
     assert!(!agent.log().contains("AWS"));
 }
