@@ -150,6 +150,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let mut wedged_reported = false;
     let tick = Duration::from_millis(500);
     let mut last_ping = 0u64;
+    let mut last_beat = 0u64;
     loop {
         match main_rx.recv_timeout(tick) {
             Ok(ToMain::Signal(libc::SIGHUP)) => {
@@ -205,7 +206,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
         }
         wedged_reported = false;
         if all_checked {
-            write_heartbeat(&shared, &config);
+            // The heartbeat file is rewritten once per (shortest) check period, 1 s to 5 s: it is
+            // fresh for 3 periods, and rewriting it more often was most of the agent's own CPU.
+            if !ready || now.saturating_sub(last_beat) >= heartbeat_every(&config) {
+                write_heartbeat(&shared, &config);
+                last_beat = now;
+            }
             if let Some(r) = &shared.recorder {
                 r.alive();
             }
@@ -243,6 +249,16 @@ pub fn run(config: Config) -> Result<(), StartError> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn heartbeat_every(config: &Config) -> u64 {
+    let shortest = config
+        .apps
+        .iter()
+        .map(|a| a.interval.min(a.retry_interval).as_millis() as u64)
+        .min()
+        .unwrap_or(10_000);
+    shortest.clamp(1_000, 5_000)
 }
 
 fn write_heartbeat(shared: &Shared, config: &Config) {

@@ -126,7 +126,8 @@ impl StateDir {
     }
 
     pub fn write_status(&self, status: &StatusFile) -> std::io::Result<()> {
-        let data = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+        // Compact: it is rewritten every check period (`status --json` pretty-prints).
+        let data = serde_json::to_vec(status).map_err(std::io::Error::other)?;
         files::write_atomic(&self.path(STATUS_FILE), &data, 0o640, false)
     }
 
