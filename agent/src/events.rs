@@ -192,6 +192,10 @@ impl EventLog {
 }
 
 fn log(e: &Event) {
+    // Per-check events are debug: at the default level, skip building their text at all.
+    if e.kind.level() == tracing::Level::DEBUG && !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
     let app = e.app.as_deref().unwrap_or("-");
     let details = e
         .fields
