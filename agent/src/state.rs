@@ -1,6 +1,6 @@
 //! What the agent keeps in its state directory, and how the daemon and the backup check share it.
 //!
-//! - `status.json`: the daemon's heartbeat and each app's state, rewritten every round (0640).
+//! - `status.json`: the daemon's heartbeat and each app's state, rewritten once per check period (1-5 s; 0640).
 //! - `restarts.json`: every restart pmguard made, per app, with the crash-loop backoff (0600).
 //!   It is read and written only under `restart.lock`, so the daemon and `check --once` can never
 //!   both restart one app inside its cooldown. Times are `Mono` of the boot named in the file.
