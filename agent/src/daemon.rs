@@ -426,7 +426,9 @@ fn worker_loop(
             }
         }
         let period = app.period().as_millis() as u64;
-        next = (start + period).max(clock::mono_now() + 10);
+        // Start-aligned: a check that overran its period (a hung probe) is followed at once, so
+        // detection stays on the configured schedule instead of drifting by the overrun.
+        next = (start + period).max(clock::mono_now());
     }
 }
 
