@@ -336,6 +336,8 @@ fn read_some(
     buf: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<usize, ProbeOutcome> {
+    wait_readable(stream, deadline)?;
+    // Readable now; the read timeout is only a backstop.
     let left = remaining(deadline).ok_or(ProbeOutcome::Timeout)?;
     stream.set_read_timeout(Some(left)).map_err(map_io)?;
     let mut chunk = [0u8; 4096];
@@ -348,6 +350,35 @@ fn read_some(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(map_io(e)),
         }
+    }
+}
+
+/// Waits for data with poll(2), whose timeout is a high-resolution timer: a socket read timeout
+/// (SO_RCVTIMEO) is rounded to scheduler ticks and overshot the deadline by up to ~20 ms, which
+/// delayed every check after a hung probe by as much (measured in bench/compare.sh).
+fn wait_readable(stream: &TcpStream, deadline: Instant) -> Result<(), ProbeOutcome> {
+    use std::os::fd::AsRawFd;
+    loop {
+        let left = remaining(deadline).ok_or(ProbeOutcome::Timeout)?;
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        let mut p = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n > 0 {
+            return Ok(());
+        }
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(map_io(e));
+        }
+        // n == 0: the deadline passed (the loop re-checks what is left).
     }
 }
 
