@@ -3,6 +3,8 @@
 
 #[path = "../agent/tests/aws_common/mod.rs"]
 mod aws_common;
+#[path = "../agent/tests/common/mod.rs"]
+mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
 

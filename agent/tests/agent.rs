@@ -349,31 +349,29 @@ fn backup_check_acts_only_when_the_daemon_is_dead() {
     });
 }
 
-#[test]
-fn dead_pm2_daemon_is_resurrected() {
-    let pm2 = Pm2Sandbox::new();
-    let port = free_port();
-    pm2.start_app("res", port, &[]);
+/// An app saved with `pm2 save`, watched by an agent (with `env`), then the PM2 daemon killed.
+fn watched_then_daemon_killed(
+    pm2: &Pm2Sandbox,
+    name: &str,
+    port: u16,
+    env: &[(&str, &str)],
+) -> Agent {
+    pm2.start_app(name, port, &[]);
     assert!(pm2.pm2(&["save"]).status.success());
     let pm2_bin = std::env::var("PMGUARD_TEST_PM2").unwrap_or_else(|_| "pm2".into());
     let agent = Agent::start_with(
-        &pm2,
+        pm2,
         &format!("pm2_bin = \"{pm2_bin}\""),
-        &app("res", port, "max_retries = 2"),
-        &[],
+        &app(name, port, "max_retries = 2"),
+        env,
     );
-    wait_until(Duration::from_secs(10), "a passing probe", || {
-        agent.of_kind("probe").iter().any(|e| e["ok"] == true)
-    });
+    agent.wait_for_probe_ok();
     pm2.kill_daemon();
-    let ev = agent.wait_for(Duration::from_secs(30), "resurrect");
-    assert!(
-        ev["message"]
-            .as_str()
-            .unwrap()
-            .contains("ran `pm2 resurrect`"),
-        "{ev}"
-    );
+    agent
+}
+
+/// The app answers again under a new daemon, and the agent's checks pass after the resurrect.
+fn back_and_seen_healthy(agent: &Agent, port: u16) {
     wait_until(
         Duration::from_secs(20),
         "the app back under a new daemon",
@@ -390,23 +388,27 @@ fn dead_pm2_daemon_is_resurrected() {
 }
 
 #[test]
+fn dead_pm2_daemon_is_resurrected() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    let agent = watched_then_daemon_killed(&pm2, "res", port, &[]);
+    let ev = agent.wait_for(Duration::from_secs(30), "resurrect");
+    assert!(
+        ev["message"]
+            .as_str()
+            .unwrap()
+            .contains("ran `pm2 resurrect`"),
+        "{ev}"
+    );
+    back_and_seen_healthy(&agent, port);
+}
+
+#[test]
 fn sandboxed_agent_alerts_and_the_backup_check_resurrects() {
     let pm2 = Pm2Sandbox::new();
     let port = free_port();
-    pm2.start_app("sbx", port, &[]);
-    assert!(pm2.pm2(&["save"]).status.success());
-    let pm2_bin = std::env::var("PMGUARD_TEST_PM2").unwrap_or_else(|_| "pm2".into());
     // As under the installed systemd unit.
-    let agent = Agent::start_with(
-        &pm2,
-        &format!("pm2_bin = \"{pm2_bin}\""),
-        &app("sbx", port, "max_retries = 2"),
-        &[("PMGUARD_SANDBOXED", "1")],
-    );
-    wait_until(Duration::from_secs(10), "a passing probe", || {
-        agent.of_kind("probe").iter().any(|e| e["ok"] == true)
-    });
-    pm2.kill_daemon();
+    let agent = watched_then_daemon_killed(&pm2, "sbx", port, &[("PMGUARD_SANDBOXED", "1")]);
     let alert = agent.wait_for(Duration::from_secs(15), "resurrect");
     assert_eq!(alert["action"], "alert", "{alert}");
     assert!(
@@ -434,17 +436,7 @@ fn sandboxed_agent_alerts_and_the_backup_check_resurrects() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("ran `pm2 resurrect`"), "{text}");
-    wait_until(Duration::from_secs(20), "the app back", || {
-        common::http_get(port, "/health").is_some_and(|(s, _)| s == 200)
-    });
-    wait_until(Duration::from_secs(10), "the agent sees it healthy", || {
-        agent
-            .events()
-            .iter()
-            .rev()
-            .take_while(|e| e["kind"] != "resurrect")
-            .any(|e| e["kind"] == "probe" && e["ok"] == true)
-    });
+    back_and_seen_healthy(&agent, port);
 }
 
 #[test]

@@ -4,10 +4,11 @@
 //! is not on PATH (CI installs it with `pip install ministack cbor2`), and every client and agent
 //! it configures talks only to the loopback endpoint, with dummy static credentials and IMDS off.
 //! `assert_loopback` refuses to go on if the endpoint is anything but a loopback URL.
+//! Needs the `common` harness beside it (`mod common;` in the test crate).
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -122,7 +123,9 @@ impl Ministack {
             .expect("start ministack");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while get(self.port, "/_localstack/health").is_none_or(|(s, _)| s != 200) {
+        while crate::common::http_get(self.port, "/_localstack/health")
+            .is_none_or(|(s, _)| s != 200)
+        {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
                     "ministack exited ({st}) before it was ready:\n{}",
@@ -182,26 +185,6 @@ pub fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let t = Duration::from_secs(2);
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), t).ok()?;
-    s.set_read_timeout(Some(t)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
 }
 
 /// A tiny HTTP server on 127.0.0.1 that records every POST body (an SNS HTTP subscriber).
