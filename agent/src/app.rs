@@ -18,8 +18,8 @@ use crate::events::{Event, EventLog, Kind};
 use crate::files::LockError;
 use crate::pm2::{Client, Pm2Error, ProcessEntry, Snapshot};
 use crate::policy::{
-    self, decide, judge, AppState, Decision, Health, InstanceView, Mono, PidTracker, Pm2View,
-    Policy, StuckRule, Verdict,
+    decide, judge, AppState, Decision, Health, InstanceView, Mono, PidTracker, Pm2View, Policy,
+    StuckRule, Verdict,
 };
 use crate::probe::{ProbeResult, Prober};
 use crate::procfs::{self, ProcWatch};
@@ -364,7 +364,7 @@ impl App {
             }
             d => d,
         };
-        self.publish(shared, check.snapshot.as_deref(), now);
+        self.publish(shared, check.snapshot.as_deref());
         decision
     }
 
@@ -447,8 +447,7 @@ impl App {
     }
 
     /// Updates this app's line in the shared board (`status.json`).
-    pub fn publish(&self, shared: &Shared, snap: Option<&Snapshot>, now: Mono) {
-        let _ = now;
+    pub fn publish(&self, shared: &Shared, snap: Option<&Snapshot>) {
         let instances = snap
             .map(|s| {
                 s.by_name(&self.cfg.name)
@@ -666,7 +665,9 @@ pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64)
         return false;
     }
     book.resurrected_at = Some(now);
-    let _ = shared.state.write_restarts(&book);
+    if let Err(error) = shared.state.write_restarts(&book) {
+        tracing::warn!(message = "Cannot save restart history.", app = %app, %error);
+    }
     let home = shared.client.paths().home.clone();
     let result = run_resurrect(&shared.agent.pm2_bin, &home);
     let e = Event::new(
@@ -920,5 +921,3 @@ fn run_resurrect(pm2_bin: &str, home: &std::path::Path) -> Result<(), String> {
         }
     }
 }
-
-pub use policy::record_restart;

@@ -102,7 +102,7 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
     let manifest = Manifest::read(&under(t.root, Path::new(render::MANIFEST_PATH)))
         .ok()
         .flatten();
-    let account = user_of(t, &config);
+    let account = user_of(t);
     let desired = account.as_ref().and_then(|a| {
         let config_text = std::fs::read_to_string(t.config_path).ok()?;
         let agent_binary =
@@ -127,8 +127,8 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
     out.push(cron_readable(t));
     out.extend(installed_modes(t, manifest.as_ref()));
     out.extend(systemd_checks(t));
-    out.push(heartbeat(t, &config));
-    let paths = pm2_paths(t, &config, account.as_ref());
+    out.push(heartbeat(&config));
+    let paths = pm2_paths(&config, account.as_ref());
     out.extend(pm2_checks(&config, &paths));
     (out, Some(config))
 }
@@ -173,14 +173,14 @@ fn agent_binary(t: &Target) -> Check {
     }
 }
 
-fn user_of(t: &Target, config: &Config) -> Option<users::Account> {
+/// The PM2 user: `--user`, else the installed unit's `User=`.
+fn user_of(t: &Target) -> Option<users::Account> {
     let name = t.user.clone().or_else(|| {
         let unit = std::fs::read_to_string(under(t.root, Path::new(render::UNIT_PATH))).ok()?;
         unit.lines()
             .find_map(|l| l.strip_prefix("User="))
             .map(str::to_string)
     })?;
-    let _ = config; // the account comes from --user or the installed unit, not the config
     users::lookup(t.root, &name).ok()
 }
 
@@ -259,7 +259,7 @@ fn installed_modes(t: &Target, manifest: Option<&Manifest>) -> Vec<Check> {
         )];
     };
     let mut problems = Vec::new();
-    for (path, hash) in &m.files {
+    for path in m.files.keys() {
         let real = under(t.root, path);
         let Ok(meta) = std::fs::symlink_metadata(&real) else {
             problems.push(format!("{} is missing", path.display()));
@@ -275,8 +275,7 @@ fn installed_modes(t: &Target, manifest: Option<&Manifest>) -> Vec<Check> {
                 meta.uid()
             ));
         }
-        let _ = hash; // content drift is reported per file above; here: modes and owners
-                      // Every directory on the way must not be world-writable (unless sticky, like /tmp).
+        // Every directory on the way must not be world-writable (unless sticky, like /tmp).
         let mut dir = real.parent();
         while let Some(d) = dir {
             if let Ok(dm) = std::fs::metadata(d) {
@@ -404,8 +403,7 @@ fn systemd_checks(t: &Target) -> Vec<Check> {
 }
 
 /// Runtime state (heartbeat, PM2) is always the live system's: `--root` maps installed files only.
-fn heartbeat(t: &Target, config: &Config) -> Check {
-    let _ = t;
+fn heartbeat(config: &Config) -> Check {
     let dir = config.agent.state_dir.clone();
     let state = StateDir::new(&dir);
     match state.read_status() {
@@ -423,8 +421,8 @@ fn heartbeat(t: &Target, config: &Config) -> Check {
     }
 }
 
-fn pm2_paths(t: &Target, config: &Config, account: Option<&users::Account>) -> Option<Pm2Paths> {
-    let _ = t;
+/// Runtime state is the live system's, `--root` or not.
+fn pm2_paths(config: &Config, account: Option<&users::Account>) -> Option<Pm2Paths> {
     if let Some(h) = &config.agent.pm2_home {
         return Some(Pm2Paths::from_home(h));
     }
