@@ -121,14 +121,17 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
     .unwrap();
     ok(&["copy-in", &m.0, cfg.to_str().unwrap(), "/root/pmguard.toml"]);
 
-    let out = m.run(&[
-        "/root/pmguard",
-        "install",
-        "--config",
-        "/root/pmguard.toml",
-        "--user",
-        "ubuntu",
-    ]);
+    let install = |m: &Machine| {
+        m.run(&[
+            "/root/pmguard",
+            "install",
+            "--config",
+            "/root/pmguard.toml",
+            "--user",
+            "ubuntu",
+        ])
+    };
+    let out = install(&m);
     assert!(
         out.contains("systemctl restart pmguard-agent.service"),
         "{out}"
@@ -207,14 +210,7 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
     assert_ne!(status("app codebox").as_deref(), Some("fail"), "{checks:#}");
 
     // Again: nothing to do.
-    let out = m.run(&[
-        "/root/pmguard",
-        "install",
-        "--config",
-        "/root/pmguard.toml",
-        "--user",
-        "ubuntu",
-    ]);
+    let out = install(&m);
     assert!(out.starts_with("Nothing to do."), "{out}");
 
     // Uninstall: stopped, disabled, and no file of ours left.

@@ -273,23 +273,26 @@ fn metrics_events_and_alerts_reach_aws() {
     assert!(!agent.state().join("spool/pending.json").exists());
 }
 
-#[test]
-fn outage_keeps_watching_and_delivers_everything_once() {
-    let mut ms = Ministack::start();
+/// ministack, a PM2 app "web" and an agent shipping to stream `host`, its `agent_start` delivered.
+fn running_with_aws(host: &str, app_extra: &str) -> (Ministack, Pm2Sandbox, u16, Agent) {
+    let ms = Ministack::start();
     let pm2 = Pm2Sandbox::new();
     let port = free_port();
     pm2.start_app("web", port, &[]);
-    let mut agent = Agent::new(
-        &pm2,
-        &aws_section("fault-host", ""),
-        &app("web", port, "max_retries = 2"),
-    );
+    let mut agent = Agent::new(&pm2, &aws_section(host, ""), &app("web", port, app_extra));
     agent.spawn_env(&ms.env());
     wait_until(Duration::from_secs(20), "agent_start delivered", || {
-        kinds(&log_messages(&ms, "fault-host"))
+        kinds(&log_messages(&ms, host))
             .iter()
             .any(|k| k == "agent_start")
     });
+    (ms, pm2, port, agent)
+}
+
+#[test]
+fn outage_keeps_watching_and_delivers_everything_once() {
+    // `_pm2` keeps the PM2 daemon alive for the test.
+    let (mut ms, _pm2, port, mut agent) = running_with_aws("fault-host", "max_retries = 2");
     // AWS goes away; the app hangs.
     let outage_ms = wall_ms();
     ms.pause();
@@ -364,21 +367,7 @@ fn outage_keeps_watching_and_delivers_everything_once() {
 
 #[test]
 fn agent_restart_while_aws_is_down_loses_nothing() {
-    let mut ms = Ministack::start();
-    let pm2 = Pm2Sandbox::new();
-    let port = free_port();
-    pm2.start_app("web", port, &[]);
-    let mut agent = Agent::new(
-        &pm2,
-        &aws_section("restart-host", ""),
-        &app("web", port, ""),
-    );
-    agent.spawn_env(&ms.env());
-    wait_until(Duration::from_secs(20), "agent_start delivered", || {
-        kinds(&log_messages(&ms, "restart-host"))
-            .iter()
-            .any(|k| k == "agent_start")
-    });
+    let (mut ms, _pm2, _port, mut agent) = running_with_aws("restart-host", "");
     let outage_ms = wall_ms();
     ms.pause();
     agent.signal(libc::SIGHUP);
