@@ -194,9 +194,12 @@ def ensure_main_app_healthy(min_age=0.0):
         time.sleep(min_age - age)
 
 
-def agent_config(path, state_dir, apps, aws_section=""):
+def agent_config(path, state_dir, apps, aws_section="", log_passing_checks=False):
     lines = ["[agent]", 'interval = "1s"', f'state_dir = "{state_dir}"',
-             f'pm2_home = "{PM2_HOME}"', ""]
+             f'pm2_home = "{PM2_HOME}"']
+    if log_passing_checks:  # the detect section reads the first passing check from events.jsonl
+        lines.append("log_passing_checks = true")
+    lines.append("")
     for name, port in apps:
         lines += ["[[apps]]", f'name = "{name}"']
         if port is not None:
@@ -290,6 +293,15 @@ def start_ministack():
 
 # --------------------------------------------------------------------------- footprint
 
+def status_checks(state_dir):
+    """Checks made, summed over the apps in the agent's status.json (0 if unreadable)."""
+    try:
+        with open(os.path.join(state_dir, "status.json")) as f:
+            return sum(a.get("checks", 0) for a in json.load(f)["apps"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def count_lines(path, needle):
     try:
         with open(path) as f:
@@ -346,7 +358,7 @@ def footprint(results):
             lg = os.path.join(fp, f"{tool.split()[0]}-{rep}.log")
             m = measure(cmd, DURATION, settle=5, env=env, logfile=lg)
             if tool.startswith("pmguard"):
-                extra["checks"] = count_lines(os.path.join(state, "events.jsonl"), '"kind":"probe"')
+                extra["checks"] = status_checks(state)
                 extra["restarts"] = count_lines(os.path.join(state, "events.jsonl"), '"kind":"restart"')
                 try:
                     extra["status_json_bytes"] = os.path.getsize(os.path.join(state, "status.json"))
@@ -431,7 +443,7 @@ def scale(results):
             m = measure(cmds[n], SCALE_SETTLE + SCALE_DURATION, settle=SCALE_SETTLE,
                         logfile=os.path.join(sc, f"agent-{n}-{rep}.log"))
             ev = os.path.join(sc, f"state-{str(n).replace(' ', '_')}", "events.jsonl")
-            m["checks"] = count_lines(ev, '"kind":"probe"') + count_lines(ev, '"kind":"check"')
+            m["checks"] = status_checks(os.path.join(sc, f"state-{str(n).replace(' ', '_')}"))
             m["failed_checks"] = count_lines(ev, '"ok":false')
             m["restarts"] = count_lines(ev, '"kind":"restart"')
             try:
@@ -531,7 +543,8 @@ def detect_one(tool, fault, rep, dd):
     tag = f"{tool}-{fault}-{rep}"
     if tool == "pmguard":
         state = os.path.join(dd, f"state-{tag}")
-        cfg = agent_config(os.path.join(dd, "pmguard.toml"), state, [("bench", MAIN_PORT)])
+        cfg = agent_config(os.path.join(dd, "pmguard.toml"), state, [("bench", MAIN_PORT)],
+                           log_passing_checks=True)
         cmd = [AGENT, "run", "--config", cfg]
     else:
         mdir = os.path.join(dd, f"monit-{tag}")

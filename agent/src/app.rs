@@ -121,7 +121,10 @@ pub struct App {
     trackers: BTreeMap<u32, (ProcWatch, PidTracker)>,
     /// Last seen PM2 restart counter per pm_id, to notice restarts made behind our back.
     restart_counts: BTreeMap<u32, u64>,
-    probes: VecDeque<ProbeRecord>,
+    /// The last probe, until `publish` moves it into the board's history.
+    new_probe: Option<ProbeRecord>,
+    /// Checks made since this watcher started (shown by `status`).
+    checks: u64,
     restarts_shown: VecDeque<RestartRecord>,
     note: Option<String>,
     /// When pmguard last restarted this app, until a check passes again.
@@ -151,7 +154,8 @@ impl App {
             cfg,
             trackers: BTreeMap::new(),
             restart_counts: BTreeMap::new(),
-            probes: VecDeque::new(),
+            new_probe: None,
+            checks: 0,
             restarts_shown: VecDeque::new(),
             note: None,
             awaiting_recovery: None,
@@ -368,39 +372,47 @@ impl App {
         decision
     }
 
+    /// Keeps the probe for `status` and writes the check to `events.jsonl` when it did not pass
+    /// (every check with `log_passing_checks`): at 100 apps a line per passing check would be
+    /// 8.6 million lines a day, pushing the restarts out of the rotated file.
     fn record_probe(&mut self, shared: &Shared, check: &Check) {
-        let mut e = Event::new(
-            Kind::Check,
-            Some(&self.cfg.name),
-            verdict_line(&check.verdict),
-        );
+        self.checks += 1;
         if let Some(p) = &check.probe {
-            let latency_ms = p.latency.as_millis() as u64;
-            self.probes.push_back(ProbeRecord {
+            self.new_probe = Some(ProbeRecord {
                 ts_ms: clock::wall_ms(),
                 ok: p.outcome.passed(),
-                latency_ms,
+                latency_ms: p.latency.as_millis() as u64,
                 result: p.outcome.reason(),
             });
-            if self.probes.len() > HISTORY {
-                self.probes.pop_front();
-            }
-            e = Event::new(
-                Kind::Probe,
+        }
+        if matches!(check.verdict, Verdict::Healthy) && !shared.agent.log_passing_checks {
+            return;
+        }
+        let mut e = match &check.probe {
+            None => Event::new(
+                Kind::Check,
                 Some(&self.cfg.name),
                 verdict_line(&check.verdict),
-            )
-            .with(
-                "url",
-                self.cfg.health_url.as_ref().map_or("", |u| u.url.as_str()),
-            )
-            .with("ok", p.outcome.passed())
-            .with("latency_ms", latency_ms)
-            .with("result", p.outcome.reason());
-            if let Some(s) = p.outcome.status() {
-                e = e.with("status", s);
+            ),
+            Some(p) => {
+                let mut e = Event::new(
+                    Kind::Probe,
+                    Some(&self.cfg.name),
+                    verdict_line(&check.verdict),
+                )
+                .with(
+                    "url",
+                    self.cfg.health_url.as_ref().map_or("", |u| u.url.as_str()),
+                )
+                .with("ok", p.outcome.passed())
+                .with("latency_ms", p.latency.as_millis() as u64)
+                .with("result", p.outcome.reason());
+                if let Some(s) = p.outcome.status() {
+                    e = e.with("status", s);
+                }
+                e
             }
-        }
+        };
         if let Pm2View::Instances(list) = &check.view {
             e = e.with("pids", list.iter().map(|i| i.pid).collect::<Vec<_>>());
             let cpu: Vec<Option<f64>> = list
@@ -446,8 +458,9 @@ impl App {
         );
     }
 
-    /// Updates this app's line in the shared board (`status.json`).
-    pub fn publish(&self, shared: &Shared, snap: Option<&Snapshot>) {
+    /// Updates this app's line in the shared board (`status.json`) in place: the board keeps
+    /// the probe history, so a check adds one record instead of copying twenty.
+    pub fn publish(&mut self, shared: &Shared, snap: Option<&Snapshot>) {
         let instances = snap
             .map(|s| {
                 s.by_name(&self.cfg.name)
@@ -463,18 +476,42 @@ impl App {
                     .collect()
             })
             .unwrap_or_default();
-        let status = AppStatus {
-            name: self.cfg.name.clone(),
-            health: health_word(self.state.health).to_string(),
-            failures: self.state.failures,
-            max_retries: self.cfg.max_retries,
-            note: self.note.clone(),
-            last_check_ms: Some(clock::wall_ms()),
-            instances,
-            probes: self.probes.clone(),
-            restarts: self.restarts_shown.clone(),
-        };
-        lock(&shared.board).insert(self.cfg.name.clone(), status);
+        let mut board = lock(&shared.board);
+        let entry = board
+            .entry(self.cfg.name.clone())
+            .or_insert_with(|| AppStatus {
+                name: self.cfg.name.clone(),
+                health: String::new(),
+                failures: 0,
+                max_retries: 0,
+                checks: 0,
+                note: None,
+                last_check_ms: None,
+                instances: Vec::new(),
+                probes: VecDeque::new(),
+                restarts: VecDeque::new(),
+            });
+        let health = health_word(self.state.health);
+        if entry.health != health {
+            entry.health = health.to_string();
+        }
+        entry.failures = self.state.failures;
+        entry.max_retries = self.cfg.max_retries;
+        entry.checks = self.checks;
+        if entry.note != self.note {
+            entry.note = self.note.clone();
+        }
+        entry.last_check_ms = Some(clock::wall_ms());
+        entry.instances = instances;
+        if let Some(p) = self.new_probe.take() {
+            entry.probes.push_back(p);
+            if entry.probes.len() > HISTORY {
+                entry.probes.pop_front();
+            }
+        }
+        if entry.restarts != self.restarts_shown {
+            entry.restarts = self.restarts_shown.clone();
+        }
     }
 
     fn persist(&self, shared: &Shared) {

@@ -77,6 +77,9 @@ pub struct AgentConfig {
     /// The event file (`events.jsonl` in `state_dir`) is rotated once it reaches this size
     /// (default 16 MiB); one rotated file is kept.
     pub events_max_bytes: u64,
+    /// Also write a line to `events.jsonl` for every passing check (default false: failing
+    /// checks, state changes and actions only; `status` always shows the last probes).
+    pub log_passing_checks: bool,
 }
 
 /// Which HTTP statuses count as healthy.
@@ -203,6 +206,7 @@ const AGENT_KEYS: &[&str] = &[
     "pm2_bin",
     "resurrect",
     "events_max_bytes",
+    "log_passing_checks",
 ];
 const SECTIONS: &[&str] = &["agent", "aws", "apps"];
 const AWS_KEYS: &[&str] = &[
@@ -550,6 +554,7 @@ impl Cx<'_> {
         let resurrect = self.boolean(t, "resurrect").unwrap_or(true);
         let events_max_bytes =
             self.integer(t, "events_max_bytes", 16 << 20, 65_536..=(1 << 34)) as u64;
+        let log_passing_checks = self.boolean(t, "log_passing_checks").unwrap_or(false);
         AgentConfig {
             interval,
             state_dir,
@@ -557,6 +562,7 @@ impl Cx<'_> {
             pm2_bin,
             resurrect,
             events_max_bytes,
+            log_passing_checks,
         }
     }
 

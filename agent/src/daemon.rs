@@ -262,23 +262,26 @@ fn heartbeat_every(config: &Config) -> u64 {
 }
 
 fn write_heartbeat(shared: &Shared, config: &Config) {
-    let apps = lock(&shared.board).values().cloned().collect();
     let interval_ms = config
         .apps
         .iter()
         .map(|a| a.interval.max(a.retry_interval).as_millis() as u64)
         .max()
         .unwrap_or(10_000);
-    let status = StatusFile {
-        pid: std::process::id(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        boot_epoch: clock::boot_epoch(),
-        heartbeat: clock::mono_now(),
-        updated_at: clock::rfc3339(clock::wall_ms()),
-        interval_ms,
-        apps,
+    // Encoded under the board's lock, written after it is released.
+    let data = {
+        let board = lock(&shared.board);
+        crate::state::StateDir::encode_status(&StatusFile {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            boot_epoch: clock::boot_epoch(),
+            heartbeat: clock::mono_now(),
+            updated_at: clock::rfc3339(clock::wall_ms()),
+            interval_ms,
+            apps: board.values().collect(),
+        })
     };
-    if let Err(error) = shared.state.write_status(&status) {
+    if let Err(error) = data.and_then(|d| shared.state.write_status(&d)) {
         tracing::warn!(message = "Cannot write the heartbeat.", path = %shared.state.dir.display(), %error);
     }
 }

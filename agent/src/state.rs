@@ -125,10 +125,15 @@ impl StateDir {
         files::write_atomic(&self.path(RESTARTS_FILE), &data, 0o600, true)
     }
 
-    pub fn write_status(&self, status: &StatusFile) -> std::io::Result<()> {
-        // Compact: it is rewritten every check period (`status --json` pretty-prints).
-        let data = serde_json::to_vec(status).map_err(std::io::Error::other)?;
-        files::write_atomic(&self.path(STATUS_FILE), &data, 0o640, false)
+    /// `status.json`'s bytes. Compact: it is rewritten every check period (`status --json`
+    /// pretty-prints).
+    pub fn encode_status<A: Serialize>(status: &StatusFile<A>) -> std::io::Result<Vec<u8>> {
+        serde_json::to_vec(status).map_err(std::io::Error::other)
+    }
+
+    /// Replaces `status.json` with `data` from `encode_status`.
+    pub fn write_status(&self, data: &[u8]) -> std::io::Result<()> {
+        files::write_atomic(&self.path(STATUS_FILE), data, 0o640, false)
     }
 
     pub fn read_status(&self) -> Result<Option<StatusFile>, String> {
@@ -178,6 +183,9 @@ pub struct AppStatus {
     pub health: String,
     pub failures: u32,
     pub max_retries: u32,
+    /// Checks made since the agent (or this app's watcher) started.
+    #[serde(default)]
+    pub checks: u64,
     pub note: Option<String>,
     pub last_check_ms: Option<u64>,
     pub instances: Vec<InstanceStatus>,
@@ -185,9 +193,10 @@ pub struct AppStatus {
     pub restarts: VecDeque<RestartRecord>,
 }
 
-/// `status.json`: the heartbeat and the board.
+/// `status.json`: the heartbeat and the board. Written as `StatusFile<&AppStatus>`, borrowing
+/// the live board instead of copying it once per heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusFile {
+pub struct StatusFile<A = AppStatus> {
     pub pid: u32,
     pub version: String,
     /// `clock::boot_epoch()` of the daemon that wrote it.
@@ -197,7 +206,7 @@ pub struct StatusFile {
     pub updated_at: String,
     /// The longest check period among the apps: a heartbeat older than 3 of these is stale.
     pub interval_ms: u64,
-    pub apps: Vec<AppStatus>,
+    pub apps: Vec<A>,
 }
 
 impl StatusFile {

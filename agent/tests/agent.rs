@@ -85,6 +85,49 @@ fn slow_but_in_time_is_never_restarted() {
     assert!(agent.of_kind("restart").is_empty());
 }
 
+/// By default a passing check is not an event: `status` shows it, events.jsonl stays for what
+/// someone has to read (a failing check, a state change, a restart).
+#[test]
+fn passing_checks_show_in_status_and_failing_ones_in_events() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("quiet", port, &[]);
+    let agent = Agent::start_with(
+        &pm2,
+        "log_passing_checks = false",
+        &app("quiet", port, "max_retries = 100\nstartup_grace = \"0s\""),
+        &[],
+    );
+    let status = || -> Value {
+        std::fs::read(agent.state().join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    };
+    wait_until(
+        Duration::from_secs(15),
+        "five checks in status.json",
+        || status()["apps"][0]["checks"].as_u64().unwrap_or(0) >= 5,
+    );
+    let app_status = status()["apps"][0].clone();
+    let probes = app_status["probes"].as_array().unwrap();
+    assert!(probes.len() >= 4, "{app_status}");
+    assert!(probes.iter().all(|p| p["ok"] == true), "{app_status}");
+    assert!(agent.of_kind("probe").is_empty(), "{:?}", agent.events());
+    set_mode(port, "500").unwrap();
+    wait_until(Duration::from_secs(10), "failing probes as events", || {
+        agent.of_kind("probe").len() >= 2
+    });
+    let failed = agent.of_kind("probe");
+    assert!(
+        failed
+            .iter()
+            .all(|p| p["ok"] == false && p["status"] == 500),
+        "{failed:?}"
+    );
+    assert!(agent.of_kind("restart").is_empty());
+}
+
 #[test]
 fn no_restart_during_startup_grace() {
     let pm2 = Pm2Sandbox::new();

@@ -21,9 +21,16 @@ pub struct Agent {
 
 impl Agent {
     /// The config: `[agent]` with short intervals plus `agent_extra`, then `rest` ([[apps]], [aws]).
+    /// Every check is logged (`log_passing_checks`, unless `agent_extra` sets it): the tests read
+    /// the checks from events.jsonl.
     pub fn config_text(pm2: &Pm2Sandbox, state: &Path, agent_extra: &str, rest: &str) -> String {
+        let log_all = if agent_extra.contains("log_passing_checks") {
+            ""
+        } else {
+            "log_passing_checks = true\n"
+        };
         format!(
-            "[agent]\ninterval = \"300ms\"\nstate_dir = \"{}\"\npm2_home = \"{}\"\n{agent_extra}\n{rest}",
+            "[agent]\ninterval = \"300ms\"\nstate_dir = \"{}\"\npm2_home = \"{}\"\n{log_all}{agent_extra}\n{rest}",
             state.display(),
             pm2.home().display()
         )
