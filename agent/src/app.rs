@@ -21,7 +21,7 @@ use crate::policy::{
     decide, judge, AppState, Decision, Health, InstanceView, Mono, PidTracker, Pm2View, Policy,
     StuckRule, Verdict,
 };
-use crate::probe::{ProbeResult, Prober};
+use crate::probe::{InFlight, ProbeResult, Prober, Started};
 use crate::procfs::{self, ProcWatch};
 use crate::state::{AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartRecord, StateDir};
 
@@ -99,6 +99,14 @@ impl Shared {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// PM2's state and the /proc samples of one check, before its probe's result.
+#[derive(Debug)]
+pub struct Observation {
+    at: Mono,
+    view: Pm2View,
+    snapshot: Option<Arc<Snapshot>>,
 }
 
 /// What one check saw, before judgement.
@@ -195,8 +203,21 @@ impl App {
         }
     }
 
-    /// Looks at PM2, /proc and the health endpoint once.
+    /// Looks at PM2, /proc and the health endpoint once, blocking until the probe is done.
     pub fn check(&mut self, shared: &Shared, max_age: u64) -> Check {
+        let seen = self.observe(shared, max_age);
+        let probe = self.prober.as_mut().map(|p| {
+            p.probe(
+                self.cfg.timeout,
+                &self.cfg.expect_status,
+                self.cfg.expect_body.as_deref(),
+            )
+        });
+        self.conclude(seen, probe)
+    }
+
+    /// The first half of a check: PM2's state of the app and the /proc samples of its pids.
+    pub fn observe(&mut self, shared: &Shared, max_age: u64) -> Observation {
         let snap = shared.snapshot(max_age);
         let at = clock::mono_now();
         let mut rule = self.stuck_rule();
@@ -218,24 +239,34 @@ impl App {
                 }
             }
         };
-        let probe = self.prober.as_mut().map(|p| {
-            p.probe(
-                self.cfg.timeout,
-                &self.cfg.expect_status,
-                self.cfg.expect_body.as_deref(),
-            )
-        });
+        Observation { at, view, snapshot }
+    }
+
+    /// Starts this app's HTTP probe without waiting (`None`: the app has no `health_url`).
+    pub fn start_probe(&mut self) -> Option<Started> {
+        let timeout = self.cfg.timeout;
+        self.prober.as_mut().map(|p| p.start(timeout))
+    }
+
+    /// Moves a probe from `start_probe` on; its result once there is one.
+    pub fn advance_probe(&mut self, f: &mut InFlight) -> Option<ProbeResult> {
+        let p = self.prober.as_mut()?;
+        p.advance(f, &self.cfg.expect_status, self.cfg.expect_body.as_deref())
+    }
+
+    /// The second half of a check: the verdict on what was seen and the probe's result.
+    pub fn conclude(&self, seen: Observation, probe: Option<ProbeResult>) -> Check {
         let failure = probe
             .as_ref()
             .filter(|p| !p.outcome.passed())
             .map(|p| p.outcome.reason());
-        let verdict = judge(&view, failure.as_deref());
+        let verdict = judge(&seen.view, failure.as_deref());
         Check {
-            at,
-            view,
+            at: seen.at,
+            view: seen.view,
             probe,
             verdict,
-            snapshot,
+            snapshot: seen.snapshot,
         }
     }
 
@@ -306,6 +337,13 @@ impl App {
 
     /// Judges a check, records it, acts on the decision. Returns the decision taken.
     pub fn handle(&mut self, shared: &Shared, check: Check) -> Decision {
+        let (decision, snapshot) = self.assess(shared, check);
+        self.act(shared, decision, snapshot.as_deref())
+    }
+
+    /// Judges a check and records it; says what to do without doing it. Never blocks for long:
+    /// the daemon runs it for every app on one thread and hands an action to its own thread.
+    pub fn assess(&mut self, shared: &Shared, check: Check) -> (Decision, Option<Arc<Snapshot>>) {
         let now = check.at;
         if let Some(s) = &check.snapshot {
             self.notice_pm2_restarts(shared, s, now);
@@ -338,6 +376,16 @@ impl App {
             }
             shared.emit(e);
         }
+        (decision, check.snapshot)
+    }
+
+    /// Carries out a decision from `assess` (a restart may take seconds) and updates the board.
+    pub fn act(
+        &mut self,
+        shared: &Shared,
+        decision: Decision,
+        snap: Option<&Snapshot>,
+    ) -> Decision {
         let decision = match decision {
             Decision::Restart { culprits, reason } => self.restart(shared, culprits, reason),
             Decision::Resurrect { reason } => {
@@ -368,7 +416,7 @@ impl App {
             }
             d => d,
         };
-        self.publish(shared, check.snapshot.as_deref());
+        self.publish(shared, snap);
         decision
     }
 

@@ -1,28 +1,29 @@
-//! `pmguard-agent run`: one worker thread per app, the PM2 bus listener, signals, the heartbeat,
-//! and systemd's notify protocol.
+//! `pmguard-agent run`: the watch loop, the PM2 bus listener, signals, the heartbeat, and
+//! systemd's notify protocol.
 //!
-//! Threads: main (signals from a sigwait thread, heartbeat, watchdog, reload), one worker per app
-//! (check, decide, act; a slow restart of one app never delays another), the bus reader, and the
-//! PM2 client's reader. Invariants: the heartbeat (`status.json`) and `WATCHDOG=1` are refreshed
-//! only while every worker keeps its promised schedule, so a wedged agent looks dead to systemd
-//! and to the backup check; a worker that panics is logged and started again; SIGTERM stops
-//! promptly (`STOPPING=1`); SIGHUP reloads, and an invalid file keeps the old config.
+//! Threads: main (signals from a sigwait thread, heartbeat, watchdog, reload), the watch loop
+//! (every app's checks; see `watch`), one short-lived thread per action in progress (a slow
+//! restart of one app never delays another), the bus reader, and the PM2 client's reader.
+//! Invariants: the heartbeat (`status.json`) and `WATCHDOG=1` are refreshed only while every app
+//! keeps its promised schedule, so a wedged agent looks dead to systemd and to the backup check;
+//! a watch loop that panics is logged and started again; SIGTERM stops promptly (`STOPPING=1`);
+//! SIGHUP reloads, and an invalid file keeps the old config.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::app::{App, Shared};
+use crate::app::Shared;
 use crate::clock;
-use crate::config::{AppConfig, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::events::{Event, EventLog, Kind};
 use crate::files::LockError;
 use crate::notify::Notifier;
 use crate::pm2::{Bus, BusEvent, Client, Pm2Paths};
 use crate::state::StatusFile;
+use crate::watch::{Progress, ToWatch, Watch, WatchTx};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,25 +41,12 @@ pub enum StartError {
     Thread(std::io::Error),
 }
 
-enum ToWorker {
-    Config(Box<AppConfig>),
-    Bus(BusEvent),
-    Stop,
-}
-
 enum ToMain {
     Signal(i32),
 }
 
-struct Worker {
-    tx: Sender<ToWorker>,
-    join: JoinHandle<()>,
-    /// `Mono` by which the worker promises to report again; 0 before its first check.
-    due: Arc<AtomicU64>,
-    checks: Arc<AtomicU64>,
-}
-
-type Routes = Arc<Mutex<BTreeMap<String, Sender<ToWorker>>>>;
+/// The watch loop's sender, replaced when the loop is started again (the bus keeps a handle).
+type Route = Arc<Mutex<WatchTx>>;
 
 /// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
 pub fn run(config: Config) -> Result<(), StartError> {
@@ -128,20 +116,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
             .with("pid", std::process::id()),
     );
 
-    let routes: Routes = Arc::new(Mutex::new(BTreeMap::new()));
-    let book = shared.state.read_restarts();
-    let mut workers = BTreeMap::new();
-    for app in &config.apps {
-        let w = spawn_worker(&shared, app.clone(), book.apps.get(&app.name).cloned())
-            .map_err(StartError::Thread)?;
-        lock(&routes).insert(app.name.clone(), w.tx.clone());
-        workers.insert(app.name.clone(), w);
-    }
-    let bus_routes = routes.clone();
+    let mut progress: BTreeMap<String, Arc<Progress>> = BTreeMap::new();
+    let mut watch = start_watch(&shared, &config, &mut progress).map_err(StartError::Thread)?;
+    let route: Route = Arc::new(Mutex::new(watch.tx.clone()));
+    let bus_route = route.clone();
     let bus = Bus::spawn(paths, move |ev: BusEvent| {
-        if let Some(tx) = lock(&bus_routes).get(&ev.name) {
-            let _ = tx.send(ToWorker::Bus(ev));
-        }
+        lock(&bus_route).send(ToWatch::Bus(ev));
     })
     .map_err(StartError::Thread)?;
 
@@ -155,7 +135,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         match main_rx.recv_timeout(tick) {
             Ok(ToMain::Signal(libc::SIGHUP)) => {
                 notifier.send("RELOADING=1");
-                config = reload(config, &shared, &mut workers, &routes, &events);
+                config = reload(config, &shared, &watch.tx, &mut progress, &events);
                 notifier.send("READY=1");
             }
             Ok(ToMain::Signal(sig)) => {
@@ -169,37 +149,29 @@ pub fn run(config: Config) -> Result<(), StartError> {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        // Restart any worker that died (a panic is a bug, but watching must go on).
-        let dead: Vec<String> = workers
-            .iter()
-            .filter(|(_, w)| w.join.is_finished())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in dead {
-            if let Some(app) = config.app(&name).cloned() {
-                tracing::error!(message = "A worker stopped unexpectedly; starting it again.", app = %name);
-                let book = shared.state.read_restarts();
-                if let Ok(w) = spawn_worker(&shared, app, book.apps.get(&name).cloned()) {
-                    lock(&routes).insert(name.clone(), w.tx.clone());
-                    workers.insert(name, w);
-                }
+        // Start the watch loop again if it died (a panic is a bug, but watching must go on).
+        if watch.join.is_finished() {
+            tracing::error!(message = "The watch loop stopped unexpectedly; starting it again.");
+            if let Ok(w) = start_watch(&shared, &config, &mut progress) {
+                *lock(&route) = w.tx.clone();
+                watch = w;
             }
         }
         let now = clock::mono_now();
-        let all_checked = workers
+        let all_checked = progress
             .values()
-            .all(|w| w.checks.load(Ordering::Relaxed) > 0);
-        let wedged: Vec<&String> = workers
+            .all(|p| p.checks.load(Ordering::Relaxed) > 0);
+        let wedged: Vec<&String> = progress
             .iter()
-            .filter(|(_, w)| {
-                let due = w.due.load(Ordering::Relaxed);
+            .filter(|(_, p)| {
+                let due = p.due.load(Ordering::Relaxed);
                 due != 0 && now > due
             })
             .map(|(n, _)| n)
             .collect();
         if !wedged.is_empty() {
             if !wedged_reported {
-                tracing::error!(message = "A worker missed its schedule; withholding the heartbeat.", app = ?wedged);
+                tracing::error!(message = "An app missed its schedule; withholding the heartbeat.", app = ?wedged);
                 wedged_reported = true;
             }
             continue;
@@ -218,7 +190,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             if !ready {
                 ready = true;
                 notifier.send("READY=1");
-                notifier.send(&format!("STATUS=Watching {} app(s).", workers.len()));
+                notifier.send(&format!("STATUS=Watching {} app(s).", progress.len()));
             }
             if let Some(every) = notifier.watchdog {
                 if now.saturating_sub(last_ping) >= every.as_millis() as u64 / 2 {
@@ -228,19 +200,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
             }
         }
     }
-    for w in workers.values() {
-        let _ = w.tx.send(ToWorker::Stop);
-    }
+    watch.tx.send(ToWatch::Stop);
     bus.stop();
-    // Workers finish their current step; a restart in flight is not cut off half-way, but the
-    // process does not wait past a short deadline for it.
-    let deadline = clock::mono_now() + 3_000;
-    for (_, w) in workers {
-        while !w.join.is_finished() && clock::mono_now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    // The loop lets a restart in flight finish (up to 3 s) and then ends.
+    let deadline = clock::mono_now() + 4_000;
+    while !watch.join.is_finished() && clock::mono_now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    // Last: the workers' final events and `agent_stop` go out (or to the spool) within 5 s.
+    // Last: the apps' final events and `agent_stop` go out (or to the spool) within 5 s.
     if let Some(sink) = sink {
         sink.stop();
     }
@@ -289,8 +256,8 @@ fn write_heartbeat(shared: &Shared, config: &Config) {
 fn reload(
     old: Config,
     shared: &Arc<Shared>,
-    workers: &mut BTreeMap<String, Worker>,
-    routes: &Routes,
+    watch: &WatchTx,
+    progress: &mut BTreeMap<String, Arc<Progress>>,
     events: &EventLog,
 ) -> Config {
     let new = match Config::load(&old.path) {
@@ -321,32 +288,30 @@ fn reload(
     let book = shared.state.read_restarts();
     let mut changed = Vec::new();
     for app in &new.apps {
-        match workers.get(&app.name) {
-            Some(w) if old.app(&app.name) != Some(app) => {
-                let _ = w.tx.send(ToWorker::Config(Box::new(app.clone())));
+        if progress.contains_key(&app.name) {
+            if old.app(&app.name) != Some(app) {
+                watch.send(ToWatch::Config(Box::new(app.clone())));
                 changed.push(app.name.clone());
             }
-            Some(_) => {}
-            None => {
-                if let Ok(w) = spawn_worker(shared, app.clone(), book.apps.get(&app.name).cloned())
-                {
-                    lock(routes).insert(app.name.clone(), w.tx.clone());
-                    workers.insert(app.name.clone(), w);
-                    changed.push(app.name.clone());
-                }
-            }
+        } else {
+            let p = Arc::new(Progress::default());
+            progress.insert(app.name.clone(), p.clone());
+            watch.send(ToWatch::Add {
+                cfg: Box::new(app.clone()),
+                persisted: book.apps.get(&app.name).cloned(),
+                progress: p,
+            });
+            changed.push(app.name.clone());
         }
     }
-    let gone: Vec<String> = workers
+    let gone: Vec<String> = progress
         .keys()
         .filter(|n| new.app(n).is_none())
         .cloned()
         .collect();
     for name in &gone {
-        if let Some(w) = workers.remove(name) {
-            let _ = w.tx.send(ToWorker::Stop);
-        }
-        lock(routes).remove(name);
+        progress.remove(name);
+        watch.send(ToWatch::Remove(name.clone()));
         lock(&shared.board).remove(name);
     }
     events.emit(
@@ -358,93 +323,24 @@ fn reload(
     new
 }
 
-fn spawn_worker(
+/// Starts the watch loop with every app of `config`, each with a fresh `Progress`.
+fn start_watch(
     shared: &Arc<Shared>,
-    cfg: AppConfig,
-    persisted: Option<crate::state::AppRestarts>,
-) -> std::io::Result<Worker> {
-    let (tx, rx) = mpsc::channel();
-    let due = Arc::new(AtomicU64::new(0));
-    let checks = Arc::new(AtomicU64::new(0));
-    let (s, d, c) = (shared.clone(), due.clone(), checks.clone());
-    let join = std::thread::Builder::new()
-        .name(format!("app:{}", cfg.name))
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            let app = App::new(cfg, clock::mono_now(), persisted.as_ref());
-            worker_loop(app, &s, rx, &d, &c);
-        })?;
-    Ok(Worker {
-        tx,
-        join,
-        due,
-        checks,
-    })
-}
-
-fn worker_loop(
-    mut app: App,
-    shared: &Shared,
-    rx: Receiver<ToWorker>,
-    due: &AtomicU64,
-    checks: &AtomicU64,
-) {
-    let mut next = clock::mono_now();
-    loop {
-        let now = clock::mono_now();
-        let wait = Duration::from_millis(next.saturating_sub(now));
-        due.store(next + 2_000, Ordering::Relaxed);
-        match rx.recv_timeout(wait) {
-            Ok(ToWorker::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Ok(ToWorker::Config(cfg)) => {
-                app.reconfigure(*cfg);
-                next = next.min(clock::mono_now() + app.period().as_millis() as u64);
-                continue;
-            }
-            Ok(ToWorker::Bus(ev)) => {
-                on_bus(&mut app, shared, &ev);
-                // Look now rather than at the next period: PM2 just told us something changed.
-                if matches!(ev.event.as_str(), "exit" | "stop" | "delete") {
-                    next = next.min(clock::mono_now() + 200);
-                }
-                continue;
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-        let start = clock::mono_now();
-        // The worst a check plus a restart may take, with slack: past it the agent is wedged.
-        let bound = app.cfg.timeout + app.cfg.restart_timeout * 2 + Duration::from_secs(15);
-        due.store(start + bound.as_millis() as u64, Ordering::Relaxed);
-        let check = app.check(shared, crate::app::SNAPSHOT_MAX_AGE);
-        let decision = app.handle(shared, check);
-        checks.fetch_add(1, Ordering::Relaxed);
-        if matches!(decision, crate::policy::Decision::Restart { .. }) {
-            // Bus events our own restart caused are already accounted for.
-            while let Ok(m) = rx.try_recv() {
-                match m {
-                    ToWorker::Bus(_) => {}
-                    ToWorker::Stop => return,
-                    ToWorker::Config(cfg) => app.reconfigure(*cfg),
-                }
-            }
-        }
-        let period = app.period().as_millis() as u64;
-        // Start-aligned: a check that overran its period (a hung probe) is followed at once, so
-        // detection stays on the configured schedule instead of drifting by the overrun.
-        next = (start + period).max(clock::mono_now());
-    }
-}
-
-fn on_bus(app: &mut App, shared: &Shared, ev: &BusEvent) {
-    let e = Event::new(
-        Kind::Pm2Event,
-        Some(app.name()),
-        format!("PM2 event: {}.", ev.event),
-    )
-    .with("action", ev.event.as_str())
-    .with("pm_id", ev.pm_id)
-    .with("manually", ev.manually);
-    shared.emit(e);
+    config: &Config,
+    progress: &mut BTreeMap<String, Arc<Progress>>,
+) -> std::io::Result<Watch> {
+    let book = shared.state.read_restarts();
+    progress.clear();
+    let apps = config
+        .apps
+        .iter()
+        .map(|a| {
+            let p = Arc::new(Progress::default());
+            progress.insert(a.name.clone(), p.clone());
+            (a.clone(), book.apps.get(&a.name).cloned(), p)
+        })
+        .collect();
+    crate::watch::spawn(shared.clone(), apps)
 }
 
 /// Blocks the signals the agent handles in every thread, so only the sigwait thread sees them.

@@ -3,7 +3,8 @@
 //! Edges (touch the world): `pm2` (the daemon's sockets), `probe` (HTTP), `procfs` (/proc),
 //! `events`/`state`/`files` (the state directory), `notify` (systemd), `clock`.
 //! Middle (pure): `config` validation, `policy` decisions, CPU math.
-//! Runtime: `app` (one app's check and actions), `daemon` (threads and signals), `check`
+//! Runtime: `app` (one app's check and actions), `watch` (every app's checks on one thread),
+//! `daemon` (threads and signals), `check`
 //! (the cron backup check), `status` (what the daemon last saw).
 
 pub mod app;
@@ -22,3 +23,4 @@ pub mod probe;
 pub mod procfs;
 pub mod state;
 pub mod status;
+pub mod watch;

@@ -7,8 +7,10 @@
 //! any reply, and reads at most `MAX_BODY` bytes of body.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
 
 use crate::config::StatusMatch;
 
@@ -147,11 +149,68 @@ impl ProbeOutcome {
 }
 
 /// Probes one target; keeps its resolved addresses between probes.
+///
+/// A probe is a small state machine on a non-blocking socket (`start`, then `advance` whenever
+/// its socket is ready or its deadline passes), so the daemon runs every app's probe from one
+/// thread with one poll(2); `probe` drives the same machine alone for the backup check.
 #[derive(Debug)]
 pub struct Prober {
     target: HttpTarget,
     request: Vec<u8>,
     addrs: Vec<SocketAddr>,
+}
+
+/// One probe in flight: its socket, where it is in the exchange, and its deadline.
+#[derive(Debug)]
+pub struct InFlight {
+    socket: Socket,
+    stage: Stage,
+    /// The next address to try if this connect fails.
+    next_addr: usize,
+    last_error: String,
+    buf: Vec<u8>,
+    start: Instant,
+    deadline: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stage {
+    Connecting,
+    Writing { sent: usize },
+    Reading,
+}
+
+/// What `start` gives: a result at once (nothing to connect to), or a probe in flight.
+#[derive(Debug)]
+pub enum Started {
+    Done(ProbeResult),
+    Pending(InFlight),
+}
+
+impl InFlight {
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.socket.as_raw_fd()
+    }
+
+    /// The poll(2) events this probe waits for.
+    pub fn events(&self) -> libc::c_short {
+        match self.stage {
+            Stage::Connecting | Stage::Writing { .. } => libc::POLLOUT,
+            Stage::Reading => libc::POLLIN,
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn result(&self, outcome: ProbeOutcome) -> ProbeResult {
+        ProbeResult {
+            latency: self.start.elapsed(),
+            outcome,
+        }
+    }
 }
 
 impl Prober {
@@ -174,18 +233,134 @@ impl Prober {
         &self.target
     }
 
+    /// One probe from start to result, blocking this thread (at most `timeout`).
     pub fn probe(
         &mut self,
         timeout: Duration,
         expect_status: &StatusMatch,
         expect_body: Option<&str>,
     ) -> ProbeResult {
+        let mut f = match self.start(timeout) {
+            Started::Done(r) => return r,
+            Started::Pending(f) => f,
+        };
+        loop {
+            wait_ready(&f);
+            if let Some(r) = self.advance(&mut f, expect_status, expect_body) {
+                return r;
+            }
+        }
+    }
+
+    /// Begins a probe with a deadline `timeout` from now.
+    pub fn start(&mut self, timeout: Duration) -> Started {
         let start = Instant::now();
         let deadline = start + timeout;
-        let outcome = self.run(deadline, expect_status, expect_body);
-        ProbeResult {
-            latency: start.elapsed(),
-            outcome,
+        let done = |outcome| {
+            Started::Done(ProbeResult {
+                latency: start.elapsed(),
+                outcome,
+            })
+        };
+        if self.addrs.is_empty() {
+            if let Err(e) = self.resolve() {
+                return done(ProbeOutcome::Connect(e));
+            }
+        }
+        let mut last_error = String::from("no address");
+        for (i, addr) in self.addrs.iter().enumerate() {
+            match connect(addr) {
+                Ok(socket) => {
+                    return Started::Pending(InFlight {
+                        socket,
+                        stage: Stage::Connecting,
+                        next_addr: i + 1,
+                        last_error,
+                        buf: Vec::new(),
+                        start,
+                        deadline,
+                    })
+                }
+                Err(e) => last_error = format!("{addr}: {e}"),
+            }
+        }
+        self.addrs.clear();
+        done(ProbeOutcome::Connect(last_error))
+    }
+
+    /// Moves the probe on as far as its socket allows without waiting. Returns the result once
+    /// there is one: an answer, a failure, or the deadline passed (a reply that is already
+    /// there is still read first, so a late wake-up of the caller is not blamed on the app).
+    pub fn advance(
+        &mut self,
+        f: &mut InFlight,
+        expect_status: &StatusMatch,
+        expect_body: Option<&str>,
+    ) -> Option<ProbeResult> {
+        let outcome = self.step(f, expect_status, expect_body);
+        let outcome = match outcome {
+            Some(o) => o,
+            None if Instant::now() >= f.deadline => ProbeOutcome::Timeout,
+            None => return None,
+        };
+        if matches!(outcome, ProbeOutcome::Connect(_)) {
+            // Resolve again next time: the name may point elsewhere now.
+            self.addrs.clear();
+        }
+        Some(f.result(outcome))
+    }
+
+    fn step(
+        &mut self,
+        f: &mut InFlight,
+        expect_status: &StatusMatch,
+        expect_body: Option<&str>,
+    ) -> Option<ProbeOutcome> {
+        loop {
+            match f.stage {
+                Stage::Connecting => match connected(&f.socket) {
+                    Ok(true) => f.stage = Stage::Writing { sent: 0 },
+                    Ok(false) => return None,
+                    Err(e) => {
+                        // Try the name's next address, if any, within the same deadline.
+                        f.last_error =
+                            match f.next_addr.checked_sub(1).and_then(|i| self.addrs.get(i)) {
+                                Some(addr) => format!("{addr}: {e}"),
+                                None => e.to_string(),
+                            };
+                        let Some(addr) = self.addrs.get(f.next_addr).copied() else {
+                            return Some(ProbeOutcome::Connect(f.last_error.clone()));
+                        };
+                        f.next_addr += 1;
+                        match connect(&addr) {
+                            Ok(s) => f.socket = s,
+                            Err(e) => return Some(ProbeOutcome::Connect(format!("{addr}: {e}"))),
+                        }
+                    }
+                },
+                Stage::Writing { sent } => match (&f.socket).write(&self.request[sent..]) {
+                    Ok(n) if sent + n >= self.request.len() => f.stage = Stage::Reading,
+                    Ok(n) => f.stage = Stage::Writing { sent: sent + n },
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                    Err(e) => return Some(map_io(e)),
+                },
+                Stage::Reading => {
+                    let mut chunk = [0u8; 4096];
+                    match (&f.socket).read(&mut chunk) {
+                        Ok(n) => {
+                            f.buf.extend_from_slice(&chunk[..n]);
+                            let verdict = evaluate(&f.buf, n == 0, expect_status, expect_body);
+                            if verdict.is_some() {
+                                return verdict;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                        Err(e) => return Some(map_io(e)),
+                    }
+                }
+            }
         }
     }
 
@@ -205,181 +380,119 @@ impl Prober {
         self.addrs = found;
         Ok(())
     }
+}
 
-    fn connect(&mut self, deadline: Instant) -> Result<TcpStream, ProbeOutcome> {
-        if self.addrs.is_empty() {
-            self.resolve().map_err(ProbeOutcome::Connect)?;
-        }
-        let mut last = String::from("no address");
-        for addr in self.addrs.clone() {
-            let left = remaining(deadline).ok_or(ProbeOutcome::Timeout)?;
-            match TcpStream::connect_timeout(&addr, left) {
-                Ok(s) => return Ok(s),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    return Err(ProbeOutcome::Timeout)
-                }
-                Err(e) => last = format!("{addr}: {e}"),
-            }
-        }
-        self.addrs.clear();
-        Err(ProbeOutcome::Connect(last))
+/// A non-blocking, close-on-exec TCP socket with its connect started.
+fn connect(addr: &SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    match s.connect(&(*addr).into()) {
+        Ok(()) => Ok(s),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(s),
+        Err(e) => Err(e),
     }
+}
 
-    fn run(
-        &mut self,
-        deadline: Instant,
-        expect_status: &StatusMatch,
-        expect_body: Option<&str>,
-    ) -> ProbeOutcome {
-        let mut stream = match self.connect(deadline) {
-            Ok(s) => s,
-            Err(o) => return o,
-        };
-        let _ = stream.set_nodelay(true);
-        if let Err(o) = io(&stream, deadline, |s| s.write_all(&self.request)) {
-            return o;
+/// Whether a non-blocking connect has finished: Ok(false) while it is under way.
+fn connected(s: &Socket) -> std::io::Result<bool> {
+    if let Some(e) = s.take_error()? {
+        return Err(e);
+    }
+    match s.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Judges the reply read so far: `None` while more is needed. `eof`: the peer closed.
+fn evaluate(
+    buf: &[u8],
+    eof: bool,
+    expect_status: &StatusMatch,
+    expect_body: Option<&str>,
+) -> Option<ProbeOutcome> {
+    let Some(i) = find(buf, b"\r\n\r\n") else {
+        if buf.len() > MAX_HEAD {
+            return Some(ProbeOutcome::Protocol(
+                "response head larger than 16 KiB".into(),
+            ));
         }
-        let mut buf = Vec::with_capacity(1024);
-        let head_end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            if buf.len() > MAX_HEAD {
-                return ProbeOutcome::Protocol("response head larger than 16 KiB".into());
-            }
-            match read_some(&mut stream, &mut buf, deadline) {
-                Ok(0) if buf.is_empty() => {
-                    return ProbeOutcome::Connect("connection closed without a reply".into())
-                }
-                Ok(0) => return ProbeOutcome::Protocol("connection closed mid-header".into()),
-                Ok(_) => {}
-                Err(o) => return o,
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let status = match parse_status_line(lines.next().unwrap_or("")) {
-            Ok(s) => s,
-            Err(e) => return ProbeOutcome::Protocol(e),
-        };
-        if !expect_status.accepts(status) {
-            return ProbeOutcome::Status(status);
-        }
-        let Some(needle) = expect_body else {
-            return ProbeOutcome::Pass { status };
-        };
-        let mut length = None;
-        let mut chunked = false;
-        for line in lines {
-            if let Some((k, v)) = line.split_once(':') {
-                let (k, v) = (k.trim(), v.trim());
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.parse::<usize>().ok();
-                } else if k.eq_ignore_ascii_case("transfer-encoding") {
-                    chunked = v.to_ascii_lowercase().contains("chunked");
-                }
-            }
-        }
-        let mut raw = buf.split_off(head_end);
-        // Read until the body is complete (by length, chunk terminator or EOF), or capped.
-        loop {
-            let complete = if chunked {
-                matches!(dechunk(&raw), Dechunk::Done(_))
-            } else if let Some(n) = length {
-                raw.len() >= n
+        if eof {
+            return Some(if buf.is_empty() {
+                ProbeOutcome::Connect("connection closed without a reply".into())
             } else {
-                false
-            };
-            if complete || raw.len() >= MAX_BODY {
-                break;
-            }
-            match read_some(&mut stream, &mut raw, deadline) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(o) => return o,
-            }
+                ProbeOutcome::Protocol("connection closed mid-header".into())
+            });
         }
-        let body = if chunked {
-            match dechunk(&raw) {
-                Dechunk::Done(b) | Dechunk::Partial(b) => b,
-                Dechunk::Bad => return ProbeOutcome::Protocol("bad chunked encoding".into()),
+        return None;
+    };
+    let head_end = i + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let mut lines = head.split("\r\n");
+    let status = match parse_status_line(lines.next().unwrap_or("")) {
+        Ok(s) => s,
+        Err(e) => return Some(ProbeOutcome::Protocol(e)),
+    };
+    if !expect_status.accepts(status) {
+        return Some(ProbeOutcome::Status(status));
+    }
+    let Some(needle) = expect_body else {
+        return Some(ProbeOutcome::Pass { status });
+    };
+    let mut length = None;
+    let mut chunked = false;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            let (k, v) = (k.trim(), v.trim());
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.parse::<usize>().ok();
+            } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.to_ascii_lowercase().contains("chunked");
             }
-        } else {
-            raw
-        };
-        if find(&body, needle.as_bytes()).is_some() {
-            ProbeOutcome::Pass { status }
-        } else {
-            ProbeOutcome::Body { status }
         }
     }
-}
-
-fn remaining(deadline: Instant) -> Option<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    (left > Duration::ZERO).then_some(left)
-}
-
-fn io<T>(
-    stream: &TcpStream,
-    deadline: Instant,
-    f: impl FnOnce(&mut &TcpStream) -> std::io::Result<T>,
-) -> Result<T, ProbeOutcome> {
-    let left = remaining(deadline).ok_or(ProbeOutcome::Timeout)?;
-    let _ = stream.set_write_timeout(Some(left));
-    let mut s = stream;
-    f(&mut s).map_err(map_io)
-}
-
-fn read_some(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    deadline: Instant,
-) -> Result<usize, ProbeOutcome> {
-    wait_readable(stream, deadline)?;
-    // Readable now; the read timeout is only a backstop.
-    let left = remaining(deadline).ok_or(ProbeOutcome::Timeout)?;
-    stream.set_read_timeout(Some(left)).map_err(map_io)?;
-    let mut chunk = [0u8; 4096];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                return Ok(n);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(map_io(e)),
-        }
+    let raw = &buf[head_end..];
+    // The body is complete by length, chunk terminator or EOF, or capped.
+    let complete = if chunked {
+        matches!(dechunk(raw), Dechunk::Done(_))
+    } else if let Some(n) = length {
+        raw.len() >= n
+    } else {
+        false
+    };
+    if !(complete || eof || raw.len() >= MAX_BODY) {
+        return None;
     }
+    let body = if chunked {
+        match dechunk(raw) {
+            Dechunk::Done(b) | Dechunk::Partial(b) => b,
+            Dechunk::Bad => return Some(ProbeOutcome::Protocol("bad chunked encoding".into())),
+        }
+    } else {
+        raw.to_vec()
+    };
+    Some(if find(&body, needle.as_bytes()).is_some() {
+        ProbeOutcome::Pass { status }
+    } else {
+        ProbeOutcome::Body { status }
+    })
 }
 
-/// Waits for data with poll(2), whose timeout is a high-resolution timer: a socket read timeout
-/// (SO_RCVTIMEO) is rounded to scheduler ticks and overshot the deadline by up to ~20 ms, which
-/// delayed every check after a hung probe by as much (measured in bench/compare.sh).
-fn wait_readable(stream: &TcpStream, deadline: Instant) -> Result<(), ProbeOutcome> {
-    use std::os::fd::AsRawFd;
-    loop {
-        let left = remaining(deadline).ok_or(ProbeOutcome::Timeout)?;
-        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-        let mut p = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
-        if n > 0 {
-            return Ok(());
-        }
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(map_io(e));
-        }
-        // n == 0: the deadline passed (the loop re-checks what is left).
-    }
+/// Waits with poll(2) until the probe's socket is ready or its deadline passes. poll's timeout
+/// is a high-resolution timer: a socket timeout (SO_RCVTIMEO) is rounded to scheduler ticks and
+/// overshot the deadline by up to ~20 ms (measured in bench/compare.sh).
+fn wait_ready(f: &InFlight) {
+    let left = f.deadline.saturating_duration_since(Instant::now());
+    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    let mut p = libc::pollfd {
+        fd: f.fd(),
+        events: f.events(),
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call. EINTR or an error just means
+    // `advance` looks again (it re-checks the deadline).
+    unsafe { libc::poll(&mut p, 1, ms) };
 }
 
 fn map_io(e: std::io::Error) -> ProbeOutcome {

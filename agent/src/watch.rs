@@ -1,0 +1,439 @@
+//! The daemon's watch loop: every app's checks on one thread, their probes multiplexed on one
+//! poll(2); each action (restart, resurrect, give-up) on a thread of its own.
+//!
+//! One thread instead of one per app: at 100 apps every second the per-thread timer wake-ups,
+//! lock hand-offs and context switches were a third of the agent's CPU (BENCHMARKS.md). What
+//! can block runs elsewhere: a probe is a non-blocking state machine (`probe::InFlight`) bounded
+//! by its deadline, and an app whose check calls for an action is handed, with its state, to a
+//! short-lived thread, so a slow restart of one app never delays another's checks. Nothing here
+//! waits on an app; the one shared wait is PM2's process list (`Shared::snapshot`, bounded).
+//! Invariants: each app is checked on its start-aligned schedule (a check that overran is
+//! followed at once); `Progress::due` always says by when the app will report again, so the
+//! main thread can withhold the heartbeat when the loop is wedged.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::app::{App, Observation, Shared, SNAPSHOT_MAX_AGE};
+use crate::clock;
+use crate::config::AppConfig;
+use crate::events::{Event, Kind};
+use crate::pm2::BusEvent;
+use crate::policy::{Decision, Mono};
+use crate::probe::{InFlight, ProbeResult, Started};
+use crate::state::AppRestarts;
+
+/// What the main thread learns of one app's schedule without asking the loop.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// `Mono` by which the app promises to report again; 0 before its first check.
+    pub due: AtomicU64,
+    pub checks: AtomicU64,
+}
+
+pub enum ToWatch {
+    Add {
+        cfg: Box<AppConfig>,
+        persisted: Option<AppRestarts>,
+        progress: Arc<Progress>,
+    },
+    Config(Box<AppConfig>),
+    Remove(String),
+    Bus(BusEvent),
+    Stop,
+    /// An action thread is done with the app and gives it back.
+    Done(Box<App>),
+    /// An action thread panicked; the app is watched again from its saved restart history.
+    Lost(String),
+}
+
+/// Sends to the loop and wakes it from its poll.
+#[derive(Clone)]
+pub struct WatchTx {
+    tx: Sender<ToWatch>,
+    waker: Arc<Waker>,
+}
+
+impl WatchTx {
+    pub fn send(&self, m: ToWatch) {
+        if self.tx.send(m).is_ok() {
+            self.waker.wake();
+        }
+    }
+}
+
+/// An eventfd the loop polls beside the probes' sockets.
+struct Waker(OwnedFd);
+
+impl Waker {
+    fn new() -> std::io::Result<Waker> {
+        // SAFETY: plain syscall; the fd is owned from here on.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd. A full counter (EAGAIN) means
+        // a wake-up is already pending, which is all that is needed.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn drain(&self) {
+        let mut n: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
+}
+
+/// The running loop, as the main thread holds it.
+pub struct Watch {
+    pub tx: WatchTx,
+    pub join: JoinHandle<()>,
+}
+
+/// Starts the loop with `apps`; each app's first check is at once.
+pub fn spawn(
+    shared: Arc<Shared>,
+    apps: Vec<(AppConfig, Option<AppRestarts>, Arc<Progress>)>,
+) -> std::io::Result<Watch> {
+    let (tx, rx) = mpsc::channel();
+    let tx = WatchTx {
+        tx,
+        waker: Arc::new(Waker::new()?),
+    };
+    let own = tx.clone();
+    let join = std::thread::Builder::new()
+        .name("watch".into())
+        .stack_size(512 * 1024)
+        .spawn(move || {
+            let mut w = Loop {
+                shared,
+                slots: BTreeMap::new(),
+                tx: own,
+            };
+            let now = clock::mono_now();
+            for (cfg, persisted, progress) in apps {
+                w.add(cfg, persisted, progress, now);
+            }
+            w.run(rx);
+        })?;
+    Ok(Watch { tx, join })
+}
+
+/// A check under way: what PM2 and /proc showed, and the probe still in flight.
+struct Running {
+    seen: Observation,
+    probe: InFlight,
+}
+
+struct Slot {
+    cfg: AppConfig,
+    /// `None` while an action thread has the app.
+    app: Option<Box<App>>,
+    progress: Arc<Progress>,
+    next: Mono,
+    /// When the current (or last) check started: the schedule is aligned to it.
+    started: Mono,
+    running: Option<Running>,
+    /// A new config that arrived mid-check or while the app was away.
+    pending_cfg: Option<AppConfig>,
+    /// Removed from the config while away: dropped when it comes back.
+    removed: bool,
+}
+
+struct Loop {
+    shared: Arc<Shared>,
+    slots: BTreeMap<String, Slot>,
+    tx: WatchTx,
+}
+
+impl Loop {
+    fn add(
+        &mut self,
+        cfg: AppConfig,
+        persisted: Option<AppRestarts>,
+        progress: Arc<Progress>,
+        now: Mono,
+    ) {
+        let app = App::new(cfg.clone(), now, persisted.as_ref());
+        progress.due.store(now + 2_000, Ordering::Relaxed);
+        self.slots.insert(
+            cfg.name.clone(),
+            Slot {
+                cfg,
+                app: Some(Box::new(app)),
+                progress,
+                next: now,
+                started: now,
+                running: None,
+                pending_cfg: None,
+                removed: false,
+            },
+        );
+    }
+
+    fn run(&mut self, rx: Receiver<ToWatch>) {
+        let mut stopping: Option<Mono> = None;
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut polled: Vec<String> = Vec::new();
+        loop {
+            while let Ok(m) = rx.try_recv() {
+                if let ToWatch::Stop = m {
+                    // A restart in flight is not cut off half-way, but not waited for past 3 s.
+                    stopping.get_or_insert(clock::mono_now() + 3_000);
+                } else {
+                    self.on_message(m);
+                }
+            }
+            let now = clock::mono_now();
+            if let Some(deadline) = stopping {
+                if now >= deadline || self.slots.values().all(|s| s.app.is_some()) {
+                    return;
+                }
+            } else {
+                let due: Vec<String> = self
+                    .slots
+                    .iter()
+                    .filter(|(_, s)| s.app.is_some() && s.running.is_none() && s.next <= now)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in due {
+                    self.begin(&name);
+                }
+            }
+            // One poll for the wake-up fd and every probe in flight, until the next event.
+            fds.clear();
+            polled.clear();
+            fds.push(libc::pollfd {
+                fd: self.tx.waker.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            let now = clock::mono_now();
+            let instant = Instant::now();
+            let mut wait_ms = stopping.map_or(1_000, |d| d.saturating_sub(now).max(1));
+            for (name, s) in &self.slots {
+                if let Some(r) = &s.running {
+                    fds.push(libc::pollfd {
+                        fd: r.probe.fd(),
+                        events: r.probe.events(),
+                        revents: 0,
+                    });
+                    polled.push(name.clone());
+                    let left = r.probe.deadline().saturating_duration_since(instant);
+                    wait_ms = wait_ms.min(left.as_micros().div_ceil(1000) as u64);
+                } else if s.app.is_some() && stopping.is_none() {
+                    wait_ms = wait_ms.min(s.next.saturating_sub(now));
+                }
+            }
+            // SAFETY: `fds` is a live, correctly sized array of pollfd for the call's duration.
+            let n = unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    wait_ms.min(i32::MAX as u64) as libc::c_int,
+                )
+            };
+            if n > 0 && fds[0].revents != 0 {
+                self.tx.waker.drain();
+            }
+            let instant = Instant::now();
+            for (i, name) in polled.iter().enumerate() {
+                let ready = n > 0 && fds[i + 1].revents != 0;
+                let Some(s) = self.slots.get_mut(name) else {
+                    continue;
+                };
+                let (Some(app), Some(r)) = (s.app.as_mut(), s.running.as_mut()) else {
+                    continue;
+                };
+                if !ready && instant < r.probe.deadline() {
+                    continue;
+                }
+                if let Some(result) = app.advance_probe(&mut r.probe) {
+                    if let Some(r) = s.running.take() {
+                        self.finish(name, r.seen, Some(result));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, m: ToWatch) {
+        let now = clock::mono_now();
+        match m {
+            ToWatch::Add {
+                cfg,
+                persisted,
+                progress,
+            } => self.add(*cfg, persisted, progress, now),
+            ToWatch::Config(cfg) => {
+                if let Some(s) = self.slots.get_mut(&cfg.name) {
+                    s.cfg = (*cfg).clone();
+                    match s.app.as_mut() {
+                        Some(app) if s.running.is_none() => {
+                            app.reconfigure(*cfg);
+                            s.next = s.next.min(now + app.period().as_millis() as u64);
+                        }
+                        _ => s.pending_cfg = Some(*cfg),
+                    }
+                }
+            }
+            ToWatch::Remove(name) => {
+                if let Some(s) = self.slots.get_mut(&name) {
+                    if s.app.is_some() {
+                        self.slots.remove(&name);
+                    } else {
+                        s.removed = true;
+                    }
+                }
+            }
+            ToWatch::Bus(ev) => {
+                let Some(s) = self.slots.get_mut(&ev.name) else {
+                    return;
+                };
+                // While an action thread has the app, PM2's events are the action's own doing
+                // (the restart it asked for) and are already accounted for.
+                if s.app.is_none() {
+                    return;
+                }
+                on_bus(&self.shared, &ev);
+                // Look now rather than at the next period: PM2 just told us something changed.
+                if s.running.is_none() && matches!(ev.event.as_str(), "exit" | "stop" | "delete") {
+                    s.next = s.next.min(now + 200);
+                }
+            }
+            ToWatch::Done(app) => {
+                let name = app.name().to_string();
+                if let Some(s) = self.slots.get_mut(&name) {
+                    if s.removed {
+                        self.slots.remove(&name);
+                        return;
+                    }
+                    s.app = Some(app);
+                    self.schedule(&name);
+                }
+            }
+            ToWatch::Lost(name) => {
+                if let Some(s) = self.slots.get_mut(&name) {
+                    if s.removed {
+                        self.slots.remove(&name);
+                        return;
+                    }
+                    tracing::error!(message = "An action stopped unexpectedly; watching the app again.", app = %name);
+                    let book = self.shared.state.read_restarts();
+                    s.app = Some(Box::new(App::new(s.cfg.clone(), now, book.apps.get(&name))));
+                    s.pending_cfg = None;
+                    s.next = now;
+                    s.progress.due.store(now + 2_000, Ordering::Relaxed);
+                }
+            }
+            ToWatch::Stop => {}
+        }
+    }
+
+    /// Starts a check: PM2's state and /proc now, the probe in flight.
+    fn begin(&mut self, name: &str) {
+        let Some(s) = self.slots.get_mut(name) else {
+            return;
+        };
+        let Some(app) = s.app.as_mut() else {
+            return;
+        };
+        let started = clock::mono_now();
+        s.started = started;
+        // The worst a check plus a restart may take, with slack: past it the agent is wedged.
+        let bound = app.cfg.timeout + app.cfg.restart_timeout * 2 + Duration::from_secs(15);
+        s.progress
+            .due
+            .store(started + bound.as_millis() as u64, Ordering::Relaxed);
+        let seen = app.observe(&self.shared, SNAPSHOT_MAX_AGE);
+        match app.start_probe() {
+            None => self.finish(name, seen, None),
+            Some(Started::Done(result)) => self.finish(name, seen, Some(result)),
+            Some(Started::Pending(probe)) => s.running = Some(Running { seen, probe }),
+        }
+    }
+
+    /// Judges a finished check; a decision to act goes to a thread of its own with the app.
+    fn finish(&mut self, name: &str, seen: Observation, probe: Option<ProbeResult>) {
+        let Some(s) = self.slots.get_mut(name) else {
+            return;
+        };
+        let Some(app) = s.app.as_mut() else {
+            return;
+        };
+        let check = app.conclude(seen, probe);
+        let (decision, snapshot) = app.assess(&self.shared, check);
+        s.progress.checks.fetch_add(1, Ordering::Relaxed);
+        if let Decision::Wait { .. } = decision {
+            app.act(&self.shared, decision, snapshot.as_deref());
+            self.schedule(name);
+            return;
+        }
+        let Some(mut app) = s.app.take() else {
+            return;
+        };
+        let (shared, tx, owner) = (self.shared.clone(), self.tx.clone(), name.to_string());
+        // The app moves to the action thread and comes back in `Done` (or `Lost`).
+        let spawned = std::thread::Builder::new()
+            .name(format!("act:{name}"))
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let acted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    app.act(&shared, decision, snapshot.as_deref());
+                    app
+                }));
+                tx.send(match acted {
+                    Ok(app) => ToWatch::Done(app),
+                    Err(_) => ToWatch::Lost(owner),
+                });
+            });
+        if let Err(error) = spawned {
+            // The app went down with the closure: it is watched again from its saved history,
+            // and its next check decides afresh.
+            tracing::error!(message = "Cannot start an action thread.", app = %name, %error);
+            self.tx.send(ToWatch::Lost(name.to_string()));
+        }
+    }
+
+    /// Sets the next check after one finished (with its action), aligned to when it started.
+    fn schedule(&mut self, name: &str) {
+        let Some(s) = self.slots.get_mut(name) else {
+            return;
+        };
+        let Some(app) = s.app.as_mut() else {
+            return;
+        };
+        if let Some(cfg) = s.pending_cfg.take() {
+            app.reconfigure(cfg);
+        }
+        let now = clock::mono_now();
+        // Start-aligned: a check that overran its period (a hung probe, a restart) is followed
+        // at once, so detection stays on the configured schedule instead of drifting.
+        s.next = (s.started + app.period().as_millis() as u64).max(now);
+        s.progress.due.store(s.next + 2_000, Ordering::Relaxed);
+    }
+}
+
+fn on_bus(shared: &Shared, ev: &BusEvent) {
+    shared.emit(
+        Event::new(
+            Kind::Pm2Event,
+            Some(&ev.name),
+            format!("PM2 event: {}.", ev.event),
+        )
+        .with("action", ev.event.as_str())
+        .with("pm_id", ev.pm_id)
+        .with("manually", ev.manually),
+    );
+}
