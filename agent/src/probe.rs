@@ -706,6 +706,73 @@ mod tests {
         ));
     }
 
+    /// The daemon's way: several probes in flight at once, driven by one poll(2) loop.
+    #[test]
+    fn probes_in_flight_together_finish_independently() {
+        let (fast, _a) = serve_once(b"HTTP/1.1 200 OK\r\n\r\n", Duration::ZERO);
+        let (failing, _b) = serve_once(b"HTTP/1.1 500 Oops\r\n\r\n", Duration::from_millis(400));
+        let (hung, _c) = serve_once(b"HTTP/1.1 200 OK\r\n\r\n", Duration::from_secs(3));
+        let mut probers: Vec<Prober> = [fast, failing, hung].into_iter().map(Prober::new).collect();
+        let began = Instant::now();
+        let mut flights: Vec<Option<InFlight>> = probers
+            .iter_mut()
+            .map(|p| match p.start(Duration::from_millis(600)) {
+                Started::Pending(f) => Some(f),
+                Started::Done(r) => panic!("no connect in flight: {r:?}"),
+            })
+            .collect();
+        let mut results: Vec<Option<ProbeOutcome>> = vec![None, None, None];
+        while results.iter().any(Option::is_none) {
+            let mut fds: Vec<libc::pollfd> = flights
+                .iter()
+                .map(|f| libc::pollfd {
+                    fd: f.as_ref().map_or(-1, |f| f.fd()),
+                    events: f.as_ref().map_or(0, |f| f.events()),
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: a live array of pollfd; negative fds are ignored by poll.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+            for i in 0..3 {
+                if let Some(f) = flights[i].as_mut() {
+                    if fds[i].revents != 0 || Instant::now() >= f.deadline() {
+                        if let Some(r) = probers[i].advance(f, &StatusMatch::Success, None) {
+                            results[i] = Some(r.outcome);
+                            flights[i] = None;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(results[0], Some(ProbeOutcome::Pass { status: 200 }));
+        assert_eq!(results[1], Some(ProbeOutcome::Status(500)));
+        assert_eq!(results[2], Some(ProbeOutcome::Timeout));
+        // Side by side, not one after the other (that would be at least 400 + 600 ms).
+        assert!(
+            began.elapsed() < Duration::from_millis(950),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    /// A caller that looks late (its loop was busy) still reads the reply that did arrive in
+    /// time, rather than blaming the app with a timeout.
+    #[test]
+    fn a_late_look_reads_a_reply_that_is_already_there() {
+        let (t, _h) = serve_once(b"HTTP/1.1 200 OK\r\n\r\n", Duration::from_millis(200));
+        let mut p = Prober::new(t);
+        let Started::Pending(mut f) = p.start(Duration::from_millis(300)) else {
+            panic!("no connect in flight");
+        };
+        wait_ready(&f);
+        // Connected: the request goes out; the reply is 200 ms away.
+        assert!(p.advance(&mut f, &StatusMatch::Success, None).is_none());
+        // The caller comes back after the deadline; the reply came before it.
+        std::thread::sleep(Duration::from_millis(600));
+        let r = p.advance(&mut f, &StatusMatch::Success, None).unwrap();
+        assert_eq!(r.outcome, ProbeOutcome::Pass { status: 200 });
+    }
+
     #[test]
     fn dechunk_handles_garbage() {
         assert!(matches!(dechunk(b"zz\r\n"), Dechunk::Bad));
