@@ -1,7 +1,7 @@
 //! One watched app: a check (PM2 state + /proc samples + HTTP probe), its judgement, and the
 //! actions that follow (restart with verification and kill escalation, resurrect, give up).
 //!
-//! Shared by the daemon's per-app worker and by `check --once`, so both judge and act alike.
+//! Shared by the daemon's watch loop and by `check --once`, so both judge and act alike.
 //! The decisions themselves are in `policy`; this module is the edge that touches the world.
 //! Invariants: a restart is made only under `restart.lock` after re-reading `restarts.json`, so
 //! two pmguard processes never restart one app inside its cooldown; only processes owned by the
