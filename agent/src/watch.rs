@@ -314,9 +314,10 @@ impl Loop {
             }
             ToWatch::Done(app) => {
                 let name = app.name().to_string();
-                if let Some(s) = self.slots.get_mut(&name) {
+                // Only into the slot it left (a reload may have replaced the app meanwhile).
+                if let Some(s) = self.slots.get_mut(&name).filter(|s| s.app.is_none()) {
                     if s.removed {
-                        self.slots.remove(&name);
+                        self.forget(&name);
                         return;
                     }
                     s.app = Some(app);
@@ -324,9 +325,9 @@ impl Loop {
                 }
             }
             ToWatch::Lost(name) => {
-                if let Some(s) = self.slots.get_mut(&name) {
+                if let Some(s) = self.slots.get_mut(&name).filter(|s| s.app.is_none()) {
                     if s.removed {
-                        self.slots.remove(&name);
+                        self.forget(&name);
                         return;
                     }
                     tracing::error!(message = "An action stopped unexpectedly; watching the app again.", app = %name);
@@ -339,6 +340,17 @@ impl Loop {
             }
             ToWatch::Stop => {}
         }
+    }
+
+    /// Drops an app removed from the config while an action had it, and the board line its
+    /// action wrote back.
+    fn forget(&mut self, name: &str) {
+        self.slots.remove(name);
+        self.shared
+            .board
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 
     /// Starts a check: PM2's state and /proc now, the probe in flight.
