@@ -6,7 +6,9 @@
 //! restart of one app never delays another), the bus reader, and the PM2 client's reader.
 //! Invariants: the heartbeat (`status.json`) and `WATCHDOG=1` are refreshed only while every app
 //! keeps its promised schedule, so a wedged agent looks dead to systemd and to the backup check;
-//! a watch loop that panics is logged and started again; SIGTERM stops promptly (`STOPPING=1`);
+//! a panic is a bug: the release build aborts (`panic = "abort"`) and systemd starts the agent
+//! again (`Restart=on-failure`), an unwinding build starts the watch loop again; SIGTERM stops
+//! promptly (`STOPPING=1`);
 //! SIGHUP reloads, and an invalid file keeps the old config.
 
 use std::collections::BTreeMap;

@@ -91,6 +91,7 @@ fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
         if let Some(n) = &a.note {
             let _ = writeln!(out, "    note: {n}");
         }
+        let _ = writeln!(out, "    checks since the agent started: {}", a.checks);
         if !a.probes.is_empty() {
             let hist: Vec<String> = a
                 .probes

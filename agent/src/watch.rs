@@ -48,7 +48,8 @@ pub enum ToWatch {
     Stop,
     /// An action thread is done with the app and gives it back.
     Done(Box<App>),
-    /// An action thread panicked; the app is watched again from its saved restart history.
+    /// An action thread panicked (in an unwinding build; the release build aborts) or could not
+    /// start; the app is watched again from its saved restart history.
     Lost(String),
 }
 

@@ -114,6 +114,14 @@ fn passing_checks_show_in_status_and_failing_ones_in_events() {
     assert!(probes.len() >= 4, "{app_status}");
     assert!(probes.iter().all(|p| p["ok"] == true), "{app_status}");
     assert!(agent.of_kind("probe").is_empty(), "{:?}", agent.events());
+    let text = Command::new(AGENT)
+        .args(["status", "--config"])
+        .arg(agent.config())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("checks since the agent started: "), "{text}");
+    assert!(text.contains("response times, oldest first"), "{text}");
     set_mode(port, "500").unwrap();
     wait_until(Duration::from_secs(10), "failing probes as events", || {
         agent.of_kind("probe").len() >= 2
