@@ -25,7 +25,8 @@ use crate::probe::{InFlight, ProbeResult, Prober, Started};
 use crate::procfs::{self, ProcWatch};
 use crate::state::{AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartRecord, StateDir};
 
-const LIST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a check waits for PM2's process list.
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 const HISTORY: usize = 20;
 const DEFAULT_KILL_TIMEOUT_MS: u64 = 1_600;
 

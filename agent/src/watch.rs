@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::app::{App, Observation, Shared, SNAPSHOT_MAX_AGE};
+use crate::app::{App, Observation, Shared, LIST_TIMEOUT, SNAPSHOT_MAX_AGE};
 use crate::clock;
 use crate::config::AppConfig;
 use crate::events::{Event, Kind};
@@ -27,6 +27,11 @@ use crate::pm2::BusEvent;
 use crate::policy::{Decision, Mono};
 use crate::probe::{InFlight, ProbeResult, Started};
 use crate::state::AppRestarts;
+
+/// How late past its next check an idle app may be before the loop counts as wedged: 2 s, plus
+/// PM2's list timeout, which the loop may be waiting out for an earlier app of the same round
+/// when PM2 is slow.
+const IDLE_SLACK_MS: u64 = 2_000 + LIST_TIMEOUT.as_millis() as u64;
 
 /// What the main thread learns of one app's schedule without asking the loop.
 #[derive(Debug, Default)]
@@ -167,7 +172,7 @@ impl Loop {
         now: Mono,
     ) {
         let app = App::new(cfg.clone(), now, persisted.as_ref());
-        progress.due.store(now + 2_000, Ordering::Relaxed);
+        progress.due.store(now + IDLE_SLACK_MS, Ordering::Relaxed);
         self.slots.insert(
             cfg.name.clone(),
             Slot {
@@ -336,7 +341,7 @@ impl Loop {
                     s.app = Some(Box::new(App::new(s.cfg.clone(), now, book.apps.get(&name))));
                     s.pending_cfg = None;
                     s.next = now;
-                    s.progress.due.store(now + 2_000, Ordering::Relaxed);
+                    s.progress.due.store(now + IDLE_SLACK_MS, Ordering::Relaxed);
                 }
             }
             ToWatch::Stop => {}
@@ -434,7 +439,9 @@ impl Loop {
         // Start-aligned: a check that overran its period (a hung probe, a restart) is followed
         // at once, so detection stays on the configured schedule instead of drifting.
         s.next = (s.started + app.period().as_millis() as u64).max(now);
-        s.progress.due.store(s.next + 2_000, Ordering::Relaxed);
+        s.progress
+            .due
+            .store(s.next + IDLE_SLACK_MS, Ordering::Relaxed);
     }
 }
 
