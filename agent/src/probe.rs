@@ -339,6 +339,11 @@ impl Prober {
                     }
                 },
                 Stage::Writing { sent } => match (&f.socket).write(&self.request[sent..]) {
+                    Ok(0) => {
+                        return Some(ProbeOutcome::Connect(
+                            "connection closed while sending the request".into(),
+                        ))
+                    }
                     Ok(n) if sent + n >= self.request.len() => f.stage = Stage::Reading,
                     Ok(n) => f.stage = Stage::Writing { sent: sent + n },
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
