@@ -17,7 +17,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::app::Shared;
+use crate::app::{lock, Shared};
 use crate::clock;
 use crate::config::{Config, ConfigError};
 use crate::events::{Event, EventLog, Kind};
@@ -214,10 +214,6 @@ pub fn run(config: Config) -> Result<(), StartError> {
         sink.stop();
     }
     Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn heartbeat_every(config: &Config) -> u64 {

@@ -167,7 +167,6 @@ pub struct InFlight {
     stage: Stage,
     /// The next address to try if this connect fails.
     next_addr: usize,
-    last_error: String,
     buf: Vec<u8>,
     start: Instant,
     deadline: Instant,
@@ -275,7 +274,6 @@ impl Prober {
                         socket,
                         stage: Stage::Connecting,
                         next_addr: i + 1,
-                        last_error,
                         buf: Vec::new(),
                         start,
                         deadline,
@@ -323,13 +321,12 @@ impl Prober {
                     Ok(false) => return None,
                     Err(e) => {
                         // Try the name's next address, if any, within the same deadline.
-                        f.last_error =
-                            match f.next_addr.checked_sub(1).and_then(|i| self.addrs.get(i)) {
+                        let Some(addr) = self.addrs.get(f.next_addr).copied() else {
+                            let failed = f.next_addr.checked_sub(1).and_then(|i| self.addrs.get(i));
+                            return Some(ProbeOutcome::Connect(match failed {
                                 Some(addr) => format!("{addr}: {e}"),
                                 None => e.to_string(),
-                            };
-                        let Some(addr) = self.addrs.get(f.next_addr).copied() else {
-                            return Some(ProbeOutcome::Connect(f.last_error.clone()));
+                            }));
                         };
                         f.next_addr += 1;
                         match connect(&addr) {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::app::{App, Observation, Shared, LIST_TIMEOUT, SNAPSHOT_MAX_AGE};
+use crate::app::{lock, App, Observation, Shared, LIST_TIMEOUT, SNAPSHOT_MAX_AGE};
 use crate::clock;
 use crate::config::AppConfig;
 use crate::events::{Event, Kind};
@@ -352,11 +352,7 @@ impl Loop {
     /// action wrote back.
     fn forget(&mut self, name: &str) {
         self.slots.remove(name);
-        self.shared
-            .board
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        lock(&self.shared.board).remove(name);
     }
 
     /// Starts a check: PM2's state and /proc now, the probe in flight.
