@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use crate::clock;
 use crate::config::{AgentConfig, AppConfig};
 use crate::events::{Event, EventLog, Kind};
 use crate::files::LockError;
+use crate::pm2::liveness::{self, DaemonProcess, Liveness};
 use crate::pm2::{Client, Pm2Error, ProcessEntry, Snapshot};
 use crate::policy::{
     decide, judge, AppState, Decision, Health, InstanceView, Mono, PidTracker, Pm2View, Policy,
@@ -31,7 +33,40 @@ const HISTORY: usize = 20;
 const DEFAULT_KILL_TIMEOUT_MS: u64 = 1_600;
 
 /// A PM2 process list, or why there is none.
-type SnapshotResult = Result<Arc<Snapshot>, String>;
+type SnapshotResult = Result<Arc<Snapshot>, Pm2Failure>;
+
+/// Why PM2 gave no process list, judged once (see `pm2::liveness`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pm2Failure {
+    /// Proven gone (socket refused or missing, no daemon process): resurrect is safe.
+    pub gone: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for Pm2Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// By when an app promises to report again, and how many checks it made: read by the main
+/// thread, which withholds the heartbeat (and systemd's watchdog ping) when a promise is broken.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// `Mono` by which the app promises to report again; 0 before its first check.
+    pub due: AtomicU64,
+    pub checks: AtomicU64,
+}
+
+impl Progress {
+    /// Promises a report within `within` from now (an action announces each long step).
+    pub fn promise(&self, within: Duration) {
+        self.due.store(
+            clock::mono_now() + within.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
 
 /// What every app shares: the PM2 client, the event sink, the state directory.
 pub struct Shared {
@@ -76,7 +111,7 @@ impl Shared {
     }
 
     /// PM2's process list, at most `max_age` ms old. Concurrent callers wait for one call.
-    pub fn snapshot(&self, max_age: u64) -> Result<Arc<Snapshot>, String> {
+    pub fn snapshot(&self, max_age: u64) -> SnapshotResult {
         let mut cached = lock(&self.snapshot);
         let now = clock::mono_now();
         if let Some((at, snap)) = cached.as_ref() {
@@ -88,13 +123,27 @@ impl Shared {
             .client
             .list(LIST_TIMEOUT)
             .map(Arc::new)
-            .map_err(|e| e.to_string());
+            .map_err(|e| self.judge_failure(&e));
         *cached = Some((clock::mono_now(), fresh.clone()));
         fresh
     }
 
     pub fn emit(&self, e: Event) {
         self.events.emit(e);
+    }
+
+    /// Whether a failed PM2 call means the daemon is gone or only slow.
+    pub fn judge_failure(&self, e: &Pm2Error) -> Pm2Failure {
+        match liveness::judge(e, self.client.paths(), &self.proc_root) {
+            Liveness::Gone(message) => Pm2Failure {
+                gone: true,
+                message,
+            },
+            Liveness::Unresponsive(message) => Pm2Failure {
+                gone: false,
+                message,
+            },
+        }
     }
 }
 
@@ -139,6 +188,11 @@ pub struct App {
     note: Option<String>,
     /// When pmguard last restarted this app, until a check passes again.
     awaiting_recovery: Option<Mono>,
+    /// pm_ids the last check found stuck (stopped, uninterruptible or spinning): a restart kills
+    /// them at once instead of waiting out a graceful shutdown they cannot perform.
+    hung: Vec<u32>,
+    /// The watch loop's view of this app's schedule; an action extends it step by step.
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl App {
@@ -169,6 +223,8 @@ impl App {
             restarts_shown: VecDeque::new(),
             note: None,
             awaiting_recovery: None,
+            hung: Vec::new(),
+            progress: None,
         }
     }
 
@@ -225,7 +281,8 @@ impl App {
         let mut rule = self.stuck_rule();
         rule.ticks_per_sec = shared.ticks_per_sec;
         let (view, snapshot) = match &snap {
-            Err(e) => (Pm2View::DaemonDown(e.clone()), None),
+            Err(f) if f.gone => (Pm2View::DaemonDown(f.message.clone()), None),
+            Err(f) => (Pm2View::Unresponsive(f.message.clone()), None),
             Ok(s) => {
                 let entries = s.by_name(&self.cfg.name);
                 if entries.is_empty() {
@@ -350,6 +407,14 @@ impl App {
         if let Some(s) = &check.snapshot {
             self.notice_pm2_restarts(shared, s, now);
         }
+        self.hung = match &check.view {
+            Pm2View::Instances(list) => list
+                .iter()
+                .filter(|i| i.stuck.is_some())
+                .map(|i| i.pm_id)
+                .collect(),
+            _ => Vec::new(),
+        };
         let before = self.state.health;
         let decision = decide(&mut self.state, &self.policy, &check.verdict, now);
         self.record_probe(shared, &check);
@@ -452,7 +517,10 @@ impl App {
                 )
                 .with(
                     "url",
-                    self.cfg.health_url.as_ref().map_or("", |u| u.url.as_str()),
+                    self.cfg
+                        .health_url
+                        .as_ref()
+                        .map_or(String::new(), |u| u.redacted()),
                 )
                 .with("ok", p.outcome.passed())
                 .with("latency_ms", p.latency.as_millis() as u64)
@@ -634,7 +702,16 @@ impl App {
         if let Some(r) = &shared.recorder {
             r.restarts(&name, 1);
         }
-        let outcome = restart_instances(shared, &name, &culprits, self.cfg.restart_timeout);
+        let outcome = restart_instances(
+            shared,
+            &name,
+            &Targets {
+                culprits: &culprits,
+                hung: &self.hung,
+                restart_timeout: self.cfg.restart_timeout,
+            },
+            self.progress.as_deref(),
+        );
         let elapsed = clock::mono_now().saturating_sub(started);
         self.awaiting_recovery = Some(started);
         match &outcome {
@@ -727,17 +804,45 @@ impl App {
     }
 }
 
-/// Runs `pm2 resurrect` when the PM2 daemon does not answer, at most once per `cooldown_ms`
-/// (shared with every app and with the other pmguard process through `restarts.json`).
-/// Returns whether it ran.
+/// Runs `pm2 resurrect` when the PM2 daemon is proven gone, at most once per `cooldown_ms`
+/// (shared with every app and with the other pmguard process through `restarts.json`), and
+/// only as PM2_HOME's owner. Returns whether it ran.
 pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64) -> bool {
     let _one = lock(&shared.resurrect);
     if !shared.agent.resurrect {
         shared.emit(Event::new(Kind::Resurrect, Some(app), format!("PM2 daemon is down ({reason}); resurrect is off in the config, so a person must run `pm2 resurrect`.")));
         return false;
     }
-    // Another app may have brought it back while we waited.
-    if shared.client.ping(Duration::from_secs(1)).is_ok() {
+    // Another app may have brought it back while we waited; a daemon that is only slow must
+    // never be resurrected (that would re-read a stale dump.pm2).
+    if let Err(e) = shared.client.ping(Duration::from_secs(1)) {
+        if let Liveness::Unresponsive(why) =
+            liveness::judge(&e, shared.client.paths(), &shared.proc_root)
+        {
+            shared.emit(
+                Event::new(
+                    Kind::Resurrect,
+                    Some(app),
+                    format!("PM2 daemon is not answering, but is not proven gone ({why}); not resurrecting."),
+                )
+                .with("action", "none"),
+            );
+            return false;
+        }
+    } else {
+        return false;
+    }
+    let home = shared.client.paths().home.clone();
+    if let Err(why) = may_start_pm2_as(&home) {
+        shared.emit(
+            Event::new(
+                Kind::Resurrect,
+                Some(app),
+                format!("PM2 daemon is down ({reason}), but {why}"),
+            )
+            .with("action", "refused")
+            .with("path", home.display().to_string()),
+        );
         return false;
     }
     let Ok(_guard) = shared.state.lock_restarts(Duration::from_secs(5)) else {
@@ -755,7 +860,6 @@ pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64)
     if let Err(error) = shared.state.write_restarts(&book) {
         tracing::warn!(message = "Cannot save restart history.", app = %app, %error);
     }
-    let home = shared.client.paths().home.clone();
     let result = run_resurrect(&shared.agent.pm2_bin, &home);
     let e = Event::new(
         Kind::Resurrect,
@@ -770,6 +874,30 @@ pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64)
     true
 }
 
+/// PM2 and its apps may only ever be started as PM2_HOME's owner: `pm2 resurrect` run as root
+/// against another user's home starts a root daemon and the user's apps as root.
+fn may_start_pm2_as(home: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(home)
+        .map_err(|e| {
+            format!(
+                "PM2_HOME {} cannot be read ({e}); not resurrecting.",
+                home.display()
+            )
+        })?
+        .uid();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if owner == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "PM2_HOME {} belongs to uid {owner} and this process runs as uid {me}; not starting PM2 as another user. Run the check as PM2's user (`sudo -u <user> pmguard-agent check --once`).",
+            home.display()
+        ))
+    }
+}
+
 fn health_word(h: Health) -> &'static str {
     match h {
         Health::Starting => "starting",
@@ -779,6 +907,7 @@ fn health_word(h: Health) -> &'static str {
         Health::CrashLoop => "crash_loop",
         Health::Missing => "missing",
         Health::Pm2Down => "pm2_down",
+        Health::Pm2Unresponsive => "pm2_unresponsive",
     }
 }
 
@@ -788,6 +917,7 @@ fn verdict_line(v: &Verdict) -> String {
         Verdict::Transitional(s) => format!("PM2 reports `{s}`."),
         Verdict::Missing => "PM2 does not know this app.".into(),
         Verdict::DaemonDown(e) => format!("PM2 daemon unreachable: {e}."),
+        Verdict::Pm2Unresponsive(e) => format!("PM2 daemon not answering: {e}."),
         Verdict::Failed { reason, .. } => format!("Check failed: {reason}."),
     }
 }
@@ -798,98 +928,78 @@ pub struct Restarted {
     pub pm_id: u32,
     pub old_pid: u32,
     pub new_pid: u32,
+    /// The old process was sent SIGKILL (hung at once, or after PM2's restart did not finish).
     pub escalated: bool,
 }
 
-/// Restarts `culprits` (or all instances) of `name` through PM2, one pm_id at a time, with the
-/// SIGKILL escalation when PM2 does not finish or the old process survives.
+/// What a restart is asked to do.
+#[derive(Debug)]
+pub struct Targets<'a> {
+    /// pm_ids to restart; empty = every instance.
+    pub culprits: &'a [u32],
+    /// pm_ids found stuck: killed at once, then started again.
+    pub hung: &'a [u32],
+    pub restart_timeout: Duration,
+}
+
+/// How long PM2 gets to start a killed instance again by itself (autorestart) before pmguard
+/// asks it to.
+const AUTORESTART_WAIT: Duration = Duration::from_secs(2);
+
+/// Restarts the targets of `name` through PM2, one pm_id at a time. A stuck instance is killed
+/// at once (it cannot run a shutdown handler, so PM2's `kill_timeout` would be waited out for
+/// nothing); a running one gets PM2's graceful restart, with the SIGKILL escalation when PM2 does
+/// not finish or the old process survives. Each step is announced to `progress` first, so a long
+/// but legitimate recovery never looks like a wedged agent.
 pub fn restart_instances(
     shared: &Shared,
     name: &str,
-    culprits: &[u32],
-    restart_timeout: Duration,
+    t: &Targets,
+    progress: Option<&Progress>,
 ) -> Result<Vec<Restarted>, String> {
-    let snap = shared.snapshot(0)?;
+    let snap = shared.snapshot(0).map_err(|f| f.message)?;
     let targets: Vec<ProcessEntry> = snap
         .by_name(name)
         .into_iter()
-        .filter(|e| culprits.is_empty() || culprits.contains(&e.pm_id))
+        .filter(|e| t.culprits.is_empty() || t.culprits.contains(&e.pm_id))
         .cloned()
         .collect();
     if targets.is_empty() {
         return Err("PM2 no longer lists the app".into());
     }
-    let owner = pm2_owner(shared);
+    let signaller = Signaller::new(shared);
     let mut done = Vec::new();
-    for t in targets {
-        let old = (t.pid > 0)
-            .then(|| Pidfd::open(t.pid, owner, &shared.proc_root))
-            .flatten();
-        let deadline = Duration::from_millis(t.kill_timeout_ms.unwrap_or(DEFAULT_KILL_TIMEOUT_MS))
-            + restart_timeout;
-        let first = shared.client.restart(t.pm_id, snap.generation, deadline);
-        let mut escalated = false;
-        let survivor = old.as_ref().is_some_and(|p| p.alive());
-        if first.is_err() || survivor {
-            if let Some(p) = old.as_ref().filter(|p| p.alive()) {
-                escalated = true;
-                let killed = p.kill();
-                shared.emit(
-                    Event::new(
-                        Kind::Escalation,
-                        Some(name),
-                        format!(
-                            "PM2 did not restart pm_id {} in time ({}); sent SIGKILL to pid {}.",
-                            t.pm_id,
-                            first
-                                .as_ref()
-                                .err()
-                                .map_or("the old process survived".to_string(), |e| e.to_string()),
-                            t.pid
-                        ),
-                    )
-                    .with("pm_id", t.pm_id)
-                    .with("pid", t.pid)
-                    .with("signal", "SIGKILL")
-                    .with("ok", killed.is_ok()),
-                );
-                p.wait_exit(Duration::from_secs(2));
-            }
-            if first.is_err() || escalated {
-                // Start it again on a fresh view (the daemon may have reconnected or renumbered).
-                let again = shared.snapshot(0)?;
-                let still = again
-                    .by_name(name)
-                    .into_iter()
-                    .find(|e| e.pm_id == t.pm_id)
-                    .cloned();
-                let needs = still
-                    .as_ref()
-                    .is_none_or(|e| e.pid == t.pid || e.status != crate::pm2::Status::Online);
-                if needs {
-                    if let Err(e) = shared.client.restart(t.pm_id, again.generation, deadline) {
-                        if !escalated {
-                            return Err(format!("pm_id {}: {}", t.pm_id, e));
-                        }
-                        if matches!(e, Pm2Error::DaemonDown { .. }) {
-                            return Err(format!("pm_id {}: {}", t.pm_id, e));
-                        }
-                    }
-                }
-            }
+    for e in targets {
+        let deadline = Duration::from_millis(e.kill_timeout_ms.unwrap_or(DEFAULT_KILL_TIMEOUT_MS))
+            + t.restart_timeout;
+        // This instance's worst case: a restart, the escalation, a second restart.
+        if let Some(p) = progress {
+            p.promise(deadline * 2 + Duration::from_secs(10));
         }
+        let old = (e.pid > 0).then(|| signaller.open(&e)).flatten();
+        let killed_hung = match old.as_ref() {
+            Some(p) if t.hung.contains(&e.pm_id) => Some(kill_hung(shared, name, &e, p)),
+            _ => None,
+        };
+        let escalated = match killed_hung {
+            Some(Ok(())) => {
+                restart_killed(shared, name, &e, snap.generation, deadline)?;
+                true
+            }
+            _ => graceful_restart(shared, name, &e, old.as_ref(), snap.generation, deadline)?,
+        };
         let _ = shared
             .client
-            .notify_restart(t.pm_id, Duration::from_secs(1));
-        let after = shared.snapshot(0)?;
+            .notify_restart(e.pm_id, Duration::from_secs(1));
+        let after = shared.snapshot(0).map_err(|f| f.message)?;
         let new_pid = after
             .by_name(name)
             .into_iter()
-            .find(|e| e.pm_id == t.pm_id)
-            .map_or(0, |e| e.pid);
+            .find(|x| x.pm_id == e.pm_id)
+            .map_or(0, |x| x.pid);
         done.push(Restarted {
-            pm_id: t.pm_id,
-            old_pid: t.pid,
+            pm_id: e.pm_id,
+            old_pid: e.pid,
             new_pid,
             escalated,
         });
@@ -897,22 +1007,227 @@ pub fn restart_instances(
     Ok(done)
 }
 
-/// The uid that owns PM2's RPC socket: the only uid whose processes pmguard may signal.
-fn pm2_owner(shared: &Shared) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(&shared.client.paths().rpc)
-        .ok()
-        .map(|m| m.uid())
+/// SIGKILL to a stuck instance's process, then waits (briefly) for it to be gone.
+fn kill_hung(shared: &Shared, name: &str, e: &ProcessEntry, p: &Pidfd) -> std::io::Result<()> {
+    let killed = p.kill();
+    shared.emit(
+        Event::new(
+            Kind::Escalation,
+            Some(name),
+            format!(
+                "pm_id {} pid {} is stuck and cannot shut down gracefully; sent SIGKILL before restarting it.",
+                e.pm_id, e.pid
+            ),
+        )
+        .with("pm_id", e.pm_id)
+        .with("pid", e.pid)
+        .with("signal", "SIGKILL")
+        .with("ok", killed.is_ok()),
+    );
+    if killed.is_ok() {
+        p.wait_exit(Duration::from_secs(2));
+    }
+    killed
 }
 
-/// A pidfd on a process owned by the PM2 user.
+/// After a stuck instance was killed: PM2 usually starts it again by itself (autorestart);
+/// otherwise (autorestart off, stopped, errored, or slower than `AUTORESTART_WAIT`) pmguard
+/// asks it to.
+fn restart_killed(
+    shared: &Shared,
+    name: &str,
+    e: &ProcessEntry,
+    generation: u64,
+    deadline: Duration,
+) -> Result<(), String> {
+    let until = clock::mono_now() + AUTORESTART_WAIT.as_millis() as u64;
+    let mut generation = generation;
+    loop {
+        if let Ok(s) = shared.snapshot(0) {
+            generation = s.generation;
+            let now = s
+                .by_name(name)
+                .into_iter()
+                .find(|x| x.pm_id == e.pm_id)
+                .cloned();
+            match now {
+                None => return Err(format!("pm_id {} is no longer listed", e.pm_id)),
+                Some(x)
+                    if x.status == crate::pm2::Status::Online && x.pid != e.pid && x.pid > 0 =>
+                {
+                    return Ok(())
+                }
+                Some(x)
+                    if matches!(
+                        x.status,
+                        crate::pm2::Status::Stopped | crate::pm2::Status::Errored
+                    ) =>
+                {
+                    break
+                }
+                Some(_) => {}
+            }
+        }
+        if clock::mono_now() >= until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    shared
+        .client
+        .restart(e.pm_id, generation, deadline)
+        .or_else(|err| match err {
+            // The pm_ids were read on an older connection: read them again, once.
+            Pm2Error::Reconnected { .. } => {
+                let s = shared.snapshot(0).map_err(|f| f.message)?;
+                shared
+                    .client
+                    .restart(e.pm_id, s.generation, deadline)
+                    .map_err(|e2| format!("pm_id {}: {e2}", e.pm_id))
+            }
+            other => Err(format!("pm_id {}: {other}", e.pm_id)),
+        })
+}
+
+/// PM2's own restart (SIGINT, `kill_timeout`, SIGKILL), with pmguard's SIGKILL escalation when
+/// it does not finish in `deadline` or the old process survives. Returns whether it escalated.
+fn graceful_restart(
+    shared: &Shared,
+    name: &str,
+    e: &ProcessEntry,
+    old: Option<&Pidfd>,
+    generation: u64,
+    deadline: Duration,
+) -> Result<bool, String> {
+    let first = shared.client.restart(e.pm_id, generation, deadline);
+    let survivor = old.is_some_and(|p| p.alive());
+    if first.is_ok() && !survivor {
+        return Ok(false);
+    }
+    let mut escalated = false;
+    if let Some(p) = old.filter(|p| p.alive()) {
+        escalated = true;
+        let killed = p.kill();
+        shared.emit(
+            Event::new(
+                Kind::Escalation,
+                Some(name),
+                format!(
+                    "PM2 did not restart pm_id {} in time ({}); sent SIGKILL to pid {}.",
+                    e.pm_id,
+                    first
+                        .as_ref()
+                        .err()
+                        .map_or("the old process survived".to_string(), |e| e.to_string()),
+                    e.pid
+                ),
+            )
+            .with("pm_id", e.pm_id)
+            .with("pid", e.pid)
+            .with("signal", "SIGKILL")
+            .with("ok", killed.is_ok()),
+        );
+        p.wait_exit(Duration::from_secs(2));
+    }
+    // Start it again on a fresh view (the daemon may have reconnected or renumbered).
+    let again = shared.snapshot(0).map_err(|f| f.message)?;
+    let still = again
+        .by_name(name)
+        .into_iter()
+        .find(|x| x.pm_id == e.pm_id)
+        .cloned();
+    let needs = still
+        .as_ref()
+        .is_none_or(|x| x.pid == e.pid || x.status != crate::pm2::Status::Online);
+    if needs {
+        if let Err(err) = shared.client.restart(e.pm_id, again.generation, deadline) {
+            if !escalated || matches!(err, Pm2Error::DaemonDown { .. }) {
+                return Err(format!("pm_id {}: {}", e.pm_id, err));
+            }
+        }
+    }
+    Ok(escalated)
+}
+
+/// Opens pidfds only on processes proven to be the ones PM2 started.
+struct Signaller<'a> {
+    shared: &'a Shared,
+    /// The uid owning PM2's socket: the only uid whose processes may be signalled.
+    owner: Option<u32>,
+    /// The PM2 daemon's pid: every app process PM2 starts (fork or cluster) is its child.
+    daemon: Option<u32>,
+    boot_ms: Option<u64>,
+}
+
+/// How far a process's start may lie from PM2's `pm_uptime` (btime has whole-second precision).
+const START_SLACK_BEFORE_MS: u64 = 1_500;
+const START_SLACK_AFTER_MS: u64 = 5_000;
+
+impl<'a> Signaller<'a> {
+    fn new(shared: &'a Shared) -> Signaller<'a> {
+        use std::os::unix::fs::MetadataExt;
+        let paths = shared.client.paths();
+        Signaller {
+            shared,
+            owner: std::fs::metadata(&paths.rpc).ok().map(|m| m.uid()),
+            daemon: match liveness::daemon_process(paths, &shared.proc_root) {
+                DaemonProcess::Alive(pid) => Some(pid),
+                _ => None,
+            },
+            boot_ms: procfs::boot_time_ms(&shared.proc_root).ok(),
+        }
+    }
+
+    /// A pidfd on `e.pid` if that process is the one PM2 started for `e`: owned by PM2's user,
+    /// a child of the PM2 daemon, started when PM2 says it started it. Fails closed: anything
+    /// unknown means no pidfd, so no signal (a pid PM2 keeps in `waiting restart` may have been
+    /// reused by an unrelated process).
+    fn open(&self, e: &ProcessEntry) -> Option<Pidfd> {
+        let refuse = |why: String| {
+            tracing::warn!(message = "Not signalling a process pmguard cannot prove PM2 started.", app = %e.name, pm_id = e.pm_id, pid = e.pid, reason = %why);
+            None
+        };
+        let (Some(owner), Some(daemon)) = (self.owner, self.daemon) else {
+            return refuse("PM2's user or daemon pid is unknown".into());
+        };
+        let fd = Pidfd::open(e.pid)?;
+        let w = ProcWatch::open(&self.shared.proc_root, e.pid).ok()?;
+        let Ok(s) = w.sample() else {
+            return None;
+        };
+        if w.uid != owner {
+            return refuse(format!("owned by uid {}, PM2 runs as uid {owner}", w.uid));
+        }
+        if s.ppid != daemon {
+            return refuse(format!(
+                "its parent is pid {}, not the PM2 daemon (pid {daemon})",
+                s.ppid
+            ));
+        }
+        if let (Some(up), Some(boot)) = (e.pm_uptime_ms, self.boot_ms) {
+            let started = procfs::start_epoch_ms(boot, s.start_ticks, self.shared.ticks_per_sec);
+            if started + START_SLACK_BEFORE_MS < up || started > up + START_SLACK_AFTER_MS {
+                return refuse(format!(
+                    "it started at {started} ms, PM2 started this instance at {up} ms"
+                ));
+            }
+        }
+        // Read after the pidfd was opened: while the pidfd's process lives, /proc/<pid> is it.
+        if !fd.alive() {
+            return None;
+        }
+        Some(fd)
+    }
+}
+
+/// A pidfd: signals reach the process it was opened on, never a later holder of the pid.
 #[derive(Debug)]
 struct Pidfd {
     fd: std::os::fd::OwnedFd,
 }
 
 impl Pidfd {
-    fn open(pid: u32, owner: Option<u32>, proc_root: &std::path::Path) -> Option<Pidfd> {
+    fn open(pid: u32) -> Option<Pidfd> {
         use std::os::fd::FromRawFd;
         // SAFETY: plain syscall; the returned fd is owned below.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
@@ -920,19 +1235,9 @@ impl Pidfd {
             return None;
         }
         // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        // Checked after opening: if the pid was reused in between, the uid check still applies
-        // to what the pidfd points at, because /proc/<pid> is that same process while it lives.
-        let w = ProcWatch::open(proc_root, pid).ok()?;
-        if owner.is_some_and(|o| o != w.uid) {
-            tracing::warn!(
-                message = "Not signalling a process PM2's user does not own.",
-                pid,
-                uid = w.uid
-            );
-            return None;
-        }
-        Some(Pidfd { fd })
+        Some(Pidfd {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) },
+        })
     }
 
     fn alive(&self) -> bool {

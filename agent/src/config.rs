@@ -594,7 +594,9 @@ impl Cx<'_> {
             match HttpTarget::parse(&u) {
                 Ok(target) => Some(target),
                 Err(why) => {
-                    self.problem(span, format!("health_url `{u}`: {why}"), Some(
+                    // The message may reach events.jsonl (a reload refused): never the query.
+                    let shown = u.split_once('?').map_or(u.clone(), |(b, _)| format!("{b}?<redacted>"));
+                    self.problem(span, format!("health_url `{shown}`: {why}"), Some(
                         "write the app's local HTTP endpoint, e.g. \"http://127.0.0.1:5000/api-health\"".into(),
                     ));
                     None

@@ -227,12 +227,9 @@ fn heartbeat_every(config: &Config) -> u64 {
 }
 
 fn write_heartbeat(shared: &Shared, config: &Config) {
-    let interval_ms = config
-        .apps
-        .iter()
-        .map(|a| a.interval.max(a.retry_interval).as_millis() as u64)
-        .max()
-        .unwrap_or(10_000);
+    // The heartbeat's own cadence, not the longest app interval: one app at `1h` must not make
+    // the backup check trust a dead daemon for three hours.
+    let interval_ms = heartbeat_every(config);
     // Encoded under the board's lock, written after it is released.
     let data = {
         let board = lock(&shared.board);

@@ -160,14 +160,9 @@ impl EventLog {
     }
 
     fn append(&self, inner: &mut Inner, line: &[u8]) -> std::io::Result<()> {
-        if inner.size + line.len() as u64 > self.max_bytes && inner.size > 0 {
-            inner.file = None;
-            let mut rotated = self.path.clone().into_os_string();
-            rotated.push(".1");
-            std::fs::rename(&self.path, rotated)?;
-            inner.size = 0;
-        }
-        // Moved away (logrotate `create`) or removed: start a new file at the path, lose nothing.
+        // First: is our handle still the file at the path? logrotate (`create`) moves it away
+        // and lays down a new one; a person may delete it. Follow the path, never the old inode:
+        // the size that decides our own rotation must be the size of the file at the path.
         if let Some(f) = &inner.file {
             use std::os::unix::fs::MetadataExt;
             let same = match (std::fs::symlink_metadata(&self.path), f.metadata()) {
@@ -179,6 +174,15 @@ impl EventLog {
             }
         }
         if inner.file.is_none() {
+            let f = files::open_append(&self.path, 0o640)?;
+            inner.size = f.metadata()?.len();
+            inner.file = Some(f);
+        }
+        if inner.size + line.len() as u64 > self.max_bytes && inner.size > 0 {
+            inner.file = None;
+            let mut rotated = self.path.clone().into_os_string();
+            rotated.push(".1");
+            std::fs::rename(&self.path, rotated)?;
             let f = files::open_append(&self.path, 0o640)?;
             inner.size = f.metadata()?.len();
             inner.file = Some(f);
@@ -281,5 +285,45 @@ mod tests {
         assert!(total >= 400, "kept {total} lines");
         let last = tail(d.path(), 1);
         assert_eq!(last[0]["latency_ms"], 599);
+    }
+
+    #[test]
+    fn a_deleted_file_is_recreated_even_at_the_rotation_size() {
+        let d = tempfile::tempdir().unwrap();
+        let log = EventLog::open(d.path(), 600).unwrap();
+        // Fill up to just below the bound, then delete the file under the agent.
+        for _ in 0..3 {
+            log.emit(Event::new(Kind::Restart, Some("web"), "filler"));
+        }
+        std::fs::remove_file(d.path().join("events.jsonl")).unwrap();
+        for i in 0..5 {
+            log.emit(Event::new(Kind::Restart, Some("web"), format!("after-{i}")));
+        }
+        let all = std::fs::read_to_string(d.path().join("events.jsonl")).unwrap_or_default()
+            + &std::fs::read_to_string(d.path().join("events.jsonl.1")).unwrap_or_default();
+        for i in 0..5 {
+            assert!(all.contains(&format!("after-{i}")), "event {i} lost: {all}");
+        }
+    }
+
+    #[test]
+    fn logrotate_move_and_create_never_loses_the_rotated_file() {
+        let d = tempfile::tempdir().unwrap();
+        let log = EventLog::open(d.path(), 600).unwrap();
+        for _ in 0..3 {
+            log.emit(Event::new(Kind::Restart, Some("web"), "before-rotation"));
+        }
+        // logrotate with `create`: move to .1, lay down an empty file in its place.
+        std::fs::rename(
+            d.path().join("events.jsonl"),
+            d.path().join("events.jsonl.1"),
+        )
+        .unwrap();
+        std::fs::write(d.path().join("events.jsonl"), b"").unwrap();
+        log.emit(Event::new(Kind::Restart, Some("web"), "after-rotation"));
+        let rotated = std::fs::read_to_string(d.path().join("events.jsonl.1")).unwrap();
+        let current = std::fs::read_to_string(d.path().join("events.jsonl")).unwrap();
+        assert_eq!(rotated.matches("before-rotation").count(), 3, "{rotated}");
+        assert!(current.contains("after-rotation"), "{current}");
     }
 }

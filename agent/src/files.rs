@@ -48,25 +48,37 @@ pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
         .open(path)
 }
 
-/// Opens an existing file for reading, never through a symlink.
-pub fn open_read(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+/// The most `read_optional` reads of a state file: far above any file pmguard writes.
+pub const MAX_STATE_FILE: u64 = 16 * 1024 * 1024;
+
+/// Reads a whole state file, never through a symlink; `None` when it does not exist. Only a
+/// regular file is read (a FIFO or device planted under the name is refused, never waited on),
+/// and at most `MAX_STATE_FILE` bytes of it.
+pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    read_capped(path, MAX_STATE_FILE)
 }
 
-/// Reads a whole file, never through a symlink; `None` when it does not exist.
-pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    match open_read(path) {
-        Ok(mut f) => {
-            let mut buf = Vec::new();
-            io::Read::read_to_end(&mut f, &mut buf)?;
-            Ok(Some(buf))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+/// Reads at most `max` bytes of a regular file, never through a symlink and never blocking on
+/// its open (O_NONBLOCK: a FIFO would otherwise wait for a writer); `None` when it does not exist.
+pub fn read_capped(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file; remove it", path.display()),
+        ));
     }
+    let mut buf = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(f, max), &mut buf)?;
+    Ok(Some(buf))
 }
 
 /// Replaces `path` with `data` atomically, with `mode`; fsyncs file and directory when `durable`.
@@ -200,6 +212,21 @@ mod tests {
         let dirlink = d.path().join("state");
         std::os::unix::fs::symlink(d.path(), &dirlink).unwrap();
         assert!(ensure_dir(&dirlink).is_err());
+    }
+
+    #[test]
+    fn a_fifo_or_a_huge_file_is_never_waited_on_or_read_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("status.json");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = read_optional(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let big = d.path().join("big");
+        std::fs::write(&big, vec![b'x'; 1000]).unwrap();
+        assert_eq!(read_capped(&big, 10).unwrap().unwrap().len(), 10);
+        assert_eq!(read_optional(&d.path().join("none")).unwrap(), None);
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub struct InstanceView {
 /// What PM2 said about the app in one check.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Pm2View {
+    /// Proven gone: socket refused or missing and no daemon process (`pm2::liveness`).
     DaemonDown(String),
+    /// No answer, but the daemon may be alive (stalled, busy): never a reason to act.
+    Unresponsive(String),
     Missing,
     Instances(Vec<InstanceView>),
 }
@@ -50,6 +53,8 @@ pub enum Verdict {
     /// PM2 does not know the app: nothing the agent can restart.
     Missing,
     DaemonDown(String),
+    /// PM2 did not answer but is not proven gone: nothing can be judged or done through it.
+    Pm2Unresponsive(String),
     /// The check failed; `culprits` are the pm_ids found at fault (empty = the whole app).
     Failed {
         reason: String,
@@ -61,6 +66,7 @@ pub enum Verdict {
 pub fn judge(pm2: &Pm2View, probe_failure: Option<&str>) -> Verdict {
     let instances = match pm2 {
         Pm2View::DaemonDown(e) => return Verdict::DaemonDown(e.clone()),
+        Pm2View::Unresponsive(e) => return Verdict::Pm2Unresponsive(e.clone()),
         Pm2View::Missing => return Verdict::Missing,
         Pm2View::Instances(i) => i,
     };
@@ -131,6 +137,8 @@ pub enum Health {
     CrashLoop,
     Missing,
     Pm2Down,
+    /// PM2's daemon is alive but does not answer (stalled): pmguard waits and alerts.
+    Pm2Unresponsive,
 }
 
 /// The memory of one app across checks. Plain data: persisted parts are in `restarts`/`backoff`.
@@ -227,6 +235,13 @@ pub fn decide(state: &mut AppState, policy: &Policy, verdict: &Verdict, now: Mon
             state.health = Health::Missing;
             state.healthy_since = None;
             return wait("PM2 does not know this app");
+        }
+        Verdict::Pm2Unresponsive(e) => {
+            // A stalled daemon is not a dead one: resurrecting it would re-read a stale dump,
+            // and restarting through it is impossible. Count nothing, do nothing, say so.
+            state.health = Health::Pm2Unresponsive;
+            state.healthy_since = None;
+            return wait(format!("PM2 daemon not answering: {e}"));
         }
         Verdict::Transitional(status) => {
             let since = *state.transitional_since.get_or_insert(now);
@@ -638,6 +653,18 @@ mod tests {
         let d = decide(&mut s, &p, &Verdict::Missing, t + 4);
         assert!(matches!(d, Decision::Wait { why: Some(_) }));
         assert_eq!(s.health, Health::Missing);
+    }
+
+    #[test]
+    fn an_unresponsive_daemon_is_never_resurrected_and_counts_no_failure() {
+        let (mut s, p, t) = after_grace();
+        let v = Verdict::Pm2Unresponsive("getMonitorData timed out".into());
+        for i in 1..=10 {
+            let d = decide(&mut s, &p, &v, t + i);
+            assert!(matches!(d, Decision::Wait { why: Some(_) }), "{d:?}");
+        }
+        assert_eq!(s.health, Health::Pm2Unresponsive);
+        assert_eq!(s.failures, 0);
     }
 
     fn inst(pm_id: u32, status: Status, stuck: Option<&str>) -> InstanceView {

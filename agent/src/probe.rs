@@ -8,6 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
@@ -61,6 +62,18 @@ impl HttpTarget {
         if host.is_empty() {
             return Err("no host".into());
         }
+        if authority.starts_with('[') {
+            host.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("`[{host}]` is not an IPv6 address"))?;
+        } else if !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
+            return Err(
+                "the host may hold only letters, digits, `.`, `-` and `_` (no spaces or control characters)"
+                    .into(),
+            );
+        }
         if path.bytes().any(|b| b <= b' ' || b == 0x7f) || path.contains('#') {
             return Err("the path has spaces, control characters or a #fragment".into());
         }
@@ -70,6 +83,15 @@ impl HttpTarget {
             port,
             path: path.to_string(),
         })
+    }
+
+    /// The URL for logs, events and status: a query string often carries a token, so its
+    /// value is never shown.
+    pub fn redacted(&self) -> String {
+        match self.url.split_once('?') {
+            Some((base, _)) => format!("{base}?<redacted>"),
+            None => self.url.clone(),
+        }
     }
 
     fn host_header(&self) -> String {
@@ -157,13 +179,28 @@ impl ProbeOutcome {
 pub struct Prober {
     target: HttpTarget,
     request: Vec<u8>,
+    /// The target's addresses when they need no lookup (an IP literal, `localhost`).
+    fixed: Option<Vec<SocketAddr>>,
+    /// A name's addresses, looked up off the probing thread (see `Lookup`).
+    lookup: Arc<Mutex<Lookup>>,
+}
+
+/// The addresses of a host name, refreshed by a short-lived thread of its own: a slow resolver
+/// delays only that thread, never the watch loop and so never another app's checks.
+#[derive(Debug, Default)]
+struct Lookup {
     addrs: Vec<SocketAddr>,
+    error: Option<String>,
+    running: bool,
+    /// A connect to these addresses failed: look the name up again (keep using them meanwhile).
+    stale: bool,
 }
 
 /// One probe in flight: its socket, where it is in the exchange, and its deadline.
 #[derive(Debug)]
 pub struct InFlight {
     socket: Socket,
+    addrs: Vec<SocketAddr>,
     stage: Stage,
     /// The next address to try if this connect fails.
     next_addr: usize,
@@ -221,11 +258,84 @@ impl Prober {
             env!("CARGO_PKG_VERSION")
         )
         .into_bytes();
-        Prober {
+        let fixed = match target.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => Some(vec![SocketAddr::new(ip, target.port)]),
+            // RFC 6761: `localhost` is the loopback, without asking a resolver.
+            Err(_) if target.host.eq_ignore_ascii_case("localhost") => Some(vec![
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), target.port),
+                SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), target.port),
+            ]),
+            Err(_) => None,
+        };
+        let prober = Prober {
             target,
             request,
-            addrs: Vec::new(),
+            fixed,
+            lookup: Arc::default(),
+        };
+        prober.refresh();
+        prober
+    }
+
+    /// Starts a lookup of the target's name on a thread of its own, unless one is running or
+    /// the target needs none.
+    fn refresh(&self) {
+        if self.fixed.is_some() {
+            return;
         }
+        {
+            let mut l = lock(&self.lookup);
+            if l.running {
+                return;
+            }
+            l.running = true;
+        }
+        let (slot, host, port) = (
+            self.lookup.clone(),
+            self.target.host.clone(),
+            self.target.port,
+        );
+        let spawned = std::thread::Builder::new()
+            .name("resolve".into())
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let found = resolve(&host, port);
+                let mut l = lock(&slot);
+                l.running = false;
+                match found {
+                    Ok(addrs) => {
+                        l.addrs = addrs;
+                        l.error = None;
+                        l.stale = false;
+                    }
+                    Err(e) => l.error = Some(e),
+                }
+            });
+        if let Err(e) = spawned {
+            let mut l = lock(&self.lookup);
+            l.running = false;
+            l.error = Some(format!("cannot start a lookup: {e}"));
+        }
+    }
+
+    /// The addresses to try now; never waits for a resolver.
+    fn addresses(&self) -> Result<Vec<SocketAddr>, String> {
+        if let Some(a) = &self.fixed {
+            return Ok(a.clone());
+        }
+        let (addrs, error, stale) = {
+            let l = lock(&self.lookup);
+            (l.addrs.clone(), l.error.clone(), l.stale)
+        };
+        if addrs.is_empty() || stale || error.is_some() {
+            self.refresh();
+        }
+        if addrs.is_empty() {
+            return Err(
+                error.unwrap_or_else(|| format!("looking up {}: no answer yet", self.target.host))
+            );
+        }
+        Ok(addrs)
     }
 
     pub fn target(&self) -> &HttpTarget {
@@ -239,6 +349,16 @@ impl Prober {
         expect_status: &StatusMatch,
         expect_body: Option<&str>,
     ) -> ProbeResult {
+        // Blocking is fine here (the backup check has a thread per app): look the name up
+        // inline rather than failing this one check while a lookup runs.
+        if self.fixed.is_none() && lock(&self.lookup).addrs.is_empty() {
+            let found = resolve(&self.target.host, self.target.port);
+            let mut l = lock(&self.lookup);
+            match found {
+                Ok(a) => l.addrs = a,
+                Err(e) => l.error = Some(e),
+            }
+        }
         let mut f = match self.start(timeout) {
             Started::Done(r) => return r,
             Started::Pending(f) => f,
@@ -261,17 +381,17 @@ impl Prober {
                 outcome,
             })
         };
-        if self.addrs.is_empty() {
-            if let Err(e) = self.resolve() {
-                return done(ProbeOutcome::Connect(e));
-            }
-        }
+        let addrs = match self.addresses() {
+            Ok(a) => a,
+            Err(e) => return done(ProbeOutcome::Connect(e)),
+        };
         let mut last_error = String::from("no address");
-        for (i, addr) in self.addrs.iter().enumerate() {
+        for (i, addr) in addrs.iter().enumerate() {
             match connect(addr) {
                 Ok(socket) => {
                     return Started::Pending(InFlight {
                         socket,
+                        addrs,
                         stage: Stage::Connecting,
                         next_addr: i + 1,
                         buf: Vec::new(),
@@ -282,7 +402,7 @@ impl Prober {
                 Err(e) => last_error = format!("{addr}: {e}"),
             }
         }
-        self.addrs.clear();
+        self.mark_stale();
         done(ProbeOutcome::Connect(last_error))
     }
 
@@ -298,12 +418,22 @@ impl Prober {
         let outcome = self.step(f, expect_status, expect_body);
         let outcome = match outcome {
             Some(o) => o,
-            None if Instant::now() >= f.deadline => ProbeOutcome::Timeout,
+            // Out of time: a complete head with a body still coming is judged on the body read
+            // so far (the expected text is not there); anything less is a timeout.
+            None if Instant::now() >= f.deadline => match f.stage {
+                Stage::Reading if head_end(&f.buf, 0).is_some() => {
+                    match evaluate(&f.buf, true, expect_status, expect_body) {
+                        Some(ProbeOutcome::Body { status }) => ProbeOutcome::Body { status },
+                        _ => ProbeOutcome::Timeout,
+                    }
+                }
+                _ => ProbeOutcome::Timeout,
+            },
             None => return None,
         };
         if matches!(outcome, ProbeOutcome::Connect(_)) {
-            // Resolve again next time: the name may point elsewhere now.
-            self.addrs.clear();
+            // Look the name up again (in the background): it may point elsewhere now.
+            self.mark_stale();
         }
         Some(f.result(outcome))
     }
@@ -321,8 +451,8 @@ impl Prober {
                     Ok(false) => return None,
                     Err(e) => {
                         // Try the name's next address, if any, within the same deadline.
-                        let Some(addr) = self.addrs.get(f.next_addr).copied() else {
-                            let failed = f.next_addr.checked_sub(1).and_then(|i| self.addrs.get(i));
+                        let Some(addr) = f.addrs.get(f.next_addr).copied() else {
+                            let failed = f.next_addr.checked_sub(1).and_then(|i| f.addrs.get(i));
                             return Some(ProbeOutcome::Connect(match failed {
                                 Some(addr) => format!("{addr}: {e}"),
                                 None => e.to_string(),
@@ -366,22 +496,27 @@ impl Prober {
         }
     }
 
-    fn resolve(&mut self) -> Result<(), String> {
-        if let Ok(ip) = self.target.host.parse::<std::net::IpAddr>() {
-            self.addrs = vec![SocketAddr::new(ip, self.target.port)];
-            return Ok(());
+    fn mark_stale(&self) {
+        if self.fixed.is_none() {
+            lock(&self.lookup).stale = true;
         }
-        // Name lookups go through the system resolver once, then are cached until a connect fails.
-        let found: Vec<SocketAddr> = (self.target.host.as_str(), self.target.port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {}: {e}", self.target.host))?
-            .collect();
-        if found.is_empty() {
-            return Err(format!("{} has no address", self.target.host));
-        }
-        self.addrs = found;
-        Ok(())
     }
+}
+
+/// One lookup through the system resolver (blocking: run it off the watch loop).
+fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let found: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    if found.is_empty() {
+        return Err(format!("{host} has no address"));
+    }
+    Ok(found)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A non-blocking, close-on-exec TCP socket with its connect started.
@@ -407,34 +542,60 @@ fn connected(s: &Socket) -> std::io::Result<bool> {
     }
 }
 
-/// Judges the reply read so far: `None` while more is needed. `eof`: the peer closed.
+/// Where the head that starts at `from` ends (just past its empty line), accepting CRLF and
+/// bare LF line ends (RFC 9112 section 2.2 lets a recipient take LF alone as a line end).
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut line_start = from;
+    for (i, &b) in buf.iter().enumerate().skip(from) {
+        if b == b'\n' {
+            let line = &buf[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                return Some(i + 1);
+            }
+            line_start = i + 1;
+        }
+    }
+    None
+}
+
+/// Judges the reply read so far: `None` while more is needed. `eof`: the peer closed (or the
+/// deadline passed and what is there must be judged as it is).
 fn evaluate(
     buf: &[u8],
     eof: bool,
     expect_status: &StatusMatch,
     expect_body: Option<&str>,
 ) -> Option<ProbeOutcome> {
-    let Some(i) = find(buf, b"\r\n\r\n") else {
-        if buf.len() > MAX_HEAD {
-            return Some(ProbeOutcome::Protocol(
-                "response head larger than 16 KiB".into(),
-            ));
+    // Interim 1xx heads (100 Continue, 103 Early Hints) come before the final one: skip them.
+    // 101 Switching Protocols is final (a health endpoint that upgrades is not healthy HTTP).
+    let mut start = 0;
+    let (status, head_len, head) = loop {
+        let Some(end) = head_end(buf, start) else {
+            if buf.len() - start > MAX_HEAD {
+                return Some(ProbeOutcome::Protocol(
+                    "response head larger than 16 KiB".into(),
+                ));
+            }
+            if eof {
+                return Some(if buf.is_empty() {
+                    ProbeOutcome::Connect("connection closed without a reply".into())
+                } else {
+                    ProbeOutcome::Protocol("connection closed mid-header".into())
+                });
+            }
+            return None;
+        };
+        let head = String::from_utf8_lossy(&buf[start..end]);
+        let first = head.lines().next().unwrap_or("").trim_end_matches('\r');
+        let status = match parse_status_line(first) {
+            Ok(s) => s,
+            Err(e) => return Some(ProbeOutcome::Protocol(e)),
+        };
+        if (100..200).contains(&status) && status != 101 {
+            start = end;
+            continue;
         }
-        if eof {
-            return Some(if buf.is_empty() {
-                ProbeOutcome::Connect("connection closed without a reply".into())
-            } else {
-                ProbeOutcome::Protocol("connection closed mid-header".into())
-            });
-        }
-        return None;
-    };
-    let head_end = i + 4;
-    let head = String::from_utf8_lossy(&buf[..head_end]);
-    let mut lines = head.split("\r\n");
-    let status = match parse_status_line(lines.next().unwrap_or("")) {
-        Ok(s) => s,
-        Err(e) => return Some(ProbeOutcome::Protocol(e)),
+        break (status, end, head.into_owned());
     };
     if !expect_status.accepts(status) {
         return Some(ProbeOutcome::Status(status));
@@ -444,7 +605,7 @@ fn evaluate(
     };
     let mut length = None;
     let mut chunked = false;
-    for line in lines {
+    for line in head.lines().skip(1) {
         if let Some((k, v)) = line.split_once(':') {
             let (k, v) = (k.trim(), v.trim());
             if k.eq_ignore_ascii_case("content-length") {
@@ -454,31 +615,36 @@ fn evaluate(
             }
         }
     }
-    let raw = &buf[head_end..];
-    // The body is complete by length, chunk terminator or EOF, or capped.
-    let complete = if chunked {
-        matches!(dechunk(raw), Dechunk::Done(_))
-    } else if let Some(n) = length {
-        raw.len() >= n
-    } else {
-        false
-    };
-    if !(complete || eof || raw.len() >= MAX_BODY) {
-        return None;
-    }
-    let body = if chunked {
+    let raw = &buf[head_len..];
+    // 204 and 304 have no body, whatever the headers say.
+    let bodyless = matches!(status, 204 | 304);
+    let body = if bodyless {
+        Vec::new()
+    } else if chunked {
         match dechunk(raw) {
             Dechunk::Done(b) | Dechunk::Partial(b) => b,
             Dechunk::Bad => return Some(ProbeOutcome::Protocol("bad chunked encoding".into())),
         }
     } else {
-        raw.to_vec()
+        raw[..length.map_or(raw.len(), |n| n.min(raw.len()))].to_vec()
     };
-    Some(if find(&body, needle.as_bytes()).is_some() {
-        ProbeOutcome::Pass { status }
-    } else {
-        ProbeOutcome::Body { status }
-    })
+    // The expected text seen is a pass, however the body is framed and whether or not the
+    // server keeps the connection open after it (a keep-alive body without a length).
+    if find(&body, needle.as_bytes()).is_some() {
+        return Some(ProbeOutcome::Pass { status });
+    }
+    let complete = bodyless
+        || if chunked {
+            matches!(dechunk(raw), Dechunk::Done(_))
+        } else if let Some(n) = length {
+            raw.len() >= n
+        } else {
+            false
+        };
+    if complete || eof || body.len() >= MAX_BODY {
+        return Some(ProbeOutcome::Body { status });
+    }
+    None
 }
 
 /// Waits with poll(2) until the probe's socket is ready or its deadline passes. poll's timeout
@@ -622,6 +788,20 @@ mod tests {
         assert!(HttpTarget::parse("http://u:p@x/").is_err());
         assert!(HttpTarget::parse("http:///x").is_err());
         assert!(HttpTarget::parse("http://x/a b").is_err());
+        // Hosts: no spaces, control characters or junk; an IPv6 literal must be one.
+        for bad in [
+            "http://ex ample/",
+            "http://a\tb/",
+            "http://a%0a/",
+            "http://[zz]/",
+            "http://a\u{7f}b/",
+        ] {
+            assert!(HttpTarget::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        // A query string (often a token) is never shown.
+        let t = HttpTarget::parse("http://127.0.0.1:5000/health?token=s3cret").unwrap();
+        assert_eq!(t.redacted(), "http://127.0.0.1:5000/health?<redacted>");
+        assert!(!t.redacted().contains("s3cret"));
     }
 
     #[test]
@@ -773,6 +953,136 @@ mod tests {
         std::thread::sleep(Duration::from_millis(600));
         let r = p.advance(&mut f, &StatusMatch::Success, None).unwrap();
         assert_eq!(r.outcome, ProbeOutcome::Pass { status: 200 });
+    }
+
+    #[test]
+    fn interim_1xx_heads_are_skipped_and_bare_lf_heads_are_read() {
+        let ok = StatusMatch::Success;
+        let cases: [(&[u8], Option<&str>, ProbeOutcome); 5] = [
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                None,
+                ProbeOutcome::Pass { status: 200 },
+            ),
+            (
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 503 Busy\r\n\r\n",
+                None,
+                ProbeOutcome::Status(503),
+            ),
+            (
+                b"HTTP/1.1 200 OK\nContent-Length: 7\n\nhealthy",
+                Some("healthy"),
+                ProbeOutcome::Pass { status: 200 },
+            ),
+            (
+                b"HTTP/1.1 200 OK\n\r\n",
+                None,
+                ProbeOutcome::Pass { status: 200 },
+            ),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                None,
+                ProbeOutcome::Status(101),
+            ),
+        ];
+        for (reply, body, want) in cases {
+            assert_eq!(
+                evaluate(reply, false, &ok, body),
+                Some(want),
+                "{:?}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        // Only an interim head so far: wait for the final one.
+        assert_eq!(
+            evaluate(b"HTTP/1.1 100 Continue\r\n\r\n", false, &ok, None),
+            None
+        );
+        // 204 has no body: judged at once, never waited for.
+        assert_eq!(
+            evaluate(
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                &StatusMatch::AnyOf(vec![204]),
+                Some("x")
+            ),
+            Some(ProbeOutcome::Body { status: 204 })
+        );
+    }
+
+    /// Serves one connection: `reply`, then keeps the connection open for `hold`.
+    fn serve_held(reply: &'static [u8], hold: Duration) -> (HttpTarget, thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handle = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = vec![0u8; 2048];
+            let _ = s.read(&mut req);
+            let _ = s.write_all(reply);
+            thread::sleep(hold);
+        });
+        (
+            HttpTarget::parse(&format!("http://127.0.0.1:{port}/h")).unwrap(),
+            handle,
+        )
+    }
+
+    #[test]
+    fn a_keep_alive_body_without_a_length_passes_as_soon_as_the_text_is_there() {
+        let (t, _h) = serve_held(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\n{\"status\":\"healthy\"}",
+            Duration::from_secs(3),
+        );
+        let r = probe(t, 2_000, Some("healthy"));
+        assert_eq!(r.outcome, ProbeOutcome::Pass { status: 200 });
+        assert!(r.latency < Duration::from_millis(500), "{:?}", r.latency);
+        // Without the text: a body failure at the deadline, not a timeout.
+        let (t, _h) = serve_held(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\n{\"status\":\"dead\"}",
+            Duration::from_secs(3),
+        );
+        let r = probe(t, 500, Some("healthy"));
+        assert_eq!(r.outcome, ProbeOutcome::Body { status: 200 });
+    }
+
+    #[test]
+    fn a_name_is_looked_up_off_the_probing_thread() {
+        // `ip6-localhost` is in Debian's /etc/hosts: a lookup that never leaves the machine.
+        let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        if !hosts.split_whitespace().any(|w| w == "ip6-localhost") {
+            eprintln!("skipped: /etc/hosts has no ip6-localhost");
+            return;
+        }
+        let listener = TcpListener::bind("[::1]:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for s in listener.incoming().take(3) {
+                let mut s = s.unwrap();
+                let mut req = [0u8; 1024];
+                let _ = s.read(&mut req);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        let t = HttpTarget::parse(&format!("http://ip6-localhost:{port}/h")).unwrap();
+        let mut p = Prober::new(t);
+        // `start` never waits for a resolver: at worst this check says the answer is pending.
+        let began = Instant::now();
+        let first = p.start(Duration::from_secs(1));
+        assert!(
+            began.elapsed() < Duration::from_millis(50),
+            "{:?}",
+            began.elapsed()
+        );
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = p.probe(Duration::from_secs(1), &StatusMatch::Success, None);
+            if r.outcome.passed() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never passed: {r:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct StatSample {
     pub cpu_ticks: u64,
     /// Start time after boot, in clock ticks: identifies the process together with its pid.
     pub start_ticks: u64,
+    /// The parent's pid.
+    pub ppid: u32,
 }
 
 /// Parses a stat line. The command name may hold spaces and parentheses; it ends at the last `)`.
@@ -40,7 +42,24 @@ pub fn parse_stat(text: &str) -> Result<StatSample, String> {
         state,
         cpu_ticks: get(14)? + get(15)?,
         start_ticks: get(22)?,
+        ppid: get(4)? as u32,
     })
+}
+
+/// The boot time in ms since the epoch (`btime` in `/proc/stat`, whole seconds).
+pub fn boot_time_ms(proc_root: &Path) -> io::Result<u64> {
+    let text = std::fs::read_to_string(proc_root.join("stat"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| s * 1000)
+        .ok_or_else(|| invalid("no btime in /proc/stat"))
+}
+
+/// When a process started, in ms since the epoch, from its start ticks (precision: the second
+/// of `btime` plus one tick).
+pub fn start_epoch_ms(boot_ms: u64, start_ticks: u64, ticks_per_sec: u64) -> u64 {
+    boot_ms + start_ticks * 1000 / ticks_per_sec.max(1)
 }
 
 /// CPU use between two samples, in % of one core. `elapsed_ms` is wall time between the reads.
@@ -111,7 +130,8 @@ mod tests {
             StatSample {
                 state: 'S',
                 cpu_ticks: 0,
-                start_ticks: 34867
+                start_ticks: 34867,
+                ppid: 2376,
             }
         );
         // Command name "we ird) (name": the last `)` ends it.

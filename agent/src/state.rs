@@ -204,7 +204,7 @@ pub struct StatusFile<A = AppStatus> {
     /// `Mono` of the last heartbeat (compare with `clock::mono_now()` on the same boot).
     pub heartbeat: Mono,
     pub updated_at: String,
-    /// The longest check period among the apps: a heartbeat older than 3 of these is stale.
+    /// How often the daemon rewrites the heartbeat (1-5 s): older than 3 of these is stale.
     pub interval_ms: u64,
     pub apps: Vec<A>,
 }

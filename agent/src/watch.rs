@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -33,13 +33,7 @@ use crate::state::AppRestarts;
 /// when PM2 is slow.
 const IDLE_SLACK_MS: u64 = 2_000 + LIST_TIMEOUT.as_millis() as u64;
 
-/// What the main thread learns of one app's schedule without asking the loop.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// `Mono` by which the app promises to report again; 0 before its first check.
-    pub due: AtomicU64,
-    pub checks: AtomicU64,
-}
+pub use crate::app::Progress;
 
 pub enum ToWatch {
     Add {
@@ -171,7 +165,8 @@ impl Loop {
         progress: Arc<Progress>,
         now: Mono,
     ) {
-        let app = App::new(cfg.clone(), now, persisted.as_ref());
+        let mut app = App::new(cfg.clone(), now, persisted.as_ref());
+        app.progress = Some(progress.clone());
         progress.due.store(now + IDLE_SLACK_MS, Ordering::Relaxed);
         self.slots.insert(
             cfg.name.clone(),
@@ -338,7 +333,9 @@ impl Loop {
                     }
                     tracing::error!(message = "An action stopped unexpectedly; watching the app again.", app = %name);
                     let book = self.shared.state.read_restarts();
-                    s.app = Some(Box::new(App::new(s.cfg.clone(), now, book.apps.get(&name))));
+                    let mut app = App::new(s.cfg.clone(), now, book.apps.get(&name));
+                    app.progress = Some(s.progress.clone());
+                    s.app = Some(Box::new(app));
                     s.pending_cfg = None;
                     s.next = now;
                     s.progress.due.store(now + IDLE_SLACK_MS, Ordering::Relaxed);

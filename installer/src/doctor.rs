@@ -515,12 +515,16 @@ fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>) -> Vec<Check> {
             v.push(if r.outcome.passed() {
                 ok(
                     &format!("health {}", app.name),
-                    format!("{} answered {} in {ms} ms", url.url, r.outcome.reason()),
+                    format!(
+                        "{} answered {} in {ms} ms",
+                        url.redacted(),
+                        r.outcome.reason()
+                    ),
                 )
             } else {
                 fail(
                     &format!("health {}", app.name),
-                    format!("{}: {} after {ms} ms", url.url, r.outcome.reason()),
+                    format!("{}: {} after {ms} ms", url.redacted(), r.outcome.reason()),
                     format!(
                         "`pm2 logs {}`; the agent restarts it after {} failed checks",
                         app.name, app.max_retries

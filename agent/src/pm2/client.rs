@@ -38,6 +38,19 @@ pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 
 const READ_CHUNK: usize = 64 * 1024;
 
+/// A stalled daemon still has its listen backlog; once that is full a blocking connect would
+/// wait forever, so connects are bounded.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Connects to a Unix stream socket within `timeout`.
+fn connect(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    s.connect_timeout(&SockAddr::unix(path)?, timeout)?;
+    s.set_nonblocking(false)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(s)))
+}
+
 /// Shared across threads (Send + Sync); hold it in an `Arc`. Connects lazily on the first call.
 pub struct Client {
     paths: Pm2Paths,
@@ -223,6 +236,13 @@ impl Client {
                 Ok(body) => decode_reply::<R>(method, &body).map(|r| (r, conn.generation)),
                 Err(RecvTimeoutError::Timeout) => {
                     conn.unregister(&id);
+                    // The reply may be stuck half-way (a partial frame in the reader): a kept
+                    // connection would then mis-frame every later reply. Start clean next call.
+                    self.drop_conn(
+                        &conn,
+                        "call timed out",
+                        &io::Error::from(io::ErrorKind::TimedOut),
+                    );
                     debug!(
                         message = "PM2 call timed out.",
                         method,
@@ -255,7 +275,7 @@ impl Client {
                 });
             }
         }
-        let stream = match UnixStream::connect(&self.paths.rpc) {
+        let stream = match connect(&self.paths.rpc, CONNECT_TIMEOUT) {
             Ok(s) => s,
             Err(source) => {
                 if slot.last_failure.is_none() {

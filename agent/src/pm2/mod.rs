@@ -15,8 +15,10 @@
 pub mod bus;
 pub mod client;
 pub mod codec;
+pub mod liveness;
 pub mod types;
 
 pub use bus::Bus;
 pub use client::Client;
+pub use liveness::Liveness;
 pub use types::{BusEvent, ExecMode, Pm2Error, Pm2Paths, ProcessEntry, Snapshot, Status};
