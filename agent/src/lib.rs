@@ -19,6 +19,7 @@ pub mod files;
 pub mod notify;
 pub mod pm2;
 pub mod policy;
+pub mod privilege;
 pub mod probe;
 pub mod procfs;
 pub mod state;

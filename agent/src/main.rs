@@ -70,6 +70,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Err(code) = act_as_pm2_owner(&c) {
+                return code;
+            }
             match pmguard_agent::daemon::run(c) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -86,6 +89,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Err(code) = act_as_pm2_owner(&c) {
+                return code;
+            }
             match pmguard_agent::check::run(&c, &mut std::io::stdout()) {
                 Ok(Outcome::AgentAlive { .. }) => ExitCode::SUCCESS,
                 Ok(Outcome::Checked { acted }) if acted.is_empty() => ExitCode::SUCCESS,
@@ -113,6 +119,29 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+/// Started as root: become PM2_HOME's owner before anything is started or written.
+fn act_as_pm2_owner(c: &Config) -> Result<(), ExitCode> {
+    use pmguard_agent::privilege::{become_owner_of, Became};
+    let home = match pmguard_agent::pm2::Pm2Paths::resolve(c.agent.pm2_home.as_deref()) {
+        Ok(p) => p.home,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    match become_owner_of(&home) {
+        Ok(Became::Unchanged) => Ok(()),
+        Ok(Became::User { uid, name }) => {
+            tracing::info!(message = "Started as root; running as PM2's user.", user = %name, uid, path = %home.display());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(2))
         }
     }
 }

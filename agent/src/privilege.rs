@@ -1,0 +1,114 @@
+//! Never act as root on PM2's behalf: a pmguard process started as root (a person's `sudo
+//! pmguard-agent check --once`, a root crontab) becomes PM2_HOME's owner before it does anything.
+//!
+//! Run as root, `pm2 resurrect` against another user's PM2_HOME starts a root PM2 daemon and
+//! the user's apps as root, and every file pmguard writes in the state directory ends up
+//! root-owned, after which the real agent (running as the user) fails with EACCES. Dropping the
+//! whole process to the owner's uid, gid and groups up front rules out both.
+//! Invariants: called before any thread starts; after it returns Ok the process can never
+//! regain root (real, effective and saved ids all changed, verified).
+
+use std::ffi::{CStr, CString};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// What `become_owner_of` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Became {
+    /// Not root, or PM2_HOME is root's own: nothing to change.
+    Unchanged,
+    /// Now running as this user.
+    User { uid: u32, name: String },
+}
+
+/// When running as root and `pm2_home` belongs to another user, becomes that user (uid, primary
+/// gid, supplementary groups, HOME/USER/LOGNAME). A PM2_HOME that does not exist yet is an
+/// error: whose it is cannot be known, so nothing may be started for it.
+pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(Became::Unchanged);
+    }
+    let meta = std::fs::metadata(pm2_home).map_err(|e| {
+        format!(
+            "PM2_HOME {} cannot be read as root ({e}); pmguard will not act for a PM2 whose owner it cannot tell. Set [agent] pm2_home, or run as PM2's user.",
+            pm2_home.display()
+        )
+    })?;
+    let uid = meta.uid();
+    if uid == 0 {
+        return Ok(Became::Unchanged);
+    }
+    let user = lookup(uid)?;
+    let name = CString::new(user.name.clone()).map_err(|_| "user name has a NUL byte")?;
+    // SAFETY: plain syscalls with valid arguments; the order (groups, gid, then uid) is the
+    // only one that works, since dropping the uid first loses the right to change the rest.
+    unsafe {
+        if libc::initgroups(name.as_ptr(), user.gid) != 0 {
+            return Err(format!(
+                "initgroups({}): {}",
+                user.name,
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::setresgid(user.gid, user.gid, user.gid) != 0 {
+            return Err(format!("setresgid({}): {}", user.gid, std::io::Error::last_os_error()));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(format!("setresuid({uid}): {}", std::io::Error::last_os_error()));
+        }
+        // Verify: root must be gone for good.
+        if libc::setuid(0) == 0 || libc::geteuid() != uid || libc::getegid() != user.gid {
+            return Err("could not drop root privileges".into());
+        }
+    }
+    // Single-threaded here (checked by the caller's contract): the environment is ours to set.
+    std::env::set_var("HOME", &user.home);
+    std::env::set_var("USER", &user.name);
+    std::env::set_var("LOGNAME", &user.name);
+    Ok(Became::User {
+        uid,
+        name: user.name,
+    })
+}
+
+struct User {
+    name: String,
+    gid: u32,
+    home: String,
+}
+
+fn lookup(uid: u32) -> Result<User, String> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: passwd is plain old data; zeroed is a valid initial value.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: all pointers are valid for the given lengths; strings are written into buf.
+        let rc = unsafe {
+            libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut result)
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+            return Err(format!(
+                "uid {uid} (the owner of PM2_HOME) has no passwd entry; pmguard will not act as a user it cannot name"
+            ));
+        }
+        // SAFETY: pw_name and pw_dir point into buf, NUL-terminated, valid while buf lives.
+        let text = |p: *const libc::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            }
+        };
+        return Ok(User {
+            name: text(pwd.pw_name),
+            gid: pwd.pw_gid,
+            home: text(pwd.pw_dir),
+        });
+    }
+}
