@@ -52,10 +52,17 @@ pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
             ));
         }
         if libc::setresgid(user.gid, user.gid, user.gid) != 0 {
-            return Err(format!("setresgid({}): {}", user.gid, std::io::Error::last_os_error()));
+            return Err(format!(
+                "setresgid({}): {}",
+                user.gid,
+                std::io::Error::last_os_error()
+            ));
         }
         if libc::setresuid(uid, uid, uid) != 0 {
-            return Err(format!("setresuid({uid}): {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "setresuid({uid}): {}",
+                std::io::Error::last_os_error()
+            ));
         }
         // Verify: root must be gone for good.
         if libc::setuid(0) == 0 || libc::geteuid() != uid || libc::getegid() != user.gid {
@@ -86,7 +93,13 @@ fn lookup(uid: u32) -> Result<User, String> {
         let mut result: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: all pointers are valid for the given lengths; strings are written into buf.
         let rc = unsafe {
-            libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut result)
+            libc::getpwuid_r(
+                uid,
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
         };
         if rc == libc::ERANGE && buf.len() < 1 << 20 {
             buf.resize(buf.len() * 2, 0);

@@ -107,7 +107,10 @@ fn daemon_with_app(dir: &std::path::Path, home: &std::path::Path) -> (Reap, u32,
         {
             break p;
         }
-        assert!(Instant::now() < deadline, "the stand-in daemon did not start its app");
+        assert!(
+            Instant::now() < deadline,
+            "the stand-in daemon did not start its app"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     (Reap(daemon), pid, up)
