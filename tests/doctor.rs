@@ -257,6 +257,29 @@ fn broken_files_are_found() {
     );
     std::fs::set_permissions(&cron, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert_eq!(s.doctor().0, Some(0));
+    // A staged agent swapped for something else: found by its hash, never executed (doctor
+    // runs as root; the file under --root may be anyone's).
+    let agent = s.root.join("usr/local/bin/pmguard-agent");
+    let real = std::fs::read(&agent).unwrap();
+    let marker = s.root.join("executed");
+    std::fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\ntouch '{}'\necho pmguard-agent 0.1.0\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_fails(
+        &s.doctor().1,
+        "agent binary",
+        "is not the file install laid down",
+        "pmguard install",
+    );
+    assert!(!marker.exists(), "doctor executed the staged agent");
+    std::fs::write(&agent, real).unwrap();
+    assert_eq!(s.doctor().0, Some(0));
     // Wrong PM2_HOME: nothing answers there.
     let cfg = std::fs::read_to_string(&s.config).unwrap();
     let elsewhere = tempfile::tempdir().unwrap();

@@ -977,10 +977,15 @@ pub fn restart_instances(
             p.promise(deadline * 2 + Duration::from_secs(10));
         }
         let old = (e.pid > 0).then(|| signaller.open(&e)).flatten();
+        // Stuck by the last check's judgement, or stopped right now (a SIGSTOPped process may
+        // fail its probe before the tracker has seen it halted for a whole window).
         let killed_hung = match old.as_ref() {
-            Some(p) if t.hung.contains(&e.pm_id) => Some(kill_hung(shared, name, &e, p)),
+            Some((p, state)) if t.hung.contains(&e.pm_id) || matches!(state, 'T' | 't') => {
+                Some(kill_hung(shared, name, &e, p))
+            }
             _ => None,
         };
+        let old = old.map(|(p, _)| p);
         let escalated = match killed_hung {
             Some(Ok(())) => {
                 restart_killed(shared, name, &e, snap.generation, deadline)?;
@@ -1181,8 +1186,8 @@ impl<'a> Signaller<'a> {
     /// A pidfd on `e.pid` if that process is the one PM2 started for `e`: owned by PM2's user,
     /// a child of the PM2 daemon, started when PM2 says it started it. Fails closed: anything
     /// unknown means no pidfd, so no signal (a pid PM2 keeps in `waiting restart` may have been
-    /// reused by an unrelated process).
-    fn open(&self, e: &ProcessEntry) -> Option<Pidfd> {
+    /// reused by an unrelated process). Also returns the process's scheduler state.
+    fn open(&self, e: &ProcessEntry) -> Option<(Pidfd, char)> {
         let refuse = |why: String| {
             tracing::warn!(message = "Not signalling a process pmguard cannot prove PM2 started.", app = %e.name, pm_id = e.pm_id, pid = e.pid, reason = %why);
             None
@@ -1216,7 +1221,7 @@ impl<'a> Signaller<'a> {
         if !fd.alive() {
             return None;
         }
-        Some(fd)
+        Some((fd, s.state))
     }
 }
 

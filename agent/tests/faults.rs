@@ -94,7 +94,11 @@ fn all_cluster_workers_hung_with_a_long_kill_timeout_recover_fast_and_keep_the_w
             Instant::now() < deadline,
             "not healthy 30 s after the restart decision\n{}\n{:#?}",
             agent.log(),
-            agent.events().iter().filter(|e| e["kind"] != "probe").collect::<Vec<_>>()
+            agent
+                .events()
+                .iter()
+                .filter(|e| e["kind"] != "probe")
+                .collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -98,10 +98,10 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
             return (out, None);
         }
     };
-    out.push(agent_binary(t));
     let manifest = Manifest::read(&under(t.root, Path::new(render::MANIFEST_PATH)))
         .ok()
         .flatten();
+    out.push(agent_binary(t, manifest.as_ref()));
     let account = user_of(t);
     let desired = account.as_ref().and_then(|a| {
         let config_text = std::fs::read_to_string(t.config_path).ok()?;
@@ -133,42 +133,60 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
     (out, Some(config))
 }
 
-fn agent_binary(t: &Target) -> Check {
+/// The installed agent, judged by its bytes: never executed (doctor runs as root and the file
+/// under `--root` may be anyone's). Its sha256 must be what install recorded in the manifest,
+/// and the agent that ships beside this `pmguard`, when there is one, must be the same file.
+fn agent_binary(t: &Target, manifest: Option<&Manifest>) -> Check {
     let path = under(t.root, Path::new(render::AGENT_PATH));
-    if !path.exists() {
-        return fail(
-            "agent binary",
-            format!("{} is missing", path.display()),
-            "run `pmguard install --config <file>`",
-        );
-    }
-    match Command::new(&path).arg("--version").output() {
-        Ok(o) if o.status.success() => {
-            let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            let want = format!("pmguard-agent {}", env!("CARGO_PKG_VERSION"));
-            if v == want {
-                ok("agent binary", format!("{} ({v})", render::AGENT_PATH))
-            } else {
-                fail(
-                    "agent binary",
-                    format!(
-                        "{} is `{v}`, this pmguard is {}",
-                        render::AGENT_PATH,
-                        env!("CARGO_PKG_VERSION")
-                    ),
-                    "run `pmguard install` from this release to put the matching agent in place",
-                )
-            }
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return fail(
+                "agent binary",
+                format!("{} is missing", path.display()),
+                "run `pmguard install --config <file>`",
+            )
         }
-        Ok(o) => fail(
+        Err(e) => {
+            return fail(
+                "agent binary",
+                format!("{}: {e}", path.display()),
+                "reinstall with `pmguard install`",
+            )
+        }
+    };
+    let found = crate::manifest::sha256(&bytes);
+    let short = &found[..12];
+    if let Some(recorded) = manifest.and_then(|m| m.files.get(Path::new(render::AGENT_PATH))) {
+        if *recorded != found {
+            return fail(
+                "agent binary",
+                format!(
+                    "{} is not the file install laid down (sha256 {short}..., recorded {}...)",
+                    render::AGENT_PATH,
+                    &recorded[..recorded.len().min(12)]
+                ),
+                "run `pmguard install --config <file>` to put the agent back",
+            );
+        }
+    }
+    let shipped = std::env::current_exe()
+        .ok()
+        .and_then(|me| std::fs::read(me.with_file_name("pmguard-agent")).ok())
+        .map(|b| crate::manifest::sha256(&b));
+    match shipped {
+        Some(h) if h != found => warn(
             "agent binary",
-            format!("{} --version failed ({})", path.display(), o.status),
-            "reinstall with `pmguard install`",
+            format!(
+                "{} (sha256 {short}...) is not the agent that ships with this pmguard {}",
+                render::AGENT_PATH,
+                env!("CARGO_PKG_VERSION")
+            ),
+            "run `pmguard install` from this release to put the matching agent in place",
         ),
-        Err(e) => fail(
+        _ => ok(
             "agent binary",
-            format!("{} cannot run: {e}", path.display()),
-            "reinstall with `pmguard install`",
+            format!("{} (sha256 {short}..., as installed)", render::AGENT_PATH),
         ),
     }
 }
@@ -291,6 +309,21 @@ fn installed_modes(t: &Target, manifest: Option<&Manifest>) -> Vec<Check> {
                 break;
             }
             dir = d.parent();
+        }
+    }
+    // The config directory must let the PM2 user reach its config (a root umask of 077 at
+    // install time makes it 0700).
+    let config_dir = Path::new(render::CONFIG_PATH)
+        .parent()
+        .unwrap_or(Path::new("/"));
+    if let Ok(dm) = std::fs::metadata(under(t.root, config_dir)) {
+        if dm.mode() & 0o7777 != crate::plan::DIR_MODE {
+            problems.push(format!(
+                "{} has mode {:04o}, not {:04o}: the PM2 user cannot read its config",
+                config_dir.display(),
+                dm.mode() & 0o7777,
+                crate::plan::DIR_MODE
+            ));
         }
     }
     problems.sort();

@@ -24,13 +24,46 @@ pub fn sha256(data: &[u8]) -> String {
 
 impl Manifest {
     pub fn read(path: &Path) -> Result<Option<Manifest>, String> {
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
+        match pmguard_agent::files::read_capped(path, 1 << 20) {
+            Ok(Some(b)) => serde_json::from_slice(&b)
                 .map(Some)
                 .map_err(|e| format!("{}: {e} (move it aside and re-run)", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Ok(None) => Ok(None),
             Err(e) => Err(format!("{}: {e}", path.display())),
         }
+    }
+
+    /// Refuses a manifest that names anything pmguard never lays down: uninstall deletes what
+    /// the manifest lists, as root, so a path with `..` or outside pmguard's own set (a
+    /// tampered or hand-written manifest) must never reach it.
+    pub fn check_owned(&self, at: &Path) -> Result<(), String> {
+        let owned: Vec<&Path> = crate::render::OWNED_FILES.iter().map(Path::new).collect();
+        for f in self.files.keys() {
+            if !owned.contains(&f.as_path()) {
+                return Err(format!(
+                    "{} lists {}, which pmguard never installs: the manifest was edited by hand or tampered with; move it aside and re-run `pmguard install`",
+                    at.display(),
+                    f.display()
+                ));
+            }
+        }
+        for d in &self.created_dirs {
+            let normal = d.is_absolute()
+                && d.components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_)
+                    )
+                });
+            if !normal || !owned.iter().any(|f| f.starts_with(d) && f != d) {
+                return Err(format!(
+                    "{} lists the directory {}, which pmguard never creates: move the manifest aside and re-run `pmguard install`",
+                    at.display(),
+                    d.display()
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

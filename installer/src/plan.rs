@@ -33,11 +33,21 @@ pub struct Observed {
     pub missing_dirs: Vec<PathBuf>,
     pub manifest: Option<Manifest>,
     pub unit: UnitState,
+    /// Modes of the existing directories pmguard owns (the config directory, and those it
+    /// created), to put back when they drift (a root umask of 077 makes a fresh dir 0700).
+    pub dir_modes: BTreeMap<PathBuf, u32>,
 }
+
+/// The mode of every directory pmguard creates or owns: the PM2 user must reach its config.
+pub const DIR_MODE: u32 = 0o755;
 
 /// Reads the current state of every path in `paths` (and the manifest's) under `root`.
 pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<Observed, String> {
+    check_parents(root, Path::new(MANIFEST_PATH))?;
     let manifest = Manifest::read(&under(root, Path::new(MANIFEST_PATH)))?;
+    if let Some(m) = &manifest {
+        m.check_owned(&under(root, Path::new(MANIFEST_PATH)))?;
+    }
     let mut all: Vec<PathBuf> = paths.to_vec();
     if let Some(m) = &manifest {
         all.extend(m.files.keys().cloned());
@@ -45,6 +55,7 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
     all.push(PathBuf::from(MANIFEST_PATH));
     let mut files = BTreeMap::new();
     for p in all {
+        check_parents(root, &p)?;
         let real = under(root, &p);
         let found = match std::fs::symlink_metadata(&real) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -84,12 +95,75 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
             }
         }
     }
+    let mut dir_modes = BTreeMap::new();
+    let owned_dirs = manifest
+        .iter()
+        .flat_map(|m| m.created_dirs.iter().cloned())
+        .chain(Path::new(MANIFEST_PATH).parent().map(Path::to_path_buf));
+    for d in owned_dirs {
+        if let Ok(m) = std::fs::symlink_metadata(under(root, &d)) {
+            if m.is_dir() {
+                dir_modes.insert(d, m.mode() & 0o7777);
+            }
+        }
+    }
     Ok(Observed {
         files,
         missing_dirs,
         manifest,
         unit: systemd.state(UNIT_NAME),
+        dir_modes,
     })
+}
+
+/// Walks from `root` to `path`'s parent without following symlinks: every directory on the way
+/// must be a real directory, owned by root (when `root` itself is), and writable by nobody but
+/// its owner (sticky directories like /tmp aside). Otherwise a local user could swap a
+/// directory for a symlink, or a file in it, between our check and root's write.
+fn check_parents(root: &Path, path: &Path) -> Result<(), String> {
+    let root_uid = std::fs::metadata(root)
+        .map_err(|e| format!("{}: {e}", root.display()))?
+        .uid();
+    let mut real = root.to_path_buf();
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    for c in parent.components() {
+        let std::path::Component::Normal(name) = c else {
+            if matches!(c, std::path::Component::RootDir) {
+                continue;
+            }
+            return Err(format!(
+                "{}: not a normal path; pmguard will not follow it",
+                path.display()
+            ));
+        };
+        real.push(name);
+        let m = match std::fs::symlink_metadata(&real) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}", real.display())),
+        };
+        if m.file_type().is_symlink() {
+            return Err(format!(
+                "{} is a symlink: pmguard will not write through it; replace it with a directory and re-run",
+                real.display()
+            ));
+        }
+        if !m.is_dir() {
+            return Err(format!("{} is not a directory", real.display()));
+        }
+        let sticky = m.mode() & 0o1000 != 0;
+        if m.uid() != root_uid || (m.mode() & 0o022 != 0 && !sticky) {
+            return Err(format!(
+                "{} is owned by uid {} with mode {:04o}: only root may be able to write the directories pmguard installs into; run `chown root:root {} && chmod go-w {}`",
+                real.display(),
+                m.uid(),
+                m.mode() & 0o7777,
+                real.display(),
+                real.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One step of a plan.
@@ -108,6 +182,11 @@ pub enum Step {
     },
     RemoveDir {
         path: PathBuf,
+    },
+    /// An existing directory pmguard owns whose mode drifted.
+    DirMode {
+        path: PathBuf,
+        from: u32,
     },
     Systemctl {
         args: Vec<String>,
@@ -231,6 +310,14 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
         });
     }
     head.extend(rest.into_iter().map(|d| Step::MkDir { path: d.clone() }));
+    for (d, mode) in &obs.dir_modes {
+        if *mode != DIR_MODE {
+            head.push(Step::DirMode {
+                path: d.clone(),
+                from: *mode,
+            });
+        }
+    }
     plan.steps.splice(0..0, head);
     match &obs.unit {
         UnitState::Staged => plan
@@ -272,11 +359,10 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
         let Some(Some(old)) = obs.files.get(path) else {
             continue;
         };
-        let edited = sha256(&old.content) != *hash;
-        let is_config = path.ends_with("pmguard.toml");
-        if edited && is_config {
+        // Only what is still exactly what install wrote: anything else is someone's file now.
+        if sha256(&old.content) != *hash {
             plan.notes.push(format!(
-                "{} was edited since install: kept (remove it by hand if you no longer need it)",
+                "{} was changed since install: kept (remove it by hand if you no longer need it)",
                 path.display()
             ));
             continue;
@@ -369,6 +455,13 @@ pub fn display(plan: &Plan) -> String {
             Step::RemoveDir { path } => {
                 let _ = writeln!(out, "remove directory {} (if empty)", path.display());
             }
+            Step::DirMode { path, from } => {
+                let _ = writeln!(
+                    out,
+                    "fix mode of directory {}: {from:04o} -> {DIR_MODE:04o}",
+                    path.display()
+                );
+            }
             Step::Systemctl { args } => {
                 let _ = writeln!(out, "systemctl {}", args.join(" "));
             }
@@ -396,10 +489,18 @@ pub fn apply(
             Step::MkDir { path } => {
                 let real = under(root, path);
                 std::fs::DirBuilder::new()
-                    .mode(0o755)
+                    .mode(DIR_MODE)
                     .create(&real)
                     .or_else(|e| if real.is_dir() { Ok(()) } else { Err(e) })
                     .map_err(|e| format!("create {}: {e}", real.display()))?;
+                // The umask narrowed the mode at create (077 makes it 0700): set it exactly.
+                std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
+                    .map_err(|e| format!("chmod {}: {e}", real.display()))?;
+            }
+            Step::DirMode { path, .. } => {
+                let real = under(root, path);
+                std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
+                    .map_err(|e| format!("chmod {}: {e}", real.display()))?;
             }
             Step::Write { file, .. } => write_file(root, file, can_chown)?,
             Step::Remove { path, .. } => {
@@ -513,6 +614,88 @@ mod tests {
             "[Service]\nExecStart=/bin/true\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_manifest_naming_anything_else_is_refused_and_nothing_is_deleted() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), MINIMAL, false);
+        // A root-owned file outside anything pmguard installs, and a manifest pointing at it.
+        std::fs::create_dir_all(root.path().join("etc/ssh")).unwrap();
+        let victim = root.path().join("etc/ssh/sshd_config");
+        std::fs::write(&victim, "PermitRootLogin no\n").unwrap();
+        let mpath = root.path().join("etc/pmguard/install-manifest.json");
+        let mut m = Manifest::read(&mpath).unwrap().unwrap();
+        let hash = sha256(b"PermitRootLogin no\n");
+        for evil in ["/etc/pmguard/../ssh/sshd_config", "/etc/ssh/sshd_config"] {
+            let mut bad = m.clone();
+            bad.files.insert(PathBuf::from(evil), hash.clone());
+            std::fs::write(&mpath, bad.to_bytes()).unwrap();
+            let err = observe(root.path(), &[], &STAGED).unwrap_err();
+            assert!(err.contains("never installs"), "{evil}: {err}");
+        }
+        m.created_dirs.push(PathBuf::from("/etc/ssh"));
+        std::fs::write(&mpath, m.to_bytes()).unwrap();
+        assert!(observe(root.path(), &[], &STAGED)
+            .unwrap_err()
+            .contains("never creates"));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"PermitRootLogin no\n");
+    }
+
+    #[test]
+    fn a_symlinked_or_foreign_writable_parent_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("etc/cron.d")).unwrap();
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let err = observe(root.path(), &paths, &STAGED).unwrap_err();
+        assert!(err.contains("is a symlink"), "{err}");
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+        std::fs::remove_file(root.path().join("etc/cron.d")).unwrap();
+        std::fs::create_dir(root.path().join("etc/cron.d")).unwrap();
+        std::fs::set_permissions(
+            root.path().join("etc/cron.d"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .unwrap();
+        let err = observe(root.path(), &paths, &STAGED).unwrap_err();
+        assert!(err.contains("chmod go-w"), "{err}");
+    }
+
+    #[test]
+    fn directories_get_their_mode_whatever_the_umask_and_drift_is_put_back() {
+        let root = tempfile::tempdir().unwrap();
+        // SAFETY: umask has no preconditions; restored below (tests in this binary make no
+        // files that depend on it meanwhile beyond their explicit modes).
+        let old = unsafe { libc::umask(0o077) };
+        install(root.path(), MINIMAL, false);
+        unsafe { libc::umask(old) };
+        let dir = root.path().join("etc/pmguard");
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let plan = replan(root.path(), MINIMAL);
+        assert!(
+            display(&plan).contains("fix mode of directory /etc/pmguard: 0700 -> 0755"),
+            "{}",
+            display(&plan)
+        );
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
+        assert!(replan(root.path(), MINIMAL).is_empty());
+    }
+
+    #[test]
+    fn uninstall_keeps_any_file_changed_since_install() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), MINIMAL, false);
+        let cron = root.path().join("etc/cron.d/pmguard");
+        std::fs::write(&cron, "# mine now\n").unwrap();
+        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        assert_eq!(std::fs::read(&cron).unwrap(), b"# mine now\n");
+        assert!(display(&plan).contains("/etc/cron.d/pmguard was changed since install"));
     }
 
     #[test]

@@ -25,6 +25,16 @@ pub const LOGROTATE_PATH: &str = "/etc/logrotate.d/pmguard";
 pub const IAM_PATH: &str = "/etc/pmguard/iam-policy.json";
 pub const MANIFEST_PATH: &str = "/etc/pmguard/install-manifest.json";
 
+/// Every file `install` may lay down: the only paths a manifest may name.
+pub const OWNED_FILES: &[&str] = &[
+    AGENT_PATH,
+    CONFIG_PATH,
+    UNIT_PATH,
+    CRON_PATH,
+    LOGROTATE_PATH,
+    IAM_PATH,
+];
+
 /// One file to lay down.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredFile {
@@ -111,23 +121,77 @@ pub fn pm2_home(config: &Config, account: &Account) -> PathBuf {
         .unwrap_or_else(|| account.home.join(".pm2"))
 }
 
+/// Every value that reaches a unit, cron or logrotate line is plain: systemd expands `%`
+/// specifiers and splits `BindPaths=` on `:`, cron treats `%` as a newline, logrotate's `su`
+/// takes two words. Paths are absolute and normal; names are what useradd accepts. And the state
+/// directory must be pmguard's own: `StateDirectory=` chowns it to the PM2 user.
+pub fn check_values(config: &Config, a: &Account) -> Result<(), RenderError> {
+    let bad = |what: &str, value: &str, why: &str| {
+        Err(RenderError::Unsupported(format!(
+            "{what} `{}`: {why}",
+            value.escape_debug()
+        )))
+    };
+    for (what, value) in [("user", a.user.as_str()), ("group", a.group.as_str())] {
+        let ok = !value.is_empty()
+            && value.len() <= 32
+            && !value.starts_with('-')
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !ok {
+            return bad(what, value, "a name for systemd, cron and logrotate may hold only letters, digits, `_`, `-` and `.` (at most 32, not starting with `-`)");
+        }
+    }
+    let home = pm2_home(config, a);
+    for (what, path) in [
+        ("state_dir", config.agent.state_dir.as_path()),
+        ("pm2_home", home.as_path()),
+    ] {
+        let text = path.to_string_lossy();
+        if !path.is_absolute() {
+            return bad(what, &text, "must be an absolute path");
+        }
+        if path.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        }) || text.contains("//")
+            || (text.len() > 1 && text.ends_with('/'))
+        {
+            return bad(
+                what,
+                &text,
+                "must be a normal path (no `.`, `..`, `//` or trailing `/`)",
+            );
+        }
+        if !text.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.' | b'+' | b'@')
+        }) {
+            return bad(what, &text, "may hold only letters, digits and `/ _ - . + @` (no spaces, quotes, `%`, `$`, `:` or `\\`): systemd and cron need it plain");
+        }
+    }
+    if let Ok(rel) = config.agent.state_dir.strip_prefix("/var/lib") {
+        let first = rel
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        if !first.as_deref().is_some_and(|f| f.starts_with("pmguard")) {
+            return bad(
+                "state_dir",
+                &config.agent.state_dir.to_string_lossy(),
+                "under /var/lib the state directory must be pmguard's own (`/var/lib/pmguard`, or a name starting with `pmguard`): systemd's StateDirectory= hands the whole directory to the PM2 user",
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Renders every file `install` lays down, in a stable order.
 pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderError> {
     let a = &s.account;
-    for (what, value) in [
-        ("state_dir", config.agent.state_dir.display().to_string()),
-        ("pm2_home", pm2_home(config, a).display().to_string()),
-        ("user", a.user.clone()),
-    ] {
-        if value
-            .chars()
-            .any(|c| c.is_whitespace() || c == '%' || c == '"' || c == '\\')
-        {
-            return Err(RenderError::Unsupported(format!(
-                "{what} `{value}` holds spaces, quotes, backslashes or %: systemd and cron need it plain"
-            )));
-        }
-    }
+    check_values(config, a)?;
     let state_dir = &config.agent.state_dir;
     let state_lines = match state_dir.strip_prefix("/var/lib") {
         Ok(rel) if !rel.as_os_str().is_empty() => vec![
@@ -334,20 +398,50 @@ pub(crate) mod tests {
 
     #[test]
     fn unsafe_values_are_refused() {
-        let c = Config::parse(
-            Path::new("/x.toml"),
-            "[agent]\nstate_dir = \"/var/lib/pm guard\"\n[[apps]]\nname = \"a\"\n",
-        )
-        .unwrap();
-        let err = render(
-            &c,
-            &Settings {
-                account: account(),
-                config_text: String::new(),
-                agent_binary: vec![],
-            },
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("spaces"), "{err}");
+        let refused = |agent: &str, group: &str| {
+            let c = Config::parse(
+                Path::new("/x.toml"),
+                &format!("[agent]\n{agent}\n[[apps]]\nname = \"a\"\n"),
+            )
+            .unwrap();
+            let mut a = account();
+            a.group = group.to_string();
+            check_values(&c, &a).err().map(|e| e.to_string())
+        };
+        for (agent, group, why) in [
+            ("state_dir = \"/var/lib/pm guard\"", "ubuntu", "no spaces"),
+            ("pm2_home = \"/home/u/.pm2:/etc\"", "ubuntu", "`:`"),
+            ("pm2_home = \"/home/%u/.pm2\"", "ubuntu", "`%`"),
+            (
+                "pm2_home = \"/home/u/../root/.pm2\"",
+                "ubuntu",
+                "normal path",
+            ),
+            (
+                "state_dir = \"/var/lib/postgresql\"",
+                "ubuntu",
+                "pmguard's own",
+            ),
+            ("", "ops team", "letters, digits"),
+            ("", "a%b", "letters, digits"),
+            ("", "$x", "letters, digits"),
+            ("", "-rf", "letters, digits"),
+        ] {
+            let err = refused(agent, group);
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(why)),
+                "{agent} / {group}: {err:?}"
+            );
+        }
+        for (agent, group) in [
+            ("state_dir = \"/var/lib/pmguard\"", "ubuntu"),
+            ("state_dir = \"/var/lib/pmguard-web/state\"", "www-data"),
+            (
+                "state_dir = \"/srv/pmguard\"\npm2_home = \"/opt/app/.pm2\"",
+                "ec2-user",
+            ),
+        ] {
+            assert_eq!(refused(agent, group), None, "{agent} / {group}");
+        }
     }
 }
