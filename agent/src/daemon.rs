@@ -375,3 +375,21 @@ fn signal_name(sig: i32) -> &'static str {
         _ => "signal",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(apps: &str) -> Config {
+        Config::parse(std::path::Path::new("/x.toml"), apps).unwrap()
+    }
+
+    #[test]
+    fn the_heartbeat_is_judged_by_its_own_cadence_not_the_longest_interval() {
+        // One app checked hourly must not make the backup check trust a dead daemon for 3 h.
+        let c = config("[[apps]]\nname = \"a\"\ninterval = \"1h\"\n[[apps]]\nname = \"b\"\ninterval = \"1s\"\nretry_interval = \"1s\"\n");
+        assert_eq!(heartbeat_every(&c), 1_000);
+        let c = config("[[apps]]\nname = \"a\"\ninterval = \"1h\"\nretry_interval = \"1h\"\n");
+        assert_eq!(heartbeat_every(&c), 5_000, "capped at 5 s: stale after 15 s");
+    }
+}

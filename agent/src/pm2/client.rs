@@ -577,6 +577,33 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_frame_then_silence_never_wedges_later_calls() {
+        // A daemon that stalls half-way through a reply: the first call times out, and the next
+        // call must not be read through the stale half frame: it gets a new connection.
+        let (_dir, paths, listener) = fake();
+        let server = std::thread::spawn(move || {
+            let (mut first, _) = listener.accept().unwrap();
+            let mut dec = Decoder::new();
+            let (_, id) = read_request(&mut first, &mut dec).unwrap();
+            let frame = encode_frame(&[Arg::Json(br#"{"args":[{"msg":"pong"}]}"#), Arg::Str(&id)]);
+            first.write_all(&frame[..frame.len() / 2]).unwrap();
+            // The second call arrives on a fresh connection.
+            let (mut second, _) = listener.accept().unwrap();
+            let mut dec = Decoder::new();
+            let (call, id) = read_request(&mut second, &mut dec).unwrap();
+            assert_eq!(call["method"], "getVersion");
+            reply(&mut second, &id, r#"{"args":["7.0.4"]}"#);
+            (first, second)
+        });
+        let client = Client::new(paths);
+        let err = client.ping(Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(err, Pm2Error::Timeout { .. }), "{err:?}");
+        assert_eq!(client.version(T).unwrap(), "7.0.4");
+        assert_eq!(client.generation(), 2, "a new connection after the timeout");
+        drop(server.join().unwrap());
+    }
+
+    #[test]
     fn socket_closed_mid_call_is_disconnected() {
         let (_dir, paths, listener) = fake();
         let server = std::thread::spawn(move || {
