@@ -158,16 +158,35 @@ fn install(
             agent_bin.display()
         )
     })?;
+    let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
     let settings = Settings {
         account,
         config_text,
         agent_binary,
+        pm2: pm2.clone(),
     };
     let desired = render::render(&config, &settings).map_err(|e| e.to_string())?;
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
-    let observed = plan::observe(&root, &paths, &systemd)?;
-    let plan = plan::plan_install(&desired, &observed, force, can_chown());
+    let mut observed = plan::observe(&root, &paths, &systemd)?;
+    // Only the live system's PM2 can be running (a staging root has none).
+    observed.pm2_daemon_live = !staged
+        && matches!(
+            pmguard_agent::pm2::liveness::daemon_process(
+                &pmguard_agent::pm2::Pm2Paths::from_home(&render::pm2_home(
+                    &config,
+                    &settings.account
+                )),
+                Path::new("/proc"),
+            ),
+            pmguard_agent::pm2::liveness::DaemonProcess::Alive(_)
+        );
+    let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
+    if let pmguard_installer::pm2unit::Supervision::Unavailable(why) = &pm2 {
+        plan.notes.push(format!(
+            "PM2 itself is not under systemd and pmguard cannot put it there: {why}"
+        ));
+    }
     finish(&plan, &root, &systemd, dry_run)?;
     if let Some(policy) = pmguard_installer::iam::policy(&config) {
         if !dry_run && plan.blocked.is_empty() {

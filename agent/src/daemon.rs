@@ -390,6 +390,10 @@ mod tests {
         let c = config("[[apps]]\nname = \"a\"\ninterval = \"1h\"\n[[apps]]\nname = \"b\"\ninterval = \"1s\"\nretry_interval = \"1s\"\n");
         assert_eq!(heartbeat_every(&c), 1_000);
         let c = config("[[apps]]\nname = \"a\"\ninterval = \"1h\"\nretry_interval = \"1h\"\n");
-        assert_eq!(heartbeat_every(&c), 5_000, "capped at 5 s: stale after 15 s");
+        assert_eq!(
+            heartbeat_every(&c),
+            5_000,
+            "capped at 5 s: stale after 15 s"
+        );
     }
 }

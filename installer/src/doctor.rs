@@ -113,6 +113,7 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
                 account: a.clone(),
                 config_text,
                 agent_binary,
+                pm2: crate::pm2unit::observe(t.root, a, &config),
             },
         )
         .ok()
@@ -129,7 +130,7 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
     out.extend(systemd_checks(t));
     out.push(heartbeat(&config));
     let paths = pm2_paths(&config, account.as_ref());
-    out.extend(pm2_checks(&config, &paths));
+    out.extend(pm2_checks(&config, &paths, t.live));
     (out, Some(config))
 }
 
@@ -465,7 +466,101 @@ fn pm2_paths(config: &Config, account: Option<&users::Account>) -> Option<Pm2Pat
     Pm2Paths::resolve(None).ok()
 }
 
-fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>) -> Vec<Check> {
+/// Is the PM2 daemon itself kept running by systemd (its process in a PM2 unit's cgroup)?
+/// Otherwise a killed daemon stays down until the cron check, and nothing starts it at boot.
+fn pm2_supervised(paths: &Pm2Paths) -> Check {
+    use pmguard_agent::pm2::liveness::{daemon_process, DaemonProcess};
+    let DaemonProcess::Alive(pid) = daemon_process(paths, Path::new("/proc")) else {
+        return warn(
+            "pm2 supervised",
+            format!("no live daemon named by {}", paths.home.join("pm2.pid").display()),
+            "start PM2 through systemd: `systemctl start pmguard-pm2` (or `pm2-<user>` after `pm2 startup`)",
+        );
+    };
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let unit = cgroup
+        .split('/')
+        .find(|part| part.ends_with(".service") && part.contains("pm2"))
+        .map(str::to_string);
+    match unit {
+        Some(u) => ok("pm2 supervised", format!("PM2 daemon (pid {pid}) runs under {u}")),
+        None => warn(
+            "pm2 supervised",
+            format!("the PM2 daemon (pid {pid}) runs outside systemd: if it is killed, nothing starts it again before the cron check, and nothing starts it at boot"),
+            format!("hand it to systemd (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {}` (or `pm2 startup`)", crate::pm2unit::PM2_UNIT_NAME),
+        ),
+    }
+}
+
+/// Does `dump.pm2` (what `pm2 resurrect` and a boot bring back) name the apps PM2 runs now?
+/// Only the names are read: the file holds every app's environment, secrets included.
+fn pm2_dump(paths: &Pm2Paths, snap: &pmguard_agent::pm2::Snapshot) -> Check {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        name: String,
+    }
+    let path = paths.home.join("dump.pm2");
+    let dumped: Vec<Entry> = match pmguard_agent::files::read_capped(&path, 64 << 20) {
+        Ok(Some(b)) => match serde_json::from_slice(&b) {
+            Ok(v) => v,
+            Err(e) => {
+                return warn(
+                    "pm2 dump",
+                    format!("{} cannot be read as PM2's dump: {e}", path.display()),
+                    "`pm2 save` as the PM2 user",
+                )
+            }
+        },
+        Ok(None) => {
+            return warn(
+                "pm2 dump",
+                format!(
+                    "no {}: after a reboot or `pm2 resurrect`, PM2 starts no app",
+                    path.display()
+                ),
+                "`pm2 save` as the PM2 user",
+            )
+        }
+        Err(e) => {
+            return warn(
+                "pm2 dump",
+                format!("{}: {e}", path.display()),
+                "check its permissions",
+            )
+        }
+    };
+    let saved: std::collections::BTreeSet<&str> = dumped.iter().map(|e| e.name.as_str()).collect();
+    let running: std::collections::BTreeSet<&str> =
+        snap.processes.iter().map(|e| e.name.as_str()).collect();
+    if saved == running {
+        return ok(
+            "pm2 dump",
+            format!("dump.pm2 names the {} running app(s)", running.len()),
+        );
+    }
+    let back: Vec<&str> = saved.difference(&running).copied().collect();
+    let lost: Vec<&str> = running.difference(&saved).copied().collect();
+    let mut detail = Vec::new();
+    if !back.is_empty() {
+        detail.push(format!(
+            "would come back though not running now: {}",
+            back.join(", ")
+        ));
+    }
+    if !lost.is_empty() {
+        detail.push(format!("would not come back: {}", lost.join(", ")));
+    }
+    warn(
+        "pm2 dump",
+        format!(
+            "dump.pm2 differs from what PM2 runs; after a reboot or `pm2 resurrect` {}",
+            detail.join("; ")
+        ),
+        "`pm2 save` as the PM2 user once the running apps are the ones you want",
+    )
+}
+
+fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>, live: bool) -> Vec<Check> {
     let Some(paths) = paths else {
         return vec![fail(
             "pm2 daemon",
@@ -499,6 +594,10 @@ fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>) -> Vec<Check> {
         "pm2 daemon",
         format!("PM2 {version} answers at {}", paths.rpc.display()),
     )];
+    if live {
+        v.push(pm2_supervised(paths));
+    }
+    v.push(pm2_dump(paths, &snap));
     for app in &config.apps {
         let name = format!("app {}", app.name);
         let entries = snap.by_name(&app.name);

@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod iam;
 pub mod manifest;
 pub mod plan;
+pub mod pm2unit;
 pub mod render;
 pub mod systemd;
 pub mod users;

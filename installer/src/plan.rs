@@ -13,6 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 
 use crate::manifest::{sha256, Manifest};
+use crate::pm2unit::{PM2_UNIT_NAME, PM2_UNIT_PATH};
 use crate::render::{under, DesiredFile, FileKind, MANIFEST_PATH, UNIT_NAME};
 use crate::systemd::{Systemd, UnitState};
 
@@ -33,6 +34,11 @@ pub struct Observed {
     pub missing_dirs: Vec<PathBuf>,
     pub manifest: Option<Manifest>,
     pub unit: UnitState,
+    /// `pmguard-pm2.service` (PM2 under systemd where `pm2 startup` was never run).
+    pub pm2_unit: UnitState,
+    /// A PM2 daemon runs now (set by the caller from `pm2.pid`): then `pmguard-pm2.service` is
+    /// enabled for the next boot but not started (its `pm2 resurrect` must not meet a live daemon).
+    pub pm2_daemon_live: bool,
     /// Modes of the existing directories pmguard owns (the config directory, and those it
     /// created), to put back when they drift (a root umask of 077 makes a fresh dir 0700).
     pub dir_modes: BTreeMap<PathBuf, u32>,
@@ -112,6 +118,8 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
         missing_dirs,
         manifest,
         unit: systemd.state(UNIT_NAME),
+        pm2_unit: systemd.state(PM2_UNIT_NAME),
+        pm2_daemon_live: false,
         dir_modes,
     })
 }
@@ -217,6 +225,7 @@ fn metadata_differs(f: &DesiredFile, old: &FoundFile, can_chown: bool) -> bool {
 pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_chown: bool) -> Plan {
     let mut plan = Plan::default();
     let mut changed_service = false;
+    let mut changed_pm2_unit = false;
     let mut manifest = Manifest {
         version: env!("CARGO_PKG_VERSION").to_string(),
         files: BTreeMap::new(),
@@ -257,7 +266,11 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
                 continue;
             }
         }
-        changed_service |= f.path.ends_with(UNIT_NAME) || f.kind != FileKind::Managed;
+        if f.path == Path::new(PM2_UNIT_PATH) {
+            changed_pm2_unit = true;
+        } else {
+            changed_service |= f.path.ends_with(UNIT_NAME) || f.kind != FileKind::Managed;
+        }
         plan.steps.push(Step::Write {
             file: f.clone(),
             old,
@@ -327,8 +340,21 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
             "systemd is not running here ({why}): skipped daemon-reload, enable and start. Once it runs: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
         )),
         UnitState::Live { enabled, active } => {
-            if changed_service {
+            if changed_service || changed_pm2_unit {
                 plan.steps.push(systemctl(&["daemon-reload"]));
+            }
+            let ours = desired.iter().any(|f| f.path == Path::new(PM2_UNIT_PATH));
+            if let (true, UnitState::Live { enabled, active }) = (ours, &obs.pm2_unit) {
+                if !enabled {
+                    plan.steps.push(systemctl(&["enable", PM2_UNIT_NAME]));
+                }
+                if !active && !obs.pm2_daemon_live {
+                    plan.steps.push(systemctl(&["start", PM2_UNIT_NAME]));
+                } else if !active {
+                    plan.notes.push(format!(
+                        "PM2 runs outside systemd now: {PM2_UNIT_NAME} starts it from the next boot. To hand the running daemon over now (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {PM2_UNIT_NAME}`"
+                    ));
+                }
             }
             if !enabled {
                 plan.steps.push(systemctl(&["enable", UNIT_NAME]));
@@ -354,6 +380,15 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
         if *active || *enabled {
             plan.steps.push(systemctl(&["disable", "--now", UNIT_NAME]));
         }
+    }
+    if m.files.contains_key(Path::new(PM2_UNIT_PATH)) {
+        // Not `--now`: stopping it would stop PM2 and every app. PM2 keeps running.
+        if let UnitState::Live { enabled: true, .. } = &obs.pm2_unit {
+            plan.steps.push(systemctl(&["disable", PM2_UNIT_NAME]));
+        }
+        plan.notes.push(format!(
+            "PM2 keeps running, no longer supervised by {PM2_UNIT_NAME}: run `pm2 startup` to have systemd keep it."
+        ));
     }
     for (path, hash) in &m.files {
         let Some(Some(old)) = obs.files.get(path) else {

@@ -33,6 +33,7 @@ pub const OWNED_FILES: &[&str] = &[
     CRON_PATH,
     LOGROTATE_PATH,
     IAM_PATH,
+    crate::pm2unit::PM2_UNIT_PATH,
 ];
 
 /// One file to lay down.
@@ -64,6 +65,8 @@ pub struct Settings {
     /// The validated config file's exact text.
     pub config_text: String,
     pub agent_binary: Vec<u8>,
+    /// Who keeps PM2 running (`pm2unit::observe`).
+    pub pm2: crate::pm2unit::Supervision,
 }
 
 #[derive(Template)]
@@ -79,6 +82,17 @@ struct UnitTemplate<'a> {
     watchdog_sec: &'a str,
     state_lines: Vec<String>,
     local_only: bool,
+}
+
+#[derive(Template)]
+#[template(path = "pmguard-pm2.service", escape = "none")]
+struct Pm2UnitTemplate<'a> {
+    marker: &'a str,
+    user: &'a str,
+    group: &'a str,
+    pm2_home: String,
+    pm2_bin: String,
+    path_env: &'a str,
 }
 
 #[derive(Template)]
@@ -204,7 +218,7 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         marker: MARKER,
         user: &a.user,
         group: &a.group,
-        pm2_unit: format!("pm2-{}.service", a.user),
+        pm2_unit: s.pm2.unit(&a.user),
         pm2_home: pm2_home(config, a).display().to_string(),
         agent_path: AGENT_PATH,
         config_path: CONFIG_PATH,
@@ -277,6 +291,22 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
     if let Some(policy) = iam::policy(config) {
         files.push(text(IAM_PATH, iam::to_json(&policy), 0o644, 0));
     }
+    if let crate::pm2unit::Supervision::Ours { pm2_bin, path_env } = &s.pm2 {
+        let body = Pm2UnitTemplate {
+            marker: MARKER,
+            user: &a.user,
+            group: &a.group,
+            pm2_home: pm2_home(config, a).display().to_string(),
+            pm2_bin: pm2_bin.display().to_string(),
+            path_env,
+        }
+        .render()
+        .map_err(|source| RenderError::Template {
+            name: "pmguard-pm2.service",
+            source,
+        })?;
+        files.push(text(crate::pm2unit::PM2_UNIT_PATH, body, 0o644, 0));
+    }
     Ok(files)
 }
 
@@ -322,6 +352,9 @@ pub(crate) mod tests {
                 account: account(),
                 config_text: config.to_string(),
                 agent_binary: b"\x7fELF not a real binary".to_vec(),
+                pm2: crate::pm2unit::Supervision::Startup {
+                    unit: "pm2-ubuntu.service".into(),
+                },
             },
         )
         .unwrap()
@@ -359,6 +392,38 @@ pub(crate) mod tests {
     #[test]
     fn snapshots_multi_app() {
         snapshot_all("multi", MULTI);
+    }
+
+    #[test]
+    fn pm2_not_under_systemd_gets_its_own_unit() {
+        let c = Config::parse(Path::new("/etc/pmguard/pmguard.toml"), MINIMAL).unwrap();
+        let files = render(
+            &c,
+            &Settings {
+                account: account(),
+                config_text: MINIMAL.to_string(),
+                agent_binary: vec![],
+                pm2: crate::pm2unit::Supervision::Ours {
+                    pm2_bin: "/usr/local/bin/pm2".into(),
+                    path_env: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                },
+            },
+        )
+        .unwrap();
+        let text = |p: &str| {
+            String::from_utf8(
+                files
+                    .iter()
+                    .find(|f| f.path == Path::new(p))
+                    .unwrap()
+                    .content
+                    .clone(),
+            )
+            .unwrap()
+        };
+        let pm2 = text(crate::pm2unit::PM2_UNIT_PATH);
+        insta::assert_snapshot!("pmguard_pm2_unit", pm2);
+        assert!(text(UNIT_PATH).contains("After=network-online.target pmguard-pm2.service"));
     }
 
     #[test]

@@ -53,6 +53,11 @@ fn render_as(config: &str, account: users::Account) -> Vec<DesiredFile> {
             account,
             config_text: config.into(),
             agent_binary: b"#!/bin/sh\n".to_vec(),
+            // PM2 not under systemd yet: pmguard-pm2.service is rendered and verified too.
+            pm2: pmguard_installer::pm2unit::Supervision::Ours {
+                pm2_bin: "/usr/local/bin/pm2".into(),
+                path_env: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            },
         },
     )
     .unwrap()
@@ -78,6 +83,14 @@ fn staged(config: &str) -> (tempfile::TempDir, Vec<DesiredFile>) {
         .success());
     std::fs::create_dir_all(root.path().join("bin")).unwrap();
     std::fs::copy("/bin/kill", root.path().join("bin/kill")).unwrap();
+    // The pm2 that pmguard-pm2.service runs (verify checks that ExecStart= is executable).
+    std::fs::create_dir_all(root.path().join("usr/local/bin")).unwrap();
+    std::fs::write(root.path().join("usr/local/bin/pm2"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        root.path().join("usr/local/bin/pm2"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     (root, files)
 }
 
@@ -90,18 +103,20 @@ fn unit_verifies_without_a_single_warning() {
     let sa = tool("systemd-analyze", "systemd");
     for config in [FULL, LOCAL] {
         let (root, _) = staged(config);
-        let out = Command::new(&sa)
-            .arg("verify")
-            .arg(format!("--root={}", root.path().display()))
-            .arg("--man=no")
-            .arg(render::under(root.path(), Path::new(UNIT_PATH)))
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && stderr.trim().is_empty(),
-            "systemd-analyze verify: {stderr}"
-        );
+        for unit in [UNIT_PATH, pmguard_installer::pm2unit::PM2_UNIT_PATH] {
+            let out = Command::new(&sa)
+                .arg("verify")
+                .arg(format!("--root={}", root.path().display()))
+                .arg("--man=no")
+                .arg(render::under(root.path(), Path::new(unit)))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stderr.trim().is_empty(),
+                "systemd-analyze verify {unit}: {stderr}"
+            );
+        }
     }
 }
 
