@@ -208,6 +208,21 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
     }
     // Just restarted by pmguard: ok, or a warning about recent restarts, never a failure.
     assert_ne!(status("app codebox").as_deref(), Some("fail"), "{checks:#}");
+    // PM2 is under pm2-ubuntu.service (`pm2 startup`): install added no unit of its own.
+    assert_eq!(
+        status("pm2 supervised").as_deref(),
+        Some("ok"),
+        "{checks:#}"
+    );
+    assert!(!m
+        .exec(&["test", "-e", "/etc/systemd/system/pmguard-pm2.service"])
+        .status
+        .success());
+
+    // The PM2 daemon SIGKILLed: systemd starts it again and the app answers within 15 s.
+    let back = pm2_killed_and_back(&m);
+    eprintln!("PM2 daemon SIGKILLed (pm2-ubuntu.service): app healthy again in {back:?}");
+    assert!(back <= Duration::from_secs(15), "{back:?}");
 
     // Again: nothing to do.
     let out = install(&m);
@@ -237,4 +252,108 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
         .exec(&["curl", "-fsS", "http://127.0.0.1:5000/health"])
         .status
         .success());
+
+    // A box where PM2 was started by hand (`pm2 startup` never run): install lays down
+    // pmguard-pm2.service, enabled for boot but not started over the live daemon, and says how
+    // to hand the daemon over; after the handover a killed daemon is back within 15 s.
+    m.run(&["systemctl", "disable", "--now", "pm2-ubuntu"]);
+    m.run(&["rm", "-f", "/etc/systemd/system/pm2-ubuntu.service"]);
+    m.run(&["systemctl", "daemon-reload"]);
+    as_ubuntu(&m, "pm2 resurrect");
+    m.wait(
+        "the app under a hand-started PM2",
+        Duration::from_secs(20),
+        |m| app_answers(m),
+    );
+    let out = install(&m);
+    assert!(
+        out.contains("create /etc/systemd/system/pmguard-pm2.service"),
+        "{out}"
+    );
+    assert!(
+        out.contains("systemctl enable pmguard-pm2.service"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("systemctl start pmguard-pm2.service"),
+        "{out}"
+    );
+    assert!(out.contains("PM2 runs outside systemd now"), "{out}");
+    let doctor = m.exec(&["/root/pmguard", "doctor", "--json"]);
+    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let supervised = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "pm2 supervised")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(supervised["status"], "warn", "{checks:#}");
+    // The handover the plan printed.
+    as_ubuntu(&m, "pm2 save --force && pm2 kill");
+    m.run(&["systemctl", "start", "pmguard-pm2.service"]);
+    m.wait(
+        "the app under pmguard-pm2.service",
+        Duration::from_secs(20),
+        |m| app_answers(m),
+    );
+    assert_eq!(
+        m.run(&["systemctl", "is-enabled", "pmguard-pm2.service"])
+            .trim(),
+        "enabled",
+        "started at boot"
+    );
+    let back = pm2_killed_and_back(&m);
+    eprintln!("PM2 daemon SIGKILLed (pmguard-pm2.service): app healthy again in {back:?}");
+    assert!(back <= Duration::from_secs(15), "{back:?}");
+    // Uninstall leaves PM2 and the app running, unsupervised, and says so.
+    let out = m.run(&["/root/pmguard", "uninstall"]);
+    assert!(out.contains("PM2 keeps running"), "{out}");
+    assert!(!m
+        .exec(&["test", "-e", "/etc/systemd/system/pmguard-pm2.service"])
+        .status
+        .success());
+    assert!(app_answers(&m));
+}
+
+fn app_answers(m: &Machine) -> bool {
+    m.exec(&[
+        "curl",
+        "-fsS",
+        "--max-time",
+        "1",
+        "http://127.0.0.1:5000/health",
+    ])
+    .status
+    .success()
+}
+
+fn as_ubuntu(m: &Machine, cmd: &str) {
+    let o = sh(&["exec-as", &m.0, "ubuntu", "sh", "-c", cmd]);
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// SIGKILLs the PM2 daemon and times until the app answers again under a new daemon.
+fn pm2_killed_and_back(m: &Machine) -> Duration {
+    let pid = m
+        .run(&["cat", "/home/ubuntu/.pm2/pm2.pid"])
+        .trim()
+        .to_string();
+    assert!(!pid.is_empty());
+    let started = Instant::now();
+    m.run(&["kill", "-KILL", &pid]);
+    m.wait(
+        "the app back under a new PM2 daemon",
+        Duration::from_secs(30),
+        |m| {
+            let now = m.exec(&["cat", "/home/ubuntu/.pm2/pm2.pid"]).stdout;
+            String::from_utf8_lossy(&now).trim() != pid && app_answers(m)
+        },
+    );
+    started.elapsed()
 }

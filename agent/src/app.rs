@@ -88,6 +88,8 @@ pub struct Shared {
     pub board: Mutex<BTreeMap<String, AppStatus>>,
     /// Per-check metrics for the AWS sink; `None` without an `[aws]` section.
     pub recorder: Option<Arc<crate::aws::Recorder>>,
+    /// Mirrors `restarts.json`'s `pm2_stopped_on_purpose`, so the hot path reads no file.
+    stopped_on_purpose: std::sync::atomic::AtomicBool,
 }
 
 /// Apps checked at nearly the same moment share one `getMonitorData`.
@@ -107,6 +109,31 @@ impl Shared {
             sandboxed: false,
             board: Mutex::new(BTreeMap::new()),
             recorder: None,
+            stopped_on_purpose: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A person ran `pm2 kill`: remember it (for the backup check too) and say so.
+    pub fn pm2_stopped_on_purpose(&self) {
+        self.stopped_on_purpose.store(true, Ordering::Relaxed);
+        self.set_stopped_flag(true);
+        self.emit(Event::new(
+            Kind::Resurrect,
+            None,
+            "PM2 was stopped on purpose (`pm2 kill`): pmguard will not resurrect it. Start it again with `pm2 resurrect` (or `systemctl start pm2-<user>`).",
+        )
+        .with("action", "none"));
+    }
+
+    fn set_stopped_flag(&self, on: bool) {
+        if let Ok(_guard) = self.state.lock_restarts(Duration::from_secs(2)) {
+            let mut book = self.state.read_restarts();
+            if book.pm2_stopped_on_purpose != on {
+                book.pm2_stopped_on_purpose = on;
+                if let Err(error) = self.state.write_restarts(&book) {
+                    tracing::warn!(message = "Cannot save restart history.", %error);
+                }
+            }
         }
     }
 
@@ -125,6 +152,11 @@ impl Shared {
             .map(Arc::new)
             .map_err(|e| self.judge_failure(&e));
         *cached = Some((clock::mono_now(), fresh.clone()));
+        drop(cached);
+        // A daemon answers again after a `pm2 kill`: resurrect is allowed again when it dies.
+        if fresh.is_ok() && self.stopped_on_purpose.swap(false, Ordering::Relaxed) {
+            self.set_stopped_flag(false);
+        }
         fresh
     }
 
@@ -178,8 +210,10 @@ pub struct App {
     pub state: AppState,
     prober: Option<Prober>,
     trackers: BTreeMap<u32, (ProcWatch, PidTracker)>,
-    /// Last seen PM2 restart counter per pm_id, to notice restarts made behind our back.
-    restart_counts: BTreeMap<u32, u64>,
+    /// Last seen PM2 restart counter and process start (`pm_uptime`) per pm_id, to notice
+    /// restarts made behind our back: autorestart moves the counter; `pm2 update` or a
+    /// resurrected daemon starts every app afresh with the counter where it was.
+    restart_counts: BTreeMap<u32, (u64, Option<u64>)>,
     /// The last probe, until `publish` moves it into the board's history.
     new_probe: Option<ProbeRecord>,
     /// Checks made since this watcher started (shown by `status`).
@@ -370,11 +404,13 @@ impl App {
         let mut moved = Vec::new();
         let mut restarts = 0;
         for e in snap.by_name(&self.cfg.name) {
-            let prev = self.restart_counts.insert(e.pm_id, e.restart_time);
-            if let Some(p) = prev.filter(|p| *p != e.restart_time) {
+            let now_seen = (e.restart_time, e.pm_uptime_ms);
+            let prev = self.restart_counts.insert(e.pm_id, now_seen);
+            if let Some((count, _)) = prev.filter(|p| *p != now_seen) {
                 moved.push(e.pm_id);
-                // A counter that went down was reset (pm2 reset, daemon restart): count one.
-                restarts += e.restart_time.saturating_sub(p).max(1);
+                // A counter that went down was reset (pm2 reset, daemon restart), or stayed
+                // while the process was started afresh (pm2 update): count one.
+                restarts += e.restart_time.saturating_sub(count).max(1);
             }
         }
         if let Some(r) = &shared.recorder {
@@ -691,6 +727,13 @@ impl App {
             }
         }
         self.state.restarts.push_back(ours);
+        // Booked before PM2 is asked: an agent killed mid-restart must not leave a successor
+        // (or the backup check) free to restart the app again inside the cooldown.
+        book.apps
+            .insert(name.clone(), AppRestarts::from_state(&self.state));
+        if let Err(error) = shared.state.write_restarts(&book) {
+            tracing::warn!(message = "Cannot save restart history.", app = %name, %error);
+        }
         let started = clock::mono_now();
         let mut e = Event::new(Kind::Restart, Some(&name), format!("Restarting: {reason}."))
             .with("reason", reason.as_str())
@@ -774,7 +817,8 @@ impl App {
         // Counters moved by our own restart are not "PM2 restarting by itself".
         if let Ok(s) = shared.snapshot(0) {
             for e in s.by_name(&name) {
-                self.restart_counts.insert(e.pm_id, e.restart_time);
+                self.restart_counts
+                    .insert(e.pm_id, (e.restart_time, e.pm_uptime_ms));
             }
         }
         Decision::Restart { culprits, reason }
@@ -833,6 +877,10 @@ pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64)
         return false;
     }
     let home = shared.client.paths().home.clone();
+    if shared.state.read_restarts().pm2_stopped_on_purpose {
+        tracing::info!(message = "PM2 was stopped on purpose; not resurrecting.", app = %app);
+        return false;
+    }
     if let Err(why) = may_start_pm2_as(&home) {
         shared.emit(
             Event::new(

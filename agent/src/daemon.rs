@@ -122,7 +122,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let mut watch = start_watch(&shared, &config, &mut progress).map_err(StartError::Thread)?;
     let route: Route = Arc::new(Mutex::new(watch.tx.clone()));
     let bus_route = route.clone();
+    let bus_shared = shared.clone();
     let bus = Bus::spawn(paths, move |ev: BusEvent| {
+        if ev.event == crate::pm2::bus::KILL_TOPIC {
+            bus_shared.pm2_stopped_on_purpose();
+            return;
+        }
         lock(&bus_route).send(ToWatch::Bus(ev));
     })
     .map_err(StartError::Thread)?;

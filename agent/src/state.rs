@@ -61,6 +61,10 @@ pub struct RestartBook {
     pub apps: BTreeMap<String, AppRestarts>,
     /// When pmguard last ran `pm2 resurrect`.
     pub resurrected_at: Option<Mono>,
+    /// A person stopped PM2 with `pm2 kill` (seen on its bus): no resurrect until a daemon
+    /// answers again. Shared with the backup check, which cannot see the bus.
+    #[serde(default)]
+    pub pm2_stopped_on_purpose: bool,
 }
 
 /// The state directory of one agent.

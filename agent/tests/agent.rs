@@ -417,7 +417,7 @@ fn watched_then_daemon_killed(
         env,
     );
     agent.wait_for_probe_ok();
-    pm2.kill_daemon();
+    pm2.crash_daemon();
     agent
 }
 

@@ -336,3 +336,286 @@ fn a_fifo_named_status_json_never_hangs_the_backup_check() {
     // It went on to check the app (PM2 is down here): exit 0 or 1, never "could not run".
     assert_ne!(status.code(), Some(2), "{out}");
 }
+
+/// Fault: a person runs `pm2 kill`. That is PM2 stopped on purpose (it says so on its bus), not
+/// a crash: pmguard must not bring it back behind the person's back. When the person runs
+/// `pm2 resurrect`, the agent watches the app again, and only one daemon runs.
+#[test]
+fn a_persons_pm2_kill_is_respected_and_their_resurrect_is_followed() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("manual", port, &[]);
+    assert!(pm2.pm2(&["save"]).status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let (shim, ran) = recording_pm2(dir.path());
+    let agent = Agent::start_with(
+        &pm2,
+        &format!("pm2_bin = \"{}\"", shim.display()),
+        &app(
+            "manual",
+            port,
+            "max_retries = 1\nretry_interval = \"300ms\"\nstartup_grace = \"3s\"\nrestart_cooldown = \"1s\"",
+        ),
+        &[],
+    );
+    agent.wait_for_probe_ok();
+    pm2.kill_daemon();
+    wait_until(Duration::from_secs(10), "the agent to see PM2 gone", || {
+        !health_changes(&agent, "pm2_down").is_empty()
+    });
+    // Several resurrect windows (cooldown 1 s) pass: pmguard never runs pm2.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !ran.exists(),
+        "pmguard resurrected a PM2 a person stopped: {}",
+        std::fs::read_to_string(&ran).unwrap_or_default()
+    );
+    assert!(
+        agent.of_kind("resurrect").iter().any(|e| e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stopped on purpose")),
+        "{:?}",
+        agent.of_kind("resurrect")
+    );
+    // The person brings it back; the agent follows.
+    assert!(pm2.pm2(&["resurrect"]).status.success());
+    wait_until(
+        Duration::from_secs(20),
+        "healthy under the new daemon",
+        || {
+            let down = health_changes(&agent, "pm2_down");
+            let up = health_changes(&agent, "healthy");
+            up.last()
+                .zip(down.first())
+                .is_some_and(|(u, d)| u["ts_ms"].as_u64() > d["ts_ms"].as_u64())
+        },
+    );
+    assert!(!ran.exists());
+    assert!(agent.of_kind("restart").is_empty());
+}
+
+/// Fault: `pm2 update` while the agent runs (the daemon is replaced, every app restarted by PM2,
+/// the agent's connection dropped). The agent follows the new daemon and restarts nothing.
+#[test]
+fn pm2_update_while_watching_needs_no_action() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("upd", port, &[]);
+    assert!(pm2.pm2(&["save"]).status.success());
+    let agent = Agent::start(
+        &pm2,
+        &app(
+            "upd",
+            port,
+            "max_retries = 2\nretry_interval = \"300ms\"\nstartup_grace = \"3s\"",
+        ),
+    );
+    agent.wait_for_probe_ok();
+    let before = pm2.daemon_pid();
+    assert!(pm2.pm2(&["update"]).status.success());
+    assert_ne!(pm2.daemon_pid(), before, "a new daemon");
+    let mark = clock_ms();
+    wait_until(
+        Duration::from_secs(20),
+        "a passing check under the new daemon",
+        || {
+            agent
+                .of_kind("probe")
+                .iter()
+                .any(|e| e["ok"] == true && e["ts_ms"].as_u64().is_some_and(|t| t > mark))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        agent.of_kind("restart").is_empty(),
+        "{:?}",
+        agent.of_kind("restart")
+    );
+    assert!(
+        agent
+            .of_kind("resurrect")
+            .iter()
+            .all(|e| !e["message"].as_str().unwrap_or("").contains("ran `pm2")),
+        "resurrected during pm2 update"
+    );
+}
+
+/// Fault: the app exits cleanly (exit 0). PM2 starts it again by itself: that is PM2's job, and
+/// pmguard must not add a restart of its own.
+#[test]
+fn a_clean_exit_is_left_to_pm2() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("clean", port, &[]);
+    let agent = Agent::start(
+        &pm2,
+        &app(
+            "clean",
+            port,
+            "max_retries = 3\nretry_interval = \"300ms\"\nstartup_grace = \"3s\"",
+        ),
+    );
+    agent.wait_for_probe_ok();
+    let old = pm2.pids("clean");
+    let _ = common::set_mode(port, "exit");
+    wait_until(Duration::from_secs(15), "PM2's own restart", || {
+        let now = pm2.pids("clean");
+        !now.is_empty() && now != old
+    });
+    let mark = clock_ms();
+    wait_until(Duration::from_secs(15), "healthy again", || {
+        agent
+            .of_kind("probe")
+            .iter()
+            .any(|e| e["ok"] == true && e["ts_ms"].as_u64().is_some_and(|t| t > mark))
+    });
+    assert!(agent.of_kind("restart").is_empty(), "pmguard restarted too");
+    assert!(
+        !agent.of_kind("pm2_event").is_empty(),
+        "PM2's restart was noticed"
+    );
+}
+
+/// Fault: the agent is SIGKILLed right after it asked PM2 for a restart. The restart was booked
+/// before PM2 was asked, so the next agent (or the backup check) does not restart the app again
+/// inside the cooldown.
+#[test]
+fn an_agent_killed_mid_restart_leaves_no_double_restart() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app_env("dbl", port, &[], &[("MODE", "500")]);
+    let mut agent = Agent::start(
+        &pm2,
+        &app(
+            "dbl",
+            port,
+            "max_retries = 1\nretry_interval = \"200ms\"\nstartup_grace = \"0s\"\nrestart_cooldown = \"30s\"",
+        ),
+    );
+    agent.wait_for(Duration::from_secs(15), "restart");
+    // SAFETY: plain syscall on the agent this test started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    let _ = agent.child.as_mut().map(|c| c.wait());
+    let restarts_by_pm2 = |pm2: &Pm2Sandbox| -> u64 {
+        pm2.jlist()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["pm2_env"]["restart_time"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let after_first = restarts_by_pm2(&pm2);
+    assert!(after_first <= 1, "{after_first}");
+    agent.spawn(&[]);
+    // The app still fails (MODE=500) for 5 s under the new agent: within the cooldown.
+    std::thread::sleep(Duration::from_secs(5));
+    let restarts = agent.of_kind("restart");
+    assert_eq!(
+        restarts.len(),
+        1,
+        "restarted again inside the cooldown after the agent was killed: {restarts:?}"
+    );
+    assert!(restarts_by_pm2(&pm2) <= 1);
+}
+
+/// Fault: the state directory's filesystem is full. The agent cannot write its event file or
+/// heartbeat, but it never stops watching: a hung app is still restarted.
+#[test]
+fn a_full_state_dir_never_stops_the_watching() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("full", port, &[]);
+    let mut agent = Agent::prepare(
+        &pm2,
+        "",
+        &app("full", port, "max_retries = 2\ntimeout = \"500ms\"\nretry_interval = \"300ms\"\nstartup_grace = \"1s\""),
+    );
+    let state = agent.state();
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0750", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    agent.spawn(&[]);
+    wait_until(Duration::from_secs(10), "events written", || {
+        !agent.of_kind("probe").is_empty()
+    });
+    // Fill it up.
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "count=1000"])
+        .arg(format!("of={}", state.join("ballast").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let old = pm2.pids("full");
+    for pid in &old {
+        // SAFETY: plain syscall on the test's app.
+        unsafe { libc::kill(*pid as i32, libc::SIGSTOP) };
+    }
+    wait_until(Duration::from_secs(20), "the hung app replaced", || {
+        let now = pm2.pids("full");
+        !now.is_empty() && now.iter().all(|p| !old.contains(p))
+    });
+    assert!(
+        agent.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the agent died"
+    );
+    // Room again: events are written again.
+    std::fs::remove_file(state.join("ballast")).unwrap();
+    let n = agent.events().len();
+    let _ = common::set_mode(port, "500");
+    wait_until(Duration::from_secs(15), "events again", || {
+        agent.events().len() > n
+    });
+    assert!(agent.stop().success());
+}
+
+/// Fault: every state file is corrupt at start (a crash mid-write on an old version, a disk
+/// error). The agent moves the restart history aside, starts, and watches.
+#[test]
+fn corrupt_state_files_are_set_aside_and_watching_goes_on() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("corrupt", port, &[]);
+    let mut agent = Agent::prepare(&pm2, "", &app("corrupt", port, ""));
+    let state = agent.state();
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::write(state.join("restarts.json"), b"{\"boot_epoch\": tru").unwrap();
+    std::fs::write(state.join("status.json"), b"\x00\x01garbage").unwrap();
+    std::fs::write(state.join("events.jsonl"), b"not json at all\n{\"half\":").unwrap();
+    agent.spawn(&[]);
+    agent.wait_for_probe_ok();
+    assert!(state.join("restarts.json.corrupt").exists());
+    // The garbage status.json is replaced by the first heartbeat.
+    let mut v = Value::Null;
+    wait_until(
+        Duration::from_secs(10),
+        "status from the new heartbeat",
+        || {
+            let status = Command::new(AGENT)
+                .args(["status", "--json", "--config"])
+                .arg(agent.config())
+                .output()
+                .unwrap();
+            v = serde_json::from_slice(&status.stdout).unwrap_or(Value::Null);
+            v["apps"][0]["name"] == "corrupt"
+        },
+    );
+    assert!(agent.stop().success());
+}

@@ -25,6 +25,8 @@ use super::types::{BusEvent, Pm2Paths, RawBusEvent};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const TOPIC: &str = "process:event";
+/// The bus topic of `pm2 kill`; also the `event` of the `BusEvent` it is passed on as.
+pub const KILL_TOPIC: &str = "pm2:kill";
 
 pub struct Bus {
     ctl: Arc<Ctl>,
@@ -173,6 +175,20 @@ fn read_events(mut stream: UnixStream, on_event: &dyn Fn(BusEvent)) -> String {
         loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
+                    // `pm2 kill` says so before the daemon exits: the daemon was stopped on
+                    // purpose, which is not a crash to repair.
+                    if frame.len() == 2 && frame[0].is_str(KILL_TOPIC) {
+                        on_event(BusEvent {
+                            event: KILL_TOPIC.to_string(),
+                            name: String::new(),
+                            pm_id: 0,
+                            manually: true,
+                            at_ms: 0,
+                            status: None,
+                            restart_time: None,
+                        });
+                        continue;
+                    }
                     if frame.len() != 2 || !frame[0].is_str(TOPIC) {
                         continue;
                     }

@@ -182,6 +182,30 @@ impl Pm2Sandbox {
     }
 
     /// `pm2 kill`, then waits until the daemon process is gone (SIGKILL after 10 s).
+    /// The daemon dies without a word (SIGKILL, the OOM killer), and its apps with it (as
+    /// systemd's KillMode=control-group, or a reboot, would have it): no `pm2:kill` on the bus.
+    pub fn crash_daemon(&self) {
+        let Some(pid) = self.daemon_pid() else { return };
+        let apps: Vec<u32> = self
+            .jlist()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["pid"].as_u64().map(|p| p as u32))
+            .filter(|p| *p > 0)
+            .collect();
+        // SAFETY: plain syscalls on processes this sandbox started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        for p in apps {
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `pm2 kill`, as a person types it: PM2 and its apps stopped on purpose.
     pub fn kill_daemon(&self) {
         let Some(pid) = self.daemon_pid() else { return };
         let _ = self.pm2(&["kill"]);
