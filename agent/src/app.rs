@@ -210,10 +210,10 @@ pub struct App {
     pub state: AppState,
     prober: Option<Prober>,
     trackers: BTreeMap<u32, (ProcWatch, PidTracker)>,
-    /// Last seen PM2 restart counter and process start (`pm_uptime`) per pm_id, to notice
-    /// restarts made behind our back: autorestart moves the counter; `pm2 update` or a
-    /// resurrected daemon starts every app afresh with the counter where it was.
-    restart_counts: BTreeMap<u32, (u64, Option<u64>)>,
+    /// Last seen PM2 restart counter and pid per pm_id, to notice restarts made behind our
+    /// back: autorestart moves the counter; `pm2 update` or a resurrected daemon starts every
+    /// app afresh (a new pid) with the counter where it was.
+    restart_counts: BTreeMap<u32, (u64, u32)>,
     /// The last probe, until `publish` moves it into the board's history.
     new_probe: Option<ProbeRecord>,
     /// Checks made since this watcher started (shown by `status`).
@@ -404,7 +404,11 @@ impl App {
         let mut moved = Vec::new();
         let mut restarts = 0;
         for e in snap.by_name(&self.cfg.name) {
-            let now_seen = (e.restart_time, e.pm_uptime_ms);
+            if e.pid == 0 {
+                // Between processes (stopped, launching): nothing to compare yet.
+                continue;
+            }
+            let now_seen = (e.restart_time, e.pid);
             let prev = self.restart_counts.insert(e.pm_id, now_seen);
             if let Some((count, _)) = prev.filter(|p| *p != now_seen) {
                 moved.push(e.pm_id);
@@ -816,9 +820,8 @@ impl App {
         drop(guard);
         // Counters moved by our own restart are not "PM2 restarting by itself".
         if let Ok(s) = shared.snapshot(0) {
-            for e in s.by_name(&name) {
-                self.restart_counts
-                    .insert(e.pm_id, (e.restart_time, e.pm_uptime_ms));
+            for e in s.by_name(&name).into_iter().filter(|e| e.pid > 0) {
+                self.restart_counts.insert(e.pm_id, (e.restart_time, e.pid));
             }
         }
         Decision::Restart { culprits, reason }

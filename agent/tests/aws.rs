@@ -353,7 +353,17 @@ fn outage_keeps_watching_and_delivers_everything_once() {
         &[("App", "web"), ("InstanceId", "fault-host")],
     )
     .expect("restart metrics from the outage");
-    assert_eq!(sum, restarts, "each restart counted exactly once");
+    assert_eq!(
+        sum,
+        restarts,
+        "each restart counted exactly once: {:#?}",
+        agent
+            .events()
+            .iter()
+            .filter(|e| e["kind"] != "probe")
+            .map(|e| format!("{} {} {}", e["ts_ms"], e["kind"], e["message"]))
+            .collect::<Vec<_>>()
+    );
     // One heartbeat per flush from the outage to the stop: none lost, none twice.
     let (beats, _, _, _) = stats(&ms, "AgentHeartbeat", &[("InstanceId", "fault-host")]).unwrap();
     let outage_flushes = (back_ms - outage_ms) as f64 / 1000.0;
@@ -363,6 +373,48 @@ fn outage_keeps_watching_and_delivers_everything_once() {
         "{beats} heartbeats for {outage_flushes:.1} s of outage and {all_flushes:.1} s in all"
     );
     assert!(!spool.exists(), "spool removed once delivered");
+}
+
+/// Fault: the AWS endpoint accepts connections and never answers (blackholed, SIGSTOPped).
+/// The watch loop never waits on AWS: a hang is restarted on time, and once the endpoint
+/// answers again every event arrives exactly once.
+#[test]
+fn a_blackholed_endpoint_never_delays_a_restart_and_loses_nothing() {
+    let (ms, _pm2, port, mut agent) = running_with_aws("blackhole-host", "max_retries = 2");
+    let outage_ms = wall_ms();
+    ms.stall();
+    let hung = Instant::now();
+    set_mode(port, "hang").unwrap();
+    wait_until(Duration::from_secs(15), "the restart", || {
+        !agent.of_kind("restart_done").is_empty()
+    });
+    let took = hung.elapsed();
+    eprintln!("AWS blackholed: hang to restart done in {took:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "restart took {took:?}\n{}",
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    ms.unstall();
+    wait_until(Duration::from_secs(40), "buffered events delivered", || {
+        kinds(&log_messages(&ms, "blackhole-host"))
+            .iter()
+            .any(|k| k == "restart_done")
+    });
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
+    // At least once: requests the frozen endpoint had accepted were stored when it thawed,
+    // after the agent had given up on them and kept the data to send again. No AWS call here is
+    // idempotent, so a blackhole may duplicate (events carry ts_ms to tell); it never loses.
+    let got = log_messages(&ms, "blackhole-host");
+    let missing: Vec<String> = shipped_since(&agent, outage_ms)
+        .into_iter()
+        .filter(|e| !got.contains(e))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "events lost across the blackhole: {missing:#?}"
+    );
 }
 
 #[test]

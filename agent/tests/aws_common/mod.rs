@@ -155,6 +155,22 @@ impl Ministack {
         }
     }
 
+    /// Freezes it (SIGSTOP): connections are accepted by the kernel and never answered, the
+    /// way a blackholed endpoint or a hung load balancer behaves. `unstall` thaws it.
+    pub fn stall(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain syscall on the process group of the child we started.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGSTOP) };
+        }
+    }
+
+    pub fn unstall(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: as above.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGCONT) };
+        }
+    }
+
     /// An SDK config for this stand-in (static dummy credentials, fixed region, loopback only).
     pub fn sdk_config(&self) -> aws_config::SdkConfig {
         let endpoint = self.endpoint();
