@@ -275,7 +275,8 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
         "{out}"
     );
     assert!(
-        !out.contains("systemctl start pmguard-pm2.service"),
+        !out.lines()
+            .any(|l| l == "systemctl start pmguard-pm2.service"),
         "{out}"
     );
     assert!(out.contains("PM2 runs outside systemd now"), "{out}");

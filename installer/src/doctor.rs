@@ -139,8 +139,8 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
 /// and the agent that ships beside this `pmguard`, when there is one, must be the same file.
 fn agent_binary(t: &Target, manifest: Option<&Manifest>) -> Check {
     let path = under(t.root, Path::new(render::AGENT_PATH));
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let found = match crate::manifest::sha256_file(&path) {
+        Ok(h) => h,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return fail(
                 "agent binary",
@@ -156,7 +156,6 @@ fn agent_binary(t: &Target, manifest: Option<&Manifest>) -> Check {
             )
         }
     };
-    let found = crate::manifest::sha256(&bytes);
     let short = &found[..12];
     if let Some(recorded) = manifest.and_then(|m| m.files.get(Path::new(render::AGENT_PATH))) {
         if *recorded != found {
@@ -173,8 +172,7 @@ fn agent_binary(t: &Target, manifest: Option<&Manifest>) -> Check {
     }
     let shipped = std::env::current_exe()
         .ok()
-        .and_then(|me| std::fs::read(me.with_file_name("pmguard-agent")).ok())
-        .map(|b| crate::manifest::sha256(&b));
+        .and_then(|me| crate::manifest::sha256_file(&me.with_file_name("pmguard-agent")).ok());
     match shipped {
         Some(h) if h != found => warn(
             "agent binary",
@@ -478,8 +476,11 @@ fn pm2_supervised(paths: &Pm2Paths) -> Check {
         );
     };
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    // e.g. `0::/system.slice/pm2-ubuntu.service`
     let unit = cgroup
-        .split('/')
+        .lines()
+        .flat_map(|l| l.split('/'))
+        .map(str::trim)
         .find(|part| part.ends_with(".service") && part.contains("pm2"))
         .map(str::to_string);
     match unit {
