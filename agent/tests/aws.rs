@@ -417,6 +417,47 @@ fn a_blackholed_endpoint_never_delays_a_restart_and_loses_nothing() {
     );
 }
 
+/// Fault: the agent is SIGKILLed while AWS is down (no chance to spill at stop). What the
+/// failed flushes already spilled to the spool survives and is delivered by the next agent.
+#[test]
+fn an_agent_sigkilled_during_an_outage_keeps_its_spool() {
+    let (mut ms, _pm2, port, mut agent) = running_with_aws("kill-host", "max_retries = 2");
+    ms.pause();
+    set_mode(port, "500").unwrap();
+    agent.wait_for(Duration::from_secs(15), "restart");
+    let spool = agent.state().join("spool/pending.json");
+    wait_until(
+        Duration::from_secs(15),
+        "a spill after a failed flush",
+        || std::fs::read_to_string(&spool).is_ok_and(|s| s.contains("Restarting: ")),
+    );
+    let spooled = std::fs::read_to_string(&spool).unwrap();
+    // SAFETY: plain syscall on the agent this test started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    let _ = agent.child.as_mut().map(|c| c.wait());
+    let _ = set_mode(port, "ok");
+    agent.spawn_env(&ms.env());
+    wait_until(Duration::from_secs(10), "second agent_start", || {
+        agent.of_kind("agent_start").len() == 2
+    });
+    ms.resume();
+    wait_until(Duration::from_secs(30), "the spool delivered", || {
+        kinds(&log_messages(&ms, "kill-host"))
+            .iter()
+            .any(|k| k == "restart")
+            && !spool.exists()
+    });
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
+    let got = log_messages(&ms, "kill-host");
+    let restart = agent.of_kind("restart")[0]["ts_ms"].as_u64().unwrap();
+    assert!(
+        got.iter()
+            .any(|m| m.contains(&format!("\"ts_ms\":{restart}"))),
+        "the spooled restart event was lost: {:?}\nspool had: {spooled}",
+        kinds(&got)
+    );
+}
+
 #[test]
 fn agent_restart_while_aws_is_down_loses_nothing() {
     let (mut ms, _pm2, _port, mut agent) = running_with_aws("restart-host", "");

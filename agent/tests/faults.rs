@@ -158,7 +158,7 @@ fn recording_pm2(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathB
     (shim, out)
 }
 
-/// Fault: the PM2 daemon is stalled (SIGSTOP) for 8 s. It is alive, so it must never be
+/// Fault: the PM2 daemon is stalled (SIGSTOP) for 25 s. It is alive, so it must never be
 /// resurrected (that would re-read a stale dump.pm2); the apps are reported, not acted on, and
 /// the agent sees them healthy again once the daemon runs.
 #[test]
@@ -185,7 +185,7 @@ fn a_stalled_pm2_daemon_is_never_resurrected() {
     wait_until(Duration::from_secs(15), "pm2_unresponsive", || {
         !health_changes(&agent, "pm2_unresponsive").is_empty()
     });
-    std::thread::sleep(Duration::from_secs(8));
+    std::thread::sleep(Duration::from_secs(25));
     // SAFETY: as above.
     unsafe { libc::kill(daemon, libc::SIGCONT) };
     wait_until(Duration::from_secs(15), "healthy again", || {
