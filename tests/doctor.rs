@@ -178,6 +178,27 @@ fn healthy_passes_and_broken_apps_are_named_with_their_fix() {
         "staging root: systemd not asked"
     );
 
+    // dump.pm2 (what a reboot or `pm2 resurrect` brings back) against what PM2 runs.
+    assert_eq!(
+        find(&checks, "pm2 dump")["status"],
+        "warn",
+        "no dump saved yet"
+    );
+    assert!(pm2.pm2(&["save", "--force"]).status.success());
+    let dump = find(&s.doctor().1, "pm2 dump").clone();
+    assert_eq!(dump["status"], "ok", "{dump}");
+    pm2.start_app("unsaved", free_port(), &[]);
+    let dump = find(&s.doctor().1, "pm2 dump").clone();
+    assert_eq!(dump["status"], "warn", "{dump}");
+    assert!(
+        dump["detail"]
+            .as_str()
+            .unwrap()
+            .contains("would not come back: unsaved"),
+        "{dump}"
+    );
+    assert!(pm2.pm2(&["delete", "unsaved"]).status.success());
+
     set_mode(s.port, "500").unwrap();
     let (code, checks) = s.doctor();
     assert_eq!(code, Some(1));
