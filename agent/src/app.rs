@@ -1063,27 +1063,35 @@ pub fn restart_instances(
     Ok(done)
 }
 
-/// SIGKILL to a stuck instance's process, then waits (briefly) for it to be gone.
-fn kill_hung(shared: &Shared, name: &str, e: &ProcessEntry, p: &Pidfd) -> std::io::Result<()> {
+/// SIGKILL to the process of `e` through its pidfd, said as an `escalation` event with `why`.
+fn sigkill(
+    shared: &Shared,
+    name: &str,
+    e: &ProcessEntry,
+    p: &Pidfd,
+    why: String,
+) -> std::io::Result<()> {
     let killed = p.kill();
     shared.emit(
-        Event::new(
-            Kind::Escalation,
-            Some(name),
-            format!(
-                "pm_id {} pid {} is stuck and cannot shut down gracefully; sent SIGKILL before restarting it.",
-                e.pm_id, e.pid
-            ),
-        )
-        .with("pm_id", e.pm_id)
-        .with("pid", e.pid)
-        .with("signal", "SIGKILL")
-        .with("ok", killed.is_ok()),
+        Event::new(Kind::Escalation, Some(name), why)
+            .with("pm_id", e.pm_id)
+            .with("pid", e.pid)
+            .with("signal", "SIGKILL")
+            .with("ok", killed.is_ok()),
     );
     if killed.is_ok() {
         p.wait_exit(Duration::from_secs(2));
     }
     killed
+}
+
+/// SIGKILL to a stuck instance's process, then waits (briefly) for it to be gone.
+fn kill_hung(shared: &Shared, name: &str, e: &ProcessEntry, p: &Pidfd) -> std::io::Result<()> {
+    let why = format!(
+        "pm_id {} pid {} is stuck and cannot shut down gracefully; sent SIGKILL before restarting it.",
+        e.pm_id, e.pid
+    );
+    sigkill(shared, name, e, p, why)
 }
 
 /// After a stuck instance was killed: PM2 usually starts it again by itself (autorestart);
@@ -1163,27 +1171,16 @@ fn graceful_restart(
     let mut escalated = false;
     if let Some(p) = old.filter(|p| p.alive()) {
         escalated = true;
-        let killed = p.kill();
-        shared.emit(
-            Event::new(
-                Kind::Escalation,
-                Some(name),
-                format!(
-                    "PM2 did not restart pm_id {} in time ({}); sent SIGKILL to pid {}.",
-                    e.pm_id,
-                    first
-                        .as_ref()
-                        .err()
-                        .map_or("the old process survived".to_string(), |e| e.to_string()),
-                    e.pid
-                ),
-            )
-            .with("pm_id", e.pm_id)
-            .with("pid", e.pid)
-            .with("signal", "SIGKILL")
-            .with("ok", killed.is_ok()),
+        let why = format!(
+            "PM2 did not restart pm_id {} in time ({}); sent SIGKILL to pid {}.",
+            e.pm_id,
+            first
+                .as_ref()
+                .err()
+                .map_or("the old process survived".to_string(), |e| e.to_string()),
+            e.pid
         );
-        p.wait_exit(Duration::from_secs(2));
+        let _ = sigkill(shared, name, e, p, why);
     }
     // Start it again on a fresh view (the daemon may have reconnected or renumbered).
     let again = shared.snapshot(0).map_err(|f| f.message)?;

@@ -39,7 +39,12 @@ pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
     if uid == 0 {
         return Ok(Became::Unchanged);
     }
-    let user = lookup(uid)?;
+    let user = lookup(uid).map_err(|e| {
+        format!(
+            "{e} (it owns PM2_HOME {}): pmguard will not act as a user it cannot name",
+            pm2_home.display()
+        )
+    })?;
     let name = CString::new(user.name.clone()).map_err(|_| "user name has a NUL byte")?;
     // SAFETY: plain syscalls with valid arguments; the order (groups, gid, then uid) is the
     // only one that works, since dropping the uid first loses the right to change the rest.
@@ -79,13 +84,16 @@ pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
     })
 }
 
-struct User {
-    name: String,
-    gid: u32,
-    home: String,
+/// A passwd entry.
+pub(crate) struct User {
+    pub name: String,
+    pub gid: u32,
+    pub home: String,
 }
 
-fn lookup(uid: u32) -> Result<User, String> {
+/// The passwd entry of `uid` (`getpwuid_r`, not `$HOME`: a service started without `HOME`
+/// agrees with `pm2 startup`).
+pub(crate) fn lookup(uid: u32) -> Result<User, String> {
     let mut buf = vec![0u8; 4096];
     loop {
         // SAFETY: passwd is plain old data; zeroed is a valid initial value.
@@ -106,9 +114,7 @@ fn lookup(uid: u32) -> Result<User, String> {
             continue;
         }
         if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
-            return Err(format!(
-                "uid {uid} (the owner of PM2_HOME) has no passwd entry; pmguard will not act as a user it cannot name"
-            ));
+            return Err(format!("uid {uid} has no passwd entry"));
         }
         // SAFETY: pw_name and pw_dir point into buf, NUL-terminated, valid while buf lives.
         let text = |p: *const libc::c_char| {

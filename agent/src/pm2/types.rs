@@ -9,7 +9,6 @@
 //! - Numbers from the daemon are decoded leniently (JS may send `2`, `2.0`, `"2"` or `null`):
 //!   an odd value degrades to `None`/0 instead of failing the whole list.
 
-use std::ffi::CStr;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,52 +74,19 @@ fn socket_override(var: &str) -> Result<Option<PathBuf>, Pm2Error> {
     Ok(Some(PathBuf::from(v)))
 }
 
-/// Home directory of the running uid, from `getpwuid_r`.
+/// Home directory of the running uid, from the passwd database.
 fn user_home() -> Result<PathBuf, Pm2Error> {
-    use std::os::unix::ffi::OsStrExt;
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: passwd is plain old data; zeroed is a valid initial value.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: all pointers are valid for the given lengths; getpwuid_r writes strings into buf.
-        let rc = unsafe {
-            libc::getpwuid_r(
-                uid,
-                &mut pwd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(Pm2Error::Home {
-                detail: format!(
-                    "getpwuid_r({uid}) failed: {}",
-                    std::io::Error::from_raw_os_error(rc)
-                ),
-            });
-        }
-        if result.is_null() || pwd.pw_dir.is_null() {
-            return Err(Pm2Error::Home {
-                detail: format!("uid {uid} has no passwd entry; set pm2_home"),
-            });
-        }
-        // SAFETY: pw_dir points into buf, NUL-terminated, valid while buf lives.
-        let dir = unsafe { CStr::from_ptr(pwd.pw_dir) };
-        if dir.to_bytes().is_empty() {
-            return Err(Pm2Error::Home {
-                detail: format!("uid {uid} has an empty home directory; set pm2_home"),
-            });
-        }
-        return Ok(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())));
+    let user = crate::privilege::lookup(uid).map_err(|detail| Pm2Error::Home {
+        detail: format!("{detail}; set pm2_home"),
+    })?;
+    if user.home.is_empty() {
+        return Err(Pm2Error::Home {
+            detail: format!("uid {uid} has an empty home directory; set pm2_home"),
+        });
     }
+    Ok(PathBuf::from(user.home))
 }
 
 /// `pm2_env.status`.
