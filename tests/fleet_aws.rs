@@ -224,7 +224,13 @@ fn a_fleet_is_provisioned_once_shared_by_its_boxes_and_destroyed_exactly() {
     let ep = proxy.endpoint();
     let dir = tempfile::tempdir().unwrap();
     let apps = "[[apps]]\nname = \"web\"\n";
-    let cfg = fleet_config(dir.path(), "prod.toml", "prod", apps, "");
+    let cfg = fleet_config(
+        dir.path(),
+        "prod.toml",
+        "prod",
+        apps,
+        "auto_scaling_group = \"prod-asg\"\n",
+    );
     let c = cfg.to_str().unwrap();
     foreign_resources(&ms);
 
@@ -248,7 +254,7 @@ fn a_fleet_is_provisioned_once_shared_by_its_boxes_and_destroyed_exactly() {
     assert_eq!(
         ours,
         [
-            "pmguard-fleet-prod-no-agent-reporting",
+            "pmguard-fleet-prod-agents-missing",
             "pmguard-fleet-prod-web-frequent-restarts",
             "pmguard-fleet-prod-web-high-error-rate",
             "pmguard-fleet-prod-web-service-down",
@@ -354,6 +360,7 @@ fn a_fleet_is_provisioned_once_shared_by_its_boxes_and_destroyed_exactly() {
         3
     );
     drop(b);
+    proxy.take(); // box web-2's last flush at its stop
 
     // --destroy lists and needs --yes.
     let o = run(&ep, &ms, &["provision-aws", "--config", c, "--destroy"]);
