@@ -183,13 +183,13 @@ impl Drop for Box_ {
 }
 
 /// One instance of the fleet: a real agent with its own state and instance id.
-fn start_box(pm2: &Pm2Sandbox, endpoint: &str, ms: &Ministack, instance: &str, port: u16) -> Box_ {
+fn start_box(pm2: &Pm2Sandbox, endpoint: &str, ms: &Ministack, instance: &str, apps: &str) -> Box_ {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("pmguard.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\ninterval = \"300ms\"\nstate_dir = \"{}\"\npm2_home = \"{}\"\n\n[[apps]]\nname = \"web\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\n\n[aws]\nregion = \"us-east-1\"\nnamespace = \"{NS}\"\nfleet = \"prod\"\nflush_interval = \"1s\"\ninstance_id = \"{instance}\"\n",
+            "[agent]\ninterval = \"300ms\"\nstate_dir = \"{}\"\npm2_home = \"{}\"\n\n{apps}\n[aws]\nregion = \"us-east-1\"\nnamespace = \"{NS}\"\nfleet = \"prod\"\nflush_interval = \"1s\"\ninstance_id = \"{instance}\"\n",
             dir.path().join("state").display(),
             pm2.home().display()
         ),
@@ -285,8 +285,10 @@ fn a_fleet_is_provisioned_once_shared_by_its_boxes_and_destroyed_exactly() {
     let pm2 = Pm2Sandbox::new();
     let port = free_port();
     pm2.start_app("web", port, &[]);
-    let a = start_box(&pm2, &ep, &ms, "web", port);
-    let b = start_box(&pm2, &ep, &ms, "web-2", port);
+    let web_app =
+        format!("[[apps]]\nname = \"web\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\n");
+    let a = start_box(&pm2, &ep, &ms, "web", &web_app);
+    let b = start_box(&pm2, &ep, &ms, "web-2", &web_app);
     wait_until(
         Duration::from_secs(30),
         "both boxes' streams and metrics",
@@ -569,4 +571,102 @@ fn the_config_round_trips_through_parameter_store() {
     assert!(out.contains("update /etc/pmguard/pmguard.toml"), "{out}");
     assert!(out.contains("+alarm_failures = 7"), "{out}");
     assert!(ok(install(&ep)).contains("Nothing to do."));
+}
+
+#[test]
+fn a_fleet_box_alerts_through_the_fleets_topic_without_creating_it() {
+    let ms = Ministack::start();
+    let proxy = CountingProxy::start(ms.port);
+    let ep = proxy.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fleet_config(
+        dir.path(),
+        "prod.toml",
+        "prod",
+        "[[apps]]\nname = \"loopapp\"\n",
+        "",
+    );
+    ok(run(
+        &ep,
+        &ms,
+        &["provision-aws", "--config", cfg.to_str().unwrap()],
+    ));
+    // An HTTP subscriber on 127.0.0.1 to the fleet's topic, confirmed.
+    let rx = aws_common::Receiver::start();
+    let sns = aws_sdk_sns::Client::new(&ms.sdk_config());
+    let topic = rt()
+        .block_on(sns.list_topics().send())
+        .unwrap()
+        .topics()
+        .iter()
+        .filter_map(|t| t.topic_arn())
+        .find(|a| a.ends_with(":pmguard-prod-alerts"))
+        .unwrap()
+        .to_string();
+    rt().block_on(
+        sns.subscribe()
+            .topic_arn(&topic)
+            .protocol("http")
+            .endpoint(format!("http://127.0.0.1:{}/sns", rx.port))
+            .send(),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the subscription confirmation",
+        || {
+            rx.bodies()
+                .iter()
+                .any(|b| b["Type"] == "SubscriptionConfirmation")
+        },
+    );
+    let token = rx
+        .bodies()
+        .into_iter()
+        .find(|b| b["Type"] == "SubscriptionConfirmation")
+        .unwrap()["Token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rt().block_on(
+        sns.confirm_subscription()
+            .topic_arn(&topic)
+            .token(token)
+            .send(),
+    )
+    .unwrap();
+    proxy.take();
+
+    // A crash-looping app on box web-2: the agent gives up and alerts the fleet's topic.
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app_env("loopapp", port, &[], &[("MODE", "500")]);
+    let _box = start_box(
+        &pm2,
+        &ep,
+        &ms,
+        "web-2",
+        &format!("[[apps]]\nname = \"loopapp\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\ntimeout = \"500ms\"\nretry_interval = \"300ms\"\nstartup_grace = \"0s\"\nrestart_cooldown = \"1s\"\nmax_retries = 1\ncrashloop_restarts = 2\ncrashloop_window = \"1m\"\ncrashloop_backoff = \"1m\"\n"),
+    );
+    // (The stand-in may also notify the topic of the fleet heartbeat alarm's state.)
+    let is_alert = |b: &serde_json::Value| {
+        b["Type"] == "Notification" && b["Subject"].as_str().unwrap_or("").contains("loopapp")
+    };
+    wait_until(Duration::from_secs(40), "the SNS notification", || {
+        rx.bodies().iter().any(is_alert)
+    });
+    let note = rx.bodies().into_iter().find(is_alert).unwrap();
+    assert!(
+        note["Message"].as_str().unwrap().contains("web-2"),
+        "{note:#?}"
+    );
+    let calls = proxy.take();
+    assert!(calls.iter().any(|o| o == "GetCallerIdentity"), "{calls:?}");
+    assert!(calls.iter().any(|o| o == "Publish"), "{calls:?}");
+    for shared in ["CreateTopic", "CreateLogGroup", "PutRetentionPolicy"] {
+        assert!(
+            !calls.iter().any(|o| o == shared),
+            "the box called {shared}: {calls:?}"
+        );
+    }
 }
