@@ -130,13 +130,16 @@ impl Bootstrap {
             "# pmguard bootstrap, rendered by `pmguard fleet render`. Safe to run again."
         );
         let _ = writeln!(s, "set -eu");
-        let _ = writeln!(s, "umask 077");
+        // pmguard install creates /etc/pmguard and friends: a strict umask here would make them
+        // unreadable to the agent's user. The bootstrap's own files sit in a 0700 directory.
+        let _ = writeln!(s, "umask 022");
         let _ = writeln!(s, "url={}", quote(&self.package_url));
         let _ = writeln!(s, "sha256={}", quote(&self.sha256));
         let _ = writeln!(s, "state={STATE_DIR}");
         let _ = writeln!(s, "pkg=\"$state/{}\"", package_file(&self.package_url));
         s.push_str(
-            r#"mkdir -p "$state"
+            r#"mkdir -p -m 0700 "$state"
+chmod 0700 "$state"
 if [ "$(cat "$state/installed.sha256" 2>/dev/null || true)" != "$sha256" ]; then
   rm -f "$pkg.part"
   if command -v curl >/dev/null 2>&1; then
