@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Lay down the agent, its config, systemd unit, cron backup check, logrotate file and IAM
-    /// policy; enable and start the agent. Shows the plan first; re-running is safe.
+    /// policies; enable and start the agent. Shows the plan first; re-running is safe.
     Install {
         /// The config file, or ssm:NAME to read it from SSM Parameter Store (see `fleet
         /// push-config`); re-running converges the box on the current parameter.

@@ -241,7 +241,13 @@ fn a_fleet_is_provisioned_once_shared_by_its_boxes_and_destroyed_exactly() {
         out.contains("create alarm pmguard-fleet-prod-web-service-down"),
         "{out}"
     );
-    let first = mutating(&proxy.take());
+    let first = proxy.take();
+    // 5 reads (ListTopics, DescribeLogGroups, DescribeAlarms of the fleet and of the account,
+    // GetDashboard), then 1 topic + 1 subscription + log group and retention + 4 alarms + 1
+    // dashboard: docs/fleet.md counts from these.
+    assert_eq!(first.len() - mutating(&first).len(), 5, "{first:?}");
+    let first = mutating(&first);
+    assert_eq!(first.len(), 9, "{first:?}");
     assert_eq!(
         first.iter().filter(|o| *o == "PutMetricAlarm").count(),
         4,
@@ -266,6 +272,7 @@ fn a_fleet_is_provisioned_once_shared_by_its_boxes_and_destroyed_exactly() {
     assert!(out.contains("Nothing to do."), "{out}");
     let second = proxy.take();
     assert!(mutating(&second).is_empty(), "{second:?}");
+    assert_eq!(second.len(), 6, "{second:?}");
 
     // A neighbouring fleet whose name has ours as a prefix.
     let other = fleet_config(dir.path(), "prod-2.toml", "prod-2", apps, "");

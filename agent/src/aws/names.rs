@@ -113,6 +113,44 @@ mod tests {
         assert!(METRICS.iter().all(|m| !m.is_empty() && m.len() <= 255));
     }
 
+    /// `sns:CreateTopic` -> `create_topic`: the SDK method of an IAM action.
+    fn method(action: &str) -> String {
+        let op = action.split(':').nth(1).unwrap();
+        let mut m = String::new();
+        for (i, c) in op.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                m.push('_');
+            }
+            m.push(c.to_ascii_lowercase());
+        }
+        m
+    }
+
+    #[test]
+    fn the_lists_name_every_call_the_sink_makes() {
+        let sink = include_str!("sink.rs");
+        let calls = |m: &str| sink.contains(&format!(".{m}()"));
+        for a in AGENT_IAM_ACTIONS.iter().chain(FLEET_AGENT_IAM_ACTIONS) {
+            assert!(
+                calls(&method(a)),
+                "{a} is listed but the sink never calls it"
+            );
+        }
+        // Calls the sink must never make, and the one it makes that needs no permission.
+        for a in [
+            "cloudwatch:PutMetricAlarm",
+            "cloudwatch:DeleteAlarms",
+            "logs:DeleteLogGroup",
+            "logs:DeleteLogStream",
+            "sns:Subscribe",
+            "sns:DeleteTopic",
+        ] {
+            assert!(!calls(&method(a)), "the sink calls {a}");
+        }
+        assert!(calls(&method("sts:GetCallerIdentity")));
+        assert_eq!(method("logs:PutRetentionPolicy"), "put_retention_policy");
+    }
+
     #[test]
     fn a_fleet_agent_creates_nothing_shared_and_deletes_nothing() {
         for a in FLEET_AGENT_IAM_ACTIONS {

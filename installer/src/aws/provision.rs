@@ -167,7 +167,7 @@ pub(crate) fn explain<E: ProvideErrorMetadata + std::fmt::Debug>(
         "/etc/pmguard/iam-admin-policy.json (rendered by `pmguard install`) to the admin role or user that runs provision-aws, never to an instance role"
     };
     let fix = match code.as_str() {
-        "AccessDenied" | "AccessDeniedException" | "AuthorizationError" | "UnauthorizedOperation" | "AccessDeniedException.Unknown" => format!(
+        "AccessDenied" | "AccessDeniedException" | "AuthorizationError" | "UnauthorizedOperation" => format!(
             "the credentials lack IAM permission `{action}`: attach {policy}, then run again"
         ),
         "Throttling" | "ThrottlingException" | "TooManyRequestsException" => {
@@ -261,11 +261,22 @@ pub async fn observe(
         Some(f) => fleet::alarm_prefix(f),
         None => alarms::instance_prefix(instance),
     };
+    // An alarm is ours when its name is one this config asks for (exactly), or when it carries
+    // our mark (the fleet's marker, the instance's exact InstanceId): only those are updated or
+    // deleted. A longer name under the same prefix (`web-2` next to `web`) is someone else's.
+    let wanted: Vec<String> = match fleet_name {
+        Some(_) => fleet::desired(config, None),
+        None => alarms::desired(config, instance, None),
+    }
+    .into_iter()
+    .map(|a| a.name)
+    .collect();
     for spec in describe_alarms(c, Some(&prefix)).await? {
-        let ours = match fleet_name {
-            Some(f) => fleet::owned_by_fleet(&spec, f),
-            None => alarms::owned_by_instance(&spec, instance),
-        };
+        let ours = wanted.contains(&spec.name)
+            || match fleet_name {
+                Some(f) => fleet::owned_by_fleet(&spec, f),
+                None => alarms::owned_by_instance(&spec, instance),
+            };
         if ours {
             obs.alarms.insert(spec.name.clone(), spec);
         }
