@@ -1,5 +1,5 @@
 //! The AWS side of the CLI: `provision-aws` (converge, or `--destroy` with `--yes`),
-//! `uninstall --aws`, and `pmguard fleet push-config|render`; reading a config from
+//! `uninstall --aws`, and `pmguard fleet push-config|render|iam`; reading a config from
 //! `ssm:NAME`. Prints plans; the work is in `pmguard_installer::aws` and `::bootstrap`.
 
 use std::path::{Path, PathBuf};
@@ -43,6 +43,24 @@ pub enum FleetCommand {
         #[arg(long, value_enum, default_value = "cloud-init")]
         format: RenderFormat,
     },
+    /// Print an IAM policy for the config, with the account in every ARN when given.
+    Iam {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The 12-digit AWS account id (default: any account, `*`).
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Role {
+    /// The instance role: exactly what a box calls (iam-agent-policy.json).
+    Agent,
+    /// Whoever runs provision-aws and push-config (iam-admin-policy.json).
+    Admin,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,6 +80,25 @@ pub fn run(command: FleetCommand) -> Result<ExitCode, String> {
             parameter,
             dry_run,
         } => push_config(&config, &parameter, dry_run),
+        FleetCommand::Iam {
+            config,
+            role,
+            account,
+        } => {
+            use pmguard_installer::iam;
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let policy = match role {
+                Role::Agent => iam::agent_policy(&config),
+                Role::Admin => iam::admin_policy(&config),
+            }
+            .ok_or("the config has no [aws] section: no AWS permission is needed")?;
+            let policy = match account {
+                Some(a) => iam::with_account(policy, &a)?,
+                None => policy,
+            };
+            print!("{}", iam::to_json(&policy));
+            Ok(ExitCode::SUCCESS)
+        }
         FleetCommand::Render {
             config,
             package_url,

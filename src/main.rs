@@ -92,7 +92,8 @@ enum Command {
         #[arg(long, requires = "destroy")]
         yes: bool,
     },
-    /// Fleet tools: store the config in SSM Parameter Store; render an instance's bootstrap.
+    /// Fleet tools: store the config in SSM Parameter Store; render an instance's bootstrap;
+    /// print the IAM policies.
     Fleet {
         #[command(subcommand)]
         command: fleet::FleetCommand,

@@ -209,6 +209,26 @@ pub fn admin_policy(config: &Config) -> Option<Policy> {
     Some(build(aws, &admin_actions(config)))
 }
 
+/// The policy with the account filled into every ARN that has `*` for it (`pmguard fleet iam
+/// --account`): resources scoped to one account when it is known.
+pub fn with_account(mut p: Policy, account: &str) -> Result<Policy, String> {
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "account `{account}` must be the 12-digit AWS account id"
+        ));
+    }
+    for st in &mut p.statements {
+        for r in &mut st.resources {
+            let mut parts: Vec<&str> = r.splitn(6, ':').collect();
+            if parts.len() == 6 && parts[0] == "arn" && parts[4] == "*" {
+                parts[4] = account;
+                *r = parts.join(":");
+            }
+        }
+    }
+    Ok(p)
+}
+
 pub fn to_json(p: &Policy) -> String {
     let mut s = serde_json::to_string_pretty(p).unwrap_or_default();
     s.push('\n');
@@ -327,6 +347,23 @@ mod tests {
         assert!(actions(&single)
             .iter()
             .all(|a| !a.starts_with("ssm:") && !a.starts_with("sns:")));
+    }
+
+    #[test]
+    fn a_known_account_scopes_every_arn_to_it() {
+        let c = config("fleet = \"web\"\n");
+        let p = with_account(admin_policy(&c).unwrap(), "123456789012").unwrap();
+        let json = to_json(&p);
+        assert!(!json.contains(":*:"), "{json}");
+        assert!(
+            json.contains("arn:aws:cloudwatch:us-east-1:123456789012:alarm:pmguard-fleet-web-*")
+        );
+        assert!(json.contains("arn:aws:cloudwatch::123456789012:dashboard/pmguard-fleet-web"));
+        assert!(json
+            .contains("arn:aws:logs:us-east-1:123456789012:log-group:/pmguard/web:log-stream:*"));
+        // Resource "*" (PutMetricData, List*) stays as it is: those calls take no resource.
+        assert!(json.contains("\"*\""));
+        assert!(with_account(admin_policy(&c).unwrap(), "12345").is_err());
     }
 
     #[test]

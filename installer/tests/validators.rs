@@ -236,6 +236,18 @@ fn iam_policies_are_clean_and_grant_exactly_the_calls_made_on_each_side() {
             );
         }
         let c = Config::parse(Path::new("/x.toml"), config).unwrap();
+        // Scoped to an account (`pmguard fleet iam --account`): as clean.
+        for p in [
+            iam::agent_policy(&c).unwrap(),
+            iam::admin_policy(&c).unwrap(),
+        ] {
+            let scoped = iam::to_json(&iam::with_account(p, "123456789012").unwrap());
+            let text = parliament(scoped.as_bytes());
+            assert!(
+                text.trim().is_empty(),
+                "parliament findings:\n{text}\n{scoped}"
+            );
+        }
         let agent = iam::actions(&iam::agent_policy(&c).unwrap());
         let mut made: Vec<String> = iam::agent_actions(&c)
             .iter()

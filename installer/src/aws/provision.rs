@@ -162,9 +162,9 @@ pub(crate) fn explain<E: ProvideErrorMetadata + std::fmt::Debug>(
     };
     let policy = if AGENT_IAM_ACTIONS.contains(&action) || FLEET_AGENT_IAM_ACTIONS.contains(&action)
     {
-        "/etc/pmguard/iam-agent-policy.json (the instance role's)"
+        "the instance role's policy (/etc/pmguard/iam-agent-policy.json, or `pmguard fleet iam --role agent --config FILE`)"
     } else {
-        "/etc/pmguard/iam-admin-policy.json (rendered by `pmguard install`) to the admin role or user that runs provision-aws, never to an instance role"
+        "the admin policy (`pmguard fleet iam --role admin --config FILE`, also /etc/pmguard/iam-admin-policy.json) to the role or user that runs provision-aws, never to an instance role"
     };
     let fix = match code.as_str() {
         "AccessDenied" | "AccessDeniedException" | "AuthorizationError" | "UnauthorizedOperation" => format!(
