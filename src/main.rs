@@ -1,11 +1,12 @@
 //! `pmguard`: the installer CLI. Renders plans and errors; the work is in `pmguard-installer`.
 //! Exit codes: 0 ok (or nothing to do); 1 blocked, drift or checks failed; 2 error.
 
+mod fleet;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pmguard_agent::config::Config;
 use pmguard_installer::plan::{self, Plan};
 use pmguard_installer::render::{self, Settings};
 use pmguard_installer::systemd::Systemctl;
@@ -25,8 +26,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Lay down the agent, its config, systemd unit, cron backup check, logrotate file and IAM
-    /// policy; enable and start the agent. Shows the plan first; re-running is safe.
+    /// policies; enable and start the agent. Shows the plan first; re-running is safe.
     Install {
+        /// The config file, or ssm:NAME to read it from SSM Parameter Store (see `fleet
+        /// push-config`); re-running converges the box on the current parameter.
         #[arg(long, short)]
         config: PathBuf,
         /// Staging root (like DESTDIR): every path is written under it and nothing is started.
@@ -51,8 +54,9 @@ enum Command {
         root: Option<PathBuf>,
         #[arg(long)]
         dry_run: bool,
-        /// Also remove what provision-aws created for this instance (alarms, dashboard, topic,
-        /// log group); needs --config.
+        /// Also remove what provision-aws created for this instance alone (alarms, dashboard;
+        /// the topic and log group only when no other box uses them; nothing shared in fleet
+        /// mode); needs --config.
         #[arg(long)]
         aws: bool,
         #[arg(long, short)]
@@ -73,13 +77,26 @@ enum Command {
         json: bool,
     },
     /// Create or update the SNS topic, email subscription, log group, alarms and dashboard
-    /// the config asks for; a second run changes nothing.
+    /// the config asks for (once per fleet with `[aws] fleet`); a second run changes nothing.
     ProvisionAws {
         #[arg(long, short)]
         config: PathBuf,
         /// Print the plan and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Delete everything the config owns in AWS (the fleet's alarms, dashboard, topic and
+        /// log group); lists it, and deletes only with --yes.
+        #[arg(long)]
+        destroy: bool,
+        /// Confirm --destroy.
+        #[arg(long, requires = "destroy")]
+        yes: bool,
+    },
+    /// Fleet tools: store the config in SSM Parameter Store; render an instance's bootstrap;
+    /// print the IAM policies.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet::FleetCommand,
     },
 }
 
@@ -104,9 +121,15 @@ fn main() -> ExitCode {
                 return Ok(code);
             }
             let config = config.ok_or("--aws needs --config (to know the names to remove)")?;
-            aws_converge(&config, dry_run, true)
+            fleet::uninstall_aws(&config, dry_run)
         }),
-        Command::ProvisionAws { config, dry_run } => aws_converge(&config, dry_run, false),
+        Command::ProvisionAws {
+            config,
+            dry_run,
+            destroy,
+            yes,
+        } => fleet::provision(&config, dry_run, destroy, yes),
+        Command::Fleet { command } => fleet::run(command),
         Command::Doctor {
             config,
             root,
@@ -137,9 +160,8 @@ fn install(
     force: bool,
     agent_bin: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
-    let config = Config::load(config_path).map_err(|e| format!("{e}\nNothing was installed."))?;
-    let config_text = std::fs::read_to_string(config_path)
-        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let (config, config_text) =
+        fleet::load_config(config_path).map_err(|e| format!("{e}\nNothing was installed."))?;
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
     let user = user
@@ -188,11 +210,12 @@ fn install(
         ));
     }
     finish(&plan, &root, &systemd, dry_run)?;
-    if let Some(policy) = pmguard_installer::iam::policy(&config) {
+    if let Some(policy) = pmguard_installer::iam::agent_policy(&config) {
         if !dry_run && plan.blocked.is_empty() {
             println!(
-                "\nAttach this IAM policy to the instance role (also in {}):\n{}",
+                "\nAttach this IAM policy to the instance role (also in {}; the policy for whoever runs provision-aws is in {}, never for the instance role):\n{}",
                 render::IAM_PATH,
+                render::IAM_ADMIN_PATH,
                 pmguard_installer::iam::to_json(&policy)
             );
         }
@@ -226,47 +249,6 @@ fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Resul
     plan::apply(plan, root, systemd, can_chown())?;
     println!("Done.");
     Ok(())
-}
-
-/// provision-aws (or, with `remove`, uninstall --aws): observe, plan, print, apply.
-fn aws_converge(config_path: &Path, dry_run: bool, remove: bool) -> Result<ExitCode, String> {
-    use pmguard_installer::aws::provision;
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let Some(aws) = config.aws.as_ref() else {
-        return Err(format!(
-            "{} has no [aws] section: nothing to provision",
-            config_path.display()
-        ));
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let clients = provision::clients(&config).await;
-        let instance = match &aws.instance_id {
-            Some(i) => i.clone(),
-            None => pmguard_agent::aws::sink::instance_id().await,
-        };
-        let observed = provision::observe(&clients, &config, &instance)
-            .await
-            .map_err(|e| e.to_string())?;
-        let steps = if remove {
-            provision::plan_removal(&config, &instance, &observed)
-        } else {
-            provision::plan(&config, &instance, &clients.region, &observed)?
-        };
-        println!("AWS ({}, instance {instance}):", clients.region);
-        print!("{}", provision::display(&steps, &observed, &config));
-        if dry_run || steps.is_empty() {
-            return Ok(ExitCode::SUCCESS);
-        }
-        let calls = provision::apply(&clients, &steps)
-            .await
-            .map_err(|e| e.to_string())?;
-        println!("Done: {calls} change(s) applied.");
-        Ok(ExitCode::SUCCESS)
-    })
 }
 
 fn doctor(

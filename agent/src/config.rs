@@ -54,6 +54,16 @@ pub struct AwsConfig {
     pub instance_id: Option<String>,
     /// Service-Down alarm (provision-aws): no passing check for this many minutes (default 10).
     pub alarm_down_minutes: u32,
+    /// Fleet name (1 to 64 of A-Z a-z 0-9 - _): every instance with the same `fleet` shares one
+    /// topic, one log group and one set of alarms per app (CloudWatch Metrics Insights, GROUP BY
+    /// InstanceId) that `pmguard provision-aws` creates once; instances create nothing shared.
+    /// It also names the defaults `log_group = "/pmguard/<fleet>"` and
+    /// `sns_topic = "pmguard-<fleet>-alerts"`. Unset: single-box mode (alarms per instance).
+    pub fleet: Option<String>,
+    /// With `fleet`: the Auto Scaling group the fleet runs in. Its `GroupInServiceInstances`
+    /// (group metrics collection enabled) is compared with the instances that send heartbeats,
+    /// so an agent or box that dies while in service alarms, and a scale-in does not.
+    pub auto_scaling_group: Option<String>,
     /// High-Error-Rate alarm: more than this many failed checks in 5 minutes (default 3).
     pub alarm_failures: u32,
     /// Frequent-Restarts alarm: more than this many restarts in 15 minutes (default 2).
@@ -222,6 +232,8 @@ const AWS_KEYS: &[&str] = &[
     "alarm_down_minutes",
     "alarm_failures",
     "alarm_restarts",
+    "fleet",
+    "auto_scaling_group",
 ];
 const APP_KEYS: &[&str] = &[
     "name",
@@ -379,6 +391,37 @@ impl Cx<'_> {
     fn aws(&mut self, t: &Table) -> AwsConfig {
         use crate::aws::names;
         self.unknown_keys(t, AWS_KEYS, "[aws]");
+        let fleet = self.string(t, "fleet").map(|(f, span)| {
+            let ok = !f.is_empty()
+                && f.len() <= 64
+                && f.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                self.problem(
+                    span,
+                    format!("fleet `{f}` is not a fleet name"),
+                    Some("use 1 to 64 of A-Z a-z 0-9 - _, e.g. fleet = \"web\"".into()),
+                );
+            }
+            f
+        });
+        let auto_scaling_group = self.string(t, "auto_scaling_group").map(|(g, span)| {
+            if fleet.is_none() {
+                self.problem(
+                    span.clone(),
+                    "auto_scaling_group needs `fleet`".into(),
+                    Some("add fleet = \"<name>\" to [aws], or remove auto_scaling_group".into()),
+                );
+            }
+            if g.is_empty() || g.len() > 255 || g.chars().any(char::is_control) {
+                self.problem(
+                    span,
+                    "auto_scaling_group must be 1 to 255 printable characters".into(),
+                    Some("write the Auto Scaling group's name as `aws autoscaling describe-auto-scaling-groups` shows it".into()),
+                );
+            }
+            g
+        });
         let region = self.string(t, "region").map(|(r, span)| {
             let ok = !r.is_empty()
                 && r.len() <= 64
@@ -424,7 +467,10 @@ impl Cx<'_> {
                 }
                 g
             })
-            .unwrap_or_else(|| names::DEFAULT_LOG_GROUP.to_string());
+            .unwrap_or_else(|| match &fleet {
+                Some(f) => format!("/pmguard/{f}"),
+                None => names::DEFAULT_LOG_GROUP.to_string(),
+            });
         let log_retention_days = match self.value(t, "log_retention_days") {
             None => names::DEFAULT_LOG_RETENTION_DAYS,
             Some((v, span)) => match v.as_integer() {
@@ -468,7 +514,8 @@ impl Cx<'_> {
                 );
             }
             n
-        });
+        })
+        .or_else(|| fleet.as_ref().map(|f| format!("pmguard-{f}-alerts")));
         let alarm_email = self.string(t, "alarm_email").map(|(e, span)| {
             let ok = e.split_once('@').is_some_and(|(user, host)| {
                 !user.is_empty()
@@ -517,6 +564,8 @@ impl Cx<'_> {
             alarm_down_minutes,
             alarm_failures,
             alarm_restarts,
+            fleet,
+            auto_scaling_group,
         }
     }
 
@@ -1113,5 +1162,40 @@ mod tests {
         assert!(namespace_problem(&"x".repeat(256)).is_some());
         let p = problems("[aws]\nsns_topic = \"alerts.fifo\"\n[[apps]]\nname = \"a\"\n");
         assert!(p[0].message.contains("not an SNS topic name"));
+    }
+
+    #[test]
+    fn a_fleet_names_the_shared_log_group_and_topic() {
+        let aws = parse("[aws]\nfleet = \"web\"\n[[apps]]\nname = \"a\"\n")
+            .unwrap()
+            .aws
+            .unwrap();
+        assert_eq!(aws.fleet.as_deref(), Some("web"));
+        assert_eq!(aws.log_group, "/pmguard/web");
+        assert_eq!(aws.sns_topic.as_deref(), Some("pmguard-web-alerts"));
+        assert_eq!(aws.auto_scaling_group, None);
+        let aws = parse("[aws]\nfleet = \"web\"\nlog_group = \"/x\"\nsns_topic = \"t\"\nauto_scaling_group = \"web-asg\"\n[[apps]]\nname = \"a\"\n")
+            .unwrap()
+            .aws
+            .unwrap();
+        assert_eq!(
+            (aws.log_group.as_str(), aws.sns_topic.as_deref()),
+            ("/x", Some("t"))
+        );
+        assert_eq!(aws.auto_scaling_group.as_deref(), Some("web-asg"));
+        let single = parse("[aws]\n[[apps]]\nname = \"a\"\n")
+            .unwrap()
+            .aws
+            .unwrap();
+        assert_eq!((single.fleet, single.sns_topic), (None, None));
+    }
+
+    #[test]
+    fn a_fleet_name_is_checked_and_an_asg_needs_a_fleet() {
+        let p = problems("[aws]\nfleet = \"web fleet\"\n[[apps]]\nname = \"a\"\n");
+        assert_eq!(p[0].message, "fleet `web fleet` is not a fleet name");
+        assert_eq!(p[0].line, 2);
+        let p = problems("[aws]\nauto_scaling_group = \"asg\"\n[[apps]]\nname = \"a\"\n");
+        assert_eq!(p[0].message, "auto_scaling_group needs `fleet`");
     }
 }

@@ -2,6 +2,7 @@
 //! difference, apply it. Libraries never print; the `pmguard` binary renders plans and errors.
 
 pub mod aws;
+pub mod bootstrap;
 pub mod doctor;
 pub mod iam;
 pub mod manifest;

@@ -874,9 +874,23 @@ mod tests {
     fn removing_aws_removes_the_iam_policy() {
         let root = tempfile::tempdir().unwrap();
         install(root.path(), FULL, true);
-        assert!(root.path().join("etc/pmguard/iam-policy.json").exists());
+        assert!(root
+            .path()
+            .join("etc/pmguard/iam-agent-policy.json")
+            .exists());
+        assert!(root
+            .path()
+            .join("etc/pmguard/iam-admin-policy.json")
+            .exists());
         install(root.path(), MINIMAL, true);
-        assert!(!root.path().join("etc/pmguard/iam-policy.json").exists());
+        assert!(!root
+            .path()
+            .join("etc/pmguard/iam-agent-policy.json")
+            .exists());
+        assert!(!root
+            .path()
+            .join("etc/pmguard/iam-admin-policy.json")
+            .exists());
         assert!(replan(root.path(), MINIMAL).is_empty());
     }
 

@@ -22,7 +22,9 @@ pub const UNIT_PATH: &str = "/etc/systemd/system/pmguard-agent.service";
 pub const UNIT_NAME: &str = "pmguard-agent.service";
 pub const CRON_PATH: &str = "/etc/cron.d/pmguard";
 pub const LOGROTATE_PATH: &str = "/etc/logrotate.d/pmguard";
-pub const IAM_PATH: &str = "/etc/pmguard/iam-policy.json";
+/// The instance role's policy (what the box calls); the admin policy sits beside it.
+pub const IAM_PATH: &str = iam::AGENT_POLICY_PATH;
+pub const IAM_ADMIN_PATH: &str = iam::ADMIN_POLICY_PATH;
 pub const MANIFEST_PATH: &str = "/etc/pmguard/install-manifest.json";
 
 /// Every file `install` may lay down: the only paths a manifest may name.
@@ -33,6 +35,9 @@ pub const OWNED_FILES: &[&str] = &[
     CRON_PATH,
     LOGROTATE_PATH,
     IAM_PATH,
+    IAM_ADMIN_PATH,
+    // The one IAM policy of installs before the agent/admin split: an upgrade replaces it.
+    "/etc/pmguard/iam-policy.json",
     crate::pm2unit::PM2_UNIT_PATH,
 ];
 
@@ -288,8 +293,11 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         text(CRON_PATH, cron, 0o644, 0),
         text(LOGROTATE_PATH, logrotate, 0o644, 0),
     ];
-    if let Some(policy) = iam::policy(config) {
+    if let Some(policy) = iam::agent_policy(config) {
         files.push(text(IAM_PATH, iam::to_json(&policy), 0o644, 0));
+    }
+    if let Some(policy) = iam::admin_policy(config) {
+        files.push(text(IAM_ADMIN_PATH, iam::to_json(&policy), 0o644, 0));
     }
     if let crate::pm2unit::Supervision::Ours { pm2_bin, path_env } = &s.pm2 {
         let body = Pm2UnitTemplate {
@@ -432,7 +440,7 @@ pub(crate) mod tests {
             if f.kind == FileKind::Managed {
                 let t = String::from_utf8(f.content).unwrap();
                 assert!(
-                    t.contains(MARKER) || f.path.ends_with("iam-policy.json"),
+                    t.contains(MARKER) || f.path.extension().is_some_and(|e| e == "json"),
                     "{}",
                     f.path.display()
                 );

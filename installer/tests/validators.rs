@@ -9,7 +9,7 @@ use std::process::Command;
 use pmguard_agent::config::Config;
 use pmguard_installer::iam;
 use pmguard_installer::render::{
-    self, DesiredFile, Settings, CRON_PATH, IAM_PATH, LOGROTATE_PATH, UNIT_PATH,
+    self, DesiredFile, Settings, CRON_PATH, IAM_ADMIN_PATH, IAM_PATH, LOGROTATE_PATH, UNIT_PATH,
 };
 use pmguard_installer::users;
 
@@ -212,11 +212,10 @@ fn cron_file_is_one_cron_will_read() {
     );
 }
 
-#[test]
-fn iam_policy_is_clean_and_grants_exactly_the_calls_made() {
+const FLEET: &str = "[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\n\n[aws]\nregion = \"us-east-1\"\nfleet = \"web\"\nalarm_email = \"ops@example.com\"\nauto_scaling_group = \"web-asg\"\n";
+
+fn parliament(policy: &[u8]) -> String {
     let parliament = tool("parliament", "parliament (pip)");
-    let files = render_for_host(FULL);
-    let policy = file(&files, IAM_PATH);
     let mut child = Command::new(parliament)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -224,12 +223,7 @@ fn iam_policy_is_clean_and_grants_exactly_the_calls_made() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&policy.content)
-        .unwrap();
+    child.stdin.take().unwrap().write_all(policy).unwrap();
     let out = child.wait_with_output().unwrap();
     let text = format!(
         "{}{}",
@@ -237,28 +231,120 @@ fn iam_policy_is_clean_and_grants_exactly_the_calls_made() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        out.status.success() && text.trim().is_empty(),
-        "parliament findings:\n{text}"
+        out.status.success(),
+        "parliament failed:\n{text}\n{}",
+        String::from_utf8_lossy(policy)
     );
-    let c = Config::parse(Path::new("/x.toml"), FULL).unwrap();
-    let granted = iam::actions(&iam::policy(&c).unwrap());
-    let mut made: Vec<String> = pmguard_agent::aws::names::AGENT_IAM_ACTIONS
-        .iter()
-        .chain(iam::PROVISION_IAM_ACTIONS)
-        .map(|s| s.to_string())
-        .collect();
-    made.sort();
-    made.dedup();
-    assert_eq!(granted, made);
-    let v: serde_json::Value = serde_json::from_slice(&policy.content).unwrap();
-    let put = v["Statement"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["Action"][0] == "cloudwatch:PutMetricData")
+    text
+}
+
+#[test]
+fn iam_policies_are_clean_and_grant_exactly_the_calls_made_on_each_side() {
+    for config in [FULL, FLEET] {
+        let files = render_for_host(config);
+        for path in [IAM_PATH, IAM_ADMIN_PATH] {
+            let policy = file(&files, path);
+            let text = parliament(&policy.content);
+            assert!(
+                text.trim().is_empty(),
+                "parliament findings on {path}:\n{text}"
+            );
+        }
+        let c = Config::parse(Path::new("/x.toml"), config).unwrap();
+        // Scoped to an account (`pmguard fleet iam --account`): as clean.
+        for p in [
+            iam::agent_policy(&c).unwrap(),
+            iam::admin_policy(&c).unwrap(),
+        ] {
+            let scoped = iam::to_json(&iam::with_account(p, "123456789012").unwrap());
+            let text = parliament(scoped.as_bytes());
+            assert!(
+                text.trim().is_empty(),
+                "parliament findings:\n{text}\n{scoped}"
+            );
+        }
+        let agent = iam::actions(&iam::agent_policy(&c).unwrap());
+        let mut made: Vec<String> = iam::agent_actions(&c)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        made.sort();
+        assert_eq!(agent, made);
+        let admin = iam::actions(&iam::admin_policy(&c).unwrap());
+        let mut made: Vec<String> = iam::admin_actions(&c)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        made.sort();
+        assert_eq!(admin, made);
+        let v: serde_json::Value = serde_json::from_slice(&file(&files, IAM_PATH).content).unwrap();
+        let put = v["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["Action"][0] == "cloudwatch:PutMetricData")
+            .unwrap();
+        assert_eq!(
+            put["Condition"]["StringEquals"]["cloudwatch:namespace"],
+            "PM2/CodeBox"
+        );
+    }
+    // The fleet's instance role: nothing that deletes, subscribes, edits alarms or creates a
+    // shared resource.
+    let c = Config::parse(Path::new("/x.toml"), FLEET).unwrap();
+    for a in iam::actions(&iam::agent_policy(&c).unwrap()) {
+        let verb = a.split(':').nth(1).unwrap();
+        assert!(
+            !verb.starts_with("Delete")
+                && verb != "Subscribe"
+                && !verb.contains("Alarm")
+                && verb != "CreateLogGroup"
+                && verb != "CreateTopic",
+            "{a}"
+        );
+    }
+}
+
+#[test]
+fn rendered_user_data_passes_cloud_init_schema_and_the_script_parses() {
+    use pmguard_installer::bootstrap::{Bootstrap, ConfigSource, Format};
+    let cloud_init = tool("cloud-init", "cloud-init (Debian)");
+    let sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    for config in [
+        ConfigSource::Parameter("/pmguard/web/config".into()),
+        ConfigSource::Inline(FULL.into()),
+    ] {
+        let b = Bootstrap::new(
+            "https://downloads.example.com/pmguard_0.1.0_amd64.deb",
+            sha,
+            "ubuntu",
+            config,
+        )
         .unwrap();
-    assert_eq!(
-        put["Condition"]["StringEquals"]["cloudwatch:namespace"],
-        "PM2/CodeBox"
-    );
+        let dir = tempfile::tempdir().unwrap();
+        let user_data = dir.path().join("user-data");
+        std::fs::write(&user_data, b.render(Format::CloudInit)).unwrap();
+        let out = Command::new(&cloud_init)
+            .args(["schema", "--config-file"])
+            .arg(&user_data)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("Valid cloud-config"),
+            "cloud-init schema:\n{text}"
+        );
+        let script = dir.path().join("bootstrap.sh");
+        std::fs::write(&script, b.render(Format::Shell)).unwrap();
+        let out = Command::new("sh").arg("-n").arg(&script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "sh -n: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

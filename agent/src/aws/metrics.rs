@@ -158,10 +158,12 @@ impl AppAggregate {
 }
 
 /// Every app's aggregates of one flush period, turned into datums: the app metrics with
-/// dimensions App + InstanceId, the heartbeat (and a non-zero drop count) with InstanceId only.
+/// dimensions App + InstanceId (+ Fleet in fleet mode), the heartbeat (and a non-zero drop count)
+/// with InstanceId only; in fleet mode the heartbeat once more with Fleet alone.
 pub fn encode(
     apps: &BTreeMap<String, AppAggregate>,
     instance_id: &str,
+    fleet: Option<&str>,
     ts_ms: u64,
     dropped: u64,
     alive: bool,
@@ -172,7 +174,11 @@ pub fn encode(
         if a.is_empty() {
             continue;
         }
-        let dims = vec![(names::DIM_APP.to_string(), app.clone()), inst()];
+        let mut dims = vec![(names::DIM_APP.to_string(), app.clone())];
+        if let Some(f) = fleet {
+            dims.push((names::DIM_FLEET.to_string(), f.to_string()));
+        }
+        dims.push(inst());
         let mut push = |name: &str, stats: Option<Stats>, unit| {
             if let Some(stats) = stats {
                 out.push(Datum {
@@ -204,6 +210,15 @@ pub fn encode(
             stats: Stats::one(1.0),
             unit: Unit::Count,
         });
+        if let Some(f) = fleet {
+            out.push(Datum {
+                name: names::AGENT_HEARTBEAT.to_string(),
+                dims: vec![(names::DIM_FLEET.to_string(), f.to_string())],
+                ts_ms,
+                stats: Stats::one(1.0),
+                unit: Unit::Count,
+            });
+        }
     }
     if dropped > 0 {
         out.push(Datum {
@@ -303,7 +318,7 @@ mod tests {
             ("web".to_string(), a),
             ("idle".to_string(), AppAggregate::default()),
         ]);
-        let d = encode(&apps, "i-1", 1000, 0, true);
+        let d = encode(&apps, "i-1", None, 1000, 0, true);
         let names: Vec<&str> = d.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(
             names,
@@ -327,12 +342,35 @@ mod tests {
         );
         assert_eq!(d[6].dims, [("InstanceId".to_string(), "i-1".to_string())]);
         assert!(d.iter().all(|d| d.invalid().is_none()));
-        let d = encode(&BTreeMap::new(), "i-1", 1000, 7, true);
+        let d = encode(&BTreeMap::new(), "i-1", None, 1000, 7, true);
         assert_eq!(d.len(), 2);
         assert_eq!(
             (d[1].name.as_str(), d[1].stats.sum),
             ("DroppedDatapoints", 7.0)
         );
+    }
+
+    #[test]
+    fn a_fleet_agent_tags_app_metrics_with_the_fleet_and_counts_itself_in_it() {
+        let mut a = AppAggregate::default();
+        a.record(&CheckSample {
+            healthy: false,
+            ..Default::default()
+        });
+        let apps = BTreeMap::from([("web".to_string(), a)]);
+        let d = encode(&apps, "i-1", Some("prod"), 1000, 0, true);
+        let s = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            d[0].dims,
+            [s("App", "web"), s("Fleet", "prod"), s("InstanceId", "i-1")]
+        );
+        let beats: Vec<_> = d.iter().filter(|d| d.name == "AgentHeartbeat").collect();
+        assert_eq!(beats.len(), 2);
+        assert_eq!(beats[0].dims, [s("InstanceId", "i-1")]);
+        assert_eq!(beats[1].dims, [s("Fleet", "prod")]);
+        // A wedged agent sends neither heartbeat.
+        let d = encode(&apps, "i-1", Some("prod"), 1000, 0, false);
+        assert!(d.iter().all(|d| d.name != "AgentHeartbeat"));
     }
 
     #[test]

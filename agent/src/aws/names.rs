@@ -38,6 +38,11 @@ pub const METRICS: &[&str] = &[
 pub const DIM_APP: &str = "App";
 /// Dimension: the EC2 instance id (IMDSv2), or the host name off EC2, or `[aws] instance_id`.
 pub const DIM_INSTANCE_ID: &str = "InstanceId";
+/// Dimension (fleet mode only): the `[aws] fleet` name. App metrics carry App + Fleet +
+/// InstanceId, so one namespace can hold several fleets and a Metrics Insights query can select
+/// one; the heartbeat is also sent with Fleet alone, so its SampleCount counts the reporting
+/// instances.
+pub const DIM_FLEET: &str = "Fleet";
 
 pub const DEFAULT_NAMESPACE: &str = "PM2/CodeBox";
 pub const DEFAULT_LOG_GROUP: &str = "/aws/ec2/pm2-health";
@@ -65,10 +70,29 @@ pub const AGENT_IAM_ACTIONS: &[&str] = &[
     "sns:Publish",
 ];
 
-/// The IAM actions the agent needs for a given config: SNS only when a topic is set.
-pub fn agent_iam_actions(with_sns: bool) -> Vec<&'static str> {
-    AGENT_IAM_ACTIONS
-        .iter()
+/// The IAM actions the agent's sink calls in fleet mode, and nothing else: it creates nothing
+/// shared (the log group and the topic are provision-aws's), only its own log stream.
+///
+/// - `cloudwatch:PutMetricData`: Resource `*`, scoped with the `cloudwatch:namespace` condition.
+/// - `logs:CreateLogStream`, `logs:PutLogEvents`: the instance's stream in the fleet's group.
+/// - `sns:Publish` on the fleet's topic. The topic's ARN is built from `sts:GetCallerIdentity`,
+///   which needs no IAM permission.
+pub const FLEET_AGENT_IAM_ACTIONS: &[&str] = &[
+    "cloudwatch:PutMetricData",
+    "logs:CreateLogStream",
+    "logs:PutLogEvents",
+    "sns:Publish",
+];
+
+/// The IAM actions the agent needs for a given config: SNS only when a topic is set; the fleet
+/// list in fleet mode.
+pub fn agent_iam_actions(with_sns: bool, fleet: bool) -> Vec<&'static str> {
+    let all = if fleet {
+        FLEET_AGENT_IAM_ACTIONS
+    } else {
+        AGENT_IAM_ACTIONS
+    };
+    all.iter()
         .copied()
         .filter(|a| with_sns || !a.starts_with("sns:"))
         .collect()
@@ -80,10 +104,65 @@ mod tests {
 
     #[test]
     fn actions_are_sorted_by_service_and_sns_is_optional() {
-        assert_eq!(agent_iam_actions(true), AGENT_IAM_ACTIONS);
-        let without = agent_iam_actions(false);
+        assert_eq!(agent_iam_actions(true, false), AGENT_IAM_ACTIONS);
+        let without = agent_iam_actions(false, false);
         assert!(without.iter().all(|a| !a.starts_with("sns:")));
         assert_eq!(without.len(), AGENT_IAM_ACTIONS.len() - 2);
+        assert_eq!(agent_iam_actions(true, true), FLEET_AGENT_IAM_ACTIONS);
+        assert_eq!(agent_iam_actions(false, true).len(), 3);
         assert!(METRICS.iter().all(|m| !m.is_empty() && m.len() <= 255));
+    }
+
+    /// `sns:CreateTopic` -> `create_topic`: the SDK method of an IAM action.
+    fn method(action: &str) -> String {
+        let op = action.split(':').nth(1).unwrap();
+        let mut m = String::new();
+        for (i, c) in op.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                m.push('_');
+            }
+            m.push(c.to_ascii_lowercase());
+        }
+        m
+    }
+
+    #[test]
+    fn the_lists_name_every_call_the_sink_makes() {
+        let sink = include_str!("sink.rs");
+        let calls = |m: &str| sink.contains(&format!(".{m}()"));
+        for a in AGENT_IAM_ACTIONS.iter().chain(FLEET_AGENT_IAM_ACTIONS) {
+            assert!(
+                calls(&method(a)),
+                "{a} is listed but the sink never calls it"
+            );
+        }
+        // Calls the sink must never make, and the one it makes that needs no permission.
+        for a in [
+            "cloudwatch:PutMetricAlarm",
+            "cloudwatch:DeleteAlarms",
+            "logs:DeleteLogGroup",
+            "logs:DeleteLogStream",
+            "sns:Subscribe",
+            "sns:DeleteTopic",
+        ] {
+            assert!(!calls(&method(a)), "the sink calls {a}");
+        }
+        assert!(calls(&method("sts:GetCallerIdentity")));
+        assert_eq!(method("logs:PutRetentionPolicy"), "put_retention_policy");
+    }
+
+    #[test]
+    fn a_fleet_agent_creates_nothing_shared_and_deletes_nothing() {
+        for a in FLEET_AGENT_IAM_ACTIONS {
+            let verb = a.split(':').nth(1).unwrap();
+            assert!(
+                !verb.starts_with("Delete")
+                    && verb != "Subscribe"
+                    && verb != "CreateTopic"
+                    && verb != "CreateLogGroup"
+                    && !verb.contains("Alarm"),
+                "{a}"
+            );
+        }
     }
 }

@@ -158,6 +158,23 @@ struct Clients {
     cw: aws_sdk_cloudwatch::Client,
     logs: aws_sdk_cloudwatchlogs::Client,
     sns: aws_sdk_sns::Client,
+    sts: aws_sdk_sts::Client,
+    region: String,
+}
+
+/// `arn:<partition>:sns:<region>:<account>:<topic>`, the partition taken from the caller's ARN.
+pub fn topic_arn(
+    caller_arn: Option<&str>,
+    account: Option<&str>,
+    region: &str,
+    topic: &str,
+) -> Option<String> {
+    let account = account.filter(|a| !a.is_empty())?;
+    let partition = caller_arn
+        .and_then(|a| a.split(':').nth(1))
+        .filter(|p| !p.is_empty())
+        .unwrap_or("aws");
+    Some(format!("arn:{partition}:sns:{region}:{account}:{topic}"))
 }
 
 struct State {
@@ -193,6 +210,10 @@ async fn run(
         cw: aws_sdk_cloudwatch::Client::new(&sdk),
         logs: aws_sdk_cloudwatchlogs::Client::new(&sdk),
         sns: aws_sdk_sns::Client::new(&sdk),
+        sts: aws_sdk_sts::Client::new(&sdk),
+        region: sdk
+            .region()
+            .map_or_else(|| "us-east-1".to_string(), |r| r.to_string()),
     };
     let instance = match &cfg.instance_id {
         Some(i) => i.clone(),
@@ -334,7 +355,14 @@ impl State {
         logs::chronological(&mut records);
         if t.heartbeat {
             let dropped = std::mem::take(&mut self.buf.dropped);
-            datums = metrics::encode(&t.apps, &self.instance, now, dropped, t.alive);
+            datums = metrics::encode(
+                &t.apps,
+                &self.instance,
+                self.cfg.fleet.as_deref(),
+                now,
+                dropped,
+                t.alive,
+            );
             let before = datums.len();
             datums.retain(|d| match d.invalid() {
                 None => true,
@@ -436,6 +464,10 @@ impl State {
 
     async fn ensure_stream(&mut self, c: &Clients) -> Result<(), String> {
         let group = &self.cfg.log_group;
+        if self.cfg.fleet.is_some() {
+            // The fleet's group is provision-aws's: an instance only creates its own stream.
+            return self.create_stream(c).await;
+        }
         self.calls.other.fetch_add(1, Ordering::Relaxed);
         match c.logs.create_log_group().log_group_name(group).send().await {
             Ok(_) => {
@@ -458,11 +490,16 @@ impl State {
                     .is_some_and(|s| s.is_resource_already_exists_exception()) => {}
             Err(e) => return Err(describe(&e)),
         }
+        self.create_stream(c).await
+    }
+
+    /// This instance's stream in the group (already there is fine).
+    async fn create_stream(&mut self, c: &Clients) -> Result<(), String> {
         self.calls.other.fetch_add(1, Ordering::Relaxed);
         match c
             .logs
             .create_log_stream()
-            .log_group_name(group)
+            .log_group_name(&self.cfg.log_group)
             .log_stream_name(&self.instance)
             .send()
             .await
@@ -473,6 +510,16 @@ impl State {
                     .is_some_and(|s| s.is_resource_already_exists_exception()) =>
             {
                 Ok(())
+            }
+            Err(e)
+                if self.cfg.fleet.is_some()
+                    && e.as_service_error()
+                        .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                Err(format!(
+                    "CreateLogStream: the fleet's log group {} does not exist; run `pmguard provision-aws` with the fleet's config (admin credentials) to create it",
+                    self.cfg.log_group
+                ))
             }
             Err(e) => Err(describe(&e)),
         }
@@ -558,6 +605,26 @@ impl State {
         while let Some(a) = self.buf.alerts.front().cloned() {
             let arn = match &self.topic_arn {
                 Some(arn) => arn.clone(),
+                None if self.cfg.fleet.is_some() => {
+                    // The fleet's topic is provision-aws's: build its ARN rather than create it.
+                    self.calls.other.fetch_add(1, Ordering::Relaxed);
+                    match c.sts.get_caller_identity().send().await {
+                        Ok(out) => match topic_arn(out.arn(), out.account(), &c.region, &topic) {
+                            Some(arn) => {
+                                self.topic_arn = Some(arn.clone());
+                                arn
+                            }
+                            None => {
+                                self.note_failure(ALERTS, "GetCallerIdentity returned no account");
+                                return;
+                            }
+                        },
+                        Err(e) => {
+                            self.note_failure(ALERTS, &describe(&e));
+                            return;
+                        }
+                    }
+                }
                 None => {
                     self.calls.other.fetch_add(1, Ordering::Relaxed);
                     match c.sns.create_topic().name(&topic).send().await {
@@ -738,6 +805,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fleet_topic_arn_is_built_from_the_caller_identity() {
+        assert_eq!(
+            topic_arn(
+                Some("arn:aws-cn:sts::123456789012:assumed-role/web/i-1"),
+                Some("123456789012"),
+                "cn-north-1",
+                "pmguard-web-alerts"
+            )
+            .as_deref(),
+            Some("arn:aws-cn:sns:cn-north-1:123456789012:pmguard-web-alerts")
+        );
+        assert_eq!(
+            topic_arn(None, Some("1"), "us-east-1", "t").as_deref(),
+            Some("arn:aws:sns:us-east-1:1:t")
+        );
+        assert_eq!(topic_arn(Some("arn:aws:x"), None, "us-east-1", "t"), None);
+    }
 
     #[test]
     fn timeouts_stay_below_the_flush_interval() {

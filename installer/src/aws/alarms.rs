@@ -1,6 +1,10 @@
-//! The CloudWatch alarms provision-aws keeps: the seed's three per app and a heartbeat per
-//! instance, as plain values; their validation against AWS's limits (which the test stand-in does
-//! not enforce); and the field-by-field comparison that decides whether an alarm is rewritten.
+//! The CloudWatch alarms provision-aws keeps in single-box mode: the seed's three per app and a
+//! heartbeat per instance, as plain values; their validation against AWS's limits (which the test
+//! stand-in does not enforce); and the field-by-field comparison that decides whether an alarm is
+//! rewritten. Fleet mode's alarms (`fleet.rs`) are the same `AlarmSpec` with metric queries.
+//!
+//! Ownership in single-box mode is the name prefix *and* the `InstanceId` dimension: instance
+//! `web` never claims `web-2`'s alarms although `pmguard-web-` is a prefix of them.
 
 use pmguard_agent::aws::names::{
     AGENT_HEARTBEAT, DIM_APP, DIM_INSTANCE_ID, HEALTH_CHECK_FAILURES, SERVICE_RESTARTS,
@@ -26,6 +30,39 @@ pub struct AlarmSpec {
     pub comparison: String,
     pub treat_missing_data: String,
     pub actions: Vec<String>,
+    /// Metric data queries (a Metrics Insights query, or metric math); empty for an alarm on one
+    /// metric (then `namespace`, `metric`, `statistic`, `dimensions` and `period` apply).
+    pub metrics: Vec<MetricQuery>,
+}
+
+/// One entry of PutMetricAlarm's `Metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricQuery {
+    pub id: String,
+    pub label: String,
+    pub period: i32,
+    pub return_data: bool,
+    pub source: QuerySource,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuerySource {
+    /// A Metrics Insights query (`SELECT ...`) or a math expression over other ids.
+    Expression(String),
+    /// One metric: namespace, name, dimensions, statistic.
+    Metric {
+        namespace: String,
+        name: String,
+        dimensions: Vec<(String, String)>,
+        stat: String,
+    },
+}
+
+/// Whether an observed alarm is this instance's: exactly its `InstanceId` dimension.
+pub fn owned_by_instance(spec: &AlarmSpec, instance: &str) -> bool {
+    spec.dimensions
+        .iter()
+        .any(|(k, v)| k == DIM_INSTANCE_ID && v == instance)
 }
 
 /// Alarm thresholds (the seed's alarms by default).
@@ -83,6 +120,7 @@ pub fn desired(config: &Config, instance: &str, topic_arn: Option<&str>) -> Vec<
             comparison: String::new(),
             treat_missing_data: String::new(),
             actions: actions.clone(),
+            metrics: Vec::new(),
         };
         out.push(AlarmSpec {
             statistic: "Maximum".into(),
@@ -142,6 +180,7 @@ pub fn desired(config: &Config, instance: &str, topic_arn: Option<&str>) -> Vec<
         comparison: "LessThanThreshold".into(),
         treat_missing_data: "breaching".into(),
         actions,
+        metrics: Vec::new(),
     });
     out
 }
@@ -195,7 +234,7 @@ pub fn validate(a: &AlarmSpec) -> Result<(), String> {
             a.comparison
         ));
     }
-    if !STATISTICS.contains(&a.statistic.as_str()) {
+    if a.metrics.is_empty() && !STATISTICS.contains(&a.statistic.as_str()) {
         return fail(format!(
             "statistic `{}` is not one CloudWatch knows",
             a.statistic
@@ -226,15 +265,25 @@ pub fn diff(old: &AlarmSpec, new: &AlarmSpec) -> Vec<String> {
         old.description.clone(),
         new.description.clone(),
     );
-    field("namespace", old.namespace.clone(), new.namespace.clone());
-    field("metric", old.metric.clone(), new.metric.clone());
-    field("statistic", old.statistic.clone(), new.statistic.clone());
-    let mut od = old.dimensions.clone();
-    let mut nd = new.dimensions.clone();
-    od.sort();
-    nd.sort();
-    field("dimensions", format!("{od:?}"), format!("{nd:?}"));
-    field("period", old.period.to_string(), new.period.to_string());
+    if new.metrics.is_empty() {
+        field("namespace", old.namespace.clone(), new.namespace.clone());
+        field("metric", old.metric.clone(), new.metric.clone());
+        field("statistic", old.statistic.clone(), new.statistic.clone());
+        let mut od = old.dimensions.clone();
+        let mut nd = new.dimensions.clone();
+        od.sort();
+        nd.sort();
+        field("dimensions", format!("{od:?}"), format!("{nd:?}"));
+        field("period", old.period.to_string(), new.period.to_string());
+    } else if !old.metrics.is_empty() {
+        // AWS returns the queries; the stand-in drops them, and then the spec hash in the
+        // description (compared above) stands for them.
+        field(
+            "metrics",
+            format!("{:?}", old.metrics),
+            format!("{:?}", new.metrics),
+        );
+    }
     field(
         "evaluation_periods",
         old.evaluation_periods.to_string(),
@@ -363,6 +412,15 @@ mod tests {
             ..base.clone()
         })
         .is_err());
+    }
+
+    #[test]
+    fn an_instance_owns_exactly_its_alarms_not_a_longer_name() {
+        let web = desired(&config(""), "web", None);
+        let web2 = desired(&config(""), "web-2", None);
+        assert!(web2[0].name.starts_with(&instance_prefix("web")));
+        assert!(web.iter().all(|a| owned_by_instance(a, "web")));
+        assert!(web2.iter().all(|a| !owned_by_instance(a, "web")));
     }
 
     #[test]

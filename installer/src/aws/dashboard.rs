@@ -1,9 +1,11 @@
-//! The per-instance CloudWatch dashboard, built from typed structs and serialized with serde.
-//! Widgets: response time p50/p99, ServiceStatus, restarts, CPU and memory, one line per app.
+//! The CloudWatch dashboards, built from typed structs and serialized with serde.
+//! Single box: response time p50/p99, ServiceStatus, restarts, CPU and memory, one line per app.
+//! Fleet: per app, the fleet's instances side by side (Metrics Insights queries: status and
+//! response time by instance), plus the fleet-wide restarts per app and the instances reporting.
 
 use pmguard_agent::aws::names::{
-    CPU_PERCENT, DIM_APP, DIM_INSTANCE_ID, MEMORY_BYTES, RESPONSE_TIME, SERVICE_RESTARTS,
-    SERVICE_STATUS,
+    AGENT_HEARTBEAT, CPU_PERCENT, DIM_APP, DIM_FLEET, DIM_INSTANCE_ID, MEMORY_BYTES, RESPONSE_TIME,
+    SERVICE_RESTARTS, SERVICE_STATUS,
 };
 use pmguard_agent::config::Config;
 use serde::Serialize;
@@ -91,4 +93,120 @@ pub fn build(config: &Config, instance: &str, region: &str) -> Option<Dashboard>
 
 pub fn to_json(d: &Dashboard) -> String {
     serde_json::to_string(d).unwrap_or_default()
+}
+
+fn widget(i: usize, title: String, region: &str, metrics: Vec<Vec<serde_json::Value>>) -> Widget {
+    Widget {
+        kind: "metric",
+        x: (i as u32 % 2) * 12,
+        y: (i as u32 / 2) * 6,
+        width: 12,
+        height: 6,
+        properties: Properties {
+            title,
+            region: region.to_string(),
+            view: "timeSeries",
+            stacked: false,
+            period: 60,
+            metrics,
+        },
+    }
+}
+
+/// The fleet's dashboard (fleet mode): no instance named anywhere, so scale-out and scale-in
+/// never change it.
+pub fn build_fleet(config: &Config, region: &str) -> Option<Dashboard> {
+    let aws = config.aws.as_ref()?;
+    let fleet = aws.fleet.as_deref()?;
+    let ns = &aws.namespace;
+    let query = |func: &str, metric: &str, app: &str| {
+        format!(
+            "SELECT {func}({metric}) FROM SCHEMA(\"{ns}\", {DIM_APP}, {DIM_FLEET}, {DIM_INSTANCE_ID}) WHERE {DIM_FLEET} = '{fleet}' AND {DIM_APP} = '{app}' GROUP BY {DIM_INSTANCE_ID} ORDER BY {func}() {} LIMIT 100",
+            if func == "MIN" { "ASC" } else { "DESC" }
+        )
+    };
+    let mut widgets = Vec::new();
+    let mut i = 0;
+    for app in &config.apps {
+        let panels = [
+            ("status by instance (1 = healthy)", "MIN", SERVICE_STATUS),
+            ("response time by instance (avg ms)", "AVG", RESPONSE_TIME),
+        ];
+        for (title, func, metric) in panels {
+            widgets.push(widget(
+                i,
+                format!("{}: {title}", app.name),
+                region,
+                vec![vec![serde_json::json!({
+                    "expression": query(func, metric, &app.name),
+                    "id": format!("q{i}"),
+                    "label": "",
+                })]],
+            ));
+            i += 1;
+        }
+    }
+    widgets.push(widget(
+        i,
+        format!("Restarts per app across fleet {fleet}"),
+        region,
+        vec![vec![serde_json::json!({
+            "expression": format!("SELECT SUM({SERVICE_RESTARTS}) FROM SCHEMA(\"{ns}\", {DIM_APP}, {DIM_FLEET}, {DIM_INSTANCE_ID}) WHERE {DIM_FLEET} = '{fleet}' GROUP BY {DIM_APP}"),
+            "id": "restarts",
+            "label": "",
+        })]],
+    ));
+    let per_minute = 60.0 / aws.flush_interval.as_secs().max(1) as f64;
+    widgets.push(widget(
+        i + 1,
+        format!("Instances reporting in fleet {fleet}"),
+        region,
+        vec![
+            vec![serde_json::json!({
+                "expression": format!("FILL(beats, 0) / {per_minute}"),
+                "id": "reporting",
+                "label": "instances sending a heartbeat",
+            })],
+            vec![
+                ns.clone().into(),
+                AGENT_HEARTBEAT.into(),
+                DIM_FLEET.into(),
+                fleet.into(),
+                serde_json::json!({"id": "beats", "stat": "SampleCount", "visible": false}),
+            ],
+        ],
+    ));
+    Some(Dashboard { widgets })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn the_fleet_dashboard_shows_instances_side_by_side_and_names_none() {
+        let c = Config::parse(
+            Path::new("/c.toml"),
+            "[[apps]]\nname = \"codebox\"\n[[apps]]\nname = \"worker\"\n[aws]\nfleet = \"web\"\ninstance_id = \"i-0abc\"\n",
+        )
+        .unwrap();
+        let d = build_fleet(&c, "us-east-1").unwrap();
+        let body = to_json(&d);
+        assert_eq!(d.widgets.len(), 6);
+        assert!(!body.contains("i-0abc"), "{body}");
+        assert!(body.contains("WHERE Fleet = 'web' AND App = 'worker' GROUP BY InstanceId"));
+        assert!(body.contains("GROUP BY App"));
+        assert!(body.contains("FILL(beats, 0) / 1"));
+        let again: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            again["widgets"][5]["properties"]["metrics"][1][1],
+            "AgentHeartbeat"
+        );
+        assert!(build_fleet(
+            &Config::parse(Path::new("/c.toml"), "[[apps]]\nname = \"a\"\n[aws]\n").unwrap(),
+            "us-east-1"
+        )
+        .is_none());
+    }
 }

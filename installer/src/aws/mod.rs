@@ -3,4 +3,6 @@
 
 pub mod alarms;
 pub mod dashboard;
+pub mod fleet;
 pub mod provision;
+pub mod ssm;

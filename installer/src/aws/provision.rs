@@ -1,8 +1,17 @@
 //! observe -> plan -> apply against AWS. Only Describe/List/Get calls observe; a plan whose
 //! steps are empty makes no mutating call ("Nothing to do."). PutMetricAlarm overwrites
-//! unconditionally, so an alarm is written only when a field differs. Only names that start
-//! with this instance's `pmguard-<instance>-` prefix are ever deleted. AWS errors name the call,
-//! the IAM action it needs, and the fix.
+//! unconditionally, so an alarm is written only when a field differs. AWS errors name the call,
+//! the IAM action it needs, the policy that grants it, and the fix.
+//!
+//! Two modes, chosen by `[aws] fleet`:
+//! - single box: alarms and a dashboard per instance; an alarm is the instance's when its name
+//!   has the instance's prefix *and* its `InstanceId` dimension is exactly the instance;
+//! - fleet: one set of alarms and one dashboard for the fleet (`fleet.rs`); an alarm is the
+//!   fleet's when its description carries the fleet's marker.
+//!
+//! Three plans: `plan` (provision-aws: converge), `plan_removal` (`uninstall --aws` on one box:
+//! never a resource another box still uses; nothing at all in fleet mode) and `plan_destroy`
+//! (`provision-aws --destroy`: everything the config owns, listed first, applied only with `--yes`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,8 +24,11 @@ use aws_sdk_cloudwatch::error::ProvideErrorMetadata;
 use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
 use pmguard_agent::config::Config;
 
-use super::alarms::{self, AlarmSpec};
-use super::dashboard;
+use aws_sdk_cloudwatch::types::{Metric, MetricDataQuery, MetricStat};
+use pmguard_agent::aws::names::{AGENT_IAM_ACTIONS, FLEET_AGENT_IAM_ACTIONS};
+
+use super::alarms::{self, AlarmSpec, MetricQuery, QuerySource};
+use super::{dashboard, fleet};
 
 /// Stands for the topic's ARN in a plan made before the topic exists.
 pub const TOPIC_TO_CREATE: &str = "(the topic, once created)";
@@ -25,11 +37,17 @@ pub struct Clients {
     pub cw: aws_sdk_cloudwatch::Client,
     pub logs: aws_sdk_cloudwatchlogs::Client,
     pub sns: aws_sdk_sns::Client,
+    pub ssm: aws_sdk_ssm::Client,
     pub region: String,
 }
 
 /// SDK clients with explicit timeouts and retries (the SDK's defaults can hang for minutes).
 pub async fn clients(config: &Config) -> Clients {
+    clients_for(config.aws.as_ref().and_then(|a| a.region.as_deref())).await
+}
+
+/// Clients in `region`, else the SDK chain's region (AWS_REGION, the profile, IMDS).
+pub async fn clients_for(region: Option<&str>) -> Clients {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(
             TimeoutConfig::builder()
@@ -39,8 +57,8 @@ pub async fn clients(config: &Config) -> Clients {
                 .build(),
         )
         .retry_config(RetryConfig::standard().with_max_attempts(3));
-    if let Some(r) = config.aws.as_ref().and_then(|a| a.region.clone()) {
-        loader = loader.region(aws_config::Region::new(r));
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r.to_string()));
     }
     let sdk = loader.load().await;
     let region = sdk
@@ -50,6 +68,7 @@ pub async fn clients(config: &Config) -> Clients {
         cw: aws_sdk_cloudwatch::Client::new(&sdk),
         logs: aws_sdk_cloudwatchlogs::Client::new(&sdk),
         sns: aws_sdk_sns::Client::new(&sdk),
+        ssm: aws_sdk_ssm::Client::new(&sdk),
         region,
     }
 }
@@ -62,9 +81,21 @@ pub struct AwsObserved {
     pub subscriptions: BTreeMap<String, String>,
     /// The log group and its retention, when it exists.
     pub log_group: Option<Option<i32>>,
-    /// This instance's pmguard alarms by name.
+    /// This instance's (or this fleet's) pmguard alarms by name, exactly.
     pub alarms: BTreeMap<String, AlarmSpec>,
     pub dashboard: Option<serde_json::Value>,
+    /// Metrics Insights alarms in the account and Region that are not ours (fleet mode; they
+    /// count against the same quota).
+    pub other_insights_alarms: usize,
+}
+
+/// Who else uses the shared resources (observed only for `uninstall --aws` on one box).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sharing {
+    /// Alarms that are not this instance's and notify the topic.
+    pub topic_users: Vec<String>,
+    /// Log streams in the group other than this instance's.
+    pub other_streams: Vec<String>,
 }
 
 /// One change to make in AWS.
@@ -116,7 +147,7 @@ pub struct AwsError {
     pub fix: String,
 }
 
-fn explain<E: ProvideErrorMetadata + std::fmt::Debug>(
+pub(crate) fn explain<E: ProvideErrorMetadata + std::fmt::Debug>(
     call: &'static str,
     action: &str,
     err: aws_sdk_cloudwatch::error::SdkError<E>,
@@ -129,9 +160,15 @@ fn explain<E: ProvideErrorMetadata + std::fmt::Debug>(
         ),
         other => (String::new(), format!("{other:?}")),
     };
+    let policy = if AGENT_IAM_ACTIONS.contains(&action) || FLEET_AGENT_IAM_ACTIONS.contains(&action)
+    {
+        "the instance role's policy (/etc/pmguard/iam-agent-policy.json, or `pmguard fleet iam --role agent --config FILE`)"
+    } else {
+        "the admin policy (`pmguard fleet iam --role admin --config FILE`, also /etc/pmguard/iam-admin-policy.json) to the role or user that runs provision-aws, never to an instance role"
+    };
     let fix = match code.as_str() {
         "AccessDenied" | "AccessDeniedException" | "AuthorizationError" | "UnauthorizedOperation" => format!(
-            "the credentials lack IAM permission `{action}`: attach /etc/pmguard/iam-policy.json (printed by `pmguard install`) to the role, then run again"
+            "the credentials lack IAM permission `{action}`: attach {policy}, then run again"
         ),
         "Throttling" | "ThrottlingException" | "TooManyRequestsException" => {
             "AWS is throttling: run again in a minute; what was applied stays applied and the next run resumes".into()
@@ -147,7 +184,11 @@ fn explain<E: ProvideErrorMetadata + std::fmt::Debug>(
     } else {
         format!("{code}: {message}")
     };
-    AwsError { call, detail, fix }
+    AwsError {
+        call,
+        detail: format!("{detail} (IAM action {action})"),
+        fix,
+    }
 }
 
 /// Reads what pmguard manages for this instance.
@@ -215,60 +256,46 @@ pub async fn observe(
         .iter()
         .find(|g| g.log_group_name() == Some(aws.log_group.as_str()))
         .map(|g| g.retention_in_days());
-    let prefix = alarms::instance_prefix(instance);
-    let mut token = None;
-    loop {
-        let out =
-            c.cw.describe_alarms()
-                .alarm_name_prefix(&prefix)
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| explain("DescribeAlarms", "cloudwatch:DescribeAlarms", e))?;
-        for a in out.metric_alarms() {
-            let spec = AlarmSpec {
-                name: a.alarm_name().unwrap_or_default().to_string(),
-                description: a.alarm_description().unwrap_or_default().to_string(),
-                namespace: a.namespace().unwrap_or_default().to_string(),
-                metric: a.metric_name().unwrap_or_default().to_string(),
-                statistic: a
-                    .statistic()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default(),
-                dimensions: a
-                    .dimensions()
-                    .iter()
-                    .map(|d| {
-                        (
-                            d.name().unwrap_or_default().to_string(),
-                            d.value().unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect(),
-                period: a.period().unwrap_or(0),
-                evaluation_periods: a.evaluation_periods().unwrap_or(0),
-                datapoints_to_alarm: a
-                    .datapoints_to_alarm()
-                    .unwrap_or(a.evaluation_periods().unwrap_or(0)),
-                threshold: a.threshold().unwrap_or(0.0),
-                comparison: a
-                    .comparison_operator()
-                    .map(|c| c.as_str().to_string())
-                    .unwrap_or_default(),
-                treat_missing_data: a.treat_missing_data().unwrap_or("missing").to_string(),
-                actions: a.alarm_actions().to_vec(),
+    let fleet_name = aws.fleet.as_deref();
+    let prefix = match fleet_name {
+        Some(f) => fleet::alarm_prefix(f),
+        None => alarms::instance_prefix(instance),
+    };
+    // An alarm is ours when its name is one this config asks for (exactly), or when it carries
+    // our mark (the fleet's marker, the instance's exact InstanceId): only those are updated or
+    // deleted. A longer name under the same prefix (`web-2` next to `web`) is someone else's.
+    let wanted: Vec<String> = match fleet_name {
+        Some(_) => fleet::desired(config, None),
+        None => alarms::desired(config, instance, None),
+    }
+    .into_iter()
+    .map(|a| a.name)
+    .collect();
+    for spec in describe_alarms(c, Some(&prefix)).await? {
+        let ours = wanted.contains(&spec.name)
+            || match fleet_name {
+                Some(f) => fleet::owned_by_fleet(&spec, f),
+                None => alarms::owned_by_instance(&spec, instance),
             };
+        if ours {
             obs.alarms.insert(spec.name.clone(), spec);
         }
-        token = out.next_token().map(str::to_string);
-        if token.is_none() {
-            break;
-        }
     }
+    if fleet_name.is_some() {
+        obs.other_insights_alarms = describe_alarms(c, None)
+            .await?
+            .iter()
+            .filter(|a| fleet::is_insights(a) && !obs.alarms.contains_key(&a.name))
+            .count();
+    }
+    let dashboard_name = match fleet_name {
+        Some(f) => fleet::dashboard_name(f),
+        None => dashboard::name(instance),
+    };
     match c
         .cw
         .get_dashboard()
-        .dashboard_name(dashboard::name(instance))
+        .dashboard_name(dashboard_name)
         .send()
         .await
     {
@@ -287,6 +314,150 @@ pub async fn observe(
         }
     }
     Ok(obs)
+}
+
+/// Every metric alarm whose name starts with `prefix` (all of them without one).
+async fn describe_alarms(c: &Clients, prefix: Option<&str>) -> Result<Vec<AlarmSpec>, AwsError> {
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        let page =
+            c.cw.describe_alarms()
+                .set_alarm_name_prefix(prefix.map(str::to_string))
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| explain("DescribeAlarms", "cloudwatch:DescribeAlarms", e))?;
+        out.extend(page.metric_alarms().iter().map(observed_alarm));
+        token = page.next_token().map(str::to_string);
+        if token.is_none() {
+            return Ok(out);
+        }
+    }
+}
+
+fn pairs(dims: &[aws_sdk_cloudwatch::types::Dimension]) -> Vec<(String, String)> {
+    dims.iter()
+        .map(|d| {
+            (
+                d.name().unwrap_or_default().to_string(),
+                d.value().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// An alarm as DescribeAlarms returns it, in pmguard's terms.
+fn observed_alarm(a: &aws_sdk_cloudwatch::types::MetricAlarm) -> AlarmSpec {
+    AlarmSpec {
+        name: a.alarm_name().unwrap_or_default().to_string(),
+        description: a.alarm_description().unwrap_or_default().to_string(),
+        namespace: a.namespace().unwrap_or_default().to_string(),
+        metric: a.metric_name().unwrap_or_default().to_string(),
+        statistic: a
+            .statistic()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        dimensions: pairs(a.dimensions()),
+        period: a.period().unwrap_or(0),
+        evaluation_periods: a.evaluation_periods().unwrap_or(0),
+        datapoints_to_alarm: a
+            .datapoints_to_alarm()
+            .unwrap_or(a.evaluation_periods().unwrap_or(0)),
+        threshold: a.threshold().unwrap_or(0.0),
+        comparison: a
+            .comparison_operator()
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_default(),
+        treat_missing_data: a.treat_missing_data().unwrap_or("missing").to_string(),
+        actions: a.alarm_actions().to_vec(),
+        metrics: a
+            .metrics()
+            .iter()
+            .map(|q| MetricQuery {
+                id: q.id().unwrap_or_default().to_string(),
+                label: q.label().unwrap_or_default().to_string(),
+                // A math expression has no period of its own: it takes its metrics'.
+                period: q
+                    .period()
+                    .or_else(|| q.metric_stat().and_then(|m| m.period()))
+                    .or_else(|| {
+                        a.metrics()
+                            .iter()
+                            .find_map(|m| m.metric_stat().and_then(|m| m.period()))
+                    })
+                    .unwrap_or(0),
+                return_data: q.return_data().unwrap_or(true),
+                source: match (q.expression(), q.metric_stat()) {
+                    (Some(e), _) => QuerySource::Expression(e.to_string()),
+                    (None, Some(ms)) => QuerySource::Metric {
+                        namespace: ms
+                            .metric()
+                            .and_then(|m| m.namespace())
+                            .unwrap_or_default()
+                            .to_string(),
+                        name: ms
+                            .metric()
+                            .and_then(|m| m.metric_name())
+                            .unwrap_or_default()
+                            .to_string(),
+                        dimensions: ms
+                            .metric()
+                            .map(|m| pairs(m.dimensions()))
+                            .unwrap_or_default(),
+                        stat: ms.stat().unwrap_or_default().to_string(),
+                    },
+                    (None, None) => QuerySource::Expression(String::new()),
+                },
+            })
+            .collect(),
+    }
+}
+
+/// Who else uses the topic and the log group, for `uninstall --aws` in single-box mode.
+pub async fn observe_sharing(
+    c: &Clients,
+    config: &Config,
+    instance: &str,
+    obs: &AwsObserved,
+) -> Result<Sharing, AwsError> {
+    let mut sharing = Sharing::default();
+    let Some(aws) = config.aws.as_ref() else {
+        return Ok(sharing);
+    };
+    if let Some(arn) = &obs.topic_arn {
+        sharing.topic_users = describe_alarms(c, None)
+            .await?
+            .into_iter()
+            .filter(|a| !obs.alarms.contains_key(&a.name) && a.actions.contains(arn))
+            .map(|a| a.name)
+            .collect();
+    }
+    if obs.log_group.is_some() {
+        let mut token = None;
+        loop {
+            let page = c
+                .logs
+                .describe_log_streams()
+                .log_group_name(&aws.log_group)
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| explain("DescribeLogStreams", "logs:DescribeLogStreams", e))?;
+            sharing.other_streams.extend(
+                page.log_streams()
+                    .iter()
+                    .filter_map(|s| s.log_stream_name())
+                    .filter(|n| *n != instance)
+                    .map(str::to_string),
+            );
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(sharing)
 }
 
 /// Every step that converges AWS to the config (pure).
@@ -334,7 +505,14 @@ pub fn plan(
         }),
         Some(_) => {}
     }
-    let desired = alarms::desired(config, instance, topic_arn.as_deref());
+    let desired = match aws.fleet.as_deref() {
+        Some(_) => {
+            let desired = fleet::desired(config, topic_arn.as_deref());
+            fleet::validate_fleet(config, &desired, obs.other_insights_alarms)?;
+            desired
+        }
+        None => alarms::desired(config, instance, topic_arn.as_deref()),
+    };
     for spec in &desired {
         alarms::validate(spec)?;
         match obs.alarms.get(&spec.name) {
@@ -358,12 +536,22 @@ pub fn plan(
             steps.push(AwsStep::DeleteAlarm { name: name.clone() });
         }
     }
-    if let Some(d) = dashboard::build(config, instance, region) {
+    let (name, built) = match aws.fleet.as_deref() {
+        Some(f) => (
+            fleet::dashboard_name(f),
+            dashboard::build_fleet(config, region),
+        ),
+        None => (
+            dashboard::name(instance),
+            dashboard::build(config, instance, region),
+        ),
+    };
+    if let Some(d) = built {
         let body = dashboard::to_json(&d);
         let want: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         if obs.dashboard.as_ref() != Some(&want) {
             steps.push(AwsStep::PutDashboard {
-                name: dashboard::name(instance),
+                name,
                 body,
                 exists: obs.dashboard.is_some(),
             });
@@ -372,8 +560,29 @@ pub fn plan(
     Ok(steps)
 }
 
-/// Steps that remove everything provision-aws created for this instance.
-pub fn plan_removal(config: &Config, instance: &str, obs: &AwsObserved) -> Vec<AwsStep> {
+/// `uninstall --aws` on one box: what belongs to this box alone, and why the rest stays.
+///
+/// Fleet mode: nothing (an instance owns no AWS resource but its log stream, which the fleet's
+/// log group keeps for its retention; the agent's role may not delete anything). Single-box
+/// mode: this instance's alarms and dashboard; the topic only when no other alarm notifies it,
+/// the log group only when no other instance has a stream in it.
+pub fn plan_removal(
+    config: &Config,
+    instance: &str,
+    obs: &AwsObserved,
+    sharing: &Sharing,
+) -> (Vec<AwsStep>, Vec<String>) {
+    let mut notes = Vec::new();
+    let Some(aws) = config.aws.as_ref() else {
+        return (Vec::new(), notes);
+    };
+    if let Some(f) = aws.fleet.as_deref() {
+        notes.push(format!(
+            "fleet {f}: this box owns no shared resource; the topic, the log group {} (with this box's stream {instance}, kept for {} days), the fleet's alarms and its dashboard stay. `pmguard provision-aws --destroy` (admin) removes the fleet.",
+            aws.log_group, aws.log_retention_days
+        ));
+        return (Vec::new(), notes);
+    }
     let mut steps: Vec<AwsStep> = obs
         .alarms
         .keys()
@@ -385,9 +594,55 @@ pub fn plan_removal(config: &Config, instance: &str, obs: &AwsObserved) -> Vec<A
         });
     }
     if let Some(arn) = &obs.topic_arn {
+        if sharing.topic_users.is_empty() {
+            steps.push(AwsStep::DeleteTopic { arn: arn.clone() });
+        } else {
+            notes.push(format!(
+                "keep SNS topic {arn}: {} other alarm(s) notify it ({})",
+                sharing.topic_users.len(),
+                sharing.topic_users.join(", ")
+            ));
+        }
+    }
+    if obs.log_group.is_some() {
+        if sharing.other_streams.is_empty() {
+            steps.push(AwsStep::DeleteLogGroup {
+                name: aws.log_group.clone(),
+            });
+        } else {
+            notes.push(format!(
+                "keep log group {}: other instances write to it ({})",
+                aws.log_group,
+                sharing.other_streams.join(", ")
+            ));
+        }
+    }
+    (steps, notes)
+}
+
+/// `provision-aws --destroy`: everything the config owns (in fleet mode: the fleet's alarms and
+/// dashboard, its topic and its log group with every instance's stream).
+pub fn plan_destroy(config: &Config, instance: &str, obs: &AwsObserved) -> Vec<AwsStep> {
+    let Some(aws) = config.aws.as_ref() else {
+        return Vec::new();
+    };
+    let mut steps: Vec<AwsStep> = obs
+        .alarms
+        .keys()
+        .map(|n| AwsStep::DeleteAlarm { name: n.clone() })
+        .collect();
+    if obs.dashboard.is_some() {
+        steps.push(AwsStep::DeleteDashboard {
+            name: match aws.fleet.as_deref() {
+                Some(f) => fleet::dashboard_name(f),
+                None => dashboard::name(instance),
+            },
+        });
+    }
+    if let Some(arn) = &obs.topic_arn {
         steps.push(AwsStep::DeleteTopic { arn: arn.clone() });
     }
-    if let (Some(aws), Some(_)) = (config.aws.as_ref(), obs.log_group) {
+    if obs.log_group.is_some() {
         steps.push(AwsStep::DeleteLogGroup {
             name: aws.log_group.clone(),
         });
@@ -514,27 +769,28 @@ pub async fn apply(c: &Clients, steps: &[AwsStep]) -> Result<usize, AwsError> {
                     })
                     .filter(|a| !a.is_empty())
                     .collect();
-                c.cw.put_metric_alarm()
-                    .alarm_name(&spec.name)
-                    .alarm_description(&spec.description)
-                    .namespace(&spec.namespace)
-                    .metric_name(&spec.metric)
-                    .statistic(Statistic::from(spec.statistic.as_str()))
-                    .set_dimensions(Some(
-                        spec.dimensions
-                            .iter()
-                            .map(|(n, v)| Dimension::builder().name(n).value(v).build())
-                            .collect(),
-                    ))
-                    .period(spec.period)
-                    .evaluation_periods(spec.evaluation_periods)
-                    .datapoints_to_alarm(spec.datapoints_to_alarm)
-                    .threshold(spec.threshold)
-                    .comparison_operator(ComparisonOperator::from(spec.comparison.as_str()))
-                    .treat_missing_data(&spec.treat_missing_data)
-                    .set_alarm_actions(Some(actions.clone()))
-                    .set_ok_actions(Some(actions))
-                    .send()
+                let mut req =
+                    c.cw.put_metric_alarm()
+                        .alarm_name(&spec.name)
+                        .alarm_description(&spec.description)
+                        .evaluation_periods(spec.evaluation_periods)
+                        .datapoints_to_alarm(spec.datapoints_to_alarm)
+                        .threshold(spec.threshold)
+                        .comparison_operator(ComparisonOperator::from(spec.comparison.as_str()))
+                        .treat_missing_data(&spec.treat_missing_data)
+                        .set_alarm_actions(Some(actions.clone()))
+                        .set_ok_actions(Some(actions));
+                if spec.metrics.is_empty() {
+                    req = req
+                        .namespace(&spec.namespace)
+                        .metric_name(&spec.metric)
+                        .statistic(Statistic::from(spec.statistic.as_str()))
+                        .set_dimensions(Some(dimensions(&spec.dimensions)))
+                        .period(spec.period);
+                } else {
+                    req = req.set_metrics(Some(spec.metrics.iter().map(to_sdk_query).collect()));
+                }
+                req.send()
                     .await
                     .map_err(|e| explain("PutMetricAlarm", "cloudwatch:PutMetricAlarm", e))?;
             }
@@ -579,6 +835,47 @@ pub async fn apply(c: &Clients, steps: &[AwsStep]) -> Result<usize, AwsError> {
         }
     }
     Ok(calls)
+}
+
+fn dimensions(pairs: &[(String, String)]) -> Vec<Dimension> {
+    pairs
+        .iter()
+        .map(|(n, v)| Dimension::builder().name(n).value(v).build())
+        .collect()
+}
+
+fn to_sdk_query(q: &MetricQuery) -> MetricDataQuery {
+    let b = MetricDataQuery::builder()
+        .id(&q.id)
+        .label(&q.label)
+        .return_data(q.return_data);
+    match &q.source {
+        // A Metrics Insights query takes its period; a math expression inherits its metrics'.
+        QuerySource::Expression(e) if e.trim_start().to_ascii_uppercase().starts_with("SELECT") => {
+            b.expression(e).period(q.period).build()
+        }
+        QuerySource::Expression(e) => b.expression(e).build(),
+        QuerySource::Metric {
+            namespace,
+            name,
+            dimensions: dims,
+            stat,
+        } => b
+            .metric_stat(
+                MetricStat::builder()
+                    .metric(
+                        Metric::builder()
+                            .namespace(namespace)
+                            .metric_name(name)
+                            .set_dimensions(Some(dimensions(dims)))
+                            .build(),
+                    )
+                    .period(q.period)
+                    .stat(stat)
+                    .build(),
+            )
+            .build(),
+    }
 }
 
 /// The topic's ARN when the plan subscribes to an existing topic (the ARN was observed).
@@ -655,8 +952,99 @@ mod tests {
             "{shown}"
         );
         // A stranger's alarm under another instance's prefix is not ours to delete.
-        let removal = plan_removal(&c, "i-2", &AwsObserved::default());
+        let (removal, _) = plan_removal(&c, "i-2", &AwsObserved::default(), &Sharing::default());
         assert!(removal.is_empty());
+    }
+
+    fn fleet_config() -> Config {
+        Config::parse(
+            Path::new("/c.toml"),
+            "[[apps]]\nname = \"codebox\"\n[aws]\nfleet = \"web\"\nalarm_email = \"ops@example.com\"\n",
+        )
+        .unwrap()
+    }
+
+    fn provisioned_fleet(c: &Config) -> AwsObserved {
+        let arn = "arn:aws:sns:us-east-1:1:pmguard-web-alerts".to_string();
+        let mut obs = AwsObserved {
+            topic_arn: Some(arn.clone()),
+            log_group: Some(Some(30)),
+            ..AwsObserved::default()
+        };
+        obs.subscriptions.insert(
+            "ops@example.com".into(),
+            "arn:aws:sns:us-east-1:1:x:y".into(),
+        );
+        for a in fleet::desired(c, Some(&arn)) {
+            obs.alarms.insert(a.name.clone(), a);
+        }
+        obs.dashboard = serde_json::from_str(&dashboard::to_json(
+            &dashboard::build_fleet(c, "us-east-1").unwrap(),
+        ))
+        .ok();
+        obs
+    }
+
+    #[test]
+    fn a_fleet_plan_creates_the_shared_resources_once_and_nothing_per_instance() {
+        let c = fleet_config();
+        let steps = plan(&c, "i-1", "us-east-1", &AwsObserved::default()).unwrap();
+        let shown = display(&steps, &AwsObserved::default(), &c);
+        insta::assert_snapshot!("provision_fleet_fresh_plan", shown);
+        // The instance does not appear in anything the fleet plan creates.
+        assert!(!shown.contains("i-1"), "{shown}");
+        assert_eq!(
+            plan(&c, "i-2", "us-east-1", &AwsObserved::default()).unwrap(),
+            steps
+        );
+        let obs = provisioned_fleet(&c);
+        assert!(plan(&c, "i-1", "us-east-1", &obs).unwrap().is_empty());
+    }
+
+    #[test]
+    fn uninstall_on_a_fleet_box_removes_nothing_shared() {
+        let c = fleet_config();
+        let obs = provisioned_fleet(&c);
+        let (steps, notes) = plan_removal(&c, "i-1", &obs, &Sharing::default());
+        assert!(steps.is_empty(), "{steps:?}");
+        assert!(notes[0].contains("provision-aws --destroy"), "{notes:?}");
+    }
+
+    #[test]
+    fn destroy_lists_every_fleet_resource() {
+        let c = fleet_config();
+        let obs = provisioned_fleet(&c);
+        let steps = plan_destroy(&c, "i-1", &obs);
+        let shown = display(&steps, &obs, &c);
+        insta::assert_snapshot!("provision_fleet_destroy_plan", shown);
+    }
+
+    #[test]
+    fn uninstall_on_one_box_keeps_what_another_box_uses() {
+        let c = config();
+        let arn = "arn:aws:sns:us-east-1:1:alerts".to_string();
+        let mut obs = AwsObserved {
+            topic_arn: Some(arn.clone()),
+            log_group: Some(Some(30)),
+            ..AwsObserved::default()
+        };
+        for a in alarms::desired(&c, "web", Some(&arn)) {
+            obs.alarms.insert(a.name.clone(), a);
+        }
+        let sharing = Sharing {
+            topic_users: vec!["pmguard-web-2-codebox-service-down".into()],
+            other_streams: vec!["web-2".into()],
+        };
+        let (steps, notes) = plan_removal(&c, "web", &obs, &sharing);
+        assert_eq!(steps.len(), 4, "the four alarms only: {steps:?}");
+        assert!(steps.iter().all(
+            |s| matches!(s, AwsStep::DeleteAlarm { name } if name.starts_with("pmguard-web-"))
+        ));
+        assert!(notes[0].starts_with("keep SNS topic"), "{notes:?}");
+        assert!(notes[1].contains("web-2"), "{notes:?}");
+        let (steps, notes) = plan_removal(&c, "web", &obs, &Sharing::default());
+        assert_eq!(steps.len(), 6);
+        assert!(notes.is_empty());
     }
 
     #[test]

@@ -1,0 +1,303 @@
+//! The AWS side of the CLI: `provision-aws` (converge, or `--destroy` with `--yes`),
+//! `uninstall --aws`, and `pmguard fleet push-config|render|iam`; reading a config from
+//! `ssm:NAME`. Prints plans; the work is in `pmguard_installer::aws` and `::bootstrap`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Subcommand, ValueEnum};
+use pmguard_agent::config::Config;
+use pmguard_installer::aws::{provision, ssm};
+use pmguard_installer::bootstrap::{Bootstrap, ConfigSource, Format};
+
+#[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Validate a config and store it in SSM Parameter Store, where `pmguard install --config
+    /// ssm:NAME` reads it (admin credentials; a second run with the same file changes nothing).
+    PushConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Parameter name, e.g. /pmguard/<fleet>/config (the instance role may read
+        /// /pmguard/<fleet>/*).
+        #[arg(long)]
+        parameter: String,
+        /// Say what would change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the bootstrap of a new instance: download the package, check its hash, install it,
+    /// run `pmguard install`. Safe to run twice on a box.
+    Render {
+        /// A config file (embedded in the output) or ssm:NAME (read by the box at every run).
+        #[arg(long, short)]
+        config: String,
+        /// Where the box downloads the package (.deb or .tar.gz).
+        #[arg(long)]
+        package_url: String,
+        /// The package's SHA-256 (`sha256sum PACKAGE`).
+        #[arg(long)]
+        sha256: String,
+        /// The account that runs PM2 on the box.
+        #[arg(long)]
+        user: String,
+        #[arg(long, value_enum, default_value = "cloud-init")]
+        format: RenderFormat,
+    },
+    /// Print an IAM policy for the config, with the account in every ARN when given.
+    Iam {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The 12-digit AWS account id (default: any account, `*`).
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Role {
+    /// The instance role: exactly what a box calls (iam-agent-policy.json).
+    Agent,
+    /// Whoever runs provision-aws and push-config (iam-admin-policy.json).
+    Admin,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RenderFormat {
+    /// EC2 user-data (#cloud-config).
+    CloudInit,
+    /// An SSM Command document (schemaVersion 2.2) for Run Command or State Manager.
+    SsmDocument,
+    /// A plain POSIX shell script.
+    Shell,
+}
+
+pub fn run(command: FleetCommand) -> Result<ExitCode, String> {
+    match command {
+        FleetCommand::PushConfig {
+            config,
+            parameter,
+            dry_run,
+        } => push_config(&config, &parameter, dry_run),
+        FleetCommand::Iam {
+            config,
+            role,
+            account,
+        } => {
+            use pmguard_installer::iam;
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let policy = match role {
+                Role::Agent => iam::agent_policy(&config),
+                Role::Admin => iam::admin_policy(&config),
+            }
+            .ok_or("the config has no [aws] section: no AWS permission is needed")?;
+            let policy = match account {
+                Some(a) => iam::with_account(policy, &a)?,
+                None => policy,
+            };
+            print!("{}", iam::to_json(&policy));
+            Ok(ExitCode::SUCCESS)
+        }
+        FleetCommand::Render {
+            config,
+            package_url,
+            sha256,
+            user,
+            format,
+        } => {
+            let source = match config.strip_prefix(ssm::SCHEME) {
+                Some(name) => ConfigSource::Parameter(name.to_string()),
+                None => ConfigSource::Inline(
+                    std::fs::read_to_string(&config).map_err(|e| format!("{config}: {e}"))?,
+                ),
+            };
+            let b = Bootstrap::new(&package_url, &sha256, &user, source)?;
+            print!(
+                "{}",
+                b.render(match format {
+                    RenderFormat::CloudInit => Format::CloudInit,
+                    RenderFormat::SsmDocument => Format::SsmDocument,
+                    RenderFormat::Shell => Format::Shell,
+                })
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The config and its exact text, from a file or from `ssm:NAME` (Parameter Store, in the
+/// region of the SDK chain: AWS_REGION, the profile, IMDS).
+pub fn load_config(arg: &Path) -> Result<(Config, String), String> {
+    let shown = arg.display().to_string();
+    let Some(name) = shown.strip_prefix(ssm::SCHEME) else {
+        let config = Config::load(arg).map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(arg).map_err(|e| format!("{shown}: {e}"))?;
+        return Ok((config, text));
+    };
+    ssm::check_name(name)?;
+    let text = runtime()?.block_on(async {
+        let clients = provision::clients_for(None).await;
+        ssm::get(&clients, name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("SSM parameter {name} does not exist in {}: store it with `pmguard fleet push-config --config FILE --parameter {name}`", clients.region))
+    })?;
+    let config = Config::parse(arg, &text).map_err(|e| e.to_string())?;
+    Ok((config, text))
+}
+
+fn push_config(path: &Path, parameter: &str, dry_run: bool) -> Result<ExitCode, String> {
+    let config = Config::load(path).map_err(|e| format!("{e}\nNothing was stored."))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    ssm::check_name(parameter)?;
+    ssm::tier(&text)?;
+    if let Some(fleet) = config.aws.as_ref().and_then(|a| a.fleet.as_deref()) {
+        let prefix = pmguard_installer::iam::parameter_prefix(fleet);
+        if !parameter.starts_with(&prefix) {
+            println!("note: the instance role (iam-agent-policy.json) may read only {prefix}*; grant ssm:GetParameter on {parameter} too, or use {prefix}config");
+        }
+    }
+    runtime()?.block_on(async {
+        let clients = provision::clients(&config).await;
+        let old = ssm::get(&clients, parameter)
+            .await
+            .map_err(|e| e.to_string())?;
+        if old.as_deref() == Some(text.as_str()) {
+            println!(
+                "SSM parameter {parameter} ({}): Nothing to do.",
+                clients.region
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        let what = if old.is_some() { "update" } else { "create" };
+        println!(
+            "{what} SSM parameter {parameter} ({}) with {}",
+            clients.region,
+            path.display()
+        );
+        if dry_run {
+            return Ok(ExitCode::SUCCESS);
+        }
+        ssm::push(&clients, parameter, &text)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!(
+            "Done. Boxes converge on it at their next `pmguard install --config ssm:{parameter}`."
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// The instance name provision-aws uses in single-box mode (fleet mode names none).
+async fn instance(config: &Config) -> String {
+    let aws = config.aws.as_ref();
+    match aws.and_then(|a| a.instance_id.clone()) {
+        Some(i) => i,
+        None if aws.is_some_and(|a| a.fleet.is_some()) => "(fleet)".to_string(),
+        None => pmguard_agent::aws::sink::instance_id().await,
+    }
+}
+
+fn load_aws_config(config_path: &Path) -> Result<Config, String> {
+    let (config, _) = load_config(config_path)?;
+    if config.aws.is_none() {
+        return Err(format!(
+            "{} has no [aws] section: nothing to provision",
+            config_path.display()
+        ));
+    }
+    Ok(config)
+}
+
+fn scope(config: &Config, instance: &str, region: &str) -> String {
+    match config.aws.as_ref().and_then(|a| a.fleet.as_deref()) {
+        Some(f) => format!("AWS ({region}, fleet {f}):"),
+        None => format!("AWS ({region}, instance {instance}):"),
+    }
+}
+
+/// `provision-aws`: converge; with `destroy`, list what the config owns and delete it when
+/// `yes` (exit 1 without it).
+pub fn provision(
+    config_path: &Path,
+    dry_run: bool,
+    destroy: bool,
+    yes: bool,
+) -> Result<ExitCode, String> {
+    let config = load_aws_config(config_path)?;
+    runtime()?.block_on(async {
+        let clients = provision::clients(&config).await;
+        let instance = instance(&config).await;
+        let observed = provision::observe(&clients, &config, &instance)
+            .await
+            .map_err(|e| e.to_string())?;
+        let steps = if destroy {
+            provision::plan_destroy(&config, &instance, &observed)
+        } else {
+            provision::plan(&config, &instance, &clients.region, &observed)?
+        };
+        println!("{}", scope(&config, &instance, &clients.region));
+        print!("{}", provision::display(&steps, &observed, &config));
+        if dry_run || steps.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if destroy && !yes {
+            println!(
+                "Nothing was deleted: run again with --yes to delete these {} resource(s).",
+                steps.len()
+            );
+            return Ok(ExitCode::from(1));
+        }
+        let calls = provision::apply(&clients, &steps)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("Done: {calls} change(s) applied.");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `uninstall --aws`: what belongs to this box alone (nothing shared, nothing in fleet mode).
+pub fn uninstall_aws(config_path: &Path, dry_run: bool) -> Result<ExitCode, String> {
+    let config = load_aws_config(config_path)?;
+    runtime()?.block_on(async {
+        let clients = provision::clients(&config).await;
+        let instance = match config.aws.as_ref().and_then(|a| a.instance_id.clone()) {
+            Some(i) => i,
+            None => pmguard_agent::aws::sink::instance_id().await,
+        };
+        let fleet = config.aws.as_ref().is_some_and(|a| a.fleet.is_some());
+        let (observed, sharing) = if fleet {
+            Default::default()
+        } else {
+            let observed = provision::observe(&clients, &config, &instance)
+                .await
+                .map_err(|e| e.to_string())?;
+            let sharing = provision::observe_sharing(&clients, &config, &instance, &observed)
+                .await
+                .map_err(|e| e.to_string())?;
+            (observed, sharing)
+        };
+        let (steps, notes) = provision::plan_removal(&config, &instance, &observed, &sharing);
+        println!("AWS ({}, instance {instance}):", clients.region);
+        print!("{}", provision::display(&steps, &observed, &config));
+        for n in &notes {
+            println!("{n}");
+        }
+        if dry_run || steps.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let calls = provision::apply(&clients, &steps)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("Done: {calls} change(s) applied.");
+        Ok(ExitCode::SUCCESS)
+    })
+}
