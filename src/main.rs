@@ -192,17 +192,15 @@ fn install(
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd)?;
     // Only the live system's PM2 can be running (a staging root has none).
+    // A daemon counts as running if its pid file says so, or if anything answers on its socket
+    // (a missing pid file must never let `pm2 resurrect` meet a live daemon).
+    let pm2_paths =
+        pmguard_agent::pm2::Pm2Paths::from_home(&render::pm2_home(&config, &settings.account));
     observed.pm2_daemon_live = !staged
-        && matches!(
-            pmguard_agent::pm2::liveness::daemon_process(
-                &pmguard_agent::pm2::Pm2Paths::from_home(&render::pm2_home(
-                    &config,
-                    &settings.account
-                )),
-                Path::new("/proc"),
-            ),
-            pmguard_agent::pm2::liveness::DaemonProcess::Alive(_)
-        );
+        && (!matches!(
+            pmguard_agent::pm2::liveness::daemon_process(&pm2_paths, Path::new("/proc")),
+            pmguard_agent::pm2::liveness::DaemonProcess::None
+        ) || std::os::unix::net::UnixStream::connect(&pm2_paths.rpc).is_ok());
     let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
     if let pmguard_installer::pm2unit::Supervision::Unavailable(why) = &pm2 {
         plan.notes.push(format!(

@@ -90,6 +90,9 @@ pub struct Shared {
     pub recorder: Option<Arc<crate::aws::Recorder>>,
     /// Mirrors `restarts.json`'s `pm2_stopped_on_purpose`, so the hot path reads no file.
     stopped_on_purpose: std::sync::atomic::AtomicBool,
+    /// The PM2 connection generation current when `pm2 kill` was seen: only an answer on a
+    /// newer connection (a new daemon) clears the flag, not a reply already on its way.
+    stopped_generation: AtomicU64,
 }
 
 /// Apps checked at nearly the same moment share one `getMonitorData`.
@@ -97,6 +100,9 @@ pub const SNAPSHOT_MAX_AGE: u64 = 250;
 
 impl Shared {
     pub fn new(agent: AgentConfig, client: Arc<Client>, events: Arc<EventLog>) -> Shared {
+        let stopped = StateDir::new(&agent.state_dir)
+            .read_restarts()
+            .pm2_stopped_on_purpose;
         Shared {
             state: StateDir::new(&agent.state_dir),
             agent,
@@ -109,12 +115,17 @@ impl Shared {
             sandboxed: false,
             board: Mutex::new(BTreeMap::new()),
             recorder: None,
-            stopped_on_purpose: std::sync::atomic::AtomicBool::new(false),
+            // Loaded, not assumed: a flag set by an earlier run (or the daemon, for the backup
+            // check) must be cleared by the next answer, or a later crash is never repaired.
+            stopped_on_purpose: std::sync::atomic::AtomicBool::new(stopped),
+            stopped_generation: AtomicU64::new(0),
         }
     }
 
     /// A person ran `pm2 kill`: remember it (for the backup check too) and say so.
     pub fn pm2_stopped_on_purpose(&self) {
+        self.stopped_generation
+            .store(self.client.generation(), Ordering::Relaxed);
         self.stopped_on_purpose.store(true, Ordering::Relaxed);
         self.set_stopped_flag(true);
         self.emit(Event::new(
@@ -153,9 +164,15 @@ impl Shared {
             .map_err(|e| self.judge_failure(&e));
         *cached = Some((clock::mono_now(), fresh.clone()));
         drop(cached);
-        // A daemon answers again after a `pm2 kill`: resurrect is allowed again when it dies.
-        if fresh.is_ok() && self.stopped_on_purpose.swap(false, Ordering::Relaxed) {
-            self.set_stopped_flag(false);
+        // A daemon answers again after a `pm2 kill` (on a newer connection than the one the kill
+        // was seen on): resurrect is allowed again when it dies.
+        if let Ok(s) = &fresh {
+            if self.stopped_on_purpose.load(Ordering::Relaxed)
+                && s.generation > self.stopped_generation.load(Ordering::Relaxed)
+                && self.stopped_on_purpose.swap(false, Ordering::Relaxed)
+            {
+                self.set_stopped_flag(false);
+            }
         }
         fresh
     }
@@ -447,10 +464,20 @@ impl App {
         if let Some(s) = &check.snapshot {
             self.notice_pm2_restarts(shared, s, now);
         }
+        // Stuck by the tracker's window, or spinning at the threshold right now: a process whose
+        // event loop is busy cannot run its SIGINT handler either, so PM2's graceful stop would
+        // wait out the whole kill_timeout.
         self.hung = match &check.view {
             Pm2View::Instances(list) => list
                 .iter()
-                .filter(|i| i.stuck.is_some())
+                .filter(|i| {
+                    i.stuck.is_some()
+                        || self
+                            .trackers
+                            .get(&i.pid)
+                            .and_then(|(_, t)| t.cpu_pct)
+                            .is_some_and(|c| c >= f64::from(self.cfg.cpu_threshold))
+                })
                 .map(|i| i.pm_id)
                 .collect(),
             _ => Vec::new(),
@@ -928,15 +955,8 @@ pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64)
 /// PM2 and its apps may only ever be started as PM2_HOME's owner: `pm2 resurrect` run as root
 /// against another user's home starts a root daemon and the user's apps as root.
 fn may_start_pm2_as(home: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let owner = std::fs::metadata(home)
-        .map_err(|e| {
-            format!(
-                "PM2_HOME {} cannot be read ({e}); not resurrecting.",
-                home.display()
-            )
-        })?
-        .uid();
+    let owner =
+        crate::privilege::home_owner(home).map_err(|e| format!("{e}; not resurrecting."))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if owner == me {
@@ -1248,22 +1268,29 @@ impl<'a> Signaller<'a> {
         let Ok(s) = w.sample() else {
             return None;
         };
-        if w.uid != owner {
-            return refuse(format!("owned by uid {}, PM2 runs as uid {owner}", w.uid));
-        }
         if s.ppid != daemon {
             return refuse(format!(
                 "its parent is pid {}, not the PM2 daemon (pid {daemon})",
                 s.ppid
             ));
         }
-        if let (Some(up), Some(boot)) = (e.pm_uptime_ms, self.boot_ms) {
-            let started = procfs::start_epoch_ms(boot, s.start_ticks, self.shared.ticks_per_sec);
-            if started + START_SLACK_BEFORE_MS < up || started > up + START_SLACK_AFTER_MS {
-                return refuse(format!(
-                    "it started at {started} ms, PM2 started this instance at {up} ms"
-                ));
+        let started_when_pm2_says = match (e.pm_uptime_ms, self.boot_ms) {
+            (Some(up), Some(boot)) => {
+                let started =
+                    procfs::start_epoch_ms(boot, s.start_ticks, self.shared.ticks_per_sec);
+                if started + START_SLACK_BEFORE_MS < up || started > up + START_SLACK_AFTER_MS {
+                    return refuse(format!(
+                        "it started at {started} ms, PM2 started this instance at {up} ms"
+                    ));
+                }
+                true
             }
+            _ => false,
+        };
+        // Another uid is PM2's own doing only when proven otherwise: a root PM2 runs apps with
+        // `--uid`. Without a start time to check, PM2's user is required.
+        if w.uid != owner && !(owner == 0 && started_when_pm2_says) {
+            return refuse(format!("owned by uid {}, PM2 runs as uid {owner}", w.uid));
         }
         // Read after the pidfd was opened: while the pidfd's process lives, /proc/<pid> is it.
         if !fd.alive() {

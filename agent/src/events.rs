@@ -175,9 +175,11 @@ impl EventLog {
         }
         if inner.file.is_none() {
             let f = files::open_append(&self.path, 0o640)?;
-            inner.size = f.metadata()?.len();
             inner.file = Some(f);
         }
+        // The size from the file itself: a person may have truncated it in place (`: > file`),
+        // and rotating on a stale count would rename a small file over the rotated history.
+        inner.size = inner.file.as_ref().expect("opened above").metadata()?.len();
         if inner.size + line.len() as u64 > self.max_bytes && inner.size > 0 {
             inner.file = None;
             let mut rotated = self.path.clone().into_os_string();
@@ -325,5 +327,26 @@ mod tests {
         let current = std::fs::read_to_string(d.path().join("events.jsonl")).unwrap();
         assert_eq!(rotated.matches("before-rotation").count(), 3, "{rotated}");
         assert!(current.contains("after-rotation"), "{current}");
+    }
+
+    #[test]
+    fn a_file_truncated_in_place_never_rotates_over_the_history() {
+        let d = tempfile::tempdir().unwrap();
+        let log = EventLog::open(d.path(), 600).unwrap();
+        for _ in 0..8 {
+            log.emit(Event::new(Kind::Restart, Some("web"), "history"));
+        }
+        let rotated = std::fs::read_to_string(d.path().join("events.jsonl.1")).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(d.path().join("events.jsonl"))
+            .unwrap();
+        log.emit(Event::new(Kind::Restart, Some("web"), "after-truncate"));
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("events.jsonl.1")).unwrap(),
+            rotated,
+            "the rotated history was replaced"
+        );
     }
 }

@@ -39,13 +39,22 @@ pub fn ensure_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Opens (creating with `mode`) a file for appending, never through a symlink.
+/// Only a regular file is opened: a FIFO planted under the name is refused at once (O_NONBLOCK:
+/// never waited on for a reader).
 pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
+    let f = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file; remove it", path.display()),
+        ));
+    }
+    Ok(f)
 }
 
 /// The most `read_optional` reads of a state file: far above any file pmguard writes.
@@ -222,6 +231,8 @@ mod tests {
         // SAFETY: a valid C string path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let err = read_optional(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let err = open_append(&fifo, 0o640).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
         let big = d.path().join("big");
         std::fs::write(&big, vec![b'x'; 1000]).unwrap();

@@ -12,6 +12,57 @@ use std::ffi::{CStr, CString};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+/// The owner of PM2_HOME, judged without following links: the home itself must be a real
+/// directory writable by its owner alone, and every directory above it must be root's or the
+/// owner's and writable by nobody else (a sticky directory like /tmp aside). Otherwise anyone
+/// who can swap the path (a symlink from the user's home to a root-owned directory, a dump.pm2
+/// planted in it) could choose whose PM2 pmguard starts, and as whom.
+pub fn home_owner(pm2_home: &Path) -> Result<u32, String> {
+    let refuse = |why: String| {
+        Err(format!(
+            "PM2_HOME {}: {why}; pmguard will not act for a PM2 whose owner it cannot tell for sure",
+            pm2_home.display()
+        ))
+    };
+    let m = match std::fs::symlink_metadata(pm2_home) {
+        Ok(m) => m,
+        Err(e) => return refuse(format!("cannot be read ({e})")),
+    };
+    if m.file_type().is_symlink() {
+        return refuse("is a symlink (set [agent] pm2_home to the real directory)".into());
+    }
+    if !m.is_dir() {
+        return refuse("is not a directory".into());
+    }
+    if m.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "is writable by others (mode {:04o}); `chmod go-w` it",
+            m.mode() & 0o7777
+        ));
+    }
+    let owner = m.uid();
+    let mut dir = pm2_home.parent();
+    while let Some(d) = dir {
+        let Ok(dm) = std::fs::symlink_metadata(d) else {
+            return refuse(format!("{} cannot be read", d.display()));
+        };
+        let sticky = dm.mode() & 0o1000 != 0;
+        if dm.file_type().is_symlink() {
+            return refuse(format!("{} on the way is a symlink", d.display()));
+        }
+        if (dm.uid() != 0 && dm.uid() != owner) || (dm.mode() & 0o022 != 0 && !sticky) {
+            return refuse(format!(
+                "{} on the way is owned by uid {} with mode {:04o}",
+                d.display(),
+                dm.uid(),
+                dm.mode() & 0o7777
+            ));
+        }
+        dir = d.parent();
+    }
+    Ok(owner)
+}
+
 /// What `become_owner_of` did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Became {
@@ -29,13 +80,7 @@ pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(Became::Unchanged);
     }
-    let meta = std::fs::metadata(pm2_home).map_err(|e| {
-        format!(
-            "PM2_HOME {} cannot be read as root ({e}); pmguard will not act for a PM2 whose owner it cannot tell. Set [agent] pm2_home, or run as PM2's user.",
-            pm2_home.display()
-        )
-    })?;
-    let uid = meta.uid();
+    let uid = home_owner(pm2_home)?;
     if uid == 0 {
         return Ok(Became::Unchanged);
     }

@@ -18,6 +18,8 @@ use crate::config::StatusMatch;
 /// How much of a body is read to look for `expect_body`.
 pub const MAX_BODY: usize = 64 * 1024;
 const MAX_HEAD: usize = 16 * 1024;
+/// Interim 1xx responses accepted before the final one.
+const MAX_INTERIM: usize = 8;
 
 /// A parsed `http://host[:port]/path` health URL.
 #[derive(Debug, Clone, PartialEq)]
@@ -478,6 +480,18 @@ impl Prober {
                     Err(e) => return Some(map_io(e)),
                 },
                 Stage::Reading => {
+                    // A server that never stops sending (an endless stream of 100 Continue, a
+                    // huge body) must not keep this loop, and so the watch thread, busy.
+                    if f.buf.len() >= MAX_HEAD + MAX_BODY {
+                        return Some(
+                            evaluate(&f.buf, true, expect_status, expect_body).unwrap_or(
+                                ProbeOutcome::Protocol("reply larger than 80 KiB".into()),
+                            ),
+                        );
+                    }
+                    if Instant::now() >= f.deadline {
+                        return None;
+                    }
                     let mut chunk = [0u8; 4096];
                     match (&f.socket).read(&mut chunk) {
                         Ok(n) => {
@@ -569,6 +583,7 @@ fn evaluate(
     // Interim 1xx heads (100 Continue, 103 Early Hints) come before the final one: skip them.
     // 101 Switching Protocols is final (a health endpoint that upgrades is not healthy HTTP).
     let mut start = 0;
+    let mut interim = 0;
     let (status, head_len, head) = loop {
         let Some(end) = head_end(buf, start) else {
             if buf.len() - start > MAX_HEAD {
@@ -592,6 +607,12 @@ fn evaluate(
             Err(e) => return Some(ProbeOutcome::Protocol(e)),
         };
         if (100..200).contains(&status) && status != 101 {
+            interim += 1;
+            if interim > MAX_INTERIM {
+                return Some(ProbeOutcome::Protocol(format!(
+                    "more than {MAX_INTERIM} interim (1xx) responses"
+                )));
+            }
             start = end;
             continue;
         }
@@ -1007,6 +1028,30 @@ mod tests {
                 Some("x")
             ),
             Some(ProbeOutcome::Body { status: 204 })
+        );
+    }
+
+    #[test]
+    fn an_endless_stream_of_interim_responses_ends_on_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_ok()
+            {
+            }
+        });
+        let t = HttpTarget::parse(&format!("http://127.0.0.1:{port}/h")).unwrap();
+        let began = Instant::now();
+        let r = probe(t, 1_000, None);
+        assert!(!r.outcome.passed());
+        assert!(
+            began.elapsed() < Duration::from_millis(1_500),
+            "{:?}",
+            began.elapsed()
         );
     }
 

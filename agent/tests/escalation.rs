@@ -92,9 +92,10 @@ fn daemon_with_app(dir: &std::path::Path, home: &std::path::Path) -> (Reap, u32,
     let up = now_ms();
     let daemon = Command::new("bash")
         .arg("-c")
-        .arg(r#"exec -a "PM2 v0.0.0: God Daemon (test)" bash -c 'sleep 300 & echo $! > "$0"; wait $!' "$1""#)
+        .arg(r#"exec -a "PM2 v0.0.0: God Daemon ($2)" bash -c 'sleep 300 & echo $! > "$0"; wait $!' "$1""#)
         .arg("-")
         .arg(&pidfile)
+        .arg(home)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();

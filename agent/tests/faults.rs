@@ -378,6 +378,10 @@ fn a_persons_pm2_kill_is_respected_and_their_resurrect_is_followed() {
         "{:?}",
         agent.of_kind("resurrect")
     );
+    // The agent restarts meanwhile (an upgrade): the flag is read back from restarts.json.
+    let mut agent = agent;
+    assert!(agent.stop().success());
+    agent.spawn(&[]);
     // The person brings it back; the agent follows.
     assert!(pm2.pm2(&["resurrect"]).status.success());
     wait_until(
@@ -393,6 +397,13 @@ fn a_persons_pm2_kill_is_respected_and_their_resurrect_is_followed() {
     );
     assert!(!ran.exists());
     assert!(agent.of_kind("restart").is_empty());
+    // Later the daemon crashes (no `pm2 kill`): that one pmguard repairs.
+    pm2.crash_daemon();
+    wait_until(Duration::from_secs(15), "pmguard's resurrect", || {
+        ran.exists()
+    });
+    let who = std::fs::read_to_string(&ran).unwrap();
+    assert!(who.contains("resurrect"), "{who}");
 }
 
 /// Fault: `pm2 update` while the agent runs (the daemon is replaced, every app restarted by PM2,
@@ -618,4 +629,120 @@ fn corrupt_state_files_are_set_aside_and_watching_goes_on() {
         },
     );
     assert!(agent.stop().success());
+}
+
+/// Fault: an app whose SIGINT handler drains for 20 s spins at 100 % CPU (its event loop never
+/// gets to the handler), `kill_timeout` 20 s. The restart comes from the failing probe before the
+/// CPU window (60 s) is over; a process spinning at the threshold right then is killed at once
+/// instead of waiting out PM2's graceful stop.
+#[test]
+fn a_spinning_app_with_a_shutdown_handler_is_killed_at_once() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app_env(
+        "spin20",
+        port,
+        &["--kill-timeout", "20000"],
+        &[("GRACEFUL_MS", "20000")],
+    );
+    let agent = Agent::start(
+        &pm2,
+        &app(
+            "spin20",
+            port,
+            // The suite shares 2 cores: a spinning process may get well under a whole one, so
+            // the threshold it must reach is set at half a core.
+            "max_retries = 2\ntimeout = \"500ms\"\nretry_interval = \"300ms\"\nstartup_grace = \"2s\"\ncpu_threshold = 50",
+        ),
+    );
+    agent.wait_for_probe_ok();
+    let old = pm2.pids("spin20");
+    let _ = common::set_mode(port, "spin");
+    let restart = agent.wait_for(Duration::from_secs(20), "restart");
+    let restart_ts = restart["ts_ms"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !health_changes(&agent, "healthy")
+        .iter()
+        .any(|e| e["ts_ms"].as_u64().is_some_and(|t| t > restart_ts))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not healthy again\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let healthy = health_changes(&agent, "healthy")
+        .into_iter()
+        .find(|e| e["ts_ms"].as_u64().is_some_and(|t| t > restart_ts))
+        .unwrap();
+    let ms = healthy["ts_ms"].as_u64().unwrap() - restart_ts;
+    eprintln!("spinning app with a 20 s drain: healthy {ms} ms after the restart decision");
+    assert!(
+        ms <= 10_000,
+        "{ms} ms: PM2's graceful stop was waited out\n{}\n{:?}",
+        agent.log(),
+        agent.of_kind("escalation")
+    );
+    assert_ne!(pm2.pids("spin20"), old);
+    // Not `pm2 kill` at the end: it would wait out the 20 s drain of the new process.
+    drop(agent);
+    pm2.crash_daemon();
+}
+
+/// Fault: the PM2 user makes PM2_HOME a symlink to a root-owned world-writable directory with
+/// their own dump.pm2 in it, hoping root's backup check resurrects it as root. pmguard refuses
+/// a PM2_HOME whose owner it cannot tell for sure, and starts nothing.
+#[test]
+fn a_symlinked_pm2_home_is_refused_as_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let trap = dir.path().join("trap");
+    std::fs::create_dir(&trap).unwrap();
+    std::fs::set_permissions(&trap, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let user = dir.path().join("user");
+    std::fs::create_dir(&user).unwrap();
+    std::os::unix::fs::chown(&user, Some(NOBODY), Some(NOBODY)).unwrap();
+    let home = user.join(".pm2");
+    std::os::unix::fs::symlink(&trap, &home).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    let (shim, ran) = recording_pm2(&trap);
+    let config = dir.path().join("pmguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nstate_dir = \"{}\"\npm2_home = \"{}\"\npm2_bin = \"{}\"\n[[apps]]\nname = \"web\"\nmax_retries = 1\nretry_interval = \"100ms\"\nstartup_grace = \"0s\"\n",
+            state.display(),
+            home.display(),
+            shim.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(AGENT)
+        .args(["check", "--once", "--config"])
+        .arg(&config)
+        .env_remove("PM2_HOME")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("is a symlink"), "{text}");
+    assert!(
+        !ran.exists(),
+        "pm2 ran: {}",
+        std::fs::read_to_string(&ran).unwrap_or_default()
+    );
+    assert_eq!(
+        std::fs::read_dir(&state).unwrap().count(),
+        0,
+        "wrote into the state dir"
+    );
 }

@@ -54,10 +54,12 @@ pub enum DaemonProcess {
     Unknown(String),
 }
 
-/// Reads `pm2.pid` (a regular file, at most 64 bytes) and looks the pid up in `proc_root`: a
-/// process whose command line or name starts with `PM2` (the daemon's title is
-/// `PM2 vX.Y.Z: God Daemon (<home>)`) counts as the daemon.
+/// Reads `pm2.pid` (a regular file, at most 64 bytes) and looks the pid up in `proc_root`: it
+/// is this home's daemon only if its command line is PM2's title naming this home
+/// (`PM2 vX.Y.Z: God Daemon (<home>)`) and it runs as the home's owner. A stale pid file whose
+/// pid now belongs to another process, even another user's PM2, names no daemon.
 pub fn daemon_process(paths: &Pm2Paths, proc_root: &Path) -> DaemonProcess {
+    use std::os::unix::fs::MetadataExt;
     let pid_file = paths.home.join("pm2.pid");
     let text = match files::read_capped(&pid_file, 64) {
         Ok(None) => return DaemonProcess::None,
@@ -73,18 +75,26 @@ pub fn daemon_process(paths: &Pm2Paths, proc_root: &Path) -> DaemonProcess {
         return DaemonProcess::None;
     };
     let dir = proc_root.join(pid.to_string());
-    let title = |name: &str| files::read_capped(&dir.join(name), 256).ok().flatten();
-    match (title("cmdline"), title("comm")) {
-        (None, None) if !dir.exists() => DaemonProcess::None,
-        (None, None) => DaemonProcess::Unknown(format!("cannot read {}", dir.display())),
-        (cmdline, comm) => {
-            let looks = |b: &Option<Vec<u8>>| b.as_deref().is_some_and(|b| b.starts_with(b"PM2"));
-            if looks(&cmdline) || looks(&comm) {
-                DaemonProcess::Alive(pid)
-            } else {
-                DaemonProcess::None
-            }
-        }
+    let proc_uid = match std::fs::metadata(&dir) {
+        Ok(m) => m.uid(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return DaemonProcess::None,
+        Err(e) => return DaemonProcess::Unknown(format!("{}: {e}", dir.display())),
+    };
+    let cmdline = match files::read_capped(&dir.join("cmdline"), 4096) {
+        Ok(Some(b)) => b,
+        Ok(None) => return DaemonProcess::None,
+        Err(e) => return DaemonProcess::Unknown(format!("{}: {e}", dir.display())),
+    };
+    let title = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or(&[]));
+    let names_home = title.starts_with("PM2")
+        && title
+            .trim_end()
+            .ends_with(&format!("({})", paths.home.display()));
+    let home_owner = std::fs::symlink_metadata(&paths.home).map(|m| m.uid()).ok();
+    if names_home && home_owner.is_none_or(|o| o == proc_uid) {
+        DaemonProcess::Alive(pid)
+    } else {
+        DaemonProcess::None
     }
 }
 
@@ -129,6 +139,17 @@ mod tests {
             judge(&refused(&paths), &paths, &proc_root),
             Liveness::Gone(_)
         ));
+        // Reused by another home's PM2 daemon: not this home's.
+        fake(
+            d.path(),
+            &proc_root,
+            4244,
+            Some(b"PM2 v7.0.4: God Daemon (/home/other/.pm2)\x00"),
+        );
+        assert!(matches!(
+            judge(&refused(&paths), &paths, &proc_root),
+            Liveness::Gone(_)
+        ));
     }
 
     #[test]
@@ -136,12 +157,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let proc_root = d.path().join("proc");
         let paths = Pm2Paths::from_home(d.path());
-        fake(
-            d.path(),
-            &proc_root,
-            77,
-            Some(b"PM2 v7.0.4: God Daemon (/home/u/.pm2)\x00"),
-        );
+        let title = format!("PM2 v7.0.4: God Daemon ({})\0", d.path().display());
+        fake(d.path(), &proc_root, 77, Some(title.as_bytes()));
         assert_eq!(daemon_process(&paths, &proc_root), DaemonProcess::Alive(77));
         assert!(matches!(
             judge(&refused(&paths), &paths, &proc_root),

@@ -2,7 +2,9 @@
 // No npm dependencies. Works under PM2 fork and cluster mode (workers share the port).
 //   GET /health      per mode: ok | 500 | slow:<ms> | hang | spin | crash | exit
 //   GET /mode/<mode> sets the mode, answers 200, then (spin/crash/exit) acts.
-// Env: PORT (required), MODE (initial mode, default ok), START_DELAY_MS (listen after a delay).
+// Env: PORT (required), MODE (initial mode, default ok), START_DELAY_MS (listen after a delay),
+// GRACEFUL_MS (catch SIGINT and take this long to shut down, as a real server drains; a busy
+// event loop never gets to run the handler).
 'use strict';
 const http = require('http');
 
@@ -64,6 +66,11 @@ function listen() {
   server.listen(port, '127.0.0.1', () => {
     console.log('listening on 127.0.0.1:' + port + ' mode ' + mode + ' pid ' + process.pid);
   });
+}
+
+const graceful = parseInt(process.env.GRACEFUL_MS || '0', 10);
+if (graceful > 0) {
+  process.on('SIGINT', () => setTimeout(() => process.exit(0), graceful));
 }
 
 const delay = parseInt(process.env.START_DELAY_MS || '0', 10);
