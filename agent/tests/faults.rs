@@ -746,3 +746,60 @@ fn a_symlinked_pm2_home_is_refused_as_root() {
         "wrote into the state dir"
     );
 }
+
+/// Fault: a root PM2 runs an app as another user (`pm2 start --uid nobody`), `kill_timeout`
+/// 20 s, and the app hangs (SIGSTOP). The process is not PM2's user's, but it is the daemon's
+/// child and started when PM2 says: pmguard may kill it at once.
+#[test]
+fn a_hung_app_pm2_runs_as_another_user_is_killed_at_once() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs a root PM2");
+        return;
+    }
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app(
+        "asuser",
+        port,
+        &["--uid", "nobody", "--kill-timeout", "20000"],
+    );
+    let pids = pm2.pids("asuser");
+    assert_eq!(pids.len(), 1);
+    let uid = std::fs::metadata(format!("/proc/{}", pids[0]))
+        .unwrap()
+        .uid();
+    assert_eq!(uid, 65534, "the app runs as nobody");
+    let agent = Agent::start(
+        &pm2,
+        &app(
+            "asuser",
+            port,
+            "max_retries = 2\ntimeout = \"400ms\"\nstartup_grace = \"2s\"",
+        ),
+    );
+    agent.wait_for_probe_ok();
+    // SAFETY: plain syscall on the test's app.
+    unsafe { libc::kill(pids[0] as i32, libc::SIGSTOP) };
+    let restart = agent.wait_for(Duration::from_secs(20), "restart");
+    let restart_ts = restart["ts_ms"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !health_changes(&agent, "healthy")
+        .iter()
+        .any(|e| e["ts_ms"].as_u64().is_some_and(|t| t > restart_ts))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not healthy again\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ms = health_changes(&agent, "healthy")
+        .into_iter()
+        .find_map(|e| e["ts_ms"].as_u64().filter(|t| *t > restart_ts))
+        .unwrap()
+        - restart_ts;
+    eprintln!("hung app run as nobody by a root PM2: healthy {ms} ms after the decision");
+    assert!(ms <= 10_000, "{ms} ms\n{}", agent.log());
+}
