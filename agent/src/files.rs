@@ -42,6 +42,16 @@ pub fn ensure_dir(dir: &Path) -> io::Result<()> {
 /// Only a regular file is opened: a FIFO planted under the name is refused at once (O_NONBLOCK:
 /// never waited on for a reader).
 pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
+    let not_regular = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file; remove it", path.display()),
+        )
+    };
+    // Said plainly before the open (a FIFO with no reader would fail it with ENXIO).
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file() && !m.file_type().is_symlink()) {
+        return Err(not_regular());
+    }
     let f = OpenOptions::new()
         .append(true)
         .create(true)
@@ -49,10 +59,7 @@ pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)?;
     if !f.metadata()?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is not a regular file; remove it", path.display()),
-        ));
+        return Err(not_regular());
     }
     Ok(f)
 }

@@ -446,6 +446,7 @@ impl Prober {
         expect_status: &StatusMatch,
         expect_body: Option<&str>,
     ) -> Option<ProbeOutcome> {
+        let mut reads = 0u32;
         loop {
             match f.stage {
                 Stage::Connecting => match connected(&f.socket) {
@@ -489,9 +490,12 @@ impl Prober {
                             ),
                         );
                     }
-                    if Instant::now() >= f.deadline {
+                    // Past the deadline only after reading what was already there (a late look
+                    // still reads a reply that came in time).
+                    if reads > 0 && Instant::now() >= f.deadline {
                         return None;
                     }
+                    reads += 1;
                     let mut chunk = [0u8; 4096];
                     match (&f.socket).read(&mut chunk) {
                         Ok(n) => {

@@ -741,6 +741,19 @@ pub async fn aws_checks(config: &Config) -> Vec<Check> {
     };
     let observed = match provision::observe(&clients, config, &instance).await {
         Ok(o) => o,
+        // A fleet box's role holds the agent policy only, as it should: the fleet's shared
+        // resources are the admin side's to check, not a failure of this box.
+        Err(e) if e.access_denied() && aws.fleet.is_some() => {
+            v.push(warn(
+                "aws resources",
+                format!(
+                    "this box may not read the fleet's alarms, topic and dashboard ({}): expected on a fleet box, whose role holds the agent policy only",
+                    e.detail
+                ),
+                "check the fleet from the admin side: `pmguard provision-aws --config <file> --dry-run` (or `pmguard doctor`) with admin credentials",
+            ));
+            return v;
+        }
         Err(e) => {
             v.push(fail("aws access", e.detail.clone(), e.fix.clone()));
             return v;

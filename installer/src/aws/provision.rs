@@ -147,6 +147,19 @@ pub struct AwsError {
     pub fix: String,
 }
 
+impl AwsError {
+    /// AWS refused the call for lack of an IAM permission (not a network or service failure).
+    pub fn access_denied(&self) -> bool {
+        [
+            "AccessDenied",
+            "AuthorizationError",
+            "UnauthorizedOperation",
+        ]
+        .iter()
+        .any(|c| self.detail.starts_with(c))
+    }
+}
+
 pub(crate) fn explain<E: ProvideErrorMetadata + std::fmt::Debug>(
     call: &'static str,
     action: &str,
@@ -906,6 +919,22 @@ async fn find_topic_arn(steps: &[AwsStep], c: &Clients) -> Result<String, AwsErr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn access_denied_is_told_apart_from_other_failures() {
+        let e = |detail: &str| AwsError {
+            call: "DescribeAlarms",
+            detail: detail.into(),
+            fix: String::new(),
+        };
+        assert!(
+            e("AccessDenied: User is not authorized (IAM action cloudwatch:DescribeAlarms)")
+                .access_denied()
+        );
+        assert!(e("AccessDeniedException: no (IAM action logs:DescribeLogGroups)").access_denied());
+        assert!(!e("Throttling: slow down (IAM action cloudwatch:DescribeAlarms)").access_denied());
+        assert!(!e("dispatch failure (IAM action cloudwatch:DescribeAlarms)").access_denied());
+    }
+
     use super::*;
     use std::path::Path;
 
