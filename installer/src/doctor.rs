@@ -98,15 +98,17 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
             return (out, None);
         }
     };
-    out.push(agent_binary(t));
     let manifest = Manifest::read(&under(t.root, Path::new(render::MANIFEST_PATH)))
         .ok()
         .flatten();
+    let agent_path = installed_agent(t, manifest.as_ref());
+    out.push(agent_binary(t, agent_path));
     let account = user_of(t);
     let desired = account.as_ref().and_then(|a| {
         let config_text = std::fs::read_to_string(t.config_path).ok()?;
-        let agent_binary =
-            std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default();
+        let agent_binary = (agent_path == render::AGENT_PATH).then(|| {
+            std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default()
+        });
         render::render(
             &config,
             &Settings {
@@ -133,8 +135,20 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
     (out, Some(config))
 }
 
-fn agent_binary(t: &Target) -> Check {
-    let path = under(t.root, Path::new(render::AGENT_PATH));
+/// The agent the install runs: its own copy at `AGENT_PATH`, or the package's binary in place
+/// when the install laid no copy (the manifest lists none) and the package's binary is there.
+fn installed_agent(t: &Target, manifest: Option<&Manifest>) -> &'static str {
+    let copied = manifest.is_some_and(|m| m.files.contains_key(Path::new(render::AGENT_PATH)));
+    let packaged = under(t.root, Path::new(render::PACKAGED_AGENT_PATH)).exists();
+    if !copied && packaged {
+        render::PACKAGED_AGENT_PATH
+    } else {
+        render::AGENT_PATH
+    }
+}
+
+fn agent_binary(t: &Target, agent_path: &str) -> Check {
+    let path = under(t.root, Path::new(agent_path));
     if !path.exists() {
         return fail(
             "agent binary",
@@ -146,14 +160,14 @@ fn agent_binary(t: &Target) -> Check {
         Ok(o) if o.status.success() => {
             let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
             let want = format!("pmguard-agent {}", env!("CARGO_PKG_VERSION"));
-            if v == want {
-                ok("agent binary", format!("{} ({v})", render::AGENT_PATH))
+            // `--version` may add the build's commit: "pmguard-agent 0.1.0 (commit ...)".
+            if v == want || v.starts_with(&format!("{want} (")) {
+                ok("agent binary", format!("{agent_path} ({v})"))
             } else {
                 fail(
                     "agent binary",
                     format!(
-                        "{} is `{v}`, this pmguard is {}",
-                        render::AGENT_PATH,
+                        "{agent_path} is `{v}`, this pmguard is {}",
                         env!("CARGO_PKG_VERSION")
                     ),
                     "run `pmguard install` from this release to put the matching agent in place",

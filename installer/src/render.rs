@@ -17,6 +17,9 @@ pub const MARKER: &str =
     "Managed by pmguard. Do not edit: changes are reverted by `pmguard install`.";
 
 pub const AGENT_PATH: &str = "/usr/local/bin/pmguard-agent";
+/// Where the .deb puts the agent. Used in place, never written or removed by pmguard: the package
+/// manager owns it.
+pub const PACKAGED_AGENT_PATH: &str = "/usr/bin/pmguard-agent";
 pub const CONFIG_PATH: &str = "/etc/pmguard/pmguard.toml";
 pub const UNIT_PATH: &str = "/etc/systemd/system/pmguard-agent.service";
 pub const UNIT_NAME: &str = "pmguard-agent.service";
@@ -53,7 +56,9 @@ pub struct Settings {
     pub account: Account,
     /// The validated config file's exact text.
     pub config_text: String,
-    pub agent_binary: Vec<u8>,
+    /// The agent's bytes, laid down at `AGENT_PATH`; `None`: run the packaged
+    /// `PACKAGED_AGENT_PATH` in place.
+    pub agent_binary: Option<Vec<u8>>,
 }
 
 #[derive(Template)]
@@ -129,6 +134,10 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         }
     }
     let state_dir = &config.agent.state_dir;
+    let agent_path = match s.agent_binary {
+        Some(_) => AGENT_PATH,
+        None => PACKAGED_AGENT_PATH,
+    };
     let state_lines = match state_dir.strip_prefix("/var/lib") {
         Ok(rel) if !rel.as_os_str().is_empty() => vec![
             format!("StateDirectory={}", rel.display()),
@@ -142,7 +151,7 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         group: &a.group,
         pm2_unit: format!("pm2-{}.service", a.user),
         pm2_home: pm2_home(config, a).display().to_string(),
-        agent_path: AGENT_PATH,
+        agent_path,
         config_path: CONFIG_PATH,
         watchdog_sec: "30s",
         state_lines,
@@ -161,7 +170,7 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         marker: MARKER,
         schedule: "*/5 * * * *",
         user: &a.user,
-        agent_path: AGENT_PATH,
+        agent_path,
         config_path: CONFIG_PATH,
     }
     .render()
@@ -188,15 +197,16 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         gid,
         kind: FileKind::Managed,
     };
-    let mut files = vec![
-        DesiredFile {
-            path: PathBuf::from(AGENT_PATH),
-            content: s.agent_binary.clone(),
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            kind: FileKind::Binary,
-        },
+    let binary = s.agent_binary.as_ref().map(|bytes| DesiredFile {
+        path: PathBuf::from(AGENT_PATH),
+        content: bytes.clone(),
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        kind: FileKind::Binary,
+    });
+    let mut files: Vec<DesiredFile> = binary.into_iter().collect();
+    files.extend([
         DesiredFile {
             path: PathBuf::from(CONFIG_PATH),
             content: ensure_newline(s.config_text.clone()).into_bytes(),
@@ -209,7 +219,7 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         text(UNIT_PATH, unit, 0o644, 0),
         text(CRON_PATH, cron, 0o644, 0),
         text(LOGROTATE_PATH, logrotate, 0o644, 0),
-    ];
+    ]);
     if let Some(policy) = iam::policy(config) {
         files.push(text(IAM_PATH, iam::to_json(&policy), 0o644, 0));
     }
@@ -257,7 +267,7 @@ pub(crate) mod tests {
             &Settings {
                 account: account(),
                 config_text: config.to_string(),
-                agent_binary: b"\x7fELF not a real binary".to_vec(),
+                agent_binary: Some(b"\x7fELF not a real binary".to_vec()),
             },
         )
         .unwrap()
@@ -333,6 +343,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_packaged_agent_is_run_in_place_and_never_laid_down() {
+        let c = Config::parse(Path::new("/etc/pmguard/pmguard.toml"), MINIMAL).unwrap();
+        let settings = Settings {
+            account: account(),
+            config_text: MINIMAL.to_string(),
+            agent_binary: None,
+        };
+        let files = render(&c, &settings).unwrap();
+        assert!(files.iter().all(|f| f.kind != FileKind::Binary));
+        assert!(files
+            .iter()
+            .all(|f| f.path != Path::new(PACKAGED_AGENT_PATH)));
+        let text = |p: &str| {
+            let f = files.iter().find(|f| f.path == Path::new(p)).unwrap();
+            String::from_utf8(f.content.clone()).unwrap()
+        };
+        assert!(text(UNIT_PATH).contains("ExecStart=/usr/bin/pmguard-agent run"));
+        assert!(text(CRON_PATH).contains(" /usr/bin/pmguard-agent check --once"));
+    }
+
+    #[test]
     fn unsafe_values_are_refused() {
         let c = Config::parse(
             Path::new("/x.toml"),
@@ -344,7 +375,7 @@ pub(crate) mod tests {
             &Settings {
                 account: account(),
                 config_text: String::new(),
-                agent_binary: vec![],
+                agent_binary: Some(vec![]),
             },
         )
         .unwrap_err();

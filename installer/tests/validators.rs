@@ -52,7 +52,7 @@ fn render_as(config: &str, account: users::Account) -> Vec<DesiredFile> {
         &Settings {
             account,
             config_text: config.into(),
-            agent_binary: b"#!/bin/sh\n".to_vec(),
+            agent_binary: Some(b"#!/bin/sh\n".to_vec()),
         },
     )
     .unwrap()
