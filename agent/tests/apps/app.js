@@ -2,7 +2,8 @@
 // No npm dependencies. Works under PM2 fork and cluster mode (workers share the port).
 //   GET /health      per mode: ok | 500 | slow:<ms> | hang | spin | crash | exit
 //   GET /mode/<mode> sets the mode, answers 200, then (spin/crash/exit) acts.
-// Env: PORT (required), MODE (initial mode, default ok), START_DELAY_MS (listen after a delay).
+// Env: PORT (required), MODE (initial mode, default ok), START_DELAY_MS (listen after a delay),
+// HOST (address to bind, default 127.0.0.1).
 'use strict';
 const http = require('http');
 
@@ -12,6 +13,7 @@ if (!port) {
   process.exit(2);
 }
 let mode = process.env.MODE || 'ok';
+const host = process.env.HOST || '127.0.0.1';
 
 function act(m) {
   if (m === 'spin') {
@@ -61,8 +63,8 @@ const server = http.createServer((req, res) => {
 });
 
 function listen() {
-  server.listen(port, '127.0.0.1', () => {
-    console.log('listening on 127.0.0.1:' + port + ' mode ' + mode + ' pid ' + process.pid);
+  server.listen(port, host, () => {
+    console.log('listening on ' + host + ':' + port + ' mode ' + mode + ' pid ' + process.pid);
   });
 }
 
