@@ -281,6 +281,9 @@ fn init(
     };
     let header = init::Header {
         user: user.to_string(),
+        file: output
+            .as_ref()
+            .map_or_else(|| "FILE".to_string(), |p| p.display().to_string()),
         pm2_home: (default_home.as_ref() != Ok(&home)).then(|| home.clone()),
     };
     let text = init::run(user, &home, &header, Path::new("/proc")).map_err(|e| e.to_string())?;

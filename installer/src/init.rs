@@ -244,6 +244,8 @@ fn split_reachable(addrs: BTreeSet<SocketAddr>) -> (Vec<SocketAddr>, Vec<SocketA
 #[derive(Debug, Clone)]
 pub struct Header {
     pub user: String,
+    /// Where the file goes, for the commands the header suggests (`FILE` when printed to stdout).
+    pub file: String,
     /// Written as `pm2_home` only when it is not the user's default `~/.pm2`.
     pub pm2_home: Option<PathBuf>,
 }
@@ -285,12 +287,10 @@ pub fn render(header: &Header, apps: &[FoundApp]) -> String {
         "# pmguard config written by `pmguard init --user {user}` from the apps PM2 runs."
     );
     t.push_str("# Check every health_url below (the path is a guess; a wrong one makes pmguard restart a\n# healthy app), then:\n");
-    t.push_str("#   pmguard-agent validate --config THIS_FILE\n");
-    let _ = writeln!(
-        t,
-        "#   sudo pmguard install --config THIS_FILE --user {user}"
-    );
-    t.push_str("# Every key and its default: `man pmguard-agent` and the README's configuration reference.\n\n");
+    let file = &header.file;
+    let _ = writeln!(t, "#   pmguard-agent validate --config {file}");
+    let _ = writeln!(t, "#   sudo pmguard install --config {file} --user {user}");
+    t.push_str("# Every key and its default: the README's \"Configuration reference\".\n\n");
     t.push_str("[agent]\n# Check period of a healthy app.\ninterval = \"10s\"\n");
     if let Some(home) = &header.pm2_home {
         let _ = writeln!(t, "pm2_home = {}", quote(&home.display().to_string()));
@@ -486,10 +486,22 @@ pub fn run(
 mod tests {
     use super::*;
 
-    // Verbatim lines of /proc/net/tcp and /proc/net/tcp6 on the build machine (x86_64): a
-    // loopback listener, a wildcard listener, an established connection, and their IPv6 kin.
-    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   1: 0100007F:B7A3 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 26715 1 00000000f4dcfd29 100 0 0 10 0                     \n   2: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 31337 1 0000000000000000 100 0 0 10 0                     \n   3: 0100007F:B7A3 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 26999 1 0000000000000000 20 4 30 10 -1                    \n   4: 0500000A:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 40001 1 0000000000000000 100 0 0 10 0                     \n";
-    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000000000000000000000000000:0BB8 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 50001 1 0000000000000000 100 0 0 10 0\n   1: 00000000000000000000000001000000:1389 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 50002 1 0000000000000000 100 0 0 10 0\n   2: 0000000000000000FFFF00000100007F:1388 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 50003 1 0000000000000000 100 0 0 10 0\n";
+    // Lines of /proc/net/tcp and /proc/net/tcp6 captured on the build machine (x86_64) while node
+    // listened on 127.0.0.1:47011 (with one connection to it, both ends), 0.0.0.0:8080, [::]:3000,
+    // [::1]:5001 and [::ffff:127.0.0.1]:5000.
+    const TCP: &str = concat!(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode                                                     \n",
+        "   4: 0100007F:B7A3 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 131600 1 00000000d1f24d58 100 0 0 10 0                    \n",
+        "  22: 0100007F:B316 0100007F:B7A3 01 00000000:00000000 00:00000000 00000000     0        0 131601 2 00000000498e0772 20 0 0 10 -1                    \n",
+        "  50: 0100007F:B7A3 0100007F:B316 01 00000000:00000000 00:00000000 00000000     0        0 131602 1 000000006b10c065 20 0 0 10 -1                    \n",
+        "   2: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 131573 1 000000006cd49f3c 100 0 0 10 0                    \n",
+    );
+    const TCP6: &str = concat!(
+        "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n",
+        "   0: 00000000000000000000000000000000:0BB8 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 131570 1 000000005d48e22a 100 0 0 10 0\n",
+        "   1: 00000000000000000000000001000000:1389 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 131571 1 00000000c61a3652 100 0 0 10 0\n",
+        "   2: 0000000000000000FFFF00000100007F:1388 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 131572 1 00000000214f6426 100 0 0 10 0\n",
+    );
 
     #[test]
     fn only_listening_sockets_are_read_with_their_address_port_and_inode() {
@@ -499,15 +511,11 @@ mod tests {
             vec![
                 Listener {
                     addr: "127.0.0.1:47011".parse().unwrap(),
-                    inode: 26715
+                    inode: 131600
                 },
                 Listener {
                     addr: "0.0.0.0:8080".parse().unwrap(),
-                    inode: 31337
-                },
-                Listener {
-                    addr: "10.0.0.5:80".parse().unwrap(),
-                    inode: 40001
+                    inode: 131573
                 },
             ]
         );
@@ -603,6 +611,7 @@ mod tests {
         let text = render(
             &Header {
                 user: "ubuntu".into(),
+                file: "FILE".into(),
                 pm2_home: None,
             },
             &apps,
@@ -618,6 +627,7 @@ mod tests {
         let text = render(
             &Header {
                 user: "u".into(),
+                file: "FILE".into(),
                 pm2_home: None,
             },
             &apps,
@@ -635,6 +645,7 @@ mod tests {
         let apps = propose(&entries, None, &sockets(&[(5, &["[::]:3000"])])).unwrap();
         let header = Header {
             user: "u".into(),
+            file: "FILE".into(),
             pm2_home: Some("/srv/pm2 home".into()),
         };
         let text = render(&header, &apps);
