@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use pmguard_agent::cli_support::{self, Shell};
 use pmguard_agent::config::Config;
+use pmguard_installer::legacy;
 use pmguard_installer::plan::{self, Plan};
 use pmguard_installer::render::{self, Settings};
 use pmguard_installer::systemd::Systemctl;
@@ -67,6 +68,10 @@ enum Command {
         /// /usr/local/bin.
         #[arg(long)]
         agent_bin: Option<PathBuf>,
+        /// Stop another monitor that restarts PM2 apps here (the old pm2-health-monitor.service,
+        /// a cron_health_check.sh crontab line, or one like them); uninstall puts it back.
+        #[arg(long)]
+        replace_legacy: bool,
     },
     /// Stop and disable the agent and remove exactly what install laid down.
     Uninstall {
@@ -127,7 +132,16 @@ fn main() -> ExitCode {
             user,
             force,
             agent_bin,
-        } => install(&config, root, dry_run, user, force, agent_bin),
+            replace_legacy,
+        } => install(
+            &config,
+            root,
+            dry_run,
+            user,
+            force,
+            agent_bin,
+            replace_legacy,
+        ),
         Command::Uninstall {
             root,
             dry_run,
@@ -178,6 +192,7 @@ fn install(
     user: Option<String>,
     force: bool,
     agent_bin: Option<PathBuf>,
+    replace_legacy: bool,
 ) -> Result<ExitCode, String> {
     let config = Config::load(config_path).map_err(|e| format!("{e}\nNothing was installed."))?;
     let config_text = std::fs::read_to_string(config_path)
@@ -213,8 +228,21 @@ fn install(
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let observed = plan::observe(&root, &paths, &systemd)?;
-    let plan = plan::plan_install(&desired, &observed, force, can_chown());
+    let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
+    let legacy = legacy::find(&root);
+    for l in &legacy {
+        plan.notes.push(if replace_legacy {
+            format!("Another monitor will be stopped (--replace-legacy; uninstall puts it back): {l}")
+        } else {
+            format!("Another monitor restarts PM2 apps here: {l}. Two monitors restarting one app fight each other: re-run with --replace-legacy to stop it (uninstall puts it back).")
+        });
+    }
     finish(&plan, &root, &systemd, dry_run)?;
+    if replace_legacy && !dry_run && plan.blocked.is_empty() && !legacy.is_empty() {
+        for done in legacy::replace(&root, &legacy, &systemd)? {
+            println!("Replaced: {done}");
+        }
+    }
     if let Some(policy) = pmguard_installer::iam::policy(&config) {
         if !dry_run && plan.blocked.is_empty() {
             println!(
@@ -245,6 +273,10 @@ fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, String> {
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
     let systemd = Systemctl { staged };
+    // First, while the record in /etc/pmguard is still there: what --replace-legacy stopped.
+    for done in legacy::restore(&root, &systemd, dry_run)? {
+        println!("Put back: {done}");
+    }
     let observed = plan::observe(&root, &[], &systemd)?;
     let plan = plan::plan_uninstall(&observed);
     finish(&plan, &root, &systemd, dry_run)?;

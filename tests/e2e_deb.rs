@@ -276,3 +276,152 @@ fn deb_then_init_then_install_watches_the_app_and_removes_cleanly() {
         recovered.as_secs_f64()
     );
 }
+
+/// The old set-up on the same box: `pm2-health-monitor.service` looping over
+/// `monitor_health.sh`, and ubuntu's crontab running `cron_health_check.sh`.
+const MONITOR_SH: &str = "#!/bin/bash\n# The old health monitor: curl the app, restart it through PM2 when it fails.\nwhile true; do\n  if ! curl -sf --max-time 5 http://127.0.0.1:5000/health >/dev/null; then\n    pm2 restart codebox\n  fi\n  sleep 30\ndone\n";
+const MONITOR_UNIT: &str = "[Unit]\nDescription=PM2 Health Monitor\nAfter=network.target\n\n[Service]\nType=simple\nUser=ubuntu\nExecStart=/home/ubuntu/automatenb/monitor_health.sh\nRestart=always\n\n[Install]\nWantedBy=multi-user.target\n";
+const CRON_LINE: &str = "*/3 * * * * /home/ubuntu/automatenb/cron_health_check.sh >> /home/ubuntu/automatenb/cron.log 2>&1";
+
+#[test]
+fn replace_legacy_stops_the_old_monitor_and_uninstall_puts_it_back() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "boots a container: run it as root (CI does)"
+    );
+    let deb = built_deb();
+    ok(&["prepare"]);
+    let m = Machine(format!("pmgleg{}", std::process::id()));
+    ok(&["boot", &m.0]);
+    ok(&["setup-app", &m.0]);
+    ok(&["copy-in", &m.0, deb.to_str().unwrap(), "/root/pmguard.deb"]);
+    m.run(&["dpkg", "-i", "/root/pmguard.deb"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str, dest: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        ok(&["copy-in", &m.0, p.to_str().unwrap(), dest]);
+    };
+    m.run(&["mkdir", "-p", "/home/ubuntu/automatenb"]);
+    put(
+        "monitor_health.sh",
+        MONITOR_SH,
+        "/home/ubuntu/automatenb/monitor_health.sh",
+    );
+    put(
+        "cron_health_check.sh",
+        MONITOR_SH
+            .replace("while true; do", "for i in 1; do")
+            .as_str(),
+        "/home/ubuntu/automatenb/cron_health_check.sh",
+    );
+    put(
+        "pm2-health-monitor.service",
+        MONITOR_UNIT,
+        "/etc/systemd/system/pm2-health-monitor.service",
+    );
+    put("crontab", &format!("{CRON_LINE}\n"), "/root/old-crontab");
+    m.run(&[
+        "chmod",
+        "0755",
+        "/home/ubuntu/automatenb/monitor_health.sh",
+        "/home/ubuntu/automatenb/cron_health_check.sh",
+    ]);
+    m.run(&["chown", "-R", "ubuntu:ubuntu", "/home/ubuntu/automatenb"]);
+    m.run(&["crontab", "-u", "ubuntu", "/root/old-crontab"]);
+    m.run(&["systemctl", "daemon-reload"]);
+    m.run(&["systemctl", "enable", "--now", "pm2-health-monitor.service"]);
+    let old_active = |m: &Machine| {
+        m.exec(&[
+            "systemctl",
+            "is-active",
+            "--quiet",
+            "pm2-health-monitor.service",
+        ])
+        .status
+        .success()
+    };
+    assert!(old_active(&m));
+
+    put(
+        "pmguard.toml",
+        "[agent]\ninterval = \"1s\"\n\n[[apps]]\nname = \"codebox\"\nhealth_url = \"http://127.0.0.1:5000/health\"\n",
+        "/root/pmguard.toml",
+    );
+    let install = |extra: &[&str]| {
+        let mut args = vec![
+            "pmguard",
+            "install",
+            "--config",
+            "/root/pmguard.toml",
+            "--user",
+            "ubuntu",
+        ];
+        args.extend_from_slice(extra);
+        m.run(&args)
+    };
+    // Without the flag: shown in the plan, left running.
+    let out = install(&[]);
+    assert!(
+        out.contains("Another monitor restarts PM2 apps here: systemd unit pm2-health-monitor.service (runs monitor_health.sh)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("cron.log 2>&1` in /var/spool/cron/crontabs/ubuntu"),
+        "{out}"
+    );
+    assert!(old_active(&m));
+    let doctor = m.run(&[
+        "sh",
+        "-c",
+        "pmguard doctor --config /etc/pmguard/pmguard.toml --json || true",
+    ]);
+    assert!(doctor.contains("\"other monitor\""), "{doctor}");
+
+    // With it: stopped, disabled, the crontab line commented out; doctor is quiet about it.
+    let out = install(&["--replace-legacy"]);
+    assert!(
+        out.contains("Replaced: systemctl disable --now pm2-health-monitor.service"),
+        "{out}"
+    );
+    assert!(!old_active(&m));
+    let crontab = m.run(&["crontab", "-u", "ubuntu", "-l"]);
+    assert!(
+        crontab.contains(&format!(
+            "# disabled by pmguard install --replace-legacy: {CRON_LINE}"
+        )),
+        "{crontab}"
+    );
+    let doctor = m.run(&[
+        "sh",
+        "-c",
+        "pmguard doctor --config /etc/pmguard/pmguard.toml --json || true",
+    ]);
+    assert!(!doctor.contains("\"other monitor\""), "{doctor}");
+    assert!(install(&["--replace-legacy"]).contains("Nothing to do."));
+
+    // Uninstall puts the old monitor back as it was.
+    let out = m.run(&["pmguard", "uninstall"]);
+    assert!(
+        out.contains("Put back: systemctl enable pm2-health-monitor.service"),
+        "{out}"
+    );
+    assert!(old_active(&m));
+    assert!(m
+        .exec(&[
+            "systemctl",
+            "is-enabled",
+            "--quiet",
+            "pm2-health-monitor.service"
+        ])
+        .status
+        .success());
+    assert_eq!(
+        m.run(&["crontab", "-u", "ubuntu", "-l"]),
+        format!("{CRON_LINE}\n")
+    );
+    assert!(!m.exec(&["test", "-e", "/etc/pmguard"]).status.success());
+}

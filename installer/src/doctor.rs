@@ -129,6 +129,13 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
     out.push(cron_readable(t));
     out.extend(installed_modes(t, manifest.as_ref()));
     out.extend(systemd_checks(t));
+    out.extend(crate::legacy::find(t.root).iter().map(|l| {
+        warn(
+            "other monitor",
+            format!("{l} also restarts PM2 apps: two monitors fight over one app"),
+            "stop it with `pmguard install --replace-legacy` (uninstall puts it back)",
+        )
+    }));
     out.push(heartbeat(&config));
     let paths = pm2_paths(&config, account.as_ref());
     out.extend(pm2_checks(&config, &paths));

@@ -5,6 +5,7 @@ pub mod aws;
 pub mod doctor;
 pub mod iam;
 pub mod init;
+pub mod legacy;
 pub mod manifest;
 pub mod plan;
 pub mod render;
