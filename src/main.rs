@@ -108,6 +108,10 @@ enum Command {
         /// Print the plan and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Delete the old monitor's alarms (PM2-CodeBox-Service-Down, -High-Error-Rate,
+        /// -Frequent-Restarts); without it they are only listed.
+        #[arg(long)]
+        remove_legacy_alarms: bool,
     },
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: Shell },
@@ -152,9 +156,13 @@ fn main() -> ExitCode {
                 return Ok(code);
             }
             let config = config.ok_or("--aws needs --config (to know the names to remove)")?;
-            aws_converge(&config, dry_run, true)
+            aws_converge(&config, dry_run, true, false)
         }),
-        Command::ProvisionAws { config, dry_run } => aws_converge(&config, dry_run, false),
+        Command::ProvisionAws {
+            config,
+            dry_run,
+            remove_legacy_alarms,
+        } => aws_converge(&config, dry_run, false, remove_legacy_alarms),
         Command::Doctor {
             config,
             root,
@@ -348,8 +356,13 @@ fn init(
 }
 
 /// provision-aws (or, with `remove`, uninstall --aws): observe, plan, print, apply.
-fn aws_converge(config_path: &Path, dry_run: bool, remove: bool) -> Result<ExitCode, String> {
-    use pmguard_installer::aws::provision;
+fn aws_converge(
+    config_path: &Path,
+    dry_run: bool,
+    remove: bool,
+    remove_legacy_alarms: bool,
+) -> Result<ExitCode, String> {
+    use pmguard_installer::aws::{legacy_alarms, provision};
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let Some(aws) = config.aws.as_ref() else {
         return Err(format!(
@@ -377,13 +390,35 @@ fn aws_converge(config_path: &Path, dry_run: bool, remove: bool) -> Result<ExitC
         };
         println!("AWS ({}, instance {instance}):", clients.region);
         print!("{}", provision::display(&steps, &observed, &config));
-        if dry_run || steps.is_empty() {
+        let old_alarms = if remove {
+            Vec::new()
+        } else {
+            legacy_alarms::find(&clients.cw)
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        for name in &old_alarms {
+            if remove_legacy_alarms {
+                println!("delete old alarm {name}");
+            } else {
+                println!("note: old monitor's alarm {name} is still there (it watches what the old scripts sent); delete it with --remove-legacy-alarms");
+            }
+        }
+        if dry_run {
             return Ok(ExitCode::SUCCESS);
         }
-        let calls = provision::apply(&clients, &steps)
-            .await
-            .map_err(|e| e.to_string())?;
-        println!("Done: {calls} change(s) applied.");
+        if !steps.is_empty() {
+            let calls = provision::apply(&clients, &steps)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("Done: {calls} change(s) applied.");
+        }
+        if remove_legacy_alarms && !old_alarms.is_empty() {
+            legacy_alarms::remove(&clients.cw, &old_alarms)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("Deleted {} old alarm(s).", old_alarms.len());
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

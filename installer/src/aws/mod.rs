@@ -3,4 +3,5 @@
 
 pub mod alarms;
 pub mod dashboard;
+pub mod legacy_alarms;
 pub mod provision;
