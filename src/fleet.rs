@@ -231,7 +231,9 @@ pub fn provision(
     dry_run: bool,
     destroy: bool,
     yes: bool,
+    remove_legacy_alarms: bool,
 ) -> Result<ExitCode, String> {
+    use pmguard_installer::aws::legacy_alarms;
     let config = load_aws_config(config_path)?;
     runtime()?.block_on(async {
         let clients = provision::clients(&config).await;
@@ -246,6 +248,27 @@ pub fn provision(
         };
         println!("{}", scope(&config, &instance, &clients.region));
         print!("{}", provision::display(&steps, &observed, &config));
+        // The old monitor's alarms (the seed's names): listed, deleted only when asked.
+        let old_alarms = if destroy {
+            Vec::new()
+        } else {
+            legacy_alarms::find(&clients.cw)
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        for name in &old_alarms {
+            if remove_legacy_alarms {
+                println!("delete old alarm {name}");
+            } else {
+                println!("note: old monitor's alarm {name} is still there (it watches what the old scripts sent); delete it with --remove-legacy-alarms");
+            }
+        }
+        if !dry_run && remove_legacy_alarms && !old_alarms.is_empty() {
+            legacy_alarms::remove(&clients.cw, &old_alarms)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("Deleted {} old alarm(s).", old_alarms.len());
+        }
         if dry_run || steps.is_empty() {
             return Ok(ExitCode::SUCCESS);
         }

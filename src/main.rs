@@ -6,7 +6,9 @@ mod fleet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use pmguard_agent::cli_support::{self, Shell};
+use pmguard_installer::legacy;
 use pmguard_installer::plan::{self, Plan};
 use pmguard_installer::render::{self, Settings};
 use pmguard_installer::systemd::Systemctl;
@@ -15,7 +17,7 @@ use pmguard_installer::users;
 #[derive(Parser)]
 #[command(
     name = "pmguard",
-    version,
+    version = cli_support::LONG_VERSION,
     about = "Install, provision and check pmguard."
 )]
 struct Cli {
@@ -25,6 +27,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write a starter config from the apps USER's PM2 daemon runs.
+    ///
+    /// One [[apps]] per app, with a health_url proposed from the TCP ports the app listens on
+    /// (loopback or wildcard). Asks the daemon over its socket (starts no pm2 process) and never
+    /// reads the apps' environment.
+    Init {
+        /// The account whose PM2 daemon runs the apps (the user of `pm2 startup`).
+        #[arg(long)]
+        user: String,
+        /// Write the config to FILE (mode 0640, refused if FILE exists unless --force);
+        /// default: stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The daemon's PM2_HOME (default: ~USER/.pm2).
+        #[arg(long, value_name = "DIR")]
+        pm2_home: Option<PathBuf>,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Lay down the agent, its config, systemd unit, cron backup check, logrotate file and IAM
     /// policies; enable and start the agent. Shows the plan first; re-running is safe.
     Install {
@@ -44,9 +66,15 @@ enum Command {
         /// Replace a config file that was edited since pmguard installed it.
         #[arg(long)]
         force: bool,
-        /// The agent binary to install (default: pmguard-agent next to this program).
+        /// The agent binary to install (default: pmguard-agent next to this program). The
+        /// package's /usr/bin/pmguard-agent is used in place; any other is copied to
+        /// /usr/local/bin.
         #[arg(long)]
         agent_bin: Option<PathBuf>,
+        /// Stop another monitor that restarts PM2 apps here (the old pm2-health-monitor.service,
+        /// a cron_health_check.sh crontab line, or one like them); uninstall puts it back.
+        #[arg(long)]
+        replace_legacy: bool,
     },
     /// Stop and disable the agent and remove exactly what install laid down.
     Uninstall {
@@ -91,6 +119,10 @@ enum Command {
         /// Confirm --destroy.
         #[arg(long, requires = "destroy")]
         yes: bool,
+        /// Delete the old monitor's alarms (PM2-CodeBox-Service-Down, -High-Error-Rate,
+        /// -Frequent-Restarts); without it they are only listed.
+        #[arg(long)]
+        remove_legacy_alarms: bool,
     },
     /// Fleet tools: store the config in SSM Parameter Store; render an instance's bootstrap;
     /// print the IAM policies.
@@ -98,11 +130,22 @@ enum Command {
         #[command(subcommand)]
         command: fleet::FleetCommand,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: Shell },
+    /// Write the man pages into DIR (used by dist/build).
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Init {
+            user,
+            output,
+            pm2_home,
+            force,
+        } => init(&user, output, pm2_home, force),
         Command::Install {
             config,
             root,
@@ -110,7 +153,16 @@ fn main() -> ExitCode {
             user,
             force,
             agent_bin,
-        } => install(&config, root, dry_run, user, force, agent_bin),
+            replace_legacy,
+        } => install(
+            &config,
+            root,
+            dry_run,
+            user,
+            force,
+            agent_bin,
+            replace_legacy,
+        ),
         Command::Uninstall {
             root,
             dry_run,
@@ -128,7 +180,8 @@ fn main() -> ExitCode {
             dry_run,
             destroy,
             yes,
-        } => fleet::provision(&config, dry_run, destroy, yes),
+            remove_legacy_alarms,
+        } => fleet::provision(&config, dry_run, destroy, yes, remove_legacy_alarms),
         Command::Fleet { command } => fleet::run(command),
         Command::Doctor {
             config,
@@ -136,6 +189,14 @@ fn main() -> ExitCode {
             user,
             json,
         } => doctor(&config, root, user, json),
+        Command::Completions { shell } => {
+            cli_support::write_completions(shell, &mut Cli::command(), &mut std::io::stdout())
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| format!("cannot write completions: {e}"))
+        }
+        Command::GenerateMan { dir } => cli_support::write_man_pages(Cli::command(), &dir)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(|e| format!("cannot write man pages: {e}")),
     };
     match result {
         Ok(code) => code,
@@ -159,6 +220,7 @@ fn install(
     user: Option<String>,
     force: bool,
     agent_bin: Option<PathBuf>,
+    replace_legacy: bool,
 ) -> Result<ExitCode, String> {
     let (config, config_text) =
         fleet::load_config(config_path).map_err(|e| format!("{e}\nNothing was installed."))?;
@@ -174,12 +236,16 @@ fn install(
             .map_err(|e| e.to_string())?
             .with_file_name("pmguard-agent"),
     };
-    let agent_binary = std::fs::read(&agent_bin).map_err(|e| {
-        format!(
-            "cannot read the agent binary {}: {e} (pass --agent-bin)",
-            agent_bin.display()
-        )
-    })?;
+    let agent_binary = if is_packaged_agent(&root, &agent_bin) {
+        None
+    } else {
+        Some(std::fs::read(&agent_bin).map_err(|e| {
+            format!(
+                "cannot read the agent binary {}: {e} (pass --agent-bin)",
+                agent_bin.display()
+            )
+        })?)
+    };
     let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
     let settings = Settings {
         account,
@@ -207,7 +273,20 @@ fn install(
             "PM2 itself is not under systemd and pmguard cannot put it there: {why}"
         ));
     }
+    let legacy = legacy::find(&root);
+    for l in &legacy {
+        plan.notes.push(if replace_legacy {
+            format!("Another monitor will be stopped (--replace-legacy; uninstall puts it back): {l}")
+        } else {
+            format!("Another monitor restarts PM2 apps here: {l}. Two monitors restarting one app fight each other: re-run with --replace-legacy to stop it (uninstall puts it back).")
+        });
+    }
     finish(&plan, &root, &systemd, dry_run)?;
+    if replace_legacy && !dry_run && plan.blocked.is_empty() && !legacy.is_empty() {
+        for done in legacy::replace(&root, &legacy, &systemd)? {
+            println!("Replaced: {done}");
+        }
+    }
     if let Some(policy) = pmguard_installer::iam::agent_policy(&config) {
         if !dry_run && plan.blocked.is_empty() {
             println!(
@@ -225,10 +304,24 @@ fn install(
     })
 }
 
+/// The agent is the package's (`/usr/bin/pmguard-agent` under the root): run it in place, copy
+/// nothing, so the package manager alone owns, upgrades and removes it.
+fn is_packaged_agent(root: &Path, agent_bin: &Path) -> bool {
+    let packaged = render::under(root, Path::new(render::PACKAGED_AGENT_PATH));
+    match (agent_bin.canonicalize(), packaged.canonicalize()) {
+        (Ok(a), Ok(p)) => a == p,
+        _ => false,
+    }
+}
+
 fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, String> {
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
     let systemd = Systemctl { staged };
+    // First, while the record in /etc/pmguard is still there: what --replace-legacy stopped.
+    for done in legacy::restore(&root, &systemd, dry_run)? {
+        println!("Put back: {done}");
+    }
     let observed = plan::observe(&root, &[], &systemd)?;
     let plan = plan::plan_uninstall(&observed);
     finish(&plan, &root, &systemd, dry_run)?;
@@ -247,6 +340,56 @@ fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Resul
     plan::apply(plan, root, systemd, can_chown())?;
     println!("Done.");
     Ok(())
+}
+
+fn init(
+    user: &str,
+    output: Option<PathBuf>,
+    pm2_home: Option<PathBuf>,
+    force: bool,
+) -> Result<ExitCode, String> {
+    use pmguard_installer::init;
+    // With --pm2-home the account is only a label: its passwd entry is not needed.
+    let default_home = users::lookup(Path::new("/"), user).map(|a| a.home.join(".pm2"));
+    let home = match (pm2_home, &default_home) {
+        (Some(h), _) => h,
+        (None, Ok(h)) => h.clone(),
+        (None, Err(e)) => return Err(e.clone()),
+    };
+    let header = init::Header {
+        user: user.to_string(),
+        file: output
+            .as_ref()
+            .map_or_else(|| "FILE".to_string(), |p| p.display().to_string()),
+        pm2_home: (default_home.as_ref() != Ok(&home)).then(|| home.clone()),
+    };
+    let text = init::run(user, &home, &header, Path::new("/proc")).map_err(|e| e.to_string())?;
+    let Some(path) = output else {
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    };
+    if path.exists() && !force {
+        return Err(format!(
+            "{} exists: pass --force to replace it, or choose another --output",
+            path.display()
+        ));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    pmguard_agent::files::write_atomic(&path, text.as_bytes(), 0o640, true)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let apps = text.matches("\n[[apps]]\n").count();
+    let probed = text
+        .lines()
+        .filter(|l| l.starts_with("health_url = "))
+        .count();
+    eprintln!(
+        "Wrote {}: {apps} app(s), {probed} with a health_url. Check each health_url, then:\n  pmguard-agent validate --config {0}\n  sudo pmguard install --config {0} --user {user}",
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn doctor(

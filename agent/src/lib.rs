@@ -10,6 +10,7 @@
 pub mod app;
 pub mod aws;
 pub mod check;
+pub mod cli_support;
 pub mod clock;
 pub mod config;
 pub mod daemon;

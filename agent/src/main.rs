@@ -5,15 +5,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use pmguard_agent::check::Outcome;
+use pmguard_agent::cli_support::{self, Shell};
 use pmguard_agent::config::{Config, ConfigError};
 use pmguard_agent::state::StateDir;
 
 #[derive(Parser)]
 #[command(
     name = "pmguard-agent",
-    version,
+    version = cli_support::LONG_VERSION,
     about = "Keeps PM2-managed services alive."
 )]
 struct Cli {
@@ -49,12 +50,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: Shell },
+    /// Write the man pages into DIR (used by dist/build).
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
+        Command::Completions { shell } => {
+            match cli_support::write_completions(shell, &mut Cli::command(), &mut std::io::stdout())
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write completions: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::GenerateMan { dir } => match cli_support::write_man_pages(Cli::command(), &dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot write man pages: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Validate { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: valid, {} app(s).", config.display(), c.apps.len());

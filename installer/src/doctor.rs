@@ -101,12 +101,14 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
     let manifest = Manifest::read(&under(t.root, Path::new(render::MANIFEST_PATH)))
         .ok()
         .flatten();
-    out.push(agent_binary(t, manifest.as_ref()));
+    let agent_path = installed_agent(t, manifest.as_ref());
+    out.push(agent_binary(t, agent_path, manifest.as_ref()));
     let account = user_of(t);
     let desired = account.as_ref().and_then(|a| {
         let config_text = std::fs::read_to_string(t.config_path).ok()?;
-        let agent_binary =
-            std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default();
+        let agent_binary = (agent_path == render::AGENT_PATH).then(|| {
+            std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default()
+        });
         render::render(
             &config,
             &Settings {
@@ -128,17 +130,36 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
     out.push(cron_readable(t));
     out.extend(installed_modes(t, manifest.as_ref()));
     out.extend(systemd_checks(t));
+    out.extend(crate::legacy::find(t.root).iter().map(|l| {
+        warn(
+            "other monitor",
+            format!("{l} also restarts PM2 apps: two monitors fight over one app"),
+            "stop it with `pmguard install --replace-legacy` (uninstall puts it back)",
+        )
+    }));
     out.push(heartbeat(&config));
     let paths = pm2_paths(&config, account.as_ref());
     out.extend(pm2_checks(&config, &paths, t.live));
     (out, Some(config))
 }
 
+/// The agent the install runs: its own copy at `AGENT_PATH`, or the package's binary in place
+/// when the install laid no copy (the manifest lists none) and the package's binary is there.
+fn installed_agent(t: &Target, manifest: Option<&Manifest>) -> &'static str {
+    let copied = manifest.is_some_and(|m| m.files.contains_key(Path::new(render::AGENT_PATH)));
+    let packaged = under(t.root, Path::new(render::PACKAGED_AGENT_PATH)).exists();
+    if !copied && packaged {
+        render::PACKAGED_AGENT_PATH
+    } else {
+        render::AGENT_PATH
+    }
+}
+
 /// The installed agent, judged by its bytes: never executed (doctor runs as root and the file
-/// under `--root` may be anyone's). Its sha256 must be what install recorded in the manifest,
-/// and the agent that ships beside this `pmguard`, when there is one, must be the same file.
-fn agent_binary(t: &Target, manifest: Option<&Manifest>) -> Check {
-    let path = under(t.root, Path::new(render::AGENT_PATH));
+/// under `--root` may be anyone's). A copy must have the sha256 install recorded in the
+/// manifest; either way it must be the agent that ships beside this `pmguard`, when there is one.
+fn agent_binary(t: &Target, agent_path: &str, manifest: Option<&Manifest>) -> Check {
+    let path = under(t.root, Path::new(agent_path));
     let found = match crate::manifest::sha256_file(&path) {
         Ok(h) => h,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -157,13 +178,12 @@ fn agent_binary(t: &Target, manifest: Option<&Manifest>) -> Check {
         }
     };
     let short = &found[..12];
-    if let Some(recorded) = manifest.and_then(|m| m.files.get(Path::new(render::AGENT_PATH))) {
+    if let Some(recorded) = manifest.and_then(|m| m.files.get(Path::new(agent_path))) {
         if *recorded != found {
             return fail(
                 "agent binary",
                 format!(
-                    "{} is not the file install laid down (sha256 {short}..., recorded {}...)",
-                    render::AGENT_PATH,
+                    "{agent_path} is not the file install laid down (sha256 {short}..., recorded {}...)",
                     &recorded[..recorded.len().min(12)]
                 ),
                 "run `pmguard install --config <file>` to put the agent back",
@@ -177,15 +197,14 @@ fn agent_binary(t: &Target, manifest: Option<&Manifest>) -> Check {
         Some(h) if h != found => warn(
             "agent binary",
             format!(
-                "{} (sha256 {short}...) is not the agent that ships with this pmguard {}",
-                render::AGENT_PATH,
+                "{agent_path} (sha256 {short}...) is not the agent that ships with this pmguard {}",
                 env!("CARGO_PKG_VERSION")
             ),
             "run `pmguard install` from this release to put the matching agent in place",
         ),
         _ => ok(
             "agent binary",
-            format!("{} (sha256 {short}..., as installed)", render::AGENT_PATH),
+            format!("{agent_path} (sha256 {short}..., as installed)"),
         ),
     }
 }

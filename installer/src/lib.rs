@@ -5,6 +5,8 @@ pub mod aws;
 pub mod bootstrap;
 pub mod doctor;
 pub mod iam;
+pub mod init;
+pub mod legacy;
 pub mod manifest;
 pub mod plan;
 pub mod pm2unit;

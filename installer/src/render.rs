@@ -17,6 +17,9 @@ pub const MARKER: &str =
     "Managed by pmguard. Do not edit: changes are reverted by `pmguard install`.";
 
 pub const AGENT_PATH: &str = "/usr/local/bin/pmguard-agent";
+/// Where the .deb puts the agent. Used in place, never written or removed by pmguard: the package
+/// manager owns it.
+pub const PACKAGED_AGENT_PATH: &str = "/usr/bin/pmguard-agent";
 pub const CONFIG_PATH: &str = "/etc/pmguard/pmguard.toml";
 pub const UNIT_PATH: &str = "/etc/systemd/system/pmguard-agent.service";
 pub const UNIT_NAME: &str = "pmguard-agent.service";
@@ -69,7 +72,9 @@ pub struct Settings {
     pub account: Account,
     /// The validated config file's exact text.
     pub config_text: String,
-    pub agent_binary: Vec<u8>,
+    /// The agent's bytes, laid down at `AGENT_PATH`; `None`: run the packaged
+    /// `PACKAGED_AGENT_PATH` in place.
+    pub agent_binary: Option<Vec<u8>>,
     /// Who keeps PM2 running (`pm2unit::observe`).
     pub pm2: crate::pm2unit::Supervision,
 }
@@ -212,6 +217,10 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
     let a = &s.account;
     check_values(config, a)?;
     let state_dir = &config.agent.state_dir;
+    let agent_path = match s.agent_binary {
+        Some(_) => AGENT_PATH,
+        None => PACKAGED_AGENT_PATH,
+    };
     let state_lines = match state_dir.strip_prefix("/var/lib") {
         Ok(rel) if !rel.as_os_str().is_empty() => vec![
             format!("StateDirectory={}", rel.display()),
@@ -225,7 +234,7 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         group: &a.group,
         pm2_unit: s.pm2.unit(&a.user),
         pm2_home: pm2_home(config, a).display().to_string(),
-        agent_path: AGENT_PATH,
+        agent_path,
         config_path: CONFIG_PATH,
         watchdog_sec: "30s",
         state_lines,
@@ -244,7 +253,7 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         marker: MARKER,
         schedule: "*/5 * * * *",
         user: &a.user,
-        agent_path: AGENT_PATH,
+        agent_path,
         config_path: CONFIG_PATH,
     }
     .render()
@@ -271,15 +280,16 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         gid,
         kind: FileKind::Managed,
     };
-    let mut files = vec![
-        DesiredFile {
-            path: PathBuf::from(AGENT_PATH),
-            content: s.agent_binary.clone(),
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            kind: FileKind::Binary,
-        },
+    let binary = s.agent_binary.as_ref().map(|bytes| DesiredFile {
+        path: PathBuf::from(AGENT_PATH),
+        content: bytes.clone(),
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        kind: FileKind::Binary,
+    });
+    let mut files: Vec<DesiredFile> = binary.into_iter().collect();
+    files.extend([
         DesiredFile {
             path: PathBuf::from(CONFIG_PATH),
             content: ensure_newline(s.config_text.clone()).into_bytes(),
@@ -292,7 +302,7 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         text(UNIT_PATH, unit, 0o644, 0),
         text(CRON_PATH, cron, 0o644, 0),
         text(LOGROTATE_PATH, logrotate, 0o644, 0),
-    ];
+    ]);
     if let Some(policy) = iam::agent_policy(config) {
         files.push(text(IAM_PATH, iam::to_json(&policy), 0o644, 0));
     }
@@ -359,7 +369,7 @@ pub(crate) mod tests {
             &Settings {
                 account: account(),
                 config_text: config.to_string(),
-                agent_binary: b"\x7fELF not a real binary".to_vec(),
+                agent_binary: Some(b"\x7fELF not a real binary".to_vec()),
                 pm2: crate::pm2unit::Supervision::Startup {
                     unit: "pm2-ubuntu.service".into(),
                 },
@@ -410,7 +420,7 @@ pub(crate) mod tests {
             &Settings {
                 account: account(),
                 config_text: MINIMAL.to_string(),
-                agent_binary: vec![],
+                agent_binary: Some(vec![]),
                 pm2: crate::pm2unit::Supervision::Ours {
                     pm2_bin: "/usr/local/bin/pm2".into(),
                     path_env: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
@@ -467,6 +477,30 @@ pub(crate) mod tests {
             !unit(MULTI).contains("IPAddressDeny=any"),
             "10.0.0.5 is probed"
         );
+    }
+
+    #[test]
+    fn a_packaged_agent_is_run_in_place_and_never_laid_down() {
+        let c = Config::parse(Path::new("/etc/pmguard/pmguard.toml"), MINIMAL).unwrap();
+        let settings = Settings {
+            account: account(),
+            config_text: MINIMAL.to_string(),
+            agent_binary: None,
+            pm2: crate::pm2unit::Supervision::Startup {
+                unit: "pm2-ubuntu.service".into(),
+            },
+        };
+        let files = render(&c, &settings).unwrap();
+        assert!(files.iter().all(|f| f.kind != FileKind::Binary));
+        assert!(files
+            .iter()
+            .all(|f| f.path != Path::new(PACKAGED_AGENT_PATH)));
+        let text = |p: &str| {
+            let f = files.iter().find(|f| f.path == Path::new(p)).unwrap();
+            String::from_utf8(f.content.clone()).unwrap()
+        };
+        assert!(text(UNIT_PATH).contains("ExecStart=/usr/bin/pmguard-agent run"));
+        assert!(text(CRON_PATH).contains(" /usr/bin/pmguard-agent check --once"));
     }
 
     #[test]

@@ -52,7 +52,7 @@ fn render_as(config: &str, account: users::Account) -> Vec<DesiredFile> {
         &Settings {
             account,
             config_text: config.into(),
-            agent_binary: b"#!/bin/sh\n".to_vec(),
+            agent_binary: Some(b"#!/bin/sh\n".to_vec()),
             // PM2 not under systemd yet: pmguard-pm2.service is rendered and verified too.
             pm2: pmguard_installer::pm2unit::Supervision::Ours {
                 pm2_bin: "/usr/local/bin/pm2".into(),

@@ -3,8 +3,8 @@
 //   GET /health      per mode: ok | 500 | slow:<ms> | hang | spin | crash | exit
 //   GET /mode/<mode> sets the mode, answers 200, then (spin/crash/exit) acts.
 // Env: PORT (required), MODE (initial mode, default ok), START_DELAY_MS (listen after a delay),
-// GRACEFUL_MS (catch SIGINT and take this long to shut down, as a real server drains; a busy
-// event loop never gets to run the handler).
+// HOST (address to bind, default 127.0.0.1), GRACEFUL_MS (catch SIGINT and take this long to
+// shut down, as a real server drains; a busy event loop never gets to run the handler).
 'use strict';
 const http = require('http');
 
@@ -14,6 +14,7 @@ if (!port) {
   process.exit(2);
 }
 let mode = process.env.MODE || 'ok';
+const host = process.env.HOST || '127.0.0.1';
 
 function act(m) {
   if (m === 'spin') {
@@ -63,8 +64,8 @@ const server = http.createServer((req, res) => {
 });
 
 function listen() {
-  server.listen(port, '127.0.0.1', () => {
-    console.log('listening on 127.0.0.1:' + port + ' mode ' + mode + ' pid ' + process.pid);
+  server.listen(port, host, () => {
+    console.log('listening on ' + host + ':' + port + ' mode ' + mode + ' pid ' + process.pid);
   });
 }
 

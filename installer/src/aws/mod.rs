@@ -4,5 +4,6 @@
 pub mod alarms;
 pub mod dashboard;
 pub mod fleet;
+pub mod legacy_alarms;
 pub mod provision;
 pub mod ssm;
