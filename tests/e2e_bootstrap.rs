@@ -7,18 +7,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PMGUARD: &str = env!("CARGO_BIN_EXE_pmguard");
 const PORT: u16 = 8088;
 
-fn nspawn(args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/nspawn.sh"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+#[path = "common/machine.rs"]
+mod machine;
+
+use machine::{sh as nspawn, Machine};
 
 fn ok(o: Output, what: &str) -> String {
     assert!(
@@ -35,41 +32,11 @@ fn ok(o: Output, what: &str) -> String {
     )
 }
 
-struct Machine(String);
-
-impl Machine {
-    fn exec(&self, cmd: &[&str]) -> Output {
-        let mut args = vec!["exec", self.0.as_str()];
-        args.extend_from_slice(cmd);
-        nspawn(&args)
-    }
-    fn run(&self, cmd: &[&str]) -> String {
-        ok(self.exec(cmd), &cmd.join(" "))
-    }
-    fn copy_in(&self, src: &Path, dest: &str) {
-        ok(
-            nspawn(&["copy-in", &self.0, src.to_str().unwrap(), dest]),
-            "copy-in",
-        );
-    }
-    fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut(&Machine) -> bool) {
-        let deadline = Instant::now() + limit;
-        while !f(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = nspawn(&["teardown", &self.0]);
-    }
-}
-
 /// The package: stripped copies of this build's binaries in a .tar.gz, and its SHA-256.
 fn package(dir: &Path) -> (PathBuf, String) {
-    let stage = dir.join("stage");
+    // The layout of dist/build's tarball: pmguard-<version>-x86_64-linux/bin/...
+    let top = format!("pmguard-{}-x86_64-linux", env!("CARGO_PKG_VERSION"));
+    let stage = dir.join("stage").join(&top).join("bin");
     std::fs::create_dir_all(&stage).unwrap();
     for bin in ["pmguard", "pmguard-agent"] {
         let src = Path::new(PMGUARD).with_file_name(bin);
@@ -91,8 +58,8 @@ fn package(dir: &Path) -> (PathBuf, String) {
         .arg("-czf")
         .arg(&pkg)
         .arg("-C")
-        .arg(&stage)
-        .args(["pmguard", "pmguard-agent"])
+        .arg(dir.join("stage"))
+        .arg(&top)
         .status()
         .unwrap();
     assert!(st.success());

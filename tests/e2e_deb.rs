@@ -9,89 +9,18 @@
 //! `bash dist/build` (bash .ci/run does both before the tests).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/nspawn.sh")
-}
+#[path = "common/machine.rs"]
+mod machine;
 
-fn built_deb() -> PathBuf {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap();
-    let deb = target.join(format!(
-        "dist/pmguard_{}_amd64.deb",
-        env!("CARGO_PKG_VERSION")
-    ));
-    assert!(
-        deb.exists(),
-        "{} is missing: run `bash dist/build` first (.ci/run does, before the tests)",
-        deb.display()
-    );
-    deb
-}
-
-fn sh(args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg(script())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = sh(args);
-    assert!(
-        o.status.success(),
-        "nspawn.sh {args:?} failed ({}):\n{}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A booted container, torn down on drop.
-struct Machine(String);
+use machine::{built_deb, ok, Machine};
 
 impl Machine {
-    fn exec(&self, cmd: &[&str]) -> Output {
-        let mut args = vec!["exec", self.0.as_str()];
-        args.extend_from_slice(cmd);
-        sh(&args)
-    }
-
-    fn run(&self, cmd: &[&str]) -> String {
-        let mut args = vec!["exec", self.0.as_str()];
-        args.extend_from_slice(cmd);
-        ok(&args)
-    }
-
     fn active(&self) -> bool {
         self.exec(&["systemctl", "is-active", "--quiet", "pmguard-agent.service"])
             .status
             .success()
-    }
-
-    fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut(&Machine) -> bool) {
-        let deadline = Instant::now() + limit;
-        while !f(self) {
-            if Instant::now() > deadline {
-                let journal = self.exec(&[
-                    "journalctl",
-                    "-u",
-                    "pmguard-agent",
-                    "--no-pager",
-                    "-n",
-                    "60",
-                ]);
-                panic!(
-                    "timed out waiting for {what}; agent journal:\n{}",
-                    String::from_utf8_lossy(&journal.stdout)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 
     /// Every path on the root file system, minus what the system itself keeps changing (package
@@ -119,12 +48,6 @@ impl Machine {
             })
             .map(str::to_owned)
             .collect()
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = sh(&["teardown", &self.0]);
     }
 }
 
@@ -253,13 +176,8 @@ fn deb_then_init_then_install_watches_the_app_and_removes_cleanly() {
         .success());
     m.run(&["dpkg", "-r", "pmguard"]);
     let after = m.file_list();
-    // The agent's state directory (systemd's StateDirectory=: events, restart history) is data
-    // that `pmguard uninstall` keeps today, as `apt remove` keeps data until a purge; everything
-    // else must be gone.
-    let added: Vec<_> = after
-        .difference(&before)
-        .filter(|p| *p != "/var/lib/pmguard" && !p.starts_with("/var/lib/pmguard/"))
-        .collect();
+    // Everything is gone, the agent's state directory (StateDirectory=) included.
+    let added: Vec<_> = after.difference(&before).collect();
     let removed: Vec<_> = before.difference(&after).collect();
     assert!(
         added.is_empty() && removed.is_empty(),

@@ -4,49 +4,17 @@
 //! that a second install does nothing, and that `pmguard uninstall` stops it and leaves no trace.
 //! Needs root and the cached root from `tests/e2e/nspawn.sh prepare` (bash .ci/run does it).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const PMGUARD: &str = env!("CARGO_BIN_EXE_pmguard");
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/nspawn.sh")
-}
+#[path = "common/machine.rs"]
+mod machine;
 
-fn sh(args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg(script())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = sh(args);
-    assert!(
-        o.status.success(),
-        "nspawn.sh {args:?} failed ({}):\n{}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-struct Machine(String);
+use machine::{ok, sh, Machine};
 
 impl Machine {
-    fn exec(&self, cmd: &[&str]) -> Output {
-        let mut args = vec!["exec", self.0.as_str()];
-        args.extend_from_slice(cmd);
-        sh(&args)
-    }
-    fn run(&self, cmd: &[&str]) -> String {
-        let mut args = vec!["exec", self.0.as_str()];
-        args.extend_from_slice(cmd);
-        ok(&args)
-    }
     fn show(&self, prop: &str) -> String {
         self.run(&[
             "systemctl",
@@ -58,32 +26,6 @@ impl Machine {
         ])
         .trim()
         .to_string()
-    }
-    fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut(&Machine) -> bool) {
-        let deadline = Instant::now() + limit;
-        while !f(self) {
-            if Instant::now() > deadline {
-                let journal = self.exec(&[
-                    "journalctl",
-                    "-u",
-                    "pmguard-agent",
-                    "--no-pager",
-                    "-n",
-                    "60",
-                ]);
-                panic!(
-                    "timed out waiting for {what}; agent journal:\n{}",
-                    String::from_utf8_lossy(&journal.stdout)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = sh(&["teardown", &self.0]);
     }
 }
 

@@ -136,11 +136,22 @@ impl Bootstrap {
         let _ = writeln!(s, "url={}", quote(&self.package_url));
         let _ = writeln!(s, "sha256={}", quote(&self.sha256));
         let _ = writeln!(s, "state={STATE_DIR}");
-        let _ = writeln!(s, "pkg=\"$state/{}\"", package_file(&self.package_url));
+        // A fixed name, never the URL's: nothing of the URL reaches the script unquoted.
+        let pkg = if package_file(&self.package_url).ends_with(".deb") {
+            "pmguard.deb"
+        } else {
+            "pmguard.tar.gz"
+        };
+        let _ = writeln!(s, "pkg=\"$state/{pkg}\"");
         s.push_str(
             r#"mkdir -p -m 0700 "$state"
 chmod 0700 "$state"
-if [ "$(cat "$state/installed.sha256" 2>/dev/null || true)" != "$sha256" ]; then
+case "$pkg" in
+  *.deb) pmguard=/usr/bin/pmguard ;;
+  *) pmguard=/usr/local/lib/pmguard/bin/pmguard ;;
+esac
+# Installed already (this hash) and still there: nothing to download.
+if [ "$(cat "$state/installed.sha256" 2>/dev/null || true)" != "$sha256" ] || [ ! -x "$pmguard" ]; then
   rm -f "$pkg.part"
   if command -v curl >/dev/null 2>&1; then
     curl -fsSL --retry 5 --retry-connrefused -o "$pkg.part" "$url"
@@ -151,14 +162,10 @@ if [ "$(cat "$state/installed.sha256" 2>/dev/null || true)" != "$sha256" ]; then
   mv "$pkg.part" "$pkg"
   case "$pkg" in
     *.deb) dpkg -i "$pkg" ;;
-    *) mkdir -p /usr/local/lib/pmguard && tar -xzf "$pkg" -C /usr/local/lib/pmguard --no-same-owner ;;
+    *) mkdir -p /usr/local/lib/pmguard && tar -xzf "$pkg" -C /usr/local/lib/pmguard --no-same-owner --strip-components=1 ;;
   esac
   echo "$sha256" > "$state/installed.sha256"
 fi
-case "$pkg" in
-  *.deb) pmguard=pmguard ;;
-  *) pmguard=/usr/local/lib/pmguard/pmguard ;;
-esac
 "#,
         );
         let config_arg = match &self.config {
@@ -353,5 +360,17 @@ mod tests {
         assert!(bad("https://x/p.deb", "abc", "u").contains("--sha256"));
         assert!(bad("https://x/p.deb", SHA, "root; rm -rf /").contains("--user"));
         assert_eq!(quote("a'b"), "'a'\\''b'");
+    }
+
+    #[test]
+    fn nothing_of_the_url_reaches_the_script_unquoted() {
+        // A file name built to run commands when expanded in double quotes.
+        let url = "https://x/`touch${IFS}.pwned`$(id)\";reboot;\".deb";
+        let b = Bootstrap::new(url, SHA, "u", ConfigSource::Parameter("/p".into())).unwrap();
+        let s = b.shell();
+        assert!(s.contains("pkg=\"$state/pmguard.deb\""), "{s}");
+        // The URL appears once, single-quoted.
+        assert_eq!(s.matches("touch${IFS}").count(), 1, "{s}");
+        assert!(s.contains(&format!("url={}", quote(url))), "{s}");
     }
 }

@@ -206,7 +206,18 @@ pub fn agent_policy(config: &Config) -> Option<Policy> {
 /// The provisioning policy (admin workstation or CI); `None` without an `[aws]` section.
 pub fn admin_policy(config: &Config) -> Option<Policy> {
     let aws = config.aws.as_ref()?;
-    Some(build(aws, &admin_actions(config)))
+    let mut p = build(aws, &admin_actions(config));
+    // `provision-aws --remove-legacy-alarms` deletes the old monitor's alarms (`PM2-<App>-...`,
+    // see aws::legacy_alarms), which are not pmguard's names.
+    let region = aws.region.as_deref().unwrap_or("*");
+    p.statements.push(Statement {
+        sid: "RemoveOldMonitorAlarms".into(),
+        effect: "Allow",
+        actions: vec!["cloudwatch:DeleteAlarms".into()],
+        resources: vec![format!("arn:aws:cloudwatch:{region}:*:alarm:PM2-*")],
+        condition: None,
+    });
+    Some(p)
 }
 
 /// The policy with the account filled into every ARN that has `*` for it (`pmguard fleet iam

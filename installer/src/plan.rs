@@ -39,6 +39,9 @@ pub struct Observed {
     /// A PM2 daemon runs now (set by the caller from `pm2.pid`): then `pmguard-pm2.service` is
     /// enabled for the next boot but not started (its `pm2 resurrect` must not meet a live daemon).
     pub pm2_daemon_live: bool,
+    /// The agent's state directory when it is pmguard's own (`StateDirectory=` under
+    /// /var/lib/pmguard*), from the installed config: uninstall removes it with the rest.
+    pub state_dir: Option<PathBuf>,
     /// Modes of the existing directories pmguard owns (the config directory, and those it
     /// created), to put back when they drift (a root umask of 077 makes a fresh dir 0700).
     pub dir_modes: BTreeMap<PathBuf, u32>,
@@ -120,8 +123,31 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
         unit: systemd.state(UNIT_NAME),
         pm2_unit: systemd.state(PM2_UNIT_NAME),
         pm2_daemon_live: false,
+        state_dir: owned_state_dir(root),
         dir_modes,
     })
+}
+
+/// The installed config's `state_dir`, if it is one systemd made for pmguard's unit
+/// (`/var/lib/pmguard` or `/var/lib/pmguard-*`: `render::check_values` allows no other under
+/// /var/lib) and it is a real directory.
+fn owned_state_dir(root: &Path) -> Option<PathBuf> {
+    let config = crate::render::CONFIG_PATH;
+    let text = std::fs::read_to_string(under(root, Path::new(config))).ok()?;
+    let c = pmguard_agent::config::Config::parse(Path::new(config), &text).ok()?;
+    let dir = c.agent.state_dir;
+    let rel = dir.strip_prefix("/var/lib").ok()?;
+    let first = rel.components().next()?.as_os_str().to_str()?.to_string();
+    let ours = first.starts_with("pmguard")
+        && rel.components().count() == 1
+        && dir.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+    let m = std::fs::symlink_metadata(under(root, &dir)).ok()?;
+    (ours && m.is_dir()).then_some(dir)
 }
 
 /// Walks from `root` to `path`'s parent without following symlinks: every directory on the way
@@ -189,6 +215,10 @@ pub enum Step {
         old: FoundFile,
     },
     RemoveDir {
+        path: PathBuf,
+    },
+    /// The agent's state directory and everything in it (events, restart history, spool).
+    RemoveTree {
         path: PathBuf,
     },
     /// An existing directory pmguard owns whose mode drifted.
@@ -416,6 +446,9 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
     for d in m.created_dirs.iter().rev() {
         plan.steps.push(Step::RemoveDir { path: d.clone() });
     }
+    if let Some(dir) = &obs.state_dir {
+        plan.steps.push(Step::RemoveTree { path: dir.clone() });
+    }
     if matches!(obs.unit, UnitState::Live { .. }) {
         plan.steps.push(systemctl(&["daemon-reload"]));
     }
@@ -490,6 +523,13 @@ pub fn display(plan: &Plan) -> String {
             Step::RemoveDir { path } => {
                 let _ = writeln!(out, "remove directory {} (if empty)", path.display());
             }
+            Step::RemoveTree { path } => {
+                let _ = writeln!(
+                    out,
+                    "remove the agent's state {} (events, restart history)",
+                    path.display()
+                );
+            }
             Step::DirMode { path, from } => {
                 let _ = writeln!(
                     out,
@@ -531,6 +571,15 @@ pub fn apply(
                 // The umask narrowed the mode at create (077 makes it 0700): set it exactly.
                 std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
                     .map_err(|e| format!("chmod {}: {e}", real.display()))?;
+            }
+            Step::RemoveTree { path } => {
+                // remove_dir_all never follows a symlink inside (the PM2 user owns the tree).
+                let real = under(root, path);
+                match std::fs::remove_dir_all(&real) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("remove {}: {e}", real.display())),
+                }
             }
             Step::DirMode { path, .. } => {
                 let real = under(root, path);
@@ -719,6 +768,38 @@ mod tests {
         apply(&plan, root.path(), &STAGED, false).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
         assert!(replan(root.path(), MINIMAL).is_empty());
+    }
+
+    #[test]
+    fn uninstall_removes_pmguards_own_state_dir_and_nothing_through_its_links() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), FULL, false);
+        let state = root.path().join("var/lib/pmguard");
+        std::fs::create_dir_all(state.join("spool")).unwrap();
+        std::fs::write(state.join("events.jsonl"), "{}\n").unwrap();
+        // A link the PM2 user could plant: its target must survive.
+        let victim = root.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, state.join("spool/link")).unwrap();
+        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        assert!(display(&plan).contains("remove the agent's state /var/lib/pmguard"));
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        assert!(!state.exists());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn a_state_dir_outside_pmguards_own_is_kept() {
+        let root = tempfile::tempdir().unwrap();
+        install(root.path(), crate::render::tests::MULTI, false);
+        let state = root.path().join("srv/pmguard/state");
+        std::fs::create_dir_all(&state).unwrap();
+        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        assert!(
+            state.exists(),
+            "ReadWritePaths= state is the user's to remove"
+        );
     }
 
     #[test]

@@ -15,9 +15,14 @@ pub struct LegacyAlarmError {
     pub detail: String,
 }
 
-/// Whether `name` is one of the old monitor's alarms.
-pub fn is_legacy(name: &str) -> bool {
-    !name.starts_with("pmguard-") && SEED_SUFFIXES.iter().any(|s| name.ends_with(s))
+/// Whether an alarm is one of the old monitor's: the seed's naming (`PM2-<App>-Service-Down`,
+/// `-High-Error-Rate`, `-Frequent-Restarts`) on a metric in the seed's kind of namespace
+/// (`PM2/<App>`). Another team's `Payments-API-Service-Down` is never matched: this list is
+/// deleted with one flag.
+pub fn is_legacy(name: &str, namespace: Option<&str>) -> bool {
+    name.starts_with("PM2-")
+        && SEED_SUFFIXES.iter().any(|s| name.ends_with(s))
+        && namespace.is_some_and(|n| n.starts_with("PM2/"))
 }
 
 /// Every alarm in the account and region that [`is_legacy`], sorted.
@@ -37,8 +42,8 @@ pub async fn find(cw: &aws_sdk_cloudwatch::Client) -> Result<Vec<String>, Legacy
         names.extend(
             out.metric_alarms()
                 .iter()
+                .filter(|a| a.alarm_name().is_some_and(|n| is_legacy(n, a.namespace())))
                 .filter_map(|a| a.alarm_name())
-                .filter(|n| is_legacy(n))
                 .map(str::to_owned),
         );
         token = out.next_token().map(str::to_owned);
@@ -74,11 +79,16 @@ mod tests {
 
     #[test]
     fn the_old_monitors_alarms_match_and_pmguards_own_never_do() {
-        assert!(is_legacy("PM2-CodeBox-Service-Down"));
-        assert!(is_legacy("PM2-CodeBox-High-Error-Rate"));
-        assert!(is_legacy("PM2-CodeBox-Frequent-Restarts"));
-        assert!(!is_legacy("pmguard-i-0abc-codebox-service-down"));
-        assert!(!is_legacy("pmguard-legacy-Service-Down"));
-        assert!(!is_legacy("billing-alarm"));
+        let seed = Some("PM2/CodeBox");
+        assert!(is_legacy("PM2-CodeBox-Service-Down", seed));
+        assert!(is_legacy("PM2-CodeBox-High-Error-Rate", seed));
+        assert!(is_legacy("PM2-CodeBox-Frequent-Restarts", seed));
+        assert!(!is_legacy("pmguard-i-0abc-codebox-service-down", seed));
+        assert!(!is_legacy("pmguard-legacy-Service-Down", seed));
+        assert!(!is_legacy("billing-alarm", seed));
+        // Other teams' alarms with the same endings are never the old monitor's.
+        assert!(!is_legacy("Payments-API-Service-Down", Some("Payments")));
+        assert!(!is_legacy("Checkout-High-Error-Rate", seed));
+        assert!(!is_legacy("PM2-Other-Service-Down", Some("AWS/EC2")));
     }
 }
