@@ -248,6 +248,11 @@ pub fn provision(
         };
         println!("{}", scope(&config, &instance, &clients.region));
         print!("{}", provision::display(&steps, &observed, &config));
+        if destroy {
+            for n in provision::destroy_notes(&config, &observed) {
+                println!("{n}");
+            }
+        }
         // The old monitor's alarms (the seed's names): listed, deleted only when asked.
         let old_alarms = if destroy {
             Vec::new()

@@ -285,11 +285,7 @@ pub async fn observe(
     .map(|a| a.name)
     .collect();
     for spec in describe_alarms(c, Some(&prefix)).await? {
-        let ours = wanted.contains(&spec.name)
-            || match fleet_name {
-                Some(f) => fleet::owned_by_fleet(&spec, f),
-                None => alarms::owned_by_instance(&spec, instance),
-            };
+        let ours = owns(&spec, &wanted, fleet_name, instance);
         if ours {
             obs.alarms.insert(spec.name.clone(), spec);
         }
@@ -652,15 +648,63 @@ pub fn plan_destroy(config: &Config, instance: &str, obs: &AwsObserved) -> Vec<A
             },
         });
     }
+    // The topic and the log group go only when their names are pmguard's own: a configured
+    // `ops-alerts` topic or a shared `/aws/ec2/pm2-health` group may be other teams' too.
     if let Some(arn) = &obs.topic_arn {
-        steps.push(AwsStep::DeleteTopic { arn: arn.clone() });
+        if arn.rsplit(':').next().is_some_and(owned_topic) {
+            steps.push(AwsStep::DeleteTopic { arn: arn.clone() });
+        }
     }
-    if obs.log_group.is_some() {
+    if obs.log_group.is_some() && owned_log_group(&aws.log_group) {
         steps.push(AwsStep::DeleteLogGroup {
             name: aws.log_group.clone(),
         });
     }
     steps
+}
+
+/// Whether this config owns an alarm: it carries our mark (the fleet's marker, the instance's
+/// exact InstanceId), or it has a name this config asks for and no mark of another owner (a
+/// hand-edited alarm of ours lost its mark; fleet `web-api` app `v2` and fleet `web` app
+/// `api-v2` make the same name, and the other fleet's marker says whose it is).
+pub fn owns(spec: &AlarmSpec, wanted: &[String], fleet: Option<&str>, instance: &str) -> bool {
+    let marked_ours = match fleet {
+        Some(f) => fleet::owned_by_fleet(spec, f),
+        None => alarms::owned_by_instance(spec, instance),
+    };
+    let marked_other = fleet::marker_fleet(&spec.description).is_some_and(|m| Some(m) != fleet)
+        || spec
+            .dimensions
+            .iter()
+            .any(|(k, v)| k == pmguard_agent::aws::names::DIM_INSTANCE_ID && v != instance);
+    marked_ours || (wanted.contains(&spec.name) && !marked_other)
+}
+
+/// A topic pmguard named (`pmguard-...`), so it may delete it.
+pub fn owned_topic(name: &str) -> bool {
+    name.starts_with("pmguard-")
+}
+
+/// A log group pmguard named (`/pmguard/...`), so it may delete it.
+pub fn owned_log_group(name: &str) -> bool {
+    name.starts_with("/pmguard/")
+}
+
+/// What `plan_destroy` leaves standing, said to the person running it.
+pub fn destroy_notes(config: &Config, obs: &AwsObserved) -> Vec<String> {
+    let Some(aws) = config.aws.as_ref() else {
+        return Vec::new();
+    };
+    let mut notes = Vec::new();
+    if let Some(arn) = &obs.topic_arn {
+        if !arn.rsplit(':').next().is_some_and(owned_topic) {
+            notes.push(format!("note: topic {arn} is kept: its name is not one pmguard gives, so it may serve others; delete it yourself if nothing else uses it"));
+        }
+    }
+    if obs.log_group.is_some() && !owned_log_group(&aws.log_group) {
+        notes.push(format!("note: log group {} is kept: its name is not one pmguard gives, so other boxes or teams may write to it; delete it yourself if nothing else does", aws.log_group));
+    }
+    notes
 }
 
 /// The plan as shown to a person.
@@ -1046,6 +1090,59 @@ mod tests {
         let steps = plan_destroy(&c, "i-1", &obs);
         let shown = display(&steps, &obs, &c);
         insta::assert_snapshot!("provision_fleet_destroy_plan", shown);
+    }
+
+    #[test]
+    fn a_name_we_want_with_another_owners_mark_is_not_ours() {
+        // Fleet `web` app `api-v2` and fleet `web-api` app `v2` make the same alarm name.
+        let other = Config::parse(
+            Path::new("/c.toml"),
+            "[[apps]]\nname = \"v2\"\n[aws]\nfleet = \"web-api\"\n",
+        )
+        .unwrap();
+        let ours = Config::parse(
+            Path::new("/c.toml"),
+            "[[apps]]\nname = \"api-v2\"\n[aws]\nfleet = \"web\"\n",
+        )
+        .unwrap();
+        let theirs = fleet::desired(&other, None);
+        let wanted: Vec<String> = fleet::desired(&ours, None)
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        let clash = theirs.iter().find(|a| wanted.contains(&a.name));
+        let clash = clash.expect("the two fleets' names collide");
+        assert!(!owns(clash, &wanted, Some("web"), "i-1"));
+        assert!(owns(clash, &wanted, Some("web-api"), "i-1"));
+        // A hand-edited alarm of ours (its mark gone) is still ours by its exact name.
+        let mut edited = clash.clone();
+        edited.description = "edited by hand".into();
+        assert!(owns(&edited, &wanted, Some("web"), "i-1"));
+        // Single box: our name, another instance's InstanceId.
+        let mut single = edited.clone();
+        single.dimensions = vec![("InstanceId".into(), "web-prod".into())];
+        assert!(!owns(&single, &wanted, None, "web"));
+    }
+
+    #[test]
+    fn destroy_keeps_a_topic_and_log_group_pmguard_did_not_name() {
+        let mut c = fleet_config();
+        let aws = c.aws.as_mut().unwrap();
+        aws.sns_topic = Some("ops-alerts".into());
+        aws.log_group = "/shared/app-logs".into();
+        let mut obs = provisioned_fleet(&c);
+        obs.topic_arn = Some("arn:aws:sns:us-east-1:1:ops-alerts".into());
+        let steps = plan_destroy(&c, "i-1", &obs);
+        assert!(
+            !steps.iter().any(|s| matches!(
+                s,
+                AwsStep::DeleteTopic { .. } | AwsStep::DeleteLogGroup { .. }
+            )),
+            "{steps:?}"
+        );
+        let notes = destroy_notes(&c, &obs).join("\n");
+        assert!(notes.contains("ops-alerts is kept"), "{notes}");
+        assert!(notes.contains("/shared/app-logs is kept"), "{notes}");
     }
 
     #[test]
