@@ -97,8 +97,29 @@ pub fn read_capped(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(buf))
 }
 
+/// Replaces `path` with `data` atomically (fsynced), with `mode` and, when given, the owner set
+/// on the new file before it takes the name.
+pub fn write_atomic_owned(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
+    write_atomic_with(path, data, mode, true, owner)
+}
+
 /// Replaces `path` with `data` atomically, with `mode`; fsyncs file and directory when `durable`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result<()> {
+    write_atomic_with(path, data, mode, durable, None)
+}
+
+fn write_atomic_with(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    durable: bool,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let mut attempt = 0u32;
@@ -122,6 +143,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::R
     };
     let result = (|| {
         file.write_all(data)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
         // The umask may have narrowed the mode at create; set it exactly.
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         if durable {

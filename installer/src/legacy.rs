@@ -102,16 +102,32 @@ pub fn restarts_pm2(command: &str, read: &dyn Fn(&Path) -> Option<String>) -> Op
     None
 }
 
-/// `pm2 restart` or `pm2 reload` on a line that is not a comment.
+/// A health monitor: `pm2 restart` or `pm2 reload` (the command, not `reloadLogs`) on a line
+/// that is not a comment, in a text that also checks health (curl, wget, an http URL). A
+/// scheduled `pm2 restart all` or a deploy hook's `pm2 reload` is not a monitor.
 fn says_pm2_restart(text: &str) -> Option<&'static str> {
     let lines = || {
         text.lines()
             .map(|l| l.trim_start())
             .filter(|l| !l.starts_with('#'))
     };
+    let word = |l: &str, phrase: &str| {
+        l.match_indices(phrase).any(|(i, _)| {
+            l[i + phrase.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| c.is_whitespace() || matches!(c, ';' | '"' | '\'' | '&' | '|'))
+        })
+    };
+    let checks = lines().any(|l| {
+        ["curl ", "wget ", "http://", "https://"]
+            .iter()
+            .any(|w| l.contains(w))
+    });
     ["pm2 restart", "pm2 reload"]
         .into_iter()
-        .find(|phrase| lines().any(|l| l.contains(phrase)))
+        .find(|phrase| lines().any(|l| word(l, phrase)))
+        .filter(|_| checks)
 }
 
 /// The command of a crontab line: after 5 schedule fields (6 with a user field in system
@@ -268,9 +284,15 @@ fn edit_file(
         return Ok(false);
     }
     let meta = std::fs::metadata(&real).map_err(err)?;
-    pmguard_agent::files::write_atomic(&real, new.as_bytes(), meta.mode() & 0o7777, true)
-        .map_err(err)?;
-    std::os::unix::fs::chown(&real, Some(meta.uid()), Some(meta.gid())).map_err(err)?;
+    // The owner is set on the new file before it replaces the old one: cron never sees a
+    // crontab of the wrong owner, not even for a moment.
+    pmguard_agent::files::write_atomic_owned(
+        &real,
+        new.as_bytes(),
+        meta.mode() & 0o7777,
+        Some((meta.uid(), meta.gid())),
+    )
+    .map_err(err)?;
     Ok(true)
 }
 
@@ -327,30 +349,69 @@ fn write_record(root: &Path, record: &Record) -> Result<(), String> {
 
 /// Puts back what `--replace-legacy` stopped (units re-enabled/started as they were, crontab
 /// lines uncommented) and removes the record; returns what was done.
+/// What cannot be put back (systemd not running here, a crontab gone) is said and stays in the
+/// record for the next uninstall; it never stops the uninstall.
 pub fn restore(root: &Path, systemd: &dyn Systemd, dry_run: bool) -> Result<Vec<String>, String> {
     let record = read_record(root)?;
     let mut done = Vec::new();
+    let mut left = Record::default();
     for u in &record.units {
         let live = matches!(systemd.state(&u.name), UnitState::Live { .. });
+        let mut failed = !live && !dry_run;
         for (wanted, verb) in [(u.was_enabled, "enable"), (u.was_active, "start")] {
             if !wanted {
                 continue;
             }
-            done.push(format!("systemctl {verb} {}", u.name));
-            if !dry_run && live {
-                systemd.run(&[verb, &u.name])?;
+            if dry_run || !live {
+                done.push(format!(
+                    "systemctl {verb} {}{}",
+                    u.name,
+                    if live || dry_run {
+                        ""
+                    } else {
+                        " (systemd is not running here: not done, kept for later)"
+                    }
+                ));
+                continue;
             }
+            match systemd.run(&[verb, &u.name]) {
+                Ok(()) => done.push(format!("systemctl {verb} {}", u.name)),
+                Err(e) => {
+                    failed = true;
+                    done.push(format!(
+                        "could not put {} back ({e}); kept for later",
+                        u.name
+                    ));
+                }
+            }
+        }
+        if failed {
+            left.units.push(u.clone());
         }
     }
     for c in &record.cron_lines {
-        done.push(format!("uncomment `{}` in {}", c.line, c.file.display()));
-        if !dry_run {
-            edit_file(root, &c.file, |t| restore_line(t, &c.line))?;
+        if dry_run {
+            done.push(format!("uncomment `{}` in {}", c.line, c.file.display()));
+            continue;
+        }
+        match edit_file(root, &c.file, |t| restore_line(t, &c.line)) {
+            Ok(_) => done.push(format!("uncomment `{}` in {}", c.line, c.file.display())),
+            Err(e) => {
+                done.push(format!(
+                    "could not uncomment `{}` ({e}); kept for later",
+                    c.line
+                ));
+                left.cron_lines.push(c.clone());
+            }
         }
     }
     if !dry_run && record != Record::default() {
-        let path = under(root, Path::new(RECORD_PATH));
-        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if left == Record::default() {
+            let path = under(root, Path::new(RECORD_PATH));
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        } else {
+            write_record(root, &left)?;
+        }
     }
     Ok(done)
 }
@@ -408,7 +469,10 @@ mod tests {
             ("/etc/systemd/system/pm2-health-monitor.service", "[Service]\nExecStart=/home/ubuntu/automatenb/monitor_health.sh\n"),
             ("/var/spool/cron/crontabs/ubuntu", "# m h dom mon dow command\nMAILTO=\"\"\n*/3 * * * * /home/ubuntu/automatenb/cron_health_check.sh >> /tmp/cron.log 2>&1\n"),
             ("/etc/cron.d/pmguard", "*/5 * * * * ubuntu /usr/bin/pmguard-agent check --once\n"),
+            // An hourly reload with no health check is a schedule, not a monitor.
             ("/etc/cron.d/restarter", "0 * * * * root pm2 reload all\n"),
+            // A one-line monitor in a crontab: a check and a restart.
+            ("/etc/cron.d/watch", "* * * * * root curl -sf http://127.0.0.1:5000/health || pm2 restart api\n"),
         ]);
         let found: Vec<String> = find(root.path()).iter().map(|l| l.to_string()).collect();
         assert_eq!(
@@ -416,7 +480,7 @@ mod tests {
             [
                 "systemd unit pm2-health-monitor.service (runs monitor_health.sh)",
                 "crontab line `*/3 * * * * /home/ubuntu/automatenb/cron_health_check.sh >> /tmp/cron.log 2>&1` in /var/spool/cron/crontabs/ubuntu (runs cron_health_check.sh)",
-                "crontab line `0 * * * * root pm2 reload all` in /etc/cron.d/restarter (runs `pm2 reload`)",
+                "crontab line `* * * * * root curl -sf http://127.0.0.1:5000/health || pm2 restart api` in /etc/cron.d/watch (runs `pm2 restart`)",
             ]
         );
     }
@@ -462,5 +526,41 @@ mod tests {
         restore(root.path(), &NoSystemd, false).unwrap();
         assert_eq!(std::fs::read_to_string(&file).unwrap(), crontab);
         assert!(!under(root.path(), Path::new(RECORD_PATH)).exists());
+    }
+
+    #[test]
+    fn scheduled_restarts_log_reloads_and_deploy_hooks_are_not_monitors() {
+        let root = root_with(&[
+            (
+                "/var/spool/cron/crontabs/ubuntu",
+                "0 0 * * * /usr/bin/pm2 reloadLogs\n30 3 * * 0 pm2 restart all --update-env\n",
+            ),
+            (
+                "/etc/systemd/system/deploy-hook.service",
+                "[Service]\nExecStart=/bin/sh /opt/deploy/hook.sh\n",
+            ),
+            (
+                "/opt/deploy/hook.sh",
+                "#!/bin/sh\ncd /srv/app && git pull && pm2 reload ecosystem.config.js\n",
+            ),
+        ]);
+        assert!(find(root.path()).is_empty(), "{:?}", find(root.path()));
+    }
+
+    #[test]
+    fn a_crontab_gone_before_uninstall_never_stops_the_uninstall() {
+        let crontab = "*/3 * * * * /home/ubuntu/automatenb/cron_health_check.sh\n";
+        let root = root_with(&[("/var/spool/cron/crontabs/ubuntu", crontab)]);
+        let found = find(root.path());
+        replace(root.path(), &found, &NoSystemd).unwrap();
+        std::fs::remove_file(root.path().join("var/spool/cron/crontabs/ubuntu")).unwrap();
+        let done = restore(root.path(), &NoSystemd, false).unwrap();
+        assert!(
+            done.iter().any(|d| d.contains("kept for later")),
+            "{done:?}"
+        );
+        // The record keeps what could not be put back.
+        let record = read_record(root.path()).unwrap();
+        assert_eq!(record.cron_lines.len(), 1);
     }
 }
