@@ -108,9 +108,14 @@ pub fn run(command: FleetCommand) -> Result<ExitCode, String> {
         } => {
             let source = match config.strip_prefix(ssm::SCHEME) {
                 Some(name) => ConfigSource::Parameter(name.to_string()),
-                None => ConfigSource::Inline(
-                    std::fs::read_to_string(&config).map_err(|e| format!("{config}: {e}"))?,
-                ),
+                None => {
+                    let text =
+                        std::fs::read_to_string(&config).map_err(|e| format!("{config}: {e}"))?;
+                    if let Ok(c) = Config::parse(Path::new(&config), &text) {
+                        refuse_fixed_instance(&c, Path::new(&config))?;
+                    }
+                    ConfigSource::Inline(text)
+                }
             };
             let b = Bootstrap::new(&package_url, &sha256, &user, source)?;
             print!(
@@ -154,11 +159,25 @@ pub fn load_config(arg: &Path) -> Result<(Config, String), String> {
     Ok((config, text))
 }
 
+/// A config meant for every box of a fleet must not fix `instance_id`: every box would report as
+/// one, a single contributor to the fleet's alarms and one log stream.
+fn refuse_fixed_instance(config: &Config, path: &Path) -> Result<(), String> {
+    match config.aws.as_ref() {
+        Some(aws) if aws.fleet.is_some() && aws.instance_id.is_some() => Err(format!(
+            "{}: instance_id is set, so every box of the fleet would report as `{}`\n  help: remove instance_id; each box reports its own EC2 instance id\nNothing was stored.",
+            path.display(),
+            aws.instance_id.as_deref().unwrap_or_default()
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn push_config(path: &Path, parameter: &str, dry_run: bool) -> Result<ExitCode, String> {
     let config = Config::load(path).map_err(|e| format!("{e}\nNothing was stored."))?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     ssm::check_name(parameter)?;
     ssm::tier(&text)?;
+    refuse_fixed_instance(&config, path)?;
     if let Some(fleet) = config.aws.as_ref().and_then(|a| a.fleet.as_deref()) {
         let prefix = pmguard_installer::iam::parameter_prefix(fleet);
         if !parameter.starts_with(&prefix) {
@@ -254,7 +273,10 @@ pub fn provision(
             }
         }
         // The old monitor's alarms (the seed's names): listed, deleted only when asked.
-        let old_alarms = if destroy {
+        // Looked up for a single box (the seed's own set-up), or in a fleet when asked to remove
+        // them: a fleet's re-run stays at its few reads.
+        let fleet_mode = config.aws.as_ref().is_some_and(|a| a.fleet.is_some());
+        let old_alarms = if destroy || (fleet_mode && !remove_legacy_alarms) {
             Vec::new()
         } else {
             legacy_alarms::find(&clients.cw)

@@ -529,6 +529,29 @@ fn the_config_round_trips_through_parameter_store() {
     assert!(text(&o).contains("bad.toml:3"), "{}", text(&o));
     assert!(mutating(&proxy.take()).is_empty());
 
+    // A fleet config that fixes instance_id would make every box one: never stored.
+    let fixed = dir.path().join("fixed.toml");
+    std::fs::write(
+        &fixed,
+        "[[apps]]\nname = \"web\"\n[aws]\nregion = \"us-east-1\"\nfleet = \"prod\"\ninstance_id = \"i-1\"\n",
+    )
+    .unwrap();
+    let o = run(
+        &ep,
+        &ms,
+        &[
+            "fleet",
+            "push-config",
+            "--config",
+            fixed.to_str().unwrap(),
+            "--parameter",
+            param,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("every box of the fleet"), "{}", text(&o));
+    assert!(mutating(&proxy.take()).is_empty());
+
     let out = ok(run(
         &ep,
         &ms,

@@ -80,6 +80,12 @@ pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(Became::Unchanged);
     }
+    // No PM2_HOME yet (PM2 never ran here): nobody's PM2 to act for; `pm2 resurrect` refuses
+    // until one exists (`home_owner` again), and watching needs no privilege to change.
+    if std::fs::symlink_metadata(pm2_home).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
+        return Ok(Became::Unchanged);
+    }
     let uid = home_owner(pm2_home)?;
     if uid == 0 {
         return Ok(Became::Unchanged);
