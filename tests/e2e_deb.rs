@@ -163,10 +163,7 @@ fn deb_then_init_then_install_watches_the_app_and_removes_cleanly() {
 
     let doctor = m.exec(&["pmguard", "doctor", "--config", "/etc/pmguard/pmguard.toml"]);
     let table = String::from_utf8_lossy(&doctor.stdout);
-    assert!(
-        table.contains("/usr/bin/pmguard-agent (pmguard-agent "),
-        "{table}"
-    );
+    assert!(table.contains("/usr/bin/pmguard-agent (sha256 "), "{table}");
 
     m.run(&["pmguard", "uninstall"]);
     assert!(!m.active());
@@ -188,6 +185,35 @@ fn deb_then_init_then_install_watches_the_app_and_removes_cleanly() {
         .exec(&["curl", "-fsS", "http://127.0.0.1:5000/health"])
         .status
         .success());
+
+    // Removing the package without `pmguard uninstall` first: its prerm uninstalls, so no unit
+    // or cron line is left to run a binary that is gone.
+    m.run(&["dpkg", "-i", "/root/pmguard.deb"]);
+    m.run(&[
+        "pmguard",
+        "install",
+        "--config",
+        "/root/pmguard.toml",
+        "--user",
+        "ubuntu",
+    ]);
+    m.wait(
+        "the agent active again",
+        Duration::from_secs(30),
+        Machine::active,
+    );
+    m.run(&["dpkg", "-r", "pmguard"]);
+    assert!(!m.active());
+    for p in [
+        "/etc/systemd/system/pmguard-agent.service",
+        "/etc/cron.d/pmguard",
+        "/etc/pmguard/install-manifest.json",
+    ] {
+        assert!(
+            !m.exec(&["test", "-e", p]).status.success(),
+            "{p} left after dpkg -r"
+        );
+    }
     eprintln!(
         "e2e from .deb: dpkg -i to an active agent {:.1} s; hung app back in {:.1} s",
         to_active.as_secs_f64(),

@@ -281,13 +281,15 @@ fn addr_list(addrs: &[SocketAddr]) -> String {
 /// The commented config for `apps`.
 pub fn render(header: &Header, apps: &[FoundApp]) -> String {
     let mut t = String::new();
-    let user = &header.user;
+    // Comment lines hold them: a line break would end the comment and start TOML.
+    let one_line = |v: &str| v.replace(|c: char| c.is_control(), "?");
+    let user = &one_line(&header.user);
     let _ = writeln!(
         t,
         "# pmguard config written by `pmguard init --user {user}` from the apps PM2 runs."
     );
     t.push_str("# Check every health_url below (the path is a guess; a wrong one makes pmguard restart a\n# healthy app), then:\n");
-    let file = &header.file;
+    let file = &one_line(&header.file);
     let _ = writeln!(t, "#   pmguard-agent validate --config {file}");
     let _ = writeln!(t, "#   sudo pmguard install --config {file} --user {user}");
     t.push_str("# Every key and its default: the README's \"Configuration reference\".\n\n");
@@ -502,6 +504,26 @@ mod tests {
         "   1: 00000000000000000000000001000000:1389 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 131571 1 00000000c61a3652 100 0 0 10 0\n",
         "   2: 0000000000000000FFFF00000100007F:1388 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 131572 1 00000000214f6426 100 0 0 10 0\n",
     );
+
+    #[test]
+    fn a_line_break_in_a_header_value_never_reaches_the_toml() {
+        let h = Header {
+            user: "ubuntu".into(),
+            file: "x.toml\n[agent]\nstate_dir = \"/etc\"".into(),
+            pm2_home: None,
+        };
+        let text = render(&h, &[]);
+        assert!(
+            text.lines()
+                .all(|l| l.is_empty() || l.starts_with('#') || !l.contains("/etc")),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines().filter(|l| *l == "[agent]").count(),
+            1,
+            "{text}"
+        );
+    }
 
     #[test]
     fn only_listening_sockets_are_read_with_their_address_port_and_inode() {
