@@ -100,6 +100,17 @@ impl Bootstrap {
                 if text.lines().any(|l| l.trim() == CONFIG_EOF) {
                     problems.push(format!("the config may not contain a line `{CONFIG_EOF}`"));
                 }
+                // YAML (cloud-init) refuses C0/C1 control characters even inside a string.
+                if let Some((n, _)) = text
+                    .lines()
+                    .enumerate()
+                    .find(|(_, l)| l.chars().any(|c| c.is_control() && c != '\t' && c != '\r'))
+                {
+                    problems.push(format!(
+                        "pmguard.toml:{}: a control character (user-data must be plain text): remove it",
+                        n + 1
+                    ));
+                }
             }
         }
         if !problems.is_empty() {
@@ -360,6 +371,19 @@ mod tests {
         assert!(bad("https://x/p.deb", "abc", "u").contains("--sha256"));
         assert!(bad("https://x/p.deb", SHA, "root; rm -rf /").contains("--user"));
         assert_eq!(quote("a'b"), "'a'\\''b'");
+    }
+
+    #[test]
+    fn control_characters_in_an_inline_config_are_refused() {
+        let text = "# note \u{9b}\n[[apps]]\nname = \"web\"\n";
+        let e = Bootstrap::new(
+            "https://x/p.deb",
+            SHA,
+            "u",
+            ConfigSource::Inline(text.into()),
+        )
+        .unwrap_err();
+        assert!(e.contains("pmguard.toml:1: a control character"), "{e}");
     }
 
     #[test]
