@@ -34,13 +34,16 @@ pub fn home_owner(pm2_home: &Path) -> Result<u32, String> {
     if !m.is_dir() {
         return refuse("is not a directory".into());
     }
-    if m.mode() & 0o022 != 0 {
+    let owner = m.uid();
+    // A user's private group (umask 002, as Ubuntu gives its users) may write: it is the user.
+    let private_gid = lookup(owner).ok().map(|u| u.gid);
+    let group_ok = |gid: u32| Some(gid) == private_gid;
+    if m.mode() & 0o002 != 0 || (m.mode() & 0o020 != 0 && !group_ok(m.gid())) {
         return refuse(format!(
             "is writable by others (mode {:04o}); `chmod go-w` it",
             m.mode() & 0o7777
         ));
     }
-    let owner = m.uid();
     let mut dir = pm2_home.parent();
     while let Some(d) = dir {
         let Ok(dm) = std::fs::symlink_metadata(d) else {
@@ -50,7 +53,9 @@ pub fn home_owner(pm2_home: &Path) -> Result<u32, String> {
         if dm.file_type().is_symlink() {
             return refuse(format!("{} on the way is a symlink", d.display()));
         }
-        if (dm.uid() != 0 && dm.uid() != owner) || (dm.mode() & 0o022 != 0 && !sticky) {
+        let others_write = dm.mode() & 0o002 != 0 && !sticky;
+        let group_write = dm.mode() & 0o020 != 0 && dm.gid() != 0 && !group_ok(dm.gid()) && !sticky;
+        if (dm.uid() != 0 && dm.uid() != owner) || others_write || group_write {
             return refuse(format!(
                 "{} on the way is owned by uid {} with mode {:04o}",
                 d.display(),
@@ -180,5 +185,37 @@ pub(crate) fn lookup(uid: u32) -> Result<User, String> {
             gid: pwd.pw_gid,
             home: text(pwd.pw_dir),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_home_the_users_private_group_may_write_is_still_the_users() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let home = d.path().join("pm2");
+        std::fs::create_dir(&home).unwrap();
+        // nobody's private group on Debian is nogroup (65534): umask 002 style.
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert_eq!(home_owner(&home), Ok(65534));
+        // Another group writing: refused. World-writable: refused.
+        std::os::unix::fs::chown(&home, Some(65534), Some(0)).unwrap();
+        assert!(home_owner(&home).is_err());
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o757)).unwrap();
+        assert!(home_owner(&home).is_err());
+        // A symlink: refused.
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&home, &link).unwrap();
+        assert!(home_owner(&link).unwrap_err().contains("symlink"));
     }
 }
