@@ -86,10 +86,21 @@ pub fn daemon_process(paths: &Pm2Paths, proc_root: &Path) -> DaemonProcess {
         Err(e) => return DaemonProcess::Unknown(format!("{}: {e}", dir.display())),
     };
     let title = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or(&[]));
-    let names_home = title.starts_with("PM2")
-        && title
-            .trim_end()
-            .ends_with(&format!("({})", paths.home.display()));
+    // The title names PM2_HOME as the daemon saw it: the same directory may be spelled
+    // differently (a trailing slash, a symlinked path), so compare the directories themselves.
+    let named = title
+        .trim_end()
+        .strip_suffix(')')
+        .and_then(|t| t.rsplit_once('('))
+        .map(|(_, home)| std::path::PathBuf::from(home));
+    let same_dir = |a: &Path, b: &Path| {
+        a == b
+            || matches!(
+                (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                (Ok(x), Ok(y)) if x == y
+            )
+    };
+    let names_home = title.starts_with("PM2") && named.is_some_and(|n| same_dir(&n, &paths.home));
     let home_owner = std::fs::symlink_metadata(&paths.home).map(|m| m.uid()).ok();
     if names_home && home_owner.is_none_or(|o| o == proc_uid) {
         DaemonProcess::Alive(pid)
@@ -164,6 +175,10 @@ mod tests {
             judge(&refused(&paths), &paths, &proc_root),
             Liveness::Unresponsive(_)
         ));
+        // The same home spelled with a trailing slash is still this home.
+        let title = format!("PM2 v7.0.4: God Daemon ({}/)\0", d.path().display());
+        fake(d.path(), &proc_root, 78, Some(title.as_bytes()));
+        assert_eq!(daemon_process(&paths, &proc_root), DaemonProcess::Alive(78));
     }
 
     #[test]
