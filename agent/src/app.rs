@@ -88,6 +88,8 @@ pub struct Shared {
     pub board: Mutex<BTreeMap<String, AppStatus>>,
     /// Per-check metrics for the AWS sink; `None` without an `[aws]` section.
     pub recorder: Option<Arc<crate::aws::Recorder>>,
+    /// When the agent last said PM2 was stopped cleanly (once per cooldown).
+    resurrect_alerted: Mutex<Option<Mono>>,
     /// Mirrors `restarts.json`'s `pm2_stopped_on_purpose`, so the hot path reads no file.
     stopped_on_purpose: std::sync::atomic::AtomicBool,
     /// The PM2 connection generation current when `pm2 kill` was seen: only an answer on a
@@ -119,6 +121,7 @@ impl Shared {
             // check) must be cleared by the next answer, or a later crash is never repaired.
             stopped_on_purpose: std::sync::atomic::AtomicBool::new(stopped),
             stopped_generation: AtomicU64::new(0),
+            resurrect_alerted: Mutex::new(None),
         }
     }
 
@@ -907,7 +910,29 @@ pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64)
         return false;
     }
     let home = shared.client.paths().home.clone();
-    if shared.state.read_restarts().pm2_stopped_on_purpose {
+    // PM2 removes pm2.pid when it stops cleanly (`pm2 kill`, SIGTERM at shutdown or from
+    // systemctl); a crashed or SIGKILLed daemon leaves it behind. Only a crash is pmguard's to
+    // repair: a stop was someone's decision (and the bus's `pm2:kill` may not get out first).
+    let cleanly_stopped = !home.join("pm2.pid").exists();
+    if cleanly_stopped {
+        let mut last = lock(&shared.resurrect_alerted);
+        let now = clock::mono_now();
+        if last.is_none_or(|t| now.saturating_sub(t) >= cooldown_ms) {
+            *last = Some(now);
+            shared.emit(
+                Event::new(
+                    Kind::Resurrect,
+                    Some(app),
+                    "PM2 was stopped (cleanly: no pm2.pid), not crashed: pmguard does not start it again. Start it with `pm2 resurrect` or `systemctl start pm2-<user>`.",
+                )
+                .with("action", "none"),
+            );
+        }
+        return false;
+    }
+    if shared.stopped_on_purpose.load(Ordering::Relaxed)
+        || shared.state.read_restarts().pm2_stopped_on_purpose
+    {
         tracing::info!(message = "PM2 was stopped on purpose; not resurrecting.", app = %app);
         return false;
     }

@@ -240,6 +240,12 @@ fn the_backup_check_run_as_root_acts_only_as_pm2_homes_owner() {
         std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
     }
     let (shim, ran) = recording_pm2(&out);
+    // The user's daemon crashed: its pm2.pid names a process that is gone.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(home.join("pm2.pid"), gone_pid.to_string()).unwrap();
+    std::os::unix::fs::chown(home.join("pm2.pid"), Some(NOBODY), Some(NOBODY)).unwrap();
     let config = dir.path().join("pmguard.toml");
     std::fs::write(
         &config,
