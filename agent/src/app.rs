@@ -247,6 +247,8 @@ pub struct App {
     hung: Vec<u32>,
     /// The watch loop's view of this app's schedule; an action extends it step by step.
     pub progress: Option<Arc<Progress>>,
+    /// A person stopped the app (PM2's bus: `stop`, manually): no restart until it runs again.
+    manual_stop: bool,
 }
 
 impl App {
@@ -279,11 +281,17 @@ impl App {
             awaiting_recovery: None,
             hung: Vec::new(),
             progress: None,
+            manual_stop: false,
         }
     }
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// PM2 says a person stopped this app (`pm2 stop`, or the stops of `pm2 kill`).
+    pub fn stopped_by_person(&mut self) {
+        self.manual_stop = true;
     }
 
     /// Takes a new config for this app, keeping its history.
@@ -486,7 +494,22 @@ impl App {
             _ => Vec::new(),
         };
         let before = self.state.health;
-        let decision = decide(&mut self.state, &self.policy, &check.verdict, now);
+        if self.manual_stop {
+            let running = matches!(&check.view, Pm2View::Instances(l)
+                if l.iter().all(|i| i.status == crate::pm2::Status::Online));
+            if running {
+                self.manual_stop = false;
+            }
+        }
+        let decision = if self.manual_stop && !matches!(check.verdict, Verdict::Healthy) {
+            // Counted as nothing: a person's stop is not a failure to repair.
+            self.state.failures = 0;
+            Decision::Wait {
+                why: Some("stopped by a person (`pm2 stop` / `pm2 kill`): not restarting until it runs again".into()),
+            }
+        } else {
+            decide(&mut self.state, &self.policy, &check.verdict, now)
+        };
         self.record_probe(shared, &check);
         self.record_metrics(shared, &check);
         if let Decision::Wait { why } = &decision {

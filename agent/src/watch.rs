@@ -308,6 +308,12 @@ impl Loop {
                     return;
                 }
                 on_bus(&self.shared, &ev);
+                // A person stopped it (`pm2 stop`, `pm2 kill`): not pmguard's to start again.
+                if ev.manually && ev.event == "stop" {
+                    if let Some(app) = s.app.as_mut() {
+                        app.stopped_by_person();
+                    }
+                }
                 // Look now rather than at the next period: PM2 just told us something changed.
                 if s.running.is_none() && matches!(ev.event.as_str(), "exit" | "stop" | "delete") {
                     s.next = s.next.min(now + 200);
