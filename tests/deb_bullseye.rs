@@ -7,8 +7,12 @@
 //! first (CI's .ci/run does). The bullseye root is built once and cached by
 //! `tests/e2e/bullseye.sh prepare`; each test works on its own copy.
 
+#[path = "common/machine.rs"]
+mod machine;
+
+use machine::built_deb;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Instant;
 
@@ -17,19 +21,6 @@ fn repo() -> PathBuf {
 }
 
 /// `<target dir>/dist/pmguard_<version>_amd64.deb`.
-fn built_deb() -> PathBuf {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap();
-    let deb = target.join(format!(
-        "dist/pmguard_{}_amd64.deb",
-        env!("CARGO_PKG_VERSION")
-    ));
-    assert!(
-        deb.exists(),
-        "{} is missing: run `bash dist/build` first (.ci/run does, before the tests)",
-        deb.display()
-    );
-    deb
-}
 
 fn check(what: &str, out: Output) -> String {
     assert!(

@@ -23,6 +23,29 @@ fn clock_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// Waits (30 s at most) for the app to turn healthy after the restart event `restart_ts`;
+/// returns how many ms after the restart decision that was (from the agent's own events).
+fn healthy_after(agent: &Agent, restart_ts: u64) -> u64 {
+    let after = |e: &Value| e["ts_ms"].as_u64().filter(|t| *t > restart_ts);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(t) = health_changes(agent, "healthy").iter().find_map(after) {
+            return t - restart_ts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not healthy 30 s after the restart decision\n{}\n{:#?}",
+            agent.log(),
+            agent
+                .events()
+                .iter()
+                .filter(|e| e["kind"] != "probe")
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn health_changes(agent: &Agent, to: &str) -> Vec<Value> {
     agent
         .of_kind("state_change")
@@ -87,26 +110,7 @@ fn all_cluster_workers_hung_with_a_long_kill_timeout_recover_fast_and_keep_the_w
     let hung_wall = clock_ms();
     let restart = agent.wait_for(Duration::from_secs(20), "restart");
     let restart_ts = restart["ts_ms"].as_u64().unwrap();
-    let after_restart = |e: &Value| e["ts_ms"].as_u64().is_some_and(|t| t > restart_ts);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !health_changes(&agent, "healthy").iter().any(after_restart) {
-        assert!(
-            Instant::now() < deadline,
-            "not healthy 30 s after the restart decision\n{}\n{:#?}",
-            agent.log(),
-            agent
-                .events()
-                .iter()
-                .filter(|e| e["kind"] != "probe")
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let healthy = health_changes(&agent, "healthy")
-        .into_iter()
-        .find(after_restart)
-        .unwrap();
-    let recovery_ms = healthy["ts_ms"].as_u64().unwrap() - restart_ts;
+    let recovery_ms = healthy_after(&agent, restart_ts);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     listener.join().unwrap();
     eprintln!(
@@ -666,23 +670,7 @@ fn a_spinning_app_with_a_shutdown_handler_is_killed_at_once() {
     let _ = common::set_mode(port, "spin");
     let restart = agent.wait_for(Duration::from_secs(20), "restart");
     let restart_ts = restart["ts_ms"].as_u64().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !health_changes(&agent, "healthy")
-        .iter()
-        .any(|e| e["ts_ms"].as_u64().is_some_and(|t| t > restart_ts))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not healthy again\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let healthy = health_changes(&agent, "healthy")
-        .into_iter()
-        .find(|e| e["ts_ms"].as_u64().is_some_and(|t| t > restart_ts))
-        .unwrap();
-    let ms = healthy["ts_ms"].as_u64().unwrap() - restart_ts;
+    let ms = healthy_after(&agent, restart_ts);
     eprintln!("spinning app with a 20 s drain: healthy {ms} ms after the restart decision");
     assert!(
         ms <= 10_000,
@@ -789,23 +777,7 @@ fn a_hung_app_pm2_runs_as_another_user_is_killed_at_once() {
     unsafe { libc::kill(pids[0] as i32, libc::SIGSTOP) };
     let restart = agent.wait_for(Duration::from_secs(20), "restart");
     let restart_ts = restart["ts_ms"].as_u64().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !health_changes(&agent, "healthy")
-        .iter()
-        .any(|e| e["ts_ms"].as_u64().is_some_and(|t| t > restart_ts))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not healthy again\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let ms = health_changes(&agent, "healthy")
-        .into_iter()
-        .find_map(|e| e["ts_ms"].as_u64().filter(|t| *t > restart_ts))
-        .unwrap()
-        - restart_ts;
+    let ms = healthy_after(&agent, restart_ts);
     eprintln!("hung app run as nobody by a root PM2: healthy {ms} ms after the decision");
     assert!(ms <= 10_000, "{ms} ms\n{}", agent.log());
 }
