@@ -72,7 +72,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
             if ran {
                 "ran `pm2 resurrect`."
             } else {
-                "PM2 answers again, or was resurrected within the cooldown."
+                "not resurrected: PM2 answers again, was resurrected within the cooldown, or was stopped on purpose (events.jsonl says which)."
             }
         );
         return Ok(Outcome::Checked {
