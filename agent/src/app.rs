@@ -501,9 +501,15 @@ impl App {
                 self.manual_stop = false;
             }
         }
-        let decision = if self.manual_stop && !matches!(check.verdict, Verdict::Healthy) {
+        // Only the app's own state is the person's doing; a daemon that died meanwhile is not.
+        let about_the_app = matches!(
+            check.verdict,
+            Verdict::Failed { .. } | Verdict::Transitional(_) | Verdict::Missing
+        );
+        let decision = if self.manual_stop && about_the_app {
             // Counted as nothing: a person's stop is not a failure to repair.
             self.state.failures = 0;
+            self.state.health = Health::StoppedByPerson;
             Decision::Wait {
                 why: Some("stopped by a person (`pm2 stop` / `pm2 kill`): not restarting until it runs again".into()),
             }
@@ -1027,6 +1033,7 @@ fn health_word(h: Health) -> &'static str {
         Health::Missing => "missing",
         Health::Pm2Down => "pm2_down",
         Health::Pm2Unresponsive => "pm2_unresponsive",
+        Health::StoppedByPerson => "stopped_by_person",
     }
 }
 

@@ -139,6 +139,8 @@ pub enum Health {
     Pm2Down,
     /// PM2's daemon is alive but does not answer (stalled): pmguard waits and alerts.
     Pm2Unresponsive,
+    /// A person stopped the app (`pm2 stop`, `pm2 kill`): left alone until it runs again.
+    StoppedByPerson,
 }
 
 /// The memory of one app across checks. Plain data: persisted parts are in `restarts`/`backoff`.
