@@ -1179,40 +1179,29 @@ fn restart_killed(
     generation: u64,
     deadline: Duration,
 ) -> Result<(), String> {
+    // Up and new: PM2 (or anyone) started it again.
+    let replaced = |generation: &mut u64| -> Result<bool, String> {
+        let s = shared.snapshot(0).map_err(|f| f.message)?;
+        *generation = s.generation;
+        match s.by_name(name).into_iter().find(|x| x.pm_id == e.pm_id) {
+            None => Err(format!("pm_id {} is no longer listed", e.pm_id)),
+            Some(x) => Ok(x.status == crate::pm2::Status::Online && x.pid != e.pid && x.pid > 0),
+        }
+    };
     let until = clock::mono_now() + AUTORESTART_WAIT.as_millis() as u64;
     let mut generation = generation;
+    // PM2 handles the exit on its own schedule (a `stopped` may come before its autorestart):
+    // asking while it does gets "process already exists". Give it the wait, then ask.
     loop {
-        if let Ok(s) = shared.snapshot(0) {
-            generation = s.generation;
-            let now = s
-                .by_name(name)
-                .into_iter()
-                .find(|x| x.pm_id == e.pm_id)
-                .cloned();
-            match now {
-                None => return Err(format!("pm_id {} is no longer listed", e.pm_id)),
-                Some(x)
-                    if x.status == crate::pm2::Status::Online && x.pid != e.pid && x.pid > 0 =>
-                {
-                    return Ok(())
-                }
-                Some(x)
-                    if matches!(
-                        x.status,
-                        crate::pm2::Status::Stopped | crate::pm2::Status::Errored
-                    ) =>
-                {
-                    break
-                }
-                Some(_) => {}
-            }
+        if replaced(&mut generation).unwrap_or(false) {
+            return Ok(());
         }
         if clock::mono_now() >= until {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    shared
+    let asked = shared
         .client
         .restart(e.pm_id, generation, deadline)
         .or_else(|err| match err {
@@ -1225,7 +1214,15 @@ fn restart_killed(
                     .map_err(|e2| format!("pm_id {}: {e2}", e.pm_id))
             }
             other => Err(format!("pm_id {}: {other}", e.pm_id)),
-        })
+        });
+    match asked {
+        Ok(()) => Ok(()),
+        // PM2 may have started it meanwhile after all: that is what was wanted.
+        Err(why) => match replaced(&mut generation) {
+            Ok(true) => Ok(()),
+            _ => Err(why),
+        },
+    }
 }
 
 /// PM2's own restart (SIGINT, `kill_timeout`, SIGKILL), with pmguard's SIGKILL escalation when
