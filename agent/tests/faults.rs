@@ -162,6 +162,33 @@ fn recording_pm2(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathB
     (shim, out)
 }
 
+/// Runs `check --once` (as this test, root) on one app whose PM2 lives in `home`, with `shim` as
+/// its pm2: one failed check is enough to act.
+fn check_once_as_root(
+    dir: &std::path::Path,
+    state: &std::path::Path,
+    home: &std::path::Path,
+    shim: &std::path::Path,
+) -> std::process::Output {
+    let config = dir.join("pmguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nstate_dir = \"{}\"\npm2_home = \"{}\"\npm2_bin = \"{}\"\n[[apps]]\nname = \"web\"\nmax_retries = 1\nretry_interval = \"100ms\"\nstartup_grace = \"0s\"\n",
+            state.display(),
+            home.display(),
+            shim.display()
+        ),
+    )
+    .unwrap();
+    Command::new(AGENT)
+        .args(["check", "--once", "--config"])
+        .arg(&config)
+        .env_remove("PM2_HOME")
+        .output()
+        .unwrap()
+}
+
 /// Fault: the PM2 daemon is stalled (SIGSTOP) for 25 s. It is alive, so it must never be
 /// resurrected (that would re-read a stale dump.pm2); the apps are reported, not acted on, and
 /// the agent sees them healthy again once the daemon runs.
@@ -250,23 +277,7 @@ fn the_backup_check_run_as_root_acts_only_as_pm2_homes_owner() {
     gone.wait().unwrap();
     std::fs::write(home.join("pm2.pid"), gone_pid.to_string()).unwrap();
     std::os::unix::fs::chown(home.join("pm2.pid"), Some(NOBODY), Some(NOBODY)).unwrap();
-    let config = dir.path().join("pmguard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nstate_dir = \"{}\"\npm2_home = \"{}\"\npm2_bin = \"{}\"\n[[apps]]\nname = \"web\"\nmax_retries = 1\nretry_interval = \"100ms\"\nstartup_grace = \"0s\"\n",
-            state.display(),
-            home.display(),
-            shim.display()
-        ),
-    )
-    .unwrap();
-    let output = Command::new(AGENT)
-        .args(["check", "--once", "--config"])
-        .arg(&config)
-        .env_remove("PM2_HOME")
-        .output()
-        .unwrap();
+    let output = check_once_as_root(dir.path(), &state, &home, &shim);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -710,23 +721,7 @@ fn a_symlinked_pm2_home_is_refused_as_root() {
     std::fs::create_dir(&state).unwrap();
     std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
     let (shim, ran) = recording_pm2(&trap);
-    let config = dir.path().join("pmguard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nstate_dir = \"{}\"\npm2_home = \"{}\"\npm2_bin = \"{}\"\n[[apps]]\nname = \"web\"\nmax_retries = 1\nretry_interval = \"100ms\"\nstartup_grace = \"0s\"\n",
-            state.display(),
-            home.display(),
-            shim.display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(AGENT)
-        .args(["check", "--once", "--config"])
-        .arg(&config)
-        .env_remove("PM2_HOME")
-        .output()
-        .unwrap();
+    let out = check_once_as_root(dir.path(), &state, &home, &shim);
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("is a symlink"), "{text}");
