@@ -205,7 +205,7 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
     m.wait(
         "the app under a hand-started PM2",
         Duration::from_secs(20),
-        |m| app_answers(m),
+        app_answers,
     );
     let out = install(&m);
     assert!(
@@ -238,7 +238,7 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
     m.wait(
         "the app under pmguard-pm2.service",
         Duration::from_secs(20),
-        |m| app_answers(m),
+        app_answers,
     );
     assert_eq!(
         m.run(&["systemctl", "is-enabled", "pmguard-pm2.service"])

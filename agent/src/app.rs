@@ -487,7 +487,7 @@ impl App {
                             .trackers
                             .get(&i.pid)
                             .and_then(|(_, t)| t.cpu_pct)
-                            .is_some_and(|c| c >= f64::from(self.cfg.cpu_threshold))
+                            .is_some_and(|c| c >= self.cfg.cpu_threshold)
                 })
                 .map(|i| i.pm_id)
                 .collect(),
@@ -1080,7 +1080,7 @@ const AUTORESTART_WAIT: Duration = Duration::from_secs(2);
 pub fn restart_instances(
     shared: &Shared,
     name: &str,
-    t: &Targets,
+    t: &Targets<'_>,
     progress: Option<&Progress>,
 ) -> Result<Vec<Restarted>, String> {
     let snap = shared.snapshot(0).map_err(|f| f.message)?;

@@ -72,7 +72,7 @@ pub struct Target<'a> {
 }
 
 /// Runs every local check. AWS checks are added by `aws_checks`.
-pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
+pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
     let mut out = Vec::new();
     let config = match Config::load(t.config_path) {
         Ok(c) => {
@@ -145,7 +145,7 @@ pub fn local_checks(t: &Target) -> (Vec<Check>, Option<Config>) {
 
 /// The agent the install runs: its own copy at `AGENT_PATH`, or the package's binary in place
 /// when the install laid no copy (the manifest lists none) and the package's binary is there.
-fn installed_agent(t: &Target, manifest: Option<&Manifest>) -> &'static str {
+fn installed_agent(t: &Target<'_>, manifest: Option<&Manifest>) -> &'static str {
     let copied = manifest.is_some_and(|m| m.files.contains_key(Path::new(render::AGENT_PATH)));
     let packaged = under(t.root, Path::new(render::PACKAGED_AGENT_PATH)).exists();
     if !copied && packaged {
@@ -158,7 +158,7 @@ fn installed_agent(t: &Target, manifest: Option<&Manifest>) -> &'static str {
 /// The installed agent, judged by its bytes: never executed (doctor runs as root and the file
 /// under `--root` may be anyone's). A copy must have the sha256 install recorded in the
 /// manifest; either way it must be the agent that ships beside this `pmguard`, when there is one.
-fn agent_binary(t: &Target, agent_path: &str, manifest: Option<&Manifest>) -> Check {
+fn agent_binary(t: &Target<'_>, agent_path: &str, manifest: Option<&Manifest>) -> Check {
     let path = under(t.root, Path::new(agent_path));
     let found = match crate::manifest::sha256_file(&path) {
         Ok(h) => h,
@@ -210,7 +210,7 @@ fn agent_binary(t: &Target, agent_path: &str, manifest: Option<&Manifest>) -> Ch
 }
 
 /// The PM2 user: `--user`, else the installed unit's `User=`.
-fn user_of(t: &Target) -> Option<users::Account> {
+fn user_of(t: &Target<'_>) -> Option<users::Account> {
     let name = t.user.clone().or_else(|| {
         let unit = std::fs::read_to_string(under(t.root, Path::new(render::UNIT_PATH))).ok()?;
         unit.lines()
@@ -220,7 +220,7 @@ fn user_of(t: &Target) -> Option<users::Account> {
     users::lookup(t.root, &name).ok()
 }
 
-fn rendered_file(t: &Target, name: &str, path: &str, desired: Option<&[DesiredFile]>) -> Check {
+fn rendered_file(t: &Target<'_>, name: &str, path: &str, desired: Option<&[DesiredFile]>) -> Check {
     let real = under(t.root, Path::new(path));
     let Ok(found) = std::fs::read(&real) else {
         return fail(
@@ -248,7 +248,7 @@ fn rendered_file(t: &Target, name: &str, path: &str, desired: Option<&[DesiredFi
     }
 }
 
-fn cron_readable(t: &Target) -> Check {
+fn cron_readable(t: &Target<'_>) -> Check {
     let dir = under(t.root, Path::new("/etc/cron.d"));
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return fail(
@@ -286,7 +286,7 @@ fn cron_readable(t: &Target) -> Check {
     )
 }
 
-fn installed_modes(t: &Target, manifest: Option<&Manifest>) -> Vec<Check> {
+fn installed_modes(t: &Target<'_>, manifest: Option<&Manifest>) -> Vec<Check> {
     let Some(m) = manifest else {
         return vec![warn(
             "installed files",
@@ -356,7 +356,7 @@ fn installed_modes(t: &Target, manifest: Option<&Manifest>) -> Vec<Check> {
     }
 }
 
-fn systemd_checks(t: &Target) -> Vec<Check> {
+fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
     if !t.live {
         return vec![warn(
             "systemd unit",
