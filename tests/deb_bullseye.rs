@@ -20,8 +20,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `<target dir>/dist/pmguard_<version>_amd64.deb`.
-
 fn check(what: &str, out: Output) -> String {
     assert!(
         out.status.success(),
