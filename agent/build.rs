@@ -1,5 +1,5 @@
 //! Stamps the git commit the binaries are built from into `PMGUARD_GIT_COMMIT`, read by
-//! `pmguard_agent::cli_support::LONG_VERSION` (both binaries' `--version`).
+//! `pmguard_agent::cli::LONG_VERSION` (both binaries' `--version`).
 //!
 //! Never fails the build: outside a git checkout (a source tarball) or without `git` the commit
 //! is "unknown"; `PMGUARD_GIT_COMMIT` set in the environment wins (a packager's own stamp).

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use pmguard_agent::cli_support::{self, Shell};
+use pmguard_agent::cli::{self, Shell};
 use pmguard_installer::legacy;
 use pmguard_installer::plan::{self, Plan};
 use pmguard_installer::render::{self, Settings};
@@ -17,7 +17,7 @@ use pmguard_installer::users;
 #[derive(Parser)]
 #[command(
     name = "pmguard",
-    version = cli_support::LONG_VERSION,
+    version = cli::LONG_VERSION,
     about = "Install, provision and check pmguard."
 )]
 struct Cli {
@@ -190,11 +190,11 @@ fn main() -> ExitCode {
             json,
         } => doctor(&config, root, user, json),
         Command::Completions { shell } => {
-            cli_support::write_completions(shell, &mut Cli::command(), &mut std::io::stdout())
+            cli::write_completions(shell, &mut Cli::command(), &mut std::io::stdout())
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(|e| format!("cannot write completions: {e}"))
         }
-        Command::GenerateMan { dir } => cli_support::write_man_pages(Cli::command(), &dir)
+        Command::GenerateMan { dir } => cli::write_man_pages(Cli::command(), &dir)
             .map(|_| ExitCode::SUCCESS)
             .map_err(|e| format!("cannot write man pages: {e}")),
     };
@@ -378,7 +378,7 @@ fn init(
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    pmguard_agent::files::write_atomic(&path, text.as_bytes(), 0o640, true)
+    pmguard_agent::sys::files::write_atomic(&path, text.as_bytes(), 0o640, true)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let apps = text.matches("\n[[apps]]\n").count();
     let probed = text

@@ -7,7 +7,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::policy::Mono;
+/// Milliseconds of CLOCK_BOOTTIME: the time every decision is made in.
+pub type Mono = u64;
 
 pub fn mono_now() -> Mono {
     let mut ts = libc::timespec {

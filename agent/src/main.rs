@@ -6,15 +6,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use pmguard_agent::check::Outcome;
-use pmguard_agent::cli_support::{self, Shell};
+use pmguard_agent::cli::{self, Shell};
 use pmguard_agent::config::{Config, ConfigError};
-use pmguard_agent::state::StateDir;
+use pmguard_agent::report::state::StateDir;
+use pmguard_agent::runtime::check::Outcome;
 
 #[derive(Parser)]
 #[command(
     name = "pmguard-agent",
-    version = cli_support::LONG_VERSION,
+    version = cli::LONG_VERSION,
     about = "Keeps PM2-managed services alive."
 )]
 struct Cli {
@@ -62,8 +62,7 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Completions { shell } => {
-            match cli_support::write_completions(shell, &mut Cli::command(), &mut std::io::stdout())
-            {
+            match cli::write_completions(shell, &mut Cli::command(), &mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: cannot write completions: {e}");
@@ -71,7 +70,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::GenerateMan { dir } => match cli_support::write_man_pages(Cli::command(), &dir) {
+        Command::GenerateMan { dir } => match cli::write_man_pages(Cli::command(), &dir) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: cannot write man pages: {e}");
@@ -96,7 +95,7 @@ fn main() -> ExitCode {
             if let Err(code) = act_as_pm2_owner(&c) {
                 return code;
             }
-            match pmguard_agent::daemon::run(c) {
+            match pmguard_agent::runtime::daemon::run(c) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -115,7 +114,7 @@ fn main() -> ExitCode {
             if let Err(code) = act_as_pm2_owner(&c) {
                 return code;
             }
-            match pmguard_agent::check::run(&c, &mut std::io::stdout()) {
+            match pmguard_agent::runtime::check::run(&c, &mut std::io::stdout()) {
                 Ok(Outcome::AgentAlive { .. }) => ExitCode::SUCCESS,
                 Ok(Outcome::Checked { acted }) if acted.is_empty() => ExitCode::SUCCESS,
                 Ok(Outcome::Checked { .. }) => ExitCode::from(1),
@@ -134,7 +133,7 @@ fn main() -> ExitCode {
                 }
             };
             let state = StateDir::new(&c.agent.state_dir);
-            match pmguard_agent::status::print(&state, json, &mut std::io::stdout()) {
+            match pmguard_agent::report::status::print(&state, json, &mut std::io::stdout()) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
@@ -148,7 +147,7 @@ fn main() -> ExitCode {
 
 /// Started as root: become PM2_HOME's owner before anything is started or written.
 fn act_as_pm2_owner(c: &Config) -> Result<(), ExitCode> {
-    use pmguard_agent::privilege::{become_owner_of, Became};
+    use pmguard_agent::sys::privilege::{become_owner_of, Became};
     let home = match pmguard_agent::pm2::Pm2Paths::resolve(c.agent.pm2_home.as_deref()) {
         Ok(p) => p.home,
         Err(e) => {

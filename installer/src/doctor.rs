@@ -12,7 +12,7 @@ use std::time::Duration;
 use pmguard_agent::config::Config;
 use pmguard_agent::pm2::{Client, Pm2Paths, Status};
 use pmguard_agent::probe::Prober;
-use pmguard_agent::state::StateDir;
+use pmguard_agent::report::state::StateDir;
 use serde::Serialize;
 
 use crate::manifest::Manifest;
@@ -520,7 +520,7 @@ fn pm2_dump(paths: &Pm2Paths, snap: &pmguard_agent::pm2::Snapshot) -> Check {
         name: String,
     }
     let path = paths.home.join("dump.pm2");
-    let dumped: Vec<Entry> = match pmguard_agent::files::read_capped(&path, 64 << 20) {
+    let dumped: Vec<Entry> = match pmguard_agent::sys::files::read_capped(&path, 64 << 20) {
         Ok(Some(b)) => match serde_json::from_slice(&b) {
             Ok(v) => v,
             Err(e) => {
@@ -727,7 +727,7 @@ fn stuck_now(app: &pmguard_agent::config::AppConfig, pids: &[u32]) -> Check {
             format!("CPU {worst:.0}% now (threshold {}%)", app.cpu_threshold),
             format!(
                 "if it stays there for {} the agent restarts it",
-                pmguard_agent::duration::format(app.cpu_duration)
+                pmguard_agent::config::duration::format(app.cpu_duration)
             ),
         )
     } else {

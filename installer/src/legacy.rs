@@ -286,7 +286,7 @@ fn edit_file(
     let meta = std::fs::metadata(&real).map_err(err)?;
     // The owner is set on the new file before it replaces the old one: cron never sees a
     // crontab of the wrong owner, not even for a moment.
-    pmguard_agent::files::write_atomic_owned(
+    pmguard_agent::sys::files::write_atomic_owned(
         &real,
         new.as_bytes(),
         meta.mode() & 0o7777,
@@ -343,7 +343,7 @@ fn write_record(root: &Path, record: &Record) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    pmguard_agent::files::write_atomic(&path, &json, 0o644, true)
+    pmguard_agent::sys::files::write_atomic(&path, &json, 0o644, true)
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 

@@ -40,7 +40,7 @@ pub fn sha256(data: &[u8]) -> String {
 
 impl Manifest {
     pub fn read(path: &Path) -> Result<Option<Manifest>, String> {
-        match pmguard_agent::files::read_capped(path, 1 << 20) {
+        match pmguard_agent::sys::files::read_capped(path, 1 << 20) {
             Ok(Some(b)) => serde_json::from_slice(&b)
                 .map(Some)
                 .map_err(|e| format!("{}: {e} (move it aside and re-run)", path.display())),

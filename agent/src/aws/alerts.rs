@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::{Event, Kind};
+use crate::report::events::{Event, Kind};
 
 pub const DEFAULT_WINDOW_MS: u64 = 5 * 60_000;
 

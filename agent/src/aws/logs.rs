@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::{Event, Kind};
+use crate::report::events::{Event, Kind};
 
 pub const MAX_EVENTS: usize = 10_000;
 pub const MAX_BATCH_BYTES: usize = 1_048_576;

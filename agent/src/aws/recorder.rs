@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::logs;
 use super::metrics::{AppAggregate, CheckSample};
-use crate::events::{Event, Forward};
+use crate::report::events::{Event, Forward};
 
 /// Events held between two flushes before the oldest is dropped.
 pub const MAX_PENDING_EVENTS: usize = 10_000;
@@ -147,7 +147,7 @@ impl Forward for Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Kind;
+    use crate::report::events::Kind;
 
     #[test]
     fn hands_over_each_sample_and_event_once() {

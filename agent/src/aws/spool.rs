@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::alerts::Alert;
 use super::logs::LogRecord;
 use super::metrics::Datum;
-use crate::files;
+use crate::sys::files;
 
 pub const SPOOL_DIR: &str = "spool";
 pub const SPOOL_FILE: &str = "pending.json";

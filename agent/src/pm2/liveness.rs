@@ -13,7 +13,7 @@ use std::io;
 use std::path::Path;
 
 use super::types::{Pm2Error, Pm2Paths};
-use crate::files;
+use crate::sys::files;
 
 /// What is known of the daemon after a failed call.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -78,7 +78,7 @@ fn socket_override(var: &str) -> Result<Option<PathBuf>, Pm2Error> {
 fn user_home() -> Result<PathBuf, Pm2Error> {
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let user = crate::privilege::lookup(uid).map_err(|detail| Pm2Error::Home {
+    let user = crate::sys::privilege::lookup(uid).map_err(|detail| Pm2Error::Home {
         detail: format!("{detail}; set pm2_home"),
     })?;
     if user.home.is_empty() {

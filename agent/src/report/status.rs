@@ -5,7 +5,7 @@ use std::io::Write;
 use serde_json::json;
 
 use crate::clock;
-use crate::state::{StateDir, StatusFile};
+use crate::report::state::{StateDir, StatusFile};
 
 /// Prints the status. Returns false when there is no fresh heartbeat.
 pub fn print(state: &StateDir, as_json: bool, out: &mut dyn Write) -> Result<bool, String> {

@@ -13,8 +13,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock;
-use crate::files::{self, Lock, LockError};
-use crate::policy::{AppState, Mono};
+use crate::clock::Mono;
+use crate::policy::AppState;
+use crate::sys::files::{self, Lock, LockError};
 
 pub const STATUS_FILE: &str = "status.json";
 pub const RESTARTS_FILE: &str = "restarts.json";

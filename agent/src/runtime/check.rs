@@ -9,13 +9,13 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::app::{App, Shared};
 use crate::clock;
 use crate::config::Config;
-use crate::events::{Event, EventLog, Kind};
 use crate::pm2::{Client, Pm2Paths};
 use crate::policy::{Decision, Health};
-use crate::state::StateDir;
+use crate::report::events::{Event, EventLog, Kind};
+use crate::report::state::StateDir;
+use crate::runtime::app::{App, Shared};
 
 /// What the backup check concluded.
 #[derive(Debug, PartialEq)]
@@ -64,8 +64,12 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
         let cooldown = config
             .app(&app)
             .map_or(60_000, |a| a.restart_cooldown.as_millis() as u64);
-        let ran =
-            crate::app::resurrect_pm2(&shared, &app, "reported by the running agent", cooldown);
+        let ran = crate::runtime::app::resurrect_pm2(
+            &shared,
+            &app,
+            "reported by the running agent",
+            cooldown,
+        );
         let _ = writeln!(
             out,
             "pmguard-agent is alive but reports the PM2 daemon down: {}",
@@ -117,7 +121,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
 fn check_app(
     shared: &Shared,
     cfg: crate::config::AppConfig,
-    persisted: Option<crate::state::AppRestarts>,
+    persisted: Option<crate::report::state::AppRestarts>,
 ) -> (String, bool, String) {
     let name = cfg.name.clone();
     let now = clock::mono_now();

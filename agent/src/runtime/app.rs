@@ -14,18 +14,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock;
+use crate::clock::Mono;
 use crate::config::{AgentConfig, AppConfig};
-use crate::events::{Event, EventLog, Kind};
-use crate::files::LockError;
 use crate::pm2::liveness::{self, DaemonProcess, Liveness};
 use crate::pm2::{Client, Pm2Error, ProcessEntry, Snapshot};
 use crate::policy::{
-    decide, judge, AppState, Decision, Health, InstanceView, Mono, PidTracker, Pm2View, Policy,
-    StuckRule, Verdict,
+    decide, judge, AppState, Decision, Health, InstanceView, Pm2View, Policy, Verdict,
 };
 use crate::probe::{InFlight, ProbeResult, Prober, Started};
+use crate::procfs::PidTracker;
+use crate::procfs::StuckRule;
 use crate::procfs::{self, ProcWatch};
-use crate::state::{AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartRecord, StateDir};
+use crate::report::events::{Event, EventLog, Kind};
+use crate::report::state::{
+    AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartRecord, StateDir,
+};
+use crate::sys::files::LockError;
 
 /// How long a check waits for PM2's process list.
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -566,8 +570,8 @@ impl App {
                 shared.emit(
                     Event::new(Kind::GiveUp, Some(&self.cfg.name), format!(
                         "Crash loop: {restarts} restarts within {}; not restarting for {}. A person should look at this app.",
-                        crate::duration::format(self.cfg.crashloop_window),
-                        crate::duration::format(Duration::from_millis(pause_ms)),
+                        crate::config::duration::format(self.cfg.crashloop_window),
+                        crate::config::duration::format(Duration::from_millis(pause_ms)),
                     ))
                     .with("restarts", restarts)
                     .with("pause_ms", pause_ms)
@@ -1010,7 +1014,7 @@ pub fn resurrect_pm2(shared: &Shared, app: &str, reason: &str, cooldown_ms: u64)
 /// against another user's home starts a root daemon and the user's apps as root.
 fn may_start_pm2_as(home: &std::path::Path) -> Result<(), String> {
     let owner =
-        crate::privilege::home_owner(home).map_err(|e| format!("{e}; not resurrecting."))?;
+        crate::sys::privilege::home_owner(home).map_err(|e| format!("{e}; not resurrecting."))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if owner == me {

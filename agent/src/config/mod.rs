@@ -5,6 +5,9 @@
 //! column and a sentence that says how to fix it, so one edit-and-validate cycle fixes them all.
 //! A `Config` that exists is valid: every later stage relies on the ranges checked here.
 
+pub mod duration;
+pub mod target;
+
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -12,8 +15,7 @@ use std::time::Duration;
 
 use toml_edit::{ImDocument, Item, Table, Value};
 
-use crate::duration;
-use crate::probe::HttpTarget;
+use target::{HttpTarget, StatusMatch};
 
 /// A whole, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,24 +92,6 @@ pub struct AgentConfig {
     /// Also write a line to `events.jsonl` for every passing check (default false: failing
     /// checks, state changes and actions only; `status` always shows the last probes).
     pub log_passing_checks: bool,
-}
-
-/// Which HTTP statuses count as healthy.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StatusMatch {
-    /// Any 2xx (the default).
-    Success,
-    /// Exactly one of these.
-    AnyOf(Vec<u16>),
-}
-
-impl StatusMatch {
-    pub fn accepts(&self, status: u16) -> bool {
-        match self {
-            StatusMatch::Success => (200..300).contains(&status),
-            StatusMatch::AnyOf(list) => list.contains(&status),
-        }
-    }
 }
 
 /// One `[[apps]]` entry: a PM2 app to watch.

@@ -4,6 +4,10 @@
 //! sample, and it can never read a reused pid (the kernel answers ESRCH once the process is gone).
 //! The proc root is injected so tests can point it elsewhere. CPU math is a pure function.
 
+mod stuck;
+
+pub use stuck::{PidTracker, StuckRule};
+
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -119,8 +123,9 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 mod tests {
     use super::*;
 
-    const SLEEPING: &str = include_str!("../tests/fixtures/proc-stat-sleeping.txt");
-    const STOPPED_WEIRD: &str = include_str!("../tests/fixtures/proc-stat-stopped-weird-name.txt");
+    const SLEEPING: &str = include_str!("../../tests/fixtures/proc-stat-sleeping.txt");
+    const STOPPED_WEIRD: &str =
+        include_str!("../../tests/fixtures/proc-stat-stopped-weird-name.txt");
 
     #[test]
     fn parses_real_stat_lines() {

@@ -17,15 +17,15 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::app::{lock, Shared};
 use crate::clock;
 use crate::config::{Config, ConfigError};
-use crate::events::{Event, EventLog, Kind};
-use crate::files::LockError;
-use crate::notify::Notifier;
 use crate::pm2::{Bus, BusEvent, Client, Pm2Paths};
-use crate::state::StatusFile;
-use crate::watch::{Progress, ToWatch, Watch, WatchTx};
+use crate::report::events::{Event, EventLog, Kind};
+use crate::report::state::StatusFile;
+use crate::runtime::app::{lock, Shared};
+use crate::runtime::watch::{Progress, ToWatch, Watch, WatchTx};
+use crate::sys::files::LockError;
+use crate::sys::notify::Notifier;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,7 @@ type Route = Arc<Mutex<WatchTx>>;
 /// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
 pub fn run(config: Config) -> Result<(), StartError> {
     let signals = block_signals();
-    let state = crate::state::StateDir::new(&config.agent.state_dir);
+    let state = crate::report::state::StateDir::new(&config.agent.state_dir);
     let sd = |source| StartError::StateDir {
         path: config.agent.state_dir.display().to_string(),
         source,
@@ -238,7 +238,7 @@ fn write_heartbeat(shared: &Shared, config: &Config) {
     // Encoded under the board's lock, written after it is released.
     let data = {
         let board = lock(&shared.board);
-        crate::state::StateDir::encode_status(&StatusFile {
+        crate::report::state::StateDir::encode_status(&StatusFile {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             boot_epoch: clock::boot_epoch(),
@@ -340,7 +340,7 @@ fn start_watch(
             (a.clone(), book.apps.get(&a.name).cloned(), p)
         })
         .collect();
-    crate::watch::spawn(shared.clone(), apps)
+    crate::runtime::watch::spawn(shared.clone(), apps)
 }
 
 /// Blocks the signals the agent handles in every thread, so only the sigwait thread sees them.

@@ -19,21 +19,22 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::app::{lock, App, Observation, Shared, LIST_TIMEOUT, SNAPSHOT_MAX_AGE};
 use crate::clock;
+use crate::clock::Mono;
 use crate::config::AppConfig;
-use crate::events::{Event, Kind};
 use crate::pm2::BusEvent;
-use crate::policy::{Decision, Mono};
+use crate::policy::Decision;
 use crate::probe::{InFlight, ProbeResult, Started};
-use crate::state::AppRestarts;
+use crate::report::events::{Event, Kind};
+use crate::report::state::AppRestarts;
+use crate::runtime::app::{lock, App, Observation, Shared, LIST_TIMEOUT, SNAPSHOT_MAX_AGE};
 
 /// How late past its next check an idle app may be before the loop counts as wedged: 2 s, plus
 /// PM2's list timeout, which the loop may be waiting out for an earlier app of the same round
 /// when PM2 is slow.
 const IDLE_SLACK_MS: u64 = 2_000 + LIST_TIMEOUT.as_millis() as u64;
 
-pub use crate::app::Progress;
+pub use crate::runtime::app::Progress;
 
 pub enum ToWatch {
     Add {

@@ -1,0 +1,7 @@
+//! What the agent decided, for people and machines: the event log (`events`), the status file
+//! `pmguard-agent status` reads (`status`), and the state directory with the restart history
+//! that survives an agent restart (`state`).
+
+pub mod events;
+pub mod state;
+pub mod status;

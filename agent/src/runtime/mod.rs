@@ -1,0 +1,7 @@
+//! The running agent: one app's check and actions (`app`), every app's checks on one thread
+//! (`watch`), the threads, signals and reloads (`daemon`), and the cron backup check (`check`).
+
+pub mod app;
+pub mod check;
+pub mod daemon;
+pub mod watch;
