@@ -11,12 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub type Mono = u64;
 
 pub fn mono_now() -> Mono {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 

@@ -37,4 +37,5 @@ pub mod probe;
 pub mod procfs;
 pub mod report;
 pub mod runtime;
+pub mod sync;
 pub mod sys;

@@ -319,12 +319,9 @@ pub async fn instance_id() -> String {
 }
 
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is writable for its length; gethostname NUL-terminates within it on success.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..end]) {
-        Ok(h) if r == 0 && !h.is_empty() => h.to_string(),
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(h) if !h.is_empty() => h.to_string(),
         _ => "unknown-host".to_string(),
     }
 }

@@ -13,11 +13,13 @@
 
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing::{debug, warn};
+
+use crate::sync::lock;
 
 use super::codec::Decoder;
 use super::types::{BusEvent, Pm2Paths, RawBusEvent};
@@ -44,10 +46,6 @@ struct CtlState {
     stopped: bool,
     /// A clone of the live stream, so `stop` can unblock the reader.
     stream: Option<UnixStream>,
-}
-
-fn lock(m: &Mutex<CtlState>) -> MutexGuard<'_, CtlState> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Bus {

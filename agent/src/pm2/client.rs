@@ -19,16 +19,18 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustix::net::SendFlags;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Serialize;
 use tracing::{debug, warn};
+
+use crate::sync::lock;
 
 use super::codec::{self, Decoder, EmptyObject};
 use super::types::{Pm2Error, Pm2Paths, RawEntry, Reply, Snapshot};
@@ -83,11 +85,6 @@ struct Conn {
 struct Pending {
     closed: bool,
     waiters: HashMap<String, SyncSender<Vec<u8>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not wedge the watchdog: the guarded state stays consistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Serialize)]
@@ -382,21 +379,14 @@ impl Conn {
         }
         self.stream
             .set_write_timeout(Some(remaining.max(Duration::from_millis(1))))?;
-        let fd = self.stream.as_raw_fd();
         let mut off = 0;
         while off < bytes.len() {
-            let rest = &bytes[off..];
-            // SAFETY: fd is open for the lifetime of self.stream; the buffer is valid for rest.len().
             // MSG_NOSIGNAL: a vanished daemon yields EPIPE, not a process-killing SIGPIPE.
-            let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+            match rustix::net::send(&self.stream, &bytes[off..], SendFlags::NOSIGNAL) {
+                Ok(n) => off += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
             }
-            off += n as usize;
         }
         Ok(())
     }

@@ -76,8 +76,7 @@ fn socket_override(var: &str) -> Result<Option<PathBuf>, Pm2Error> {
 
 /// Home directory of the running uid, from the passwd database.
 fn user_home() -> Result<PathBuf, Pm2Error> {
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = crate::sys::privilege::uid();
     let user = crate::sys::privilege::lookup(uid).map_err(|detail| Pm2Error::Home {
         detail: format!("{detail}; set pm2_home"),
     })?;

@@ -11,7 +11,12 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustix::event::{poll, PollFd, PollFlags};
 use socket2::{Domain, Socket, Type};
+use std::os::fd::{AsFd, BorrowedFd};
+
+use crate::sync::lock;
+use crate::sys::pidfd::timespec;
 
 use crate::config::target::{HttpTarget, StatusMatch};
 
@@ -130,16 +135,15 @@ pub enum Started {
 }
 
 impl InFlight {
-    pub fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.socket.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 
     /// The poll(2) events this probe waits for.
-    pub fn events(&self) -> libc::c_short {
+    pub fn events(&self) -> PollFlags {
         match self.stage {
-            Stage::Connecting | Stage::Writing { .. } => libc::POLLOUT,
-            Stage::Reading => libc::POLLIN,
+            Stage::Connecting | Stage::Writing { .. } => PollFlags::OUT,
+            Stage::Reading => PollFlags::IN,
         }
     }
 
@@ -437,10 +441,6 @@ fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
     Ok(found)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A non-blocking, close-on-exec TCP socket with its connect started.
 fn connect(addr: &SocketAddr) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
@@ -581,15 +581,11 @@ fn evaluate(
 /// overshot the deadline by up to ~20 ms (measured in bench/compare.sh).
 fn wait_ready(f: &InFlight) {
     let left = f.deadline.saturating_duration_since(Instant::now());
-    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-    let mut p = libc::pollfd {
-        fd: f.fd(),
-        events: f.events(),
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call. EINTR or an error just means
-    // `advance` looks again (it re-checks the deadline).
-    unsafe { libc::poll(&mut p, 1, ms) };
+    // Rounded up to whole ms, as poll(2) would: never a busy loop just before the deadline.
+    let left = Duration::from_millis(left.as_micros().div_ceil(1000) as u64);
+    let mut fds = [PollFd::from_borrowed_fd(f.fd(), f.events())];
+    // EINTR or an error just means `advance` looks again (it re-checks the deadline).
+    let _ = poll(&mut fds, Some(&timespec(left)));
 }
 
 fn map_io(e: std::io::Error) -> ProbeOutcome {
@@ -834,19 +830,22 @@ mod tests {
             .collect();
         let mut results: Vec<Option<ProbeOutcome>> = vec![None, None, None];
         while results.iter().any(Option::is_none) {
-            let mut fds: Vec<libc::pollfd> = flights
-                .iter()
-                .map(|f| libc::pollfd {
-                    fd: f.as_ref().map_or(-1, |f| f.fd()),
-                    events: f.as_ref().map_or(0, |f| f.events()),
-                    revents: 0,
-                })
-                .collect();
-            // SAFETY: a live array of pollfd; negative fds are ignored by poll.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+            let live: Vec<usize> = (0..3).filter(|i| flights[*i].is_some()).collect();
+            let mut ready = [false; 3];
+            {
+                let mut fds: Vec<PollFd<'_>> = live
+                    .iter()
+                    .filter_map(|&i| flights[i].as_ref())
+                    .map(|f| PollFd::from_borrowed_fd(f.fd(), f.events()))
+                    .collect();
+                let _ = poll(&mut fds, Some(&timespec(Duration::from_millis(50))));
+                for (k, &i) in live.iter().enumerate() {
+                    ready[i] = !fds[k].revents().is_empty();
+                }
+            }
             for i in 0..3 {
                 if let Some(f) = flights[i].as_mut() {
-                    if fds[i].revents != 0 || Instant::now() >= f.deadline() {
+                    if ready[i] || Instant::now() >= f.deadline() {
                         if let Some(r) = probers[i].advance(f, &StatusMatch::Success, None) {
                             results[i] = Some(r.outcome);
                             flights[i] = None;

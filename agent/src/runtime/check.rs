@@ -15,7 +15,8 @@ use crate::pm2::{Client, Pm2Paths};
 use crate::policy::{Decision, Health};
 use crate::report::events::{Event, EventLog, Kind};
 use crate::report::state::StateDir;
-use crate::runtime::app::{App, Shared};
+use crate::runtime::app::App;
+use crate::runtime::shared::Shared;
 
 /// What the backup check concluded.
 #[derive(Debug, PartialEq)]
@@ -64,7 +65,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
         let cooldown = config
             .app(&app)
             .map_or(60_000, |a| a.restart_cooldown.as_millis() as u64);
-        let ran = crate::runtime::app::resurrect_pm2(
+        let ran = crate::runtime::resurrect::resurrect_pm2(
             &shared,
             &app,
             "reported by the running agent",

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,10 +22,13 @@ use crate::config::{Config, ConfigError};
 use crate::pm2::{Bus, BusEvent, Client, Pm2Paths};
 use crate::report::events::{Event, EventLog, Kind};
 use crate::report::state::StatusFile;
-use crate::runtime::app::{lock, Shared};
-use crate::runtime::watch::{Progress, ToWatch, Watch, WatchTx};
+use crate::runtime::shared::Progress;
+use crate::runtime::shared::Shared;
+use crate::runtime::watch::{ToWatch, Watch, WatchTx};
+use crate::sync::lock;
 use crate::sys::files::LockError;
 use crate::sys::notify::Notifier;
+use crate::sys::signals::{self, Sig};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +47,7 @@ pub enum StartError {
 }
 
 enum ToMain {
-    Signal(i32),
+    Signal(Sig),
 }
 
 /// The watch loop's sender, replaced when the loop is started again (the bus keeps a handle).
@@ -52,7 +55,7 @@ type Route = Arc<Mutex<WatchTx>>;
 
 /// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
 pub fn run(config: Config) -> Result<(), StartError> {
-    let signals = block_signals();
+    let signals = signals::block();
     let state = crate::report::state::StateDir::new(&config.agent.state_dir);
     let sd = |source| StartError::StateDir {
         path: config.agent.state_dir.display().to_string(),
@@ -101,7 +104,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let notifier = Notifier::from_env();
 
     let (main_tx, main_rx) = mpsc::channel::<ToMain>();
-    spawn_signal_thread(signals, main_tx).map_err(StartError::Thread)?;
+    signals::spawn_waiter(signals, move |sig| {
+        main_tx.send(ToMain::Signal(sig)).is_ok()
+    })
+    .map_err(StartError::Thread)?;
 
     events.emit(
         Event::new(Kind::AgentStart, None, "pmguard-agent started.")
@@ -140,7 +146,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let mut last_beat = 0u64;
     loop {
         match main_rx.recv_timeout(tick) {
-            Ok(ToMain::Signal(libc::SIGHUP)) => {
+            Ok(ToMain::Signal(Sig::SIGHUP)) => {
                 notifier.send("RELOADING=1");
                 config = reload(config, &shared, &watch.tx, &mut progress, &events);
                 notifier.send("READY=1");
@@ -149,7 +155,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
                 notifier.send("STOPPING=1");
                 events.emit(
                     Event::new(Kind::AgentStop, None, "pmguard-agent stopping.")
-                        .with("signal", signal_name(sig)),
+                        .with("signal", sig.as_str()),
                 );
                 break;
             }
@@ -341,44 +347,6 @@ fn start_watch(
         })
         .collect();
     crate::runtime::watch::spawn(shared.clone(), apps)
-}
-
-/// Blocks the signals the agent handles in every thread, so only the sigwait thread sees them.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset operations on a local set; pthread_sigmask on the calling thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn spawn_signal_thread(set: libc::sigset_t, tx: Sender<ToMain>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .stack_size(64 * 1024)
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: set is a valid sigset; sig is writable.
-            let r = unsafe { libc::sigwait(&set, &mut sig) };
-            if r == 0 && tx.send(ToMain::Signal(sig)).is_err() {
-                return;
-            }
-        })
-        .map(|_| ())
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGINT => "SIGINT",
-        libc::SIGHUP => "SIGHUP",
-        _ => "signal",
-    }
 }
 
 #[cfg(test)]

@@ -4,4 +4,7 @@
 pub mod app;
 pub mod check;
 pub mod daemon;
+pub mod restart;
+pub mod resurrect;
+pub mod shared;
 pub mod watch;

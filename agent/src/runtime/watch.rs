@@ -12,7 +12,6 @@
 //! main thread can withhold the heartbeat when the loop is wedged.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -27,14 +26,18 @@ use crate::policy::Decision;
 use crate::probe::{InFlight, ProbeResult, Started};
 use crate::report::events::{Event, Kind};
 use crate::report::state::AppRestarts;
-use crate::runtime::app::{lock, App, Observation, Shared, LIST_TIMEOUT, SNAPSHOT_MAX_AGE};
+use crate::runtime::app::{App, Observation};
+use crate::runtime::shared::{Progress, Shared, LIST_TIMEOUT, SNAPSHOT_MAX_AGE};
+use crate::sync::lock;
+use crate::sys::pidfd::timespec;
+use crate::sys::waker::Waker;
+
+use rustix::event::{poll, PollFd, PollFlags};
 
 /// How late past its next check an idle app may be before the loop counts as wedged: 2 s, plus
 /// PM2's list timeout, which the loop may be waiting out for an earlier app of the same round
 /// when PM2 is slow.
 const IDLE_SLACK_MS: u64 = 2_000 + LIST_TIMEOUT.as_millis() as u64;
-
-pub use crate::runtime::app::Progress;
 
 pub enum ToWatch {
     Add {
@@ -65,34 +68,6 @@ impl WatchTx {
         if self.tx.send(m).is_ok() {
             self.waker.wake();
         }
-    }
-}
-
-/// An eventfd the loop polls beside the probes' sockets.
-struct Waker(OwnedFd);
-
-impl Waker {
-    fn new() -> std::io::Result<Waker> {
-        // SAFETY: plain syscall; the fd is owned from here on.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd. A full counter (EAGAIN) means
-        // a wake-up is already pending, which is all that is needed.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    fn drain(&self) {
-        let mut n: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
-        unsafe { libc::read(self.0.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
     }
 }
 
@@ -186,7 +161,7 @@ impl Loop {
 
     fn run(&mut self, rx: Receiver<ToWatch>) {
         let mut stopping: Option<Mono> = None;
-        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut ready: Vec<bool> = Vec::new();
         let mut polled: Vec<String> = Vec::new();
         loop {
             while let Ok(m) = rx.try_recv() {
@@ -214,23 +189,14 @@ impl Loop {
                 }
             }
             // One poll for the wake-up fd and every probe in flight, until the next event.
-            fds.clear();
             polled.clear();
-            fds.push(libc::pollfd {
-                fd: self.tx.waker.0.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
             let now = clock::mono_now();
             let instant = Instant::now();
             let mut wait_ms = stopping.map_or(1_000, |d| d.saturating_sub(now).max(1));
+            let mut fds = vec![PollFd::from_borrowed_fd(self.tx.waker.fd(), PollFlags::IN)];
             for (name, s) in &self.slots {
                 if let Some(r) = &s.running {
-                    fds.push(libc::pollfd {
-                        fd: r.probe.fd(),
-                        events: r.probe.events(),
-                        revents: 0,
-                    });
+                    fds.push(PollFd::from_borrowed_fd(r.probe.fd(), r.probe.events()));
                     polled.push(name.clone());
                     let left = r.probe.deadline().saturating_duration_since(instant);
                     wait_ms = wait_ms.min(left.as_micros().div_ceil(1000) as u64);
@@ -238,20 +204,18 @@ impl Loop {
                     wait_ms = wait_ms.min(s.next.saturating_sub(now));
                 }
             }
-            // SAFETY: `fds` is a live, correctly sized array of pollfd for the call's duration.
-            let n = unsafe {
-                libc::poll(
-                    fds.as_mut_ptr(),
-                    fds.len() as libc::nfds_t,
-                    wait_ms.min(i32::MAX as u64) as libc::c_int,
-                )
-            };
-            if n > 0 && fds[0].revents != 0 {
+            // EINTR or an error: every probe is looked at again against its deadline.
+            let n = poll(&mut fds, Some(&timespec(Duration::from_millis(wait_ms)))).unwrap_or(0);
+            let woke = n > 0 && !fds[0].revents().is_empty();
+            ready.clear();
+            ready.extend(fds[1..].iter().map(|f| n > 0 && !f.revents().is_empty()));
+            drop(fds);
+            if woke {
                 self.tx.waker.drain();
             }
             let instant = Instant::now();
             for (i, name) in polled.iter().enumerate() {
-                let ready = n > 0 && fds[i + 1].revents != 0;
+                let ready = ready[i];
                 let Some(s) = self.slots.get_mut(name) else {
                     continue;
                 };

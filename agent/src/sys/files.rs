@@ -258,9 +258,14 @@ mod tests {
     fn a_fifo_or_a_huge_file_is_never_waited_on_or_read_whole() {
         let d = tempfile::tempdir().unwrap();
         let fifo = d.path().join("status.json");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid C string path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         let err = read_optional(&fifo).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
         let err = open_append(&fifo, 0o640).unwrap_err();

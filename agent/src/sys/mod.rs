@@ -3,4 +3,7 @@
 
 pub mod files;
 pub mod notify;
+pub mod pidfd;
 pub mod privilege;
+pub mod signals;
+pub mod waker;

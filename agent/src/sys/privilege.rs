@@ -8,9 +8,11 @@
 //! Invariants: called before any thread starts; after it returns Ok the process can never
 //! regain root (real, effective and saved ids all changed, verified).
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use nix::unistd::{Gid, Uid};
 
 /// The owner of PM2_HOME, judged without following links: the home itself must be a real
 /// directory writable by its owner alone, and every directory above it must be root's or the
@@ -81,8 +83,7 @@ pub enum Became {
 /// gid, supplementary groups, HOME/USER/LOGNAME). A PM2_HOME that does not exist yet is an
 /// error: whose it is cannot be known, so nothing may be started for it.
 pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !euid_is_root() {
         return Ok(Became::Unchanged);
     }
     // No PM2_HOME yet (PM2 never ran here): nobody's PM2 to act for; `pm2 resurrect` refuses
@@ -101,35 +102,7 @@ pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
             pm2_home.display()
         )
     })?;
-    let name = CString::new(user.name.clone()).map_err(|_| "user name has a NUL byte")?;
-    // SAFETY: plain syscalls with valid arguments; the order (groups, gid, then uid) is the
-    // only one that works, since dropping the uid first loses the right to change the rest.
-    unsafe {
-        if libc::initgroups(name.as_ptr(), user.gid) != 0 {
-            return Err(format!(
-                "initgroups({}): {}",
-                user.name,
-                std::io::Error::last_os_error()
-            ));
-        }
-        if libc::setresgid(user.gid, user.gid, user.gid) != 0 {
-            return Err(format!(
-                "setresgid({}): {}",
-                user.gid,
-                std::io::Error::last_os_error()
-            ));
-        }
-        if libc::setresuid(uid, uid, uid) != 0 {
-            return Err(format!(
-                "setresuid({uid}): {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        // Verify: root must be gone for good.
-        if libc::setuid(0) == 0 || libc::geteuid() != uid || libc::getegid() != user.gid {
-            return Err("could not drop root privileges".into());
-        }
-    }
+    drop_to(&user, uid)?;
     // Single-threaded here (checked by the caller's contract): the environment is ours to set.
     std::env::set_var("HOME", &user.home);
     std::env::set_var("USER", &user.name);
@@ -147,45 +120,51 @@ pub(crate) struct User {
     pub home: String,
 }
 
-/// The passwd entry of `uid` (`getpwuid_r`, not `$HOME`: a service started without `HOME`
-/// agrees with `pm2 startup`).
+/// The passwd entry of `uid` (`getpwuid_r` through NSS, not `$HOME`: a service started without
+/// `HOME` agrees with `pm2 startup`).
 pub(crate) fn lookup(uid: u32) -> Result<User, String> {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: passwd is plain old data; zeroed is a valid initial value.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: all pointers are valid for the given lengths; strings are written into buf.
-        let rc = unsafe {
-            libc::getpwuid_r(
-                uid,
-                &mut pwd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
-            return Err(format!("uid {uid} has no passwd entry"));
-        }
-        // SAFETY: pw_name and pw_dir point into buf, NUL-terminated, valid while buf lives.
-        let text = |p: *const libc::c_char| {
-            if p.is_null() {
-                String::new()
-            } else {
-                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-            }
-        };
-        return Ok(User {
-            name: text(pwd.pw_name),
-            gid: pwd.pw_gid,
-            home: text(pwd.pw_dir),
-        });
+    match nix::unistd::User::from_uid(Uid::from_raw(uid)) {
+        Ok(Some(u)) => Ok(User {
+            name: u.name,
+            gid: u.gid.as_raw(),
+            home: u.dir.to_string_lossy().into_owned(),
+        }),
+        _ => Err(format!("uid {uid} has no passwd entry")),
     }
+}
+
+/// Becomes `user` for good: supplementary groups, then the gid, then the uid (dropping the uid
+/// first would lose the right to change the rest), and proves root cannot be regained. glibc's
+/// setresuid/setresgid apply to every thread of the process, unlike the raw system calls.
+fn drop_to(user: &User, uid: u32) -> Result<(), String> {
+    let name = CString::new(user.name.clone()).map_err(|_| "user name has a NUL byte")?;
+    let gid = Gid::from_raw(user.gid);
+    nix::unistd::initgroups(&name, gid).map_err(|e| format!("initgroups({}): {e}", user.name))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid({}): {e}", user.gid))?;
+    let u = Uid::from_raw(uid);
+    nix::unistd::setresuid(u, u, u).map_err(|e| format!("setresuid({uid}): {e}"))?;
+    if nix::unistd::setuid(Uid::from_raw(0)).is_ok()
+        || rustix::process::geteuid().as_raw() != uid
+        || rustix::process::getegid().as_raw() != user.gid
+    {
+        return Err("could not drop root privileges".into());
+    }
+    Ok(())
+}
+
+/// Whether this process runs with root's effective uid.
+pub fn euid_is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// This process's real uid.
+pub fn uid() -> u32 {
+    rustix::process::getuid().as_raw()
 }
 
 #[cfg(test)]
@@ -195,8 +174,7 @@ mod tests {
 
     #[test]
     fn a_home_the_users_private_group_may_write_is_still_the_users() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !euid_is_root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();

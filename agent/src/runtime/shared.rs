@@ -1,0 +1,192 @@
+//! What every watched app shares: the PM2 client and its short-lived snapshot cache, the event
+//! log, the state directory, the status board, and what the agent knows about the PM2 daemon
+//! (stopped on purpose by a person, when it last alerted about a resurrect).
+//!
+//! Invariant: one `getMonitorData` serves every app checked within `SNAPSHOT_MAX_AGE` of it, and
+//! concurrent callers wait for one call rather than each asking PM2.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::clock;
+use crate::clock::Mono;
+use crate::config::AgentConfig;
+use crate::pm2::liveness::{self, Liveness};
+use crate::pm2::{Client, Pm2Error, Snapshot};
+use crate::procfs;
+use crate::report::events::{Event, EventLog, Kind};
+use crate::report::state::{AppStatus, StateDir};
+use crate::sync::lock;
+
+/// How long a check waits for PM2's process list.
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A PM2 process list, or why there is none.
+type SnapshotResult = Result<Arc<Snapshot>, Pm2Failure>;
+
+/// Why PM2 gave no process list, judged once (see `pm2::liveness`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pm2Failure {
+    /// Proven gone (socket refused or missing, no daemon process): resurrect is safe.
+    pub gone: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for Pm2Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// By when an app promises to report again, and how many checks it made: read by the main
+/// thread, which withholds the heartbeat (and systemd's watchdog ping) when a promise is broken.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// `Mono` by which the app promises to report again; 0 before its first check.
+    pub due: AtomicU64,
+    pub checks: AtomicU64,
+}
+
+impl Progress {
+    /// Promises a report within `within` from now (an action announces each long step).
+    pub fn promise(&self, within: Duration) {
+        self.due.store(
+            clock::mono_now() + within.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// What every app shares: the PM2 client, the event sink, the state directory.
+pub struct Shared {
+    pub agent: AgentConfig,
+    pub client: Arc<Client>,
+    pub events: Arc<EventLog>,
+    pub state: StateDir,
+    pub proc_root: PathBuf,
+    pub ticks_per_sec: u64,
+    /// The last `getMonitorData`, reused by apps checked within `SNAPSHOT_MAX_AGE` of it.
+    snapshot: Mutex<Option<(Mono, SnapshotResult)>>,
+    /// Serializes `pm2 resurrect` among the apps of this process; holds when the agent last
+    /// alerted that it cannot resurrect from inside its sandbox.
+    pub(super) resurrect: Mutex<Option<Mono>>,
+    /// Running in the systemd sandbox (`PMGUARD_SANDBOXED=1` in the unit): a PM2 daemon started
+    /// from here would inherit the sandbox (read-only home, private /tmp) and die with the agent,
+    /// so the daemon alerts and the cron backup check, outside the sandbox, resurrects.
+    pub sandboxed: bool,
+    pub board: Mutex<BTreeMap<String, AppStatus>>,
+    /// Per-check metrics for the AWS sink; `None` without an `[aws]` section.
+    pub recorder: Option<Arc<crate::aws::Recorder>>,
+    /// When the agent last said PM2 was stopped cleanly (once per cooldown).
+    pub(super) resurrect_alerted: Mutex<Option<Mono>>,
+    /// Mirrors `restarts.json`'s `pm2_stopped_on_purpose`, so the hot path reads no file.
+    pub(super) stopped_on_purpose: std::sync::atomic::AtomicBool,
+    /// The PM2 connection generation current when `pm2 kill` was seen: only an answer on a
+    /// newer connection (a new daemon) clears the flag, not a reply already on its way.
+    stopped_generation: AtomicU64,
+}
+
+/// Apps checked at nearly the same moment share one `getMonitorData`.
+pub const SNAPSHOT_MAX_AGE: u64 = 250;
+
+impl Shared {
+    pub fn new(agent: AgentConfig, client: Arc<Client>, events: Arc<EventLog>) -> Shared {
+        let stopped = StateDir::new(&agent.state_dir)
+            .read_restarts()
+            .pm2_stopped_on_purpose;
+        Shared {
+            state: StateDir::new(&agent.state_dir),
+            agent,
+            client,
+            events,
+            proc_root: PathBuf::from("/proc"),
+            ticks_per_sec: procfs::ticks_per_sec(),
+            snapshot: Mutex::new(None),
+            resurrect: Mutex::new(None),
+            sandboxed: false,
+            board: Mutex::new(BTreeMap::new()),
+            recorder: None,
+            // Loaded, not assumed: a flag set by an earlier run (or the daemon, for the backup
+            // check) must be cleared by the next answer, or a later crash is never repaired.
+            stopped_on_purpose: std::sync::atomic::AtomicBool::new(stopped),
+            stopped_generation: AtomicU64::new(0),
+            resurrect_alerted: Mutex::new(None),
+        }
+    }
+
+    /// A person ran `pm2 kill`: remember it (for the backup check too) and say so.
+    pub fn pm2_stopped_on_purpose(&self) {
+        self.stopped_generation
+            .store(self.client.generation(), Ordering::Relaxed);
+        self.stopped_on_purpose.store(true, Ordering::Relaxed);
+        self.set_stopped_flag(true);
+        self.emit(Event::new(
+            Kind::Resurrect,
+            None,
+            "PM2 was stopped on purpose (`pm2 kill`): pmguard will not resurrect it. Start it again with `pm2 resurrect` (or `systemctl start pm2-<user>`).",
+        )
+        .with("action", "none"));
+    }
+
+    fn set_stopped_flag(&self, on: bool) {
+        if let Ok(_guard) = self.state.lock_restarts(Duration::from_secs(2)) {
+            let mut book = self.state.read_restarts();
+            if book.pm2_stopped_on_purpose != on {
+                book.pm2_stopped_on_purpose = on;
+                if let Err(error) = self.state.write_restarts(&book) {
+                    tracing::warn!(message = "Cannot save restart history.", %error);
+                }
+            }
+        }
+    }
+
+    /// PM2's process list, at most `max_age` ms old. Concurrent callers wait for one call.
+    pub fn snapshot(&self, max_age: u64) -> SnapshotResult {
+        let mut cached = lock(&self.snapshot);
+        let now = clock::mono_now();
+        if let Some((at, snap)) = cached.as_ref() {
+            if now.saturating_sub(*at) <= max_age {
+                return snap.clone();
+            }
+        }
+        let fresh = self
+            .client
+            .list(LIST_TIMEOUT)
+            .map(Arc::new)
+            .map_err(|e| self.judge_failure(&e));
+        *cached = Some((clock::mono_now(), fresh.clone()));
+        drop(cached);
+        // A daemon answers again after a `pm2 kill` (on a newer connection than the one the kill
+        // was seen on): resurrect is allowed again when it dies.
+        if let Ok(s) = &fresh {
+            if self.stopped_on_purpose.load(Ordering::Relaxed)
+                && s.generation > self.stopped_generation.load(Ordering::Relaxed)
+                && self.stopped_on_purpose.swap(false, Ordering::Relaxed)
+            {
+                self.set_stopped_flag(false);
+            }
+        }
+        fresh
+    }
+
+    pub fn emit(&self, e: Event) {
+        self.events.emit(e);
+    }
+
+    /// Whether a failed PM2 call means the daemon is gone or only slow.
+    pub fn judge_failure(&self, e: &Pm2Error) -> Pm2Failure {
+        match liveness::judge(e, self.client.paths(), &self.proc_root) {
+            Liveness::Gone(message) => Pm2Failure {
+                gone: true,
+                message,
+            },
+            Liveness::Unresponsive(message) => Pm2Failure {
+                gone: false,
+                message,
+            },
+        }
+    }
+}
