@@ -23,11 +23,13 @@ use crate::procfs::PidTracker;
 use crate::procfs::ProcWatch;
 use crate::procfs::StuckRule;
 use crate::report::events::{Event, Kind};
-use crate::report::state::{AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartRecord};
+use crate::report::state::{
+    AppRestarts, AppStatus, InstanceStatus, ProbeRecord, RestartBook, RestartRecord,
+};
 use crate::sync::lock;
-use crate::sys::files::LockError;
+use crate::sys::files::{Lock, LockError};
 
-use super::restart::{restart_instances, Targets};
+use super::restart::{restart_instances, Restarted, Targets};
 use super::resurrect::resurrect_pm2;
 use super::shared::{Progress, Shared};
 
@@ -304,24 +306,7 @@ impl App {
         if let Some(s) = &check.snapshot {
             self.notice_pm2_restarts(shared, s, now);
         }
-        // Stuck by the tracker's window, or spinning at the threshold right now: a process whose
-        // event loop is busy cannot run its SIGINT handler either, so PM2's graceful stop would
-        // wait out the whole kill_timeout.
-        self.hung = match &check.view {
-            Pm2View::Instances(list) => list
-                .iter()
-                .filter(|i| {
-                    i.stuck.is_some()
-                        || self
-                            .trackers
-                            .get(&i.pid)
-                            .and_then(|(_, t)| t.cpu_pct)
-                            .is_some_and(|c| c >= self.cfg.cpu_threshold)
-                })
-                .map(|i| i.pm_id)
-                .collect(),
-            _ => Vec::new(),
-        };
+        self.hung = self.hung_now(&check.view);
         let before = self.state.health;
         if self.manual_stop {
             let running = matches!(&check.view, Pm2View::Instances(l)
@@ -353,25 +338,50 @@ impl App {
             self.note = None;
         }
         if self.state.health != before {
-            let mut e = Event::new(
-                Kind::StateChange,
-                Some(&self.cfg.name),
-                format!("App is now {}.", health_word(self.state.health)),
-            )
-            .with("from", health_word(before))
-            .with("to", health_word(self.state.health));
-            if let Some(n) = &self.note {
-                e = e.with("reason", n.as_str());
-            }
-            if self.state.health == Health::Healthy {
-                if let Some(at) = self.awaiting_recovery.take() {
-                    // The restart is verified: a passing check after it.
-                    e = e.with("recovered_ms", now.saturating_sub(at));
-                }
-            }
-            shared.emit(e);
+            self.announce_health(shared, before, now);
         }
         (decision, check.snapshot)
+    }
+
+    /// The pm_ids stuck by the tracker's window, or spinning at the threshold right now: a
+    /// process whose event loop is busy cannot run its SIGINT handler either, so PM2's graceful
+    /// stop would wait out the whole kill_timeout.
+    fn hung_now(&self, view: &Pm2View) -> Vec<u32> {
+        let Pm2View::Instances(list) = view else {
+            return Vec::new();
+        };
+        list.iter()
+            .filter(|i| {
+                i.stuck.is_some()
+                    || self
+                        .trackers
+                        .get(&i.pid)
+                        .and_then(|(_, t)| t.cpu_pct)
+                        .is_some_and(|c| c >= self.cfg.cpu_threshold)
+            })
+            .map(|i| i.pm_id)
+            .collect()
+    }
+
+    /// A `state_change` event; a change to healthy after a restart says how long recovery took.
+    fn announce_health(&mut self, shared: &Shared, before: Health, now: Mono) {
+        let mut e = Event::new(
+            Kind::StateChange,
+            Some(&self.cfg.name),
+            format!("App is now {}.", health_word(self.state.health)),
+        )
+        .with("from", health_word(before))
+        .with("to", health_word(self.state.health));
+        if let Some(n) = &self.note {
+            e = e.with("reason", n.as_str());
+        }
+        if self.state.health == Health::Healthy {
+            if let Some(at) = self.awaiting_recovery.take() {
+                // The restart is verified: a passing check after it.
+                e = e.with("recovered_ms", now.saturating_sub(at));
+            }
+        }
+        shared.emit(e);
     }
 
     /// Carries out a decision from `assess` (a restart may take seconds) and updates the board.
@@ -579,6 +589,48 @@ impl App {
     /// Restarts the culprits (or every instance), verifies, escalates; returns what was done.
     fn restart(&mut self, shared: &Shared, culprits: Vec<u32>, reason: String) -> Decision {
         let name = self.cfg.name.clone();
+        let (guard, mut book) = match self.book_restart(shared) {
+            Ok(booked) => booked,
+            Err(wait) => return wait,
+        };
+        self.announce_restart(shared, &reason, &culprits);
+        let started = clock::mono_now();
+        let outcome = restart_instances(
+            shared,
+            &name,
+            &Targets {
+                culprits: &culprits,
+                hung: &self.hung,
+                restart_timeout: self.cfg.restart_timeout,
+            },
+            self.progress.as_deref(),
+        );
+        let elapsed = clock::mono_now().saturating_sub(started);
+        self.awaiting_recovery = Some(started);
+        report_outcome(shared, &name, &outcome, elapsed);
+        self.settle(&reason, &outcome);
+        book.apps
+            .insert(name.clone(), AppRestarts::from_state(&self.state));
+        if let Err(error) = shared.state.write_restarts(&book) {
+            tracing::warn!(message = "Cannot save restart history.", app = %name, %error);
+        }
+        drop(guard);
+        // Counters moved by our own restart are not "PM2 restarting by itself".
+        if let Ok(s) = shared.snapshot(0) {
+            for e in s.by_name(&name).into_iter().filter(|e| e.pid > 0) {
+                self.restart_counts.insert(e.pm_id, (e.restart_time, e.pid));
+            }
+        }
+        Decision::Restart { culprits, reason }
+    }
+
+    /// Books the restart `decide` just counted in `restarts.json`, under `restart.lock`, before
+    /// PM2 is asked: an agent killed mid-restart must not leave a successor (or the backup check)
+    /// free to restart the app again inside the cooldown. Returns the held lock and the book, or
+    /// the decision to wait (the lock is busy, or another pmguard process restarted the app
+    /// within the cooldown).
+    fn book_restart(&mut self, shared: &Shared) -> Result<(Lock, RestartBook), Decision> {
+        let name = self.cfg.name.clone();
         let guard = match shared.state.lock_restarts(self.cfg.restart_timeout) {
             Ok(g) => g,
             Err(e) => {
@@ -593,7 +645,7 @@ impl App {
                     Some(&name),
                     format!("Restart skipped: {why}."),
                 ));
-                return Decision::Wait { why: Some(why) };
+                return Err(Decision::Wait { why: Some(why) });
             }
         };
         let mut book = shared.state.read_restarts();
@@ -603,95 +655,50 @@ impl App {
             .pop_back()
             .unwrap_or_else(clock::mono_now);
         if let Some(theirs) = book.apps.get(&name) {
-            // Someone else (the backup check, or a previous agent) restarted within the cooldown.
             if theirs.last().is_some_and(|t| {
                 ours.saturating_sub(t) < self.policy.restart_cooldown
                     && self.state.last_restart() != Some(t)
             }) {
                 theirs.apply_to(&mut self.state);
                 self.state.grace_until = theirs.last().map(|t| t + self.policy.startup_grace);
-                drop(guard);
-                return Decision::Wait {
+                return Err(Decision::Wait {
                     why: Some(
                         "another pmguard process restarted this app within the cooldown".into(),
                     ),
-                };
+                });
             }
         }
         self.state.restarts.push_back(ours);
-        // Booked before PM2 is asked: an agent killed mid-restart must not leave a successor
-        // (or the backup check) free to restart the app again inside the cooldown.
         book.apps
             .insert(name.clone(), AppRestarts::from_state(&self.state));
         if let Err(error) = shared.state.write_restarts(&book) {
             tracing::warn!(message = "Cannot save restart history.", app = %name, %error);
         }
-        let started = clock::mono_now();
-        let mut e = Event::new(Kind::Restart, Some(&name), format!("Restarting: {reason}."))
-            .with("reason", reason.as_str())
+        Ok((guard, book))
+    }
+
+    fn announce_restart(&self, shared: &Shared, reason: &str, culprits: &[u32]) {
+        let name = &self.cfg.name;
+        let mut e = Event::new(Kind::Restart, Some(name), format!("Restarting: {reason}."))
+            .with("reason", reason)
             .with("attempt", self.state.restarts.len());
         if !culprits.is_empty() {
-            e = e.with("pm_ids", culprits.clone());
+            e = e.with("pm_ids", culprits.to_vec());
         }
         shared.emit(e);
         if let Some(r) = &shared.recorder {
-            r.restarts(&name, 1);
+            r.restarts(name, 1);
         }
-        let outcome = restart_instances(
-            shared,
-            &name,
-            &Targets {
-                culprits: &culprits,
-                hung: &self.hung,
-                restart_timeout: self.cfg.restart_timeout,
-            },
-            self.progress.as_deref(),
-        );
-        let elapsed = clock::mono_now().saturating_sub(started);
-        self.awaiting_recovery = Some(started);
-        match &outcome {
-            Ok(done) => {
-                let replaced = done
-                    .iter()
-                    .all(|d| d.new_pid != 0 && d.new_pid != d.old_pid);
-                shared.emit(
-                    Event::new(
-                        Kind::RestartDone,
-                        Some(&name),
-                        if replaced {
-                            "Restart done: new process(es) up; waiting for a passing check."
-                        } else {
-                            "Restart done, but PM2 shows no new process yet; waiting for a passing check."
-                        },
-                    )
-                    .with("replaced", replaced)
-                    .with("pm_ids", done.iter().map(|d| d.pm_id).collect::<Vec<_>>())
-                    .with(
-                        "old_pids",
-                        done.iter().map(|d| d.old_pid).collect::<Vec<_>>(),
-                    )
-                    .with("pids", done.iter().map(|d| d.new_pid).collect::<Vec<_>>())
-                    .with("escalated", done.iter().any(|d| d.escalated))
-                    .with("duration_ms", elapsed),
-                );
-            }
-            Err(why) => {
-                shared.emit(
-                    Event::new(
-                        Kind::RestartFailed,
-                        Some(&name),
-                        format!("Restart failed: {why}."),
-                    )
-                    .with("duration_ms", elapsed),
-                );
-            }
-        }
-        // The grace starts when PM2 is done, not when we asked.
+    }
+
+    /// After PM2 is done: a fresh grace (from now, not from when it was asked), fresh CPU
+    /// trackers (the pids are new), and the restart in the history `status` shows.
+    fn settle(&mut self, reason: &str, outcome: &Result<Vec<Restarted>, String>) {
         self.state.grace_until = Some(clock::mono_now() + self.policy.startup_grace);
         self.trackers.clear();
         self.restarts_shown.push_back(RestartRecord {
             ts_ms: clock::wall_ms(),
-            reason: reason.clone(),
+            reason: reason.to_string(),
             pm_ids: outcome
                 .as_ref()
                 .map(|d| d.iter().map(|x| x.pm_id).collect())
@@ -700,19 +707,6 @@ impl App {
         if self.restarts_shown.len() > HISTORY {
             self.restarts_shown.pop_front();
         }
-        book.apps
-            .insert(name.clone(), AppRestarts::from_state(&self.state));
-        if let Err(error) = shared.state.write_restarts(&book) {
-            tracing::warn!(message = "Cannot save restart history.", app = %name, %error);
-        }
-        drop(guard);
-        // Counters moved by our own restart are not "PM2 restarting by itself".
-        if let Ok(s) = shared.snapshot(0) {
-            for e in s.by_name(&name).into_iter().filter(|e| e.pid > 0) {
-                self.restart_counts.insert(e.pm_id, (e.restart_time, e.pid));
-            }
-        }
-        Decision::Restart { culprits, reason }
     }
 
     /// Brings a dead PM2 daemon back with `pm2 resurrect`, at most once per cooldown (shared
@@ -737,6 +731,45 @@ impl App {
                 .restarted_elsewhere(clock::mono_now(), &self.policy);
         }
     }
+}
+
+/// `restart_done` (with whether PM2 shows new processes) or `restart_failed`.
+fn report_outcome(
+    shared: &Shared,
+    name: &str,
+    outcome: &Result<Vec<Restarted>, String>,
+    elapsed: u64,
+) {
+    let e = match outcome {
+        Ok(done) => {
+            let replaced = done
+                .iter()
+                .all(|d| d.new_pid != 0 && d.new_pid != d.old_pid);
+            Event::new(
+                Kind::RestartDone,
+                Some(name),
+                if replaced {
+                    "Restart done: new process(es) up; waiting for a passing check."
+                } else {
+                    "Restart done, but PM2 shows no new process yet; waiting for a passing check."
+                },
+            )
+            .with("replaced", replaced)
+            .with("pm_ids", done.iter().map(|d| d.pm_id).collect::<Vec<_>>())
+            .with(
+                "old_pids",
+                done.iter().map(|d| d.old_pid).collect::<Vec<_>>(),
+            )
+            .with("pids", done.iter().map(|d| d.new_pid).collect::<Vec<_>>())
+            .with("escalated", done.iter().any(|d| d.escalated))
+        }
+        Err(why) => Event::new(
+            Kind::RestartFailed,
+            Some(name),
+            format!("Restart failed: {why}."),
+        ),
+    };
+    shared.emit(e.with("duration_ms", elapsed));
 }
 
 fn health_word(h: Health) -> &'static str {

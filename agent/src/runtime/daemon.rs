@@ -13,19 +13,21 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock;
+use crate::clock::Mono;
 use crate::config::{Config, ConfigError};
 use crate::pm2::{Bus, BusEvent, Client, Pm2Paths};
 use crate::report::events::{Event, EventLog, Kind};
-use crate::report::state::StatusFile;
+use crate::report::state::{StateDir, StatusFile};
 use crate::runtime::shared::Progress;
 use crate::runtime::shared::Shared;
 use crate::runtime::watch::{ToWatch, Watch, WatchTx};
 use crate::sync::lock;
+use crate::sys::files::Lock;
 use crate::sys::files::LockError;
 use crate::sys::notify::Notifier;
 use crate::sys::signals::{self, Sig};
@@ -55,14 +57,64 @@ type Route = Arc<Mutex<WatchTx>>;
 
 /// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
 pub fn run(config: Config) -> Result<(), StartError> {
+    // Before any thread exists, so every thread inherits the mask.
     let signals = signals::block();
-    let state = crate::report::state::StateDir::new(&config.agent.state_dir);
+    let (state, _life, events) = open_state(&config)?;
+    let paths = Pm2Paths::resolve(config.agent.pm2_home.as_deref())
+        .map_err(|e| StartError::Pm2(e.to_string()))?;
+    let client = Arc::new(Client::new(paths.clone()));
+    let mut shared = Shared::new(config.agent.clone(), client, events.clone());
+    shared.sandboxed = std::env::var_os("PMGUARD_SANDBOXED").is_some_and(|v| v == "1");
+    let sink = start_sink(&config, &state, &events, &mut shared);
+    let shared = Arc::new(shared);
+    let notifier = Notifier::from_env();
+    let (main_tx, main_rx) = mpsc::channel::<ToMain>();
+    signals::spawn_waiter(signals, move |sig| {
+        main_tx.send(ToMain::Signal(sig)).is_ok()
+    })
+    .map_err(StartError::Thread)?;
+    announce_start(&events, &config, &paths);
+    let mut progress: BTreeMap<String, Arc<Progress>> = BTreeMap::new();
+    let watch = start_watch(&shared, &config, &mut progress).map_err(StartError::Thread)?;
+    let route: Route = Arc::new(Mutex::new(watch.tx.clone()));
+    let bus = spawn_bus(paths, &route, &shared)?;
+    let mut main = Main {
+        config,
+        shared,
+        events,
+        notifier,
+        progress,
+        watch,
+        route,
+        ready: false,
+        wedged_reported: false,
+        last_ping: 0,
+        last_beat: 0,
+    };
+    main.serve(&main_rx);
+    main.watch.tx.send(ToWatch::Stop);
+    bus.stop();
+    // The loop lets a restart in flight finish (up to 3 s) and then ends.
+    let deadline = clock::mono_now() + 4_000;
+    while !main.watch.join.is_finished() && clock::mono_now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Last: the apps' final events and `agent_stop` go out (or to the spool) within 5 s.
+    if let Some(sink) = sink {
+        sink.stop();
+    }
+    Ok(())
+}
+
+/// The state directory, the lock that makes this the only agent on it, and the event log.
+fn open_state(config: &Config) -> Result<(StateDir, Lock, Arc<EventLog>), StartError> {
+    let state = StateDir::new(&config.agent.state_dir);
     let sd = |source| StartError::StateDir {
         path: config.agent.state_dir.display().to_string(),
         source,
     };
     state.create().map_err(sd)?;
-    let _life = match state.lock_agent() {
+    let life = match state.lock_agent() {
         Ok(l) => l,
         Err(LockError::Busy) => {
             return Err(StartError::AlreadyRunning {
@@ -72,109 +124,134 @@ pub fn run(config: Config) -> Result<(), StartError> {
         Err(LockError::Io(e)) => return Err(sd(e)),
     };
     let events = Arc::new(EventLog::open(&state.dir, config.agent.events_max_bytes).map_err(sd)?);
-    let paths = Pm2Paths::resolve(config.agent.pm2_home.as_deref())
-        .map_err(|e| StartError::Pm2(e.to_string()))?;
-    let client = Arc::new(Client::new(paths.clone()));
-    let mut shared = Shared::new(config.agent.clone(), client, events.clone());
-    shared.sandboxed = std::env::var_os("PMGUARD_SANDBOXED").is_some_and(|v| v == "1");
-    // With no [aws] section nothing below runs: no runtime, no AWS code.
-    let sink = match &config.aws {
-        None => None,
-        Some(aws) => {
-            let recorder = Arc::new(crate::aws::Recorder::new());
-            match crate::aws::Sink::start(
-                aws.clone(),
-                &state.dir,
-                recorder.clone(),
-                crate::aws::SinkOptions::default(),
-            ) {
-                Ok(sink) => {
-                    events.set_forward(recorder.clone());
-                    shared.recorder = Some(recorder);
-                    Some(sink)
-                }
-                Err(error) => {
-                    tracing::error!(message = "Cannot start the AWS sink; metrics and events stay local.", %error);
-                    None
-                }
-            }
+    Ok((state, life, events))
+}
+
+/// The AWS sink, with `[aws]` only: without it no runtime starts and no AWS code runs. A sink
+/// that cannot start leaves metrics and events local; watching goes on.
+fn start_sink(
+    config: &Config,
+    state: &StateDir,
+    events: &EventLog,
+    shared: &mut Shared,
+) -> Option<crate::aws::Sink> {
+    let aws = config.aws.as_ref()?;
+    let recorder = Arc::new(crate::aws::Recorder::new());
+    match crate::aws::Sink::start(
+        aws.clone(),
+        &state.dir,
+        recorder.clone(),
+        crate::aws::SinkOptions::default(),
+    ) {
+        Ok(sink) => {
+            events.set_forward(recorder.clone());
+            shared.recorder = Some(recorder);
+            Some(sink)
         }
-    };
-    let shared = Arc::new(shared);
-    let notifier = Notifier::from_env();
+        Err(error) => {
+            tracing::error!(message = "Cannot start the AWS sink; metrics and events stay local.", %error);
+            None
+        }
+    }
+}
 
-    let (main_tx, main_rx) = mpsc::channel::<ToMain>();
-    signals::spawn_waiter(signals, move |sig| {
-        main_tx.send(ToMain::Signal(sig)).is_ok()
-    })
-    .map_err(StartError::Thread)?;
-
+fn announce_start(events: &EventLog, config: &Config, paths: &Pm2Paths) {
+    let apps: Vec<String> = config.apps.iter().map(|a| a.name.clone()).collect();
     events.emit(
         Event::new(Kind::AgentStart, None, "pmguard-agent started.")
             .with("version", env!("CARGO_PKG_VERSION"))
-            .with(
-                "apps",
-                config
-                    .apps
-                    .iter()
-                    .map(|a| a.name.clone())
-                    .collect::<Vec<_>>(),
-            )
+            .with("apps", apps)
             .with("path", paths.home.display().to_string())
             .with("pid", std::process::id()),
     );
+}
 
-    let mut progress: BTreeMap<String, Arc<Progress>> = BTreeMap::new();
-    let mut watch = start_watch(&shared, &config, &mut progress).map_err(StartError::Thread)?;
-    let route: Route = Arc::new(Mutex::new(watch.tx.clone()));
-    let bus_route = route.clone();
-    let bus_shared = shared.clone();
-    let bus = Bus::spawn(paths, move |ev: BusEvent| {
+/// PM2's event bus: a person's `pm2 kill` is noted at once, everything else goes to the watch
+/// loop (through `route`, which follows the loop when it is started again).
+fn spawn_bus(paths: Pm2Paths, route: &Route, shared: &Arc<Shared>) -> Result<Bus, StartError> {
+    let route = route.clone();
+    let shared = shared.clone();
+    Bus::spawn(paths, move |ev: BusEvent| {
         if ev.event == crate::pm2::bus::KILL_TOPIC {
-            bus_shared.pm2_stopped_on_purpose();
+            shared.pm2_stopped_on_purpose();
             return;
         }
-        lock(&bus_route).send(ToWatch::Bus(ev));
+        lock(&route).send(ToWatch::Bus(ev));
     })
-    .map_err(StartError::Thread)?;
+    .map_err(StartError::Thread)
+}
 
-    let mut config = config;
-    let mut ready = false;
-    let mut wedged_reported = false;
-    let tick = Duration::from_millis(500);
-    let mut last_ping = 0u64;
-    let mut last_beat = 0u64;
-    loop {
-        match main_rx.recv_timeout(tick) {
-            Ok(ToMain::Signal(Sig::SIGHUP)) => {
-                notifier.send("RELOADING=1");
-                config = reload(config, &shared, &watch.tx, &mut progress, &events);
-                notifier.send("READY=1");
+/// The main thread's loop: signals, reloads, the watch loop's health, the heartbeat and
+/// systemd's notifications.
+struct Main {
+    config: Config,
+    shared: Arc<Shared>,
+    events: Arc<EventLog>,
+    notifier: Notifier,
+    progress: BTreeMap<String, Arc<Progress>>,
+    watch: Watch,
+    route: Route,
+    ready: bool,
+    wedged_reported: bool,
+    last_ping: Mono,
+    last_beat: Mono,
+}
+
+impl Main {
+    /// Until SIGTERM/SIGINT (or the signal thread is gone).
+    fn serve(&mut self, rx: &Receiver<ToMain>) {
+        let tick = Duration::from_millis(500);
+        loop {
+            match rx.recv_timeout(tick) {
+                Ok(ToMain::Signal(Sig::SIGHUP)) => {
+                    self.notifier.send("RELOADING=1");
+                    if let Some(new) = reload(
+                        &self.config,
+                        &self.shared,
+                        &self.watch.tx,
+                        &mut self.progress,
+                        &self.events,
+                    ) {
+                        self.config = new;
+                    }
+                    self.notifier.send("READY=1");
+                }
+                Ok(ToMain::Signal(sig)) => {
+                    self.notifier.send("STOPPING=1");
+                    self.events.emit(
+                        Event::new(Kind::AgentStop, None, "pmguard-agent stopping.")
+                            .with("signal", sig.as_str()),
+                    );
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            Ok(ToMain::Signal(sig)) => {
-                notifier.send("STOPPING=1");
-                events.emit(
-                    Event::new(Kind::AgentStop, None, "pmguard-agent stopping.")
-                        .with("signal", sig.as_str()),
-                );
-                break;
+            self.revive_watch();
+            if self.on_schedule() {
+                self.report_alive();
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
         }
-        // Start the watch loop again if it died (a panic is a bug, but watching must go on).
-        if watch.join.is_finished() {
-            tracing::error!(message = "The watch loop stopped unexpectedly; starting it again.");
-            if let Ok(w) = start_watch(&shared, &config, &mut progress) {
-                *lock(&route) = w.tx.clone();
-                watch = w;
-            }
+    }
+
+    /// Starts the watch loop again if it died (a panic is a bug, but watching must go on).
+    fn revive_watch(&mut self) {
+        if !self.watch.join.is_finished() {
+            return;
         }
+        tracing::error!(message = "The watch loop stopped unexpectedly; starting it again.");
+        if let Ok(w) = start_watch(&self.shared, &self.config, &mut self.progress) {
+            *lock(&self.route) = w.tx.clone();
+            self.watch = w;
+        }
+    }
+
+    /// Whether every app kept its promise to report; a broken promise withholds the heartbeat
+    /// and the watchdog ping, so systemd restarts a wedged agent.
+    fn on_schedule(&mut self) -> bool {
         let now = clock::mono_now();
-        let all_checked = progress
-            .values()
-            .all(|p| p.checks.load(Ordering::Relaxed) > 0);
-        let wedged: Vec<&String> = progress
+        let wedged: Vec<&String> = self
+            .progress
             .iter()
             .filter(|(_, p)| {
                 let due = p.due.load(Ordering::Relaxed);
@@ -182,49 +259,49 @@ pub fn run(config: Config) -> Result<(), StartError> {
             })
             .map(|(n, _)| n)
             .collect();
-        if !wedged.is_empty() {
-            if !wedged_reported {
-                tracing::error!(message = "An app missed its schedule; withholding the heartbeat.", app = ?wedged);
-                wedged_reported = true;
-            }
-            continue;
+        if wedged.is_empty() {
+            self.wedged_reported = false;
+            return true;
         }
-        wedged_reported = false;
-        if all_checked {
-            // The heartbeat file is rewritten once per (shortest) check period, 1 s to 5 s: it is
-            // fresh for 3 periods, and rewriting it more often was most of the agent's own CPU.
-            if !ready || now.saturating_sub(last_beat) >= heartbeat_every(&config) {
-                write_heartbeat(&shared, &config);
-                last_beat = now;
-            }
-            if let Some(r) = &shared.recorder {
-                r.alive();
-            }
-            if !ready {
-                ready = true;
-                notifier.send("READY=1");
-                notifier.send(&format!("STATUS=Watching {} app(s).", progress.len()));
-            }
-            if let Some(every) = notifier.watchdog {
-                if now.saturating_sub(last_ping) >= every.as_millis() as u64 / 2 {
-                    notifier.send("WATCHDOG=1");
-                    last_ping = now;
-                }
+        if !self.wedged_reported {
+            tracing::error!(message = "An app missed its schedule; withholding the heartbeat.", app = ?wedged);
+            self.wedged_reported = true;
+        }
+        false
+    }
+
+    /// Once every app was checked: the heartbeat, READY=1 the first time, the watchdog ping.
+    fn report_alive(&mut self) {
+        let all_checked = self
+            .progress
+            .values()
+            .all(|p| p.checks.load(Ordering::Relaxed) > 0);
+        if !all_checked {
+            return;
+        }
+        let now = clock::mono_now();
+        // The heartbeat file is rewritten once per (shortest) check period, 1 s to 5 s: it is
+        // fresh for 3 periods, and rewriting it more often was most of the agent's own CPU.
+        if !self.ready || now.saturating_sub(self.last_beat) >= heartbeat_every(&self.config) {
+            write_heartbeat(&self.shared, &self.config);
+            self.last_beat = now;
+        }
+        if let Some(r) = &self.shared.recorder {
+            r.alive();
+        }
+        if !self.ready {
+            self.ready = true;
+            self.notifier.send("READY=1");
+            self.notifier
+                .send(&format!("STATUS=Watching {} app(s).", self.progress.len()));
+        }
+        if let Some(every) = self.notifier.watchdog {
+            if now.saturating_sub(self.last_ping) >= every.as_millis() as u64 / 2 {
+                self.notifier.send("WATCHDOG=1");
+                self.last_ping = now;
             }
         }
     }
-    watch.tx.send(ToWatch::Stop);
-    bus.stop();
-    // The loop lets a restart in flight finish (up to 3 s) and then ends.
-    let deadline = clock::mono_now() + 4_000;
-    while !watch.join.is_finished() && clock::mono_now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Last: the apps' final events and `agent_stop` go out (or to the spool) within 5 s.
-    if let Some(sink) = sink {
-        sink.stop();
-    }
-    Ok(())
 }
 
 fn heartbeat_every(config: &Config) -> u64 {
@@ -259,13 +336,15 @@ fn write_heartbeat(shared: &Shared, config: &Config) {
     }
 }
 
+/// Reads the config again. An invalid one is refused (an event says why) and the running one
+/// kept; a valid one's apps are added, changed and removed in the running loop.
 fn reload(
-    old: Config,
+    old: &Config,
     shared: &Arc<Shared>,
     watch: &WatchTx,
     progress: &mut BTreeMap<String, Arc<Progress>>,
     events: &EventLog,
-) -> Config {
+) -> Option<Config> {
     let new = match Config::load(&old.path) {
         Ok(c) => c,
         Err(e) => {
@@ -282,7 +361,7 @@ fn reload(
                 .with("problems", detail)
                 .with("path", old.path.display().to_string()),
             );
-            return old;
+            return None;
         }
     };
     if new.aws != old.aws {
@@ -291,6 +370,25 @@ fn reload(
     if new.agent != old.agent {
         tracing::warn!(message = "Changes to [agent] take effect at the next agent restart.", path = %old.path.display());
     }
+    let (changed, gone) = apply_apps(old, &new, shared, watch, progress);
+    events.emit(
+        Event::new(Kind::Reload, None, "Config reloaded.")
+            .with("changed", changed)
+            .with("removed", gone)
+            .with("path", old.path.display().to_string()),
+    );
+    Some(new)
+}
+
+/// Hands the watch loop every app that is new or changed in `new`, and removes the ones gone.
+/// Returns the names changed (or added) and removed.
+fn apply_apps(
+    old: &Config,
+    new: &Config,
+    shared: &Shared,
+    watch: &WatchTx,
+    progress: &mut BTreeMap<String, Arc<Progress>>,
+) -> (Vec<String>, Vec<String>) {
     let book = shared.state.read_restarts();
     let mut changed = Vec::new();
     for app in &new.apps {
@@ -320,13 +418,7 @@ fn reload(
         watch.send(ToWatch::Remove(name.clone()));
         lock(&shared.board).remove(name);
     }
-    events.emit(
-        Event::new(Kind::Reload, None, "Config reloaded.")
-            .with("changed", changed)
-            .with("removed", gone)
-            .with("path", old.path.display().to_string()),
-    );
-    new
+    (changed, gone)
 }
 
 /// Starts the watch loop with every app of `config`, each with a fresh `Progress`.
