@@ -219,7 +219,33 @@ pub fn decide(state: &mut AppState, policy: &Policy, verdict: &Verdict, now: Mon
     if !matches!(verdict, Verdict::Transitional(_)) {
         state.transitional_since = None;
     }
-    let (reason, culprits, daemon_down) = match verdict {
+    match failure_of(state, policy, verdict, now) {
+        Ok(failure) => count(state, policy, failure, now),
+        Err(decision) => decision,
+    }
+}
+
+/// A failed check, as `count` weighs it.
+struct Failure {
+    reason: String,
+    culprits: Vec<u32>,
+    daemon_down: bool,
+}
+
+/// The verdict as a failure to count, or the decision for a verdict that counts nothing
+/// (healthy, unknown to PM2, a stalled daemon, a transitional state still within the grace).
+fn failure_of(
+    state: &mut AppState,
+    policy: &Policy,
+    verdict: &Verdict,
+    now: Mono,
+) -> Result<Failure, Decision> {
+    let failure = |reason: String, culprits: Vec<u32>, daemon_down: bool| Failure {
+        reason,
+        culprits,
+        daemon_down,
+    };
+    match verdict {
         Verdict::Healthy => {
             state.failures = 0;
             state.grace_until = None;
@@ -230,71 +256,106 @@ pub fn decide(state: &mut AppState, policy: &Policy, verdict: &Verdict, now: Mon
                 state.retried = false;
             }
             state.health = Health::Healthy;
-            return Decision::Wait { why: None };
+            Err(Decision::Wait { why: None })
         }
         Verdict::Missing => {
             state.health = Health::Missing;
             state.healthy_since = None;
-            return wait("PM2 does not know this app");
+            Err(wait("PM2 does not know this app"))
         }
         Verdict::Pm2Unresponsive(e) => {
             // A stalled daemon is not a dead one: resurrecting it would re-read a stale dump,
             // and restarting through it is impossible. Count nothing, do nothing, say so.
             state.health = Health::Pm2Unresponsive;
             state.healthy_since = None;
-            return wait(format!("PM2 daemon not answering: {e}"));
+            Err(wait(format!("PM2 daemon not answering: {e}")))
         }
         Verdict::Transitional(status) => {
             let since = *state.transitional_since.get_or_insert(now);
-            if now.saturating_sub(since) < policy.startup_grace {
-                return wait(format!("PM2 reports `{status}`"));
+            let held = now.saturating_sub(since);
+            if held < policy.startup_grace {
+                return Err(wait(format!("PM2 reports `{status}`")));
             }
-            (
-                format!(
-                    "PM2 has reported `{status}` for {} ms",
-                    now.saturating_sub(since)
-                ),
-                Vec::new(),
-                false,
-            )
+            let reason = format!("PM2 has reported `{status}` for {held} ms");
+            Ok(failure(reason, Vec::new(), false))
         }
-        Verdict::DaemonDown(e) => (format!("PM2 daemon unreachable: {e}"), Vec::new(), true),
-        Verdict::Failed { reason, culprits } => (reason.clone(), culprits.clone(), false),
-    };
+        Verdict::DaemonDown(e) => Ok(failure(
+            format!("PM2 daemon unreachable: {e}"),
+            Vec::new(),
+            true,
+        )),
+        Verdict::Failed { reason, culprits } => {
+            Ok(failure(reason.clone(), culprits.clone(), false))
+        }
+    }
+}
+
+/// Counts a failure: nothing during the startup grace, a wait until `max_retries`, then a
+/// resurrect (daemon down) or a restart, unless the crash-loop pause or the cooldown holds it.
+fn count(state: &mut AppState, policy: &Policy, f: Failure, now: Mono) -> Decision {
     state.healthy_since = None;
     if state.grace_until.is_some_and(|g| now < g) {
         state.health = Health::Starting;
-        return wait(format!("startup grace: not counting {reason}"));
+        return wait(format!("startup grace: not counting {}", f.reason));
     }
     state.failures = state.failures.saturating_add(1);
-    state.health = if daemon_down {
+    state.health = if f.daemon_down {
         Health::Pm2Down
     } else {
         Health::Failing
     };
     if state.failures < policy.max_retries {
         return wait(format!(
-            "failure {}/{}: {reason}",
-            state.failures, policy.max_retries
+            "failure {}/{}: {}",
+            state.failures, policy.max_retries, f.reason
         ));
     }
-    if daemon_down {
+    if f.daemon_down {
         // The daemon is shared by every app: resurrect has its own cooldown, kept by the caller.
-        return Decision::Resurrect { reason };
+        return Decision::Resurrect { reason: f.reason };
     }
+    if let Some(held) = held_back(state, policy, now) {
+        return held;
+    }
+    if let Some(pause_ms) = crash_loop_pause(state, policy, now) {
+        return Decision::GiveUp {
+            restarts: state.restarts.len(),
+            pause_ms,
+            reason: f.reason,
+        };
+    }
+    if state.backoff.is_some() {
+        state.retried = true;
+    }
+    record_restart(state, policy, now);
+    Decision::Restart {
+        culprits: f.culprits,
+        reason: f.reason,
+    }
+}
+
+/// A restart held back by the crash-loop pause or the cooldown.
+fn held_back(state: &mut AppState, policy: &Policy, now: Mono) -> Option<Decision> {
     if let Some(hold) = state.hold_until {
         if now < hold {
             state.health = Health::CrashLoop;
-            return wait(format!("crash loop: paused for {} ms more", hold - now));
+            return Some(wait(format!(
+                "crash loop: paused for {} ms more",
+                hold - now
+            )));
         }
     }
-    if let Some(last) = state.last_restart() {
-        let since = now.saturating_sub(last);
-        if since < policy.restart_cooldown {
-            state.health = Health::CoolingDown;
-            return wait(format!("cooldown: {} ms since the last restart", since));
-        }
+    let since = now.saturating_sub(state.last_restart()?);
+    if since < policy.restart_cooldown {
+        state.health = Health::CoolingDown;
+        return Some(wait(format!("cooldown: {since} ms since the last restart")));
     }
+    None
+}
+
+/// Whether the restarts within the window make a crash loop; if so, the pause before the next
+/// try (doubling each time a try fails, up to `crashloop_backoff_max`), now in force.
+fn crash_loop_pause(state: &mut AppState, policy: &Policy, now: Mono) -> Option<u64> {
     while state
         .restarts
         .front()
@@ -306,26 +367,18 @@ pub fn decide(state: &mut AppState, policy: &Policy, verdict: &Verdict, now: Mon
         Some(_) => state.retried,
         None => state.restarts.len() >= policy.crashloop_restarts as usize,
     };
-    if looping {
-        let pause = match state.backoff {
-            Some(b) => b.saturating_mul(2).min(policy.crashloop_backoff_max),
-            None => policy.crashloop_backoff,
-        };
-        state.backoff = Some(pause);
-        state.hold_until = Some(now + pause);
-        state.retried = false;
-        state.health = Health::CrashLoop;
-        return Decision::GiveUp {
-            restarts: state.restarts.len(),
-            pause_ms: pause,
-            reason,
-        };
+    if !looping {
+        return None;
     }
-    if state.backoff.is_some() {
-        state.retried = true;
-    }
-    record_restart(state, policy, now);
-    Decision::Restart { culprits, reason }
+    let pause = match state.backoff {
+        Some(b) => b.saturating_mul(2).min(policy.crashloop_backoff_max),
+        None => policy.crashloop_backoff,
+    };
+    state.backoff = Some(pause);
+    state.hold_until = Some(now + pause);
+    state.retried = false;
+    state.health = Health::CrashLoop;
+    Some(pause)
 }
 
 /// Books a restart made at `now` (by this process or, read from disk, by another).
