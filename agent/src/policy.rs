@@ -126,7 +126,7 @@ impl From<&AppConfig> for Policy {
 }
 
 /// Where an app stands, as shown by `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     Starting,
@@ -140,6 +140,33 @@ pub enum Health {
     Pm2Unresponsive,
     /// A person stopped the app (`pm2 stop`, `pm2 kill`): left alone until it runs again.
     StoppedByPerson,
+    /// Read from a status file written by a newer agent with a state this one does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Health {
+    /// The word `status`, events and `status.json` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Failing => "failing",
+            Health::CoolingDown => "cooling_down",
+            Health::CrashLoop => "crash_loop",
+            Health::Missing => "missing",
+            Health::Pm2Down => "pm2_down",
+            Health::Pm2Unresponsive => "pm2_unresponsive",
+            Health::StoppedByPerson => "stopped_by_person",
+            Health::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The memory of one app across checks. Plain data: persisted parts are in `restarts`/`backoff`.

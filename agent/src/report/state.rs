@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock;
 use crate::clock::Mono;
-use crate::policy::AppState;
+use crate::policy::{AppState, Health};
 use crate::sys::files::{self, Lock, LockError};
 
 pub const STATUS_FILE: &str = "status.json";
@@ -185,7 +185,7 @@ pub struct InstanceStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppStatus {
     pub name: String,
-    pub health: String,
+    pub health: Health,
     pub failures: u32,
     pub max_retries: u32,
     /// Checks made since the agent (or this app's watcher) started.

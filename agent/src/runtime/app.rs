@@ -368,10 +368,10 @@ impl App {
         let mut e = Event::new(
             Kind::StateChange,
             Some(&self.cfg.name),
-            format!("App is now {}.", health_word(self.state.health)),
+            format!("App is now {}.", self.state.health.as_str()),
         )
-        .with("from", health_word(before))
-        .with("to", health_word(self.state.health));
+        .with("from", before.as_str())
+        .with("to", self.state.health.as_str());
         if let Some(n) = &self.note {
             e = e.with("reason", n.as_str());
         }
@@ -537,7 +537,7 @@ impl App {
             .entry(self.cfg.name.clone())
             .or_insert_with(|| AppStatus {
                 name: self.cfg.name.clone(),
-                health: String::new(),
+                health: Health::Starting,
                 failures: 0,
                 max_retries: 0,
                 checks: 0,
@@ -547,10 +547,7 @@ impl App {
                 probes: VecDeque::new(),
                 restarts: VecDeque::new(),
             });
-        let health = health_word(self.state.health);
-        if entry.health != health {
-            entry.health = health.to_string();
-        }
+        entry.health = self.state.health;
         entry.failures = self.state.failures;
         entry.max_retries = self.cfg.max_retries;
         entry.checks = self.checks;
@@ -770,20 +767,6 @@ fn report_outcome(
         ),
     };
     shared.emit(e.with("duration_ms", elapsed));
-}
-
-fn health_word(h: Health) -> &'static str {
-    match h {
-        Health::Starting => "starting",
-        Health::Healthy => "healthy",
-        Health::Failing => "failing",
-        Health::CoolingDown => "cooling_down",
-        Health::CrashLoop => "crash_loop",
-        Health::Missing => "missing",
-        Health::Pm2Down => "pm2_down",
-        Health::Pm2Unresponsive => "pm2_unresponsive",
-        Health::StoppedByPerson => "stopped_by_person",
-    }
 }
 
 fn verdict_line(v: &Verdict) -> String {

@@ -27,75 +27,136 @@ pub enum Outcome {
     Checked { acted: Vec<String> },
 }
 
-pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
+/// Why the backup check could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("event file in {path}: {source}")]
+    Events {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pm2(#[from] crate::pm2::Pm2Error),
+}
+
+/// What the daemon's status file says.
+enum Report {
+    /// The daemon is alive and has nothing for the backup check to do.
+    Alive(Outcome),
+    /// The daemon is alive but reports the PM2 daemon down (it cannot resurrect from inside
+    /// systemd's sandbox); the app that saw it.
+    Pm2Down(String),
+    /// No fresh heartbeat: the daemon is not watching.
+    Silent,
+}
+
+pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, CheckError> {
     let state = StateDir::new(&config.agent.state_dir);
-    let mut pm2_down = None;
-    if let Ok(Some(status)) = state.read_status() {
-        if status.is_fresh() {
-            let age_ms = status.age_ms().unwrap_or(0);
-            // The daemon may run sandboxed (systemd), where it cannot bring PM2 back itself:
-            // that one job is the backup check's even while the daemon lives.
-            match status.apps.iter().find(|a| a.health == "pm2_down") {
-                None => {
-                    let _ = writeln!(
-                        out,
-                        "pmguard-agent (pid {}) is alive: heartbeat {} ms old. Nothing to do.",
-                        status.pid, age_ms
-                    );
-                    return Ok(Outcome::AgentAlive { age_ms });
-                }
-                Some(a) => pm2_down = Some(a.name.clone()),
-            }
-        }
-    }
-    state
-        .create()
-        .map_err(|e| format!("state directory {}: {e}", state.dir.display()))?;
-    let events = Arc::new(
-        EventLog::open(&state.dir, config.agent.events_max_bytes)
-            .map_err(|e| format!("event file in {}: {e}", state.dir.display()))?,
-    );
-    let paths = Pm2Paths::resolve(config.agent.pm2_home.as_deref()).map_err(|e| e.to_string())?;
-    let shared = Shared::new(
-        config.agent.clone(),
-        Arc::new(Client::new(paths)),
-        events.clone(),
-    );
+    let pm2_down = match agent_report(&state, out) {
+        Report::Alive(outcome) => return Ok(outcome),
+        Report::Pm2Down(app) => Some(app),
+        Report::Silent => None,
+    };
+    let shared = open_shared(config, &state)?;
     if let Some(app) = pm2_down {
-        let cooldown = config
-            .app(&app)
-            .map_or(60_000, |a| a.restart_cooldown.as_millis() as u64);
-        let ran = crate::runtime::resurrect::resurrect_pm2(
-            &shared,
-            &app,
-            "reported by the running agent",
-            cooldown,
-        );
-        let _ = writeln!(
-            out,
-            "pmguard-agent is alive but reports the PM2 daemon down: {}",
-            if ran {
-                "ran `pm2 resurrect`."
-            } else {
-                "not resurrected: PM2 answers again, was resurrected within the cooldown, or was stopped on purpose (events.jsonl says which)."
-            }
-        );
-        return Ok(Outcome::Checked {
-            acted: if ran { vec![app] } else { Vec::new() },
-        });
+        return Ok(resurrect_for_agent(config, &shared, app, out));
     }
-    events.emit(Event::new(
+    shared.emit(Event::new(
         Kind::Check,
         None,
         "Backup check: the agent's heartbeat is missing or stale; checking every app.",
     ));
+    Ok(check_every_app(config, &shared, &state, out))
+}
+
+fn agent_report(state: &StateDir, out: &mut dyn Write) -> Report {
+    let Ok(Some(status)) = state.read_status() else {
+        return Report::Silent;
+    };
+    if !status.is_fresh() {
+        return Report::Silent;
+    }
+    let age_ms = status.age_ms().unwrap_or(0);
+    // The daemon may run sandboxed (systemd), where it cannot bring PM2 back itself: that one
+    // job is the backup check's even while the daemon lives.
+    match status.apps.iter().find(|a| a.health == Health::Pm2Down) {
+        None => {
+            let _ = writeln!(
+                out,
+                "pmguard-agent (pid {}) is alive: heartbeat {} ms old. Nothing to do.",
+                status.pid, age_ms
+            );
+            Report::Alive(Outcome::AgentAlive { age_ms })
+        }
+        Some(a) => Report::Pm2Down(a.name.clone()),
+    }
+}
+
+fn open_shared(config: &Config, state: &StateDir) -> Result<Shared, CheckError> {
+    let path = state.dir.display().to_string();
+    state.create().map_err(|source| CheckError::StateDir {
+        path: path.clone(),
+        source,
+    })?;
+    let events = Arc::new(
+        EventLog::open(&state.dir, config.agent.events_max_bytes)
+            .map_err(|source| CheckError::Events { path, source })?,
+    );
+    let paths = Pm2Paths::resolve(config.agent.pm2_home.as_deref())?;
+    Ok(Shared::new(
+        config.agent.clone(),
+        Arc::new(Client::new(paths)),
+        events,
+    ))
+}
+
+fn resurrect_for_agent(
+    config: &Config,
+    shared: &Shared,
+    app: String,
+    out: &mut dyn Write,
+) -> Outcome {
+    let cooldown = config
+        .app(&app)
+        .map_or(60_000, |a| a.restart_cooldown.as_millis() as u64);
+    let ran = crate::runtime::resurrect::resurrect_pm2(
+        shared,
+        &app,
+        "reported by the running agent",
+        cooldown,
+    );
+    let _ = writeln!(
+        out,
+        "pmguard-agent is alive but reports the PM2 daemon down: {}",
+        if ran {
+            "ran `pm2 resurrect`."
+        } else {
+            "not resurrected: PM2 answers again, was resurrected within the cooldown, or was stopped on purpose (events.jsonl says which)."
+        }
+    );
+    Outcome::Checked {
+        acted: if ran { vec![app] } else { Vec::new() },
+    }
+}
+
+/// Every app checked at once, each on its own thread, then a line per app.
+fn check_every_app(
+    config: &Config,
+    shared: &Shared,
+    state: &StateDir,
+    out: &mut dyn Write,
+) -> Outcome {
     let book = state.read_restarts();
     let results: Vec<(String, bool, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = config
             .apps
             .iter()
             .map(|cfg| {
-                let shared = &shared;
                 let persisted = book.apps.get(&cfg.name).cloned();
                 scope.spawn(move || check_app(shared, cfg.clone(), persisted))
             })
@@ -116,7 +177,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, String> {
             acted.push(name);
         }
     }
-    Ok(Outcome::Checked { acted })
+    Outcome::Checked { acted }
 }
 
 fn check_app(
