@@ -173,62 +173,79 @@ impl Loop {
                 }
             }
             let now = clock::mono_now();
-            if let Some(deadline) = stopping {
-                if now >= deadline || self.slots.values().all(|s| s.app.is_some()) {
-                    return;
-                }
-            } else {
-                let due: Vec<String> = self
-                    .slots
-                    .iter()
-                    .filter(|(_, s)| s.app.is_some() && s.running.is_none() && s.next <= now)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for name in due {
-                    self.begin(&name);
-                }
-            }
-            // One poll for the wake-up fd and every probe in flight, until the next event.
-            polled.clear();
-            let now = clock::mono_now();
-            let instant = Instant::now();
-            let mut wait_ms = stopping.map_or(1_000, |d| d.saturating_sub(now).max(1));
-            let mut fds = vec![PollFd::from_borrowed_fd(self.tx.waker.fd(), PollFlags::IN)];
-            for (name, s) in &self.slots {
-                if let Some(r) = &s.running {
-                    fds.push(PollFd::from_borrowed_fd(r.probe.fd(), r.probe.events()));
-                    polled.push(name.clone());
-                    let left = r.probe.deadline().saturating_duration_since(instant);
-                    wait_ms = wait_ms.min(left.as_micros().div_ceil(1000) as u64);
-                } else if s.app.is_some() && stopping.is_none() {
-                    wait_ms = wait_ms.min(s.next.saturating_sub(now));
-                }
-            }
-            // EINTR or an error: every probe is looked at again against its deadline.
-            let n = poll(&mut fds, Some(&timespec(Duration::from_millis(wait_ms)))).unwrap_or(0);
-            let woke = n > 0 && !fds[0].revents().is_empty();
-            ready.clear();
-            ready.extend(fds[1..].iter().map(|f| n > 0 && !f.revents().is_empty()));
-            drop(fds);
-            if woke {
-                self.tx.waker.drain();
-            }
-            let instant = Instant::now();
-            for (i, name) in polled.iter().enumerate() {
-                let ready = ready[i];
-                let Some(s) = self.slots.get_mut(name) else {
-                    continue;
-                };
-                let (Some(app), Some(r)) = (s.app.as_mut(), s.running.as_mut()) else {
-                    continue;
-                };
-                if !ready && instant < r.probe.deadline() {
-                    continue;
-                }
-                if let Some(result) = app.advance_probe(&mut r.probe) {
-                    if let Some(r) = s.running.take() {
-                        self.finish(name, r.seen, Some(result));
+            match stopping {
+                Some(deadline) => {
+                    if now >= deadline || self.slots.values().all(|s| s.app.is_some()) {
+                        return;
                     }
+                }
+                None => self.begin_due(now),
+            }
+            self.wait(stopping, &mut polled, &mut ready);
+            self.advance(&polled, &ready);
+        }
+    }
+
+    /// Starts the check of every app whose time has come and that no action holds.
+    fn begin_due(&mut self, now: Mono) {
+        let due: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.app.is_some() && s.running.is_none() && s.next <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.begin(&name);
+        }
+    }
+
+    /// One poll for the wake-up fd and every probe in flight, until the next event: a probe's
+    /// socket, a probe's deadline, an app's next check, or a message. Fills `polled` with the
+    /// apps whose probes were polled and `ready` with whether each socket is ready.
+    fn wait(&mut self, stopping: Option<Mono>, polled: &mut Vec<String>, ready: &mut Vec<bool>) {
+        polled.clear();
+        let now = clock::mono_now();
+        let instant = Instant::now();
+        let mut wait_ms = stopping.map_or(1_000, |d| d.saturating_sub(now).max(1));
+        let mut fds = vec![PollFd::from_borrowed_fd(self.tx.waker.fd(), PollFlags::IN)];
+        for (name, s) in &self.slots {
+            if let Some(r) = &s.running {
+                fds.push(PollFd::from_borrowed_fd(r.probe.fd(), r.probe.events()));
+                polled.push(name.clone());
+                let left = r.probe.deadline().saturating_duration_since(instant);
+                wait_ms = wait_ms.min(left.as_micros().div_ceil(1000) as u64);
+            } else if s.app.is_some() && stopping.is_none() {
+                wait_ms = wait_ms.min(s.next.saturating_sub(now));
+            }
+        }
+        // EINTR or an error: every probe is looked at again against its deadline.
+        let n = poll(&mut fds, Some(&timespec(Duration::from_millis(wait_ms)))).unwrap_or(0);
+        let woke = n > 0 && !fds[0].revents().is_empty();
+        ready.clear();
+        ready.extend(fds[1..].iter().map(|f| n > 0 && !f.revents().is_empty()));
+        drop(fds);
+        if woke {
+            self.tx.waker.drain();
+        }
+    }
+
+    /// Moves every probe whose socket is ready or whose deadline passed; a finished probe
+    /// finishes its check.
+    fn advance(&mut self, polled: &[String], ready: &[bool]) {
+        let instant = Instant::now();
+        for (name, &ready) in polled.iter().zip(ready) {
+            let Some(s) = self.slots.get_mut(name) else {
+                continue;
+            };
+            let (Some(app), Some(r)) = (s.app.as_mut(), s.running.as_mut()) else {
+                continue;
+            };
+            if !ready && instant < r.probe.deadline() {
+                continue;
+            }
+            if let Some(result) = app.advance_probe(&mut r.probe) {
+                if let Some(r) = s.running.take() {
+                    self.finish(name, r.seen, Some(result));
                 }
             }
         }
@@ -242,18 +259,7 @@ impl Loop {
                 persisted,
                 progress,
             } => self.add(*cfg, persisted, progress, now),
-            ToWatch::Config(cfg) => {
-                if let Some(s) = self.slots.get_mut(&cfg.name) {
-                    s.cfg = (*cfg).clone();
-                    match s.app.as_mut() {
-                        Some(app) if s.running.is_none() => {
-                            app.reconfigure(*cfg);
-                            s.next = s.next.min(now + app.period().as_millis() as u64);
-                        }
-                        _ => s.pending_cfg = Some(*cfg),
-                    }
-                }
-            }
+            ToWatch::Config(cfg) => self.reconfigure(*cfg, now),
             ToWatch::Remove(name) => {
                 if let Some(s) = self.slots.get_mut(&name) {
                     if s.app.is_some() {
@@ -263,27 +269,7 @@ impl Loop {
                     }
                 }
             }
-            ToWatch::Bus(ev) => {
-                let Some(s) = self.slots.get_mut(&ev.name) else {
-                    return;
-                };
-                // While an action thread has the app, PM2's events are the action's own doing
-                // (the restart it asked for) and are already accounted for.
-                if s.app.is_none() {
-                    return;
-                }
-                on_bus(&self.shared, &ev);
-                // A person stopped it (`pm2 stop`, `pm2 kill`): not pmguard's to start again.
-                if ev.manually && ev.event == "stop" {
-                    if let Some(app) = s.app.as_mut() {
-                        app.stopped_by_person();
-                    }
-                }
-                // Look now rather than at the next period: PM2 just told us something changed.
-                if s.running.is_none() && matches!(ev.event.as_str(), "exit" | "stop" | "delete") {
-                    s.next = s.next.min(now + 200);
-                }
-            }
+            ToWatch::Bus(ev) => self.bus_event(&ev, now),
             ToWatch::Done(app) => {
                 let name = app.name().to_string();
                 // Only into the slot it left (a reload may have replaced the app meanwhile).
@@ -296,24 +282,64 @@ impl Loop {
                     self.schedule(&name);
                 }
             }
-            ToWatch::Lost(name) => {
-                if let Some(s) = self.slots.get_mut(&name).filter(|s| s.app.is_none()) {
-                    if s.removed {
-                        self.forget(&name);
-                        return;
-                    }
-                    tracing::error!(message = "An action stopped unexpectedly; watching the app again.", app = %name);
-                    let book = self.shared.state.read_restarts();
-                    let mut app = App::new(s.cfg.clone(), now, book.apps.get(&name));
-                    app.progress = Some(s.progress.clone());
-                    s.app = Some(Box::new(app));
-                    s.pending_cfg = None;
-                    s.next = now;
-                    s.progress.due.store(now + IDLE_SLACK_MS, Ordering::Relaxed);
-                }
-            }
+            ToWatch::Lost(name) => self.lost(&name, now),
             ToWatch::Stop => {}
         }
+    }
+
+    /// A changed app: at once when idle, else when its action hands it back.
+    fn reconfigure(&mut self, cfg: AppConfig, now: Mono) {
+        if let Some(s) = self.slots.get_mut(&cfg.name) {
+            s.cfg = cfg.clone();
+            match s.app.as_mut() {
+                Some(app) if s.running.is_none() => {
+                    app.reconfigure(cfg);
+                    s.next = s.next.min(now + app.period().as_millis() as u64);
+                }
+                _ => s.pending_cfg = Some(cfg),
+            }
+        }
+    }
+
+    fn bus_event(&mut self, ev: &BusEvent, now: Mono) {
+        let Some(s) = self.slots.get_mut(&ev.name) else {
+            return;
+        };
+        // While an action thread has the app, PM2's events are the action's own doing (the
+        // restart it asked for) and are already accounted for.
+        if s.app.is_none() {
+            return;
+        }
+        on_bus(&self.shared, ev);
+        // A person stopped it (`pm2 stop`, `pm2 kill`): not pmguard's to start again.
+        if ev.manually && ev.event == "stop" {
+            if let Some(app) = s.app.as_mut() {
+                app.stopped_by_person();
+            }
+        }
+        // Look now rather than at the next period: PM2 just told us something changed.
+        if s.running.is_none() && matches!(ev.event.as_str(), "exit" | "stop" | "delete") {
+            s.next = s.next.min(now + 200);
+        }
+    }
+
+    /// An action thread died without handing its app back: watch the app afresh.
+    fn lost(&mut self, name: &str, now: Mono) {
+        let Some(s) = self.slots.get_mut(name).filter(|s| s.app.is_none()) else {
+            return;
+        };
+        if s.removed {
+            self.forget(name);
+            return;
+        }
+        tracing::error!(message = "An action stopped unexpectedly; watching the app again.", app = %name);
+        let book = self.shared.state.read_restarts();
+        let mut app = App::new(s.cfg.clone(), now, book.apps.get(name));
+        app.progress = Some(s.progress.clone());
+        s.app = Some(Box::new(app));
+        s.pending_cfg = None;
+        s.next = now;
+        s.progress.due.store(now + IDLE_SLACK_MS, Ordering::Relaxed);
     }
 
     /// Drops an app removed from the config while an action had it, and the board line its
