@@ -468,7 +468,7 @@ fn heartbeat(config: &Config) -> Check {
             format!("systemctl restart {} (and journalctl -u {} for why it stopped)", render::UNIT_NAME, render::UNIT_NAME),
         ),
         Ok(None) => fail("agent alive", format!("no heartbeat in {}", dir.display()), format!("start the agent: systemctl enable --now {}", render::UNIT_NAME)),
-        Err(e) => fail("agent alive", e, "check the state directory's permissions"),
+        Err(e) => fail("agent alive", e.to_string(), "check the state directory's permissions"),
     }
 }
 

@@ -77,8 +77,8 @@ fn socket_override(var: &str) -> Result<Option<PathBuf>, Pm2Error> {
 /// Home directory of the running uid, from the passwd database.
 fn user_home() -> Result<PathBuf, Pm2Error> {
     let uid = crate::sys::privilege::uid();
-    let user = crate::sys::privilege::lookup(uid).map_err(|detail| Pm2Error::Home {
-        detail: format!("{detail}; set pm2_home"),
+    let user = crate::sys::privilege::lookup(uid).map_err(|e| Pm2Error::Home {
+        detail: format!("{e}; set pm2_home"),
     })?;
     if user.home.is_empty() {
         return Err(Pm2Error::Home {

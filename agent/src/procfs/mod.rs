@@ -26,22 +26,29 @@ pub struct StatSample {
     pub ppid: u32,
 }
 
+/// A `/proc/<pid>/stat` line that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected /proc stat line: {0}")]
+pub struct StatError(String);
+
 /// Parses a stat line. The command name may hold spaces and parentheses; it ends at the last `)`.
-pub fn parse_stat(text: &str) -> Result<StatSample, String> {
-    let close = text.rfind(')').ok_or("no `)` after the command name")?;
+pub fn parse_stat(text: &str) -> Result<StatSample, StatError> {
+    let close = text
+        .rfind(')')
+        .ok_or(StatError("no `)` after the command name".into()))?;
     let fields: Vec<&str> = text[close + 1..].split_ascii_whitespace().collect();
     // fields[0] is field 3 (state); utime is field 14, stime 15, starttime 22.
-    let get = |n: usize| -> Result<u64, String> {
+    let get = |n: usize| -> Result<u64, StatError> {
         fields
             .get(n - 3)
-            .ok_or_else(|| format!("field {n} missing"))?
+            .ok_or_else(|| StatError(format!("field {n} missing")))?
             .parse::<u64>()
-            .map_err(|_| format!("field {n} is not a number"))
+            .map_err(|_| StatError(format!("field {n} is not a number")))
     };
     let state = fields
         .first()
         .and_then(|s| s.chars().next())
-        .ok_or("no state field")?;
+        .ok_or(StatError("no state field".into()))?;
     Ok(StatSample {
         state,
         cpu_ticks: get(14)? + get(15)?,
@@ -105,7 +112,7 @@ impl ProcWatch {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
         let text = std::str::from_utf8(&buf[..n]).map_err(|_| invalid("stat is not UTF-8"))?;
-        parse_stat(text).map_err(invalid)
+        parse_stat(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
 

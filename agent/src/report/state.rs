@@ -141,16 +141,40 @@ impl StateDir {
         files::write_atomic(&self.path(STATUS_FILE), data, 0o640, false)
     }
 
-    pub fn read_status(&self) -> Result<Option<StatusFile>, String> {
+    pub fn read_status(&self) -> Result<Option<StatusFile>, StatusReadError> {
         let path = self.path(STATUS_FILE);
+        let shown = || path.display().to_string();
         match files::read_optional(&path) {
             Ok(None) => Ok(None),
-            Ok(Some(b)) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Ok(Some(b)) => {
+                serde_json::from_slice(&b)
+                    .map(Some)
+                    .map_err(|source| StatusReadError::Json {
+                        path: shown(),
+                        source,
+                    })
+            }
+            Err(source) => Err(StatusReadError::Io {
+                path: shown(),
+                source,
+            }),
         }
     }
+}
+
+/// Why `status.json` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusReadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
 }
 
 /// One probe in the response-time history.

@@ -5,10 +5,14 @@ use std::io::Write;
 use serde_json::json;
 
 use crate::clock;
-use crate::report::state::{StateDir, StatusFile};
+use crate::report::state::{AppStatus, StateDir, StatusFile, StatusReadError};
 
 /// Prints the status. Returns false when there is no fresh heartbeat.
-pub fn print(state: &StateDir, as_json: bool, out: &mut dyn Write) -> Result<bool, String> {
+pub fn print(
+    state: &StateDir,
+    as_json: bool,
+    out: &mut dyn Write,
+) -> Result<bool, StatusReadError> {
     let Some(status) = state.read_status()? else {
         if as_json {
             let _ = writeln!(out, "{}", json!({"running": false, "apps": []}));
@@ -23,7 +27,10 @@ pub fn print(state: &StateDir, as_json: bool, out: &mut dyn Write) -> Result<boo
     };
     let fresh = status.is_fresh();
     if as_json {
-        let mut v = serde_json::to_value(&status).map_err(|e| e.to_string())?;
+        let mut v = serde_json::to_value(&status).map_err(|source| StatusReadError::Json {
+            path: state.dir.display().to_string(),
+            source,
+        })?;
         v["fresh"] = json!(fresh);
         v["age_ms"] = json!(status.age_ms());
         let _ = writeln!(
@@ -59,65 +66,69 @@ fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
         "APP", "HEALTH", "FAILURES", "PM2", "LAST PROBE"
     );
     for a in &s.apps {
-        let pm2 = if a.instances.is_empty() {
-            "-".to_string()
-        } else {
-            a.instances
-                .iter()
-                .map(|i| format!("{}:{}", i.pid, short(&i.status)))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let last = a.probes.back().map_or("-".to_string(), |p| {
-            format!("{} {} ms", if p.ok { "ok" } else { "FAIL" }, p.latency_ms)
-        });
-        let mut lat: Vec<u64> = a.probes.iter().map(|p| p.latency_ms).collect();
-        lat.sort_unstable();
-        let stats = if lat.is_empty() {
-            "-".to_string()
-        } else {
-            format!("{}/{}", lat[lat.len() / 2], lat[lat.len() - 1])
-        };
+        render_app(a, out);
+    }
+}
+
+/// One app: its line in the table, then its note, probe history and last restarts.
+fn render_app(a: &AppStatus, out: &mut dyn Write) {
+    let pm2 = if a.instances.is_empty() {
+        "-".to_string()
+    } else {
+        a.instances
+            .iter()
+            .map(|i| format!("{}:{}", i.pid, short(&i.status)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let last = a.probes.back().map_or("-".to_string(), |p| {
+        format!("{} {} ms", if p.ok { "ok" } else { "FAIL" }, p.latency_ms)
+    });
+    let mut lat: Vec<u64> = a.probes.iter().map(|p| p.latency_ms).collect();
+    lat.sort_unstable();
+    let stats = match (lat.get(lat.len() / 2), lat.last()) {
+        (Some(mid), Some(max)) => format!("{mid}/{max}"),
+        _ => "-".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "{:<20} {:<13} {:<9} {:<18} {:<28} {}",
+        a.name,
+        a.health,
+        format!("{}/{}", a.failures, a.max_retries),
+        pm2,
+        last,
+        stats
+    );
+    if let Some(n) = &a.note {
+        let _ = writeln!(out, "    note: {n}");
+    }
+    let _ = writeln!(out, "    checks since the agent started: {}", a.checks);
+    if !a.probes.is_empty() {
+        let hist: Vec<String> = a
+            .probes
+            .iter()
+            .map(|p| {
+                if p.ok {
+                    p.latency_ms.to_string()
+                } else {
+                    "x".into()
+                }
+            })
+            .collect();
         let _ = writeln!(
             out,
-            "{:<20} {:<13} {:<9} {:<18} {:<28} {}",
-            a.name,
-            a.health,
-            format!("{}/{}", a.failures, a.max_retries),
-            pm2,
-            last,
-            stats
+            "    response times, oldest first (x = failed): {}",
+            hist.join(" ")
         );
-        if let Some(n) = &a.note {
-            let _ = writeln!(out, "    note: {n}");
-        }
-        let _ = writeln!(out, "    checks since the agent started: {}", a.checks);
-        if !a.probes.is_empty() {
-            let hist: Vec<String> = a
-                .probes
-                .iter()
-                .map(|p| {
-                    if p.ok {
-                        p.latency_ms.to_string()
-                    } else {
-                        "x".into()
-                    }
-                })
-                .collect();
-            let _ = writeln!(
-                out,
-                "    response times, oldest first (x = failed): {}",
-                hist.join(" ")
-            );
-        }
-        for r in a.restarts.iter().rev().take(5) {
-            let _ = writeln!(
-                out,
-                "    restarted {}: {}",
-                clock::rfc3339(r.ts_ms),
-                r.reason
-            );
-        }
+    }
+    for r in a.restarts.iter().rev().take(5) {
+        let _ = writeln!(
+            out,
+            "    restarted {}: {}",
+            clock::rfc3339(r.ts_ms),
+            r.reason
+        );
     }
 }
 

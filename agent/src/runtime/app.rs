@@ -29,7 +29,7 @@ use crate::report::state::{
 use crate::sync::lock;
 use crate::sys::files::{Lock, LockError};
 
-use super::restart::{restart_instances, Restarted, Targets};
+use super::restart::{restart_instances, RestartError, Restarted, Targets};
 use super::resurrect::resurrect_pm2;
 use super::shared::{Progress, Shared};
 
@@ -690,7 +690,7 @@ impl App {
 
     /// After PM2 is done: a fresh grace (from now, not from when it was asked), fresh CPU
     /// trackers (the pids are new), and the restart in the history `status` shows.
-    fn settle(&mut self, reason: &str, outcome: &Result<Vec<Restarted>, String>) {
+    fn settle(&mut self, reason: &str, outcome: &Result<Vec<Restarted>, RestartError>) {
         self.state.grace_until = Some(clock::mono_now() + self.policy.startup_grace);
         self.trackers.clear();
         self.restarts_shown.push_back(RestartRecord {
@@ -734,7 +734,7 @@ impl App {
 fn report_outcome(
     shared: &Shared,
     name: &str,
-    outcome: &Result<Vec<Restarted>, String>,
+    outcome: &Result<Vec<Restarted>, RestartError>,
     elapsed: u64,
 ) {
     let e = match outcome {

@@ -14,7 +14,21 @@ use crate::procfs::{self, ProcWatch};
 use crate::report::events::{Event, Kind};
 use crate::sys::pidfd::Pidfd;
 
-use super::shared::{Progress, Shared};
+use super::shared::{Pm2Failure, Progress, Shared};
+
+/// Why a restart did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    /// PM2 gave no process list.
+    #[error("{0}")]
+    Pm2(#[from] Pm2Failure),
+    #[error("PM2 no longer lists the app")]
+    Unlisted,
+    #[error("pm_id {0} is no longer listed")]
+    InstanceUnlisted(u32),
+    #[error("pm_id {pm_id}: {source}")]
+    Instance { pm_id: u32, source: Pm2Error },
+}
 
 /// One instance restarted.
 #[derive(Debug, Clone)]
@@ -53,8 +67,8 @@ pub fn restart_instances(
     name: &str,
     t: &Targets<'_>,
     progress: Option<&Progress>,
-) -> Result<Vec<Restarted>, String> {
-    let snap = shared.snapshot(0).map_err(|f| f.message)?;
+) -> Result<Vec<Restarted>, RestartError> {
+    let snap = shared.snapshot(0).map_err(RestartError::from)?;
     let targets: Vec<ProcessEntry> = snap
         .by_name(name)
         .into_iter()
@@ -62,7 +76,7 @@ pub fn restart_instances(
         .cloned()
         .collect();
     if targets.is_empty() {
-        return Err("PM2 no longer lists the app".into());
+        return Err(RestartError::Unlisted);
     }
     let signaller = Signaller::new(shared);
     let mut done = Vec::new();
@@ -93,7 +107,7 @@ pub fn restart_instances(
         let _ = shared
             .client
             .notify_restart(e.pm_id, Duration::from_secs(1));
-        let after = shared.snapshot(0).map_err(|f| f.message)?;
+        let after = shared.snapshot(0).map_err(RestartError::from)?;
         let new_pid = after
             .by_name(name)
             .into_iter()
@@ -149,13 +163,13 @@ fn restart_killed(
     e: &ProcessEntry,
     generation: u64,
     deadline: Duration,
-) -> Result<(), String> {
+) -> Result<(), RestartError> {
     // Up and new: PM2 (or anyone) started it again.
-    let replaced = |generation: &mut u64| -> Result<bool, String> {
-        let s = shared.snapshot(0).map_err(|f| f.message)?;
+    let replaced = |generation: &mut u64| -> Result<bool, RestartError> {
+        let s = shared.snapshot(0).map_err(RestartError::from)?;
         *generation = s.generation;
         match s.by_name(name).into_iter().find(|x| x.pm_id == e.pm_id) {
-            None => Err(format!("pm_id {} is no longer listed", e.pm_id)),
+            None => Err(RestartError::InstanceUnlisted(e.pm_id)),
             Some(x) => Ok(x.status == crate::pm2::Status::Online && x.pid != e.pid && x.pid > 0),
         }
     };
@@ -178,13 +192,19 @@ fn restart_killed(
         .or_else(|err| match err {
             // The pm_ids were read on an older connection: read them again, once.
             Pm2Error::Reconnected { .. } => {
-                let s = shared.snapshot(0).map_err(|f| f.message)?;
+                let s = shared.snapshot(0).map_err(RestartError::from)?;
                 shared
                     .client
                     .restart(e.pm_id, s.generation, deadline)
-                    .map_err(|e2| format!("pm_id {}: {e2}", e.pm_id))
+                    .map_err(|source| RestartError::Instance {
+                        pm_id: e.pm_id,
+                        source,
+                    })
             }
-            other => Err(format!("pm_id {}: {other}", e.pm_id)),
+            source => Err(RestartError::Instance {
+                pm_id: e.pm_id,
+                source,
+            }),
         });
     match asked {
         Ok(()) => Ok(()),
@@ -205,7 +225,7 @@ fn graceful_restart(
     old: Option<&Pidfd>,
     generation: u64,
     deadline: Duration,
-) -> Result<bool, String> {
+) -> Result<bool, RestartError> {
     let first = shared.client.restart(e.pm_id, generation, deadline);
     let survivor = old.is_some_and(|p| p.alive());
     if first.is_ok() && !survivor {
@@ -226,7 +246,7 @@ fn graceful_restart(
         let _ = sigkill(shared, name, e, p, why);
     }
     // Start it again on a fresh view (the daemon may have reconnected or renumbered).
-    let again = shared.snapshot(0).map_err(|f| f.message)?;
+    let again = shared.snapshot(0).map_err(RestartError::from)?;
     let still = again
         .by_name(name)
         .into_iter()
@@ -238,7 +258,10 @@ fn graceful_restart(
     if needs {
         if let Err(err) = shared.client.restart(e.pm_id, again.generation, deadline) {
             if !escalated || matches!(err, Pm2Error::DaemonDown { .. }) {
-                return Err(format!("pm_id {}: {}", e.pm_id, err));
+                return Err(RestartError::Instance {
+                    pm_id: e.pm_id,
+                    source: err,
+                });
             }
         }
     }

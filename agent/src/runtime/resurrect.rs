@@ -136,7 +136,7 @@ fn book_resurrect(shared: &Shared, app: &str, cooldown_ms: u64) -> Option<Lock> 
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
     #[error("{0}; not resurrecting.")]
-    Home(String),
+    Home(#[from] crate::sys::privilege::PrivilegeError),
     #[error("PM2_HOME {home} belongs to uid {owner} and this process runs as uid {me}; not starting PM2 as another user. Run the check as PM2's user (`sudo -u <user> pmguard-agent check --once`).")]
     NotOwner { home: String, owner: u32, me: u32 },
 }
@@ -144,7 +144,7 @@ enum Refusal {
 /// PM2 and its apps may only ever be started as PM2_HOME's owner: `pm2 resurrect` run as root
 /// against another user's home starts a root daemon and the user's apps as root.
 fn may_start_pm2_as(home: &Path) -> Result<(), Refusal> {
-    let owner = crate::sys::privilege::home_owner(home).map_err(Refusal::Home)?;
+    let owner = crate::sys::privilege::home_owner(home)?;
     let me = crate::sys::privilege::euid();
     if owner == me {
         Ok(())

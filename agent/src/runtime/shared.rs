@@ -41,6 +41,8 @@ impl std::fmt::Display for Pm2Failure {
     }
 }
 
+impl std::error::Error for Pm2Failure {}
+
 /// By when an app promises to report again, and how many checks it made: read by the main
 /// thread, which withholds the heartbeat (and systemd's watchdog ping) when a promise is broken.
 #[derive(Debug, Default)]

@@ -14,17 +14,34 @@ use std::path::Path;
 
 use nix::unistd::{Gid, Uid};
 
+/// Why pmguard will not act for a PM2_HOME, or could not become its owner.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("PM2_HOME {home}: {why}; pmguard will not act for a PM2 whose owner it cannot tell for sure")]
+    UntrustedHome { home: String, why: String },
+    #[error("uid {uid} has no passwd entry")]
+    NoUser { uid: u32 },
+    #[error("uid {uid} has no passwd entry (it owns PM2_HOME {home}): pmguard will not act as a user it cannot name")]
+    Unnamed { uid: u32, home: String },
+    #[error("user name has a NUL byte")]
+    NulName,
+    #[error("{call}: {source}")]
+    Syscall { call: String, source: nix::Error },
+    #[error("could not drop root privileges")]
+    StillRoot,
+}
+
 /// The owner of PM2_HOME, judged without following links: the home itself must be a real
 /// directory writable by its owner alone, and every directory above it must be root's or the
 /// owner's and writable by nobody else (a sticky directory like /tmp aside). Otherwise anyone
 /// who can swap the path (a symlink from the user's home to a root-owned directory, a dump.pm2
 /// planted in it) could choose whose PM2 pmguard starts, and as whom.
-pub fn home_owner(pm2_home: &Path) -> Result<u32, String> {
+pub fn home_owner(pm2_home: &Path) -> Result<u32, PrivilegeError> {
     let refuse = |why: String| {
-        Err(format!(
-            "PM2_HOME {}: {why}; pmguard will not act for a PM2 whose owner it cannot tell for sure",
-            pm2_home.display()
-        ))
+        Err(PrivilegeError::UntrustedHome {
+            home: pm2_home.display().to_string(),
+            why,
+        })
     };
     let m = match std::fs::symlink_metadata(pm2_home) {
         Ok(m) => m,
@@ -82,7 +99,7 @@ pub enum Became {
 /// When running as root and `pm2_home` belongs to another user, becomes that user (uid, primary
 /// gid, supplementary groups, HOME/USER/LOGNAME). A PM2_HOME that does not exist yet is an
 /// error: whose it is cannot be known, so nothing may be started for it.
-pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
+pub fn become_owner_of(pm2_home: &Path) -> Result<Became, PrivilegeError> {
     if !euid_is_root() {
         return Ok(Became::Unchanged);
     }
@@ -96,11 +113,9 @@ pub fn become_owner_of(pm2_home: &Path) -> Result<Became, String> {
     if uid == 0 {
         return Ok(Became::Unchanged);
     }
-    let user = lookup(uid).map_err(|e| {
-        format!(
-            "{e} (it owns PM2_HOME {}): pmguard will not act as a user it cannot name",
-            pm2_home.display()
-        )
+    let user = lookup(uid).map_err(|_| PrivilegeError::Unnamed {
+        uid,
+        home: pm2_home.display().to_string(),
     })?;
     drop_to(&user, uid)?;
     // Single-threaded here (checked by the caller's contract): the environment is ours to set.
@@ -122,32 +137,33 @@ pub(crate) struct User {
 
 /// The passwd entry of `uid` (`getpwuid_r` through NSS, not `$HOME`: a service started without
 /// `HOME` agrees with `pm2 startup`).
-pub(crate) fn lookup(uid: u32) -> Result<User, String> {
+pub(crate) fn lookup(uid: u32) -> Result<User, PrivilegeError> {
     match nix::unistd::User::from_uid(Uid::from_raw(uid)) {
         Ok(Some(u)) => Ok(User {
             name: u.name,
             gid: u.gid.as_raw(),
             home: u.dir.to_string_lossy().into_owned(),
         }),
-        _ => Err(format!("uid {uid} has no passwd entry")),
+        _ => Err(PrivilegeError::NoUser { uid }),
     }
 }
 
 /// Becomes `user` for good: supplementary groups, then the gid, then the uid (dropping the uid
 /// first would lose the right to change the rest), and proves root cannot be regained. glibc's
 /// setresuid/setresgid apply to every thread of the process, unlike the raw system calls.
-fn drop_to(user: &User, uid: u32) -> Result<(), String> {
-    let name = CString::new(user.name.clone()).map_err(|_| "user name has a NUL byte")?;
+fn drop_to(user: &User, uid: u32) -> Result<(), PrivilegeError> {
+    let syscall = |call: String| move |source| PrivilegeError::Syscall { call, source };
+    let name = CString::new(user.name.clone()).map_err(|_| PrivilegeError::NulName)?;
     let gid = Gid::from_raw(user.gid);
-    nix::unistd::initgroups(&name, gid).map_err(|e| format!("initgroups({}): {e}", user.name))?;
-    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid({}): {e}", user.gid))?;
+    nix::unistd::initgroups(&name, gid).map_err(syscall(format!("initgroups({})", user.name)))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(syscall(format!("setresgid({})", user.gid)))?;
     let u = Uid::from_raw(uid);
-    nix::unistd::setresuid(u, u, u).map_err(|e| format!("setresuid({uid}): {e}"))?;
+    nix::unistd::setresuid(u, u, u).map_err(syscall(format!("setresuid({uid})")))?;
     if nix::unistd::setuid(Uid::from_raw(0)).is_ok()
         || rustix::process::geteuid().as_raw() != uid
         || rustix::process::getegid().as_raw() != user.gid
     {
-        return Err("could not drop root privileges".into());
+        return Err(PrivilegeError::StillRoot);
     }
     Ok(())
 }
@@ -194,6 +210,9 @@ mod tests {
         std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
         let link = d.path().join("link");
         std::os::unix::fs::symlink(&home, &link).unwrap();
-        assert!(home_owner(&link).unwrap_err().contains("symlink"));
+        assert!(home_owner(&link)
+            .unwrap_err()
+            .to_string()
+            .contains("symlink"));
     }
 }
