@@ -209,8 +209,7 @@ fn main() -> ExitCode {
 
 /// Only root can give files their owners; a staging install as a user keeps its own.
 fn can_chown() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 fn install(

@@ -751,11 +751,12 @@ mod tests {
     #[test]
     fn directories_get_their_mode_whatever_the_umask_and_drift_is_put_back() {
         let root = tempfile::tempdir().unwrap();
-        // SAFETY: umask has no preconditions; restored below (tests in this binary make no
-        // files that depend on it meanwhile beyond their explicit modes).
-        let old = unsafe { libc::umask(0o077) };
+        // Restored below (tests in this binary make no files that depend on it meanwhile
+        // beyond their explicit modes).
+        use rustix::fs::Mode;
+        let old = rustix::process::umask(Mode::from_raw_mode(0o077));
         install(root.path(), MINIMAL, false);
-        unsafe { libc::umask(old) };
+        rustix::process::umask(old);
         let dir = root.path().join("etc/pmguard");
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();

@@ -504,7 +504,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn unsafe_values_are_refused() {
+    fn values_unfit_for_templates_are_refused() {
         let refused = |agent: &str, group: &str| {
             let c = Config::parse(
                 Path::new("/x.toml"),
