@@ -1,6 +1,7 @@
 //! `pmguard`: the installer CLI. Renders plans and errors; the work is in `pmguard-installer`.
 //! Exit codes: 0 ok (or nothing to do); 1 blocked, drift or checks failed; 2 error.
 
+mod error;
 mod fleet;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,8 @@ use pmguard_installer::plan::{self, Plan};
 use pmguard_installer::render::{self, Settings};
 use pmguard_installer::systemd::Systemctl;
 use pmguard_installer::users;
+
+use crate::error::CliError;
 
 #[derive(Parser)]
 #[command(
@@ -172,7 +175,7 @@ fn main() -> ExitCode {
             if !aws {
                 return Ok(code);
             }
-            let config = config.ok_or("--aws needs --config (to know the names to remove)")?;
+            let config = config.ok_or(CliError::AwsNeedsConfig)?;
             fleet::uninstall_aws(&config, dry_run)
         }),
         Command::ProvisionAws {
@@ -192,11 +195,11 @@ fn main() -> ExitCode {
         Command::Completions { shell } => {
             cli_support::write_completions(shell, &mut Cli::command(), &mut std::io::stdout())
                 .map(|()| ExitCode::SUCCESS)
-                .map_err(|e| format!("cannot write completions: {e}"))
+                .map_err(CliError::Completions)
         }
         Command::GenerateMan { dir } => cli_support::write_man_pages(Cli::command(), &dir)
             .map(|_| ExitCode::SUCCESS)
-            .map_err(|e| format!("cannot write man pages: {e}")),
+            .map_err(CliError::ManPages),
     };
     match result {
         Ok(code) => code,
@@ -220,30 +223,30 @@ fn install(
     force: bool,
     agent_bin: Option<PathBuf>,
     replace_legacy: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     let (config, config_text) =
-        fleet::load_config(config_path).map_err(|e| format!("{e}\nNothing was installed."))?;
+        fleet::load_config(config_path).map_err(CliError::nothing("installed"))?;
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
     let user = user
         .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
-        .ok_or("which account runs PM2? pass --user USER (the user of `pm2 startup`)")?;
+        .ok_or(CliError::NoUser)?;
     let account = users::lookup(&root, &user)?;
     let agent_bin = match agent_bin {
         Some(p) => p,
         None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
+            .map_err(CliError::CurrentExe)?
             .with_file_name("pmguard-agent"),
     };
     let agent_binary = if is_packaged_agent(&root, &agent_bin) {
         None
     } else {
-        Some(std::fs::read(&agent_bin).map_err(|e| {
-            format!(
-                "cannot read the agent binary {}: {e} (pass --agent-bin)",
-                agent_bin.display()
-            )
-        })?)
+        Some(
+            std::fs::read(&agent_bin).map_err(|source| CliError::AgentBinary {
+                path: agent_bin.clone(),
+                source,
+            })?,
+        )
     };
     let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
     let settings = Settings {
@@ -252,7 +255,7 @@ fn install(
         agent_binary,
         pm2: pm2.clone(),
     };
-    let desired = render::render(&config, &settings).map_err(|e| e.to_string())?;
+    let desired = render::render(&config, &settings)?;
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd)?;
@@ -313,7 +316,7 @@ fn is_packaged_agent(root: &Path, agent_bin: &Path) -> bool {
     }
 }
 
-fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, String> {
+fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, CliError> {
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
     let systemd = Systemctl { staged };
@@ -327,7 +330,7 @@ fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Result<(), String> {
+fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Result<(), CliError> {
     print!("{}", plan::display(plan));
     if !plan.blocked.is_empty() {
         println!("Nothing was changed.");
@@ -346,39 +349,44 @@ fn init(
     output: Option<PathBuf>,
     pm2_home: Option<PathBuf>,
     force: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     use pmguard_installer::init;
     // With --pm2-home the account is only a label: its passwd entry is not needed.
     let default_home = users::lookup(Path::new("/"), user).map(|a| a.home.join(".pm2"));
-    let home = match (pm2_home, &default_home) {
-        (Some(h), _) => h,
-        (None, Ok(h)) => h.clone(),
-        (None, Err(e)) => return Err(e.clone()),
+    let (home, default_home) = match (pm2_home, default_home) {
+        (Some(h), d) => (h, d.ok()),
+        (None, Ok(h)) => (h.clone(), Some(h)),
+        (None, Err(e)) => return Err(e.into()),
     };
     let header = init::Header {
         user: user.to_string(),
         file: output
             .as_ref()
             .map_or_else(|| "FILE".to_string(), |p| p.display().to_string()),
-        pm2_home: (default_home.as_ref() != Ok(&home)).then(|| home.clone()),
+        pm2_home: (default_home.as_ref() != Some(&home)).then(|| home.clone()),
     };
-    let text = init::run(user, &home, &header, Path::new("/proc")).map_err(|e| e.to_string())?;
+    let text = init::run(user, &home, &header, Path::new("/proc"))?;
     let Some(path) = output else {
         print!("{text}");
         return Ok(ExitCode::SUCCESS);
     };
     if path.exists() && !force {
-        return Err(format!(
-            "{} exists: pass --force to replace it, or choose another --output",
-            path.display()
-        ));
+        return Err(CliError::OutputExists { path });
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| CliError::Write {
+            op: "cannot create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
-    pmguard_agent::files::write_atomic(&path, text.as_bytes(), 0o640, true)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    pmguard_agent::files::write_atomic(&path, text.as_bytes(), 0o640, true).map_err(|source| {
+        CliError::Write {
+            op: "cannot write",
+            path: path.clone(),
+            source,
+        }
+    })?;
     let apps = text.matches("\n[[apps]]\n").count();
     let probed = text
         .lines()
@@ -396,7 +404,7 @@ fn doctor(
     root: Option<PathBuf>,
     user: Option<String>,
     json: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     use pmguard_installer::doctor;
     let live = root.is_none();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
@@ -411,14 +419,11 @@ fn doctor(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(CliError::Runtime)?;
         checks.extend(runtime.block_on(doctor::aws_checks(config)));
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&checks).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
         print!("{}", doctor::table(&checks));
     }

@@ -55,7 +55,7 @@ impl Bootstrap {
         sha256: &str,
         user: &str,
         config: ConfigSource,
-    ) -> Result<Bootstrap, String> {
+    ) -> Result<Bootstrap, crate::Error> {
         let mut problems = Vec::new();
         let scheme_ok = package_url.starts_with("https://") || package_url.starts_with("http://");
         let name = package_file(package_url);
@@ -90,7 +90,7 @@ impl Bootstrap {
         match &config {
             ConfigSource::Parameter(name) => {
                 if let Err(e) = crate::aws::ssm::check_name(name) {
-                    problems.push(e);
+                    problems.push(e.to_string());
                 }
             }
             ConfigSource::Inline(text) => {
@@ -114,7 +114,7 @@ impl Bootstrap {
             }
         }
         if !problems.is_empty() {
-            return Err(problems.join("\n"));
+            return Err(crate::Error::Invalid { problems });
         }
         Ok(Bootstrap {
             package_url: package_url.to_string(),
@@ -356,14 +356,17 @@ mod tests {
             "u",
             ConfigSource::Inline("[[apps]]\nname = 1\n".into()),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("pmguard.toml:2"), "{e}");
     }
 
     #[test]
     fn values_that_could_break_the_script_are_refused() {
         let bad = |url: &str, sha: &str, user: &str| {
-            Bootstrap::new(url, sha, user, ConfigSource::Parameter("/p".into())).unwrap_err()
+            Bootstrap::new(url, sha, user, ConfigSource::Parameter("/p".into()))
+                .unwrap_err()
+                .to_string()
         };
         assert!(bad("ftp://x/p.deb", SHA, "u").contains("--package-url"));
         assert!(bad("https://x/p.rpm", SHA, "u").contains("--package-url"));
@@ -382,7 +385,8 @@ mod tests {
             "u",
             ConfigSource::Inline(text.into()),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("pmguard.toml:1: a control character"), "{e}");
     }
 

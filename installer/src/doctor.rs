@@ -796,7 +796,7 @@ pub async fn aws_checks(config: &Config) -> Vec<Check> {
             ),
             "run `pmguard provision-aws --config <file>` (`--dry-run` first to see it)",
         )),
-        Err(e) => v.push(fail("aws resources", e, "fix the config")),
+        Err(e) => v.push(fail("aws resources", e.to_string(), "fix the config")),
     }
     v.extend(subscription_check(config, &observed));
     v.push(metrics_arriving(&clients, config, &instance).await);

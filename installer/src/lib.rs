@@ -4,6 +4,7 @@
 pub mod aws;
 pub mod bootstrap;
 pub mod doctor;
+pub mod error;
 pub mod iam;
 pub mod init;
 pub mod legacy;
@@ -13,3 +14,5 @@ pub mod pm2unit;
 pub mod render;
 pub mod systemd;
 pub mod users;
+
+pub use error::Error;

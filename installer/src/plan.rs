@@ -16,6 +16,7 @@ use crate::manifest::{sha256, Manifest};
 use crate::pm2unit::{PM2_UNIT_NAME, PM2_UNIT_PATH};
 use crate::render::{under, DesiredFile, FileKind, MANIFEST_PATH, UNIT_NAME};
 use crate::systemd::{Systemd, UnitState};
+use crate::Error;
 
 /// A file as found on the target.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,7 +52,7 @@ pub struct Observed {
 pub const DIR_MODE: u32 = 0o755;
 
 /// Reads the current state of every path in `paths` (and the manifest's) under `root`.
-pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<Observed, String> {
+pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<Observed, Error> {
     check_parents(root, Path::new(MANIFEST_PATH))?;
     let manifest = Manifest::read(&under(root, Path::new(MANIFEST_PATH)))?;
     if let Some(m) = &manifest {
@@ -67,20 +68,15 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
         check_parents(root, &p)?;
         let real = under(root, &p);
         let found = match std::fs::symlink_metadata(&real) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "{} is a symlink: pmguard will not write through it; remove it and re-run",
-                    real.display()
-                ))
-            }
+            Ok(m) if m.file_type().is_symlink() => return Err(Error::SymlinkFile { path: real }),
             Ok(m) => Some(FoundFile {
-                content: std::fs::read(&real).map_err(|e| format!("{}: {e}", real.display()))?,
+                content: std::fs::read(&real).map_err(Error::io(&real))?,
                 mode: m.mode() & 0o7777,
                 uid: m.uid(),
                 gid: m.gid(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(format!("{}: {e}", real.display())),
+            Err(e) => return Err(Error::io(&real)(e)),
         };
         files.insert(p, found);
     }
@@ -154,10 +150,8 @@ fn owned_state_dir(root: &Path) -> Option<PathBuf> {
 /// must be a real directory, owned by root (when `root` itself is), and writable by nobody but
 /// its owner (sticky directories like /tmp aside). Otherwise a local user could swap a
 /// directory for a symlink, or a file in it, between our check and root's write.
-fn check_parents(root: &Path, path: &Path) -> Result<(), String> {
-    let root_uid = std::fs::metadata(root)
-        .map_err(|e| format!("{}: {e}", root.display()))?
-        .uid();
+fn check_parents(root: &Path, path: &Path) -> Result<(), Error> {
+    let root_uid = std::fs::metadata(root).map_err(Error::io(root))?.uid();
     let mut real = root.to_path_buf();
     let parent = path.parent().unwrap_or(Path::new("/"));
     for c in parent.components() {
@@ -165,36 +159,29 @@ fn check_parents(root: &Path, path: &Path) -> Result<(), String> {
             if matches!(c, std::path::Component::RootDir) {
                 continue;
             }
-            return Err(format!(
-                "{}: not a normal path; pmguard will not follow it",
-                path.display()
-            ));
+            return Err(Error::NotNormalPath {
+                path: path.to_path_buf(),
+            });
         };
         real.push(name);
         let m = match std::fs::symlink_metadata(&real) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("{}: {e}", real.display())),
+            Err(e) => return Err(Error::io(&real)(e)),
         };
         if m.file_type().is_symlink() {
-            return Err(format!(
-                "{} is a symlink: pmguard will not write through it; replace it with a directory and re-run",
-                real.display()
-            ));
+            return Err(Error::SymlinkDir { path: real });
         }
         if !m.is_dir() {
-            return Err(format!("{} is not a directory", real.display()));
+            return Err(Error::NotADirectory { path: real });
         }
         let sticky = m.mode() & 0o1000 != 0;
         if m.uid() != root_uid || (m.mode() & 0o022 != 0 && !sticky) {
-            return Err(format!(
-                "{} is owned by uid {} with mode {:04o}: only root may be able to write the directories pmguard installs into; run `chown root:root {} && chmod go-w {}`",
-                real.display(),
-                m.uid(),
-                m.mode() & 0o7777,
-                real.display(),
-                real.display()
-            ));
+            return Err(Error::WritableByOthers {
+                path: real,
+                uid: m.uid(),
+                mode: m.mode() & 0o7777,
+            });
         }
     }
     Ok(())
@@ -558,7 +545,7 @@ pub fn apply(
     root: &Path,
     systemd: &dyn Systemd,
     can_chown: bool,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     for s in &plan.steps {
         match s {
             Step::MkDir { path } => {
@@ -567,10 +554,10 @@ pub fn apply(
                     .mode(DIR_MODE)
                     .create(&real)
                     .or_else(|e| if real.is_dir() { Ok(()) } else { Err(e) })
-                    .map_err(|e| format!("create {}: {e}", real.display()))?;
+                    .map_err(Error::apply("create", &real))?;
                 // The umask narrowed the mode at create (077 makes it 0700): set it exactly.
                 std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
-                    .map_err(|e| format!("chmod {}: {e}", real.display()))?;
+                    .map_err(Error::apply("chmod", &real))?;
             }
             Step::RemoveTree { path } => {
                 // remove_dir_all never follows a symlink inside (the PM2 user owns the tree).
@@ -578,13 +565,13 @@ pub fn apply(
                 match std::fs::remove_dir_all(&real) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(format!("remove {}: {e}", real.display())),
+                    Err(e) => return Err(Error::apply("remove", &real)(e)),
                 }
             }
             Step::DirMode { path, .. } => {
                 let real = under(root, path);
                 std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
-                    .map_err(|e| format!("chmod {}: {e}", real.display()))?;
+                    .map_err(Error::apply("chmod", &real))?;
             }
             Step::Write { file, .. } => write_file(root, file, can_chown)?,
             Step::Remove { path, .. } => {
@@ -592,7 +579,7 @@ pub fn apply(
                 match std::fs::remove_file(&real) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(format!("remove {}: {e}", real.display())),
+                    Err(e) => return Err(Error::apply("remove", &real)(e)),
                 }
             }
             Step::RemoveDir { path } => {
@@ -608,9 +595,11 @@ pub fn apply(
     Ok(())
 }
 
-fn write_file(root: &Path, f: &DesiredFile, can_chown: bool) -> Result<(), String> {
+fn write_file(root: &Path, f: &DesiredFile, can_chown: bool) -> Result<(), Error> {
     let real = under(root, &f.path);
-    let dir = real.parent().ok_or("no parent directory")?;
+    let dir = real
+        .parent()
+        .ok_or_else(|| Error::NoParent { path: real.clone() })?;
     let tmp = dir.join(format!(
         ".{}.pmguard-{}.tmp",
         real.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
@@ -635,7 +624,7 @@ fn write_file(root: &Path, f: &DesiredFile, can_chown: bool) -> Result<(), Strin
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("write {}: {e}", real.display()));
+        return Err(Error::apply("write", &real)(e));
     }
     Ok(())
 }
@@ -715,13 +704,14 @@ mod tests {
             let mut bad = m.clone();
             bad.files.insert(PathBuf::from(evil), hash.clone());
             std::fs::write(&mpath, bad.to_bytes()).unwrap();
-            let err = observe(root.path(), &[], &STAGED).unwrap_err();
+            let err = observe(root.path(), &[], &STAGED).unwrap_err().to_string();
             assert!(err.contains("never installs"), "{evil}: {err}");
         }
         m.created_dirs.push(PathBuf::from("/etc/ssh"));
         std::fs::write(&mpath, m.to_bytes()).unwrap();
         assert!(observe(root.path(), &[], &STAGED)
             .unwrap_err()
+            .to_string()
             .contains("never creates"));
         assert_eq!(std::fs::read(&victim).unwrap(), b"PermitRootLogin no\n");
     }
@@ -734,7 +724,9 @@ mod tests {
         std::os::unix::fs::symlink(elsewhere.path(), root.path().join("etc/cron.d")).unwrap();
         let desired = rendered(MINIMAL);
         let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
-        let err = observe(root.path(), &paths, &STAGED).unwrap_err();
+        let err = observe(root.path(), &paths, &STAGED)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is a symlink"), "{err}");
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
         std::fs::remove_file(root.path().join("etc/cron.d")).unwrap();
@@ -744,7 +736,9 @@ mod tests {
             std::fs::Permissions::from_mode(0o777),
         )
         .unwrap();
-        let err = observe(root.path(), &paths, &STAGED).unwrap_err();
+        let err = observe(root.path(), &paths, &STAGED)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("chmod go-w"), "{err}");
     }
 
@@ -981,7 +975,7 @@ mod tests {
         fn state(&self, _: &str) -> UnitState {
             self.0.clone()
         }
-        fn run(&self, _: &[&str]) -> Result<(), String> {
+        fn run(&self, _: &[&str]) -> Result<(), crate::Error> {
             Ok(())
         }
     }

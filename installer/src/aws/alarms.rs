@@ -195,8 +195,13 @@ const COMPARISONS: &[&str] = &[
 const STATISTICS: &[&str] = &["SampleCount", "Average", "Sum", "Minimum", "Maximum"];
 
 /// AWS's PutMetricAlarm rules that matter here (the stand-in accepts anything).
-pub fn validate(a: &AlarmSpec) -> Result<(), String> {
-    let fail = |why: String| Err(format!("alarm {}: {why}", a.name));
+pub fn validate(a: &AlarmSpec) -> Result<(), crate::Error> {
+    let fail = |why: String| {
+        Err(crate::Error::Alarm {
+            alarm: a.name.clone(),
+            why,
+        })
+    };
     if a.name.is_empty() || a.name.chars().count() > 255 {
         return fail("names are 1 to 255 characters".into());
     }
@@ -380,7 +385,8 @@ mod tests {
                 period: p,
                 ..base.clone()
             })
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("multiple of 60"), "{e}");
         }
         assert!(validate(&AlarmSpec {
@@ -388,12 +394,14 @@ mod tests {
             ..base.clone()
         })
         .unwrap_err()
+        .to_string()
         .contains("TreatMissingData"));
         assert!(validate(&AlarmSpec {
             name: "x".repeat(256),
             ..base.clone()
         })
         .unwrap_err()
+        .to_string()
         .contains("255"));
         validate(&AlarmSpec {
             name: "x".repeat(255),

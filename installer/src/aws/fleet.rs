@@ -287,8 +287,13 @@ pub fn is_insights(spec: &AlarmSpec) -> bool {
 }
 
 /// AWS's rules for alarms on metric data queries, which the stand-in does not enforce.
-pub fn validate_queries(a: &AlarmSpec) -> Result<(), String> {
-    let fail = |why: String| Err(format!("alarm {}: {why}", a.name));
+pub fn validate_queries(a: &AlarmSpec) -> Result<(), crate::Error> {
+    let fail = |why: String| {
+        Err(crate::Error::Alarm {
+            alarm: a.name.clone(),
+            why,
+        })
+    };
     if a.metrics.is_empty() {
         return Ok(());
     }
@@ -371,13 +376,12 @@ pub fn validate_fleet(
     config: &Config,
     alarms: &[AlarmSpec],
     other_insights_alarms: usize,
-) -> Result<(), String> {
+) -> Result<(), crate::Error> {
     for app in &config.apps {
         if app.name.contains(['\'', '\\', '"']) || app.name.chars().any(|c| c.is_control()) {
-            return Err(format!(
-                "app `{}`: fleet alarms quote the app name in a Metrics Insights query; rename the PM2 app without quotes or backslashes",
-                app.name
-            ));
+            return Err(crate::Error::QuotedAppName {
+                app: app.name.clone(),
+            });
         }
     }
     for a in alarms {
@@ -386,9 +390,11 @@ pub fn validate_fleet(
     }
     let ours = alarms.iter().filter(|a| is_insights(a)).count();
     if ours + other_insights_alarms > MAX_INSIGHTS_ALARMS {
-        return Err(format!(
-            "{ours} Metrics Insights alarms for this fleet (3 per app) plus {other_insights_alarms} already in the account exceed AWS's {MAX_INSIGHTS_ALARMS} per account and Region: watch fewer apps per fleet or ask AWS for a higher quota"
-        ));
+        return Err(crate::Error::InsightsQuota {
+            ours,
+            others: other_insights_alarms,
+            max: MAX_INSIGHTS_ALARMS,
+        });
     }
     Ok(())
 }
@@ -524,14 +530,18 @@ mod tests {
         let names: Vec<String> = (0..67).map(|i| format!("app{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let c = config(&refs, "");
-        let e = validate_fleet(&c, &desired(&c, None), 0).unwrap_err();
+        let e = validate_fleet(&c, &desired(&c, None), 0)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("201 Metrics Insights alarms") || e.contains("exceed AWS's 200"),
             "{e}"
         );
         let c = config(&refs[..66], "");
         validate_fleet(&c, &desired(&c, None), 2).unwrap();
-        let e = validate_fleet(&c, &desired(&c, None), 3).unwrap_err();
+        let e = validate_fleet(&c, &desired(&c, None), 3)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("plus 3 already in the account"), "{e}");
     }
 
@@ -541,7 +551,7 @@ mod tests {
         let all = desired(&c, None);
         let insight = all[0].clone();
         let math = all.last().unwrap().clone();
-        let err = |a: AlarmSpec| validate_queries(&a).unwrap_err();
+        let err = |a: AlarmSpec| validate_queries(&a).unwrap_err().to_string();
         // Period: Metrics Insights has 1-minute granularity.
         let mut x = insight.clone();
         x.period = 30;
@@ -593,6 +603,7 @@ mod tests {
         let c = config(&["it's"], "");
         assert!(validate_fleet(&c, &desired(&c, None), 0)
             .unwrap_err()
+            .to_string()
             .contains("quotes"));
     }
 }

@@ -475,9 +475,9 @@ pub fn plan(
     instance: &str,
     region: &str,
     obs: &AwsObserved,
-) -> Result<Vec<AwsStep>, String> {
+) -> Result<Vec<AwsStep>, crate::Error> {
     let Some(aws) = config.aws.as_ref() else {
-        return Err("the config has no [aws] section: nothing to provision".into());
+        return Err(crate::Error::NoAwsSection);
     };
     let mut steps = Vec::new();
     let topic_arn = match (&aws.sns_topic, &obs.topic_arn) {
