@@ -148,8 +148,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode, CliError> {
+    match command {
         Command::Init {
             user,
             output,
@@ -207,13 +216,6 @@ fn main() -> ExitCode {
         Command::GenerateMan { dir } => cli_support::write_man_pages(Cli::command(), &dir)
             .map(|_| ExitCode::SUCCESS)
             .map_err(CliError::ManPages),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
     }
 }
 
@@ -239,22 +241,7 @@ fn install(
         .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
         .ok_or(CliError::NoUser)?;
     let account = users::lookup(&root, &user)?;
-    let agent_bin = match agent_bin {
-        Some(p) => p,
-        None => std::env::current_exe()
-            .map_err(CliError::CurrentExe)?
-            .with_file_name("pmguard-agent"),
-    };
-    let agent_binary = if is_packaged_agent(&root, &agent_bin) {
-        None
-    } else {
-        Some(
-            std::fs::read(&agent_bin).map_err(|source| CliError::AgentBinary {
-                path: agent_bin.clone(),
-                source,
-            })?,
-        )
-    };
+    let agent_binary = agent_binary(&root, agent_bin)?;
     let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
     let settings = Settings {
         account,
@@ -267,15 +254,7 @@ fn install(
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd)?;
     // Only the live system's PM2 can be running (a staging root has none).
-    // A daemon counts as running if its pid file says so, or if anything answers on its socket
-    // (a missing pid file must never let `pm2 resurrect` meet a live daemon).
-    let pm2_paths =
-        pmguard_agent::pm2::Pm2Paths::from_home(&render::pm2_home(&config, &settings.account));
-    observed.pm2_daemon_live = !staged
-        && (!matches!(
-            pmguard_agent::pm2::liveness::daemon_process(&pm2_paths, Path::new("/proc")),
-            pmguard_agent::pm2::liveness::DaemonProcess::None
-        ) || std::os::unix::net::UnixStream::connect(&pm2_paths.rpc).is_ok());
+    observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
     let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
     if let pmguard_installer::pm2unit::Supervision::Unavailable(why) = &pm2 {
         plan.notes.push(format!(
@@ -283,13 +262,8 @@ fn install(
         ));
     }
     let legacy = legacy::find(&root);
-    for l in &legacy {
-        plan.notes.push(if replace_legacy {
-            format!("Another monitor will be stopped (--replace-legacy; uninstall puts it back): {l}")
-        } else {
-            format!("Another monitor restarts PM2 apps here: {l}. Two monitors restarting one app fight each other: re-run with --replace-legacy to stop it (uninstall puts it back).")
-        });
-    }
+    plan.notes
+        .extend(legacy.iter().map(|l| legacy_note(l, replace_legacy)));
     finish(&plan, &root, &systemd, dry_run)?;
     if replace_legacy && !dry_run && plan.blocked.is_empty() && !legacy.is_empty() {
         for done in legacy::replace(&root, &legacy, &systemd)? {
@@ -311,6 +285,45 @@ fn install(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The agent binary's bytes to install, `None` when the package's agent runs in place. It
+/// defaults to `pmguard-agent` beside this binary.
+fn agent_binary(root: &Path, agent_bin: Option<PathBuf>) -> Result<Option<Vec<u8>>, CliError> {
+    let agent_bin = match agent_bin {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(CliError::CurrentExe)?
+            .with_file_name("pmguard-agent"),
+    };
+    if is_packaged_agent(root, &agent_bin) {
+        return Ok(None);
+    }
+    std::fs::read(&agent_bin)
+        .map(Some)
+        .map_err(|source| CliError::AgentBinary {
+            path: agent_bin,
+            source,
+        })
+}
+
+/// A PM2 daemon runs for `account` if its pid file says so, or if anything answers on its
+/// socket (a missing pid file must never let `pm2 resurrect` meet a live daemon).
+fn pm2_daemon_live(config: &pmguard_agent::config::Config, account: &users::Account) -> bool {
+    let pm2_paths = pmguard_agent::pm2::Pm2Paths::from_home(&render::pm2_home(config, account));
+    !matches!(
+        pmguard_agent::pm2::liveness::daemon_process(&pm2_paths, Path::new("/proc")),
+        pmguard_agent::pm2::liveness::DaemonProcess::None
+    ) || std::os::unix::net::UnixStream::connect(&pm2_paths.rpc).is_ok()
+}
+
+/// What install says about another monitor it found.
+fn legacy_note(l: &legacy::Legacy, replace_legacy: bool) -> String {
+    if replace_legacy {
+        format!("Another monitor will be stopped (--replace-legacy; uninstall puts it back): {l}")
+    } else {
+        format!("Another monitor restarts PM2 apps here: {l}. Two monitors restarting one app fight each other: re-run with --replace-legacy to stop it (uninstall puts it back).")
+    }
 }
 
 /// The agent is the package's (`/usr/bin/pmguard-agent` under the root): run it in place, copy

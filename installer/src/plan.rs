@@ -80,6 +80,21 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
         };
         files.insert(p, found);
     }
+    Ok(Observed {
+        files,
+        missing_dirs: missing_dirs(root, paths),
+        dir_modes: dir_modes(root, manifest.as_ref()),
+        manifest,
+        unit: systemd.state(UNIT_NAME),
+        pm2_unit: systemd.state(PM2_UNIT_NAME),
+        pm2_daemon_live: false,
+        state_dir: owned_state_dir(root),
+    })
+}
+
+/// The parents of `paths` (and of the manifest) that do not exist under `root`, outermost
+/// first.
+fn missing_dirs(root: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut missing_dirs = Vec::new();
     for p in paths
         .iter()
@@ -100,9 +115,14 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
             }
         }
     }
+    missing_dirs
+}
+
+/// The modes of the directories pmguard owns: the config directory and those it created.
+fn dir_modes(root: &Path, manifest: Option<&Manifest>) -> BTreeMap<PathBuf, u32> {
     let mut dir_modes = BTreeMap::new();
     let owned_dirs = manifest
-        .iter()
+        .into_iter()
         .flat_map(|m| m.created_dirs.iter().cloned())
         .chain(Path::new(MANIFEST_PATH).parent().map(Path::to_path_buf));
     for d in owned_dirs {
@@ -112,16 +132,7 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
             }
         }
     }
-    Ok(Observed {
-        files,
-        missing_dirs,
-        manifest,
-        unit: systemd.state(UNIT_NAME),
-        pm2_unit: systemd.state(PM2_UNIT_NAME),
-        pm2_daemon_live: false,
-        state_dir: owned_state_dir(root),
-        dir_modes,
-    })
+    dir_modes
 }
 
 /// The installed config's `state_dir`, if it is one systemd made for pmguard's unit
@@ -241,8 +252,25 @@ fn metadata_differs(f: &DesiredFile, old: &FoundFile, can_chown: bool) -> bool {
 /// Plans an install of `desired` over what was observed.
 pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_chown: bool) -> Plan {
     let mut plan = Plan::default();
-    let mut changed_service = false;
-    let mut changed_pm2_unit = false;
+    let manifest = next_manifest(desired, obs);
+    let changed = plan_writes(desired, obs, force, can_chown, &mut plan);
+    plan_stale_removals(desired, obs, &mut plan);
+    plan.steps.splice(0..0, head_steps(obs, &manifest));
+    plan_units(desired, obs, changed, &mut plan);
+    plan.notes.push("Logs go to the journal (journalctl -u pmguard-agent); the logrotate file rotates only the agent's event file.".into());
+    plan
+}
+
+/// Which units' files a plan rewrites (so systemd reloads and restarts what changed).
+#[derive(Debug, Clone, Copy, Default)]
+struct Changed {
+    service: bool,
+    pm2_unit: bool,
+}
+
+/// The manifest this install leaves: every desired file's hash, and every directory any
+/// install so far has created.
+fn next_manifest(desired: &[DesiredFile], obs: &Observed) -> Manifest {
     let mut manifest = Manifest {
         version: env!("CARGO_PKG_VERSION").to_string(),
         files: BTreeMap::new(),
@@ -260,6 +288,21 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
     }
     for f in desired {
         manifest.files.insert(f.path.clone(), sha256(&f.content));
+    }
+    manifest
+}
+
+/// A write for every desired file that differs from what is there, except a user's edit of
+/// the config without `force` (blocked, with the diff).
+fn plan_writes(
+    desired: &[DesiredFile],
+    obs: &Observed,
+    force: bool,
+    can_chown: bool,
+    plan: &mut Plan,
+) -> Changed {
+    let mut changed = Changed::default();
+    for f in desired {
         let old = obs.files.get(&f.path).cloned().flatten();
         let needs = match &old {
             None => true,
@@ -284,39 +327,46 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
             }
         }
         if f.path == Path::new(PM2_UNIT_PATH) {
-            changed_pm2_unit = true;
+            changed.pm2_unit = true;
         } else {
-            changed_service |= f.path.ends_with(UNIT_NAME) || f.kind != FileKind::Managed;
+            changed.service |= f.path.ends_with(UNIT_NAME) || f.kind != FileKind::Managed;
         }
         plan.steps.push(Step::Write {
             file: f.clone(),
             old,
         });
     }
-    // Files a previous install laid down that are no longer wanted (e.g. the IAM policy after
-    // [aws] was removed from the config).
-    if let Some(m) = &obs.manifest {
-        for (path, hash) in &m.files {
-            if desired.iter().any(|f| &f.path == path) {
-                continue;
-            }
-            if let Some(Some(old)) = obs.files.get(path) {
-                if sha256(&old.content) == *hash {
-                    plan.steps.push(Step::Remove {
-                        path: path.clone(),
-                        old: old.clone(),
-                    });
-                } else {
-                    plan.notes.push(format!(
-                        "{} is no longer needed but was edited since install: left in place",
-                        path.display()
-                    ));
-                }
+    changed
+}
+
+/// Files a previous install laid down that are no longer wanted (e.g. the IAM policy after
+/// [aws] was removed from the config): removed unless edited since.
+fn plan_stale_removals(desired: &[DesiredFile], obs: &Observed, plan: &mut Plan) {
+    let Some(m) = &obs.manifest else { return };
+    for (path, hash) in &m.files {
+        if desired.iter().any(|f| &f.path == path) {
+            continue;
+        }
+        if let Some(Some(old)) = obs.files.get(path) {
+            if sha256(&old.content) == *hash {
+                plan.steps.push(Step::Remove {
+                    path: path.clone(),
+                    old: old.clone(),
+                });
+            } else {
+                plan.notes.push(format!(
+                    "{} is no longer needed but was edited since install: left in place",
+                    path.display()
+                ));
             }
         }
     }
-    // The manifest goes first (after its own directories): an install cut short anywhere later
-    // still records every directory and file it may have created, so uninstall removes them.
+}
+
+/// The steps that go before the files: the manifest first (after its own directories), so an
+/// install cut short anywhere later still records every directory and file it may have
+/// created and uninstall removes them; then the other directories and drifted modes.
+fn head_steps(obs: &Observed, manifest: &Manifest) -> Vec<Step> {
     let mut head = Vec::new();
     let manifest_dir = Path::new(MANIFEST_PATH).parent().unwrap_or(Path::new("/"));
     let (first, rest): (Vec<&PathBuf>, Vec<&PathBuf>) = obs
@@ -348,41 +398,48 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
             });
         }
     }
-    plan.steps.splice(0..0, head);
-    match &obs.unit {
-        UnitState::Staged => plan
-            .notes
-            .push("Staging root: files only; nothing is started.".into()),
-        UnitState::NoSystemd(why) => plan.notes.push(format!(
-            "systemd is not running here ({why}): skipped daemon-reload, enable and start. Once it runs: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
-        )),
-        UnitState::Live { enabled, active } => {
-            if changed_service || changed_pm2_unit {
-                plan.steps.push(systemctl(&["daemon-reload"]));
-            }
-            let ours = desired.iter().any(|f| f.path == Path::new(PM2_UNIT_PATH));
-            if let (true, UnitState::Live { enabled, active }) = (ours, &obs.pm2_unit) {
-                if !enabled {
-                    plan.steps.push(systemctl(&["enable", PM2_UNIT_NAME]));
-                }
-                if !active && !obs.pm2_daemon_live {
-                    plan.steps.push(systemctl(&["start", PM2_UNIT_NAME]));
-                } else if !active {
-                    plan.notes.push(format!(
-                        "PM2 runs outside systemd now: {PM2_UNIT_NAME} starts it from the next boot. To hand the running daemon over now (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {PM2_UNIT_NAME}`"
-                    ));
-                }
-            }
-            if !enabled {
-                plan.steps.push(systemctl(&["enable", UNIT_NAME]));
-            }
-            if changed_service || !active {
-                plan.steps.push(systemctl(&["restart", UNIT_NAME]));
-            }
+    head
+}
+
+/// systemctl steps for the agent's unit and `pmguard-pm2.service`, or a note when there is no
+/// systemd to run them.
+fn plan_units(desired: &[DesiredFile], obs: &Observed, changed: Changed, plan: &mut Plan) {
+    let (enabled, active) = match &obs.unit {
+        UnitState::Staged => {
+            plan.notes
+                .push("Staging root: files only; nothing is started.".into());
+            return;
+        }
+        UnitState::NoSystemd(why) => {
+            plan.notes.push(format!(
+                "systemd is not running here ({why}): skipped daemon-reload, enable and start. Once it runs: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
+            ));
+            return;
+        }
+        UnitState::Live { enabled, active } => (*enabled, *active),
+    };
+    if changed.service || changed.pm2_unit {
+        plan.steps.push(systemctl(&["daemon-reload"]));
+    }
+    let ours = desired.iter().any(|f| f.path == Path::new(PM2_UNIT_PATH));
+    if let (true, UnitState::Live { enabled, active }) = (ours, &obs.pm2_unit) {
+        if !enabled {
+            plan.steps.push(systemctl(&["enable", PM2_UNIT_NAME]));
+        }
+        if !active && !obs.pm2_daemon_live {
+            plan.steps.push(systemctl(&["start", PM2_UNIT_NAME]));
+        } else if !active {
+            plan.notes.push(format!(
+                "PM2 runs outside systemd now: {PM2_UNIT_NAME} starts it from the next boot. To hand the running daemon over now (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {PM2_UNIT_NAME}`"
+            ));
         }
     }
-    plan.notes.push("Logs go to the journal (journalctl -u pmguard-agent); the logrotate file rotates only the agent's event file.".into());
-    plan
+    if !enabled {
+        plan.steps.push(systemctl(&["enable", UNIT_NAME]));
+    }
+    if changed.service || !active {
+        plan.steps.push(systemctl(&["restart", UNIT_NAME]));
+    }
 }
 
 /// Plans an uninstall from the manifest.
@@ -474,65 +531,70 @@ pub fn display(plan: &Plan) -> String {
         let _ = writeln!(out, "Nothing to do.");
     }
     for s in &plan.steps {
-        match s {
-            Step::MkDir { path } => {
-                let _ = writeln!(out, "create directory {}", path.display());
-            }
-            Step::Write { file, old: None } => {
-                let _ = writeln!(
-                    out,
-                    "create {} (mode {:04o})",
-                    file.path.display(),
-                    file.mode
-                );
-            }
-            Step::Write { file, old: Some(o) } => {
-                if o.content == file.content {
-                    let _ = writeln!(
-                        out,
-                        "fix mode/owner of {}: {:04o} {}:{} -> {:04o} {}:{}",
-                        file.path.display(),
-                        o.mode,
-                        o.uid,
-                        o.gid,
-                        file.mode,
-                        file.uid,
-                        file.gid
-                    );
-                } else {
-                    let _ = writeln!(out, "update {}", file.path.display());
-                    out.push_str(&indent(&diff(&o.content, &file.content)));
-                }
-            }
-            Step::Remove { path, .. } => {
-                let _ = writeln!(out, "remove {}", path.display());
-            }
-            Step::RemoveDir { path } => {
-                let _ = writeln!(out, "remove directory {} (if empty)", path.display());
-            }
-            Step::RemoveTree { path } => {
-                let _ = writeln!(
-                    out,
-                    "remove the agent's state {} (events, restart history)",
-                    path.display()
-                );
-            }
-            Step::DirMode { path, from } => {
-                let _ = writeln!(
-                    out,
-                    "fix mode of directory {}: {from:04o} -> {DIR_MODE:04o}",
-                    path.display()
-                );
-            }
-            Step::Systemctl { args } => {
-                let _ = writeln!(out, "systemctl {}", args.join(" "));
-            }
-        }
+        display_step(&mut out, s);
     }
     for n in &plan.notes {
         let _ = writeln!(out, "note: {n}");
     }
     out
+}
+
+/// One step as the plan shows it (a write of changed content with its diff, indented).
+fn display_step(out: &mut String, s: &Step) {
+    match s {
+        Step::MkDir { path } => {
+            let _ = writeln!(out, "create directory {}", path.display());
+        }
+        Step::Write { file, old: None } => {
+            let _ = writeln!(
+                out,
+                "create {} (mode {:04o})",
+                file.path.display(),
+                file.mode
+            );
+        }
+        Step::Write { file, old: Some(o) } => {
+            if o.content == file.content {
+                let _ = writeln!(
+                    out,
+                    "fix mode/owner of {}: {:04o} {}:{} -> {:04o} {}:{}",
+                    file.path.display(),
+                    o.mode,
+                    o.uid,
+                    o.gid,
+                    file.mode,
+                    file.uid,
+                    file.gid
+                );
+            } else {
+                let _ = writeln!(out, "update {}", file.path.display());
+                out.push_str(&indent(&diff(&o.content, &file.content)));
+            }
+        }
+        Step::Remove { path, .. } => {
+            let _ = writeln!(out, "remove {}", path.display());
+        }
+        Step::RemoveDir { path } => {
+            let _ = writeln!(out, "remove directory {} (if empty)", path.display());
+        }
+        Step::RemoveTree { path } => {
+            let _ = writeln!(
+                out,
+                "remove the agent's state {} (events, restart history)",
+                path.display()
+            );
+        }
+        Step::DirMode { path, from } => {
+            let _ = writeln!(
+                out,
+                "fix mode of directory {}: {from:04o} -> {DIR_MODE:04o}",
+                path.display()
+            );
+        }
+        Step::Systemctl { args } => {
+            let _ = writeln!(out, "systemctl {}", args.join(" "));
+        }
+    }
 }
 
 fn indent(s: &str) -> String {
