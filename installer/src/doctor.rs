@@ -619,73 +619,83 @@ fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>, live: bool) -> Vec<Chec
     }
     v.push(pm2_dump(paths, &snap));
     for app in &config.apps {
-        let name = format!("app {}", app.name);
-        let entries = snap.by_name(&app.name);
-        if entries.is_empty() {
-            v.push(fail(&name, "PM2 does not know this app", format!("start it under PM2 (`pm2 start <script> --name {}`) and `pm2 save`, or fix the name in the config", app.name)));
-            continue;
-        }
-        let bad: Vec<String> = entries
-            .iter()
-            .filter(|e| e.status != Status::Online)
-            .map(|e| format!("pm_id {} is {}", e.pm_id, e.status.as_str()))
-            .collect();
-        if !bad.is_empty() {
-            let fix = if entries.iter().any(|e| e.status == Status::Errored) {
-                format!(
-                    "PM2 gave up on it: `pm2 logs {}` to see why, then `pm2 restart {}`",
-                    app.name, app.name
-                )
-            } else {
-                format!("pm2 start {}", app.name)
-            };
-            v.push(fail(&name, bad.join(", "), fix));
-        } else {
-            let restarts: u64 = entries.iter().map(|e| e.unstable_restarts).sum();
-            if restarts > 0 {
-                v.push(warn(
-                    &name,
-                    format!("online, but {restarts} unstable restart(s) recently"),
-                    format!("`pm2 logs {}`: it exits soon after starting", app.name),
-                ));
-            } else {
-                let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
-                v.push(ok(&name, format!("online (pid {})", pids.join(", "))));
-            }
-        }
-        v.push(stuck_now(
-            app,
-            &entries.iter().map(|e| e.pid).collect::<Vec<_>>(),
-        ));
-        if let Some(url) = &app.health_url {
-            let r = Prober::new(url.clone()).probe(
-                app.timeout,
-                &app.expect_status,
-                app.expect_body.as_deref(),
-            );
-            let ms = r.latency.as_millis();
-            v.push(if r.outcome.passed() {
-                ok(
-                    &format!("health {}", app.name),
-                    format!(
-                        "{} answered {} in {ms} ms",
-                        url.redacted(),
-                        r.outcome.reason()
-                    ),
-                )
-            } else {
-                fail(
-                    &format!("health {}", app.name),
-                    format!("{}: {} after {ms} ms", url.redacted(), r.outcome.reason()),
-                    format!(
-                        "`pm2 logs {}`; the agent restarts it after {} failed checks",
-                        app.name, app.max_retries
-                    ),
-                )
-            });
-        }
+        v.extend(app_checks(app, &snap));
     }
     v
+}
+
+/// One app in PM2 now: its status, whether it is stuck, and its health probe.
+fn app_checks(
+    app: &pmguard_agent::config::AppConfig,
+    snap: &pmguard_agent::pm2::Snapshot,
+) -> Vec<Check> {
+    let name = format!("app {}", app.name);
+    let entries = snap.by_name(&app.name);
+    if entries.is_empty() {
+        return vec![fail(&name, "PM2 does not know this app", format!("start it under PM2 (`pm2 start <script> --name {}`) and `pm2 save`, or fix the name in the config", app.name))];
+    }
+    let mut v = Vec::new();
+    let bad: Vec<String> = entries
+        .iter()
+        .filter(|e| e.status != Status::Online)
+        .map(|e| format!("pm_id {} is {}", e.pm_id, e.status.as_str()))
+        .collect();
+    if !bad.is_empty() {
+        let fix = if entries.iter().any(|e| e.status == Status::Errored) {
+            format!(
+                "PM2 gave up on it: `pm2 logs {}` to see why, then `pm2 restart {}`",
+                app.name, app.name
+            )
+        } else {
+            format!("pm2 start {}", app.name)
+        };
+        v.push(fail(&name, bad.join(", "), fix));
+    } else {
+        let restarts: u64 = entries.iter().map(|e| e.unstable_restarts).sum();
+        if restarts > 0 {
+            v.push(warn(
+                &name,
+                format!("online, but {restarts} unstable restart(s) recently"),
+                format!("`pm2 logs {}`: it exits soon after starting", app.name),
+            ));
+        } else {
+            let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
+            v.push(ok(&name, format!("online (pid {})", pids.join(", "))));
+        }
+    }
+    v.push(stuck_now(
+        app,
+        &entries.iter().map(|e| e.pid).collect::<Vec<_>>(),
+    ));
+    v.extend(health_now(app));
+    v
+}
+
+/// The app's health URL probed once, now (`None` without one).
+fn health_now(app: &pmguard_agent::config::AppConfig) -> Option<Check> {
+    let url = app.health_url.as_ref()?;
+    let r =
+        Prober::new(url.clone()).probe(app.timeout, &app.expect_status, app.expect_body.as_deref());
+    let ms = r.latency.as_millis();
+    Some(if r.outcome.passed() {
+        ok(
+            &format!("health {}", app.name),
+            format!(
+                "{} answered {} in {ms} ms",
+                url.redacted(),
+                r.outcome.reason()
+            ),
+        )
+    } else {
+        fail(
+            &format!("health {}", app.name),
+            format!("{}: {} after {ms} ms", url.redacted(), r.outcome.reason()),
+            format!(
+                "`pm2 logs {}`; the agent restarts it after {} failed checks",
+                app.name, app.max_retries
+            ),
+        )
+    })
 }
 
 /// CPU over a short window and the scheduler state of each pid, now.
