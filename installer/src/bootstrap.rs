@@ -48,10 +48,40 @@ pub struct Bootstrap {
     pub config: ConfigSource,
 }
 
+/// What is wrong with the config the bootstrap carries (or names), every problem at once.
+fn config_problems(config: &ConfigSource) -> Vec<String> {
+    let mut problems = Vec::new();
+    match config {
+        ConfigSource::Parameter(name) => {
+            if let Err(e) = crate::aws::ssm::check_name(name) {
+                problems.push(e.to_string());
+            }
+        }
+        ConfigSource::Inline(text) => {
+            if let Err(e) = Config::parse(Path::new("pmguard.toml"), text) {
+                problems.push(e.to_string());
+            }
+            if text.lines().any(|l| l.trim() == CONFIG_EOF) {
+                problems.push(format!("the config may not contain a line `{CONFIG_EOF}`"));
+            }
+            // YAML (cloud-init) refuses C0/C1 control characters even inside a string.
+            if let Some((n, _)) = text
+                .lines()
+                .enumerate()
+                .find(|(_, l)| l.chars().any(|c| c.is_control() && c != '\t' && c != '\r'))
+            {
+                problems.push(format!(
+                    "pmguard.toml:{}: a control character (user-data must be plain text): remove it",
+                    n + 1
+                ));
+            }
+        }
+    }
+    problems
+}
+
 impl Bootstrap {
     /// Validates every value that goes into the script.
-    // Not split yet (issue 14, installer half: out of time); one step list of 65 lines.
-    #[allow(clippy::too_many_lines)]
     pub fn new(
         package_url: &str,
         sha256: &str,
@@ -89,32 +119,7 @@ impl Bootstrap {
                 "--user `{user}` must be a Linux account name (the user of `pm2 startup`)"
             ));
         }
-        match &config {
-            ConfigSource::Parameter(name) => {
-                if let Err(e) = crate::aws::ssm::check_name(name) {
-                    problems.push(e.to_string());
-                }
-            }
-            ConfigSource::Inline(text) => {
-                if let Err(e) = Config::parse(Path::new("pmguard.toml"), text) {
-                    problems.push(e.to_string());
-                }
-                if text.lines().any(|l| l.trim() == CONFIG_EOF) {
-                    problems.push(format!("the config may not contain a line `{CONFIG_EOF}`"));
-                }
-                // YAML (cloud-init) refuses C0/C1 control characters even inside a string.
-                if let Some((n, _)) = text
-                    .lines()
-                    .enumerate()
-                    .find(|(_, l)| l.chars().any(|c| c.is_control() && c != '\t' && c != '\r'))
-                {
-                    problems.push(format!(
-                        "pmguard.toml:{}: a control character (user-data must be plain text): remove it",
-                        n + 1
-                    ));
-                }
-            }
-        }
+        problems.extend(config_problems(&config));
         if !problems.is_empty() {
             return Err(crate::Error::Invalid { problems });
         }
