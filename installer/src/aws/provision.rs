@@ -205,8 +205,6 @@ pub(crate) fn explain<E: ProvideErrorMetadata + std::fmt::Debug>(
 }
 
 /// Reads what pmguard manages for this instance.
-// Not split yet (issue 14, installer half: out of time); one step list of 112 lines.
-#[allow(clippy::too_many_lines)]
 pub async fn observe(
     c: &Clients,
     config: &Config,
@@ -217,61 +215,103 @@ pub async fn observe(
     };
     let mut obs = AwsObserved::default();
     if let Some(topic) = &aws.sns_topic {
-        let mut token = None;
-        loop {
-            let out = c
-                .sns
-                .list_topics()
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| explain("ListTopics", "sns:ListTopics", e))?;
-            for t in out.topics() {
-                if let Some(arn) = t.topic_arn() {
-                    if arn.rsplit(':').next() == Some(topic.as_str()) {
-                        obs.topic_arn = Some(arn.to_string());
-                    }
-                }
-            }
-            token = out.next_token().map(str::to_string);
-            if token.is_none() || obs.topic_arn.is_some() {
-                break;
-            }
-        }
+        obs.topic_arn = find_topic(c, topic).await?;
         if let Some(arn) = &obs.topic_arn {
-            let out = c
-                .sns
-                .list_subscriptions_by_topic()
-                .topic_arn(arn)
-                .send()
-                .await
-                .map_err(|e| {
-                    explain(
-                        "ListSubscriptionsByTopic",
-                        "sns:ListSubscriptionsByTopic",
-                        e,
-                    )
-                })?;
-            for s in out.subscriptions() {
-                if let (Some(ep), Some(sarn)) = (s.endpoint(), s.subscription_arn()) {
-                    obs.subscriptions.insert(ep.to_string(), sarn.to_string());
-                }
-            }
+            obs.subscriptions = subscriptions(c, arn).await?;
         }
     }
+    obs.log_group = log_group_retention(c, &aws.log_group).await?;
+    let fleet_name = aws.fleet.as_deref();
+    obs.alarms = our_alarms(c, config, instance, fleet_name).await?;
+    if fleet_name.is_some() {
+        obs.other_insights_alarms = describe_alarms(c, None)
+            .await?
+            .iter()
+            .filter(|a| fleet::is_insights(a) && !obs.alarms.contains_key(&a.name))
+            .count();
+    }
+    let dashboard_name = match fleet_name {
+        Some(f) => fleet::dashboard_name(f),
+        None => dashboard::name(instance),
+    };
+    obs.dashboard = get_dashboard(c, dashboard_name).await?;
+    Ok(obs)
+}
+
+/// The ARN of the topic named `topic`, if it exists (pages until found).
+async fn find_topic(c: &Clients, topic: &str) -> Result<Option<String>, AwsError> {
+    let mut found = None;
+    let mut token = None;
+    loop {
+        let out = c
+            .sns
+            .list_topics()
+            .set_next_token(token)
+            .send()
+            .await
+            .map_err(|e| explain("ListTopics", "sns:ListTopics", e))?;
+        for t in out.topics() {
+            if let Some(arn) = t.topic_arn() {
+                if arn.rsplit(':').next() == Some(topic) {
+                    found = Some(arn.to_string());
+                }
+            }
+        }
+        token = out.next_token().map(str::to_string);
+        if token.is_none() || found.is_some() {
+            return Ok(found);
+        }
+    }
+}
+
+/// The topic's subscriptions: endpoint -> subscription ARN.
+async fn subscriptions(c: &Clients, arn: &str) -> Result<BTreeMap<String, String>, AwsError> {
+    let out = c
+        .sns
+        .list_subscriptions_by_topic()
+        .topic_arn(arn)
+        .send()
+        .await
+        .map_err(|e| {
+            explain(
+                "ListSubscriptionsByTopic",
+                "sns:ListSubscriptionsByTopic",
+                e,
+            )
+        })?;
+    Ok(out
+        .subscriptions()
+        .iter()
+        .filter_map(|s| match (s.endpoint(), s.subscription_arn()) {
+            (Some(ep), Some(sarn)) => Some((ep.to_string(), sarn.to_string())),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The log group's retention (`Some(None)` when it keeps logs forever), `None` without it.
+async fn log_group_retention(c: &Clients, name: &str) -> Result<Option<Option<i32>>, AwsError> {
     let groups = c
         .logs
         .describe_log_groups()
-        .log_group_name_prefix(&aws.log_group)
+        .log_group_name_prefix(name)
         .send()
         .await
         .map_err(|e| explain("DescribeLogGroups", "logs:DescribeLogGroups", e))?;
-    obs.log_group = groups
+    Ok(groups
         .log_groups()
         .iter()
-        .find(|g| g.log_group_name() == Some(aws.log_group.as_str()))
-        .map(|g| g.retention_in_days());
-    let fleet_name = aws.fleet.as_deref();
+        .find(|g| g.log_group_name() == Some(name))
+        .map(|g| g.retention_in_days()))
+}
+
+/// This instance's (or fleet's) alarms, by name.
+async fn our_alarms(
+    c: &Clients,
+    config: &Config,
+    instance: &str,
+    fleet_name: Option<&str>,
+) -> Result<BTreeMap<String, AlarmSpec>, AwsError> {
     let prefix = match fleet_name {
         Some(f) => fleet::alarm_prefix(f),
         None => alarms::instance_prefix(instance),
@@ -286,45 +326,31 @@ pub async fn observe(
     .into_iter()
     .map(|a| a.name)
     .collect();
-    for spec in describe_alarms(c, Some(&prefix)).await? {
-        let ours = owns(&spec, &wanted, fleet_name, instance);
-        if ours {
-            obs.alarms.insert(spec.name.clone(), spec);
-        }
-    }
-    if fleet_name.is_some() {
-        obs.other_insights_alarms = describe_alarms(c, None)
-            .await?
-            .iter()
-            .filter(|a| fleet::is_insights(a) && !obs.alarms.contains_key(&a.name))
-            .count();
-    }
-    let dashboard_name = match fleet_name {
-        Some(f) => fleet::dashboard_name(f),
-        None => dashboard::name(instance),
-    };
-    match c
-        .cw
-        .get_dashboard()
-        .dashboard_name(dashboard_name)
-        .send()
-        .await
-    {
-        Ok(out) => {
-            obs.dashboard = out
-                .dashboard_body()
-                .and_then(|b| serde_json::from_str(b).ok());
-        }
+    Ok(describe_alarms(c, Some(&prefix))
+        .await?
+        .into_iter()
+        .filter(|spec| owns(spec, &wanted, fleet_name, instance))
+        .map(|spec| (spec.name.clone(), spec))
+        .collect())
+}
+
+/// The dashboard's body, `None` when there is no dashboard (or its body is not JSON).
+async fn get_dashboard(c: &Clients, name: String) -> Result<Option<serde_json::Value>, AwsError> {
+    match c.cw.get_dashboard().dashboard_name(name).send().await {
+        Ok(out) => Ok(out
+            .dashboard_body()
+            .and_then(|b| serde_json::from_str(b).ok())),
         Err(e) => {
             let missing = e.as_service_error().is_some_and(|s| {
                 s.is_dashboard_not_found_error() || s.code() == Some("ResourceNotFound")
             });
-            if !missing {
-                return Err(explain("GetDashboard", "cloudwatch:GetDashboard", e));
+            if missing {
+                Ok(None)
+            } else {
+                Err(explain("GetDashboard", "cloudwatch:GetDashboard", e))
             }
         }
     }
-    Ok(obs)
 }
 
 /// Every metric alarm whose name starts with `prefix` (all of them without one).
@@ -359,8 +385,6 @@ fn pairs(dims: &[aws_sdk_cloudwatch::types::Dimension]) -> Vec<(String, String)>
 }
 
 /// An alarm as DescribeAlarms returns it, in pmguard's terms.
-// Not split yet (issue 14, installer half: out of time); one step list of 62 lines.
-#[allow(clippy::too_many_lines)]
 fn observed_alarm(a: &aws_sdk_cloudwatch::types::MetricAlarm) -> AlarmSpec {
     AlarmSpec {
         name: a.alarm_name().unwrap_or_default().to_string(),
@@ -387,43 +411,50 @@ fn observed_alarm(a: &aws_sdk_cloudwatch::types::MetricAlarm) -> AlarmSpec {
         metrics: a
             .metrics()
             .iter()
-            .map(|q| MetricQuery {
-                id: q.id().unwrap_or_default().to_string(),
-                label: q.label().unwrap_or_default().to_string(),
-                // A math expression has no period of its own: it takes its metrics'.
-                period: q
-                    .period()
-                    .or_else(|| q.metric_stat().and_then(|m| m.period()))
-                    .or_else(|| {
-                        a.metrics()
-                            .iter()
-                            .find_map(|m| m.metric_stat().and_then(|m| m.period()))
-                    })
-                    .unwrap_or(0),
-                return_data: q.return_data().unwrap_or(true),
-                source: match (q.expression(), q.metric_stat()) {
-                    (Some(e), _) => QuerySource::Expression(e.to_string()),
-                    (None, Some(ms)) => QuerySource::Metric {
-                        namespace: ms
-                            .metric()
-                            .and_then(|m| m.namespace())
-                            .unwrap_or_default()
-                            .to_string(),
-                        name: ms
-                            .metric()
-                            .and_then(|m| m.metric_name())
-                            .unwrap_or_default()
-                            .to_string(),
-                        dimensions: ms
-                            .metric()
-                            .map(|m| pairs(m.dimensions()))
-                            .unwrap_or_default(),
-                        stat: ms.stat().unwrap_or_default().to_string(),
-                    },
-                    (None, None) => QuerySource::Expression(String::new()),
-                },
-            })
+            .map(|q| observed_query(q, a.metrics()))
             .collect(),
+    }
+}
+
+/// One metric data query of an alarm as DescribeAlarms returns it (`all` are its siblings).
+fn observed_query(
+    q: &aws_sdk_cloudwatch::types::MetricDataQuery,
+    all: &[aws_sdk_cloudwatch::types::MetricDataQuery],
+) -> MetricQuery {
+    MetricQuery {
+        id: q.id().unwrap_or_default().to_string(),
+        label: q.label().unwrap_or_default().to_string(),
+        // A math expression has no period of its own: it takes its metrics'.
+        period: q
+            .period()
+            .or_else(|| q.metric_stat().and_then(|m| m.period()))
+            .or_else(|| {
+                all.iter()
+                    .find_map(|m| m.metric_stat().and_then(|m| m.period()))
+            })
+            .unwrap_or(0),
+        return_data: q.return_data().unwrap_or(true),
+        source: match (q.expression(), q.metric_stat()) {
+            (Some(e), _) => QuerySource::Expression(e.to_string()),
+            (None, Some(ms)) => QuerySource::Metric {
+                namespace: ms
+                    .metric()
+                    .and_then(|m| m.namespace())
+                    .unwrap_or_default()
+                    .to_string(),
+                name: ms
+                    .metric()
+                    .and_then(|m| m.metric_name())
+                    .unwrap_or_default()
+                    .to_string(),
+                dimensions: ms
+                    .metric()
+                    .map(|m| pairs(m.dimensions()))
+                    .unwrap_or_default(),
+                stat: ms.stat().unwrap_or_default().to_string(),
+            },
+            (None, None) => QuerySource::Expression(String::new()),
+        },
     }
 }
 
