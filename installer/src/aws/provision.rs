@@ -22,7 +22,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_cloudwatch::error::ProvideErrorMetadata;
 use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
-use pmguard_agent::config::Config;
+use pmguard_agent::config::{AwsConfig, Config};
 
 use aws_sdk_cloudwatch::types::{Metric, MetricDataQuery, MetricStat};
 use pmguard_agent::aws::names::{AGENT_IAM_ACTIONS, FLEET_AGENT_IAM_ACTIONS};
@@ -505,8 +505,6 @@ pub async fn observe_sharing(
 }
 
 /// Every step that converges AWS to the config (pure).
-// Not split yet (issue 14, installer half: out of time); one step list of 91 lines.
-#[allow(clippy::too_many_lines)]
 pub fn plan(
     config: &Config,
     instance: &str,
@@ -517,6 +515,16 @@ pub fn plan(
         return Err(crate::Error::NoAwsSection);
     };
     let mut steps = Vec::new();
+    let topic_arn = plan_topic(aws, obs, &mut steps);
+    plan_log_group(aws, obs, &mut steps);
+    plan_alarms(config, instance, topic_arn.as_deref(), obs, &mut steps)?;
+    plan_dashboard(config, instance, region, obs, &mut steps);
+    Ok(steps)
+}
+
+/// The topic (created when missing) and the email subscription; returns the topic's ARN, or a
+/// placeholder for one about to be created, for the alarms' actions.
+fn plan_topic(aws: &AwsConfig, obs: &AwsObserved, steps: &mut Vec<AwsStep>) -> Option<String> {
     let topic_arn = match (&aws.sns_topic, &obs.topic_arn) {
         (Some(_), Some(arn)) => Some(arn.clone()),
         (Some(name), None) => {
@@ -532,6 +540,11 @@ pub fn plan(
             });
         }
     }
+    topic_arn
+}
+
+/// The log group and its retention.
+fn plan_log_group(aws: &AwsConfig, obs: &AwsObserved, steps: &mut Vec<AwsStep>) {
     let days = aws.log_retention_days as i32;
     match obs.log_group {
         None => {
@@ -551,13 +564,24 @@ pub fn plan(
         }),
         Some(_) => {}
     }
-    let desired = match aws.fleet.as_deref() {
+}
+
+/// Every alarm the config asks for (validated first) that is missing or differs, and every
+/// alarm of ours it no longer asks for.
+fn plan_alarms(
+    config: &Config,
+    instance: &str,
+    topic_arn: Option<&str>,
+    obs: &AwsObserved,
+    steps: &mut Vec<AwsStep>,
+) -> Result<(), crate::Error> {
+    let desired = match config.aws.as_ref().and_then(|a| a.fleet.as_deref()) {
         Some(_) => {
-            let desired = fleet::desired(config, topic_arn.as_deref());
+            let desired = fleet::desired(config, topic_arn);
             fleet::validate_fleet(config, &desired, obs.other_insights_alarms)?;
             desired
         }
-        None => alarms::desired(config, instance, topic_arn.as_deref()),
+        None => alarms::desired(config, instance, topic_arn),
     };
     for spec in &desired {
         alarms::validate(spec)?;
@@ -582,7 +606,18 @@ pub fn plan(
             steps.push(AwsStep::DeleteAlarm { name: name.clone() });
         }
     }
-    let (name, built) = match aws.fleet.as_deref() {
+    Ok(())
+}
+
+/// The dashboard, put when its body differs from what is there.
+fn plan_dashboard(
+    config: &Config,
+    instance: &str,
+    region: &str,
+    obs: &AwsObserved,
+    steps: &mut Vec<AwsStep>,
+) {
+    let (name, built) = match config.aws.as_ref().and_then(|a| a.fleet.as_deref()) {
         Some(f) => (
             fleet::dashboard_name(f),
             dashboard::build_fleet(config, region),
@@ -603,7 +638,6 @@ pub fn plan(
             });
         }
     }
-    Ok(steps)
 }
 
 /// `uninstall --aws` on one box: what belongs to this box alone, and why the rest stays.
