@@ -838,133 +838,152 @@ pub fn display(steps: &[AwsStep], obs: &AwsObserved, config: &Config) -> String 
 }
 
 /// Carries the steps out in order; returns how many mutating calls were made.
-// Not split yet (issue 14, installer half: out of time); one step list of 126 lines.
-#[allow(clippy::too_many_lines)]
 pub async fn apply(c: &Clients, steps: &[AwsStep]) -> Result<usize, AwsError> {
     let mut calls = 0;
     let mut topic_arn: Option<String> = None;
     for s in steps {
         calls += 1;
         match s {
-            AwsStep::CreateTopic { name } => {
-                let out = c
-                    .sns
-                    .create_topic()
-                    .name(name)
-                    .send()
-                    .await
-                    .map_err(|e| explain("CreateTopic", "sns:CreateTopic", e))?;
-                topic_arn = out.topic_arn().map(str::to_string);
-            }
+            AwsStep::CreateTopic { name } => topic_arn = create_topic(c, name).await?,
             AwsStep::Subscribe { email } => {
                 let arn = match &topic_arn {
                     Some(a) => a.clone(),
                     None => find_topic_arn(steps, c).await?,
                 };
-                c.sns
-                    .subscribe()
-                    .topic_arn(arn)
-                    .protocol("email")
-                    .endpoint(email)
-                    .send()
-                    .await
-                    .map_err(|e| explain("Subscribe", "sns:Subscribe", e))?;
+                subscribe(c, &arn, email).await?;
             }
-            AwsStep::CreateLogGroup { name } => {
-                if let Err(e) = c.logs.create_log_group().log_group_name(name).send().await {
-                    if e.code() != Some("ResourceAlreadyExistsException") {
-                        return Err(explain("CreateLogGroup", "logs:CreateLogGroup", e));
-                    }
-                }
-            }
-            AwsStep::PutRetention { name, days, .. } => {
-                c.logs
-                    .put_retention_policy()
-                    .log_group_name(name)
-                    .retention_in_days(*days)
-                    .send()
-                    .await
-                    .map_err(|e| explain("PutRetentionPolicy", "logs:PutRetentionPolicy", e))?;
-            }
-            AwsStep::PutAlarm { spec, .. } => {
-                let actions: Vec<String> = spec
-                    .actions
-                    .iter()
-                    .map(|a| {
-                        if a == TOPIC_TO_CREATE {
-                            topic_arn.clone().unwrap_or_default()
-                        } else {
-                            a.clone()
-                        }
-                    })
-                    .filter(|a| !a.is_empty())
-                    .collect();
-                let mut req =
-                    c.cw.put_metric_alarm()
-                        .alarm_name(&spec.name)
-                        .alarm_description(&spec.description)
-                        .evaluation_periods(spec.evaluation_periods)
-                        .datapoints_to_alarm(spec.datapoints_to_alarm)
-                        .threshold(spec.threshold)
-                        .comparison_operator(ComparisonOperator::from(spec.comparison.as_str()))
-                        .treat_missing_data(&spec.treat_missing_data)
-                        .set_alarm_actions(Some(actions.clone()))
-                        .set_ok_actions(Some(actions));
-                if spec.metrics.is_empty() {
-                    req = req
-                        .namespace(&spec.namespace)
-                        .metric_name(&spec.metric)
-                        .statistic(Statistic::from(spec.statistic.as_str()))
-                        .set_dimensions(Some(dimensions(&spec.dimensions)))
-                        .period(spec.period);
-                } else {
-                    req = req.set_metrics(Some(spec.metrics.iter().map(to_sdk_query).collect()));
-                }
-                req.send()
-                    .await
-                    .map_err(|e| explain("PutMetricAlarm", "cloudwatch:PutMetricAlarm", e))?;
-            }
-            AwsStep::DeleteAlarm { name } => {
-                c.cw.delete_alarms()
-                    .alarm_names(name)
-                    .send()
-                    .await
-                    .map_err(|e| explain("DeleteAlarms", "cloudwatch:DeleteAlarms", e))?;
-            }
-            AwsStep::PutDashboard { name, body, .. } => {
-                c.cw.put_dashboard()
-                    .dashboard_name(name)
-                    .dashboard_body(body)
-                    .send()
-                    .await
-                    .map_err(|e| explain("PutDashboard", "cloudwatch:PutDashboard", e))?;
-            }
-            AwsStep::DeleteDashboard { name } => {
-                c.cw.delete_dashboards()
-                    .dashboard_names(name)
-                    .send()
-                    .await
-                    .map_err(|e| explain("DeleteDashboards", "cloudwatch:DeleteDashboards", e))?;
-            }
-            AwsStep::DeleteTopic { arn } => {
-                c.sns
-                    .delete_topic()
-                    .topic_arn(arn)
-                    .send()
-                    .await
-                    .map_err(|e| explain("DeleteTopic", "sns:DeleteTopic", e))?;
-            }
-            AwsStep::DeleteLogGroup { name } => {
-                c.logs
-                    .delete_log_group()
-                    .log_group_name(name)
-                    .send()
-                    .await
-                    .map_err(|e| explain("DeleteLogGroup", "logs:DeleteLogGroup", e))?;
-            }
+            AwsStep::PutAlarm { spec, .. } => put_alarm(c, spec, topic_arn.as_deref()).await?,
+            other => apply_independent(c, other).await?,
         }
     }
     Ok(calls)
+}
+
+async fn create_topic(c: &Clients, name: &str) -> Result<Option<String>, AwsError> {
+    let out = c
+        .sns
+        .create_topic()
+        .name(name)
+        .send()
+        .await
+        .map_err(|e| explain("CreateTopic", "sns:CreateTopic", e))?;
+    Ok(out.topic_arn().map(str::to_string))
+}
+
+async fn subscribe(c: &Clients, arn: &str, email: &str) -> Result<(), AwsError> {
+    c.sns
+        .subscribe()
+        .topic_arn(arn)
+        .protocol("email")
+        .endpoint(email)
+        .send()
+        .await
+        .map_err(|e| explain("Subscribe", "sns:Subscribe", e))?;
+    Ok(())
+}
+
+/// PutMetricAlarm for `spec`, its topic placeholder replaced by the topic created in this run.
+async fn put_alarm(c: &Clients, spec: &AlarmSpec, topic_arn: Option<&str>) -> Result<(), AwsError> {
+    let actions: Vec<String> = spec
+        .actions
+        .iter()
+        .map(|a| {
+            if a == TOPIC_TO_CREATE {
+                topic_arn.unwrap_or_default().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .filter(|a| !a.is_empty())
+        .collect();
+    let mut req =
+        c.cw.put_metric_alarm()
+            .alarm_name(&spec.name)
+            .alarm_description(&spec.description)
+            .evaluation_periods(spec.evaluation_periods)
+            .datapoints_to_alarm(spec.datapoints_to_alarm)
+            .threshold(spec.threshold)
+            .comparison_operator(ComparisonOperator::from(spec.comparison.as_str()))
+            .treat_missing_data(&spec.treat_missing_data)
+            .set_alarm_actions(Some(actions.clone()))
+            .set_ok_actions(Some(actions));
+    if spec.metrics.is_empty() {
+        req = req
+            .namespace(&spec.namespace)
+            .metric_name(&spec.metric)
+            .statistic(Statistic::from(spec.statistic.as_str()))
+            .set_dimensions(Some(dimensions(&spec.dimensions)))
+            .period(spec.period);
+    } else {
+        req = req.set_metrics(Some(spec.metrics.iter().map(to_sdk_query).collect()));
+    }
+    req.send()
+        .await
+        .map_err(|e| explain("PutMetricAlarm", "cloudwatch:PutMetricAlarm", e))?;
+    Ok(())
+}
+
+/// The steps that need nothing from earlier steps: one call each.
+async fn apply_independent(c: &Clients, step: &AwsStep) -> Result<(), AwsError> {
+    match step {
+        AwsStep::CreateLogGroup { name } => {
+            if let Err(e) = c.logs.create_log_group().log_group_name(name).send().await {
+                if e.code() != Some("ResourceAlreadyExistsException") {
+                    return Err(explain("CreateLogGroup", "logs:CreateLogGroup", e));
+                }
+            }
+        }
+        AwsStep::PutRetention { name, days, .. } => {
+            c.logs
+                .put_retention_policy()
+                .log_group_name(name)
+                .retention_in_days(*days)
+                .send()
+                .await
+                .map_err(|e| explain("PutRetentionPolicy", "logs:PutRetentionPolicy", e))?;
+        }
+        AwsStep::DeleteAlarm { name } => {
+            c.cw.delete_alarms()
+                .alarm_names(name)
+                .send()
+                .await
+                .map_err(|e| explain("DeleteAlarms", "cloudwatch:DeleteAlarms", e))?;
+        }
+        AwsStep::PutDashboard { name, body, .. } => {
+            c.cw.put_dashboard()
+                .dashboard_name(name)
+                .dashboard_body(body)
+                .send()
+                .await
+                .map_err(|e| explain("PutDashboard", "cloudwatch:PutDashboard", e))?;
+        }
+        AwsStep::DeleteDashboard { name } => {
+            c.cw.delete_dashboards()
+                .dashboard_names(name)
+                .send()
+                .await
+                .map_err(|e| explain("DeleteDashboards", "cloudwatch:DeleteDashboards", e))?;
+        }
+        AwsStep::DeleteTopic { arn } => {
+            c.sns
+                .delete_topic()
+                .topic_arn(arn)
+                .send()
+                .await
+                .map_err(|e| explain("DeleteTopic", "sns:DeleteTopic", e))?;
+        }
+        AwsStep::DeleteLogGroup { name } => {
+            c.logs
+                .delete_log_group()
+                .log_group_name(name)
+                .send()
+                .await
+                .map_err(|e| explain("DeleteLogGroup", "logs:DeleteLogGroup", e))?;
+        }
+        // These depend on the topic created earlier in the run: `apply` carries them out.
+        AwsStep::CreateTopic { .. } | AwsStep::Subscribe { .. } | AwsStep::PutAlarm { .. } => {}
+    }
+    Ok(())
 }
 
 fn dimensions(pairs: &[(String, String)]) -> Vec<Dimension> {
