@@ -72,56 +72,38 @@ pub struct Target<'a> {
 }
 
 /// Runs every local check. AWS checks are added by `aws_checks`.
-// Not split yet (issue 14, installer half: out of time); one step list of 68 lines.
-#[allow(clippy::too_many_lines)]
 pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
-    let mut out = Vec::new();
     let config = match Config::load(t.config_path) {
-        Ok(c) => {
-            out.push(ok(
-                "config",
-                format!(
-                    "{} is valid ({} app(s))",
-                    t.config_path.display(),
-                    c.apps.len()
-                ),
-            ));
-            c
-        }
+        Ok(c) => c,
         Err(e) => {
-            out.push(fail(
+            let check = fail(
                 "config",
                 e.to_string(),
                 format!(
                     "fix the lines above, then `pmguard-agent validate --config {}`",
                     t.config_path.display()
                 ),
-            ));
-            return (out, None);
+            );
+            return (vec![check], None);
         }
     };
+    let mut out = vec![ok(
+        "config",
+        format!(
+            "{} is valid ({} app(s))",
+            t.config_path.display(),
+            config.apps.len()
+        ),
+    )];
     let manifest = Manifest::read(&under(t.root, Path::new(render::MANIFEST_PATH)))
         .ok()
         .flatten();
     let agent_path = installed_agent(t, manifest.as_ref());
     out.push(agent_binary(t, agent_path, manifest.as_ref()));
     let account = user_of(t);
-    let desired = account.as_ref().and_then(|a| {
-        let config_text = std::fs::read_to_string(t.config_path).ok()?;
-        let agent_binary = (agent_path == render::AGENT_PATH).then(|| {
-            std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default()
-        });
-        render::render(
-            &config,
-            &Settings {
-                account: a.clone(),
-                config_text,
-                agent_binary,
-                pm2: crate::pm2unit::observe(t.root, a, &config),
-            },
-        )
-        .ok()
-    });
+    let desired = account
+        .as_ref()
+        .and_then(|a| desired_files(t, &config, a, agent_path));
     for (name, path) in [
         ("unit file", render::UNIT_PATH),
         ("cron backup check", render::CRON_PATH),
@@ -143,6 +125,28 @@ pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
     let paths = pm2_paths(&config, account.as_ref());
     out.extend(pm2_checks(&config, &paths, t.live));
     (out, Some(config))
+}
+
+/// What install would lay down now for this config and account (`None` when it cannot tell).
+fn desired_files(
+    t: &Target<'_>,
+    config: &Config,
+    account: &users::Account,
+    agent_path: &str,
+) -> Option<Vec<DesiredFile>> {
+    let config_text = std::fs::read_to_string(t.config_path).ok()?;
+    let agent_binary = (agent_path == render::AGENT_PATH)
+        .then(|| std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default());
+    render::render(
+        config,
+        &Settings {
+            account: account.clone(),
+            config_text,
+            agent_binary,
+            pm2: crate::pm2unit::observe(t.root, account, config),
+        },
+    )
+    .ok()
 }
 
 /// The agent the install runs: its own copy at `AGENT_PATH`, or the package's binary in place
@@ -288,8 +292,6 @@ fn cron_readable(t: &Target<'_>) -> Check {
     )
 }
 
-// Not split yet (issue 14, installer half: out of time); one step list of 64 lines.
-#[allow(clippy::too_many_lines)]
 fn installed_modes(t: &Target<'_>, manifest: Option<&Manifest>) -> Vec<Check> {
     let Some(m) = manifest else {
         return vec![warn(
@@ -298,56 +300,8 @@ fn installed_modes(t: &Target<'_>, manifest: Option<&Manifest>) -> Vec<Check> {
             "run `pmguard install --config <file>`",
         )];
     };
-    let mut problems = Vec::new();
-    for path in m.files.keys() {
-        let real = under(t.root, path);
-        let Ok(meta) = std::fs::symlink_metadata(&real) else {
-            problems.push(format!("{} is missing", path.display()));
-            continue;
-        };
-        if meta.mode() & 0o002 != 0 {
-            problems.push(format!("{} is world-writable", path.display()));
-        }
-        if t.live && meta.uid() != 0 {
-            problems.push(format!(
-                "{} is owned by uid {}, not root",
-                path.display(),
-                meta.uid()
-            ));
-        }
-        // Every directory on the way must not be world-writable (unless sticky, like /tmp).
-        let mut dir = real.parent();
-        while let Some(d) = dir {
-            if let Ok(dm) = std::fs::metadata(d) {
-                if dm.mode() & 0o002 != 0 && dm.mode() & 0o1000 == 0 {
-                    problems.push(format!(
-                        "{} (on the way to {}) is world-writable",
-                        d.display(),
-                        path.display()
-                    ));
-                }
-            }
-            if d == t.root {
-                break;
-            }
-            dir = d.parent();
-        }
-    }
-    // The config directory must let the PM2 user reach its config (a root umask of 077 at
-    // install time makes it 0700).
-    let config_dir = Path::new(render::CONFIG_PATH)
-        .parent()
-        .unwrap_or(Path::new("/"));
-    if let Ok(dm) = std::fs::metadata(under(t.root, config_dir)) {
-        if dm.mode() & 0o7777 != crate::plan::DIR_MODE {
-            problems.push(format!(
-                "{} has mode {:04o}, not {:04o}: the PM2 user cannot read its config",
-                config_dir.display(),
-                dm.mode() & 0o7777,
-                crate::plan::DIR_MODE
-            ));
-        }
-    }
+    let mut problems: Vec<String> = m.files.keys().flat_map(|p| file_problems(t, p)).collect();
+    problems.extend(config_dir_problem(t));
     problems.sort();
     problems.dedup();
     if problems.is_empty() {
@@ -360,8 +314,61 @@ fn installed_modes(t: &Target<'_>, manifest: Option<&Manifest>) -> Vec<Check> {
     }
 }
 
-// Not split yet (issue 14, installer half: out of time); one step list of 94 lines.
-#[allow(clippy::too_many_lines)]
+/// What is unsafe about one installed file: missing, world-writable, not root's, or under a
+/// world-writable directory.
+fn file_problems(t: &Target<'_>, path: &Path) -> Vec<String> {
+    let real = under(t.root, path);
+    let Ok(meta) = std::fs::symlink_metadata(&real) else {
+        return vec![format!("{} is missing", path.display())];
+    };
+    let mut problems = Vec::new();
+    if meta.mode() & 0o002 != 0 {
+        problems.push(format!("{} is world-writable", path.display()));
+    }
+    if t.live && meta.uid() != 0 {
+        problems.push(format!(
+            "{} is owned by uid {}, not root",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    // Every directory on the way must not be world-writable (unless sticky, like /tmp).
+    let mut dir = real.parent();
+    while let Some(d) = dir {
+        if let Ok(dm) = std::fs::metadata(d) {
+            if dm.mode() & 0o002 != 0 && dm.mode() & 0o1000 == 0 {
+                problems.push(format!(
+                    "{} (on the way to {}) is world-writable",
+                    d.display(),
+                    path.display()
+                ));
+            }
+        }
+        if d == t.root {
+            break;
+        }
+        dir = d.parent();
+    }
+    problems
+}
+
+/// The config directory must let the PM2 user reach its config (a root umask of 077 at
+/// install time makes it 0700).
+fn config_dir_problem(t: &Target<'_>) -> Option<String> {
+    let config_dir = Path::new(render::CONFIG_PATH)
+        .parent()
+        .unwrap_or(Path::new("/"));
+    let dm = std::fs::metadata(under(t.root, config_dir)).ok()?;
+    (dm.mode() & 0o7777 != crate::plan::DIR_MODE).then(|| {
+        format!(
+            "{} has mode {:04o}, not {:04o}: the PM2 user cannot read its config",
+            config_dir.display(),
+            dm.mode() & 0o7777,
+            crate::plan::DIR_MODE
+        )
+    })
+}
+
 fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
     if !t.live {
         return vec![warn(
@@ -387,58 +394,46 @@ fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
             "check that systemd is installed",
         )];
     };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| {
-        text.lines()
+    unit_checks(&UnitProps(
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// `systemctl show -p ...` output: `Key=value` lines.
+struct UnitProps(String);
+
+impl UnitProps {
+    fn get(&self, k: &str) -> String {
+        self.0
+            .lines()
             .find_map(|l| l.strip_prefix(&format!("{k}=")))
             .unwrap_or("")
             .to_string()
-    };
-    let mut v = Vec::new();
-    if get("LoadState") != "loaded" {
-        v.push(fail(
-            "systemd unit",
-            format!("{} is {}", render::UNIT_NAME, get("LoadState")),
-            "run `pmguard install` and `systemctl daemon-reload`",
-        ));
-        return v;
     }
-    v.push(if get("UnitFileState") == "enabled" {
+}
+
+/// The agent's unit as systemd reports it: loaded, enabled, active, not crash-looping, with
+/// its watchdog armed.
+fn unit_checks(p: &UnitProps) -> Vec<Check> {
+    if p.get("LoadState") != "loaded" {
+        return vec![fail(
+            "systemd unit",
+            format!("{} is {}", render::UNIT_NAME, p.get("LoadState")),
+            "run `pmguard install` and `systemctl daemon-reload`",
+        )];
+    }
+    let mut v = Vec::new();
+    v.push(if p.get("UnitFileState") == "enabled" {
         ok("unit enabled", "enabled at boot")
     } else {
         fail(
             "unit enabled",
-            format!("unit file state: {}", get("UnitFileState")),
+            format!("unit file state: {}", p.get("UnitFileState")),
             format!("systemctl enable {}", render::UNIT_NAME),
         )
     });
-    v.push(if get("ActiveState") == "active" {
-        ok(
-            "unit active",
-            format!(
-                "active ({}), restarts {}",
-                get("SubState"),
-                get("NRestarts")
-            ),
-        )
-    } else {
-        fail(
-            "unit active",
-            format!(
-                "{} ({}), last result {}, exit status {}",
-                get("ActiveState"),
-                get("SubState"),
-                get("Result"),
-                get("ExecMainStatus")
-            ),
-            format!(
-                "journalctl -u {} -n 50; then systemctl restart {}",
-                render::UNIT_NAME,
-                render::UNIT_NAME
-            ),
-        )
-    });
-    let restarts: u32 = get("NRestarts").parse().unwrap_or(0);
+    v.push(unit_active(p));
+    let restarts: u32 = p.get("NRestarts").parse().unwrap_or(0);
     if restarts >= 3 {
         v.push(warn(
             "agent crash loop",
@@ -446,7 +441,7 @@ fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
             format!("journalctl -u {} to see why it exits", render::UNIT_NAME),
         ));
     }
-    let wd = get("WatchdogUSec");
+    let wd = p.get("WatchdogUSec");
     v.push(if !wd.is_empty() && wd != "0" && wd != "infinity" {
         ok("watchdog", format!("armed ({wd})"))
     } else {
@@ -457,6 +452,34 @@ fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
         )
     });
     v
+}
+
+fn unit_active(p: &UnitProps) -> Check {
+    if p.get("ActiveState") == "active" {
+        return ok(
+            "unit active",
+            format!(
+                "active ({}), restarts {}",
+                p.get("SubState"),
+                p.get("NRestarts")
+            ),
+        );
+    }
+    fail(
+        "unit active",
+        format!(
+            "{} ({}), last result {}, exit status {}",
+            p.get("ActiveState"),
+            p.get("SubState"),
+            p.get("Result"),
+            p.get("ExecMainStatus")
+        ),
+        format!(
+            "journalctl -u {} -n 50; then systemctl restart {}",
+            render::UNIT_NAME,
+            render::UNIT_NAME
+        ),
+    )
 }
 
 /// Runtime state (heartbeat, PM2) is always the live system's: `--root` maps installed files only.
