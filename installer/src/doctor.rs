@@ -4,6 +4,7 @@
 //! Local checks are plain functions over what they read (under the root); the AWS checks reuse
 //! provision-aws's observe and plan, so "drift" means exactly what provision-aws would change.
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
@@ -543,8 +544,6 @@ fn pm2_supervised(paths: &Pm2Paths) -> Check {
 
 /// Does `dump.pm2` (what `pm2 resurrect` and a boot bring back) name the apps PM2 runs now?
 /// Only the names are read: the file holds every app's environment, secrets included.
-// Not split yet (issue 14, installer half: out of time); one step list of 63 lines.
-#[allow(clippy::too_many_lines)]
 fn pm2_dump(paths: &Pm2Paths, snap: &pmguard_agent::pm2::Snapshot) -> Check {
     #[derive(serde::Deserialize)]
     struct Entry {
@@ -580,17 +579,21 @@ fn pm2_dump(paths: &Pm2Paths, snap: &pmguard_agent::pm2::Snapshot) -> Check {
             )
         }
     };
-    let saved: std::collections::BTreeSet<&str> = dumped.iter().map(|e| e.name.as_str()).collect();
-    let running: std::collections::BTreeSet<&str> =
-        snap.processes.iter().map(|e| e.name.as_str()).collect();
+    let saved: BTreeSet<&str> = dumped.iter().map(|e| e.name.as_str()).collect();
+    let running: BTreeSet<&str> = snap.processes.iter().map(|e| e.name.as_str()).collect();
+    compare_dump(&saved, &running)
+}
+
+/// The apps the dump names against those PM2 runs.
+fn compare_dump(saved: &BTreeSet<&str>, running: &BTreeSet<&str>) -> Check {
     if saved == running {
         return ok(
             "pm2 dump",
             format!("dump.pm2 names the {} running app(s)", running.len()),
         );
     }
-    let back: Vec<&str> = saved.difference(&running).copied().collect();
-    let lost: Vec<&str> = running.difference(&saved).copied().collect();
+    let back: Vec<&str> = saved.difference(running).copied().collect();
+    let lost: Vec<&str> = running.difference(saved).copied().collect();
     let mut detail = Vec::new();
     if !back.is_empty() {
         detail.push(format!(
@@ -777,21 +780,13 @@ fn stuck_now(app: &pmguard_agent::config::AppConfig, pids: &[u32]) -> Check {
 }
 
 /// The AWS checks (only with an `[aws]` section).
-// Not split yet (issue 14, installer half: out of time); one step list of 64 lines.
-#[allow(clippy::too_many_lines)]
 pub async fn aws_checks(config: &Config) -> Vec<Check> {
     use crate::aws::provision;
     let Some(aws) = config.aws.as_ref() else {
         return vec![ok("aws", "no [aws] section: fully local")];
     };
     let mut v = Vec::new();
-    let source = if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
-        "environment variables"
-    } else if std::env::var_os("AWS_PROFILE").is_some() {
-        "AWS_PROFILE"
-    } else {
-        "the default chain (profile or instance profile via IMDSv2)"
-    };
+    let source = credentials_source();
     let clients = provision::clients(config).await;
     v.push(ok(
         "aws credentials",
@@ -825,25 +820,52 @@ pub async fn aws_checks(config: &Config) -> Vec<Check> {
         "aws access",
         "DescribeAlarms, DescribeLogGroups, ListTopics allowed",
     ));
-    match provision::plan(config, &instance, &clients.region, &observed) {
-        Ok(steps) if steps.is_empty() => v.push(ok(
+    v.push(resources_check(
+        config,
+        &instance,
+        &clients.region,
+        &observed,
+    ));
+    v.extend(subscription_check(config, &observed));
+    v.push(metrics_arriving(&clients, config, &instance).await);
+    v
+}
+
+/// Where the AWS SDK takes its credentials from, for the user.
+fn credentials_source() -> &'static str {
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        "environment variables"
+    } else if std::env::var_os("AWS_PROFILE").is_some() {
+        "AWS_PROFILE"
+    } else {
+        "the default chain (profile or instance profile via IMDSv2)"
+    }
+}
+
+/// AWS matches the config: provision-aws would plan nothing.
+fn resources_check(
+    config: &Config,
+    instance: &str,
+    region: &str,
+    observed: &crate::aws::provision::AwsObserved,
+) -> Check {
+    use crate::aws::provision;
+    match provision::plan(config, instance, region, observed) {
+        Ok(steps) if steps.is_empty() => ok(
             "aws resources",
             "topic, log group, alarms and dashboard match the config",
-        )),
-        Ok(steps) => v.push(fail(
+        ),
+        Ok(steps) => fail(
             "aws resources",
             format!(
                 "{} difference(s) from the config:\n{}",
                 steps.len(),
-                provision::display(&steps, &observed, config).trim_end()
+                provision::display(&steps, observed, config).trim_end()
             ),
             "run `pmguard provision-aws --config <file>` (`--dry-run` first to see it)",
-        )),
-        Err(e) => v.push(fail("aws resources", e.to_string(), "fix the config")),
+        ),
+        Err(e) => fail("aws resources", e.to_string(), "fix the config"),
     }
-    v.extend(subscription_check(config, &observed));
-    v.push(metrics_arriving(&clients, config, &instance).await);
-    v
 }
 
 /// The email subscription is confirmed (pure: from what was observed).
