@@ -347,12 +347,32 @@ fn write_record(root: &Path, record: &Record) -> Result<(), Error> {
 /// lines uncommented) and removes the record; returns what was done.
 /// What cannot be put back (systemd not running here, a crontab gone) is said and stays in the
 /// record for the next uninstall; it never stops the uninstall.
-// Not split yet (issue 14, installer half: out of time); one step list of 62 lines.
-#[allow(clippy::too_many_lines)]
 pub fn restore(root: &Path, systemd: &dyn Systemd, dry_run: bool) -> Result<Vec<String>, Error> {
     let record = read_record(root)?;
     let mut done = Vec::new();
     let mut left = Record::default();
+    restore_units(&record, systemd, dry_run, &mut done, &mut left);
+    restore_cron_lines(root, &record, dry_run, &mut done, &mut left);
+    if !dry_run && record != Record::default() {
+        if left == Record::default() {
+            let path = under(root, Path::new(RECORD_PATH));
+            std::fs::remove_file(&path).map_err(Error::io(&path))?;
+        } else {
+            write_record(root, &left)?;
+        }
+    }
+    Ok(done)
+}
+
+/// Re-enables and restarts the recorded units as they were; what cannot be done is said in
+/// `done` and kept in `left`.
+fn restore_units(
+    record: &Record,
+    systemd: &dyn Systemd,
+    dry_run: bool,
+    done: &mut Vec<String>,
+    left: &mut Record,
+) {
     for u in &record.units {
         let live = matches!(systemd.state(&u.name), UnitState::Live { .. });
         let mut failed = !live && !dry_run;
@@ -387,6 +407,17 @@ pub fn restore(root: &Path, systemd: &dyn Systemd, dry_run: bool) -> Result<Vec<
             left.units.push(u.clone());
         }
     }
+}
+
+/// Uncomments the recorded crontab lines; what cannot be done is said in `done` and kept in
+/// `left`.
+fn restore_cron_lines(
+    root: &Path,
+    record: &Record,
+    dry_run: bool,
+    done: &mut Vec<String>,
+    left: &mut Record,
+) {
     for c in &record.cron_lines {
         if dry_run {
             done.push(format!("uncomment `{}` in {}", c.line, c.file.display()));
@@ -403,15 +434,6 @@ pub fn restore(root: &Path, systemd: &dyn Systemd, dry_run: bool) -> Result<Vec<
             }
         }
     }
-    if !dry_run && record != Record::default() {
-        if left == Record::default() {
-            let path = under(root, Path::new(RECORD_PATH));
-            std::fs::remove_file(&path).map_err(Error::io(&path))?;
-        } else {
-            write_record(root, &left)?;
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]
