@@ -5,7 +5,7 @@
 //! runs systemd, checks users), and the one consumer (the `pmguard` binary) only renders the
 //! message, so per-module enums would add a ladder of `From` conversions without telling the
 //! caller anything more. AWS calls keep their own [`AwsError`](crate::aws::provision::AwsError)
-//! (call, detail, fix), which this enum wraps.
+//! (call, detail, fix) and `LegacyAlarmError`: those edges are async SDK calls, apart from this.
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -113,8 +113,6 @@ pub enum Error {
         others: usize,
         max: usize,
     },
-    #[error(transparent)]
-    Aws(#[from] crate::aws::provision::AwsError),
 }
 
 impl Error {
