@@ -315,7 +315,7 @@ fn installed_modes(t: &Target<'_>, manifest: Option<&Manifest>) -> Vec<Check> {
     }
 }
 
-/// What is unsafe about one installed file: missing, world-writable, not root's, or under a
+/// What is wrong with one installed file: missing, world-writable, not root's, or under a
 /// world-writable directory.
 fn file_problems(t: &Target<'_>, path: &Path) -> Vec<String> {
     let real = under(t.root, path);
