@@ -10,6 +10,8 @@ use pmguard_agent::config::Config;
 use pmguard_installer::aws::{provision, ssm};
 use pmguard_installer::bootstrap::{Bootstrap, ConfigSource, Format};
 
+use crate::error::CliError;
+
 #[derive(Subcommand)]
 pub enum FleetCommand {
     /// Validate a config and store it in SSM Parameter Store, where `pmguard install --config
@@ -73,7 +75,7 @@ pub enum RenderFormat {
     Shell,
 }
 
-pub fn run(command: FleetCommand) -> Result<ExitCode, String> {
+pub fn run(command: FleetCommand) -> Result<ExitCode, CliError> {
     match command {
         FleetCommand::PushConfig {
             config,
@@ -86,12 +88,12 @@ pub fn run(command: FleetCommand) -> Result<ExitCode, String> {
             account,
         } => {
             use pmguard_installer::iam;
-            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let config = Config::load(&config)?;
             let policy = match role {
                 Role::Agent => iam::agent_policy(&config),
                 Role::Admin => iam::admin_policy(&config),
             }
-            .ok_or("the config has no [aws] section: no AWS permission is needed")?;
+            .ok_or(CliError::NoAwsPermissionNeeded)?;
             let policy = match account {
                 Some(a) => iam::with_account(policy, &a)?,
                 None => policy,
@@ -110,7 +112,10 @@ pub fn run(command: FleetCommand) -> Result<ExitCode, String> {
                 Some(name) => ConfigSource::Parameter(name.to_string()),
                 None => {
                     let text =
-                        std::fs::read_to_string(&config).map_err(|e| format!("{config}: {e}"))?;
+                        std::fs::read_to_string(&config).map_err(|source| CliError::Read {
+                            path: config.clone().into(),
+                            source,
+                        })?;
                     if let Ok(c) = Config::parse(Path::new(&config), &text) {
                         refuse_fixed_instance(&c, Path::new(&config))?;
                     }
@@ -131,50 +136,59 @@ pub fn run(command: FleetCommand) -> Result<ExitCode, String> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(CliError::Runtime)
 }
 
 /// The config and its exact text, from a file or from `ssm:NAME` (Parameter Store, in the
 /// region of the SDK chain: AWS_REGION, the profile, IMDS).
-pub fn load_config(arg: &Path) -> Result<(Config, String), String> {
+pub fn load_config(arg: &Path) -> Result<(Config, String), CliError> {
     let shown = arg.display().to_string();
     let Some(name) = shown.strip_prefix(ssm::SCHEME) else {
-        let config = Config::load(arg).map_err(|e| e.to_string())?;
-        let text = std::fs::read_to_string(arg).map_err(|e| format!("{shown}: {e}"))?;
+        let config = Config::load(arg)?;
+        let text = std::fs::read_to_string(arg).map_err(|source| CliError::Read {
+            path: arg.to_path_buf(),
+            source,
+        })?;
         return Ok((config, text));
     };
     ssm::check_name(name)?;
     let text = runtime()?.block_on(async {
         let clients = provision::clients_for(None).await;
         ssm::get(&clients, name)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("SSM parameter {name} does not exist in {}: store it with `pmguard fleet push-config --config FILE --parameter {name}`", clients.region))
+            .await?
+            .ok_or_else(|| CliError::NoParameter {
+                name: name.to_string(),
+                region: clients.region.clone(),
+            })
     })?;
-    let config = Config::parse(arg, &text).map_err(|e| e.to_string())?;
+    let config = Config::parse(arg, &text)?;
     Ok((config, text))
 }
 
 /// A config meant for every box of a fleet must not fix `instance_id`: every box would report as
 /// one, a single contributor to the fleet's alarms and one log stream.
-fn refuse_fixed_instance(config: &Config, path: &Path) -> Result<(), String> {
+fn refuse_fixed_instance(config: &Config, path: &Path) -> Result<(), CliError> {
     match config.aws.as_ref() {
-        Some(aws) if aws.fleet.is_some() && aws.instance_id.is_some() => Err(format!(
-            "{}: instance_id is set, so every box of the fleet would report as `{}`\n  help: remove instance_id; each box reports its own EC2 instance id\nNothing was stored.",
-            path.display(),
-            aws.instance_id.as_deref().unwrap_or_default()
-        )),
+        Some(aws) if aws.fleet.is_some() && aws.instance_id.is_some() => {
+            Err(CliError::FixedInstance {
+                path: path.to_path_buf(),
+                instance: aws.instance_id.clone().unwrap_or_default(),
+            })
+        }
         _ => Ok(()),
     }
 }
 
-fn push_config(path: &Path, parameter: &str, dry_run: bool) -> Result<ExitCode, String> {
-    let config = Config::load(path).map_err(|e| format!("{e}\nNothing was stored."))?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn push_config(path: &Path, parameter: &str, dry_run: bool) -> Result<ExitCode, CliError> {
+    let config = Config::load(path).map_err(|e| CliError::nothing("stored")(e.into()))?;
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     ssm::check_name(parameter)?;
     ssm::tier(&text)?;
     refuse_fixed_instance(&config, path)?;
@@ -186,9 +200,7 @@ fn push_config(path: &Path, parameter: &str, dry_run: bool) -> Result<ExitCode, 
     }
     runtime()?.block_on(async {
         let clients = provision::clients(&config).await;
-        let old = ssm::get(&clients, parameter)
-            .await
-            .map_err(|e| e.to_string())?;
+        let old = ssm::get(&clients, parameter).await?;
         if old.as_deref() == Some(text.as_str()) {
             println!(
                 "SSM parameter {parameter} ({}): Nothing to do.",
@@ -205,9 +217,7 @@ fn push_config(path: &Path, parameter: &str, dry_run: bool) -> Result<ExitCode, 
         if dry_run {
             return Ok(ExitCode::SUCCESS);
         }
-        ssm::push(&clients, parameter, &text)
-            .await
-            .map_err(|e| e.to_string())?;
+        ssm::push(&clients, parameter, &text).await?;
         println!(
             "Done. Boxes converge on it at their next `pmguard install --config ssm:{parameter}`."
         );
@@ -225,13 +235,12 @@ async fn instance(config: &Config) -> String {
     }
 }
 
-fn load_aws_config(config_path: &Path) -> Result<Config, String> {
+fn load_aws_config(config_path: &Path) -> Result<Config, CliError> {
     let (config, _) = load_config(config_path)?;
     if config.aws.is_none() {
-        return Err(format!(
-            "{} has no [aws] section: nothing to provision",
-            config_path.display()
-        ));
+        return Err(CliError::NoAwsSection {
+            path: config_path.to_path_buf(),
+        });
     }
     Ok(config)
 }
@@ -251,15 +260,14 @@ pub fn provision(
     destroy: bool,
     yes: bool,
     remove_legacy_alarms: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     use pmguard_installer::aws::legacy_alarms;
     let config = load_aws_config(config_path)?;
     runtime()?.block_on(async {
         let clients = provision::clients(&config).await;
         let instance = instance(&config).await;
         let observed = provision::observe(&clients, &config, &instance)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let steps = if destroy {
             provision::plan_destroy(&config, &instance, &observed)
         } else {
@@ -280,8 +288,7 @@ pub fn provision(
             Vec::new()
         } else {
             legacy_alarms::find(&clients.cw)
-                .await
-                .map_err(|e| e.to_string())?
+                .await?
         };
         for name in &old_alarms {
             if remove_legacy_alarms {
@@ -292,8 +299,7 @@ pub fn provision(
         }
         if !dry_run && remove_legacy_alarms && !old_alarms.is_empty() {
             legacy_alarms::remove(&clients.cw, &old_alarms)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             println!("Deleted {} old alarm(s).", old_alarms.len());
         }
         if dry_run || steps.is_empty() {
@@ -307,15 +313,14 @@ pub fn provision(
             return Ok(ExitCode::from(1));
         }
         let calls = provision::apply(&clients, &steps)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         println!("Done: {calls} change(s) applied.");
         Ok(ExitCode::SUCCESS)
     })
 }
 
 /// `uninstall --aws`: what belongs to this box alone (nothing shared, nothing in fleet mode).
-pub fn uninstall_aws(config_path: &Path, dry_run: bool) -> Result<ExitCode, String> {
+pub fn uninstall_aws(config_path: &Path, dry_run: bool) -> Result<ExitCode, CliError> {
     let config = load_aws_config(config_path)?;
     runtime()?.block_on(async {
         let clients = provision::clients(&config).await;
@@ -327,12 +332,9 @@ pub fn uninstall_aws(config_path: &Path, dry_run: bool) -> Result<ExitCode, Stri
         let (observed, sharing) = if fleet {
             Default::default()
         } else {
-            let observed = provision::observe(&clients, &config, &instance)
-                .await
-                .map_err(|e| e.to_string())?;
-            let sharing = provision::observe_sharing(&clients, &config, &instance, &observed)
-                .await
-                .map_err(|e| e.to_string())?;
+            let observed = provision::observe(&clients, &config, &instance).await?;
+            let sharing =
+                provision::observe_sharing(&clients, &config, &instance, &observed).await?;
             (observed, sharing)
         };
         let (steps, notes) = provision::plan_removal(&config, &instance, &observed, &sharing);
@@ -344,9 +346,7 @@ pub fn uninstall_aws(config_path: &Path, dry_run: bool) -> Result<ExitCode, Stri
         if dry_run || steps.is_empty() {
             return Ok(ExitCode::SUCCESS);
         }
-        let calls = provision::apply(&clients, &steps)
-            .await
-            .map_err(|e| e.to_string())?;
+        let calls = provision::apply(&clients, &steps).await?;
         println!("Done: {calls} change(s) applied.");
         Ok(ExitCode::SUCCESS)
     })

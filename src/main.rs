@@ -1,6 +1,14 @@
 //! `pmguard`: the installer CLI. Renders plans and errors; the work is in `pmguard-installer`.
 //! Exit codes: 0 ok (or nothing to do); 1 blocked, drift or checks failed; 2 error.
 
+// Outside tests: a runtime error is returned and rendered, never a panic; long functions are
+// several named steps (clippy.toml sets the threshold). This binary prints, so printing is allowed.
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)
+)]
+
+mod error;
 mod fleet;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +21,8 @@ use pmguard_installer::plan::{self, Plan};
 use pmguard_installer::render::{self, Settings};
 use pmguard_installer::systemd::Systemctl;
 use pmguard_installer::users;
+
+use crate::error::CliError;
 
 #[derive(Parser)]
 #[command(
@@ -138,8 +148,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode, CliError> {
+    match command {
         Command::Init {
             user,
             output,
@@ -172,7 +191,7 @@ fn main() -> ExitCode {
             if !aws {
                 return Ok(code);
             }
-            let config = config.ok_or("--aws needs --config (to know the names to remove)")?;
+            let config = config.ok_or(CliError::AwsNeedsConfig)?;
             fleet::uninstall_aws(&config, dry_run)
         }),
         Command::ProvisionAws {
@@ -192,25 +211,17 @@ fn main() -> ExitCode {
         Command::Completions { shell } => {
             cli::write_completions(shell, &mut Cli::command(), &mut std::io::stdout())
                 .map(|()| ExitCode::SUCCESS)
-                .map_err(|e| format!("cannot write completions: {e}"))
+                .map_err(CliError::Completions)
         }
         Command::GenerateMan { dir } => cli::write_man_pages(Cli::command(), &dir)
             .map(|_| ExitCode::SUCCESS)
-            .map_err(|e| format!("cannot write man pages: {e}")),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
+            .map_err(CliError::ManPages),
     }
 }
 
 /// Only root can give files their owners; a staging install as a user keeps its own.
 fn can_chown() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 fn install(
@@ -221,31 +232,16 @@ fn install(
     force: bool,
     agent_bin: Option<PathBuf>,
     replace_legacy: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     let (config, config_text) =
-        fleet::load_config(config_path).map_err(|e| format!("{e}\nNothing was installed."))?;
+        fleet::load_config(config_path).map_err(CliError::nothing("installed"))?;
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
     let user = user
         .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
-        .ok_or("which account runs PM2? pass --user USER (the user of `pm2 startup`)")?;
+        .ok_or(CliError::NoUser)?;
     let account = users::lookup(&root, &user)?;
-    let agent_bin = match agent_bin {
-        Some(p) => p,
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .with_file_name("pmguard-agent"),
-    };
-    let agent_binary = if is_packaged_agent(&root, &agent_bin) {
-        None
-    } else {
-        Some(std::fs::read(&agent_bin).map_err(|e| {
-            format!(
-                "cannot read the agent binary {}: {e} (pass --agent-bin)",
-                agent_bin.display()
-            )
-        })?)
-    };
+    let agent_binary = agent_binary(&root, agent_bin)?;
     let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
     let settings = Settings {
         account,
@@ -253,20 +249,12 @@ fn install(
         agent_binary,
         pm2: pm2.clone(),
     };
-    let desired = render::render(&config, &settings).map_err(|e| e.to_string())?;
+    let desired = render::render(&config, &settings)?;
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd)?;
     // Only the live system's PM2 can be running (a staging root has none).
-    // A daemon counts as running if its pid file says so, or if anything answers on its socket
-    // (a missing pid file must never let `pm2 resurrect` meet a live daemon).
-    let pm2_paths =
-        pmguard_agent::pm2::Pm2Paths::from_home(&render::pm2_home(&config, &settings.account));
-    observed.pm2_daemon_live = !staged
-        && (!matches!(
-            pmguard_agent::pm2::liveness::daemon_process(&pm2_paths, Path::new("/proc")),
-            pmguard_agent::pm2::liveness::DaemonProcess::None
-        ) || std::os::unix::net::UnixStream::connect(&pm2_paths.rpc).is_ok());
+    observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
     let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
     if let pmguard_installer::pm2unit::Supervision::Unavailable(why) = &pm2 {
         plan.notes.push(format!(
@@ -274,13 +262,8 @@ fn install(
         ));
     }
     let legacy = legacy::find(&root);
-    for l in &legacy {
-        plan.notes.push(if replace_legacy {
-            format!("Another monitor will be stopped (--replace-legacy; uninstall puts it back): {l}")
-        } else {
-            format!("Another monitor restarts PM2 apps here: {l}. Two monitors restarting one app fight each other: re-run with --replace-legacy to stop it (uninstall puts it back).")
-        });
-    }
+    plan.notes
+        .extend(legacy.iter().map(|l| legacy_note(l, replace_legacy)));
     finish(&plan, &root, &systemd, dry_run)?;
     if replace_legacy && !dry_run && plan.blocked.is_empty() && !legacy.is_empty() {
         for done in legacy::replace(&root, &legacy, &systemd)? {
@@ -304,6 +287,45 @@ fn install(
     })
 }
 
+/// The agent binary's bytes to install, `None` when the package's agent runs in place. It
+/// defaults to `pmguard-agent` beside this binary.
+fn agent_binary(root: &Path, agent_bin: Option<PathBuf>) -> Result<Option<Vec<u8>>, CliError> {
+    let agent_bin = match agent_bin {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(CliError::CurrentExe)?
+            .with_file_name("pmguard-agent"),
+    };
+    if is_packaged_agent(root, &agent_bin) {
+        return Ok(None);
+    }
+    std::fs::read(&agent_bin)
+        .map(Some)
+        .map_err(|source| CliError::AgentBinary {
+            path: agent_bin,
+            source,
+        })
+}
+
+/// A PM2 daemon runs for `account` if its pid file says so, or if anything answers on its
+/// socket (a missing pid file must never let `pm2 resurrect` meet a live daemon).
+fn pm2_daemon_live(config: &pmguard_agent::config::Config, account: &users::Account) -> bool {
+    let pm2_paths = pmguard_agent::pm2::Pm2Paths::from_home(&render::pm2_home(config, account));
+    !matches!(
+        pmguard_agent::pm2::liveness::daemon_process(&pm2_paths, Path::new("/proc")),
+        pmguard_agent::pm2::liveness::DaemonProcess::None
+    ) || std::os::unix::net::UnixStream::connect(&pm2_paths.rpc).is_ok()
+}
+
+/// What install says about another monitor it found.
+fn legacy_note(l: &legacy::Legacy, replace_legacy: bool) -> String {
+    if replace_legacy {
+        format!("Another monitor will be stopped (--replace-legacy; uninstall puts it back): {l}")
+    } else {
+        format!("Another monitor restarts PM2 apps here: {l}. Two monitors restarting one app fight each other: re-run with --replace-legacy to stop it (uninstall puts it back).")
+    }
+}
+
 /// The agent is the package's (`/usr/bin/pmguard-agent` under the root): run it in place, copy
 /// nothing, so the package manager alone owns, upgrades and removes it.
 fn is_packaged_agent(root: &Path, agent_bin: &Path) -> bool {
@@ -314,7 +336,7 @@ fn is_packaged_agent(root: &Path, agent_bin: &Path) -> bool {
     }
 }
 
-fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, String> {
+fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, CliError> {
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
     let systemd = Systemctl { staged };
@@ -328,7 +350,7 @@ fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Result<(), String> {
+fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Result<(), CliError> {
     print!("{}", plan::display(plan));
     if !plan.blocked.is_empty() {
         println!("Nothing was changed.");
@@ -347,39 +369,44 @@ fn init(
     output: Option<PathBuf>,
     pm2_home: Option<PathBuf>,
     force: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     use pmguard_installer::init;
     // With --pm2-home the account is only a label: its passwd entry is not needed.
     let default_home = users::lookup(Path::new("/"), user).map(|a| a.home.join(".pm2"));
-    let home = match (pm2_home, &default_home) {
-        (Some(h), _) => h,
-        (None, Ok(h)) => h.clone(),
-        (None, Err(e)) => return Err(e.clone()),
+    let (home, default_home) = match (pm2_home, default_home) {
+        (Some(h), d) => (h, d.ok()),
+        (None, Ok(h)) => (h.clone(), Some(h)),
+        (None, Err(e)) => return Err(e.into()),
     };
     let header = init::Header {
         user: user.to_string(),
         file: output
             .as_ref()
             .map_or_else(|| "FILE".to_string(), |p| p.display().to_string()),
-        pm2_home: (default_home.as_ref() != Ok(&home)).then(|| home.clone()),
+        pm2_home: (default_home.as_ref() != Some(&home)).then(|| home.clone()),
     };
-    let text = init::run(user, &home, &header, Path::new("/proc")).map_err(|e| e.to_string())?;
+    let text = init::run(user, &home, &header, Path::new("/proc"))?;
     let Some(path) = output else {
         print!("{text}");
         return Ok(ExitCode::SUCCESS);
     };
     if path.exists() && !force {
-        return Err(format!(
-            "{} exists: pass --force to replace it, or choose another --output",
-            path.display()
-        ));
+        return Err(CliError::OutputExists { path });
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| CliError::Write {
+            op: "cannot create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
-    pmguard_agent::sys::files::write_atomic(&path, text.as_bytes(), 0o640, true)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    pmguard_agent::sys::files::write_atomic(&path, text.as_bytes(), 0o640, true).map_err(
+        |source| CliError::Write {
+            op: "cannot write",
+            path: path.clone(),
+            source,
+        },
+    )?;
     let apps = text.matches("\n[[apps]]\n").count();
     let probed = text
         .lines()
@@ -397,7 +424,7 @@ fn doctor(
     root: Option<PathBuf>,
     user: Option<String>,
     json: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     use pmguard_installer::doctor;
     let live = root.is_none();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
@@ -412,14 +439,11 @@ fn doctor(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(CliError::Runtime)?;
         checks.extend(runtime.block_on(doctor::aws_checks(config)));
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&checks).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
         print!("{}", doctor::table(&checks));
     }

@@ -48,6 +48,38 @@ pub struct Bootstrap {
     pub config: ConfigSource,
 }
 
+/// What is wrong with the config the bootstrap carries (or names), every problem at once.
+fn config_problems(config: &ConfigSource) -> Vec<String> {
+    let mut problems = Vec::new();
+    match config {
+        ConfigSource::Parameter(name) => {
+            if let Err(e) = crate::aws::ssm::check_name(name) {
+                problems.push(e.to_string());
+            }
+        }
+        ConfigSource::Inline(text) => {
+            if let Err(e) = Config::parse(Path::new("pmguard.toml"), text) {
+                problems.push(e.to_string());
+            }
+            if text.lines().any(|l| l.trim() == CONFIG_EOF) {
+                problems.push(format!("the config may not contain a line `{CONFIG_EOF}`"));
+            }
+            // YAML (cloud-init) refuses C0/C1 control characters even inside a string.
+            if let Some((n, _)) = text
+                .lines()
+                .enumerate()
+                .find(|(_, l)| l.chars().any(|c| c.is_control() && c != '\t' && c != '\r'))
+            {
+                problems.push(format!(
+                    "pmguard.toml:{}: a control character (user-data must be plain text): remove it",
+                    n + 1
+                ));
+            }
+        }
+    }
+    problems
+}
+
 impl Bootstrap {
     /// Validates every value that goes into the script.
     pub fn new(
@@ -55,7 +87,7 @@ impl Bootstrap {
         sha256: &str,
         user: &str,
         config: ConfigSource,
-    ) -> Result<Bootstrap, String> {
+    ) -> Result<Bootstrap, crate::Error> {
         let mut problems = Vec::new();
         let scheme_ok = package_url.starts_with("https://") || package_url.starts_with("http://");
         let name = package_file(package_url);
@@ -87,34 +119,9 @@ impl Bootstrap {
                 "--user `{user}` must be a Linux account name (the user of `pm2 startup`)"
             ));
         }
-        match &config {
-            ConfigSource::Parameter(name) => {
-                if let Err(e) = crate::aws::ssm::check_name(name) {
-                    problems.push(e);
-                }
-            }
-            ConfigSource::Inline(text) => {
-                if let Err(e) = Config::parse(Path::new("pmguard.toml"), text) {
-                    problems.push(e.to_string());
-                }
-                if text.lines().any(|l| l.trim() == CONFIG_EOF) {
-                    problems.push(format!("the config may not contain a line `{CONFIG_EOF}`"));
-                }
-                // YAML (cloud-init) refuses C0/C1 control characters even inside a string.
-                if let Some((n, _)) = text
-                    .lines()
-                    .enumerate()
-                    .find(|(_, l)| l.chars().any(|c| c.is_control() && c != '\t' && c != '\r'))
-                {
-                    problems.push(format!(
-                        "pmguard.toml:{}: a control character (user-data must be plain text): remove it",
-                        n + 1
-                    ));
-                }
-            }
-        }
+        problems.extend(config_problems(&config));
         if !problems.is_empty() {
-            return Err(problems.join("\n"));
+            return Err(crate::Error::Invalid { problems });
         }
         Ok(Bootstrap {
             package_url: package_url.to_string(),
@@ -356,14 +363,17 @@ mod tests {
             "u",
             ConfigSource::Inline("[[apps]]\nname = 1\n".into()),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("pmguard.toml:2"), "{e}");
     }
 
     #[test]
     fn values_that_could_break_the_script_are_refused() {
         let bad = |url: &str, sha: &str, user: &str| {
-            Bootstrap::new(url, sha, user, ConfigSource::Parameter("/p".into())).unwrap_err()
+            Bootstrap::new(url, sha, user, ConfigSource::Parameter("/p".into()))
+                .unwrap_err()
+                .to_string()
         };
         assert!(bad("ftp://x/p.deb", SHA, "u").contains("--package-url"));
         assert!(bad("https://x/p.rpm", SHA, "u").contains("--package-url"));
@@ -382,7 +392,8 @@ mod tests {
             "u",
             ConfigSource::Inline(text.into()),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("pmguard.toml:1: a control character"), "{e}");
     }
 

@@ -4,6 +4,7 @@
 //! Local checks are plain functions over what they read (under the root); the AWS checks reuse
 //! provision-aws's observe and plan, so "drift" means exactly what provision-aws would change.
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
@@ -73,53 +74,37 @@ pub struct Target<'a> {
 
 /// Runs every local check. AWS checks are added by `aws_checks`.
 pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
-    let mut out = Vec::new();
     let config = match Config::load(t.config_path) {
-        Ok(c) => {
-            out.push(ok(
-                "config",
-                format!(
-                    "{} is valid ({} app(s))",
-                    t.config_path.display(),
-                    c.apps.len()
-                ),
-            ));
-            c
-        }
+        Ok(c) => c,
         Err(e) => {
-            out.push(fail(
+            let check = fail(
                 "config",
                 e.to_string(),
                 format!(
                     "fix the lines above, then `pmguard-agent validate --config {}`",
                     t.config_path.display()
                 ),
-            ));
-            return (out, None);
+            );
+            return (vec![check], None);
         }
     };
+    let mut out = vec![ok(
+        "config",
+        format!(
+            "{} is valid ({} app(s))",
+            t.config_path.display(),
+            config.apps.len()
+        ),
+    )];
     let manifest = Manifest::read(&under(t.root, Path::new(render::MANIFEST_PATH)))
         .ok()
         .flatten();
     let agent_path = installed_agent(t, manifest.as_ref());
     out.push(agent_binary(t, agent_path, manifest.as_ref()));
     let account = user_of(t);
-    let desired = account.as_ref().and_then(|a| {
-        let config_text = std::fs::read_to_string(t.config_path).ok()?;
-        let agent_binary = (agent_path == render::AGENT_PATH).then(|| {
-            std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default()
-        });
-        render::render(
-            &config,
-            &Settings {
-                account: a.clone(),
-                config_text,
-                agent_binary,
-                pm2: crate::pm2unit::observe(t.root, a, &config),
-            },
-        )
-        .ok()
-    });
+    let desired = account
+        .as_ref()
+        .and_then(|a| desired_files(t, &config, a, agent_path));
     for (name, path) in [
         ("unit file", render::UNIT_PATH),
         ("cron backup check", render::CRON_PATH),
@@ -141,6 +126,28 @@ pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
     let paths = pm2_paths(&config, account.as_ref());
     out.extend(pm2_checks(&config, &paths, t.live));
     (out, Some(config))
+}
+
+/// What install would lay down now for this config and account (`None` when it cannot tell).
+fn desired_files(
+    t: &Target<'_>,
+    config: &Config,
+    account: &users::Account,
+    agent_path: &str,
+) -> Option<Vec<DesiredFile>> {
+    let config_text = std::fs::read_to_string(t.config_path).ok()?;
+    let agent_binary = (agent_path == render::AGENT_PATH)
+        .then(|| std::fs::read(under(t.root, Path::new(render::AGENT_PATH))).unwrap_or_default());
+    render::render(
+        config,
+        &Settings {
+            account: account.clone(),
+            config_text,
+            agent_binary,
+            pm2: crate::pm2unit::observe(t.root, account, config),
+        },
+    )
+    .ok()
 }
 
 /// The agent the install runs: its own copy at `AGENT_PATH`, or the package's binary in place
@@ -294,56 +301,8 @@ fn installed_modes(t: &Target<'_>, manifest: Option<&Manifest>) -> Vec<Check> {
             "run `pmguard install --config <file>`",
         )];
     };
-    let mut problems = Vec::new();
-    for path in m.files.keys() {
-        let real = under(t.root, path);
-        let Ok(meta) = std::fs::symlink_metadata(&real) else {
-            problems.push(format!("{} is missing", path.display()));
-            continue;
-        };
-        if meta.mode() & 0o002 != 0 {
-            problems.push(format!("{} is world-writable", path.display()));
-        }
-        if t.live && meta.uid() != 0 {
-            problems.push(format!(
-                "{} is owned by uid {}, not root",
-                path.display(),
-                meta.uid()
-            ));
-        }
-        // Every directory on the way must not be world-writable (unless sticky, like /tmp).
-        let mut dir = real.parent();
-        while let Some(d) = dir {
-            if let Ok(dm) = std::fs::metadata(d) {
-                if dm.mode() & 0o002 != 0 && dm.mode() & 0o1000 == 0 {
-                    problems.push(format!(
-                        "{} (on the way to {}) is world-writable",
-                        d.display(),
-                        path.display()
-                    ));
-                }
-            }
-            if d == t.root {
-                break;
-            }
-            dir = d.parent();
-        }
-    }
-    // The config directory must let the PM2 user reach its config (a root umask of 077 at
-    // install time makes it 0700).
-    let config_dir = Path::new(render::CONFIG_PATH)
-        .parent()
-        .unwrap_or(Path::new("/"));
-    if let Ok(dm) = std::fs::metadata(under(t.root, config_dir)) {
-        if dm.mode() & 0o7777 != crate::plan::DIR_MODE {
-            problems.push(format!(
-                "{} has mode {:04o}, not {:04o}: the PM2 user cannot read its config",
-                config_dir.display(),
-                dm.mode() & 0o7777,
-                crate::plan::DIR_MODE
-            ));
-        }
-    }
+    let mut problems: Vec<String> = m.files.keys().flat_map(|p| file_problems(t, p)).collect();
+    problems.extend(config_dir_problem(t));
     problems.sort();
     problems.dedup();
     if problems.is_empty() {
@@ -354,6 +313,61 @@ fn installed_modes(t: &Target<'_>, manifest: Option<&Manifest>) -> Vec<Check> {
     } else {
         vec![fail("installed files", problems.join("; "), "run `pmguard install --config <file>` (it resets modes and owners), and `chmod o-w` any directory named")]
     }
+}
+
+/// What is wrong with one installed file: missing, world-writable, not root's, or under a
+/// world-writable directory.
+fn file_problems(t: &Target<'_>, path: &Path) -> Vec<String> {
+    let real = under(t.root, path);
+    let Ok(meta) = std::fs::symlink_metadata(&real) else {
+        return vec![format!("{} is missing", path.display())];
+    };
+    let mut problems = Vec::new();
+    if meta.mode() & 0o002 != 0 {
+        problems.push(format!("{} is world-writable", path.display()));
+    }
+    if t.live && meta.uid() != 0 {
+        problems.push(format!(
+            "{} is owned by uid {}, not root",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    // Every directory on the way must not be world-writable (unless sticky, like /tmp).
+    let mut dir = real.parent();
+    while let Some(d) = dir {
+        if let Ok(dm) = std::fs::metadata(d) {
+            if dm.mode() & 0o002 != 0 && dm.mode() & 0o1000 == 0 {
+                problems.push(format!(
+                    "{} (on the way to {}) is world-writable",
+                    d.display(),
+                    path.display()
+                ));
+            }
+        }
+        if d == t.root {
+            break;
+        }
+        dir = d.parent();
+    }
+    problems
+}
+
+/// The config directory must let the PM2 user reach its config (a root umask of 077 at
+/// install time makes it 0700).
+fn config_dir_problem(t: &Target<'_>) -> Option<String> {
+    let config_dir = Path::new(render::CONFIG_PATH)
+        .parent()
+        .unwrap_or(Path::new("/"));
+    let dm = std::fs::metadata(under(t.root, config_dir)).ok()?;
+    (dm.mode() & 0o7777 != crate::plan::DIR_MODE).then(|| {
+        format!(
+            "{} has mode {:04o}, not {:04o}: the PM2 user cannot read its config",
+            config_dir.display(),
+            dm.mode() & 0o7777,
+            crate::plan::DIR_MODE
+        )
+    })
 }
 
 fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
@@ -381,58 +395,46 @@ fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
             "check that systemd is installed",
         )];
     };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| {
-        text.lines()
+    unit_checks(&UnitProps(
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// `systemctl show -p ...` output: `Key=value` lines.
+struct UnitProps(String);
+
+impl UnitProps {
+    fn get(&self, k: &str) -> String {
+        self.0
+            .lines()
             .find_map(|l| l.strip_prefix(&format!("{k}=")))
             .unwrap_or("")
             .to_string()
-    };
-    let mut v = Vec::new();
-    if get("LoadState") != "loaded" {
-        v.push(fail(
-            "systemd unit",
-            format!("{} is {}", render::UNIT_NAME, get("LoadState")),
-            "run `pmguard install` and `systemctl daemon-reload`",
-        ));
-        return v;
     }
-    v.push(if get("UnitFileState") == "enabled" {
+}
+
+/// The agent's unit as systemd reports it: loaded, enabled, active, not crash-looping, with
+/// its watchdog armed.
+fn unit_checks(p: &UnitProps) -> Vec<Check> {
+    if p.get("LoadState") != "loaded" {
+        return vec![fail(
+            "systemd unit",
+            format!("{} is {}", render::UNIT_NAME, p.get("LoadState")),
+            "run `pmguard install` and `systemctl daemon-reload`",
+        )];
+    }
+    let mut v = Vec::new();
+    v.push(if p.get("UnitFileState") == "enabled" {
         ok("unit enabled", "enabled at boot")
     } else {
         fail(
             "unit enabled",
-            format!("unit file state: {}", get("UnitFileState")),
+            format!("unit file state: {}", p.get("UnitFileState")),
             format!("systemctl enable {}", render::UNIT_NAME),
         )
     });
-    v.push(if get("ActiveState") == "active" {
-        ok(
-            "unit active",
-            format!(
-                "active ({}), restarts {}",
-                get("SubState"),
-                get("NRestarts")
-            ),
-        )
-    } else {
-        fail(
-            "unit active",
-            format!(
-                "{} ({}), last result {}, exit status {}",
-                get("ActiveState"),
-                get("SubState"),
-                get("Result"),
-                get("ExecMainStatus")
-            ),
-            format!(
-                "journalctl -u {} -n 50; then systemctl restart {}",
-                render::UNIT_NAME,
-                render::UNIT_NAME
-            ),
-        )
-    });
-    let restarts: u32 = get("NRestarts").parse().unwrap_or(0);
+    v.push(unit_active(p));
+    let restarts: u32 = p.get("NRestarts").parse().unwrap_or(0);
     if restarts >= 3 {
         v.push(warn(
             "agent crash loop",
@@ -440,7 +442,7 @@ fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
             format!("journalctl -u {} to see why it exits", render::UNIT_NAME),
         ));
     }
-    let wd = get("WatchdogUSec");
+    let wd = p.get("WatchdogUSec");
     v.push(if !wd.is_empty() && wd != "0" && wd != "infinity" {
         ok("watchdog", format!("armed ({wd})"))
     } else {
@@ -451,6 +453,34 @@ fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
         )
     });
     v
+}
+
+fn unit_active(p: &UnitProps) -> Check {
+    if p.get("ActiveState") == "active" {
+        return ok(
+            "unit active",
+            format!(
+                "active ({}), restarts {}",
+                p.get("SubState"),
+                p.get("NRestarts")
+            ),
+        );
+    }
+    fail(
+        "unit active",
+        format!(
+            "{} ({}), last result {}, exit status {}",
+            p.get("ActiveState"),
+            p.get("SubState"),
+            p.get("Result"),
+            p.get("ExecMainStatus")
+        ),
+        format!(
+            "journalctl -u {} -n 50; then systemctl restart {}",
+            render::UNIT_NAME,
+            render::UNIT_NAME
+        ),
+    )
 }
 
 /// Runtime state (heartbeat, PM2) is always the live system's: `--root` maps installed files only.
@@ -549,17 +579,21 @@ fn pm2_dump(paths: &Pm2Paths, snap: &pmguard_agent::pm2::Snapshot) -> Check {
             )
         }
     };
-    let saved: std::collections::BTreeSet<&str> = dumped.iter().map(|e| e.name.as_str()).collect();
-    let running: std::collections::BTreeSet<&str> =
-        snap.processes.iter().map(|e| e.name.as_str()).collect();
+    let saved: BTreeSet<&str> = dumped.iter().map(|e| e.name.as_str()).collect();
+    let running: BTreeSet<&str> = snap.processes.iter().map(|e| e.name.as_str()).collect();
+    compare_dump(&saved, &running)
+}
+
+/// The apps the dump names against those PM2 runs.
+fn compare_dump(saved: &BTreeSet<&str>, running: &BTreeSet<&str>) -> Check {
     if saved == running {
         return ok(
             "pm2 dump",
             format!("dump.pm2 names the {} running app(s)", running.len()),
         );
     }
-    let back: Vec<&str> = saved.difference(&running).copied().collect();
-    let lost: Vec<&str> = running.difference(&saved).copied().collect();
+    let back: Vec<&str> = saved.difference(running).copied().collect();
+    let lost: Vec<&str> = running.difference(saved).copied().collect();
     let mut detail = Vec::new();
     if !back.is_empty() {
         detail.push(format!(
@@ -619,73 +653,83 @@ fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>, live: bool) -> Vec<Chec
     }
     v.push(pm2_dump(paths, &snap));
     for app in &config.apps {
-        let name = format!("app {}", app.name);
-        let entries = snap.by_name(&app.name);
-        if entries.is_empty() {
-            v.push(fail(&name, "PM2 does not know this app", format!("start it under PM2 (`pm2 start <script> --name {}`) and `pm2 save`, or fix the name in the config", app.name)));
-            continue;
-        }
-        let bad: Vec<String> = entries
-            .iter()
-            .filter(|e| e.status != Status::Online)
-            .map(|e| format!("pm_id {} is {}", e.pm_id, e.status.as_str()))
-            .collect();
-        if !bad.is_empty() {
-            let fix = if entries.iter().any(|e| e.status == Status::Errored) {
-                format!(
-                    "PM2 gave up on it: `pm2 logs {}` to see why, then `pm2 restart {}`",
-                    app.name, app.name
-                )
-            } else {
-                format!("pm2 start {}", app.name)
-            };
-            v.push(fail(&name, bad.join(", "), fix));
-        } else {
-            let restarts: u64 = entries.iter().map(|e| e.unstable_restarts).sum();
-            if restarts > 0 {
-                v.push(warn(
-                    &name,
-                    format!("online, but {restarts} unstable restart(s) recently"),
-                    format!("`pm2 logs {}`: it exits soon after starting", app.name),
-                ));
-            } else {
-                let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
-                v.push(ok(&name, format!("online (pid {})", pids.join(", "))));
-            }
-        }
-        v.push(stuck_now(
-            app,
-            &entries.iter().map(|e| e.pid).collect::<Vec<_>>(),
-        ));
-        if let Some(url) = &app.health_url {
-            let r = Prober::new(url.clone()).probe(
-                app.timeout,
-                &app.expect_status,
-                app.expect_body.as_deref(),
-            );
-            let ms = r.latency.as_millis();
-            v.push(if r.outcome.passed() {
-                ok(
-                    &format!("health {}", app.name),
-                    format!(
-                        "{} answered {} in {ms} ms",
-                        url.redacted(),
-                        r.outcome.reason()
-                    ),
-                )
-            } else {
-                fail(
-                    &format!("health {}", app.name),
-                    format!("{}: {} after {ms} ms", url.redacted(), r.outcome.reason()),
-                    format!(
-                        "`pm2 logs {}`; the agent restarts it after {} failed checks",
-                        app.name, app.max_retries
-                    ),
-                )
-            });
-        }
+        v.extend(app_checks(app, &snap));
     }
     v
+}
+
+/// One app in PM2 now: its status, whether it is stuck, and its health probe.
+fn app_checks(
+    app: &pmguard_agent::config::AppConfig,
+    snap: &pmguard_agent::pm2::Snapshot,
+) -> Vec<Check> {
+    let name = format!("app {}", app.name);
+    let entries = snap.by_name(&app.name);
+    if entries.is_empty() {
+        return vec![fail(&name, "PM2 does not know this app", format!("start it under PM2 (`pm2 start <script> --name {}`) and `pm2 save`, or fix the name in the config", app.name))];
+    }
+    let mut v = Vec::new();
+    let bad: Vec<String> = entries
+        .iter()
+        .filter(|e| e.status != Status::Online)
+        .map(|e| format!("pm_id {} is {}", e.pm_id, e.status.as_str()))
+        .collect();
+    if !bad.is_empty() {
+        let fix = if entries.iter().any(|e| e.status == Status::Errored) {
+            format!(
+                "PM2 gave up on it: `pm2 logs {}` to see why, then `pm2 restart {}`",
+                app.name, app.name
+            )
+        } else {
+            format!("pm2 start {}", app.name)
+        };
+        v.push(fail(&name, bad.join(", "), fix));
+    } else {
+        let restarts: u64 = entries.iter().map(|e| e.unstable_restarts).sum();
+        if restarts > 0 {
+            v.push(warn(
+                &name,
+                format!("online, but {restarts} unstable restart(s) recently"),
+                format!("`pm2 logs {}`: it exits soon after starting", app.name),
+            ));
+        } else {
+            let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
+            v.push(ok(&name, format!("online (pid {})", pids.join(", "))));
+        }
+    }
+    v.push(stuck_now(
+        app,
+        &entries.iter().map(|e| e.pid).collect::<Vec<_>>(),
+    ));
+    v.extend(health_now(app));
+    v
+}
+
+/// The app's health URL probed once, now (`None` without one).
+fn health_now(app: &pmguard_agent::config::AppConfig) -> Option<Check> {
+    let url = app.health_url.as_ref()?;
+    let r =
+        Prober::new(url.clone()).probe(app.timeout, &app.expect_status, app.expect_body.as_deref());
+    let ms = r.latency.as_millis();
+    Some(if r.outcome.passed() {
+        ok(
+            &format!("health {}", app.name),
+            format!(
+                "{} answered {} in {ms} ms",
+                url.redacted(),
+                r.outcome.reason()
+            ),
+        )
+    } else {
+        fail(
+            &format!("health {}", app.name),
+            format!("{}: {} after {ms} ms", url.redacted(), r.outcome.reason()),
+            format!(
+                "`pm2 logs {}`; the agent restarts it after {} failed checks",
+                app.name, app.max_retries
+            ),
+        )
+    })
 }
 
 /// CPU over a short window and the scheduler state of each pid, now.
@@ -742,13 +786,7 @@ pub async fn aws_checks(config: &Config) -> Vec<Check> {
         return vec![ok("aws", "no [aws] section: fully local")];
     };
     let mut v = Vec::new();
-    let source = if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
-        "environment variables"
-    } else if std::env::var_os("AWS_PROFILE").is_some() {
-        "AWS_PROFILE"
-    } else {
-        "the default chain (profile or instance profile via IMDSv2)"
-    };
+    let source = credentials_source();
     let clients = provision::clients(config).await;
     v.push(ok(
         "aws credentials",
@@ -782,25 +820,52 @@ pub async fn aws_checks(config: &Config) -> Vec<Check> {
         "aws access",
         "DescribeAlarms, DescribeLogGroups, ListTopics allowed",
     ));
-    match provision::plan(config, &instance, &clients.region, &observed) {
-        Ok(steps) if steps.is_empty() => v.push(ok(
+    v.push(resources_check(
+        config,
+        &instance,
+        &clients.region,
+        &observed,
+    ));
+    v.extend(subscription_check(config, &observed));
+    v.push(metrics_arriving(&clients, config, &instance).await);
+    v
+}
+
+/// Where the AWS SDK takes its credentials from, for the user.
+fn credentials_source() -> &'static str {
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        "environment variables"
+    } else if std::env::var_os("AWS_PROFILE").is_some() {
+        "AWS_PROFILE"
+    } else {
+        "the default chain (profile or instance profile via IMDSv2)"
+    }
+}
+
+/// AWS matches the config: provision-aws would plan nothing.
+fn resources_check(
+    config: &Config,
+    instance: &str,
+    region: &str,
+    observed: &crate::aws::provision::AwsObserved,
+) -> Check {
+    use crate::aws::provision;
+    match provision::plan(config, instance, region, observed) {
+        Ok(steps) if steps.is_empty() => ok(
             "aws resources",
             "topic, log group, alarms and dashboard match the config",
-        )),
-        Ok(steps) => v.push(fail(
+        ),
+        Ok(steps) => fail(
             "aws resources",
             format!(
                 "{} difference(s) from the config:\n{}",
                 steps.len(),
-                provision::display(&steps, &observed, config).trim_end()
+                provision::display(&steps, observed, config).trim_end()
             ),
             "run `pmguard provision-aws --config <file>` (`--dry-run` first to see it)",
-        )),
-        Err(e) => v.push(fail("aws resources", e, "fix the config")),
+        ),
+        Err(e) => fail("aws resources", e.to_string(), "fix the config"),
     }
-    v.extend(subscription_check(config, &observed));
-    v.push(metrics_arriving(&clients, config, &instance).await);
-    v
 }
 
 /// The email subscription is confirmed (pure: from what was observed).

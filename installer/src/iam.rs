@@ -222,11 +222,11 @@ pub fn admin_policy(config: &Config) -> Option<Policy> {
 
 /// The policy with the account filled into every ARN that has `*` for it (`pmguard fleet iam
 /// --account`): resources scoped to one account when it is known.
-pub fn with_account(mut p: Policy, account: &str) -> Result<Policy, String> {
+pub fn with_account(mut p: Policy, account: &str) -> Result<Policy, crate::Error> {
     if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "account `{account}` must be the 12-digit AWS account id"
-        ));
+        return Err(crate::Error::AccountId {
+            account: account.to_string(),
+        });
     }
     for st in &mut p.statements {
         for r in &mut st.resources {

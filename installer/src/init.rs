@@ -281,8 +281,20 @@ fn addr_list(addrs: &[SocketAddr]) -> String {
 /// The commented config for `apps`.
 pub fn render(header: &Header, apps: &[FoundApp]) -> String {
     let mut t = String::new();
-    // Comment lines hold them: a line break would end the comment and start TOML.
-    let one_line = |v: &str| v.replace(|c: char| c.is_control(), "?");
+    render_header(&mut t, header);
+    for app in apps {
+        render_app(&mut t, app);
+    }
+    t
+}
+
+/// Comment lines hold them: a line break would end the comment and start TOML.
+fn one_line(v: &str) -> String {
+    v.replace(|c: char| c.is_control(), "?")
+}
+
+/// What the file is and what to do next, then the `[agent]` table.
+fn render_header(t: &mut String, header: &Header) {
     let user = &one_line(&header.user);
     let _ = writeln!(
         t,
@@ -297,56 +309,59 @@ pub fn render(header: &Header, apps: &[FoundApp]) -> String {
     if let Some(home) = &header.pm2_home {
         let _ = writeln!(t, "pm2_home = {}", quote(&home.display().to_string()));
     }
-    for app in apps {
-        t.push_str("\n[[apps]]\n");
-        let mode = match app.exec_mode {
-            ExecMode::Fork => "fork mode",
-            ExecMode::Cluster => "cluster mode",
-        };
-        let n = app.instances;
-        let _ = write!(
+}
+
+/// One `[[apps]]` table: what PM2 said about the app, and its health URL (or why there is none).
+fn render_app(t: &mut String, app: &FoundApp) {
+    t.push_str("\n[[apps]]\n");
+    let mode = match app.exec_mode {
+        ExecMode::Fork => "fork mode",
+        ExecMode::Cluster => "cluster mode",
+    };
+    let n = app.instances;
+    let _ = write!(
+        t,
+        "# PM2: {mode}, {n} instance{}",
+        if n == 1 { "" } else { "s" }
+    );
+    if app.not_online > 0 {
+        let _ = write!(t, " ({} not online when init ran)", app.not_online);
+    }
+    t.push_str(".\n");
+    let _ = writeln!(t, "name = {}", quote(&app.name));
+    render_health_url(t, app);
+    if !app.other_ports.is_empty() {
+        let _ = writeln!(
             t,
-            "# PM2: {mode}, {n} instance{}",
-            if n == 1 { "" } else { "s" }
+            "# Also listens on {} (one interface's address): not probed from this machine's loopback.",
+            addr_list(&app.other_ports)
         );
-        if app.not_online > 0 {
-            let _ = write!(t, " ({} not online when init ran)", app.not_online);
-        }
-        t.push_str(".\n");
-        let _ = writeln!(t, "name = {}", quote(&app.name));
-        match app.ports.first() {
-            Some(first) => {
-                let host = probe_host(first.ip()).unwrap_or_else(|| "127.0.0.1".into());
-                let _ = writeln!(
-                    t,
-                    "# Listens on {}. Point the path at the app's health endpoint (any 2xx passes;\n# expect_status and expect_body narrow it).",
-                    addr_list(&app.ports)
-                );
-                let url = format!("http://{host}:{}/", first.port());
-                let _ = writeln!(t, "health_url = {}", quote(&url));
-            }
-            None => {
-                if !app.ambiguous.is_empty() {
-                    let _ = writeln!(
-                        t,
-                        "# PM2 holds cluster apps' listening sockets in its daemon, so init cannot tell which of\n# these is this app's: {}. Pick one and uncomment:",
-                        addr_list(&app.ambiguous)
-                    );
-                } else {
-                    t.push_str("# No listening TCP port found on a loopback or wildcard address when init ran: without a\n# health_url the app is judged by its PM2 state and CPU alone. If it serves HTTP, uncomment:\n");
-                }
-                t.push_str("# health_url = \"http://127.0.0.1:PORT/health\"\n");
-            }
-        }
-        if !app.other_ports.is_empty() {
+    }
+}
+
+/// The app's health URL on its first probe-able port, or a commented one with why.
+fn render_health_url(t: &mut String, app: &FoundApp) {
+    let Some(first) = app.ports.first() else {
+        if !app.ambiguous.is_empty() {
             let _ = writeln!(
                 t,
-                "# Also listens on {} (one interface's address): not probed from this machine's loopback.",
-                addr_list(&app.other_ports)
+                "# PM2 holds cluster apps' listening sockets in its daemon, so init cannot tell which of\n# these is this app's: {}. Pick one and uncomment:",
+                addr_list(&app.ambiguous)
             );
+        } else {
+            t.push_str("# No listening TCP port found on a loopback or wildcard address when init ran: without a\n# health_url the app is judged by its PM2 state and CPU alone. If it serves HTTP, uncomment:\n");
         }
-    }
-    t
+        t.push_str("# health_url = \"http://127.0.0.1:PORT/health\"\n");
+        return;
+    };
+    let host = probe_host(first.ip()).unwrap_or_else(|| "127.0.0.1".into());
+    let _ = writeln!(
+        t,
+        "# Listens on {}. Point the path at the app's health endpoint (any 2xx passes;\n# expect_status and expect_body narrow it).",
+        addr_list(&app.ports)
+    );
+    let url = format!("http://{host}:{}/", first.port());
+    let _ = writeln!(t, "health_url = {}", quote(&url));
 }
 
 /// Reads listening sockets from a proc root (normally `/proc`).

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::render::{under, CRON_PATH, UNIT_NAME};
 use crate::systemd::{Systemd, UnitState};
+use crate::Error;
 
 /// What a replaced crontab line is commented with.
 pub const CRON_MARK: &str = "# disabled by pmguard install --replace-legacy: ";
@@ -153,17 +154,14 @@ pub fn cron_command(line: &str, system: bool) -> Option<&str> {
 }
 
 /// Reads the record of a previous `--replace-legacy` (an empty one if there is none).
-pub fn read_record(root: &Path) -> Result<Record, String> {
+pub fn read_record(root: &Path) -> Result<Record, Error> {
     let path = under(root, Path::new(RECORD_PATH));
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-            format!(
-                "{}: {e} (the record of replaced monitors; fix or remove it)",
-                path.display()
-            )
-        }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|source| Error::LegacyRecord { path, source })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::default()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(e) => Err(Error::io(path)(e)),
     }
 }
 
@@ -274,10 +272,10 @@ fn edit_file(
     root: &Path,
     file: &Path,
     edit: impl Fn(&str) -> (String, bool),
-) -> Result<bool, String> {
+) -> Result<bool, Error> {
     use std::os::unix::fs::MetadataExt;
     let real = under(root, file);
-    let err = |e: std::io::Error| format!("{}: {e}", real.display());
+    let err = |e: std::io::Error| Error::io(&real)(e);
     let text = std::fs::read_to_string(&real).map_err(err)?;
     let (new, changed) = edit(&text);
     if !changed {
@@ -297,11 +295,7 @@ fn edit_file(
 }
 
 /// Stops every monitor in `found` and records it; returns what was done, for the user.
-pub fn replace(
-    root: &Path,
-    found: &[Legacy],
-    systemd: &dyn Systemd,
-) -> Result<Vec<String>, String> {
+pub fn replace(root: &Path, found: &[Legacy], systemd: &dyn Systemd) -> Result<Vec<String>, Error> {
     let mut record = read_record(root)?;
     let mut done = Vec::new();
     for l in found {
@@ -337,24 +331,48 @@ pub fn replace(
     Ok(done)
 }
 
-fn write_record(root: &Path, record: &Record) -> Result<(), String> {
+fn write_record(root: &Path, record: &Record) -> Result<(), Error> {
     let path = under(root, Path::new(RECORD_PATH));
-    let json = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec_pretty(record).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     }
-    pmguard_agent::sys::files::write_atomic(&path, &json, 0o644, true)
-        .map_err(|e| format!("{}: {e}", path.display()))
+    pmguard_agent::sys::files::write_atomic(&path, &json, 0o644, true).map_err(Error::io(&path))
 }
 
 /// Puts back what `--replace-legacy` stopped (units re-enabled/started as they were, crontab
 /// lines uncommented) and removes the record; returns what was done.
 /// What cannot be put back (systemd not running here, a crontab gone) is said and stays in the
 /// record for the next uninstall; it never stops the uninstall.
-pub fn restore(root: &Path, systemd: &dyn Systemd, dry_run: bool) -> Result<Vec<String>, String> {
+pub fn restore(root: &Path, systemd: &dyn Systemd, dry_run: bool) -> Result<Vec<String>, Error> {
     let record = read_record(root)?;
     let mut done = Vec::new();
     let mut left = Record::default();
+    restore_units(&record, systemd, dry_run, &mut done, &mut left);
+    restore_cron_lines(root, &record, dry_run, &mut done, &mut left);
+    if !dry_run && record != Record::default() {
+        if left == Record::default() {
+            let path = under(root, Path::new(RECORD_PATH));
+            std::fs::remove_file(&path).map_err(Error::io(&path))?;
+        } else {
+            write_record(root, &left)?;
+        }
+    }
+    Ok(done)
+}
+
+/// Re-enables and restarts the recorded units as they were; what cannot be done is said in
+/// `done` and kept in `left`.
+fn restore_units(
+    record: &Record,
+    systemd: &dyn Systemd,
+    dry_run: bool,
+    done: &mut Vec<String>,
+    left: &mut Record,
+) {
     for u in &record.units {
         let live = matches!(systemd.state(&u.name), UnitState::Live { .. });
         let mut failed = !live && !dry_run;
@@ -389,6 +407,17 @@ pub fn restore(root: &Path, systemd: &dyn Systemd, dry_run: bool) -> Result<Vec<
             left.units.push(u.clone());
         }
     }
+}
+
+/// Uncomments the recorded crontab lines; what cannot be done is said in `done` and kept in
+/// `left`.
+fn restore_cron_lines(
+    root: &Path,
+    record: &Record,
+    dry_run: bool,
+    done: &mut Vec<String>,
+    left: &mut Record,
+) {
     for c in &record.cron_lines {
         if dry_run {
             done.push(format!("uncomment `{}` in {}", c.line, c.file.display()));
@@ -405,15 +434,6 @@ pub fn restore(root: &Path, systemd: &dyn Systemd, dry_run: bool) -> Result<Vec<
             }
         }
     }
-    if !dry_run && record != Record::default() {
-        if left == Record::default() {
-            let path = under(root, Path::new(RECORD_PATH));
-            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        } else {
-            write_record(root, &left)?;
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]
@@ -502,7 +522,7 @@ mod tests {
         fn state(&self, _: &str) -> UnitState {
             UnitState::Staged
         }
-        fn run(&self, args: &[&str]) -> Result<(), String> {
+        fn run(&self, args: &[&str]) -> Result<(), crate::Error> {
             panic!("systemctl {args:?} on a staged root")
         }
     }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::Error;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub version: String,
@@ -39,28 +41,32 @@ pub fn sha256(data: &[u8]) -> String {
 }
 
 impl Manifest {
-    pub fn read(path: &Path) -> Result<Option<Manifest>, String> {
+    pub fn read(path: &Path) -> Result<Option<Manifest>, Error> {
         match pmguard_agent::sys::files::read_capped(path, 1 << 20) {
-            Ok(Some(b)) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| format!("{}: {e} (move it aside and re-run)", path.display())),
+            Ok(Some(b)) => {
+                serde_json::from_slice(&b)
+                    .map(Some)
+                    .map_err(|source| Error::ManifestUnreadable {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+            }
             Ok(None) => Ok(None),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(Error::io(path)(e)),
         }
     }
 
     /// Refuses a manifest that names anything pmguard never lays down: uninstall deletes what
     /// the manifest lists, as root, so a path with `..` or outside pmguard's own set (a
     /// tampered or hand-written manifest) must never reach it.
-    pub fn check_owned(&self, at: &Path) -> Result<(), String> {
+    pub fn check_owned(&self, at: &Path) -> Result<(), Error> {
         let owned: Vec<&Path> = crate::render::OWNED_FILES.iter().map(Path::new).collect();
         for f in self.files.keys() {
             if !owned.contains(&f.as_path()) {
-                return Err(format!(
-                    "{} lists {}, which pmguard never installs: the manifest was edited by hand or tampered with; move it aside and re-run `pmguard install`",
-                    at.display(),
-                    f.display()
-                ));
+                return Err(Error::ManifestForeignFile {
+                    manifest: at.to_path_buf(),
+                    file: f.clone(),
+                });
             }
         }
         for d in &self.created_dirs {
@@ -72,11 +78,10 @@ impl Manifest {
                     )
                 });
             if !normal || !owned.iter().any(|f| f.starts_with(d) && f != d) {
-                return Err(format!(
-                    "{} lists the directory {}, which pmguard never creates: move the manifest aside and re-run `pmguard install`",
-                    at.display(),
-                    d.display()
-                ));
+                return Err(Error::ManifestForeignDir {
+                    manifest: at.to_path_buf(),
+                    dir: d.clone(),
+                });
             }
         }
         Ok(())

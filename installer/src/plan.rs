@@ -16,6 +16,7 @@ use crate::manifest::{sha256, Manifest};
 use crate::pm2unit::{PM2_UNIT_NAME, PM2_UNIT_PATH};
 use crate::render::{under, DesiredFile, FileKind, MANIFEST_PATH, UNIT_NAME};
 use crate::systemd::{Systemd, UnitState};
+use crate::Error;
 
 /// A file as found on the target.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,7 +52,7 @@ pub struct Observed {
 pub const DIR_MODE: u32 = 0o755;
 
 /// Reads the current state of every path in `paths` (and the manifest's) under `root`.
-pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<Observed, String> {
+pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<Observed, Error> {
     check_parents(root, Path::new(MANIFEST_PATH))?;
     let manifest = Manifest::read(&under(root, Path::new(MANIFEST_PATH)))?;
     if let Some(m) = &manifest {
@@ -67,23 +68,33 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
         check_parents(root, &p)?;
         let real = under(root, &p);
         let found = match std::fs::symlink_metadata(&real) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "{} is a symlink: pmguard will not write through it; remove it and re-run",
-                    real.display()
-                ))
-            }
+            Ok(m) if m.file_type().is_symlink() => return Err(Error::SymlinkFile { path: real }),
             Ok(m) => Some(FoundFile {
-                content: std::fs::read(&real).map_err(|e| format!("{}: {e}", real.display()))?,
+                content: std::fs::read(&real).map_err(Error::io(&real))?,
                 mode: m.mode() & 0o7777,
                 uid: m.uid(),
                 gid: m.gid(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(format!("{}: {e}", real.display())),
+            Err(e) => return Err(Error::io(&real)(e)),
         };
         files.insert(p, found);
     }
+    Ok(Observed {
+        files,
+        missing_dirs: missing_dirs(root, paths),
+        dir_modes: dir_modes(root, manifest.as_ref()),
+        manifest,
+        unit: systemd.state(UNIT_NAME),
+        pm2_unit: systemd.state(PM2_UNIT_NAME),
+        pm2_daemon_live: false,
+        state_dir: owned_state_dir(root),
+    })
+}
+
+/// The parents of `paths` (and of the manifest) that do not exist under `root`, outermost
+/// first.
+fn missing_dirs(root: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut missing_dirs = Vec::new();
     for p in paths
         .iter()
@@ -104,9 +115,14 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
             }
         }
     }
+    missing_dirs
+}
+
+/// The modes of the directories pmguard owns: the config directory and those it created.
+fn dir_modes(root: &Path, manifest: Option<&Manifest>) -> BTreeMap<PathBuf, u32> {
     let mut dir_modes = BTreeMap::new();
     let owned_dirs = manifest
-        .iter()
+        .into_iter()
         .flat_map(|m| m.created_dirs.iter().cloned())
         .chain(Path::new(MANIFEST_PATH).parent().map(Path::to_path_buf));
     for d in owned_dirs {
@@ -116,16 +132,7 @@ pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<
             }
         }
     }
-    Ok(Observed {
-        files,
-        missing_dirs,
-        manifest,
-        unit: systemd.state(UNIT_NAME),
-        pm2_unit: systemd.state(PM2_UNIT_NAME),
-        pm2_daemon_live: false,
-        state_dir: owned_state_dir(root),
-        dir_modes,
-    })
+    dir_modes
 }
 
 /// The installed config's `state_dir`, if it is one systemd made for pmguard's unit
@@ -154,10 +161,8 @@ fn owned_state_dir(root: &Path) -> Option<PathBuf> {
 /// must be a real directory, owned by root (when `root` itself is), and writable by nobody but
 /// its owner (sticky directories like /tmp aside). Otherwise a local user could swap a
 /// directory for a symlink, or a file in it, between our check and root's write.
-fn check_parents(root: &Path, path: &Path) -> Result<(), String> {
-    let root_uid = std::fs::metadata(root)
-        .map_err(|e| format!("{}: {e}", root.display()))?
-        .uid();
+fn check_parents(root: &Path, path: &Path) -> Result<(), Error> {
+    let root_uid = std::fs::metadata(root).map_err(Error::io(root))?.uid();
     let mut real = root.to_path_buf();
     let parent = path.parent().unwrap_or(Path::new("/"));
     for c in parent.components() {
@@ -165,36 +170,29 @@ fn check_parents(root: &Path, path: &Path) -> Result<(), String> {
             if matches!(c, std::path::Component::RootDir) {
                 continue;
             }
-            return Err(format!(
-                "{}: not a normal path; pmguard will not follow it",
-                path.display()
-            ));
+            return Err(Error::NotNormalPath {
+                path: path.to_path_buf(),
+            });
         };
         real.push(name);
         let m = match std::fs::symlink_metadata(&real) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("{}: {e}", real.display())),
+            Err(e) => return Err(Error::io(&real)(e)),
         };
         if m.file_type().is_symlink() {
-            return Err(format!(
-                "{} is a symlink: pmguard will not write through it; replace it with a directory and re-run",
-                real.display()
-            ));
+            return Err(Error::SymlinkDir { path: real });
         }
         if !m.is_dir() {
-            return Err(format!("{} is not a directory", real.display()));
+            return Err(Error::NotADirectory { path: real });
         }
         let sticky = m.mode() & 0o1000 != 0;
         if m.uid() != root_uid || (m.mode() & 0o022 != 0 && !sticky) {
-            return Err(format!(
-                "{} is owned by uid {} with mode {:04o}: only root may be able to write the directories pmguard installs into; run `chown root:root {} && chmod go-w {}`",
-                real.display(),
-                m.uid(),
-                m.mode() & 0o7777,
-                real.display(),
-                real.display()
-            ));
+            return Err(Error::WritableByOthers {
+                path: real,
+                uid: m.uid(),
+                mode: m.mode() & 0o7777,
+            });
         }
     }
     Ok(())
@@ -254,8 +252,25 @@ fn metadata_differs(f: &DesiredFile, old: &FoundFile, can_chown: bool) -> bool {
 /// Plans an install of `desired` over what was observed.
 pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_chown: bool) -> Plan {
     let mut plan = Plan::default();
-    let mut changed_service = false;
-    let mut changed_pm2_unit = false;
+    let manifest = next_manifest(desired, obs);
+    let changed = plan_writes(desired, obs, force, can_chown, &mut plan);
+    plan_stale_removals(desired, obs, &mut plan);
+    plan.steps.splice(0..0, head_steps(obs, &manifest));
+    plan_units(desired, obs, changed, &mut plan);
+    plan.notes.push("Logs go to the journal (journalctl -u pmguard-agent); the logrotate file rotates only the agent's event file.".into());
+    plan
+}
+
+/// Which units' files a plan rewrites (so systemd reloads and restarts what changed).
+#[derive(Debug, Clone, Copy, Default)]
+struct Changed {
+    service: bool,
+    pm2_unit: bool,
+}
+
+/// The manifest this install leaves: every desired file's hash, and every directory any
+/// install so far has created.
+fn next_manifest(desired: &[DesiredFile], obs: &Observed) -> Manifest {
     let mut manifest = Manifest {
         version: env!("CARGO_PKG_VERSION").to_string(),
         files: BTreeMap::new(),
@@ -273,6 +288,21 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
     }
     for f in desired {
         manifest.files.insert(f.path.clone(), sha256(&f.content));
+    }
+    manifest
+}
+
+/// A write for every desired file that differs from what is there, except a user's edit of
+/// the config without `force` (blocked, with the diff).
+fn plan_writes(
+    desired: &[DesiredFile],
+    obs: &Observed,
+    force: bool,
+    can_chown: bool,
+    plan: &mut Plan,
+) -> Changed {
+    let mut changed = Changed::default();
+    for f in desired {
         let old = obs.files.get(&f.path).cloned().flatten();
         let needs = match &old {
             None => true,
@@ -297,39 +327,46 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
             }
         }
         if f.path == Path::new(PM2_UNIT_PATH) {
-            changed_pm2_unit = true;
+            changed.pm2_unit = true;
         } else {
-            changed_service |= f.path.ends_with(UNIT_NAME) || f.kind != FileKind::Managed;
+            changed.service |= f.path.ends_with(UNIT_NAME) || f.kind != FileKind::Managed;
         }
         plan.steps.push(Step::Write {
             file: f.clone(),
             old,
         });
     }
-    // Files a previous install laid down that are no longer wanted (e.g. the IAM policy after
-    // [aws] was removed from the config).
-    if let Some(m) = &obs.manifest {
-        for (path, hash) in &m.files {
-            if desired.iter().any(|f| &f.path == path) {
-                continue;
-            }
-            if let Some(Some(old)) = obs.files.get(path) {
-                if sha256(&old.content) == *hash {
-                    plan.steps.push(Step::Remove {
-                        path: path.clone(),
-                        old: old.clone(),
-                    });
-                } else {
-                    plan.notes.push(format!(
-                        "{} is no longer needed but was edited since install: left in place",
-                        path.display()
-                    ));
-                }
+    changed
+}
+
+/// Files a previous install laid down that are no longer wanted (e.g. the IAM policy after
+/// [aws] was removed from the config): removed unless edited since.
+fn plan_stale_removals(desired: &[DesiredFile], obs: &Observed, plan: &mut Plan) {
+    let Some(m) = &obs.manifest else { return };
+    for (path, hash) in &m.files {
+        if desired.iter().any(|f| &f.path == path) {
+            continue;
+        }
+        if let Some(Some(old)) = obs.files.get(path) {
+            if sha256(&old.content) == *hash {
+                plan.steps.push(Step::Remove {
+                    path: path.clone(),
+                    old: old.clone(),
+                });
+            } else {
+                plan.notes.push(format!(
+                    "{} is no longer needed but was edited since install: left in place",
+                    path.display()
+                ));
             }
         }
     }
-    // The manifest goes first (after its own directories): an install cut short anywhere later
-    // still records every directory and file it may have created, so uninstall removes them.
+}
+
+/// The steps that go before the files: the manifest first (after its own directories), so an
+/// install cut short anywhere later still records every directory and file it may have
+/// created and uninstall removes them; then the other directories and drifted modes.
+fn head_steps(obs: &Observed, manifest: &Manifest) -> Vec<Step> {
     let mut head = Vec::new();
     let manifest_dir = Path::new(MANIFEST_PATH).parent().unwrap_or(Path::new("/"));
     let (first, rest): (Vec<&PathBuf>, Vec<&PathBuf>) = obs
@@ -361,41 +398,48 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
             });
         }
     }
-    plan.steps.splice(0..0, head);
-    match &obs.unit {
-        UnitState::Staged => plan
-            .notes
-            .push("Staging root: files only; nothing is started.".into()),
-        UnitState::NoSystemd(why) => plan.notes.push(format!(
-            "systemd is not running here ({why}): skipped daemon-reload, enable and start. Once it runs: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
-        )),
-        UnitState::Live { enabled, active } => {
-            if changed_service || changed_pm2_unit {
-                plan.steps.push(systemctl(&["daemon-reload"]));
-            }
-            let ours = desired.iter().any(|f| f.path == Path::new(PM2_UNIT_PATH));
-            if let (true, UnitState::Live { enabled, active }) = (ours, &obs.pm2_unit) {
-                if !enabled {
-                    plan.steps.push(systemctl(&["enable", PM2_UNIT_NAME]));
-                }
-                if !active && !obs.pm2_daemon_live {
-                    plan.steps.push(systemctl(&["start", PM2_UNIT_NAME]));
-                } else if !active {
-                    plan.notes.push(format!(
-                        "PM2 runs outside systemd now: {PM2_UNIT_NAME} starts it from the next boot. To hand the running daemon over now (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {PM2_UNIT_NAME}`"
-                    ));
-                }
-            }
-            if !enabled {
-                plan.steps.push(systemctl(&["enable", UNIT_NAME]));
-            }
-            if changed_service || !active {
-                plan.steps.push(systemctl(&["restart", UNIT_NAME]));
-            }
+    head
+}
+
+/// systemctl steps for the agent's unit and `pmguard-pm2.service`, or a note when there is no
+/// systemd to run them.
+fn plan_units(desired: &[DesiredFile], obs: &Observed, changed: Changed, plan: &mut Plan) {
+    let (enabled, active) = match &obs.unit {
+        UnitState::Staged => {
+            plan.notes
+                .push("Staging root: files only; nothing is started.".into());
+            return;
+        }
+        UnitState::NoSystemd(why) => {
+            plan.notes.push(format!(
+                "systemd is not running here ({why}): skipped daemon-reload, enable and start. Once it runs: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
+            ));
+            return;
+        }
+        UnitState::Live { enabled, active } => (*enabled, *active),
+    };
+    if changed.service || changed.pm2_unit {
+        plan.steps.push(systemctl(&["daemon-reload"]));
+    }
+    let ours = desired.iter().any(|f| f.path == Path::new(PM2_UNIT_PATH));
+    if let (true, UnitState::Live { enabled, active }) = (ours, &obs.pm2_unit) {
+        if !enabled {
+            plan.steps.push(systemctl(&["enable", PM2_UNIT_NAME]));
+        }
+        if !active && !obs.pm2_daemon_live {
+            plan.steps.push(systemctl(&["start", PM2_UNIT_NAME]));
+        } else if !active {
+            plan.notes.push(format!(
+                "PM2 runs outside systemd now: {PM2_UNIT_NAME} starts it from the next boot. To hand the running daemon over now (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {PM2_UNIT_NAME}`"
+            ));
         }
     }
-    plan.notes.push("Logs go to the journal (journalctl -u pmguard-agent); the logrotate file rotates only the agent's event file.".into());
-    plan
+    if !enabled {
+        plan.steps.push(systemctl(&["enable", UNIT_NAME]));
+    }
+    if changed.service || !active {
+        plan.steps.push(systemctl(&["restart", UNIT_NAME]));
+    }
 }
 
 /// Plans an uninstall from the manifest.
@@ -487,65 +531,70 @@ pub fn display(plan: &Plan) -> String {
         let _ = writeln!(out, "Nothing to do.");
     }
     for s in &plan.steps {
-        match s {
-            Step::MkDir { path } => {
-                let _ = writeln!(out, "create directory {}", path.display());
-            }
-            Step::Write { file, old: None } => {
-                let _ = writeln!(
-                    out,
-                    "create {} (mode {:04o})",
-                    file.path.display(),
-                    file.mode
-                );
-            }
-            Step::Write { file, old: Some(o) } => {
-                if o.content == file.content {
-                    let _ = writeln!(
-                        out,
-                        "fix mode/owner of {}: {:04o} {}:{} -> {:04o} {}:{}",
-                        file.path.display(),
-                        o.mode,
-                        o.uid,
-                        o.gid,
-                        file.mode,
-                        file.uid,
-                        file.gid
-                    );
-                } else {
-                    let _ = writeln!(out, "update {}", file.path.display());
-                    out.push_str(&indent(&diff(&o.content, &file.content)));
-                }
-            }
-            Step::Remove { path, .. } => {
-                let _ = writeln!(out, "remove {}", path.display());
-            }
-            Step::RemoveDir { path } => {
-                let _ = writeln!(out, "remove directory {} (if empty)", path.display());
-            }
-            Step::RemoveTree { path } => {
-                let _ = writeln!(
-                    out,
-                    "remove the agent's state {} (events, restart history)",
-                    path.display()
-                );
-            }
-            Step::DirMode { path, from } => {
-                let _ = writeln!(
-                    out,
-                    "fix mode of directory {}: {from:04o} -> {DIR_MODE:04o}",
-                    path.display()
-                );
-            }
-            Step::Systemctl { args } => {
-                let _ = writeln!(out, "systemctl {}", args.join(" "));
-            }
-        }
+        display_step(&mut out, s);
     }
     for n in &plan.notes {
         let _ = writeln!(out, "note: {n}");
     }
     out
+}
+
+/// One step as the plan shows it (a write of changed content with its diff, indented).
+fn display_step(out: &mut String, s: &Step) {
+    match s {
+        Step::MkDir { path } => {
+            let _ = writeln!(out, "create directory {}", path.display());
+        }
+        Step::Write { file, old: None } => {
+            let _ = writeln!(
+                out,
+                "create {} (mode {:04o})",
+                file.path.display(),
+                file.mode
+            );
+        }
+        Step::Write { file, old: Some(o) } => {
+            if o.content == file.content {
+                let _ = writeln!(
+                    out,
+                    "fix mode/owner of {}: {:04o} {}:{} -> {:04o} {}:{}",
+                    file.path.display(),
+                    o.mode,
+                    o.uid,
+                    o.gid,
+                    file.mode,
+                    file.uid,
+                    file.gid
+                );
+            } else {
+                let _ = writeln!(out, "update {}", file.path.display());
+                out.push_str(&indent(&diff(&o.content, &file.content)));
+            }
+        }
+        Step::Remove { path, .. } => {
+            let _ = writeln!(out, "remove {}", path.display());
+        }
+        Step::RemoveDir { path } => {
+            let _ = writeln!(out, "remove directory {} (if empty)", path.display());
+        }
+        Step::RemoveTree { path } => {
+            let _ = writeln!(
+                out,
+                "remove the agent's state {} (events, restart history)",
+                path.display()
+            );
+        }
+        Step::DirMode { path, from } => {
+            let _ = writeln!(
+                out,
+                "fix mode of directory {}: {from:04o} -> {DIR_MODE:04o}",
+                path.display()
+            );
+        }
+        Step::Systemctl { args } => {
+            let _ = writeln!(out, "systemctl {}", args.join(" "));
+        }
+    }
 }
 
 fn indent(s: &str) -> String {
@@ -558,7 +607,7 @@ pub fn apply(
     root: &Path,
     systemd: &dyn Systemd,
     can_chown: bool,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     for s in &plan.steps {
         match s {
             Step::MkDir { path } => {
@@ -567,10 +616,10 @@ pub fn apply(
                     .mode(DIR_MODE)
                     .create(&real)
                     .or_else(|e| if real.is_dir() { Ok(()) } else { Err(e) })
-                    .map_err(|e| format!("create {}: {e}", real.display()))?;
+                    .map_err(Error::apply("create", &real))?;
                 // The umask narrowed the mode at create (077 makes it 0700): set it exactly.
                 std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
-                    .map_err(|e| format!("chmod {}: {e}", real.display()))?;
+                    .map_err(Error::apply("chmod", &real))?;
             }
             Step::RemoveTree { path } => {
                 // remove_dir_all never follows a symlink inside (the PM2 user owns the tree).
@@ -578,13 +627,13 @@ pub fn apply(
                 match std::fs::remove_dir_all(&real) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(format!("remove {}: {e}", real.display())),
+                    Err(e) => return Err(Error::apply("remove", &real)(e)),
                 }
             }
             Step::DirMode { path, .. } => {
                 let real = under(root, path);
                 std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
-                    .map_err(|e| format!("chmod {}: {e}", real.display()))?;
+                    .map_err(Error::apply("chmod", &real))?;
             }
             Step::Write { file, .. } => write_file(root, file, can_chown)?,
             Step::Remove { path, .. } => {
@@ -592,7 +641,7 @@ pub fn apply(
                 match std::fs::remove_file(&real) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(format!("remove {}: {e}", real.display())),
+                    Err(e) => return Err(Error::apply("remove", &real)(e)),
                 }
             }
             Step::RemoveDir { path } => {
@@ -608,9 +657,11 @@ pub fn apply(
     Ok(())
 }
 
-fn write_file(root: &Path, f: &DesiredFile, can_chown: bool) -> Result<(), String> {
+fn write_file(root: &Path, f: &DesiredFile, can_chown: bool) -> Result<(), Error> {
     let real = under(root, &f.path);
-    let dir = real.parent().ok_or("no parent directory")?;
+    let dir = real
+        .parent()
+        .ok_or_else(|| Error::NoParent { path: real.clone() })?;
     let tmp = dir.join(format!(
         ".{}.pmguard-{}.tmp",
         real.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
@@ -635,7 +686,7 @@ fn write_file(root: &Path, f: &DesiredFile, can_chown: bool) -> Result<(), Strin
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("write {}: {e}", real.display()));
+        return Err(Error::apply("write", &real)(e));
     }
     Ok(())
 }
@@ -715,13 +766,14 @@ mod tests {
             let mut bad = m.clone();
             bad.files.insert(PathBuf::from(evil), hash.clone());
             std::fs::write(&mpath, bad.to_bytes()).unwrap();
-            let err = observe(root.path(), &[], &STAGED).unwrap_err();
+            let err = observe(root.path(), &[], &STAGED).unwrap_err().to_string();
             assert!(err.contains("never installs"), "{evil}: {err}");
         }
         m.created_dirs.push(PathBuf::from("/etc/ssh"));
         std::fs::write(&mpath, m.to_bytes()).unwrap();
         assert!(observe(root.path(), &[], &STAGED)
             .unwrap_err()
+            .to_string()
             .contains("never creates"));
         assert_eq!(std::fs::read(&victim).unwrap(), b"PermitRootLogin no\n");
     }
@@ -734,7 +786,9 @@ mod tests {
         std::os::unix::fs::symlink(elsewhere.path(), root.path().join("etc/cron.d")).unwrap();
         let desired = rendered(MINIMAL);
         let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
-        let err = observe(root.path(), &paths, &STAGED).unwrap_err();
+        let err = observe(root.path(), &paths, &STAGED)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is a symlink"), "{err}");
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
         std::fs::remove_file(root.path().join("etc/cron.d")).unwrap();
@@ -744,18 +798,21 @@ mod tests {
             std::fs::Permissions::from_mode(0o777),
         )
         .unwrap();
-        let err = observe(root.path(), &paths, &STAGED).unwrap_err();
+        let err = observe(root.path(), &paths, &STAGED)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("chmod go-w"), "{err}");
     }
 
     #[test]
     fn directories_get_their_mode_whatever_the_umask_and_drift_is_put_back() {
         let root = tempfile::tempdir().unwrap();
-        // SAFETY: umask has no preconditions; restored below (tests in this binary make no
-        // files that depend on it meanwhile beyond their explicit modes).
-        let old = unsafe { libc::umask(0o077) };
+        // Restored below (tests in this binary make no files that depend on it meanwhile
+        // beyond their explicit modes).
+        use rustix::fs::Mode;
+        let old = rustix::process::umask(Mode::from_raw_mode(0o077));
         install(root.path(), MINIMAL, false);
-        unsafe { libc::umask(old) };
+        rustix::process::umask(old);
         let dir = root.path().join("etc/pmguard");
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -980,7 +1037,7 @@ mod tests {
         fn state(&self, _: &str) -> UnitState {
             self.0.clone()
         }
-        fn run(&self, _: &[&str]) -> Result<(), String> {
+        fn run(&self, _: &[&str]) -> Result<(), crate::Error> {
             Ok(())
         }
     }

@@ -216,69 +216,9 @@ pub fn check_values(config: &Config, a: &Account) -> Result<(), RenderError> {
 pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderError> {
     let a = &s.account;
     check_values(config, a)?;
-    let state_dir = &config.agent.state_dir;
     let agent_path = match s.agent_binary {
         Some(_) => AGENT_PATH,
         None => PACKAGED_AGENT_PATH,
-    };
-    let state_lines = match state_dir.strip_prefix("/var/lib") {
-        Ok(rel) if !rel.as_os_str().is_empty() => vec![
-            format!("StateDirectory={}", rel.display()),
-            "StateDirectoryMode=0750".to_string(),
-        ],
-        _ => vec![format!("ReadWritePaths={}", state_dir.display())],
-    };
-    let unit = UnitTemplate {
-        marker: MARKER,
-        user: &a.user,
-        group: &a.group,
-        pm2_unit: s.pm2.unit(&a.user),
-        pm2_home: pm2_home(config, a).display().to_string(),
-        agent_path,
-        config_path: CONFIG_PATH,
-        watchdog_sec: "30s",
-        state_lines,
-        local_only: config.aws.is_none()
-            && config
-                .apps
-                .iter()
-                .all(|a| a.health_url.as_ref().is_none_or(|u| is_loopback(&u.host))),
-    }
-    .render()
-    .map_err(|source| RenderError::Template {
-        name: "pmguard-agent.service",
-        source,
-    })?;
-    let cron = CronTemplate {
-        marker: MARKER,
-        schedule: "*/5 * * * *",
-        user: &a.user,
-        agent_path,
-        config_path: CONFIG_PATH,
-    }
-    .render()
-    .map_err(|source| RenderError::Template {
-        name: "pmguard.cron",
-        source,
-    })?;
-    let logrotate = LogrotateTemplate {
-        marker: MARKER,
-        events_path: state_dir.join("events.jsonl").display().to_string(),
-        user: &a.user,
-        group: &a.group,
-    }
-    .render()
-    .map_err(|source| RenderError::Template {
-        name: "pmguard.logrotate",
-        source,
-    })?;
-    let text = |path: &str, body: String, mode: u32, gid: u32| DesiredFile {
-        path: PathBuf::from(path),
-        content: ensure_newline(body).into_bytes(),
-        mode,
-        uid: 0,
-        gid,
-        kind: FileKind::Managed,
     };
     let binary = s.agent_binary.as_ref().map(|bytes| DesiredFile {
         path: PathBuf::from(AGENT_PATH),
@@ -299,33 +239,124 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
             gid: a.gid,
             kind: FileKind::UserConfig,
         },
-        text(UNIT_PATH, unit, 0o644, 0),
-        text(CRON_PATH, cron, 0o644, 0),
-        text(LOGROTATE_PATH, logrotate, 0o644, 0),
+        managed(UNIT_PATH, render_unit(config, s, agent_path)?),
+        managed(CRON_PATH, render_cron(a, agent_path)?),
+        managed(LOGROTATE_PATH, render_logrotate(config, a)?),
     ]);
     if let Some(policy) = iam::agent_policy(config) {
-        files.push(text(IAM_PATH, iam::to_json(&policy), 0o644, 0));
+        files.push(managed(IAM_PATH, iam::to_json(&policy)));
     }
     if let Some(policy) = iam::admin_policy(config) {
-        files.push(text(IAM_ADMIN_PATH, iam::to_json(&policy), 0o644, 0));
+        files.push(managed(IAM_ADMIN_PATH, iam::to_json(&policy)));
     }
-    if let crate::pm2unit::Supervision::Ours { pm2_bin, path_env } = &s.pm2 {
-        let body = Pm2UnitTemplate {
-            marker: MARKER,
-            user: &a.user,
-            group: &a.group,
-            pm2_home: pm2_home(config, a).display().to_string(),
-            pm2_bin: pm2_bin.display().to_string(),
-            path_env,
-        }
-        .render()
-        .map_err(|source| RenderError::Template {
-            name: "pmguard-pm2.service",
-            source,
-        })?;
-        files.push(text(crate::pm2unit::PM2_UNIT_PATH, body, 0o644, 0));
+    if let Some(body) = render_pm2_unit(config, s)? {
+        files.push(managed(crate::pm2unit::PM2_UNIT_PATH, body));
     }
     Ok(files)
+}
+
+/// A rendered text file pmguard owns: root's, mode 0644.
+fn managed(path: &str, body: String) -> DesiredFile {
+    DesiredFile {
+        path: PathBuf::from(path),
+        content: ensure_newline(body).into_bytes(),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        kind: FileKind::Managed,
+    }
+}
+
+/// `pmguard-agent.service`.
+fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String, RenderError> {
+    let a = &s.account;
+    let state_dir = &config.agent.state_dir;
+    let state_lines = match state_dir.strip_prefix("/var/lib") {
+        Ok(rel) if !rel.as_os_str().is_empty() => vec![
+            format!("StateDirectory={}", rel.display()),
+            "StateDirectoryMode=0750".to_string(),
+        ],
+        _ => vec![format!("ReadWritePaths={}", state_dir.display())],
+    };
+    UnitTemplate {
+        marker: MARKER,
+        user: &a.user,
+        group: &a.group,
+        pm2_unit: s.pm2.unit(&a.user),
+        pm2_home: pm2_home(config, a).display().to_string(),
+        agent_path,
+        config_path: CONFIG_PATH,
+        watchdog_sec: "30s",
+        state_lines,
+        local_only: config.aws.is_none()
+            && config
+                .apps
+                .iter()
+                .all(|a| a.health_url.as_ref().is_none_or(|u| is_loopback(&u.host))),
+    }
+    .render()
+    .map_err(|source| RenderError::Template {
+        name: "pmguard-agent.service",
+        source,
+    })
+}
+
+/// The cron.d backup check.
+fn render_cron(a: &Account, agent_path: &str) -> Result<String, RenderError> {
+    CronTemplate {
+        marker: MARKER,
+        schedule: "*/5 * * * *",
+        user: &a.user,
+        agent_path,
+        config_path: CONFIG_PATH,
+    }
+    .render()
+    .map_err(|source| RenderError::Template {
+        name: "pmguard.cron",
+        source,
+    })
+}
+
+/// The logrotate file for the agent's event file.
+fn render_logrotate(config: &Config, a: &Account) -> Result<String, RenderError> {
+    LogrotateTemplate {
+        marker: MARKER,
+        events_path: config
+            .agent
+            .state_dir
+            .join("events.jsonl")
+            .display()
+            .to_string(),
+        user: &a.user,
+        group: &a.group,
+    }
+    .render()
+    .map_err(|source| RenderError::Template {
+        name: "pmguard.logrotate",
+        source,
+    })
+}
+
+/// `pmguard-pm2.service`, when pmguard puts PM2 itself under systemd.
+fn render_pm2_unit(config: &Config, s: &Settings) -> Result<Option<String>, RenderError> {
+    let crate::pm2unit::Supervision::Ours { pm2_bin, path_env } = &s.pm2 else {
+        return Ok(None);
+    };
+    let a = &s.account;
+    Pm2UnitTemplate {
+        marker: MARKER,
+        user: &a.user,
+        group: &a.group,
+        pm2_home: pm2_home(config, a).display().to_string(),
+        pm2_bin: pm2_bin.display().to_string(),
+        path_env,
+    }
+    .render()
+    .map(Some)
+    .map_err(|source| RenderError::Template {
+        name: "pmguard-pm2.service",
+        source,
+    })
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -504,7 +535,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn unsafe_values_are_refused() {
+    fn values_unfit_for_templates_are_refused() {
         let refused = |agent: &str, group: &str| {
             let c = Config::parse(
                 Path::new("/x.toml"),

@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::Error;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum UnitState {
     /// Installing into a staging root: never touch the host's systemd.
@@ -17,7 +19,7 @@ pub enum UnitState {
 
 pub trait Systemd {
     fn state(&self, unit: &str) -> UnitState;
-    fn run(&self, args: &[&str]) -> Result<(), String>;
+    fn run(&self, args: &[&str]) -> Result<(), Error>;
 }
 
 /// The host's systemd through `systemctl`, or nothing when staging or when systemd is not PID 1.
@@ -46,23 +48,22 @@ impl Systemd for Systemctl {
         }
     }
 
-    fn run(&self, args: &[&str]) -> Result<(), String> {
+    fn run(&self, args: &[&str]) -> Result<(), Error> {
         if self.staged {
             return Ok(());
         }
         let out = Command::new("systemctl")
             .args(args)
             .output()
-            .map_err(|e| format!("cannot run systemctl: {e}"))?;
+            .map_err(Error::SystemctlSpawn)?;
         if out.status.success() {
             Ok(())
         } else {
-            Err(format!(
-                "systemctl {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
+            Err(Error::SystemctlFailed {
+                command: format!("systemctl {}", args.join(" ")),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::Error;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Account {
     pub user: String,
@@ -12,30 +14,32 @@ pub struct Account {
     pub home: PathBuf,
 }
 
-pub fn lookup(root: &Path, user: &str) -> Result<Account, String> {
+pub fn lookup(root: &Path, user: &str) -> Result<Account, Error> {
     let passwd_path = root.join("etc/passwd");
-    let passwd = std::fs::read_to_string(&passwd_path)
-        .map_err(|e| format!("cannot read {}: {e}", passwd_path.display()))?;
+    let passwd =
+        std::fs::read_to_string(&passwd_path).map_err(Error::apply("cannot read", &passwd_path))?;
     let fields: Vec<&str> = passwd
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() >= 7 && f[0] == user)
-        .ok_or_else(|| {
-            format!(
-                "user `{user}` is not in {}: pass --user with the account that runs PM2 (see `pm2 startup`)",
-                passwd_path.display()
-            )
+        .ok_or_else(|| Error::UnknownUser {
+            user: user.to_string(),
+            passwd: passwd_path.clone(),
         })?;
-    let uid: u32 = fields[2]
-        .parse()
-        .map_err(|_| format!("{}: bad uid for {user}", passwd_path.display()))?;
-    let gid: u32 = fields[3]
-        .parse()
-        .map_err(|_| format!("{}: bad gid for {user}", passwd_path.display()))?;
+    let uid: u32 = fields[2].parse().map_err(|_| Error::BadId {
+        passwd: passwd_path.clone(),
+        field: "uid",
+        user: user.to_string(),
+    })?;
+    let gid: u32 = fields[3].parse().map_err(|_| Error::BadId {
+        passwd: passwd_path.clone(),
+        field: "gid",
+        user: user.to_string(),
+    })?;
     if uid == 0 {
-        return Err(format!(
-            "user `{user}` is root: run PM2 and pmguard as an unprivileged user"
-        ));
+        return Err(Error::RootUser {
+            user: user.to_string(),
+        });
     }
     let group_path = root.join("etc/group");
     let group = std::fs::read_to_string(&group_path)

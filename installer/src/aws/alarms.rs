@@ -99,30 +99,30 @@ pub fn desired(config: &Config, instance: &str, topic_arn: Option<&str>) -> Vec<
     };
     let t = Thresholds::from_config(config);
     let actions: Vec<String> = topic_arn.map(|a| vec![a.to_string()]).unwrap_or_default();
-    let prefix = instance_prefix(instance);
     let mut out = Vec::new();
     for app in &config.apps {
-        let dims = vec![
-            (DIM_APP.to_string(), app.name.clone()),
-            (DIM_INSTANCE_ID.to_string(), instance.to_string()),
-        ];
-        let base = |suffix: &str, description: String, metric: &str| AlarmSpec {
-            name: format!("{prefix}{}-{suffix}", app.name),
-            description,
-            namespace: aws.namespace.clone(),
-            metric: metric.to_string(),
-            statistic: String::new(),
-            dimensions: dims.clone(),
-            period: 60,
-            evaluation_periods: 1,
-            datapoints_to_alarm: 1,
-            threshold: 0.0,
-            comparison: String::new(),
-            treat_missing_data: String::new(),
-            actions: actions.clone(),
-            metrics: Vec::new(),
-        };
-        out.push(AlarmSpec {
+        out.extend(app_alarms(&aws.namespace, app, instance, &t, &actions));
+    }
+    out.push(heartbeat_alarm(&aws.namespace, instance, actions));
+    out
+}
+
+/// One app's alarms on this instance: down, failing checks, restarting often.
+fn app_alarms(
+    namespace: &str,
+    app: &pmguard_agent::config::AppConfig,
+    instance: &str,
+    t: &Thresholds,
+    actions: &[String],
+) -> [AlarmSpec; 3] {
+    let base = |suffix: &str, description: String, metric: &str| AlarmSpec {
+        name: format!("{}{}-{suffix}", instance_prefix(instance), app.name),
+        description,
+        metric: metric.to_string(),
+        ..app_alarm_base(namespace, &app.name, instance, actions)
+    };
+    [
+        AlarmSpec {
             statistic: "Maximum".into(),
             evaluation_periods: t.down_minutes,
             datapoints_to_alarm: t.down_minutes,
@@ -135,8 +135,8 @@ pub fn desired(config: &Config, instance: &str, topic_arn: Option<&str>) -> Vec<
                 format!("{} on {instance}: no passing check for {} minutes (or no data). Managed by pmguard.", app.name, t.down_minutes),
                 SERVICE_STATUS,
             )
-        });
-        out.push(AlarmSpec {
+        },
+        AlarmSpec {
             statistic: "Sum".into(),
             period: 300,
             threshold: t.failures_per_5m,
@@ -147,8 +147,8 @@ pub fn desired(config: &Config, instance: &str, topic_arn: Option<&str>) -> Vec<
                 format!("{} on {instance}: more than {} failed checks in 5 minutes. Managed by pmguard.", app.name, t.failures_per_5m),
                 HEALTH_CHECK_FAILURES,
             )
-        });
-        out.push(AlarmSpec {
+        },
+        AlarmSpec {
             statistic: "Sum".into(),
             period: 900,
             threshold: t.restarts_per_15m,
@@ -162,14 +162,42 @@ pub fn desired(config: &Config, instance: &str, topic_arn: Option<&str>) -> Vec<
                 ),
                 SERVICE_RESTARTS,
             )
-        });
+        },
+    ]
+}
+
+/// What every alarm of one app on one instance shares: its namespace, dimensions and actions.
+fn app_alarm_base(namespace: &str, app: &str, instance: &str, actions: &[String]) -> AlarmSpec {
+    AlarmSpec {
+        name: String::new(),
+        description: String::new(),
+        namespace: namespace.to_string(),
+        metric: String::new(),
+        statistic: String::new(),
+        dimensions: vec![
+            (DIM_APP.to_string(), app.to_string()),
+            (DIM_INSTANCE_ID.to_string(), instance.to_string()),
+        ],
+        period: 60,
+        evaluation_periods: 1,
+        datapoints_to_alarm: 1,
+        threshold: 0.0,
+        comparison: String::new(),
+        treat_missing_data: String::new(),
+        actions: actions.to_vec(),
+        metrics: Vec::new(),
     }
-    out.push(AlarmSpec {
+}
+
+/// The agent's own alarm on this instance: no heartbeat for 5 minutes.
+fn heartbeat_alarm(namespace: &str, instance: &str, actions: Vec<String>) -> AlarmSpec {
+    let prefix = instance_prefix(instance);
+    AlarmSpec {
         name: format!("{prefix}agent-heartbeat"),
         description: format!(
             "pmguard-agent on {instance} sent no heartbeat for 5 minutes. Managed by pmguard."
         ),
-        namespace: aws.namespace.clone(),
+        namespace: namespace.to_string(),
         metric: AGENT_HEARTBEAT.into(),
         statistic: "SampleCount".into(),
         dimensions: vec![(DIM_INSTANCE_ID.to_string(), instance.to_string())],
@@ -181,8 +209,7 @@ pub fn desired(config: &Config, instance: &str, topic_arn: Option<&str>) -> Vec<
         treat_missing_data: "breaching".into(),
         actions,
         metrics: Vec::new(),
-    });
-    out
+    }
 }
 
 const TREAT_MISSING: &[&str] = &["breaching", "notBreaching", "ignore", "missing"];
@@ -195,8 +222,13 @@ const COMPARISONS: &[&str] = &[
 const STATISTICS: &[&str] = &["SampleCount", "Average", "Sum", "Minimum", "Maximum"];
 
 /// AWS's PutMetricAlarm rules that matter here (the stand-in accepts anything).
-pub fn validate(a: &AlarmSpec) -> Result<(), String> {
-    let fail = |why: String| Err(format!("alarm {}: {why}", a.name));
+pub fn validate(a: &AlarmSpec) -> Result<(), crate::Error> {
+    let fail = |why: String| {
+        Err(crate::Error::Alarm {
+            alarm: a.name.clone(),
+            why,
+        })
+    };
     if a.name.is_empty() || a.name.chars().count() > 255 {
         return fail("names are 1 to 255 characters".into());
     }
@@ -380,7 +412,8 @@ mod tests {
                 period: p,
                 ..base.clone()
             })
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("multiple of 60"), "{e}");
         }
         assert!(validate(&AlarmSpec {
@@ -388,12 +421,14 @@ mod tests {
             ..base.clone()
         })
         .unwrap_err()
+        .to_string()
         .contains("TreatMissingData"));
         assert!(validate(&AlarmSpec {
             name: "x".repeat(256),
             ..base.clone()
         })
         .unwrap_err()
+        .to_string()
         .contains("255"));
         validate(&AlarmSpec {
             name: "x".repeat(255),

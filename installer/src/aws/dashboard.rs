@@ -119,12 +119,8 @@ pub fn build_fleet(config: &Config, region: &str) -> Option<Dashboard> {
     let aws = config.aws.as_ref()?;
     let fleet = aws.fleet.as_deref()?;
     let ns = &aws.namespace;
-    let query = |func: &str, metric: &str, app: &str| {
-        format!(
-            "SELECT {func}({metric}) FROM SCHEMA(\"{ns}\", {DIM_APP}, {DIM_FLEET}, {DIM_INSTANCE_ID}) WHERE {DIM_FLEET} = '{fleet}' AND {DIM_APP} = '{app}' GROUP BY {DIM_INSTANCE_ID} ORDER BY {func}() {} LIMIT 100",
-            if func == "MIN" { "ASC" } else { "DESC" }
-        )
-    };
+    let query =
+        |func: &str, metric: &str, app: &str| per_instance_query(ns, fleet, func, metric, app);
     let mut widgets = Vec::new();
     let mut i = 0;
     for app in &config.apps {
@@ -177,6 +173,15 @@ pub fn build_fleet(config: &Config, region: &str) -> Option<Dashboard> {
         ],
     ));
     Some(Dashboard { widgets })
+}
+
+/// A Metrics Insights query for one app's metric on each instance of the fleet (the worst
+/// first: lowest for MIN, highest otherwise).
+fn per_instance_query(ns: &str, fleet: &str, func: &str, metric: &str, app: &str) -> String {
+    format!(
+        "SELECT {func}({metric}) FROM SCHEMA(\"{ns}\", {DIM_APP}, {DIM_FLEET}, {DIM_INSTANCE_ID}) WHERE {DIM_FLEET} = '{fleet}' AND {DIM_APP} = '{app}' GROUP BY {DIM_INSTANCE_ID} ORDER BY {func}() {} LIMIT 100",
+        if func == "MIN" { "ASC" } else { "DESC" }
+    )
 }
 
 #[cfg(test)]

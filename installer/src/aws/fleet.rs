@@ -129,36 +129,39 @@ pub fn desired(config: &Config, topic_arn: Option<&str>) -> Vec<AlarmSpec> {
     };
     let t = Thresholds::from_config(config);
     let actions: Vec<String> = topic_arn.map(|a| vec![a.to_string()]).unwrap_or_default();
-    let prefix = alarm_prefix(fleet);
     let mut out = Vec::new();
     for app in &config.apps {
-        let insight = |suffix: &str, what: String, func: &str, metric: &str, period: i32| {
-            AlarmSpec {
-            name: format!("{prefix}{}-{suffix}", app.name),
-            description: format!("{} in fleet {fleet}: {what}; each instance where it happens is a contributor. Managed by pmguard.", app.name),
-            namespace: String::new(),
-            metric: String::new(),
-            statistic: String::new(),
-            dimensions: Vec::new(),
-            period,
-            evaluation_periods: 1,
-            datapoints_to_alarm: 1,
-            threshold: 0.0,
-            comparison: String::new(),
-            // A contributor that stops reporting is an instance that is gone (scale-in), or
-            // one whose agent died: the fleet's heartbeat alarm catches the latter.
-            treat_missing_data: "notBreaching".into(),
-            actions: actions.clone(),
-            metrics: vec![MetricQuery {
-                id: "q1".into(),
-                label: format!("{} {metric} by instance", app.name),
+        out.extend(app_alarms(aws, fleet, &app.name, &t, &actions));
+    }
+    out.push(agents_alarm(aws, fleet, actions));
+    out.into_iter().map(|a| seal(a, fleet)).collect()
+}
+
+/// One app's three alarms across the fleet: down, failing checks, restarting often.
+fn app_alarms(
+    aws: &AwsConfig,
+    fleet: &str,
+    app: &str,
+    t: &Thresholds,
+    actions: &[String],
+) -> [AlarmSpec; 3] {
+    let insight = |suffix: &str, what: String, func: &str, metric: &str, period: i32| {
+        insights_alarm(
+            aws,
+            fleet,
+            app,
+            actions,
+            Insight {
+                suffix,
+                what,
+                func,
+                metric,
                 period,
-                return_data: true,
-                source: QuerySource::Expression(insights_query(aws, fleet, &app.name, func, metric)),
-            }],
-        }
-        };
-        out.push(AlarmSpec {
+            },
+        )
+    };
+    [
+        AlarmSpec {
             evaluation_periods: t.down_minutes,
             datapoints_to_alarm: t.down_minutes,
             threshold: 1.0,
@@ -170,8 +173,8 @@ pub fn desired(config: &Config, topic_arn: Option<&str>) -> Vec<AlarmSpec> {
                 SERVICE_STATUS,
                 60,
             )
-        });
-        out.push(AlarmSpec {
+        },
+        AlarmSpec {
             threshold: t.failures_per_5m,
             comparison: "GreaterThanThreshold".into(),
             ..insight(
@@ -181,8 +184,8 @@ pub fn desired(config: &Config, topic_arn: Option<&str>) -> Vec<AlarmSpec> {
                 HEALTH_CHECK_FAILURES,
                 300,
             )
-        });
-        out.push(AlarmSpec {
+        },
+        AlarmSpec {
             threshold: t.restarts_per_15m,
             comparison: "GreaterThanThreshold".into(),
             ..insight(
@@ -192,14 +195,77 @@ pub fn desired(config: &Config, topic_arn: Option<&str>) -> Vec<AlarmSpec> {
                 SERVICE_RESTARTS,
                 900,
             )
-        });
+        },
+    ]
+}
+
+/// What one app's Metrics Insights alarm watches: `func(metric)` per instance over `period`.
+struct Insight<'a> {
+    suffix: &'a str,
+    what: String,
+    func: &'a str,
+    metric: &'a str,
+    period: i32,
+}
+
+/// One app's Metrics Insights alarm across the fleet (threshold and comparison left to the
+/// caller): each instance where it happens is a contributor.
+fn insights_alarm(
+    aws: &AwsConfig,
+    fleet: &str,
+    app: &str,
+    actions: &[String],
+    i: Insight<'_>,
+) -> AlarmSpec {
+    let Insight {
+        suffix,
+        what,
+        func,
+        metric,
+        period,
+    } = i;
+    AlarmSpec {
+        name: format!("{}{app}-{suffix}", alarm_prefix(fleet)),
+        description: format!("{app} in fleet {fleet}: {what}; each instance where it happens is a contributor. Managed by pmguard."),
+        namespace: String::new(),
+        metric: String::new(),
+        statistic: String::new(),
+        dimensions: Vec::new(),
+        period,
+        evaluation_periods: 1,
+        datapoints_to_alarm: 1,
+        threshold: 0.0,
+        comparison: String::new(),
+        // A contributor that stops reporting is an instance that is gone (scale-in), or
+        // one whose agent died: the fleet's heartbeat alarm catches the latter.
+        treat_missing_data: "notBreaching".into(),
+        actions: actions.to_vec(),
+        metrics: vec![MetricQuery {
+            id: "q1".into(),
+            label: format!("{app} {metric} by instance"),
+            period,
+            return_data: true,
+            source: QuerySource::Expression(insights_query(aws, fleet, app, func, metric)),
+        }],
     }
-    out.push(agents_alarm(aws, fleet, actions));
-    out.into_iter().map(|a| seal(a, fleet)).collect()
 }
 
 /// The alarm for agents (or boxes) that died while their instance is in service.
 fn agents_alarm(aws: &AwsConfig, fleet: &str, actions: Vec<String>) -> AlarmSpec {
+    match &aws.auto_scaling_group {
+        Some(asg) => in_service_without_heartbeat_alarm(aws, fleet, asg, actions),
+        None => no_heartbeat_alarm(aws, fleet, actions),
+    }
+}
+
+/// With an Auto Scaling group: in-service instances minus those sending a heartbeat, so one
+/// dead agent among live ones is caught.
+fn in_service_without_heartbeat_alarm(
+    aws: &AwsConfig,
+    fleet: &str,
+    asg: &str,
+    actions: Vec<String>,
+) -> AlarmSpec {
     let period = heartbeat_period(aws);
     let per_instance = period as f64 / aws.flush_interval.as_secs().max(1) as f64;
     let beats = QuerySource::Metric {
@@ -208,74 +274,77 @@ fn agents_alarm(aws: &AwsConfig, fleet: &str, actions: Vec<String>) -> AlarmSpec
         dimensions: vec![(DIM_FLEET.into(), fleet.into())],
         stat: "SampleCount".into(),
     };
-    match &aws.auto_scaling_group {
-        Some(asg) => AlarmSpec {
-            name: agents_alarm_name(fleet, true),
-            description: format!(
-                "Fleet {fleet}: fewer instances send a pmguard heartbeat than Auto Scaling group {asg} has in service, for two periods of {} minutes (an agent or a box died while in service). No data means the group's metrics collection is off or the group is gone. Managed by pmguard.",
-                period / 60
-            ),
-            namespace: String::new(),
-            metric: String::new(),
-            statistic: String::new(),
-            dimensions: Vec::new(),
-            period,
-            evaluation_periods: 2,
-            datapoints_to_alarm: 2,
-            threshold: 0.5,
-            comparison: "GreaterThanOrEqualToThreshold".into(),
-            treat_missing_data: "breaching".into(),
-            actions,
-            metrics: vec![
-                MetricQuery {
-                    id: "inservice".into(),
-                    label: format!("{asg} in service"),
-                    period,
-                    return_data: false,
-                    source: QuerySource::Metric {
-                        namespace: "AWS/AutoScaling".into(),
-                        name: "GroupInServiceInstances".into(),
-                        dimensions: vec![("AutoScalingGroupName".into(), asg.clone())],
-                        stat: "Minimum".into(),
-                    },
+    AlarmSpec {
+        name: agents_alarm_name(fleet, true),
+        description: format!(
+            "Fleet {fleet}: fewer instances send a pmguard heartbeat than Auto Scaling group {asg} has in service, for two periods of {} minutes (an agent or a box died while in service). No data means the group's metrics collection is off or the group is gone. Managed by pmguard.",
+            period / 60
+        ),
+        namespace: String::new(),
+        metric: String::new(),
+        statistic: String::new(),
+        dimensions: Vec::new(),
+        period,
+        evaluation_periods: 2,
+        datapoints_to_alarm: 2,
+        threshold: 0.5,
+        comparison: "GreaterThanOrEqualToThreshold".into(),
+        treat_missing_data: "breaching".into(),
+        actions,
+        metrics: vec![
+            MetricQuery {
+                id: "inservice".into(),
+                label: format!("{asg} in service"),
+                period,
+                return_data: false,
+                source: QuerySource::Metric {
+                    namespace: "AWS/AutoScaling".into(),
+                    name: "GroupInServiceInstances".into(),
+                    dimensions: vec![("AutoScalingGroupName".into(), asg.to_string())],
+                    stat: "Minimum".into(),
                 },
-                MetricQuery {
-                    id: "beats".into(),
-                    label: format!("heartbeats from fleet {fleet}"),
-                    period,
-                    return_data: false,
-                    source: beats,
-                },
-                MetricQuery {
-                    id: "missing".into(),
-                    label: "in-service instances without a heartbeat".into(),
-                    period,
-                    return_data: true,
-                    source: QuerySource::Expression(format!(
-                        "inservice - FILL(beats, 0) / {per_instance}"
-                    )),
-                },
-            ],
-        },
-        None => AlarmSpec {
-            name: agents_alarm_name(fleet, false),
-            description: format!(
-                "Fleet {fleet}: no instance sent a pmguard heartbeat for {} minutes (the whole fleet or every agent is down). Set [aws] auto_scaling_group to also catch one dead agent among live ones. Managed by pmguard.",
-                period / 60
-            ),
-            namespace: aws.namespace.clone(),
-            metric: AGENT_HEARTBEAT.into(),
-            statistic: "SampleCount".into(),
-            dimensions: vec![(DIM_FLEET.into(), fleet.into())],
-            period,
-            evaluation_periods: 1,
-            datapoints_to_alarm: 1,
-            threshold: 1.0,
-            comparison: "LessThanThreshold".into(),
-            treat_missing_data: "breaching".into(),
-            actions,
-            metrics: Vec::new(),
-        },
+            },
+            MetricQuery {
+                id: "beats".into(),
+                label: format!("heartbeats from fleet {fleet}"),
+                period,
+                return_data: false,
+                source: beats,
+            },
+            MetricQuery {
+                id: "missing".into(),
+                label: "in-service instances without a heartbeat".into(),
+                period,
+                return_data: true,
+                source: QuerySource::Expression(format!(
+                    "inservice - FILL(beats, 0) / {per_instance}"
+                )),
+            },
+        ],
+    }
+}
+
+/// Without an Auto Scaling group: no heartbeat from any instance of the fleet.
+fn no_heartbeat_alarm(aws: &AwsConfig, fleet: &str, actions: Vec<String>) -> AlarmSpec {
+    let period = heartbeat_period(aws);
+    AlarmSpec {
+        name: agents_alarm_name(fleet, false),
+        description: format!(
+            "Fleet {fleet}: no instance sent a pmguard heartbeat for {} minutes (the whole fleet or every agent is down). Set [aws] auto_scaling_group to also catch one dead agent among live ones. Managed by pmguard.",
+            period / 60
+        ),
+        namespace: aws.namespace.clone(),
+        metric: AGENT_HEARTBEAT.into(),
+        statistic: "SampleCount".into(),
+        dimensions: vec![(DIM_FLEET.into(), fleet.into())],
+        period,
+        evaluation_periods: 1,
+        datapoints_to_alarm: 1,
+        threshold: 1.0,
+        comparison: "LessThanThreshold".into(),
+        treat_missing_data: "breaching".into(),
+        actions,
+        metrics: Vec::new(),
     }
 }
 
@@ -287,8 +356,23 @@ pub fn is_insights(spec: &AlarmSpec) -> bool {
 }
 
 /// AWS's rules for alarms on metric data queries, which the stand-in does not enforce.
-pub fn validate_queries(a: &AlarmSpec) -> Result<(), String> {
-    let fail = |why: String| Err(format!("alarm {}: {why}", a.name));
+pub fn validate_queries(a: &AlarmSpec) -> Result<(), crate::Error> {
+    validate_query_shape(a)?;
+    if is_insights(a) {
+        validate_insights(a)?;
+    }
+    Ok(())
+}
+
+/// The rules for any alarm on metric data queries: one query returns data, few metrics, one
+/// period, well-formed ids, short expressions.
+fn validate_query_shape(a: &AlarmSpec) -> Result<(), crate::Error> {
+    let fail = |why: String| {
+        Err(crate::Error::Alarm {
+            alarm: a.name.clone(),
+            why,
+        })
+    };
     if a.metrics.is_empty() {
         return Ok(());
     }
@@ -329,38 +413,48 @@ pub fn validate_queries(a: &AlarmSpec) -> Result<(), String> {
             }
         }
     }
-    if is_insights(a) {
-        if a.metrics.len() != 1 {
-            return fail("a Metrics Insights alarm has exactly one query".into());
-        }
-        let QuerySource::Expression(e) = &a.metrics[0].source else {
-            return fail("a Metrics Insights alarm's query is an expression".into());
-        };
-        // Metrics Insights reads high-resolution data at 1-minute granularity.
-        if a.period < 60 || a.period % 60 != 0 {
+    Ok(())
+}
+
+/// The rules for a Metrics Insights alarm (one query over the latest 3 hours, choosing its
+/// series with ORDER BY ... LIMIT).
+fn validate_insights(a: &AlarmSpec) -> Result<(), crate::Error> {
+    let fail = |why: String| {
+        Err(crate::Error::Alarm {
+            alarm: a.name.clone(),
+            why,
+        })
+    };
+    if a.metrics.len() != 1 {
+        return fail("a Metrics Insights alarm has exactly one query".into());
+    }
+    let QuerySource::Expression(e) = &a.metrics[0].source else {
+        return fail("a Metrics Insights alarm's query is an expression".into());
+    };
+    // Metrics Insights reads high-resolution data at 1-minute granularity.
+    if a.period < 60 || a.period % 60 != 0 {
+        return fail(format!(
+            "a Metrics Insights alarm's period must be a multiple of 60, not {}",
+            a.period
+        ));
+    }
+    if !e.contains(" GROUP BY ") {
+        return fail("a multi time series alarm's query needs GROUP BY".into());
+    }
+    match e.rsplit_once(" LIMIT ").map(|(_, n)| n.trim().parse::<usize>()) {
+        Some(Ok(n)) if (1..=MAX_QUERY_SERIES).contains(&n) && e.contains(" ORDER BY ") => {}
+        _ => {
             return fail(format!(
-                "a Metrics Insights alarm's period must be a multiple of 60, not {}",
-                a.period
-            ));
+                "the query must choose its series with ORDER BY ... LIMIT 1..={MAX_QUERY_SERIES} (Metrics Insights returns at most {MAX_QUERY_SERIES})"
+            ))
         }
-        if !e.contains(" GROUP BY ") {
-            return fail("a multi time series alarm's query needs GROUP BY".into());
-        }
-        match e.rsplit_once(" LIMIT ").map(|(_, n)| n.trim().parse::<usize>()) {
-            Some(Ok(n)) if (1..=MAX_QUERY_SERIES).contains(&n) && e.contains(" ORDER BY ") => {}
-            _ => {
-                return fail(format!(
-                    "the query must choose its series with ORDER BY ... LIMIT 1..={MAX_QUERY_SERIES} (Metrics Insights returns at most {MAX_QUERY_SERIES})"
-                ))
-            }
-        }
-        // Hours of data evaluated: Metrics Insights alarms see only the latest 3 hours.
-        if a.period as i64 * a.evaluation_periods as i64 > 3 * 3600 {
-            return fail(
-                "a Metrics Insights alarm evaluates at most the latest 3 hours (period x evaluation periods)"
-                    .into(),
-            );
-        }
+    }
+    // Hours of data evaluated: Metrics Insights alarms see only the latest 3 hours.
+    if a.period as i64 * a.evaluation_periods as i64 > 3 * 3600 {
+        return fail(
+            "a Metrics Insights alarm evaluates at most the latest 3 hours (period x evaluation periods)"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -371,13 +465,12 @@ pub fn validate_fleet(
     config: &Config,
     alarms: &[AlarmSpec],
     other_insights_alarms: usize,
-) -> Result<(), String> {
+) -> Result<(), crate::Error> {
     for app in &config.apps {
         if app.name.contains(['\'', '\\', '"']) || app.name.chars().any(|c| c.is_control()) {
-            return Err(format!(
-                "app `{}`: fleet alarms quote the app name in a Metrics Insights query; rename the PM2 app without quotes or backslashes",
-                app.name
-            ));
+            return Err(crate::Error::QuotedAppName {
+                app: app.name.clone(),
+            });
         }
     }
     for a in alarms {
@@ -386,9 +479,11 @@ pub fn validate_fleet(
     }
     let ours = alarms.iter().filter(|a| is_insights(a)).count();
     if ours + other_insights_alarms > MAX_INSIGHTS_ALARMS {
-        return Err(format!(
-            "{ours} Metrics Insights alarms for this fleet (3 per app) plus {other_insights_alarms} already in the account exceed AWS's {MAX_INSIGHTS_ALARMS} per account and Region: watch fewer apps per fleet or ask AWS for a higher quota"
-        ));
+        return Err(crate::Error::InsightsQuota {
+            ours,
+            others: other_insights_alarms,
+            max: MAX_INSIGHTS_ALARMS,
+        });
     }
     Ok(())
 }
@@ -524,14 +619,18 @@ mod tests {
         let names: Vec<String> = (0..67).map(|i| format!("app{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let c = config(&refs, "");
-        let e = validate_fleet(&c, &desired(&c, None), 0).unwrap_err();
+        let e = validate_fleet(&c, &desired(&c, None), 0)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("201 Metrics Insights alarms") || e.contains("exceed AWS's 200"),
             "{e}"
         );
         let c = config(&refs[..66], "");
         validate_fleet(&c, &desired(&c, None), 2).unwrap();
-        let e = validate_fleet(&c, &desired(&c, None), 3).unwrap_err();
+        let e = validate_fleet(&c, &desired(&c, None), 3)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("plus 3 already in the account"), "{e}");
     }
 
@@ -541,7 +640,7 @@ mod tests {
         let all = desired(&c, None);
         let insight = all[0].clone();
         let math = all.last().unwrap().clone();
-        let err = |a: AlarmSpec| validate_queries(&a).unwrap_err();
+        let err = |a: AlarmSpec| validate_queries(&a).unwrap_err().to_string();
         // Period: Metrics Insights has 1-minute granularity.
         let mut x = insight.clone();
         x.period = 30;
@@ -593,6 +692,7 @@ mod tests {
         let c = config(&["it's"], "");
         assert!(validate_fleet(&c, &desired(&c, None), 0)
             .unwrap_err()
+            .to_string()
             .contains("quotes"));
     }
 }

@@ -22,7 +22,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_cloudwatch::error::ProvideErrorMetadata;
 use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
-use pmguard_agent::config::Config;
+use pmguard_agent::config::{AwsConfig, Config};
 
 use aws_sdk_cloudwatch::types::{Metric, MetricDataQuery, MetricStat};
 use pmguard_agent::aws::names::{AGENT_IAM_ACTIONS, FLEET_AGENT_IAM_ACTIONS};
@@ -215,61 +215,103 @@ pub async fn observe(
     };
     let mut obs = AwsObserved::default();
     if let Some(topic) = &aws.sns_topic {
-        let mut token = None;
-        loop {
-            let out = c
-                .sns
-                .list_topics()
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| explain("ListTopics", "sns:ListTopics", e))?;
-            for t in out.topics() {
-                if let Some(arn) = t.topic_arn() {
-                    if arn.rsplit(':').next() == Some(topic.as_str()) {
-                        obs.topic_arn = Some(arn.to_string());
-                    }
-                }
-            }
-            token = out.next_token().map(str::to_string);
-            if token.is_none() || obs.topic_arn.is_some() {
-                break;
-            }
-        }
+        obs.topic_arn = find_topic(c, topic).await?;
         if let Some(arn) = &obs.topic_arn {
-            let out = c
-                .sns
-                .list_subscriptions_by_topic()
-                .topic_arn(arn)
-                .send()
-                .await
-                .map_err(|e| {
-                    explain(
-                        "ListSubscriptionsByTopic",
-                        "sns:ListSubscriptionsByTopic",
-                        e,
-                    )
-                })?;
-            for s in out.subscriptions() {
-                if let (Some(ep), Some(sarn)) = (s.endpoint(), s.subscription_arn()) {
-                    obs.subscriptions.insert(ep.to_string(), sarn.to_string());
-                }
-            }
+            obs.subscriptions = subscriptions(c, arn).await?;
         }
     }
+    obs.log_group = log_group_retention(c, &aws.log_group).await?;
+    let fleet_name = aws.fleet.as_deref();
+    obs.alarms = our_alarms(c, config, instance, fleet_name).await?;
+    if fleet_name.is_some() {
+        obs.other_insights_alarms = describe_alarms(c, None)
+            .await?
+            .iter()
+            .filter(|a| fleet::is_insights(a) && !obs.alarms.contains_key(&a.name))
+            .count();
+    }
+    let dashboard_name = match fleet_name {
+        Some(f) => fleet::dashboard_name(f),
+        None => dashboard::name(instance),
+    };
+    obs.dashboard = get_dashboard(c, dashboard_name).await?;
+    Ok(obs)
+}
+
+/// The ARN of the topic named `topic`, if it exists (pages until found).
+async fn find_topic(c: &Clients, topic: &str) -> Result<Option<String>, AwsError> {
+    let mut found = None;
+    let mut token = None;
+    loop {
+        let out = c
+            .sns
+            .list_topics()
+            .set_next_token(token)
+            .send()
+            .await
+            .map_err(|e| explain("ListTopics", "sns:ListTopics", e))?;
+        for t in out.topics() {
+            if let Some(arn) = t.topic_arn() {
+                if arn.rsplit(':').next() == Some(topic) {
+                    found = Some(arn.to_string());
+                }
+            }
+        }
+        token = out.next_token().map(str::to_string);
+        if token.is_none() || found.is_some() {
+            return Ok(found);
+        }
+    }
+}
+
+/// The topic's subscriptions: endpoint -> subscription ARN.
+async fn subscriptions(c: &Clients, arn: &str) -> Result<BTreeMap<String, String>, AwsError> {
+    let out = c
+        .sns
+        .list_subscriptions_by_topic()
+        .topic_arn(arn)
+        .send()
+        .await
+        .map_err(|e| {
+            explain(
+                "ListSubscriptionsByTopic",
+                "sns:ListSubscriptionsByTopic",
+                e,
+            )
+        })?;
+    Ok(out
+        .subscriptions()
+        .iter()
+        .filter_map(|s| match (s.endpoint(), s.subscription_arn()) {
+            (Some(ep), Some(sarn)) => Some((ep.to_string(), sarn.to_string())),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The log group's retention (`Some(None)` when it keeps logs forever), `None` without it.
+async fn log_group_retention(c: &Clients, name: &str) -> Result<Option<Option<i32>>, AwsError> {
     let groups = c
         .logs
         .describe_log_groups()
-        .log_group_name_prefix(&aws.log_group)
+        .log_group_name_prefix(name)
         .send()
         .await
         .map_err(|e| explain("DescribeLogGroups", "logs:DescribeLogGroups", e))?;
-    obs.log_group = groups
+    Ok(groups
         .log_groups()
         .iter()
-        .find(|g| g.log_group_name() == Some(aws.log_group.as_str()))
-        .map(|g| g.retention_in_days());
-    let fleet_name = aws.fleet.as_deref();
+        .find(|g| g.log_group_name() == Some(name))
+        .map(|g| g.retention_in_days()))
+}
+
+/// This instance's (or fleet's) alarms, by name.
+async fn our_alarms(
+    c: &Clients,
+    config: &Config,
+    instance: &str,
+    fleet_name: Option<&str>,
+) -> Result<BTreeMap<String, AlarmSpec>, AwsError> {
     let prefix = match fleet_name {
         Some(f) => fleet::alarm_prefix(f),
         None => alarms::instance_prefix(instance),
@@ -284,45 +326,31 @@ pub async fn observe(
     .into_iter()
     .map(|a| a.name)
     .collect();
-    for spec in describe_alarms(c, Some(&prefix)).await? {
-        let ours = owns(&spec, &wanted, fleet_name, instance);
-        if ours {
-            obs.alarms.insert(spec.name.clone(), spec);
-        }
-    }
-    if fleet_name.is_some() {
-        obs.other_insights_alarms = describe_alarms(c, None)
-            .await?
-            .iter()
-            .filter(|a| fleet::is_insights(a) && !obs.alarms.contains_key(&a.name))
-            .count();
-    }
-    let dashboard_name = match fleet_name {
-        Some(f) => fleet::dashboard_name(f),
-        None => dashboard::name(instance),
-    };
-    match c
-        .cw
-        .get_dashboard()
-        .dashboard_name(dashboard_name)
-        .send()
-        .await
-    {
-        Ok(out) => {
-            obs.dashboard = out
-                .dashboard_body()
-                .and_then(|b| serde_json::from_str(b).ok());
-        }
+    Ok(describe_alarms(c, Some(&prefix))
+        .await?
+        .into_iter()
+        .filter(|spec| owns(spec, &wanted, fleet_name, instance))
+        .map(|spec| (spec.name.clone(), spec))
+        .collect())
+}
+
+/// The dashboard's body, `None` when there is no dashboard (or its body is not JSON).
+async fn get_dashboard(c: &Clients, name: String) -> Result<Option<serde_json::Value>, AwsError> {
+    match c.cw.get_dashboard().dashboard_name(name).send().await {
+        Ok(out) => Ok(out
+            .dashboard_body()
+            .and_then(|b| serde_json::from_str(b).ok())),
         Err(e) => {
             let missing = e.as_service_error().is_some_and(|s| {
                 s.is_dashboard_not_found_error() || s.code() == Some("ResourceNotFound")
             });
-            if !missing {
-                return Err(explain("GetDashboard", "cloudwatch:GetDashboard", e));
+            if missing {
+                Ok(None)
+            } else {
+                Err(explain("GetDashboard", "cloudwatch:GetDashboard", e))
             }
         }
     }
-    Ok(obs)
 }
 
 /// Every metric alarm whose name starts with `prefix` (all of them without one).
@@ -383,43 +411,50 @@ fn observed_alarm(a: &aws_sdk_cloudwatch::types::MetricAlarm) -> AlarmSpec {
         metrics: a
             .metrics()
             .iter()
-            .map(|q| MetricQuery {
-                id: q.id().unwrap_or_default().to_string(),
-                label: q.label().unwrap_or_default().to_string(),
-                // A math expression has no period of its own: it takes its metrics'.
-                period: q
-                    .period()
-                    .or_else(|| q.metric_stat().and_then(|m| m.period()))
-                    .or_else(|| {
-                        a.metrics()
-                            .iter()
-                            .find_map(|m| m.metric_stat().and_then(|m| m.period()))
-                    })
-                    .unwrap_or(0),
-                return_data: q.return_data().unwrap_or(true),
-                source: match (q.expression(), q.metric_stat()) {
-                    (Some(e), _) => QuerySource::Expression(e.to_string()),
-                    (None, Some(ms)) => QuerySource::Metric {
-                        namespace: ms
-                            .metric()
-                            .and_then(|m| m.namespace())
-                            .unwrap_or_default()
-                            .to_string(),
-                        name: ms
-                            .metric()
-                            .and_then(|m| m.metric_name())
-                            .unwrap_or_default()
-                            .to_string(),
-                        dimensions: ms
-                            .metric()
-                            .map(|m| pairs(m.dimensions()))
-                            .unwrap_or_default(),
-                        stat: ms.stat().unwrap_or_default().to_string(),
-                    },
-                    (None, None) => QuerySource::Expression(String::new()),
-                },
-            })
+            .map(|q| observed_query(q, a.metrics()))
             .collect(),
+    }
+}
+
+/// One metric data query of an alarm as DescribeAlarms returns it (`all` are its siblings).
+fn observed_query(
+    q: &aws_sdk_cloudwatch::types::MetricDataQuery,
+    all: &[aws_sdk_cloudwatch::types::MetricDataQuery],
+) -> MetricQuery {
+    MetricQuery {
+        id: q.id().unwrap_or_default().to_string(),
+        label: q.label().unwrap_or_default().to_string(),
+        // A math expression has no period of its own: it takes its metrics'.
+        period: q
+            .period()
+            .or_else(|| q.metric_stat().and_then(|m| m.period()))
+            .or_else(|| {
+                all.iter()
+                    .find_map(|m| m.metric_stat().and_then(|m| m.period()))
+            })
+            .unwrap_or(0),
+        return_data: q.return_data().unwrap_or(true),
+        source: match (q.expression(), q.metric_stat()) {
+            (Some(e), _) => QuerySource::Expression(e.to_string()),
+            (None, Some(ms)) => QuerySource::Metric {
+                namespace: ms
+                    .metric()
+                    .and_then(|m| m.namespace())
+                    .unwrap_or_default()
+                    .to_string(),
+                name: ms
+                    .metric()
+                    .and_then(|m| m.metric_name())
+                    .unwrap_or_default()
+                    .to_string(),
+                dimensions: ms
+                    .metric()
+                    .map(|m| pairs(m.dimensions()))
+                    .unwrap_or_default(),
+                stat: ms.stat().unwrap_or_default().to_string(),
+            },
+            (None, None) => QuerySource::Expression(String::new()),
+        },
     }
 }
 
@@ -475,11 +510,21 @@ pub fn plan(
     instance: &str,
     region: &str,
     obs: &AwsObserved,
-) -> Result<Vec<AwsStep>, String> {
+) -> Result<Vec<AwsStep>, crate::Error> {
     let Some(aws) = config.aws.as_ref() else {
-        return Err("the config has no [aws] section: nothing to provision".into());
+        return Err(crate::Error::NoAwsSection);
     };
     let mut steps = Vec::new();
+    let topic_arn = plan_topic(aws, obs, &mut steps);
+    plan_log_group(aws, obs, &mut steps);
+    plan_alarms(config, instance, topic_arn.as_deref(), obs, &mut steps)?;
+    plan_dashboard(config, instance, region, obs, &mut steps);
+    Ok(steps)
+}
+
+/// The topic (created when missing) and the email subscription; returns the topic's ARN, or a
+/// placeholder for one about to be created, for the alarms' actions.
+fn plan_topic(aws: &AwsConfig, obs: &AwsObserved, steps: &mut Vec<AwsStep>) -> Option<String> {
     let topic_arn = match (&aws.sns_topic, &obs.topic_arn) {
         (Some(_), Some(arn)) => Some(arn.clone()),
         (Some(name), None) => {
@@ -495,6 +540,11 @@ pub fn plan(
             });
         }
     }
+    topic_arn
+}
+
+/// The log group and its retention.
+fn plan_log_group(aws: &AwsConfig, obs: &AwsObserved, steps: &mut Vec<AwsStep>) {
     let days = aws.log_retention_days as i32;
     match obs.log_group {
         None => {
@@ -514,13 +564,24 @@ pub fn plan(
         }),
         Some(_) => {}
     }
-    let desired = match aws.fleet.as_deref() {
+}
+
+/// Every alarm the config asks for (validated first) that is missing or differs, and every
+/// alarm of ours it no longer asks for.
+fn plan_alarms(
+    config: &Config,
+    instance: &str,
+    topic_arn: Option<&str>,
+    obs: &AwsObserved,
+    steps: &mut Vec<AwsStep>,
+) -> Result<(), crate::Error> {
+    let desired = match config.aws.as_ref().and_then(|a| a.fleet.as_deref()) {
         Some(_) => {
-            let desired = fleet::desired(config, topic_arn.as_deref());
+            let desired = fleet::desired(config, topic_arn);
             fleet::validate_fleet(config, &desired, obs.other_insights_alarms)?;
             desired
         }
-        None => alarms::desired(config, instance, topic_arn.as_deref()),
+        None => alarms::desired(config, instance, topic_arn),
     };
     for spec in &desired {
         alarms::validate(spec)?;
@@ -545,7 +606,18 @@ pub fn plan(
             steps.push(AwsStep::DeleteAlarm { name: name.clone() });
         }
     }
-    let (name, built) = match aws.fleet.as_deref() {
+    Ok(())
+}
+
+/// The dashboard, put when its body differs from what is there.
+fn plan_dashboard(
+    config: &Config,
+    instance: &str,
+    region: &str,
+    obs: &AwsObserved,
+    steps: &mut Vec<AwsStep>,
+) {
+    let (name, built) = match config.aws.as_ref().and_then(|a| a.fleet.as_deref()) {
         Some(f) => (
             fleet::dashboard_name(f),
             dashboard::build_fleet(config, region),
@@ -566,7 +638,6 @@ pub fn plan(
             });
         }
     }
-    Ok(steps)
 }
 
 /// `uninstall --aws` on one box: what belongs to this box alone, and why the rest stays.
@@ -773,125 +844,146 @@ pub async fn apply(c: &Clients, steps: &[AwsStep]) -> Result<usize, AwsError> {
     for s in steps {
         calls += 1;
         match s {
-            AwsStep::CreateTopic { name } => {
-                let out = c
-                    .sns
-                    .create_topic()
-                    .name(name)
-                    .send()
-                    .await
-                    .map_err(|e| explain("CreateTopic", "sns:CreateTopic", e))?;
-                topic_arn = out.topic_arn().map(str::to_string);
-            }
+            AwsStep::CreateTopic { name } => topic_arn = create_topic(c, name).await?,
             AwsStep::Subscribe { email } => {
                 let arn = match &topic_arn {
                     Some(a) => a.clone(),
                     None => find_topic_arn(steps, c).await?,
                 };
-                c.sns
-                    .subscribe()
-                    .topic_arn(arn)
-                    .protocol("email")
-                    .endpoint(email)
-                    .send()
-                    .await
-                    .map_err(|e| explain("Subscribe", "sns:Subscribe", e))?;
+                subscribe(c, &arn, email).await?;
             }
-            AwsStep::CreateLogGroup { name } => {
-                if let Err(e) = c.logs.create_log_group().log_group_name(name).send().await {
-                    if e.code() != Some("ResourceAlreadyExistsException") {
-                        return Err(explain("CreateLogGroup", "logs:CreateLogGroup", e));
-                    }
-                }
-            }
-            AwsStep::PutRetention { name, days, .. } => {
-                c.logs
-                    .put_retention_policy()
-                    .log_group_name(name)
-                    .retention_in_days(*days)
-                    .send()
-                    .await
-                    .map_err(|e| explain("PutRetentionPolicy", "logs:PutRetentionPolicy", e))?;
-            }
-            AwsStep::PutAlarm { spec, .. } => {
-                let actions: Vec<String> = spec
-                    .actions
-                    .iter()
-                    .map(|a| {
-                        if a == TOPIC_TO_CREATE {
-                            topic_arn.clone().unwrap_or_default()
-                        } else {
-                            a.clone()
-                        }
-                    })
-                    .filter(|a| !a.is_empty())
-                    .collect();
-                let mut req =
-                    c.cw.put_metric_alarm()
-                        .alarm_name(&spec.name)
-                        .alarm_description(&spec.description)
-                        .evaluation_periods(spec.evaluation_periods)
-                        .datapoints_to_alarm(spec.datapoints_to_alarm)
-                        .threshold(spec.threshold)
-                        .comparison_operator(ComparisonOperator::from(spec.comparison.as_str()))
-                        .treat_missing_data(&spec.treat_missing_data)
-                        .set_alarm_actions(Some(actions.clone()))
-                        .set_ok_actions(Some(actions));
-                if spec.metrics.is_empty() {
-                    req = req
-                        .namespace(&spec.namespace)
-                        .metric_name(&spec.metric)
-                        .statistic(Statistic::from(spec.statistic.as_str()))
-                        .set_dimensions(Some(dimensions(&spec.dimensions)))
-                        .period(spec.period);
-                } else {
-                    req = req.set_metrics(Some(spec.metrics.iter().map(to_sdk_query).collect()));
-                }
-                req.send()
-                    .await
-                    .map_err(|e| explain("PutMetricAlarm", "cloudwatch:PutMetricAlarm", e))?;
-            }
-            AwsStep::DeleteAlarm { name } => {
-                c.cw.delete_alarms()
-                    .alarm_names(name)
-                    .send()
-                    .await
-                    .map_err(|e| explain("DeleteAlarms", "cloudwatch:DeleteAlarms", e))?;
-            }
-            AwsStep::PutDashboard { name, body, .. } => {
-                c.cw.put_dashboard()
-                    .dashboard_name(name)
-                    .dashboard_body(body)
-                    .send()
-                    .await
-                    .map_err(|e| explain("PutDashboard", "cloudwatch:PutDashboard", e))?;
-            }
-            AwsStep::DeleteDashboard { name } => {
-                c.cw.delete_dashboards()
-                    .dashboard_names(name)
-                    .send()
-                    .await
-                    .map_err(|e| explain("DeleteDashboards", "cloudwatch:DeleteDashboards", e))?;
-            }
-            AwsStep::DeleteTopic { arn } => {
-                c.sns
-                    .delete_topic()
-                    .topic_arn(arn)
-                    .send()
-                    .await
-                    .map_err(|e| explain("DeleteTopic", "sns:DeleteTopic", e))?;
-            }
-            AwsStep::DeleteLogGroup { name } => {
-                c.logs
-                    .delete_log_group()
-                    .log_group_name(name)
-                    .send()
-                    .await
-                    .map_err(|e| explain("DeleteLogGroup", "logs:DeleteLogGroup", e))?;
-            }
+            AwsStep::PutAlarm { spec, .. } => put_alarm(c, spec, topic_arn.as_deref()).await?,
+            other => apply_independent(c, other).await?,
         }
     }
     Ok(calls)
+}
+
+async fn create_topic(c: &Clients, name: &str) -> Result<Option<String>, AwsError> {
+    let out = c
+        .sns
+        .create_topic()
+        .name(name)
+        .send()
+        .await
+        .map_err(|e| explain("CreateTopic", "sns:CreateTopic", e))?;
+    Ok(out.topic_arn().map(str::to_string))
+}
+
+async fn subscribe(c: &Clients, arn: &str, email: &str) -> Result<(), AwsError> {
+    c.sns
+        .subscribe()
+        .topic_arn(arn)
+        .protocol("email")
+        .endpoint(email)
+        .send()
+        .await
+        .map_err(|e| explain("Subscribe", "sns:Subscribe", e))?;
+    Ok(())
+}
+
+/// PutMetricAlarm for `spec`, its topic placeholder replaced by the topic created in this run.
+async fn put_alarm(c: &Clients, spec: &AlarmSpec, topic_arn: Option<&str>) -> Result<(), AwsError> {
+    let actions: Vec<String> = spec
+        .actions
+        .iter()
+        .map(|a| {
+            if a == TOPIC_TO_CREATE {
+                topic_arn.unwrap_or_default().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .filter(|a| !a.is_empty())
+        .collect();
+    let mut req =
+        c.cw.put_metric_alarm()
+            .alarm_name(&spec.name)
+            .alarm_description(&spec.description)
+            .evaluation_periods(spec.evaluation_periods)
+            .datapoints_to_alarm(spec.datapoints_to_alarm)
+            .threshold(spec.threshold)
+            .comparison_operator(ComparisonOperator::from(spec.comparison.as_str()))
+            .treat_missing_data(&spec.treat_missing_data)
+            .set_alarm_actions(Some(actions.clone()))
+            .set_ok_actions(Some(actions));
+    if spec.metrics.is_empty() {
+        req = req
+            .namespace(&spec.namespace)
+            .metric_name(&spec.metric)
+            .statistic(Statistic::from(spec.statistic.as_str()))
+            .set_dimensions(Some(dimensions(&spec.dimensions)))
+            .period(spec.period);
+    } else {
+        req = req.set_metrics(Some(spec.metrics.iter().map(to_sdk_query).collect()));
+    }
+    req.send()
+        .await
+        .map_err(|e| explain("PutMetricAlarm", "cloudwatch:PutMetricAlarm", e))?;
+    Ok(())
+}
+
+/// The steps that need nothing from earlier steps: one call each.
+async fn apply_independent(c: &Clients, step: &AwsStep) -> Result<(), AwsError> {
+    match step {
+        AwsStep::CreateLogGroup { name } => {
+            if let Err(e) = c.logs.create_log_group().log_group_name(name).send().await {
+                if e.code() != Some("ResourceAlreadyExistsException") {
+                    return Err(explain("CreateLogGroup", "logs:CreateLogGroup", e));
+                }
+            }
+        }
+        AwsStep::PutRetention { name, days, .. } => {
+            c.logs
+                .put_retention_policy()
+                .log_group_name(name)
+                .retention_in_days(*days)
+                .send()
+                .await
+                .map_err(|e| explain("PutRetentionPolicy", "logs:PutRetentionPolicy", e))?;
+        }
+        AwsStep::DeleteAlarm { name } => {
+            c.cw.delete_alarms()
+                .alarm_names(name)
+                .send()
+                .await
+                .map_err(|e| explain("DeleteAlarms", "cloudwatch:DeleteAlarms", e))?;
+        }
+        AwsStep::PutDashboard { name, body, .. } => {
+            c.cw.put_dashboard()
+                .dashboard_name(name)
+                .dashboard_body(body)
+                .send()
+                .await
+                .map_err(|e| explain("PutDashboard", "cloudwatch:PutDashboard", e))?;
+        }
+        AwsStep::DeleteDashboard { name } => {
+            c.cw.delete_dashboards()
+                .dashboard_names(name)
+                .send()
+                .await
+                .map_err(|e| explain("DeleteDashboards", "cloudwatch:DeleteDashboards", e))?;
+        }
+        AwsStep::DeleteTopic { arn } => {
+            c.sns
+                .delete_topic()
+                .topic_arn(arn)
+                .send()
+                .await
+                .map_err(|e| explain("DeleteTopic", "sns:DeleteTopic", e))?;
+        }
+        AwsStep::DeleteLogGroup { name } => {
+            c.logs
+                .delete_log_group()
+                .log_group_name(name)
+                .send()
+                .await
+                .map_err(|e| explain("DeleteLogGroup", "logs:DeleteLogGroup", e))?;
+        }
+        // These depend on the topic created earlier in the run: `apply` carries them out.
+        AwsStep::CreateTopic { .. } | AwsStep::Subscribe { .. } | AwsStep::PutAlarm { .. } => {}
+    }
+    Ok(())
 }
 
 fn dimensions(pairs: &[(String, String)]) -> Vec<Dimension> {

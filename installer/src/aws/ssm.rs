@@ -7,6 +7,7 @@
 //! in the Standard tier up to 4 KB and the Advanced tier up to 8 KB (AWS's limits).
 
 use super::provision::{explain, AwsError, Clients};
+use crate::Error;
 
 /// Standard-tier parameter values are at most 4 KB; Advanced-tier at most 8 KB.
 pub const STANDARD_MAX_BYTES: usize = 4096;
@@ -16,38 +17,39 @@ pub const ADVANCED_MAX_BYTES: usize = 8192;
 pub const SCHEME: &str = "ssm:";
 
 /// Checks a parameter name against Parameter Store's rules (pure).
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), Error> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"_.-/".contains(&b));
     if name.is_empty() || name.len() > 1011 || !ok_chars {
-        return Err(format!(
-            "parameter name `{name}` must be 1 to 1011 of A-Z a-z 0-9 _ . - /, e.g. /pmguard/web/config"
-        ));
+        return Err(Error::ParameterNameChars {
+            name: name.to_string(),
+        });
     }
     if name.contains('/') && !name.starts_with('/') {
-        return Err(format!(
-            "parameter name `{name}`: a hierarchy starts with /, e.g. /{name}"
-        ));
+        return Err(Error::ParameterNameHierarchy {
+            name: name.to_string(),
+        });
     }
     let lower = name.trim_start_matches('/').to_ascii_lowercase();
     if lower.starts_with("aws") || lower.starts_with("ssm") {
-        return Err(format!(
-            "parameter name `{name}` may not start with aws or ssm (reserved)"
-        ));
+        return Err(Error::ParameterNameReserved {
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
 
 /// The tier a value needs, or why it cannot be stored.
-pub fn tier(value: &str) -> Result<aws_sdk_ssm::types::ParameterTier, String> {
+pub fn tier(value: &str) -> Result<aws_sdk_ssm::types::ParameterTier, Error> {
     use aws_sdk_ssm::types::ParameterTier;
     match value.len() {
         n if n <= STANDARD_MAX_BYTES => Ok(ParameterTier::Standard),
         n if n <= ADVANCED_MAX_BYTES => Ok(ParameterTier::Advanced),
-        n => Err(format!(
-            "the config is {n} bytes; a parameter holds at most {ADVANCED_MAX_BYTES} (Advanced tier)"
-        )),
+        bytes => Err(Error::ParameterTooLarge {
+            bytes,
+            max: ADVANCED_MAX_BYTES,
+        }),
     }
 }
 
@@ -79,9 +81,9 @@ pub async fn push(c: &Clients, name: &str, value: &str) -> Result<Pushed, AwsErr
     if old.as_deref() == Some(value) {
         return Ok(Pushed::Unchanged);
     }
-    let tier = tier(value).map_err(|detail| AwsError {
+    let tier = tier(value).map_err(|e| AwsError {
         call: "PutParameter",
-        detail,
+        detail: e.to_string(),
         fix: "shorten the config (comments included) or split the fleet".into(),
     })?;
     c.ssm
@@ -113,8 +115,12 @@ mod tests {
         assert!(check_name("").is_err());
         assert!(check_name("pmguard/web")
             .unwrap_err()
+            .to_string()
             .contains("starts with /"));
-        assert!(check_name("/aws/x").unwrap_err().contains("reserved"));
+        assert!(check_name("/aws/x")
+            .unwrap_err()
+            .to_string()
+            .contains("reserved"));
         assert!(check_name("/a b").is_err());
         assert!(check_name(&format!("/{}", "x".repeat(1011))).is_err());
     }
@@ -124,6 +130,9 @@ mod tests {
         use aws_sdk_ssm::types::ParameterTier;
         assert_eq!(tier(&"x".repeat(4096)).unwrap(), ParameterTier::Standard);
         assert_eq!(tier(&"x".repeat(4097)).unwrap(), ParameterTier::Advanced);
-        assert!(tier(&"x".repeat(8193)).unwrap_err().contains("8192"));
+        assert!(tier(&"x".repeat(8193))
+            .unwrap_err()
+            .to_string()
+            .contains("8192"));
     }
 }
