@@ -157,6 +157,43 @@ impl AppAggregate {
     }
 }
 
+/// One app's datums, dimensions App (+ Fleet) + InstanceId.
+fn encode_app(
+    out: &mut Vec<Datum>,
+    app: &str,
+    a: &AppAggregate,
+    instance_id: &str,
+    fleet: Option<&str>,
+    ts_ms: u64,
+) {
+    let mut dims = vec![(names::DIM_APP.to_string(), app.to_string())];
+    if let Some(f) = fleet {
+        dims.push((names::DIM_FLEET.to_string(), f.to_string()));
+    }
+    dims.push((names::DIM_INSTANCE_ID.to_string(), instance_id.to_string()));
+    let mut push = |name: &str, stats: Option<Stats>, unit| {
+        if let Some(stats) = stats {
+            out.push(Datum {
+                name: name.to_string(),
+                dims: dims.clone(),
+                ts_ms,
+                stats,
+                unit,
+            });
+        }
+    };
+    push(names::SERVICE_STATUS, a.status, Unit::None);
+    push(names::HEALTH_CHECK_FAILURES, a.failures, Unit::Count);
+    push(
+        names::SERVICE_RESTARTS,
+        Some(Stats::one(a.restarts as f64)),
+        Unit::Count,
+    );
+    push(names::RESPONSE_TIME, a.response_ms, Unit::Milliseconds);
+    push(names::CPU_PERCENT, a.cpu_pct, Unit::Percent);
+    push(names::MEMORY_BYTES, a.memory, Unit::Bytes);
+}
+
 /// Every app's aggregates of one flush period, turned into datums: the app metrics with
 /// dimensions App + InstanceId (+ Fleet in fleet mode), the heartbeat (and a non-zero drop count)
 /// with InstanceId only; in fleet mode the heartbeat once more with Fleet alone.
@@ -171,35 +208,9 @@ pub fn encode(
     let inst = || (names::DIM_INSTANCE_ID.to_string(), instance_id.to_string());
     let mut out = Vec::with_capacity(apps.len() * 6 + 2);
     for (app, a) in apps {
-        if a.is_empty() {
-            continue;
+        if !a.is_empty() {
+            encode_app(&mut out, app, a, instance_id, fleet, ts_ms);
         }
-        let mut dims = vec![(names::DIM_APP.to_string(), app.clone())];
-        if let Some(f) = fleet {
-            dims.push((names::DIM_FLEET.to_string(), f.to_string()));
-        }
-        dims.push(inst());
-        let mut push = |name: &str, stats: Option<Stats>, unit| {
-            if let Some(stats) = stats {
-                out.push(Datum {
-                    name: name.to_string(),
-                    dims: dims.clone(),
-                    ts_ms,
-                    stats,
-                    unit,
-                });
-            }
-        };
-        push(names::SERVICE_STATUS, a.status, Unit::None);
-        push(names::HEALTH_CHECK_FAILURES, a.failures, Unit::Count);
-        push(
-            names::SERVICE_RESTARTS,
-            Some(Stats::one(a.restarts as f64)),
-            Unit::Count,
-        );
-        push(names::RESPONSE_TIME, a.response_ms, Unit::Milliseconds);
-        push(names::CPU_PERCENT, a.cpu_pct, Unit::Percent);
-        push(names::MEMORY_BYTES, a.memory, Unit::Bytes);
     }
     // Only while the daemon's watch loop is on schedule: a wedged agent must look dead.
     if alive {

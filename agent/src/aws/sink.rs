@@ -199,22 +199,7 @@ async fn run(
     stop: Arc<AtomicBool>,
     calls: Arc<Calls>,
 ) {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .timeout_config(timeouts(cfg.flush_interval))
-        .retry_config(retries());
-    if let Some(r) = &cfg.region {
-        loader = loader.region(aws_config::Region::new(r.clone()));
-    }
-    let sdk = loader.load().await;
-    let clients = Clients {
-        cw: aws_sdk_cloudwatch::Client::new(&sdk),
-        logs: aws_sdk_cloudwatchlogs::Client::new(&sdk),
-        sns: aws_sdk_sns::Client::new(&sdk),
-        sts: aws_sdk_sts::Client::new(&sdk),
-        region: sdk
-            .region()
-            .map_or_else(|| "us-east-1".to_string(), |r| r.to_string()),
-    };
+    let clients = connect(&cfg).await;
     let instance = match &cfg.instance_id {
         Some(i) => i.clone(),
         None => instance_id().await,
@@ -232,46 +217,9 @@ async fn run(
         cfg,
         opts,
     };
-    match st.spool.load() {
-        Ok(Some(old)) => {
-            tracing::info!(
-                message = "Loaded undelivered AWS data from the spool; sending it first.",
-                path = %st.spool.path().display(),
-                datums = old.metrics.len(),
-                events = old.logs.len(),
-                alerts = old.alerts.len()
-            );
-            st.spooled = true;
-            let cap = st.opts.capacity;
-            st.buf.prepend(old, &cap);
-        }
-        Ok(None) => {}
-        Err(error) => {
-            tracing::warn!(message = "Cannot read the AWS spool.", path = %st.spool.path().display(), %error)
-        }
-    }
-    tracing::info!(message = "AWS sink started.", region = ?sdk.region().map(|r| r.to_string()), namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
-    // Woken by the flush timer, by an alert (deliver events now), or by the stop.
-    let wake = recorder.urgent();
-    let flush_ms = st.cfg.flush_interval.as_millis() as u64;
-    let mut next = clock::mono_now() + flush_ms;
-    loop {
-        let wait = Duration::from_millis(next.saturating_sub(clock::mono_now()));
-        let woken = tokio::time::timeout(wait, wake.notified()).await.is_ok();
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        if woken {
-            st.intake(recorder.take_events());
-            st.deliver(&clients, false).await;
-            st.persist();
-            continue;
-        }
-        next = (next + flush_ms).max(clock::mono_now() + flush_ms / 2);
-        st.intake(recorder.take());
-        st.deliver(&clients, true).await;
-        st.persist();
-    }
+    st.load_spool();
+    tracing::info!(message = "AWS sink started.", region = %clients.region, namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
+    st.serve(&clients, &recorder, &stop).await;
     // Stop: the last data (including `agent_stop`), delivered within the deadline, then spilled.
     st.intake(recorder.take());
     let deadline = st.opts.stop_deadline;
@@ -291,6 +239,76 @@ async fn run(
         dropped = st.buf.dropped_total,
         calls = st.calls.total()
     );
+}
+
+/// The SDK's clients, with pmguard's timeouts and retries, for the configured (or the SDK
+/// chain's) region.
+async fn connect(cfg: &AwsConfig) -> Clients {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts(cfg.flush_interval))
+        .retry_config(retries());
+    if let Some(r) = &cfg.region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    let sdk = loader.load().await;
+    Clients {
+        cw: aws_sdk_cloudwatch::Client::new(&sdk),
+        logs: aws_sdk_cloudwatchlogs::Client::new(&sdk),
+        sns: aws_sdk_sns::Client::new(&sdk),
+        sts: aws_sdk_sts::Client::new(&sdk),
+        region: sdk
+            .region()
+            .map_or_else(|| "us-east-1".to_string(), |r| r.to_string()),
+    }
+}
+
+impl State {
+    /// What an earlier run could not deliver goes first.
+    fn load_spool(&mut self) {
+        match self.spool.load() {
+            Ok(Some(old)) => {
+                tracing::info!(
+                    message = "Loaded undelivered AWS data from the spool; sending it first.",
+                    path = %self.spool.path().display(),
+                    datums = old.metrics.len(),
+                    events = old.logs.len(),
+                    alerts = old.alerts.len()
+                );
+                self.spooled = true;
+                let cap = self.opts.capacity;
+                self.buf.prepend(old, &cap);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(message = "Cannot read the AWS spool.", path = %self.spool.path().display(), %error)
+            }
+        }
+    }
+
+    /// Until stopped: every `flush_interval` everything recorded, and at once the events when
+    /// an alert is waiting.
+    async fn serve(&mut self, clients: &Clients, recorder: &Recorder, stop: &AtomicBool) {
+        let wake = recorder.urgent();
+        let flush_ms = self.cfg.flush_interval.as_millis() as u64;
+        let mut next = clock::mono_now() + flush_ms;
+        loop {
+            let wait = Duration::from_millis(next.saturating_sub(clock::mono_now()));
+            let woken = tokio::time::timeout(wait, wake.notified()).await.is_ok();
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if woken {
+                self.intake(recorder.take_events());
+                self.deliver(clients, false).await;
+                self.persist();
+                continue;
+            }
+            next = (next + flush_ms).max(clock::mono_now() + flush_ms / 2);
+            self.intake(recorder.take());
+            self.deliver(clients, true).await;
+            self.persist();
+        }
+    }
 }
 
 /// The InstanceId dimension: IMDSv2 on EC2 (unless AWS_EC2_METADATA_DISABLED), else the host name.
@@ -522,15 +540,39 @@ impl State {
         }
     }
 
+    /// Drops buffered events CloudWatch Logs would refuse (older than 14 days or too far
+    /// ahead); returns whether any were dropped.
+    fn drop_unacceptable_logs(&mut self) -> bool {
+        let now = clock::wall_ms();
+        let before = self.buf.logs.len();
+        self.buf.logs.retain(|r| logs::acceptable(r.ts_ms, now));
+        let stale = before - self.buf.logs.len();
+        if stale > 0 {
+            self.buf.count_dropped(stale as u64);
+            tracing::warn!(message = "Dropped events CloudWatch Logs would refuse (older than 14 days or too far ahead).", dropped = stale);
+        }
+        stale > 0
+    }
+
+    /// The first `n` buffered events, in the order PutLogEvents requires.
+    fn log_batch(&self, n: usize) -> Vec<aws_sdk_cloudwatchlogs::types::InputLogEvent> {
+        let mut batch: Vec<LogRecord> = self.buf.logs.iter().take(n).cloned().collect();
+        logs::chronological(&mut batch);
+        batch
+            .into_iter()
+            .filter_map(|r| {
+                aws_sdk_cloudwatchlogs::types::InputLogEvent::builder()
+                    .timestamp(r.ts_ms as i64)
+                    .message(r.message)
+                    .build()
+                    .ok()
+            })
+            .collect()
+    }
+
     async fn send_logs(&mut self, c: &Clients) {
         while !self.buf.logs.is_empty() {
-            let now = clock::wall_ms();
-            let before = self.buf.logs.len();
-            self.buf.logs.retain(|r| logs::acceptable(r.ts_ms, now));
-            let stale = before - self.buf.logs.len();
-            if stale > 0 {
-                self.buf.count_dropped(stale as u64);
-                tracing::warn!(message = "Dropped events CloudWatch Logs would refuse (older than 14 days or too far ahead).", dropped = stale);
+            if self.drop_unacceptable_logs() {
                 continue;
             }
             if !self.stream_ready {
@@ -541,18 +583,7 @@ impl State {
                 self.stream_ready = true;
             }
             let n = logs::next_batch_len(self.buf.logs.iter());
-            let mut batch: Vec<LogRecord> = self.buf.logs.iter().take(n).cloned().collect();
-            logs::chronological(&mut batch);
-            let events: Vec<_> = batch
-                .into_iter()
-                .filter_map(|r| {
-                    aws_sdk_cloudwatchlogs::types::InputLogEvent::builder()
-                        .timestamp(r.ts_ms as i64)
-                        .message(r.message)
-                        .build()
-                        .ok()
-                })
-                .collect();
+            let events = self.log_batch(n);
             self.calls.put_log_events.fetch_add(1, Ordering::Relaxed);
             let r = c
                 .logs
@@ -595,51 +626,48 @@ impl State {
         }
     }
 
+    /// The topic's ARN, looked up once: a fleet's topic is provision-aws's (its ARN is built,
+    /// never created); a single box's is created (CreateTopic returns the existing one).
+    async fn topic(&mut self, c: &Clients, topic: &str) -> Result<String, String> {
+        if let Some(arn) = &self.topic_arn {
+            return Ok(arn.clone());
+        }
+        self.calls.other.fetch_add(1, Ordering::Relaxed);
+        let arn = if self.cfg.fleet.is_some() {
+            let out = c
+                .sts
+                .get_caller_identity()
+                .send()
+                .await
+                .map_err(|e| describe(&e))?;
+            topic_arn(out.arn(), out.account(), &c.region, topic)
+                .ok_or("GetCallerIdentity returned no account")?
+        } else {
+            let out = c
+                .sns
+                .create_topic()
+                .name(topic)
+                .send()
+                .await
+                .map_err(|e| describe(&e))?;
+            out.topic_arn()
+                .ok_or("CreateTopic returned no ARN")?
+                .to_string()
+        };
+        self.topic_arn = Some(arn.clone());
+        Ok(arn)
+    }
+
     async fn send_alerts(&mut self, c: &Clients) {
         let Some(topic) = self.cfg.sns_topic.clone() else {
             return;
         };
         while let Some(a) = self.buf.alerts.front().cloned() {
-            let arn = match &self.topic_arn {
-                Some(arn) => arn.clone(),
-                None if self.cfg.fleet.is_some() => {
-                    // The fleet's topic is provision-aws's: build its ARN rather than create it.
-                    self.calls.other.fetch_add(1, Ordering::Relaxed);
-                    match c.sts.get_caller_identity().send().await {
-                        Ok(out) => match topic_arn(out.arn(), out.account(), &c.region, &topic) {
-                            Some(arn) => {
-                                self.topic_arn = Some(arn.clone());
-                                arn
-                            }
-                            None => {
-                                self.note_failure(ALERTS, "GetCallerIdentity returned no account");
-                                return;
-                            }
-                        },
-                        Err(e) => {
-                            self.note_failure(ALERTS, &describe(&e));
-                            return;
-                        }
-                    }
-                }
-                None => {
-                    self.calls.other.fetch_add(1, Ordering::Relaxed);
-                    match c.sns.create_topic().name(&topic).send().await {
-                        Ok(out) => match out.topic_arn() {
-                            Some(arn) => {
-                                self.topic_arn = Some(arn.to_string());
-                                arn.to_string()
-                            }
-                            None => {
-                                self.note_failure(ALERTS, "CreateTopic returned no ARN");
-                                return;
-                            }
-                        },
-                        Err(e) => {
-                            self.note_failure(ALERTS, &describe(&e));
-                            return;
-                        }
-                    }
+            let arn = match self.topic(c, &topic).await {
+                Ok(arn) => arn,
+                Err(error) => {
+                    self.note_failure(ALERTS, &error);
+                    return;
                 }
             };
             self.calls.publish.fetch_add(1, Ordering::Relaxed);

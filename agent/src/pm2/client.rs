@@ -228,30 +228,43 @@ impl Client {
                 }
                 return Err(Pm2Error::Disconnected { method });
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            return match rx.recv_timeout(remaining) {
-                Ok(body) => decode_reply::<R>(method, &body).map(|r| (r, conn.generation)),
-                Err(RecvTimeoutError::Timeout) => {
-                    conn.unregister(&id);
-                    // The reply may be stuck half-way (a partial frame in the reader): a kept
-                    // connection would then mis-frame every later reply. Start clean next call.
-                    self.drop_conn(
-                        &conn,
-                        "call timed out",
-                        &io::Error::from(io::ErrorKind::TimedOut),
-                    );
-                    debug!(
-                        message = "PM2 call timed out.",
-                        method,
-                        timeout_ms = timeout.as_millis() as u64
-                    );
-                    Err(Pm2Error::Timeout {
-                        method,
-                        after: timeout,
-                    })
-                }
-                Err(RecvTimeoutError::Disconnected) => Err(Pm2Error::Disconnected { method }),
-            };
+            return self.await_reply(&conn, &rx, &id, method, timeout, deadline);
+        }
+    }
+
+    /// Waits for the reply to request `id` until `deadline`.
+    fn await_reply<R: DeserializeOwned>(
+        &self,
+        conn: &Arc<Conn>,
+        rx: &mpsc::Receiver<Vec<u8>>,
+        id: &str,
+        method: &'static str,
+        timeout: Duration,
+        deadline: Instant,
+    ) -> Result<(Option<R>, u64), Pm2Error> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(remaining) {
+            Ok(body) => decode_reply::<R>(method, &body).map(|r| (r, conn.generation)),
+            Err(RecvTimeoutError::Timeout) => {
+                conn.unregister(id);
+                // The reply may be stuck half-way (a partial frame in the reader): a kept
+                // connection would then mis-frame every later reply. Start clean next call.
+                self.drop_conn(
+                    conn,
+                    "call timed out",
+                    &io::Error::from(io::ErrorKind::TimedOut),
+                );
+                debug!(
+                    message = "PM2 call timed out.",
+                    method,
+                    timeout_ms = timeout.as_millis() as u64
+                );
+                Err(Pm2Error::Timeout {
+                    method,
+                    after: timeout,
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(Pm2Error::Disconnected { method }),
         }
     }
 
@@ -427,8 +440,9 @@ impl Conn {
             );
             return;
         }
-        let id = frame.pop().expect("len checked");
-        let body = frame.pop().expect("len checked");
+        let (Some(id), Some(body)) = (frame.pop(), frame.pop()) else {
+            return;
+        };
         let (Some(id), Some(_)) = (id.as_str(), body.as_json()) else {
             debug!(message = "PM2 frame with unexpected argument types ignored.");
             return;

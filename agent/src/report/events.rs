@@ -173,26 +173,27 @@ impl EventLog {
                 inner.file = None;
             }
         }
-        if inner.file.is_none() {
-            let f = files::open_append(&self.path, 0o640)?;
-            inner.file = Some(f);
-        }
+        // Taken out while in use: any error below leaves no handle, and the next line reopens
+        // the file at the path.
+        let mut file = match inner.file.take() {
+            Some(f) => f,
+            None => files::open_append(&self.path, 0o640)?,
+        };
         // The size from the file itself: a person may have truncated it in place (`: > file`),
         // and rotating on a stale count would rename a small file over the rotated history.
-        inner.size = inner.file.as_ref().expect("opened above").metadata()?.len();
+        inner.size = file.metadata()?.len();
         if inner.size + line.len() as u64 > self.max_bytes && inner.size > 0 {
-            inner.file = None;
+            drop(file);
             let mut rotated = self.path.clone().into_os_string();
             rotated.push(".1");
             std::fs::rename(&self.path, rotated)?;
-            let f = files::open_append(&self.path, 0o640)?;
-            inner.size = f.metadata()?.len();
-            inner.file = Some(f);
+            file = files::open_append(&self.path, 0o640)?;
+            inner.size = file.metadata()?.len();
         }
-        let file = inner.file.as_mut().expect("opened above");
         // One write per line: with O_APPEND, lines from concurrent writers never interleave.
         file.write_all(line)?;
         inner.size += line.len() as u64;
+        inner.file = Some(file);
         Ok(())
     }
 }
