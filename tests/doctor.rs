@@ -206,10 +206,17 @@ fn healthy_passes_and_broken_apps_are_named_with_their_fix() {
     set_mode(s.port, "ok").unwrap();
 
     let pid = pm2.pids("codebox")[0];
-    // SAFETY: plain syscalls on the test app.
-    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .ok();
     let (_, checks) = s.doctor();
-    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .ok();
     assert_fails(&checks, "cpu codebox", "stopped (state T)", "kill -CONT");
     assert_fails(&checks, "health codebox", "timed out", "pm2 logs codebox");
 

@@ -98,9 +98,8 @@ fn render(config: &Path, sha: &str, dest: &Path) {
 
 #[test]
 fn the_rendered_bootstrap_run_twice_leaves_an_active_agent() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        nix::unistd::geteuid().as_raw(),
         0,
         "the end-to-end test boots a container: run it as root (CI does)"
     );

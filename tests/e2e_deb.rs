@@ -53,9 +53,8 @@ impl Machine {
 
 #[test]
 fn deb_then_init_then_install_watches_the_app_and_removes_cleanly() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        nix::unistd::geteuid().as_raw(),
         0,
         "the end-to-end test boots a container: run it as root (CI does)"
     );
@@ -229,9 +228,8 @@ const CRON_LINE: &str = "*/3 * * * * /home/ubuntu/automatenb/cron_health_check.s
 
 #[test]
 fn replace_legacy_stops_the_old_monitor_and_uninstall_puts_it_back() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        nix::unistd::geteuid().as_raw(),
         0,
         "boots a container: run it as root (CI does)"
     );

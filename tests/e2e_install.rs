@@ -31,9 +31,8 @@ impl Machine {
 
 #[test]
 fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        nix::unistd::geteuid().as_raw(),
         0,
         "the end-to-end test boots a container: run it as root (CI does)"
     );

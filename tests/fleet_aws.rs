@@ -176,8 +176,11 @@ struct Box_ {
 
 impl Drop for Box_ {
     fn drop(&mut self) {
-        // SAFETY: plain syscall on the child we started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .ok();
         let _ = self.child.wait();
     }
 }

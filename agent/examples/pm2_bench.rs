@@ -8,15 +8,19 @@
 
 use std::time::{Duration, Instant};
 
+use nix::sys::resource::{getrusage, UsageWho};
+use nix::sys::time::TimeVal;
 use pmguard_agent::pm2::{Client, Pm2Paths};
 
-fn rusage(who: i32) -> (f64, u64) {
-    // SAFETY: rusage is plain old data, filled in by the kernel.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a rusage.
-    unsafe { libc::getrusage(who, &mut ru) };
-    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    (secs(ru.ru_utime) + secs(ru.ru_stime), ru.ru_maxrss as u64)
+fn rusage(who: UsageWho) -> (f64, u64) {
+    let Ok(ru) = getrusage(who) else {
+        return (0.0, 0);
+    };
+    let secs = |tv: TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    (
+        secs(ru.user_time()) + secs(ru.system_time()),
+        ru.max_rss() as u64,
+    )
 }
 
 /// utime+stime of the daemon, from /proc/<pm2.pid>/stat, in seconds.
@@ -26,8 +30,7 @@ fn daemon_cpu(paths: &Pm2Paths) -> Option<f64> {
     let rest = stat.rsplit_once(") ")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = rustix::param::clock_ticks_per_second() as f64;
     Some(ticks / hz)
 }
 
@@ -47,7 +50,7 @@ fn main() {
     let (cpu, rss_kib, procs) = match mode.as_str() {
         "client" => {
             let client = Client::new(paths.clone());
-            let (c0, _) = rusage(libc::RUSAGE_SELF);
+            let (c0, _) = rusage(UsageWho::RUSAGE_SELF);
             let mut procs = 0;
             for _ in 0..n {
                 match client.list(Duration::from_secs(5)) {
@@ -58,7 +61,7 @@ fn main() {
                     }
                 }
             }
-            let (c1, rss) = rusage(libc::RUSAGE_SELF);
+            let (c1, rss) = rusage(UsageWho::RUSAGE_SELF);
             (c1 - c0, rss, procs)
         }
         "jlist" => {
@@ -73,7 +76,7 @@ fn main() {
                     serde_json::from_slice(&out.stdout).expect("pm2 jlist output");
                 procs = v.as_array().map_or(0, |a| a.len());
             }
-            let (c, rss) = rusage(libc::RUSAGE_CHILDREN);
+            let (c, rss) = rusage(UsageWho::RUSAGE_CHILDREN);
             (c, rss, procs)
         }
         other => {

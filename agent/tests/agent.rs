@@ -231,8 +231,11 @@ fn hung_cluster_worker_is_restarted_alone() {
     });
     let (hung_id, hung_pid) = workers[1];
     let (ok_id, ok_pid) = workers[0];
-    // SAFETY: plain syscall on a test app process.
-    unsafe { libc::kill(hung_pid as i32, libc::SIGSTOP) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(hung_pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .ok();
     let restart = agent.wait_for(Duration::from_secs(15), "restart");
     assert_eq!(restart["pm_ids"], serde_json::json!([hung_id]), "{restart}");
     agent.wait_for(Duration::from_secs(15), "restart_done");

@@ -432,8 +432,11 @@ fn an_agent_sigkilled_during_an_outage_keeps_its_spool() {
         || std::fs::read_to_string(&spool).is_ok_and(|s| s.contains("Restarting: ")),
     );
     let spooled = std::fs::read_to_string(&spool).unwrap();
-    // SAFETY: plain syscall on the agent this test started.
-    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .ok();
     let _ = agent.child.as_mut().map(|c| c.wait());
     let _ = set_mode(port, "ok");
     agent.spawn_env(&ms.env());

@@ -103,8 +103,11 @@ fn all_cluster_workers_hung_with_a_long_kill_timeout_recover_fast_and_keep_the_w
         pings.lock().unwrap().len() >= 2
     });
     for pid in &pids {
-        // SAFETY: plain syscall on a test app process.
-        unsafe { libc::kill(*pid as i32, libc::SIGSTOP) };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .ok();
     }
     let hung_at = Instant::now();
     let hung_wall = clock_ms();
@@ -211,14 +214,20 @@ fn a_stalled_pm2_daemon_is_never_resurrected() {
     );
     agent.wait_for_probe_ok();
     let daemon = pm2.daemon_pid().expect("a PM2 daemon");
-    // SAFETY: plain syscall on the test's own PM2 daemon.
-    unsafe { libc::kill(daemon, libc::SIGSTOP) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .ok();
     wait_until(Duration::from_secs(15), "pm2_unresponsive", || {
         !health_changes(&agent, "pm2_unresponsive").is_empty()
     });
     std::thread::sleep(Duration::from_secs(25));
-    // SAFETY: as above.
-    unsafe { libc::kill(daemon, libc::SIGCONT) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .ok();
     wait_until(Duration::from_secs(15), "healthy again", || {
         let down = health_changes(&agent, "pm2_unresponsive");
         let up = health_changes(&agent, "healthy");
@@ -255,8 +264,7 @@ fn a_stalled_pm2_daemon_is_never_resurrected() {
 /// so `pm2 resurrect` runs as the owner and every state file it writes is the owner's.
 #[test]
 fn the_backup_check_run_as_root_acts_only_as_pm2_homes_owner() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if nix::unistd::geteuid().as_raw() != 0 {
         eprintln!("skipped: needs root");
         return;
     }
@@ -315,8 +323,14 @@ fn a_fifo_named_status_json_never_hangs_the_backup_check() {
             .into_encoded_bytes(),
     )
     .unwrap();
-    // SAFETY: a valid C string path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    assert!(rustix::fs::mknodat(
+        rustix::fs::CWD,
+        fifo.as_c_str(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .is_ok());
     let home = dir.path().join("pm2");
     std::fs::create_dir(&home).unwrap();
     let config = dir.path().join("pmguard.toml");
@@ -527,8 +541,11 @@ fn an_agent_killed_mid_restart_leaves_no_double_restart() {
         ),
     );
     agent.wait_for(Duration::from_secs(15), "restart");
-    // SAFETY: plain syscall on the agent this test started.
-    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .ok();
     let _ = agent.child.as_mut().map(|c| c.wait());
     let restarts_by_pm2 = |pm2: &Pm2Sandbox| -> u64 {
         pm2.jlist()
@@ -557,8 +574,7 @@ fn an_agent_killed_mid_restart_leaves_no_double_restart() {
 /// heartbeat, but it never stops watching: a hung app is still restarted.
 #[test]
 fn a_full_state_dir_never_stops_the_watching() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if nix::unistd::geteuid().as_raw() != 0 {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     }
@@ -597,8 +613,11 @@ fn a_full_state_dir_never_stops_the_watching() {
         .status();
     let old = pm2.pids("full");
     for pid in &old {
-        // SAFETY: plain syscall on the test's app.
-        unsafe { libc::kill(*pid as i32, libc::SIGSTOP) };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .ok();
     }
     wait_until(Duration::from_secs(20), "the hung app replaced", || {
         let now = pm2.pids("full");
@@ -701,8 +720,7 @@ fn a_spinning_app_with_a_shutdown_handler_is_killed_at_once() {
 /// a PM2_HOME whose owner it cannot tell for sure, and starts nothing.
 #[test]
 fn a_symlinked_pm2_home_is_refused_as_root() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if nix::unistd::geteuid().as_raw() != 0 {
         eprintln!("skipped: needs root");
         return;
     }
@@ -742,8 +760,7 @@ fn a_symlinked_pm2_home_is_refused_as_root() {
 /// child and started when PM2 says: pmguard may kill it at once.
 #[test]
 fn a_hung_app_pm2_runs_as_another_user_is_killed_at_once() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if nix::unistd::geteuid().as_raw() != 0 {
         eprintln!("skipped: needs a root PM2");
         return;
     }
@@ -769,8 +786,11 @@ fn a_hung_app_pm2_runs_as_another_user_is_killed_at_once() {
         ),
     );
     agent.wait_for_probe_ok();
-    // SAFETY: plain syscall on the test's app.
-    unsafe { libc::kill(pids[0] as i32, libc::SIGSTOP) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .ok();
     let restart = agent.wait_for(Duration::from_secs(20), "restart");
     let restart_ts = restart["ts_ms"].as_u64().unwrap();
     let ms = healthy_after(&agent, restart_ts);

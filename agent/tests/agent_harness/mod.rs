@@ -159,8 +159,11 @@ impl Agent {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(self.pid() as i32, sig) };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::try_from(sig).ok(),
+        )
+        .ok();
     }
 
     /// SIGTERM, then the exit status (within 5 s).

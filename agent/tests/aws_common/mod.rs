@@ -144,8 +144,11 @@ impl Ministack {
     /// Stops it (an AWS outage); `resume` brings it back with empty state.
     pub fn pause(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: plain syscall on the process group of the child we started.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-(c.id() as i32)),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .ok();
             let _ = c.wait();
         }
         // Wait until the port refuses connections.
@@ -159,15 +162,21 @@ impl Ministack {
     /// way a blackholed endpoint or a hung load balancer behaves. `unstall` thaws it.
     pub fn stall(&self) {
         if let Some(c) = &self.child {
-            // SAFETY: plain syscall on the process group of the child we started.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGSTOP) };
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-(c.id() as i32)),
+                nix::sys::signal::Signal::SIGSTOP,
+            )
+            .ok();
         }
     }
 
     pub fn unstall(&self) {
         if let Some(c) = &self.child {
-            // SAFETY: as above.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGCONT) };
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-(c.id() as i32)),
+                nix::sys::signal::Signal::SIGCONT,
+            )
+            .ok();
         }
     }
 

@@ -194,10 +194,17 @@ impl Pm2Sandbox {
             .filter_map(|e| e["pid"].as_u64().map(|p| p as u32))
             .filter(|p| *p > 0)
             .collect();
-        // SAFETY: plain syscalls on processes this sandbox started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .ok();
         for p in apps {
-            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .ok();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while process_alive(pid) && Instant::now() < deadline {
@@ -212,8 +219,11 @@ impl Pm2Sandbox {
         let deadline = Instant::now() + Duration::from_secs(10);
         while process_alive(pid) {
             if Instant::now() > deadline {
-                // SAFETY: plain syscall; pid is the daemon this sandbox started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .ok();
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
