@@ -140,6 +140,7 @@ fn unit_exposure_is_at_most_1_5() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
         assert!(level <= 1.5, "exposure {level}");
+        eprintln!("pmguard-agent.service exposure: {level}");
     }
 }
 
