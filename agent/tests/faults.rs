@@ -691,9 +691,10 @@ fn a_spinning_app_with_a_shutdown_handler_is_killed_at_once() {
         &app(
             "spin20",
             port,
-            // The suite shares 2 cores: a spinning process may get well under a whole one, so
-            // the threshold it must reach is set at half a core.
-            "max_retries = 2\ntimeout = \"500ms\"\nretry_interval = \"300ms\"\nstartup_grace = \"2s\"\ncpu_threshold = 50",
+            // The suite shares 2 cores with other tests (and CI with builds): a spinning process
+            // was seen getting 34-40 % of a core at load 15, so the threshold it must reach is a
+            // fifth of a core; the idle app stays at 0-3 %.
+            "max_retries = 2\ntimeout = \"500ms\"\nretry_interval = \"300ms\"\nstartup_grace = \"2s\"\ncpu_threshold = 20",
         ),
     );
     agent.wait_for_probe_ok();
