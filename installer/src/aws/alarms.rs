@@ -192,16 +192,33 @@ fn app_alarm_base(namespace: &str, app: &str, instance: &str, actions: &[String]
 /// The agent's own alarm on this instance: no heartbeat for 5 minutes.
 fn heartbeat_alarm(namespace: &str, instance: &str, actions: Vec<String>) -> AlarmSpec {
     let prefix = instance_prefix(instance);
+    no_heartbeat(
+        format!("{prefix}agent-heartbeat"),
+        format!("pmguard-agent on {instance} sent no heartbeat for 5 minutes. Managed by pmguard."),
+        namespace,
+        (DIM_INSTANCE_ID.to_string(), instance.to_string()),
+        300,
+        actions,
+    )
+}
+
+/// An alarm on heartbeats missing for one `period` under `dimension`: missing data breaches.
+pub(crate) fn no_heartbeat(
+    name: String,
+    description: String,
+    namespace: &str,
+    dimension: (String, String),
+    period: i32,
+    actions: Vec<String>,
+) -> AlarmSpec {
     AlarmSpec {
-        name: format!("{prefix}agent-heartbeat"),
-        description: format!(
-            "pmguard-agent on {instance} sent no heartbeat for 5 minutes. Managed by pmguard."
-        ),
+        name,
+        description,
         namespace: namespace.to_string(),
         metric: AGENT_HEARTBEAT.into(),
         statistic: "SampleCount".into(),
-        dimensions: vec![(DIM_INSTANCE_ID.to_string(), instance.to_string())],
-        period: 300,
+        dimensions: vec![dimension],
+        period,
         evaluation_periods: 1,
         datapoints_to_alarm: 1,
         threshold: 1.0,

@@ -327,25 +327,17 @@ fn in_service_without_heartbeat_alarm(
 /// Without an Auto Scaling group: no heartbeat from any instance of the fleet.
 fn no_heartbeat_alarm(aws: &AwsConfig, fleet: &str, actions: Vec<String>) -> AlarmSpec {
     let period = heartbeat_period(aws);
-    AlarmSpec {
-        name: agents_alarm_name(fleet, false),
-        description: format!(
+    super::alarms::no_heartbeat(
+        agents_alarm_name(fleet, false),
+        format!(
             "Fleet {fleet}: no instance sent a pmguard heartbeat for {} minutes (the whole fleet or every agent is down). Set [aws] auto_scaling_group to also catch one dead agent among live ones. Managed by pmguard.",
             period / 60
         ),
-        namespace: aws.namespace.clone(),
-        metric: AGENT_HEARTBEAT.into(),
-        statistic: "SampleCount".into(),
-        dimensions: vec![(DIM_FLEET.into(), fleet.into())],
+        &aws.namespace,
+        (DIM_FLEET.into(), fleet.into()),
         period,
-        evaluation_periods: 1,
-        datapoints_to_alarm: 1,
-        threshold: 1.0,
-        comparison: "LessThanThreshold".into(),
-        treat_missing_data: "breaching".into(),
         actions,
-        metrics: Vec::new(),
-    }
+    )
 }
 
 /// Whether an alarm is a Metrics Insights alarm (counts against the 200 per account and Region).
