@@ -159,7 +159,11 @@ struct Clients {
     logs: aws_sdk_cloudwatchlogs::Client,
     sns: aws_sdk_sns::Client,
     sts: aws_sdk_sts::Client,
+    /// For topic ARNs: the SDK's region, else us-east-1.
     region: String,
+    /// What the SDK found (config, environment, profile, IMDS), for the start-up log: `None`
+    /// there says why every call fails.
+    sdk_region: Option<String>,
 }
 
 /// `arn:<partition>:sns:<region>:<account>:<topic>`, the partition taken from the caller's ARN.
@@ -218,7 +222,7 @@ async fn run(
         opts,
     };
     st.load_spool();
-    tracing::info!(message = "AWS sink started.", region = %clients.region, namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
+    tracing::info!(message = "AWS sink started.", region = ?clients.sdk_region, namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
     st.serve(&clients, &recorder, &stop).await;
     // Stop: the last data (including `agent_stop`), delivered within the deadline, then spilled.
     st.intake(recorder.take());
@@ -259,6 +263,7 @@ async fn connect(cfg: &AwsConfig) -> Clients {
         region: sdk
             .region()
             .map_or_else(|| "us-east-1".to_string(), |r| r.to_string()),
+        sdk_region: sdk.region().map(|r| r.to_string()),
     }
 }
 

@@ -284,4 +284,27 @@ mod tests {
         s.write_restarts(&other).unwrap();
         assert!(s.read_restarts().apps.is_empty());
     }
+
+    #[test]
+    fn a_status_file_from_another_version_is_still_read() {
+        // Before its first check an older agent wrote "" as the health; a newer one may write a
+        // word this one does not know. Either reads as `unknown`, and the rest of the file is
+        // kept: `status` and `check --once` must not take a live agent for a dead one.
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path());
+        for word in ["", "on_a_break", "healthy", "pm2_down"] {
+            let text = format!(
+                r#"{{"pid":7,"version":"0.0.9","boot_epoch":1,"heartbeat":2,"updated_at":"x","interval_ms":1000,"apps":[{{"name":"a","health":"{word}","failures":0,"max_retries":3,"note":null,"last_check_ms":null,"instances":[],"probes":[],"restarts":[]}}]}}"#
+            );
+            state.write_status(text.as_bytes()).unwrap();
+            let read = state.read_status().unwrap().unwrap();
+            let want = match word {
+                "healthy" => Health::Healthy,
+                "pm2_down" => Health::Pm2Down,
+                _ => Health::Unknown,
+            };
+            assert_eq!(read.apps[0].health, want, "{word:?}");
+            assert_eq!(read.pid, 7);
+        }
+    }
 }

@@ -590,8 +590,8 @@ impl App {
             Ok(booked) => booked,
             Err(wait) => return wait,
         };
-        self.announce_restart(shared, &reason, &culprits);
         let started = clock::mono_now();
+        self.announce_restart(shared, &reason, &culprits);
         let outcome = restart_instances(
             shared,
             &name,
