@@ -79,6 +79,9 @@ fn main() -> ExitCode {
         },
         Command::Validate { config } => match Config::load(&config) {
             Ok(c) => {
+                for w in c.warnings() {
+                    println!("WARNING: {w}");
+                }
                 println!("{}: valid, {} app(s).", config.display(), c.apps.len());
                 ExitCode::SUCCESS
             }

@@ -706,30 +706,28 @@ fn app_checks(
 }
 
 /// The app's health URL probed once, now (`None` without one).
-fn health_now(app: &pmguard_agent::config::AppConfig) -> Option<Check> {
-    let url = app.health_url.as_ref()?;
-    let r =
-        Prober::new(url.clone()).probe(app.timeout, &app.expect_status, app.expect_body.as_deref());
-    let ms = r.latency.as_millis();
-    Some(if r.outcome.passed() {
-        ok(
-            &format!("health {}", app.name),
-            format!(
-                "{} answered {} in {ms} ms",
-                url.redacted(),
-                r.outcome.reason()
-            ),
-        )
-    } else {
-        fail(
-            &format!("health {}", app.name),
-            format!("{}: {} after {ms} ms", url.redacted(), r.outcome.reason()),
-            format!(
-                "`pm2 logs {}`; the agent restarts it after {} failed checks",
-                app.name, app.max_retries
-            ),
-        )
-    })
+fn health_now(app: &pmguard_agent::config::AppConfig) -> Vec<Check> {
+    let name = format!("health {}", app.name);
+    let one = |spec: &pmguard_agent::config::target::ProbeSpec| {
+        let r = Prober::new(vec![spec.clone()]).probe();
+        let ms = r.latency.as_millis();
+        if r.outcome.passed() {
+            ok(
+                &name,
+                format!("{} answered {} in {ms} ms", r.target, r.outcome.reason()),
+            )
+        } else {
+            fail(
+                &name,
+                format!("{}: {} after {ms} ms", r.target, r.outcome.reason()),
+                format!(
+                    "`pm2 logs {}`; the agent restarts it after {} failed checks",
+                    app.name, app.max_retries
+                ),
+            )
+        }
+    };
+    app.probes.iter().map(one).collect()
 }
 
 /// CPU over a short window and the scheduler state of each pid, now.

@@ -688,7 +688,7 @@ mod tests {
         let text = render(&header, &apps);
         let c = Config::parse(Path::new("x.toml"), &text).unwrap();
         assert_eq!(c.apps[0].name, "we\"ird\\name");
-        assert_eq!(c.apps[0].health_url.as_ref().unwrap().port, 3000);
+        assert_eq!(c.apps[0].probes[0].describe(), "http://[::1]:3000/");
         assert!(
             text.contains("health_url = \"http://[::1]:3000/\""),
             "{text}"

@@ -289,10 +289,12 @@ fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String
         watchdog_sec: "30s",
         state_lines,
         local_only: config.aws.is_none()
-            && config
-                .apps
-                .iter()
-                .all(|a| a.health_url.as_ref().is_none_or(|u| is_loopback(&u.host))),
+            && config.apps.iter().all(|a| {
+                a.probes
+                    .iter()
+                    .filter_map(|p| p.network_host())
+                    .all(is_loopback)
+            }),
     }
     .render()
     .map_err(|source| RenderError::Template {

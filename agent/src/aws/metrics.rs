@@ -123,6 +123,7 @@ pub struct AppAggregate {
     pub status: Option<Stats>,
     pub failures: Option<Stats>,
     pub response_ms: Option<Stats>,
+    pub cert_days: Option<Stats>,
     pub cpu_pct: Option<Stats>,
     pub memory: Option<Stats>,
     pub restarts: u64,
@@ -133,6 +134,7 @@ pub struct AppAggregate {
 pub struct CheckSample {
     pub healthy: bool,
     pub response_ms: Option<f64>,
+    pub cert_days: Option<f64>,
     pub cpu_pct: Option<f64>,
     pub memory_bytes: Option<f64>,
 }
@@ -143,6 +145,9 @@ impl AppAggregate {
         Stats::add(&mut self.failures, if s.healthy { 0.0 } else { 1.0 });
         if let Some(v) = s.response_ms {
             Stats::add(&mut self.response_ms, v);
+        }
+        if let Some(v) = s.cert_days {
+            Stats::add(&mut self.cert_days, v);
         }
         if let Some(v) = s.cpu_pct {
             Stats::add(&mut self.cpu_pct, v);
@@ -190,6 +195,7 @@ fn encode_app(
         Unit::Count,
     );
     push(names::RESPONSE_TIME, a.response_ms, Unit::Milliseconds);
+    push(names::CERT_EXPIRY_DAYS, a.cert_days, Unit::None);
     push(names::CPU_PERCENT, a.cpu_pct, Unit::Percent);
     push(names::MEMORY_BYTES, a.memory, Unit::Bytes);
 }
@@ -295,6 +301,7 @@ mod tests {
             a.record(&CheckSample {
                 healthy: ok,
                 response_ms: Some(ms),
+                cert_days: None,
                 cpu_pct: Some(ms / 100.0),
                 memory_bytes: Some(1e6),
             });
@@ -302,6 +309,7 @@ mod tests {
         a.record(&CheckSample {
             healthy: true,
             response_ms: Some(f64::NAN),
+            cert_days: None,
             ..Default::default()
         });
         a.restarts = 2;

@@ -12,6 +12,8 @@ pub const HEALTH_CHECK_FAILURES: &str = "HealthCheckFailures";
 pub const SERVICE_RESTARTS: &str = "ServiceRestarts";
 /// HTTP probe latency, milliseconds.
 pub const RESPONSE_TIME: &str = "ResponseTime";
+/// Days until the certificate of the app's https probes expires (the soonest; Minimum).
+pub const CERT_EXPIRY_DAYS: &str = "CertExpiryDays";
 /// CPU of the app's processes, % of one core (summed over cluster workers).
 pub const CPU_PERCENT: &str = "CpuPercent";
 /// RSS of the app's processes, bytes (summed over cluster workers).
@@ -28,6 +30,7 @@ pub const METRICS: &[&str] = &[
     HEALTH_CHECK_FAILURES,
     SERVICE_RESTARTS,
     RESPONSE_TIME,
+    CERT_EXPIRY_DAYS,
     CPU_PERCENT,
     MEMORY_BYTES,
     AGENT_HEARTBEAT,

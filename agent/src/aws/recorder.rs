@@ -155,6 +155,7 @@ mod tests {
         let ok = CheckSample {
             healthy: true,
             response_ms: Some(3.0),
+            cert_days: None,
             ..Default::default()
         };
         r.check("web", &ok);

@@ -6,6 +6,7 @@
 //! A `Config` that exists is valid: every later stage relies on the ranges checked here.
 
 pub mod duration;
+mod probes;
 mod read;
 mod sections;
 pub mod target;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use toml_edit::ImDocument;
 
 use read::Cx;
-use target::{HttpTarget, StatusMatch};
+use target::ProbeSpec;
 
 /// A whole, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,17 +103,15 @@ pub struct AgentConfig {
 pub struct AppConfig {
     /// The PM2 app name (as in `pm2 list`). A cluster app's instances are judged one by one.
     pub name: String,
-    /// The HTTP endpoint to probe (http only; probe the app's local port). Without it the app is
-    /// judged by its PM2 state and CPU alone.
-    pub health_url: Option<HttpTarget>,
     /// Check period while healthy (default: `[agent] interval`).
     pub interval: Duration,
-    /// Per-probe deadline, connect to last byte (default "5s").
+    /// Per-probe deadline, connect to last byte (default "5s"; a `[[apps.probes]]` may set its
+    /// own).
     pub timeout: Duration,
-    /// HTTP statuses that pass (default: any 2xx). An integer or a list of integers.
-    pub expect_status: StatusMatch,
-    /// A substring the response body must contain (default: none).
-    pub expect_body: Option<String>,
+    /// The app's probes; every one must pass for a check to pass. The section's own
+    /// `health_url` or `tcp` (with its request and expect keys) is the first; each
+    /// `[[apps.probes]]` adds one. None: the app is judged by its PM2 state and CPU alone.
+    pub probes: Vec<ProbeSpec>,
     /// Consecutive failed checks before a restart (default 3).
     pub max_retries: u32,
     /// Check period after a failure (default "10s").
@@ -233,6 +232,26 @@ impl Config {
         }
     }
 
+    /// What is valid but unsafe, for `validate` to say loudly: each probe that does not verify
+    /// its TLS certificate.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for app in &self.apps {
+            for p in &app.probes {
+                if let target::ProbeKind::Http(h) = &p.kind {
+                    if h.tls.as_ref().is_some_and(|t| !t.verify) {
+                        out.push(format!(
+                            "app `{}`: tls_verify = false: {} is probed WITHOUT verifying its certificate (anyone who can answer on that address passes the check)",
+                            app.name,
+                            p.describe()
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn app(&self, name: &str) -> Option<&AppConfig> {
         self.apps.iter().find(|a| a.name == name)
     }
@@ -272,7 +291,13 @@ mod tests {
         assert_eq!(a.startup_grace, secs(30));
         assert_eq!(a.timeout, secs(5));
         assert_eq!(a.interval, secs(10));
-        let url = a.health_url.as_ref().unwrap();
+        let url = match &a.probes[..] {
+            [target::ProbeSpec {
+                kind: target::ProbeKind::Http(h),
+                ..
+            }] => &h.url,
+            other => panic!("{other:?}"),
+        };
         assert_eq!(
             (url.host.as_str(), url.port, url.path.as_str()),
             ("localhost", 5000, "/api-health")
@@ -320,8 +345,8 @@ mod tests {
         let p = problems("[awz]\nregion = \"x\"\n[[apps]]\nname = \"a\"\n");
         assert_eq!(p[0].message, "unknown section `awz`");
         assert_eq!(p[0].help.as_deref(), Some("did you mean `aws`?"));
-        let p = problems("[[apps]]\nname = \"a\"\nhealth_url = \"https://127.0.0.1/h\"\n");
-        assert!(p[0].message.contains("https"), "{p:?}");
+        let p = problems("[[apps]]\nname = \"a\"\nhealth_url = \"ftp://127.0.0.1/h\"\n");
+        assert!(p[0].message.contains("https://"), "{p:?}");
         let p = problems("[[apps]\nname = 1");
         assert!(p[0].message.starts_with("invalid TOML"), "{p:?}");
         assert_eq!(p[0].line, 1);
@@ -329,14 +354,24 @@ mod tests {
 
     #[test]
     fn expect_status_forms() {
-        let c = parse("[[apps]]\nname = \"a\"\nexpect_status = [200, 204]\n").unwrap();
-        assert!(c.apps[0].expect_status.accepts(204));
-        assert!(!c.apps[0].expect_status.accepts(201));
-        let c = parse("[[apps]]\nname = \"a\"\n").unwrap();
-        assert!(c.apps[0].expect_status.accepts(201));
-        assert!(!c.apps[0].expect_status.accepts(500));
-        let p = problems("[[apps]]\nname = \"a\"\nexpect_status = 700\n");
-        assert_eq!(p[0].line, 3);
+        let status = |c: &Config| match &c.apps[0].probes[0].kind {
+            target::ProbeKind::Http(h) => h.expect.status.clone(),
+            other => panic!("{other:?}"),
+        };
+        let url = "health_url = \"http://127.0.0.1:1/\"\n";
+        let c = parse(&format!(
+            "[[apps]]\nname = \"a\"\n{url}expect_status = [200, 204]\n"
+        ))
+        .unwrap();
+        assert!(status(&c).accepts(204));
+        assert!(!status(&c).accepts(201));
+        let c = parse(&format!("[[apps]]\nname = \"a\"\n{url}")).unwrap();
+        assert!(status(&c).accepts(201));
+        assert!(!status(&c).accepts(500));
+        let p = problems(&format!(
+            "[[apps]]\nname = \"a\"\n{url}expect_status = 700\n"
+        ));
+        assert_eq!(p[0].line, 4);
     }
 
     #[test]

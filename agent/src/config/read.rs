@@ -37,7 +37,7 @@ impl<'t> Keys<'t> {
     }
 
     /// The item under `key`, which this section now knows.
-    fn item(&mut self, key: &'static str) -> Option<&'t Item> {
+    pub(super) fn item(&mut self, key: &'static str) -> Option<&'t Item> {
         if !self.read.contains(&key) {
             self.read.push(key);
         }

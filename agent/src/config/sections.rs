@@ -10,7 +10,6 @@ use crate::aws::names;
 
 use super::duration;
 use super::read::{key_span, ms, secs, suggest, value_span, Cx, Keys};
-use super::target::HttpTarget;
 use super::{AgentConfig, AppConfig, AwsConfig, Config, SECTIONS};
 
 impl Cx<'_> {
@@ -374,11 +373,9 @@ impl Cx<'_> {
     fn app(&mut self, t: &Table, agent: &AgentConfig) -> Option<AppConfig> {
         let mut t = Keys::new(t, "[[apps]]");
         let name = self.app_name(&mut t);
-        let health_url = self.app_health_url(&mut t);
         let interval = self.duration(&mut t, "interval", agent.interval, ms(100)..=secs(3600));
         let timeout = self.duration(&mut t, "timeout", secs(5), ms(10)..=secs(300));
-        let expect_status = self.status_match(&mut t);
-        let expect_body = self.app_expect_body(&mut t);
+        let probes = self.app_probes(&mut t, timeout);
         let max_retries = self.integer(&mut t, "max_retries", 3, 1..=100) as u32;
         let retry_interval =
             self.duration(&mut t, "retry_interval", secs(10), ms(100)..=secs(3600));
@@ -415,11 +412,9 @@ impl Cx<'_> {
         }
         Some(AppConfig {
             name,
-            health_url,
+            probes,
             interval,
             timeout,
-            expect_status,
-            expect_body,
             max_retries,
             retry_interval,
             restart_cooldown,
@@ -457,35 +452,6 @@ impl Cx<'_> {
                 String::new()
             }
         }
-    }
-
-    fn app_health_url(&mut self, t: &mut Keys<'_>) -> Option<HttpTarget> {
-        self.string(t, "health_url").and_then(|(u, span)| {
-            match HttpTarget::parse(&u) {
-                Ok(target) => Some(target),
-                Err(why) => {
-                    // The message may reach events.jsonl (a reload refused): never the query.
-                    let shown = u.split_once('?').map_or(u.clone(), |(b, _)| format!("{b}?<redacted>"));
-                    self.problem(span, format!("health_url `{shown}`: {why}"), Some(
-                        "write the app's local HTTP endpoint, e.g. \"http://127.0.0.1:5000/api-health\"".into(),
-                    ));
-                    None
-                }
-            }
-        })
-    }
-
-    fn app_expect_body(&mut self, t: &mut Keys<'_>) -> Option<String> {
-        self.string(t, "expect_body").map(|(s, span)| {
-            if s.is_empty() {
-                self.problem(
-                    span,
-                    "expect_body is empty".into(),
-                    Some("remove the key, or give the text a healthy reply contains".into()),
-                );
-            }
-            s
-        })
     }
 
     /// crashloop_backoff_max must not be shorter than crashloop_backoff.

@@ -1,10 +1,19 @@
-//! What a health check aims at and what it accepts: the parsed health URL and the statuses
-//! that count as healthy. Pure values, validated when the config is read; `probe` uses them.
+//! What a health check aims at and what it accepts: the parsed health URL, the TCP address, the
+//! request's shape and the answers that count as healthy. Pure values, validated when the config
+//! is read; `probe` uses them.
+//!
+//! Invariants: header values and a URL's query string (both often carry a token) never appear
+//! in `describe`/`redacted`, so never in logs, events or status.
 
-/// A parsed `http://host[:port]/path` health URL.
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A parsed `http[s]://host[:port]/path` health URL.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpTarget {
     pub url: String,
+    /// `https://`: the probe speaks TLS.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     /// Path and query, always starting with `/`.
@@ -13,13 +22,14 @@ pub struct HttpTarget {
 
 impl HttpTarget {
     pub fn parse(url: &str) -> Result<HttpTarget, String> {
-        let rest = if let Some(r) = url.strip_prefix("http://") {
-            r
-        } else if url.starts_with("https://") {
-            return Err("https is not supported: probe the app's local plain-http port".into());
+        let (rest, tls) = if let Some(r) = url.strip_prefix("http://") {
+            (r, false)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (r, true)
         } else {
-            return Err("must start with http://".into());
+            return Err("must start with http:// or https://".into());
         };
+        let default_port = if tls { 443 } else { 80 };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -31,14 +41,14 @@ impl HttpTarget {
             let end = v6.find(']').ok_or("unclosed [ in IPv6 address")?;
             let host = &v6[..end];
             let port = match &v6[end + 1..] {
-                "" => 80,
+                "" => default_port,
                 p => parse_port(p.strip_prefix(':').ok_or("junk after ]")?)?,
             };
             (host.to_string(), port)
         } else {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (h.to_string(), parse_port(p)?),
-                None => (authority.to_string(), 80),
+                None => (authority.to_string(), default_port),
             }
         };
         if host.is_empty() {
@@ -61,6 +71,7 @@ impl HttpTarget {
         }
         Ok(HttpTarget {
             url: url.to_string(),
+            tls,
             host,
             port,
             path: path.to_string(),
@@ -76,17 +87,159 @@ impl HttpTarget {
         }
     }
 
-    /// The `Host` header's value: brackets around an IPv6 literal, the port unless 80.
+    /// The `Host` header's value: brackets around an IPv6 literal, the port unless the scheme's.
     pub fn host_header(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
         };
-        if self.port == 80 {
+        if self.port == if self.tls { 443 } else { 80 } {
             host
         } else {
             format!("{host}:{}", self.port)
+        }
+    }
+}
+
+/// A `host:port` to connect to (`tcp = "127.0.0.1:6379"`, `"[::1]:6379"`, `"redis.local:6379"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpTarget {
+    pub host: String,
+    pub port: u16,
+}
+
+impl TcpTarget {
+    pub fn parse(text: &str) -> Result<TcpTarget, String> {
+        let t =
+            HttpTarget::parse(&format!("http://{text}")).map_err(|e| e.replace("http://", ""))?;
+        if t.path != "/" || text.ends_with('/') {
+            return Err("write only host:port, no path".into());
+        }
+        let has_port = match text.strip_prefix('[') {
+            Some(v6) => v6.contains("]:"),
+            None => text.contains(':'),
+        };
+        if !has_port {
+            return Err("no port: write host:port, e.g. \"127.0.0.1:6379\"".into());
+        }
+        Ok(TcpTarget {
+            host: t.host,
+            port: t.port,
+        })
+    }
+}
+
+/// The request method of an HTTP probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    #[default]
+    Get,
+    /// The reply has no body, whatever its headers say.
+    Head,
+    /// Sent with an empty body (`Content-Length: 0`).
+    Post,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+        }
+    }
+}
+
+/// How an https probe checks the server's certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    /// Verify the chain and the name (default true). false accepts any certificate.
+    pub verify: bool,
+    /// PEM roots to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// A warning event fires while the certificate expires in fewer days than this.
+    pub cert_warn_days: u32,
+}
+
+/// A body pattern (`expect_body_regex`), compiled when the config is read.
+#[derive(Debug, Clone)]
+pub struct BodyRegex(pub regex_lite::Regex);
+
+impl PartialEq for BodyRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+/// What a healthy HTTP answer looks like.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Expect {
+    pub status: StatusMatch,
+    /// A substring of the body.
+    pub body: Option<String>,
+    /// A pattern the body matches.
+    pub body_regex: Option<BodyRegex>,
+}
+
+impl Expect {
+    /// Whether the reply's body matters at all.
+    pub fn reads_body(&self) -> bool {
+        self.body.is_some() || self.body_regex.is_some()
+    }
+}
+
+/// One HTTP(S) probe: where, how to ask, what counts as healthy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpProbe {
+    pub url: HttpTarget,
+    /// Connect to this unix socket instead of the URL's host and port (the URL still gives
+    /// the path, the Host header and, for https, the server name).
+    pub socket: Option<PathBuf>,
+    pub method: Method,
+    /// Extra request headers, in order; they replace the defaults of the same name. The values
+    /// are never logged.
+    pub headers: Vec<(String, String)>,
+    pub expect: Expect,
+    /// Set for https URLs.
+    pub tls: Option<TlsSettings>,
+}
+
+/// What one probe checks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeKind {
+    Http(HttpProbe),
+    /// A TCP connect that succeeds within the timeout passes.
+    Tcp(TcpTarget),
+}
+
+/// One probe of an app: all of an app's probes must pass for a check to pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeSpec {
+    pub kind: ProbeKind,
+    /// Deadline from connect to the last byte.
+    pub timeout: Duration,
+}
+
+impl ProbeSpec {
+    /// The probe for logs, events and status: no query string, no header values.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            ProbeKind::Http(h) => match &h.socket {
+                Some(s) => format!("{} via {}", h.url.redacted(), s.display()),
+                None => h.url.redacted(),
+            },
+            ProbeKind::Tcp(t) if t.host.contains(':') => format!("tcp://[{}]:{}", t.host, t.port),
+            ProbeKind::Tcp(t) => format!("tcp://{}:{}", t.host, t.port),
+        }
+    }
+
+    /// The host the probe connects to over the network (`None` for a unix socket).
+    pub fn network_host(&self) -> Option<&str> {
+        match &self.kind {
+            ProbeKind::Http(h) if h.socket.is_some() => None,
+            ProbeKind::Http(h) => Some(&h.url.host),
+            ProbeKind::Tcp(t) => Some(&t.host),
         }
     }
 }
@@ -99,9 +252,10 @@ fn parse_port(p: &str) -> Result<u16, String> {
 }
 
 /// Which HTTP statuses count as healthy.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum StatusMatch {
     /// Any 2xx (the default).
+    #[default]
     Success,
     /// Exactly one of these.
     AnyOf(Vec<u16>),

@@ -34,6 +34,8 @@ pub enum Kind {
     Resurrect,
     Pm2Event,
     Check,
+    /// An https probe's certificate expires in fewer than `cert_warn_days` (once a day).
+    CertExpiring,
 }
 
 impl Kind {
@@ -42,7 +44,7 @@ impl Kind {
         match self {
             Kind::Probe | Kind::Check => Level::DEBUG,
             Kind::GiveUp | Kind::RestartFailed | Kind::ConfigRejected => Level::ERROR,
-            Kind::Escalation | Kind::Resurrect => Level::WARN,
+            Kind::Escalation | Kind::Resurrect | Kind::CertExpiring => Level::WARN,
             _ => Level::INFO,
         }
     }

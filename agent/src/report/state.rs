@@ -184,6 +184,9 @@ pub struct ProbeRecord {
     pub ok: bool,
     pub latency_ms: u64,
     pub result: String,
+    /// Days until the soonest-expiring certificate of the app's https probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_days: Option<i64>,
 }
 
 /// One restart as shown by `status`.

@@ -99,7 +99,7 @@ impl App {
             }
         }
         App {
-            prober: cfg.health_url.clone().map(Prober::new),
+            prober: probers(&cfg),
             policy,
             state,
             cfg,
@@ -127,8 +127,8 @@ impl App {
 
     /// Takes a new config for this app, keeping its history.
     pub fn reconfigure(&mut self, cfg: AppConfig) {
-        if cfg.health_url != self.cfg.health_url {
-            self.prober = cfg.health_url.clone().map(Prober::new);
+        if cfg.probes != self.cfg.probes {
+            self.prober = probers(&cfg);
         }
         self.policy = Policy::from(&cfg);
         self.cfg = cfg;
@@ -157,13 +157,7 @@ impl App {
     /// Looks at PM2, /proc and the health endpoint once, blocking until the probe is done.
     pub fn check(&mut self, shared: &Shared, max_age: u64) -> Check {
         let seen = self.observe(shared, max_age);
-        let probe = self.prober.as_mut().map(|p| {
-            p.probe(
-                self.cfg.timeout,
-                &self.cfg.expect_status,
-                self.cfg.expect_body.as_deref(),
-            )
-        });
+        let probe = self.prober.as_mut().map(Prober::probe);
         self.conclude(seen, probe)
     }
 
@@ -194,16 +188,15 @@ impl App {
         Observation { at, view, snapshot }
     }
 
-    /// Starts this app's HTTP probe without waiting (`None`: the app has no `health_url`).
+    /// Starts this app's probes without waiting (`None`: the app has no probe).
     pub fn start_probe(&mut self) -> Option<Started> {
-        let timeout = self.cfg.timeout;
-        self.prober.as_mut().map(|p| p.start(timeout))
+        self.prober.as_mut().map(Prober::start)
     }
 
     /// Moves a probe from `start_probe` on; its result once there is one.
     pub fn advance_probe(&mut self, f: &mut InFlight) -> Option<ProbeResult> {
         let p = self.prober.as_mut()?;
-        p.advance(f, &self.cfg.expect_status, self.cfg.expect_body.as_deref())
+        p.advance(f)
     }
 
     /// The second half of a check: the verdict on what was seen and the probe's result.
@@ -436,7 +429,19 @@ impl App {
                 ok: p.outcome.passed(),
                 latency_ms: p.latency.as_millis() as u64,
                 result: p.outcome.reason(),
+                cert_days: p.cert_days,
             });
+            if let Some((target, days)) = &p.cert_warning {
+                shared.emit(
+                    Event::new(
+                        Kind::CertExpiring,
+                        Some(&self.cfg.name),
+                        "Certificate expires soon.",
+                    )
+                    .with("url", target.clone())
+                    .with("days", *days),
+                );
+            }
         }
         if matches!(check.verdict, Verdict::Healthy) && !shared.agent.log_passing_checks {
             return;
@@ -453,13 +458,7 @@ impl App {
                     Some(&self.cfg.name),
                     verdict_line(&check.verdict),
                 )
-                .with(
-                    "url",
-                    self.cfg
-                        .health_url
-                        .as_ref()
-                        .map_or(String::new(), |u| u.redacted()),
-                )
+                .with("url", p.target.clone())
                 .with("ok", p.outcome.passed())
                 .with("latency_ms", p.latency.as_millis() as u64)
                 .with("result", p.outcome.reason());
@@ -508,6 +507,10 @@ impl App {
                     .probe
                     .as_ref()
                     .map(|p| p.latency.as_secs_f64() * 1000.0),
+                cert_days: check
+                    .probe
+                    .as_ref()
+                    .and_then(|p| p.cert_days.map(|d| d as f64)),
                 cpu_pct: cpu,
                 memory_bytes: memory,
             },
@@ -767,6 +770,11 @@ fn report_outcome(
         ),
     };
     shared.emit(e.with("duration_ms", elapsed));
+}
+
+/// The app's prober, when it has probes.
+fn probers(cfg: &AppConfig) -> Option<Prober> {
+    (!cfg.probes.is_empty()).then(|| Prober::new(cfg.probes.clone()))
 }
 
 fn verdict_line(v: &Verdict) -> String {

@@ -1,0 +1,433 @@
+//! HTTP/1.1 on the wire, as pure functions over bytes: the request a probe sends and the
+//! judgement of the reply read so far. Unit-tested on recorded byte streams.
+//!
+//! Invariants: a reply is judged from the bytes alone (no I/O here); at most `MAX_HEAD` of head
+//! and `MAX_BODY` of body matter; a 3xx is a status like any other (redirects are never
+//! followed); header values never leave this module except onto the wire.
+
+use crate::config::target::{Expect, HttpProbe, Method};
+
+use super::ProbeOutcome;
+
+/// How much of a body is read to look for `expect_body`.
+pub const MAX_BODY: usize = 64 * 1024;
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Interim 1xx responses accepted before the final one.
+const MAX_INTERIM: usize = 8;
+
+/// What the reply is judged against.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked<'a> {
+    pub expect: &'a Expect,
+    /// The request was HEAD: the reply has no body.
+    pub head: bool,
+}
+
+/// The request bytes: the method, the URL's path, `Host` (from the URL unless a header gives
+/// it), the defaults, then the user's headers (which replace defaults of the same name).
+pub fn request(p: &HttpProbe) -> Vec<u8> {
+    let given = |name: &str| p.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    let mut r = format!("{} {} HTTP/1.1\r\n", p.method.as_str(), p.url.path);
+    let defaults = [
+        ("Host", p.url.host_header()),
+        (
+            "User-Agent",
+            format!("pmguard/{}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("Accept", "*/*".to_string()),
+        ("Connection", "close".to_string()),
+    ];
+    for (k, v) in defaults {
+        if !given(k) {
+            r.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    for (k, v) in &p.headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if p.method == Method::Post {
+        r.push_str("Content-Length: 0\r\n");
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+/// Whether the body (so far) holds the expected text and matches the expected pattern.
+fn body_matches(body: &[u8], expect: &Expect) -> bool {
+    let text_ok = expect
+        .body
+        .as_ref()
+        .is_none_or(|t| find(body, t.as_bytes()).is_some());
+    text_ok
+        && expect
+            .body_regex
+            .as_ref()
+            .is_none_or(|r| r.0.is_match(&String::from_utf8_lossy(body)))
+}
+
+/// Where the head that starts at `from` ends (just past its empty line), accepting CRLF and
+/// bare LF line ends (RFC 9112 section 2.2 lets a recipient take LF alone as a line end).
+pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut line_start = from;
+    for (i, &b) in buf.iter().enumerate().skip(from) {
+        if b == b'\n' {
+            let line = &buf[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                return Some(i + 1);
+            }
+            line_start = i + 1;
+        }
+    }
+    None
+}
+
+/// Judges the reply read so far: `None` while more is needed. `eof`: the peer closed (or the
+/// deadline passed and what is there must be judged as it is).
+pub fn evaluate(buf: &[u8], eof: bool, ask: Asked<'_>) -> Option<ProbeOutcome> {
+    // Interim 1xx heads (100 Continue, 103 Early Hints) come before the final one: skip them.
+    // 101 Switching Protocols is final (a health endpoint that upgrades is not healthy HTTP).
+    let mut start = 0;
+    let mut interim = 0;
+    let (status, head_len, head) = loop {
+        let Some(end) = head_end(buf, start) else {
+            if buf.len() - start > MAX_HEAD {
+                return Some(ProbeOutcome::Protocol(
+                    "response head larger than 16 KiB".into(),
+                ));
+            }
+            if eof {
+                return Some(if buf.is_empty() {
+                    ProbeOutcome::Connect("connection closed without a reply".into())
+                } else {
+                    ProbeOutcome::Protocol("connection closed mid-header".into())
+                });
+            }
+            return None;
+        };
+        let head = String::from_utf8_lossy(&buf[start..end]);
+        let first = head.lines().next().unwrap_or("").trim_end_matches('\r');
+        let status = match parse_status_line(first) {
+            Ok(s) => s,
+            Err(e) => return Some(ProbeOutcome::Protocol(e)),
+        };
+        if (100..200).contains(&status) && status != 101 {
+            interim += 1;
+            if interim > MAX_INTERIM {
+                return Some(ProbeOutcome::Protocol(format!(
+                    "more than {MAX_INTERIM} interim (1xx) responses"
+                )));
+            }
+            start = end;
+            continue;
+        }
+        break (status, end, head.into_owned());
+    };
+    if !ask.expect.status.accepts(status) {
+        return Some(ProbeOutcome::Status(status));
+    }
+    if !ask.expect.reads_body() {
+        return Some(ProbeOutcome::Pass { status });
+    }
+    let mut length = None;
+    let mut chunked = false;
+    for line in head.lines().skip(1) {
+        if let Some((k, v)) = line.split_once(':') {
+            let (k, v) = (k.trim(), v.trim());
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.parse::<usize>().ok();
+            } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.to_ascii_lowercase().contains("chunked");
+            }
+        }
+    }
+    let raw = &buf[head_len..];
+    // 204 and 304 have no body, nor a reply to HEAD, whatever the headers say.
+    let bodyless = matches!(status, 204 | 304) || ask.head;
+    let body = if bodyless {
+        Vec::new()
+    } else if chunked {
+        match dechunk(raw) {
+            Dechunk::Done(b) | Dechunk::Partial(b) => b,
+            Dechunk::Bad => return Some(ProbeOutcome::Protocol("bad chunked encoding".into())),
+        }
+    } else {
+        raw[..length.map_or(raw.len(), |n| n.min(raw.len()))].to_vec()
+    };
+    // The expected text seen is a pass, however the body is framed and whether or not the
+    // server keeps the connection open after it (a keep-alive body without a length).
+    if body_matches(&body, ask.expect) {
+        return Some(ProbeOutcome::Pass { status });
+    }
+    let complete = bodyless
+        || if chunked {
+            matches!(dechunk(raw), Dechunk::Done(_))
+        } else if let Some(n) = length {
+            raw.len() >= n
+        } else {
+            false
+        };
+    if complete || eof || body.len() >= MAX_BODY {
+        return Some(ProbeOutcome::Body { status });
+    }
+    None
+}
+
+fn parse_status_line(line: &str) -> Result<u16, String> {
+    let mut parts = line.splitn(3, ' ');
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!(
+            "not an HTTP/1 status line: {:?}",
+            truncate(line, 40)
+        ));
+    }
+    match parts.next().and_then(|c| c.parse::<u16>().ok()) {
+        Some(code) if (100..=999).contains(&code) => Ok(code),
+        _ => Err(format!("bad status line: {:?}", truncate(line, 40))),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+pub enum Dechunk {
+    Done(Vec<u8>),
+    Partial(Vec<u8>),
+    Bad,
+}
+
+/// Decodes a chunked body seen so far.
+pub fn dechunk(mut raw: &[u8]) -> Dechunk {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = find(raw, b"\r\n") else {
+            return Dechunk::Partial(out);
+        };
+        let size_text = String::from_utf8_lossy(&raw[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let Ok(size) = usize::from_str_radix(size_text, 16) else {
+            return Dechunk::Bad;
+        };
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return Dechunk::Done(out);
+        }
+        if raw.len() < size {
+            out.extend_from_slice(raw);
+            return Dechunk::Partial(out);
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size..];
+        if raw.len() < 2 {
+            return Dechunk::Partial(out);
+        }
+        raw = &raw[2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::target::StatusMatch;
+
+    fn expect(status: &StatusMatch, body: Option<&str>) -> Expect {
+        Expect {
+            status: status.clone(),
+            body: body.map(str::to_string),
+            body_regex: None,
+        }
+    }
+
+    /// Judges with a leaked `Expect` (tests only: keeps the call sites one line).
+    fn ask(status: &StatusMatch, body: Option<&str>) -> Asked<'static> {
+        Asked {
+            expect: Box::leak(Box::new(expect(status, body))),
+            head: false,
+        }
+    }
+
+    #[test]
+    fn interim_1xx_heads_are_skipped_and_bare_lf_heads_are_read() {
+        let ok = StatusMatch::Success;
+        let cases: [(&[u8], Option<&str>, ProbeOutcome); 5] = [
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                None,
+                ProbeOutcome::Pass { status: 200 },
+            ),
+            (
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 503 Busy\r\n\r\n",
+                None,
+                ProbeOutcome::Status(503),
+            ),
+            (
+                b"HTTP/1.1 200 OK\nContent-Length: 7\n\nhealthy",
+                Some("healthy"),
+                ProbeOutcome::Pass { status: 200 },
+            ),
+            (
+                b"HTTP/1.1 200 OK\n\r\n",
+                None,
+                ProbeOutcome::Pass { status: 200 },
+            ),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                None,
+                ProbeOutcome::Status(101),
+            ),
+        ];
+        for (reply, body, want) in cases {
+            assert_eq!(
+                evaluate(reply, false, ask(&ok, body)),
+                Some(want),
+                "{:?}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        // Only an interim head so far: wait for the final one.
+        assert_eq!(
+            evaluate(b"HTTP/1.1 100 Continue\r\n\r\n", false, ask(&ok, None)),
+            None
+        );
+        // 204 has no body: judged at once, never waited for.
+        assert_eq!(
+            evaluate(
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                ask(&StatusMatch::AnyOf(vec![204]), Some("x"))
+            ),
+            Some(ProbeOutcome::Body { status: 204 })
+        );
+    }
+
+    #[test]
+    fn dechunk_handles_garbage() {
+        assert!(matches!(dechunk(b"zz\r\n"), Dechunk::Bad));
+        assert!(matches!(dechunk(b"5\r\nab"), Dechunk::Partial(b) if b == b"ab"));
+    }
+
+    /// A recorded reply fed one byte at a time (a head split across reads at every point): no
+    /// verdict before the bytes that decide it, the same verdict as the whole reply at once.
+    #[test]
+    fn a_reply_split_at_every_byte_gives_the_same_verdict() {
+        let ok = StatusMatch::Success;
+        let replies: [&[u8]; 4] = [
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nhealthy",
+            b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n3\r\nhea\r\n4\r\nlthy\r\n0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\n{\"ok\":\"healthy\"}",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\nhealthy",
+        ];
+        for reply in replies {
+            let whole = evaluate(reply, true, ask(&ok, Some("healthy")));
+            assert_eq!(whole, Some(ProbeOutcome::Pass { status: 200 }));
+            let first = (1..=reply.len())
+                .find(|&n| evaluate(&reply[..n], false, ask(&ok, Some("healthy"))).is_some())
+                .unwrap();
+            assert_eq!(
+                evaluate(&reply[..first], false, ask(&ok, Some("healthy"))),
+                whole
+            );
+            // The verdict comes with the last byte of the expected text, not before.
+            assert!(String::from_utf8_lossy(&reply[..first]).ends_with('y'));
+        }
+    }
+
+    #[test]
+    fn a_redirect_is_a_status_and_never_followed() {
+        let r = b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n";
+        let ok = StatusMatch::Success;
+        assert_eq!(
+            evaluate(r, false, ask(&ok, None)),
+            Some(ProbeOutcome::Status(302))
+        );
+        let three = StatusMatch::AnyOf(vec![302]);
+        assert_eq!(
+            evaluate(r, false, ask(&three, None)),
+            Some(ProbeOutcome::Pass { status: 302 })
+        );
+    }
+
+    #[test]
+    fn a_head_reply_has_no_body_whatever_its_length_says() {
+        let e = expect(&StatusMatch::Success, None);
+        let head = Asked {
+            expect: &e,
+            head: true,
+        };
+        assert_eq!(
+            evaluate(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n",
+                false,
+                head
+            ),
+            Some(ProbeOutcome::Pass { status: 200 })
+        );
+    }
+
+    #[test]
+    fn the_regex_and_the_text_must_both_match() {
+        let mut e = expect(&StatusMatch::Success, Some("status"));
+        e.body_regex = Some(BodyRegexForTest::new(r#""db":\s*"up""#));
+        let a = Asked {
+            expect: &e,
+            head: false,
+        };
+        let up = b"HTTP/1.1 200 OK\r\nContent-Length: 27\r\n\r\n{\"status\":1, \"db\":  \"up\"}  ";
+        assert_eq!(
+            evaluate(up, false, a),
+            Some(ProbeOutcome::Pass { status: 200 })
+        );
+        let down = b"HTTP/1.1 200 OK\r\nContent-Length: 24\r\n\r\n{\"status\":1,\"db\":\"down\"}";
+        assert_eq!(
+            evaluate(down, false, a),
+            Some(ProbeOutcome::Body { status: 200 })
+        );
+    }
+
+    struct BodyRegexForTest;
+
+    impl BodyRegexForTest {
+        fn new(p: &str) -> crate::config::target::BodyRegex {
+            crate::config::target::BodyRegex(regex_lite::Regex::new(p).unwrap())
+        }
+    }
+
+    #[test]
+    fn the_request_has_the_method_the_headers_and_one_host() {
+        let url = crate::config::target::HttpTarget::parse("https://[::1]:8443/h?t=1").unwrap();
+        let mut p = HttpProbe {
+            url,
+            socket: None,
+            method: Method::Post,
+            headers: vec![
+                ("host".into(), "api.internal".into()),
+                ("Authorization".into(), "Bearer s3cret".into()),
+            ],
+            expect: Expect::default(),
+            tls: None,
+        };
+        let r = String::from_utf8(request(&p)).unwrap();
+        assert!(r.starts_with("POST /h?t=1 HTTP/1.1\r\n"), "{r}");
+        assert_eq!(r.matches("ost: ").count(), 1, "{r}");
+        assert!(r.contains("host: api.internal\r\n"));
+        assert!(r.contains("Authorization: Bearer s3cret\r\n"));
+        assert!(r.contains("Content-Length: 0\r\n"));
+        assert!(r.ends_with("\r\n\r\n"));
+        p.headers.clear();
+        p.method = Method::Head;
+        let r = String::from_utf8(request(&p)).unwrap();
+        assert!(
+            r.starts_with("HEAD /h?t=1 HTTP/1.1\r\nHost: [::1]:8443\r\n"),
+            "{r}"
+        );
+        assert!(!r.contains("Content-Length"));
+    }
+}
