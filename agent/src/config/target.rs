@@ -208,7 +208,7 @@ pub struct HttpProbe {
 /// What one probe checks.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProbeKind {
-    Http(HttpProbe),
+    Http(Box<HttpProbe>),
     /// A TCP connect that succeeds within the timeout passes.
     Tcp(TcpTarget),
 }

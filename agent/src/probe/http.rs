@@ -84,43 +84,9 @@ pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// Judges the reply read so far: `None` while more is needed. `eof`: the peer closed (or the
 /// deadline passed and what is there must be judged as it is).
 pub fn evaluate(buf: &[u8], eof: bool, ask: Asked<'_>) -> Option<ProbeOutcome> {
-    // Interim 1xx heads (100 Continue, 103 Early Hints) come before the final one: skip them.
-    // 101 Switching Protocols is final (a health endpoint that upgrades is not healthy HTTP).
-    let mut start = 0;
-    let mut interim = 0;
-    let (status, head_len, head) = loop {
-        let Some(end) = head_end(buf, start) else {
-            if buf.len() - start > MAX_HEAD {
-                return Some(ProbeOutcome::Protocol(
-                    "response head larger than 16 KiB".into(),
-                ));
-            }
-            if eof {
-                return Some(if buf.is_empty() {
-                    ProbeOutcome::Connect("connection closed without a reply".into())
-                } else {
-                    ProbeOutcome::Protocol("connection closed mid-header".into())
-                });
-            }
-            return None;
-        };
-        let head = String::from_utf8_lossy(&buf[start..end]);
-        let first = head.lines().next().unwrap_or("").trim_end_matches('\r');
-        let status = match parse_status_line(first) {
-            Ok(s) => s,
-            Err(e) => return Some(ProbeOutcome::Protocol(e)),
-        };
-        if (100..200).contains(&status) && status != 101 {
-            interim += 1;
-            if interim > MAX_INTERIM {
-                return Some(ProbeOutcome::Protocol(format!(
-                    "more than {MAX_INTERIM} interim (1xx) responses"
-                )));
-            }
-            start = end;
-            continue;
-        }
-        break (status, end, head.into_owned());
+    let (status, head_len, head) = match final_head(buf, eof) {
+        Ok(h) => h,
+        Err(verdict) => return verdict,
     };
     if !ask.expect.status.accepts(status) {
         return Some(ProbeOutcome::Status(status));
@@ -128,6 +94,53 @@ pub fn evaluate(buf: &[u8], eof: bool, ask: Asked<'_>) -> Option<ProbeOutcome> {
     if !ask.expect.reads_body() {
         return Some(ProbeOutcome::Pass { status });
     }
+    judge_body(&head, &buf[head_len..], status, eof, ask)
+}
+
+/// The final (non-1xx) head: its status, where it ends, its text. Err(None) while more is
+/// needed; Err(Some(_)) when the reply is judged already.
+fn final_head(buf: &[u8], eof: bool) -> Result<(u16, usize, String), Option<ProbeOutcome>> {
+    // Interim 1xx heads (100 Continue, 103 Early Hints) come before the final one: skip them.
+    // 101 Switching Protocols is final (a health endpoint that upgrades is not healthy HTTP).
+    let mut start = 0;
+    for _ in 0..=MAX_INTERIM {
+        let Some(end) = head_end(buf, start) else {
+            if buf.len() - start > MAX_HEAD {
+                return Err(Some(ProbeOutcome::Protocol(
+                    "response head larger than 16 KiB".into(),
+                )));
+            }
+            if !eof {
+                return Err(None);
+            }
+            return Err(Some(if buf.is_empty() {
+                ProbeOutcome::Connect("connection closed without a reply".into())
+            } else {
+                ProbeOutcome::Protocol("connection closed mid-header".into())
+            }));
+        };
+        let head = String::from_utf8_lossy(&buf[start..end]);
+        let first = head.lines().next().unwrap_or("").trim_end_matches('\r');
+        let status = parse_status_line(first).map_err(|e| Some(ProbeOutcome::Protocol(e)))?;
+        if !(100..200).contains(&status) || status == 101 {
+            return Ok((status, end, head.into_owned()));
+        }
+        start = end;
+    }
+    Err(Some(ProbeOutcome::Protocol(format!(
+        "more than {MAX_INTERIM} interim (1xx) responses"
+    ))))
+}
+
+/// Judges the body read so far (`raw`: the bytes after the head) against the expected text and
+/// pattern.
+fn judge_body(
+    head: &str,
+    raw: &[u8],
+    status: u16,
+    eof: bool,
+    ask: Asked<'_>,
+) -> Option<ProbeOutcome> {
     let mut length = None;
     let mut chunked = false;
     for line in head.lines().skip(1) {
@@ -140,32 +153,25 @@ pub fn evaluate(buf: &[u8], eof: bool, ask: Asked<'_>) -> Option<ProbeOutcome> {
             }
         }
     }
-    let raw = &buf[head_len..];
     // 204 and 304 have no body, nor a reply to HEAD, whatever the headers say.
     let bodyless = matches!(status, 204 | 304) || ask.head;
-    let body = if bodyless {
-        Vec::new()
+    let (body, complete) = if bodyless {
+        (Vec::new(), true)
     } else if chunked {
         match dechunk(raw) {
-            Dechunk::Done(b) | Dechunk::Partial(b) => b,
+            Dechunk::Done(b) => (b, true),
+            Dechunk::Partial(b) => (b, false),
             Dechunk::Bad => return Some(ProbeOutcome::Protocol("bad chunked encoding".into())),
         }
     } else {
-        raw[..length.map_or(raw.len(), |n| n.min(raw.len()))].to_vec()
+        let n = length.map_or(raw.len(), |n| n.min(raw.len()));
+        (raw[..n].to_vec(), length.is_some_and(|n| raw.len() >= n))
     };
     // The expected text seen is a pass, however the body is framed and whether or not the
     // server keeps the connection open after it (a keep-alive body without a length).
     if body_matches(&body, ask.expect) {
         return Some(ProbeOutcome::Pass { status });
     }
-    let complete = bodyless
-        || if chunked {
-            matches!(dechunk(raw), Dechunk::Done(_))
-        } else if let Some(n) = length {
-            raw.len() >= n
-        } else {
-            false
-        };
     if complete || eof || body.len() >= MAX_BODY {
         return Some(ProbeOutcome::Body { status });
     }
@@ -375,7 +381,7 @@ mod tests {
     #[test]
     fn the_regex_and_the_text_must_both_match() {
         let mut e = expect(&StatusMatch::Success, Some("status"));
-        e.body_regex = Some(BodyRegexForTest::new(r#""db":\s*"up""#));
+        e.body_regex = Some(regex(r#""db":\s*"up""#));
         let a = Asked {
             expect: &e,
             head: false,
@@ -392,12 +398,8 @@ mod tests {
         );
     }
 
-    struct BodyRegexForTest;
-
-    impl BodyRegexForTest {
-        fn new(p: &str) -> crate::config::target::BodyRegex {
-            crate::config::target::BodyRegex(regex_lite::Regex::new(p).unwrap())
-        }
+    fn regex(p: &str) -> crate::config::target::BodyRegex {
+        crate::config::target::BodyRegex(regex_lite::Regex::new(p).unwrap())
     }
 
     #[test]

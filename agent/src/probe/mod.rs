@@ -1,8 +1,8 @@
 //! Health probes: HTTP(S) requests over TCP or a unix socket, and plain TCP connects, each with
 //! a hard deadline from connect to last byte. An app may have several; all must pass.
 //!
-//! Written as a non-blocking poll(2) state machine on std/socket2 sockets, with httparse-free
-//! HTTP/1.1 parsing (`http`) and rustls driven by hand (`tls`), rather than on an async HTTP
+//! Written as a non-blocking poll(2) state machine on std/socket2 sockets, with a small HTTP/1.1
+//! reader of its own (`http`) and rustls driven by hand (`tls`), rather than on an async HTTP
 //! client: one thread polls every app's probe, a probe costs a few syscalls, and the deadline is
 //! exact (BENCHMARKS.md compares this with hyper on a tokio runtime).
 //! Invariants: a probe never takes longer than its timeout (+ scheduling noise), never panics on
@@ -341,7 +341,7 @@ mod tests {
 
     fn spec(url: HttpTarget, timeout_ms: u64, body: Option<&str>) -> ProbeSpec {
         ProbeSpec {
-            kind: ProbeKind::Http(HttpProbe {
+            kind: ProbeKind::Http(Box::new(HttpProbe {
                 url,
                 socket: None,
                 method: Method::Get,
@@ -352,7 +352,7 @@ mod tests {
                     body_regex: None,
                 },
                 tls: None,
-            }),
+            })),
             timeout: Duration::from_millis(timeout_ms),
         }
     }

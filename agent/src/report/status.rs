@@ -104,6 +104,7 @@ fn render_app(a: &AppStatus, out: &mut dyn Write) {
         let _ = writeln!(out, "    note: {n}");
     }
     let _ = writeln!(out, "    checks since the agent started: {}", a.checks);
+    cert_line(a, out);
     if !a.probes.is_empty() {
         let hist: Vec<String> = a
             .probes
@@ -129,6 +130,16 @@ fn render_app(a: &AppStatus, out: &mut dyn Write) {
             clock::rfc3339(r.ts_ms),
             r.reason
         );
+    }
+}
+
+/// The certificate expiry of the app's https probes, as of the last probe that saw one.
+fn cert_line(a: &AppStatus, out: &mut dyn Write) {
+    if let Some(d) = a.probes.iter().rev().find_map(|p| p.cert_days) {
+        let _ = match d {
+            d if d < 0 => writeln!(out, "    certificate: EXPIRED {} day(s) ago", -d),
+            d => writeln!(out, "    certificate: expires in {d} day(s)"),
+        };
     }
 }
 

@@ -432,15 +432,12 @@ impl App {
                 cert_days: p.cert_days,
             });
             if let Some((target, days)) = &p.cert_warning {
-                shared.emit(
-                    Event::new(
-                        Kind::CertExpiring,
-                        Some(&self.cfg.name),
-                        "Certificate expires soon.",
-                    )
-                    .with("url", target.clone())
-                    .with("days", *days),
+                let e = Event::new(
+                    Kind::CertExpiring,
+                    Some(&self.cfg.name),
+                    "Certificate expires soon.",
                 );
+                shared.emit(e.with("url", target.clone()).with("days", *days));
             }
         }
         if matches!(check.verdict, Verdict::Healthy) && !shared.agent.log_passing_checks {
