@@ -104,12 +104,26 @@ impl Single {
         Some(days_left(seen, now_unix))
     }
 
+    /// A verified https probe whose certificate is past its `notAfter` fails, even when the
+    /// handshake resumed a session (which shows no certificate to verify).
+    pub fn expiry_checked(&self, outcome: ProbeOutcome, days: Option<i64>) -> ProbeOutcome {
+        let verifies = match &self.spec.kind {
+            ProbeKind::Http(h) => h.tls.as_ref().is_some_and(|t| t.verify),
+            ProbeKind::Tcp(_) => false,
+        };
+        match days {
+            Some(d) if d < 0 && verifies && outcome.passed() => {
+                ProbeOutcome::Tls(format!("certificate expired {} day(s) ago", -d))
+            }
+            _ => outcome,
+        }
+    }
+
     /// Begins a run: connects to the first address that takes a connect.
     pub fn start(&mut self, start: Instant) -> Result<Flight, ProbeOutcome> {
+        // `seen` is kept from earlier runs: a resumed TLS session shows no certificate, and it is
+        // the same one.
         let deadline = start + self.spec.timeout;
-        if let Some(t) = &self.tls {
-            *lock(&t.seen) = None;
-        }
         let addrs = self.endpoint.addresses().map_err(ProbeOutcome::Connect)?;
         let mut last_error = String::from("no address");
         for (i, addr) in addrs.iter().enumerate() {

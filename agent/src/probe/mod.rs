@@ -241,7 +241,9 @@ impl Prober {
             return self.run_from(index, carry);
         };
         let target = single.spec.describe();
-        if let Some(days) = single.cert_days(now_unix()) {
+        let days = single.cert_days(now_unix());
+        let outcome = single.expiry_checked(outcome, days);
+        if let Some(days) = days {
             carry.cert_days = Some(carry.cert_days.map_or(days, |d| d.min(days)));
             if self.warn_once(index, days) {
                 carry.cert_warning = Some((target.clone(), days));
