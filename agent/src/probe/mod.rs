@@ -30,7 +30,7 @@ pub use http::MAX_BODY;
 pub struct ProbeResult {
     /// From the start of the first connect to the end of what was read.
     pub latency: Duration,
-    /// The first failure, or the first probe's pass.
+    /// The first failure; else the first pass with an HTTP status, or the first pass.
     pub outcome: ProbeOutcome,
     /// The probe that decided the outcome, for logs and events (no query, no header values).
     pub target: String,
@@ -252,7 +252,16 @@ impl Prober {
         if !outcome.passed() {
             return Started::Done(carry.result(outcome, target));
         }
-        carry.first_pass.get_or_insert((outcome, target));
+        // The check's pass is the first probe's that has an HTTP status (for events and
+        // status), else the first probe's.
+        let has_status = |p: &Option<(ProbeOutcome, String)>| {
+            p.as_ref().is_some_and(|(o, _)| o.status().is_some())
+        };
+        if carry.first_pass.is_none()
+            || (!has_status(&carry.first_pass) && outcome.status().is_some())
+        {
+            carry.first_pass = Some((outcome, target));
+        }
         self.run_from(index + 1, carry)
     }
 
