@@ -384,6 +384,12 @@ expect_body_regex = '"db":\s*"up"'
         assert_eq!(p[2].network_host(), None);
         // Never a header value or the query in what is shown.
         assert!(!p[0].describe().contains("s3cret"));
+        let debug = format!("{p:?}");
+        assert!(
+            debug.contains("Authorization") && !debug.contains("s3cret"),
+            "{debug}"
+        );
+        assert!(!debug.contains("token=x"), "{debug}");
         assert!(!p[0].describe().contains("token"));
     }
 

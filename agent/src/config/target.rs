@@ -189,8 +189,9 @@ impl Expect {
     }
 }
 
-/// One HTTP(S) probe: where, how to ask, what counts as healthy.
-#[derive(Debug, Clone, PartialEq)]
+/// One HTTP(S) probe: where, how to ask, what counts as healthy. Its `Debug` shows the headers'
+/// names only.
+#[derive(Clone, PartialEq)]
 pub struct HttpProbe {
     pub url: HttpTarget,
     /// Connect to this unix socket instead of the URL's host and port (the URL still gives
@@ -203,6 +204,20 @@ pub struct HttpProbe {
     pub expect: Expect,
     /// Set for https URLs.
     pub tls: Option<TlsSettings>,
+}
+
+impl std::fmt::Debug for HttpProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("HttpProbe")
+            .field("url", &self.url.redacted())
+            .field("socket", &self.socket)
+            .field("method", &self.method)
+            .field("headers", &names)
+            .field("expect", &self.expect)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// What one probe checks.
