@@ -409,6 +409,7 @@ impl Cx<'_> {
             secs(1)..=secs(604_800),
         );
         self.backoff_order(&t, crashloop_backoff, crashloop_backoff_max);
+        let tree = self.tree_rules(&mut t);
         self.finish(t);
         if name.is_empty() {
             return None;
@@ -431,6 +432,7 @@ impl Cx<'_> {
             crashloop_window,
             crashloop_backoff,
             crashloop_backoff_max,
+            tree,
         })
     }
 
