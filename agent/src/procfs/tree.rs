@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::parse_stat;
+use super::tree_rules::RootSample;
 
 /// At most this many processes per tree: a fork bomb is judged on its first 4096 members
 /// instead of costing the agent its CPU budget.
@@ -77,6 +78,20 @@ pub fn walk(proc_root: &Path, children: &Children, root: u32, page_size: u64) ->
         }
     }
     members
+}
+
+/// The tree of each `(pm_id, pid)` root, children found once for all of them.
+pub fn sample_roots(proc_root: &Path, roots: &[(u32, u32)]) -> Vec<RootSample> {
+    let children = Children::find(proc_root);
+    let page = page_size();
+    roots
+        .iter()
+        .map(|&(pm_id, pid)| RootSample {
+            pm_id,
+            pid,
+            members: walk(proc_root, &children, pid, page),
+        })
+        .collect()
 }
 
 /// One read of `/proc/<pid>/stat`; `None` if the process is gone, or is no longer `parent`'s
