@@ -741,7 +741,7 @@ mod tests {
     fn memory_over_the_limit_fails_a_healthy_check_for_the_whole_app() {
         let memory = ("memory 812 MB > 800 MB for 60.0 s".to_string(), vec![]);
         assert_eq!(
-            with_tree_failures(Verdict::Healthy, &[memory.clone()]),
+            with_tree_failures(Verdict::Healthy, std::slice::from_ref(&memory)),
             Verdict::Failed {
                 reason: memory.0.clone(),
                 culprits: vec![]
@@ -752,7 +752,7 @@ mod tests {
             culprits: vec![2],
         };
         assert_eq!(
-            with_tree_failures(probe, &[memory.clone()]),
+            with_tree_failures(probe, std::slice::from_ref(&memory)),
             Verdict::Failed {
                 reason: format!("probe timed out; {}", memory.0),
                 culprits: vec![]
@@ -769,7 +769,7 @@ mod tests {
             culprits: vec![0],
         };
         assert_eq!(
-            with_tree_failures(stuck, &[busy.clone()]),
+            with_tree_failures(stuck, std::slice::from_ref(&busy)),
             Verdict::Failed {
                 reason: format!("pm_id 0 pid 8 is stuck; {}", busy.0),
                 culprits: vec![0, 1]
@@ -782,7 +782,7 @@ mod tests {
         let memory = ("memory over".to_string(), vec![]);
         let launching = Verdict::Transitional("launching".into());
         assert_eq!(
-            with_tree_failures(launching.clone(), &[memory.clone()]),
+            with_tree_failures(launching.clone(), std::slice::from_ref(&memory)),
             launching
         );
         assert_eq!(

@@ -61,11 +61,14 @@ impl Since {
     }
 }
 
+/// Each member's (start ticks, CPU ticks), by pid.
+type Ticks = BTreeMap<u32, (u64, u64)>;
+
 #[derive(Debug, Clone, PartialEq)]
 struct RootState {
     start_ticks: u64,
     /// The previous sample: when, and each member's (start ticks, CPU ticks).
-    prev: Option<(Mono, BTreeMap<u32, (u64, u64)>)>,
+    prev: Option<(Mono, Ticks)>,
     busy: Since,
     totals: TreeTotals,
 }
@@ -168,7 +171,7 @@ impl RootState {
     }
 
     fn observe(&mut self, members: &[Member], now: Mono, rule: &TreeRule) -> Option<String> {
-        let ticks: BTreeMap<u32, (u64, u64)> = members
+        let ticks: Ticks = members
             .iter()
             .map(|m| (m.pid, (m.start_ticks, m.cpu_ticks)))
             .collect();
@@ -201,7 +204,7 @@ impl RootState {
 /// sample; a member started since then counts all its ticks, one that existed unseen counts
 /// none (no baseline). Ticks of members that exited in between are not seen.
 pub fn tree_cpu_percent(
-    prev: &BTreeMap<u32, (u64, u64)>,
+    prev: &Ticks,
     now_members: &[Member],
     prev_at: Mono,
     now: Mono,
