@@ -102,7 +102,9 @@ fn a_child_growing_past_the_limit_restarts_the_app() {
         "memory limit crossed -> restart event: {took} ms (memory_duration 2 s, interval 300 ms)"
     );
     assert!(
-        (2_000..4_000).contains(&took),
+        // 2 s over the limit, plus up to a tree sample period (500 ms, two 300 ms checks) at
+        // each end, plus a loaded 2-core machine's scheduling.
+        (2_000..6_000).contains(&took),
         "restart {took} ms after the crossing, with a 2 s duration and 300 ms checks"
     );
     let done = agent.wait_for(Duration::from_secs(15), "restart_done");

@@ -78,9 +78,43 @@ struct RootState {
 pub struct TreeWatch {
     roots: BTreeMap<u32, RootState>,
     over_memory: Since,
+    /// The last sample's time and findings, repeated by the checks between two samples.
+    sampled_at: Option<Mono>,
+    found: Vec<TreeFinding>,
+}
+
+/// The longest time between two samples of the trees: a tree costs ~100 us of CPU per app and
+/// check (BENCHMARKS.md), 1.2 % of a core at 100 apps every second, so trees are sampled at
+/// most every quarter of the shortest rule's duration, and at least every 5 s.
+pub const MAX_SAMPLE_PERIOD: u64 = 5_000;
+
+impl TreeRule {
+    /// How long a tree sample stands for (see `MAX_SAMPLE_PERIOD`).
+    pub fn sample_period(&self) -> u64 {
+        let memory = self.memory_limit.map(|_| self.memory_duration);
+        let cpu = self.cpu_threshold.map(|_| self.cpu_duration);
+        memory
+            .into_iter()
+            .chain(cpu)
+            .map(|d| d / 4)
+            .min()
+            .unwrap_or(0)
+            .min(MAX_SAMPLE_PERIOD)
+    }
 }
 
 impl TreeWatch {
+    /// Whether the last sample is older than the rule's sample period.
+    pub fn due(&self, now: Mono, rule: &TreeRule) -> bool {
+        self.sampled_at
+            .is_none_or(|at| now.saturating_sub(at) >= rule.sample_period())
+    }
+
+    /// The rules the last sample broke.
+    pub fn last_found(&self) -> &[TreeFinding] {
+        &self.found
+    }
+
     /// Feeds one check's trees, sampled at `now`; returns the rules they break.
     pub fn observe(
         &mut self,
@@ -121,6 +155,8 @@ impl TreeWatch {
                 },
             );
         }
+        self.sampled_at = Some(now);
+        self.found.clone_from(&found);
         found
     }
 
@@ -372,5 +408,23 @@ mod tests {
         // A root gone (stopped): no tree, no memory.
         assert!(w.observe(&[tree(0, vec![])], 61_000, &r).is_empty());
         assert_eq!(w.rss_bytes(), None);
+    }
+
+    #[test]
+    fn trees_are_sampled_at_most_every_quarter_duration_and_5_s() {
+        let r = rule();
+        assert_eq!(r.sample_period(), 5_000);
+        let short = TreeRule {
+            memory_duration: 2_000,
+            ..r
+        };
+        assert_eq!(short.sample_period(), 500);
+        let mut w = TreeWatch::default();
+        assert!(w.due(0, &short));
+        w.observe(&[tree(0, vec![m(10, 1, 0, 900)])], 0, &short);
+        assert!(!w.due(499, &short));
+        assert!(w.due(500, &short));
+        let found = w.observe(&[tree(0, vec![m(10, 1, 0, 900)])], 2_000, &short);
+        assert_eq!(w.last_found(), found);
     }
 }

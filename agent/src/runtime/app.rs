@@ -20,7 +20,7 @@ use crate::policy::{
     Verdict,
 };
 use crate::probe::{InFlight, ProbeResult, Prober, Started};
-use crate::procfs::tree_rules::{TreeRule, TreeWatch};
+use crate::procfs::tree_rules::{TreeFinding, TreeRule, TreeWatch};
 use crate::procfs::PidTracker;
 use crate::procfs::ProcWatch;
 use crate::procfs::StuckRule;
@@ -189,17 +189,23 @@ impl App {
         if !self.cfg.tree.measures_tree() {
             return Vec::new();
         }
+        let rule = self.tree_rule(shared.ticks_per_sec);
+        if !self.tree.due(at, &rule) {
+            return Self::tree_failures(self.tree.last_found());
+        }
         let roots: Vec<(u32, u32)> = entries
             .iter()
             .filter(|e| e.pid > 0 && e.status == crate::pm2::Status::Online)
             .map(|e| (e.pm_id, e.pid))
             .collect();
         let trees = crate::procfs::tree::sample_roots(&shared.proc_root, &roots);
-        let rule = self.tree_rule(shared.ticks_per_sec);
-        self.tree
-            .observe(&trees, at, &rule)
-            .into_iter()
-            .map(|f| (f.reason, f.pm_ids))
+        Self::tree_failures(&self.tree.observe(&trees, at, &rule))
+    }
+
+    fn tree_failures(found: &[TreeFinding]) -> Vec<(String, Vec<u32>)> {
+        found
+            .iter()
+            .map(|f| (f.reason.clone(), f.pm_ids.clone()))
             .collect()
     }
 
