@@ -99,6 +99,41 @@ pub fn judge(pm2: &Pm2View, probe_failure: Option<&str>) -> Verdict {
     }
 }
 
+/// Adds failures found over process trees (the app's memory, an instance tree's CPU) to a
+/// verdict. `pm_ids` empty = the whole app. They never make a process hung: the restart they
+/// lead to is PM2's graceful one, so the parent can stop its children. A verdict that is not
+/// about running instances (transitional, missing, PM2 down) is left as it is.
+pub fn with_tree_failures(verdict: Verdict, found: &[(String, Vec<u32>)]) -> Verdict {
+    let Some(((first, _), rest)) = found.split_first() else {
+        return verdict;
+    };
+    let (mut reasons, mut culprits, mut whole) = match verdict {
+        Verdict::Healthy => (Vec::new(), Vec::new(), false),
+        Verdict::Failed { reason, culprits } => {
+            let whole = culprits.is_empty();
+            (vec![reason], culprits, whole)
+        }
+        other => return other,
+    };
+    reasons.push(first.clone());
+    reasons.extend(rest.iter().map(|(r, _)| r.clone()));
+    for (_, ids) in found {
+        whole |= ids.is_empty();
+        for id in ids {
+            if !culprits.contains(id) {
+                culprits.push(*id);
+            }
+        }
+    }
+    if whole {
+        culprits.clear();
+    }
+    Verdict::Failed {
+        reason: reasons.join("; "),
+        culprits,
+    }
+}
+
 /// The settings `decide` needs, taken from an app's config.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
@@ -700,5 +735,59 @@ mod tests {
         );
         let view = Pm2View::Instances(vec![inst(0, Status::Launching, None)]);
         assert!(matches!(judge(&view, None), Verdict::Transitional(_)));
+    }
+
+    #[test]
+    fn memory_over_the_limit_fails_a_healthy_check_for_the_whole_app() {
+        let memory = ("memory 812 MB > 800 MB for 60.0 s".to_string(), vec![]);
+        assert_eq!(
+            with_tree_failures(Verdict::Healthy, std::slice::from_ref(&memory)),
+            Verdict::Failed {
+                reason: memory.0.clone(),
+                culprits: vec![]
+            }
+        );
+        let probe = Verdict::Failed {
+            reason: "probe timed out".into(),
+            culprits: vec![2],
+        };
+        assert_eq!(
+            with_tree_failures(probe, std::slice::from_ref(&memory)),
+            Verdict::Failed {
+                reason: format!("probe timed out; {}", memory.0),
+                culprits: vec![]
+            }
+        );
+        assert_eq!(with_tree_failures(Verdict::Healthy, &[]), Verdict::Healthy);
+    }
+
+    #[test]
+    fn a_busy_instance_tree_is_its_own_culprit() {
+        let busy = ("pm_id 1 pid 9: tree CPU 180% >= 90%".to_string(), vec![1]);
+        let stuck = Verdict::Failed {
+            reason: "pm_id 0 pid 8 is stuck".into(),
+            culprits: vec![0],
+        };
+        assert_eq!(
+            with_tree_failures(stuck, std::slice::from_ref(&busy)),
+            Verdict::Failed {
+                reason: format!("pm_id 0 pid 8 is stuck; {}", busy.0),
+                culprits: vec![0, 1]
+            }
+        );
+    }
+
+    #[test]
+    fn tree_failures_do_not_override_what_pm2_says() {
+        let memory = ("memory over".to_string(), vec![]);
+        let launching = Verdict::Transitional("launching".into());
+        assert_eq!(
+            with_tree_failures(launching.clone(), std::slice::from_ref(&memory)),
+            launching
+        );
+        assert_eq!(
+            with_tree_failures(Verdict::Missing, &[memory]),
+            Verdict::Missing
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! column and a sentence that says how to fix it, so one edit-and-validate cycle fixes them all.
 //! A `Config` that exists is valid: every later stage relies on the ranges checked here.
 
+pub mod bytes;
 pub mod duration;
+mod memory;
 mod probes;
 mod read;
 mod sections;
@@ -136,7 +138,11 @@ pub struct AppConfig {
     pub crashloop_backoff: Duration,
     /// Longest pause between tries of a crash-looping app (default "1h").
     pub crashloop_backoff_max: Duration,
+    /// The tree rules: `memory_limit`, `memory_duration`, `cpu_scope` (see `memory`).
+    pub tree: TreeRules,
 }
+
+pub use memory::{CpuScope, TreeRules};
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq)]

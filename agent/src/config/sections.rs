@@ -386,26 +386,9 @@ impl Cx<'_> {
         let startup_grace = self.duration(&mut t, "startup_grace", secs(30), secs(0)..=secs(3600));
         let restart_timeout =
             self.duration(&mut t, "restart_timeout", secs(10), secs(1)..=secs(600));
-        let crashloop_restarts = self.integer(&mut t, "crashloop_restarts", 5, 1..=1000) as u32;
-        let crashloop_window = self.duration(
-            &mut t,
-            "crashloop_window",
-            secs(900),
-            secs(1)..=secs(86_400),
-        );
-        let crashloop_backoff = self.duration(
-            &mut t,
-            "crashloop_backoff",
-            secs(300),
-            secs(1)..=secs(86_400),
-        );
-        let crashloop_backoff_max = self.duration(
-            &mut t,
-            "crashloop_backoff_max",
-            secs(3600),
-            secs(1)..=secs(604_800),
-        );
-        self.backoff_order(&t, crashloop_backoff, crashloop_backoff_max);
+        let (crashloop_restarts, crashloop_window, crashloop_backoff, crashloop_backoff_max) =
+            self.app_crashloop(&mut t);
+        let tree = self.tree_rules(&mut t);
         self.finish(t);
         if name.is_empty() {
             return None;
@@ -426,7 +409,30 @@ impl Cx<'_> {
             crashloop_window,
             crashloop_backoff,
             crashloop_backoff_max,
+            tree,
         })
+    }
+
+    /// The crash-loop keys: restarts within the window, then a pause that doubles up to the max.
+    fn app_crashloop(&mut self, t: &mut Keys<'_>) -> (u32, Duration, Duration, Duration) {
+        let crashloop_restarts = self.integer(t, "crashloop_restarts", 5, 1..=1000) as u32;
+        let crashloop_window =
+            self.duration(t, "crashloop_window", secs(900), secs(1)..=secs(86_400));
+        let crashloop_backoff =
+            self.duration(t, "crashloop_backoff", secs(300), secs(1)..=secs(86_400));
+        let crashloop_backoff_max = self.duration(
+            t,
+            "crashloop_backoff_max",
+            secs(3600),
+            secs(1)..=secs(604_800),
+        );
+        self.backoff_order(t, crashloop_backoff, crashloop_backoff_max);
+        (
+            crashloop_restarts,
+            crashloop_window,
+            crashloop_backoff,
+            crashloop_backoff_max,
+        )
     }
 
     fn app_name(&mut self, t: &mut Keys<'_>) -> String {

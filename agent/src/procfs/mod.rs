@@ -3,8 +3,11 @@
 //! A `ProcWatch` keeps the stat file open and re-reads it with `pread`: a few microseconds per
 //! sample, and it can never read a reused pid (the kernel answers ESRCH once the process is gone).
 //! The proc root is injected so tests can point it elsewhere. CPU math is a pure function.
+//! `tree` finds an app's descendants and judges the memory and CPU of the whole tree.
 
 mod stuck;
+pub mod tree;
+pub mod tree_rules;
 
 pub use stuck::{PidTracker, StuckRule};
 
@@ -24,6 +27,8 @@ pub struct StatSample {
     pub start_ticks: u64,
     /// The parent's pid.
     pub ppid: u32,
+    /// Resident set size, in pages (field 24).
+    pub rss_pages: u64,
 }
 
 /// A `/proc/<pid>/stat` line that is not one.
@@ -54,6 +59,7 @@ pub fn parse_stat(text: &str) -> Result<StatSample, StatError> {
         cpu_ticks: get(14)? + get(15)?,
         start_ticks: get(22)?,
         ppid: get(4)? as u32,
+        rss_pages: get(24)?,
     })
 }
 
@@ -138,6 +144,7 @@ mod tests {
                 cpu_ticks: 0,
                 start_ticks: 34867,
                 ppid: 2376,
+                rss_pages: 356,
             }
         );
         // Command name "we ird) (name": the last `)` ends it.

@@ -13,12 +13,14 @@ use std::time::Duration;
 
 use crate::clock;
 use crate::clock::Mono;
-use crate::config::AppConfig;
+use crate::config::{AppConfig, CpuScope};
 use crate::pm2::{ProcessEntry, Snapshot};
 use crate::policy::{
-    decide, judge, AppState, Decision, Health, InstanceView, Pm2View, Policy, Verdict,
+    decide, judge, with_tree_failures, AppState, Decision, Health, InstanceView, Pm2View, Policy,
+    Verdict,
 };
 use crate::probe::{InFlight, ProbeResult, Prober, Started};
+use crate::procfs::tree_rules::{TreeFinding, TreeRule, TreeWatch};
 use crate::procfs::PidTracker;
 use crate::procfs::ProcWatch;
 use crate::procfs::StuckRule;
@@ -41,6 +43,8 @@ pub struct Observation {
     at: Mono,
     view: Pm2View,
     snapshot: Option<Arc<Snapshot>>,
+    /// Rules broken over the app's process trees (`memory_limit`, `cpu_scope = "tree"`).
+    tree_failures: Vec<(String, Vec<u32>)>,
 }
 
 /// What one check saw, before judgement.
@@ -61,6 +65,8 @@ pub struct App {
     pub state: AppState,
     prober: Option<Prober>,
     trackers: BTreeMap<u32, (ProcWatch, PidTracker)>,
+    /// The app's process trees, sampled only when a tree rule is set (`TreeRules::measures_tree`).
+    tree: TreeWatch,
     /// Last seen PM2 restart counter and pid per pm_id, to notice restarts made behind our
     /// back: autorestart moves the counter; `pm2 update` or a resurrected daemon starts every
     /// app afresh (a new pid) with the counter where it was.
@@ -104,6 +110,7 @@ impl App {
             state,
             cfg,
             trackers: BTreeMap::new(),
+            tree: TreeWatch::default(),
             restart_counts: BTreeMap::new(),
             new_probe: None,
             checks: 0,
@@ -146,12 +153,74 @@ impl App {
     }
 
     fn stuck_rule(&self) -> StuckRule {
+        // With `cpu_scope = "tree"` CPU is judged over each tree (`tree_rule`), not per pid.
+        let per_pid = self.cfg.tree.cpu_scope == CpuScope::Process;
         StuckRule {
-            cpu_threshold: self.cfg.cpu_threshold,
+            cpu_threshold: if per_pid {
+                self.cfg.cpu_threshold
+            } else {
+                f64::INFINITY
+            },
             cpu_duration: self.cfg.cpu_duration.as_millis() as u64,
             halt_window: self.cfg.timeout.as_millis() as u64,
             ticks_per_sec: 0,
         }
+    }
+
+    fn tree_rule(&self, ticks_per_sec: u64) -> TreeRule {
+        let t = &self.cfg.tree;
+        TreeRule {
+            memory_limit: t.memory_limit,
+            memory_duration: t.memory_duration.as_millis() as u64,
+            cpu_threshold: (t.cpu_scope == CpuScope::Tree).then_some(self.cfg.cpu_threshold),
+            cpu_duration: self.cfg.cpu_duration.as_millis() as u64,
+            ticks_per_sec,
+        }
+    }
+
+    /// Samples the trees of the app's running pids and judges the tree rules; nothing (and no
+    /// /proc read beyond the pids themselves) when no tree rule is set.
+    fn observe_trees(
+        &mut self,
+        shared: &Shared,
+        entries: &[&ProcessEntry],
+        at: Mono,
+    ) -> Vec<(String, Vec<u32>)> {
+        if !self.cfg.tree.measures_tree() {
+            return Vec::new();
+        }
+        let rule = self.tree_rule(shared.ticks_per_sec);
+        if !self.tree.due(at, &rule) {
+            return Self::tree_failures(self.tree.last_found());
+        }
+        let roots: Vec<(u32, u32)> = entries
+            .iter()
+            .filter(|e| e.pid > 0 && e.status == crate::pm2::Status::Online)
+            .map(|e| (e.pm_id, e.pid))
+            .collect();
+        let trees = crate::procfs::tree::sample_roots(&shared.proc_root, &roots);
+        Self::tree_failures(&self.tree.observe(&trees, at, &rule))
+    }
+
+    fn tree_failures(found: &[TreeFinding]) -> Vec<(String, Vec<u32>)> {
+        found
+            .iter()
+            .map(|f| (f.reason.clone(), f.pm_ids.clone()))
+            .collect()
+    }
+
+    /// The memory of the instance at `pid`: its tree's RSS when trees are measured, PM2's
+    /// `monit.memory` (the process alone) otherwise.
+    fn memory_of(&self, e: &ProcessEntry) -> u64 {
+        self.tree.totals(e.pid).map_or(e.memory, |t| t.rss_bytes)
+    }
+
+    /// The CPU of the instance at `pid`: its tree's with `cpu_scope = "tree"`, else its own.
+    fn cpu_of(&self, pid: u32) -> Option<f64> {
+        if self.cfg.tree.cpu_scope == CpuScope::Tree {
+            return self.tree.totals(pid).and_then(|t| t.cpu_pct);
+        }
+        self.trackers.get(&pid).and_then(|(_, t)| t.cpu_pct)
     }
 
     /// Looks at PM2, /proc and the health endpoint once, blocking until the probe is done.
@@ -167,6 +236,7 @@ impl App {
         let at = clock::mono_now();
         let mut rule = self.stuck_rule();
         rule.ticks_per_sec = shared.ticks_per_sec;
+        let mut tree_failures = Vec::new();
         let (view, snapshot) = match &snap {
             Err(f) if f.gone => (Pm2View::DaemonDown(f.message.clone()), None),
             Err(f) => (Pm2View::Unresponsive(f.message.clone()), None),
@@ -175,6 +245,7 @@ impl App {
                 if entries.is_empty() {
                     (Pm2View::Missing, Some(s.clone()))
                 } else {
+                    tree_failures = self.observe_trees(shared, &entries, at);
                     let views = entries
                         .iter()
                         .map(|e| self.sample(shared, e, at, &rule))
@@ -185,7 +256,12 @@ impl App {
                 }
             }
         };
-        Observation { at, view, snapshot }
+        Observation {
+            at,
+            view,
+            snapshot,
+            tree_failures,
+        }
     }
 
     /// Starts this app's probes without waiting (`None`: the app has no probe).
@@ -205,7 +281,8 @@ impl App {
             .as_ref()
             .filter(|p| !p.outcome.passed())
             .map(|p| p.outcome.reason());
-        let verdict = judge(&seen.view, failure.as_deref());
+        let verdict =
+            with_tree_failures(judge(&seen.view, failure.as_deref()), &seen.tree_failures);
         Check {
             at: seen.at,
             view: seen.view,
@@ -469,14 +546,12 @@ impl App {
             e = e.with("pids", list.iter().map(|i| i.pid).collect::<Vec<_>>());
             let cpu: Vec<Option<f64>> = list
                 .iter()
-                .map(|i| {
-                    self.trackers
-                        .get(&i.pid)
-                        .and_then(|(_, t)| t.cpu_pct)
-                        .map(|c| c.round())
-                })
+                .map(|i| self.cpu_of(i.pid).map(|c| c.round()))
                 .collect();
             e = e.with("cpu_pct", cpu);
+            if let Some(rss) = self.tree.rss_bytes() {
+                e = e.with("memory_bytes", rss);
+            }
         }
         e = e.with("failures", self.state.failures);
         shared.emit(e);
@@ -490,8 +565,8 @@ impl App {
         let (mut cpu, mut memory) = (None, None);
         if let Some(s) = &check.snapshot {
             for e in s.by_name(&self.cfg.name) {
-                *memory.get_or_insert(0.0) += e.memory as f64;
-                if let Some(pct) = self.trackers.get(&e.pid).and_then(|(_, t)| t.cpu_pct) {
+                *memory.get_or_insert(0.0) += self.memory_of(e) as f64;
+                if let Some(pct) = self.cpu_of(e.pid) {
                     *cpu.get_or_insert(0.0) += pct;
                 }
             }
@@ -525,8 +600,8 @@ impl App {
                         pm_id: e.pm_id,
                         pid: e.pid,
                         status: e.status.as_str().to_string(),
-                        cpu_pct: self.trackers.get(&e.pid).and_then(|(_, t)| t.cpu_pct),
-                        memory: e.memory,
+                        cpu_pct: self.cpu_of(e.pid),
+                        memory: self.memory_of(e),
                         restart_time: e.restart_time,
                     })
                     .collect()
@@ -693,6 +768,7 @@ impl App {
     fn settle(&mut self, reason: &str, outcome: &Result<Vec<Restarted>, RestartError>) {
         self.state.grace_until = Some(clock::mono_now() + self.policy.startup_grace);
         self.trackers.clear();
+        self.tree = TreeWatch::default();
         self.restarts_shown.push_back(RestartRecord {
             ts_ms: clock::wall_ms(),
             reason: reason.to_string(),
