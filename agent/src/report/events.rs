@@ -34,6 +34,10 @@ pub enum Kind {
     Resurrect,
     Pm2Event,
     Check,
+    /// A person paused an app (`pmguard-agent pause`): no action until resumed or expired.
+    Pause,
+    Resume,
+    PauseExpired,
 }
 
 impl Kind {

@@ -72,15 +72,7 @@ fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
 
 /// One app: its line in the table, then its note, probe history and last restarts.
 fn render_app(a: &AppStatus, out: &mut dyn Write) {
-    let pm2 = if a.instances.is_empty() {
-        "-".to_string()
-    } else {
-        a.instances
-            .iter()
-            .map(|i| format!("{}:{}", i.pid, short(&i.status)))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let pm2 = pm2_column(a);
     let last = a.probes.back().map_or("-".to_string(), |p| {
         format!("{} {} ms", if p.ok { "ok" } else { "FAIL" }, p.latency_ms)
     });
@@ -100,6 +92,9 @@ fn render_app(a: &AppStatus, out: &mut dyn Write) {
         last,
         stats
     );
+    if let Some(p) = &a.paused {
+        let _ = writeln!(out, "    {}", p.describe());
+    }
     if let Some(n) = &a.note {
         let _ = writeln!(out, "    note: {n}");
     }
@@ -130,6 +125,18 @@ fn render_app(a: &AppStatus, out: &mut dyn Write) {
             r.reason
         );
     }
+}
+
+/// `pid:status` of each instance, or `-`.
+fn pm2_column(a: &AppStatus) -> String {
+    if a.instances.is_empty() {
+        return "-".to_string();
+    }
+    a.instances
+        .iter()
+        .map(|i| format!("{}:{}", i.pid, short(&i.status)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn short(status: &str) -> &str {

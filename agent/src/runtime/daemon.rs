@@ -228,6 +228,10 @@ impl Main {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.revive_watch();
+            if crate::runtime::maintenance::tick(&self.shared) {
+                // Said at once in status.json, where `pause` waits to see it applied.
+                self.last_beat = 0;
+            }
             if self.on_schedule() {
                 self.report_alive();
             }
@@ -319,8 +323,12 @@ fn write_heartbeat(shared: &Shared, config: &Config) {
     // the backup check trust a dead daemon for three hours.
     let interval_ms = heartbeat_every(config);
     // Encoded under the board's lock, written after it is released.
+    let pauses_revision = crate::runtime::maintenance::applied_revision(shared);
     let data = {
-        let board = lock(&shared.board);
+        let mut board = lock(&shared.board);
+        for a in board.values_mut() {
+            a.paused = shared.pause_of(&a.name);
+        }
         crate::report::state::StateDir::encode_status(&StatusFile {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -328,6 +336,7 @@ fn write_heartbeat(shared: &Shared, config: &Config) {
             heartbeat: clock::mono_now(),
             updated_at: clock::rfc3339(clock::wall_ms()),
             interval_ms,
+            pauses_revision,
             apps: board.values().collect(),
         })
     };
