@@ -49,9 +49,12 @@ enum Command {
     Status {
         #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
         config: PathBuf,
-        /// Machine-readable output.
+        /// Machine-readable output (the same as `--format json`).
         #[arg(long)]
         json: bool,
+        /// Output format; `prometheus` prints what `prometheus_textfile` holds.
+        #[arg(long, value_enum, default_value = "text")]
+        format: StatusFormat,
     },
     /// Pause actions for apps (maintenance): checks and records go on, but no restart,
     /// escalation or resurrect until the pause ends (`--for`) or `resume`. Works whether or not
@@ -167,7 +170,11 @@ fn main() -> ExitCode {
             pause_cmd::pause(&config, request, &command)
         }
         Command::Resume { config, apps } => pause_cmd::resume(&config, &apps),
-        Command::Status { config, json } => {
+        Command::Status {
+            config,
+            json,
+            format,
+        } => {
             let c = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -176,7 +183,18 @@ fn main() -> ExitCode {
                 }
             };
             let state = StateDir::new(&c.agent.state_dir);
-            match pmguard_agent::report::status::print(&state, json, &mut std::io::stdout()) {
+            let out = &mut std::io::stdout();
+            let printed = match format {
+                StatusFormat::Prometheus => {
+                    pmguard_agent::report::status::print_prometheus(&state, out)
+                }
+                f => pmguard_agent::report::status::print(
+                    &state,
+                    json || f == StatusFormat::Json,
+                    out,
+                ),
+            };
+            match printed {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
@@ -186,6 +204,13 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum StatusFormat {
+    Text,
+    Json,
+    Prometheus,
 }
 
 fn parse_length(text: &str) -> Result<std::time::Duration, String> {

@@ -4,5 +4,6 @@
 
 pub mod events;
 pub mod pauses;
+pub mod prometheus;
 pub mod state;
 pub mod status;

@@ -44,6 +44,17 @@ pub fn print(
     Ok(fresh)
 }
 
+/// Prints the status in Prometheus' text format (the textfile's content); nothing but a comment
+/// without a status file. Returns false when there is no fresh heartbeat.
+pub fn print_prometheus(state: &StateDir, out: &mut dyn Write) -> Result<bool, StatusReadError> {
+    let Some(status) = state.read_status()? else {
+        let _ = writeln!(out, "# No status in {}.", state.dir.display());
+        return Ok(false);
+    };
+    let _ = out.write_all(crate::report::prometheus::encode(&status).as_bytes());
+    Ok(status.is_fresh())
+}
+
 fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
     let age = s.age_ms().map_or("from another boot".to_string(), |a| {
         format!("{:.1} s ago", a as f64 / 1000.0)
