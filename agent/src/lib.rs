@@ -13,6 +13,7 @@
 //! - `aws`: metrics, events and alerts to CloudWatch, CloudWatch Logs and SNS.
 //! - `sys`: the few OS edges (files, privileges, pidfds, signals, systemd notify), behind safe
 //!   functions.
+//! - `control`: `pause`/`resume`, maintenance pauses a person sets (through `pauses.json`).
 //! - `clock`: monotonic and wall time; `cli`: what both binaries' command lines share.
 #![cfg_attr(
     not(test),
@@ -31,6 +32,7 @@ pub mod aws;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod pm2;
 pub mod policy;
 pub mod probe;

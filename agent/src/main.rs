@@ -8,8 +8,11 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use pmguard_agent::cli::{self, Shell};
 use pmguard_agent::config::{Config, ConfigError};
+use pmguard_agent::control::PauseRequest;
 use pmguard_agent::report::state::StateDir;
 use pmguard_agent::runtime::check::Outcome;
+
+mod pause_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -46,9 +49,36 @@ enum Command {
     Status {
         #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
         config: PathBuf,
-        /// Machine-readable output.
+        /// Machine-readable output (the same as `--format json`).
         #[arg(long)]
         json: bool,
+        /// Output format; `prometheus` prints what `prometheus_textfile` holds.
+        #[arg(long, value_enum, default_value = "text")]
+        format: StatusFormat,
+    },
+    /// Pause actions for apps (maintenance): checks and records go on, but no restart,
+    /// escalation or resurrect until the pause ends (`--for`) or `resume`. Works whether or not
+    /// the agent runs (`check --once` honours it too).
+    Pause {
+        #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
+        config: PathBuf,
+        /// Apps to pause (default: every app in the config).
+        apps: Vec<String>,
+        /// How long (e.g. 30m, 1h30m; at most 7d): the pause ends by itself then.
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_length)]
+        length: std::time::Duration,
+        /// Why (shown by `status` and in the events).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Deploy helper: run COMMAND while paused, resume when it exits, exit with its code.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// End maintenance pauses now (default: every pause).
+    Resume {
+        #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
+        config: PathBuf,
+        apps: Vec<String>,
     },
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: Shell },
@@ -127,7 +157,27 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { config, json } => {
+        Command::Pause {
+            config,
+            apps,
+            length,
+            reason,
+            command,
+        } => {
+            let request = PauseRequest {
+                apps,
+                length,
+                reason,
+                by: caller(),
+            };
+            pause_cmd::pause(&config, request, &command)
+        }
+        Command::Resume { config, apps } => pause_cmd::resume(&config, &apps),
+        Command::Status {
+            config,
+            json,
+            format,
+        } => {
             let c = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -136,7 +186,18 @@ fn main() -> ExitCode {
                 }
             };
             let state = StateDir::new(&c.agent.state_dir);
-            match pmguard_agent::report::status::print(&state, json, &mut std::io::stdout()) {
+            let out = &mut std::io::stdout();
+            let printed = match format {
+                StatusFormat::Prometheus => {
+                    pmguard_agent::report::status::print_prometheus(&state, out)
+                }
+                f => pmguard_agent::report::status::print(
+                    &state,
+                    json || f == StatusFormat::Json,
+                    out,
+                ),
+            };
+            match printed {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
@@ -148,8 +209,26 @@ fn main() -> ExitCode {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum StatusFormat {
+    Text,
+    Json,
+    Prometheus,
+}
+
+fn parse_length(text: &str) -> Result<std::time::Duration, String> {
+    pmguard_agent::config::duration::parse(text)
+}
+
+/// Who runs the command, for the events: the person behind `sudo`, else the user.
+fn caller() -> Option<String> {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .ok()
+}
+
 /// Started as root: become PM2_HOME's owner before anything is started or written.
-fn act_as_pm2_owner(c: &Config) -> Result<(), ExitCode> {
+pub(crate) fn act_as_pm2_owner(c: &Config) -> Result<(), ExitCode> {
     use pmguard_agent::sys::privilege::{become_owner_of, Became};
     let home = match pmguard_agent::pm2::Pm2Paths::resolve(c.agent.pm2_home.as_deref()) {
         Ok(p) => p.home,
@@ -171,7 +250,7 @@ fn act_as_pm2_owner(c: &Config) -> Result<(), ExitCode> {
     }
 }
 
-fn config_failure(e: &ConfigError) -> ExitCode {
+pub(crate) fn config_failure(e: &ConfigError) -> ExitCode {
     eprintln!("error: {e}");
     match e {
         ConfigError::Invalid { .. } => ExitCode::from(1),

@@ -287,6 +287,36 @@ pub fn decide(state: &mut AppState, policy: &Policy, verdict: &Verdict, now: Mon
     }
 }
 
+/// `decide` while a person has paused the app (maintenance): the check is judged and counted
+/// as usual, so status, events and metrics stay true, but nothing is done and nothing is booked.
+/// An action `decide` would take is dropped with its bookkeeping (no restart, backoff or hold
+/// recorded) and the failure stays counted, at most `max_retries`: after the pause the next
+/// failing check restarts, and a passing one clears the count.
+pub fn decide_paused(
+    state: &mut AppState,
+    policy: &Policy,
+    verdict: &Verdict,
+    now: Mono,
+    paused: &str,
+) -> Decision {
+    let mut trial = state.clone();
+    let (health, reason) = match decide(&mut trial, policy, verdict, now) {
+        wait @ Decision::Wait { .. } => {
+            *state = trial;
+            return wait;
+        }
+        Decision::Resurrect { reason } => (Health::Pm2Down, reason),
+        Decision::Restart { reason, .. } | Decision::GiveUp { reason, .. } => {
+            (Health::Failing, reason)
+        }
+    };
+    state.failures = state.failures.saturating_add(1).min(policy.max_retries);
+    state.health = health;
+    state.healthy_since = None;
+    state.transitional_since = trial.transitional_since;
+    wait(format!("{paused}: not acting on {reason}"))
+}
+
 /// A failed check, as `count` weighs it.
 struct Failure {
     reason: String,
@@ -497,6 +527,50 @@ mod tests {
         assert!(is_restart(&decide(&mut s, &p, &fail(), t + 30_000)));
         assert_eq!(s.failures, 0);
         assert_eq!(s.health, Health::Starting);
+    }
+
+    #[test]
+    fn a_paused_app_is_counted_but_never_restarted_and_books_nothing() {
+        let (mut s, p, t) = after_grace();
+        for i in 1..=10 {
+            let d = decide_paused(&mut s, &p, &fail(), t + i * 10_000, "paused until X");
+            // Counting waits as usual; from max_retries on, the restart is withheld.
+            let paused = |w: &str| w.starts_with("paused until X: not acting on");
+            assert!(
+                matches!(&d, Decision::Wait { why: Some(w) } if paused(w) == (i >= 3)),
+                "{d:?}"
+            );
+        }
+        assert_eq!(s.failures, p.max_retries, "counted, at most max_retries");
+        assert_eq!(s.health, Health::Failing);
+        assert!(s.restarts.is_empty() && s.backoff.is_none() && s.hold_until.is_none());
+    }
+
+    #[test]
+    fn after_a_pause_the_next_failing_check_restarts_and_a_pass_clears_it() {
+        let (mut s, p, t) = after_grace();
+        for i in 1..=5 {
+            decide_paused(&mut s, &p, &fail(), t + i, "paused");
+        }
+        let mut passed = s.clone();
+        assert!(is_restart(&decide(&mut s, &p, &fail(), t + 10)));
+        decide(&mut passed, &p, &Verdict::Healthy, t + 10);
+        assert!(!is_restart(&decide(&mut passed, &p, &fail(), t + 11)));
+    }
+
+    #[test]
+    fn a_paused_app_in_a_crash_loop_gives_up_nothing_and_keeps_its_backoff() {
+        let (mut s, p, t) = after_grace();
+        s.backoff = Some(p.crashloop_backoff);
+        s.retried = true;
+        let before = s.clone();
+        for i in 1..=5 {
+            decide_paused(&mut s, &p, &fail(), t + i, "paused");
+        }
+        assert_eq!(
+            (s.backoff, s.hold_until, s.retried),
+            (before.backoff, before.hold_until, before.retried)
+        );
     }
 
     #[test]

@@ -168,33 +168,10 @@ pub fn check_values(config: &Config, a: &Account) -> Result<(), RenderError> {
         }
     }
     let home = pm2_home(config, a);
-    for (what, path) in [
-        ("state_dir", config.agent.state_dir.as_path()),
-        ("pm2_home", home.as_path()),
-    ] {
-        let text = path.to_string_lossy();
-        if !path.is_absolute() {
-            return bad(what, &text, "must be an absolute path");
-        }
-        if path.components().any(|c| {
-            !matches!(
-                c,
-                std::path::Component::RootDir | std::path::Component::Normal(_)
-            )
-        }) || text.contains("//")
-            || (text.len() > 1 && text.ends_with('/'))
-        {
-            return bad(
-                what,
-                &text,
-                "must be a normal path (no `.`, `..`, `//` or trailing `/`)",
-            );
-        }
-        if !text.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.' | b'+' | b'@')
-        }) {
-            return bad(what, &text, "may hold only letters, digits and `/ _ - . + @` (no spaces, quotes, `%`, `$`, `:` or `\\`): systemd and cron need it plain");
-        }
+    check_path("state_dir", &config.agent.state_dir)?;
+    check_path("pm2_home", &home)?;
+    if let Some(textfile) = &config.agent.prometheus_textfile {
+        check_path("prometheus_textfile", textfile)?;
     }
     if let Ok(rel) = config.agent.state_dir.strip_prefix("/var/lib") {
         let first = rel
@@ -208,6 +185,41 @@ pub fn check_values(config: &Config, a: &Account) -> Result<(), RenderError> {
                 "under /var/lib the state directory must be pmguard's own (`/var/lib/pmguard`, or a name starting with `pmguard`): systemd's StateDirectory= hands the whole directory to the PM2 user",
             );
         }
+    }
+    Ok(())
+}
+
+/// A path that reaches a unit, cron or logrotate line: absolute, normal and plain.
+fn check_path(what: &str, path: &Path) -> Result<(), RenderError> {
+    let bad = |what: &str, value: &str, why: &str| {
+        Err(RenderError::Unsupported(format!(
+            "{what} `{}`: {why}",
+            value.escape_debug()
+        )))
+    };
+    let text = path.to_string_lossy();
+    if !path.is_absolute() {
+        return bad(what, &text, "must be an absolute path");
+    }
+    if path.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::RootDir | std::path::Component::Normal(_)
+        )
+    }) || text.contains("//")
+        || (text.len() > 1 && text.ends_with('/'))
+    {
+        return bad(
+            what,
+            &text,
+            "must be a normal path (no `.`, `..`, `//` or trailing `/`)",
+        );
+    }
+    if !text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.' | b'+' | b'@'))
+    {
+        return bad(what, &text, "may hold only letters, digits and `/ _ - . + @` (no spaces, quotes, `%`, `$`, `:` or `\\`): systemd and cron need it plain");
     }
     Ok(())
 }
@@ -271,13 +283,22 @@ fn managed(path: &str, body: String) -> DesiredFile {
 fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String, RenderError> {
     let a = &s.account;
     let state_dir = &config.agent.state_dir;
-    let state_lines = match state_dir.strip_prefix("/var/lib") {
+    let mut state_lines = match state_dir.strip_prefix("/var/lib") {
         Ok(rel) if !rel.as_os_str().is_empty() => vec![
             format!("StateDirectory={}", rel.display()),
             "StateDirectoryMode=0750".to_string(),
         ],
         _ => vec![format!("ReadWritePaths={}", state_dir.display())],
     };
+    // ProtectSystem=strict: node_exporter's textfile directory must be opened for writing.
+    if let Some(dir) = config
+        .agent
+        .prometheus_textfile
+        .as_deref()
+        .and_then(Path::parent)
+    {
+        state_lines.push(format!("ReadWritePaths={}", dir.display()));
+    }
     UnitTemplate {
         marker: MARKER,
         user: &a.user,
@@ -475,6 +496,22 @@ pub(crate) mod tests {
         let pm2 = text(crate::pm2unit::PM2_UNIT_PATH);
         insta::assert_snapshot!("pmguard_pm2_unit", pm2);
         assert!(text(UNIT_PATH).contains("After=network-online.target pmguard-pm2.service"));
+    }
+
+    #[test]
+    fn the_prometheus_textfile_directory_is_writable_in_the_sandbox() {
+        let config = format!("[agent]\nprometheus_textfile = \"/var/lib/prometheus/node-exporter/pmguard.prom\"\n\n{MINIMAL}");
+        let unit = rendered(&config)
+            .into_iter()
+            .find(|f| f.path.ends_with("pmguard-agent.service"))
+            .unwrap();
+        let text = String::from_utf8(unit.content).unwrap();
+        insta::assert_snapshot!("prometheus_textfile_unit", text);
+        assert!(text.contains("\nStateDirectory=pmguard\n"), "{text}");
+        assert!(
+            text.contains("\nReadWritePaths=/var/lib/prometheus/node-exporter\n"),
+            "{text}"
+        );
     }
 
     #[test]

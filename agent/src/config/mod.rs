@@ -98,6 +98,10 @@ pub struct AgentConfig {
     /// Also write a line to `events.jsonl` for every passing check (default false: failing
     /// checks, state changes and actions only; `status` always shows the last probes).
     pub log_passing_checks: bool,
+    /// Also write the apps' state in Prometheus' text format to this file (for node_exporter's
+    /// textfile collector), atomically, mode 0644, once per check period; only if its directory
+    /// exists. No port is opened.
+    pub prometheus_textfile: Option<PathBuf>,
 }
 
 /// One `[[apps]]` entry: a PM2 app to watch.
@@ -504,7 +508,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("the keys of [agent] are: interval, state_dir, pm2_home, pm2_bin, resurrect, events_max_bytes, log_passing_checks"),
+            err.contains("the keys of [agent] are: interval, state_dir, pm2_home, pm2_bin, resurrect, events_max_bytes, log_passing_checks, prometheus_textfile"),
             "{err}"
         );
         // A key read by the code is never reported unknown, whichever section it sits in.

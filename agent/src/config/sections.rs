@@ -328,6 +328,7 @@ impl Cx<'_> {
         let events_max_bytes =
             self.integer(&mut t, "events_max_bytes", 16 << 20, 65_536..=(1 << 34)) as u64;
         let log_passing_checks = self.boolean(&mut t, "log_passing_checks").unwrap_or(false);
+        let prometheus_textfile = self.agent_prometheus_textfile(&mut t);
         self.finish(t);
         AgentConfig {
             interval,
@@ -337,7 +338,22 @@ impl Cx<'_> {
             resurrect,
             events_max_bytes,
             log_passing_checks,
+            prometheus_textfile,
         }
+    }
+
+    fn agent_prometheus_textfile(&mut self, t: &mut Keys<'_>) -> Option<PathBuf> {
+        self.string(t, "prometheus_textfile").map(|(s, span)| {
+            let p = PathBuf::from(&s);
+            if !p.is_absolute() || !s.ends_with(".prom") {
+                self.problem(
+                    span,
+                    format!("prometheus_textfile `{s}` is not an absolute path ending in .prom"),
+                    Some("node_exporter reads *.prom files in its --collector.textfile.directory, e.g. prometheus_textfile = \"/var/lib/prometheus/node-exporter/pmguard.prom\"".into()),
+                );
+            }
+            p
+        })
     }
 
     fn agent_state_dir(&mut self, t: &mut Keys<'_>) -> PathBuf {

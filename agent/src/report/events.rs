@@ -36,6 +36,10 @@ pub enum Kind {
     Check,
     /// An https probe's certificate expires in fewer than `cert_warn_days` (once a day).
     CertExpiring,
+    /// A person paused an app (`pmguard-agent pause`): no action until resumed or expired.
+    Pause,
+    Resume,
+    PauseExpired,
 }
 
 impl Kind {

@@ -223,6 +223,9 @@ pub struct AppStatus {
     pub instances: Vec<InstanceStatus>,
     pub probes: VecDeque<ProbeRecord>,
     pub restarts: VecDeque<RestartRecord>,
+    /// A maintenance pause in force (`pmguard-agent pause`): checked, never acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<crate::report::pauses::Pause>,
 }
 
 /// `status.json`: the heartbeat and the board. Written as `StatusFile<&AppStatus>`, borrowing
@@ -238,6 +241,9 @@ pub struct StatusFile<A = AppStatus> {
     pub updated_at: String,
     /// How often the daemon rewrites the heartbeat (1-5 s): older than 3 of these is stale.
     pub interval_ms: u64,
+    /// The revision of `pauses.json` this daemon applied (`pause` waits for it).
+    #[serde(default)]
+    pub pauses_revision: u64,
     pub apps: Vec<A>,
 }
 

@@ -44,6 +44,17 @@ pub fn print(
     Ok(fresh)
 }
 
+/// Prints the status in Prometheus' text format (the textfile's content); nothing but a comment
+/// without a status file. Returns false when there is no fresh heartbeat.
+pub fn print_prometheus(state: &StateDir, out: &mut dyn Write) -> Result<bool, StatusReadError> {
+    let Some(status) = state.read_status()? else {
+        let _ = writeln!(out, "# No status in {}.", state.dir.display());
+        return Ok(false);
+    };
+    let _ = out.write_all(crate::report::prometheus::encode(&status).as_bytes());
+    Ok(status.is_fresh())
+}
+
 fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
     let age = s.age_ms().map_or("from another boot".to_string(), |a| {
         format!("{:.1} s ago", a as f64 / 1000.0)
@@ -72,15 +83,7 @@ fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
 
 /// One app: its line in the table, then its note, probe history and last restarts.
 fn render_app(a: &AppStatus, out: &mut dyn Write) {
-    let pm2 = if a.instances.is_empty() {
-        "-".to_string()
-    } else {
-        a.instances
-            .iter()
-            .map(|i| format!("{}:{}", i.pid, short(&i.status)))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let pm2 = pm2_column(a);
     let last = a.probes.back().map_or("-".to_string(), |p| {
         format!("{} {} ms", if p.ok { "ok" } else { "FAIL" }, p.latency_ms)
     });
@@ -100,6 +103,9 @@ fn render_app(a: &AppStatus, out: &mut dyn Write) {
         last,
         stats
     );
+    if let Some(p) = &a.paused {
+        let _ = writeln!(out, "    {}", p.describe());
+    }
     if let Some(n) = &a.note {
         let _ = writeln!(out, "    note: {n}");
     }
@@ -141,6 +147,18 @@ fn cert_line(a: &AppStatus, out: &mut dyn Write) {
             d => writeln!(out, "    certificate: expires in {d} day(s)"),
         };
     }
+}
+
+/// `pid:status` of each instance, or `-`.
+fn pm2_column(a: &AppStatus) -> String {
+    if a.instances.is_empty() {
+        return "-".to_string();
+    }
+    a.instances
+        .iter()
+        .map(|i| format!("{}:{}", i.pid, short(&i.status)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn short(status: &str) -> &str {

@@ -16,8 +16,8 @@ use crate::clock::Mono;
 use crate::config::{AppConfig, CpuScope};
 use crate::pm2::{ProcessEntry, Snapshot};
 use crate::policy::{
-    decide, judge, with_tree_failures, AppState, Decision, Health, InstanceView, Pm2View, Policy,
-    Verdict,
+    decide, decide_paused, judge, with_tree_failures, AppState, Decision, Health, InstanceView,
+    Pm2View, Policy, Verdict,
 };
 use crate::probe::{InFlight, ProbeResult, Prober, Started};
 use crate::procfs::tree_rules::{TreeFinding, TreeRule, TreeWatch};
@@ -397,6 +397,15 @@ impl App {
             Decision::Wait {
                 why: Some("stopped by a person (`pm2 stop` / `pm2 kill`): not restarting until it runs again".into()),
             }
+        } else if let Some(pause) = shared.pause_of(&self.cfg.name) {
+            // Maintenance: judged and counted, never acted on (see `policy::decide_paused`).
+            decide_paused(
+                &mut self.state,
+                &self.policy,
+                &check.verdict,
+                now,
+                &pause.describe(),
+            )
         } else {
             decide(&mut self.state, &self.policy, &check.verdict, now)
         };
@@ -621,6 +630,7 @@ impl App {
                 instances: Vec::new(),
                 probes: VecDeque::new(),
                 restarts: VecDeque::new(),
+                paused: None,
             });
         entry.health = self.state.health;
         entry.failures = self.state.failures;
@@ -720,6 +730,13 @@ impl App {
                 return Err(Decision::Wait { why: Some(why) });
             }
         };
+        // Paused since the check (`pause` writes under this lock): nothing was restarted.
+        if let Some(pause) = shared.state.read_pauses().active(&name, clock::wall_ms()) {
+            self.state.restarts.pop_back();
+            return Err(Decision::Wait {
+                why: Some(format!("{}: not restarting", pause.describe())),
+            });
+        }
         let mut book = shared.state.read_restarts();
         let ours = self
             .state

@@ -63,6 +63,8 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<Outcome, CheckError> 
         Report::Silent => None,
     };
     let shared = open_shared(config, &state)?;
+    // A pause past its deadline ends here too when no agent runs (a `pause_expired` event).
+    crate::runtime::maintenance::expire(&shared);
     if let Some(app) = pm2_down {
         return Ok(resurrect_for_agent(config, &shared, app, out));
     }

@@ -22,6 +22,7 @@ use crate::clock::Mono;
 use crate::config::{Config, ConfigError};
 use crate::pm2::{Bus, BusEvent, Client, Pm2Paths};
 use crate::report::events::{Event, EventLog, Kind};
+use crate::report::prometheus::{self, Textfile};
 use crate::report::state::{StateDir, StatusFile};
 use crate::runtime::shared::Progress;
 use crate::runtime::shared::Shared;
@@ -90,7 +91,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
         wedged_reported: false,
         last_ping: 0,
         last_beat: 0,
+        textfile: None,
     };
+    main.textfile = main
+        .config
+        .agent
+        .prometheus_textfile
+        .as_deref()
+        .map(Textfile::new);
     main.serve(&main_rx);
     main.watch.tx.send(ToWatch::Stop);
     bus.stop();
@@ -195,6 +203,8 @@ struct Main {
     wedged_reported: bool,
     last_ping: Mono,
     last_beat: Mono,
+    /// `[agent] prometheus_textfile`, rewritten with the heartbeat.
+    textfile: Option<Textfile>,
 }
 
 impl Main {
@@ -228,6 +238,10 @@ impl Main {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.revive_watch();
+            if crate::runtime::maintenance::tick(&self.shared) {
+                // Said at once in status.json, where `pause` waits to see it applied.
+                self.last_beat = 0;
+            }
             if self.on_schedule() {
                 self.report_alive();
             }
@@ -283,7 +297,7 @@ impl Main {
         // The heartbeat file is rewritten once per (shortest) check period, 1 s to 5 s: it is
         // fresh for 3 periods, and rewriting it more often was most of the agent's own CPU.
         if !self.ready || now.saturating_sub(self.last_beat) >= heartbeat_every(&self.config) {
-            write_heartbeat(&self.shared, &self.config);
+            write_heartbeat(&self.shared, &self.config, self.textfile.as_mut());
             self.last_beat = now;
         }
         if let Some(r) = &self.shared.recorder {
@@ -314,25 +328,36 @@ fn heartbeat_every(config: &Config) -> u64 {
     shortest.clamp(1_000, 5_000)
 }
 
-fn write_heartbeat(shared: &Shared, config: &Config) {
+/// `status.json`, and with `prometheus_textfile` the same state for node_exporter: both encoded
+/// under the board's lock from one snapshot, written after it is released.
+fn write_heartbeat(shared: &Shared, config: &Config, textfile: Option<&mut Textfile>) {
     // The heartbeat's own cadence, not the longest app interval: one app at `1h` must not make
     // the backup check trust a dead daemon for three hours.
     let interval_ms = heartbeat_every(config);
-    // Encoded under the board's lock, written after it is released.
-    let data = {
-        let board = lock(&shared.board);
-        crate::report::state::StateDir::encode_status(&StatusFile {
+    let pauses_revision = crate::runtime::maintenance::applied_revision(shared);
+    let (data, prom) = {
+        let mut board = lock(&shared.board);
+        for a in board.values_mut() {
+            a.paused = shared.pause_of(&a.name);
+        }
+        let status = StatusFile {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             boot_epoch: clock::boot_epoch(),
             heartbeat: clock::mono_now(),
             updated_at: clock::rfc3339(clock::wall_ms()),
             interval_ms,
+            pauses_revision,
             apps: board.values().collect(),
-        })
+        };
+        let prom = textfile.is_some().then(|| prometheus::encode(&status));
+        (StateDir::encode_status(&status), prom)
     };
     if let Err(error) = data.and_then(|d| shared.state.write_status(&d)) {
         tracing::warn!(message = "Cannot write the heartbeat.", path = %shared.state.dir.display(), %error);
+    }
+    if let (Some(t), Some(text)) = (textfile, prom) {
+        t.write(&text);
     }
 }
 

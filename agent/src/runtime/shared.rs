@@ -18,6 +18,7 @@ use crate::pm2::liveness::{self, Liveness};
 use crate::pm2::{Client, Pm2Error, Snapshot};
 use crate::procfs;
 use crate::report::events::{Event, EventLog, Kind};
+use crate::report::pauses::{FileStamp, Pause, PauseBook};
 use crate::report::state::{AppStatus, StateDir};
 use crate::sync::lock;
 
@@ -89,6 +90,8 @@ pub struct Shared {
     /// The PM2 connection generation current when `pm2 kill` was seen: only an answer on a
     /// newer connection (a new daemon) clears the flag, not a reply already on its way.
     stopped_generation: AtomicU64,
+    /// `pauses.json` as last read, and its stamp then (see `runtime::maintenance`).
+    pub(super) pauses: Mutex<(Option<FileStamp>, PauseBook)>,
 }
 
 /// Apps checked at nearly the same moment share one `getMonitorData`.
@@ -99,7 +102,7 @@ impl Shared {
         let stopped = StateDir::new(&agent.state_dir)
             .read_restarts()
             .pm2_stopped_on_purpose;
-        Shared {
+        let shared = Shared {
             state: StateDir::new(&agent.state_dir),
             agent,
             client,
@@ -116,7 +119,16 @@ impl Shared {
             stopped_on_purpose: std::sync::atomic::AtomicBool::new(stopped),
             stopped_generation: AtomicU64::new(0),
             resurrect_alerted: Mutex::new(None),
-        }
+            pauses: Mutex::new((None, PauseBook::default())),
+        };
+        // Before the first check: a pause set while no agent ran is honoured from the start.
+        super::maintenance::refresh(&shared);
+        shared
+    }
+
+    /// `app`'s maintenance pause, if one is in force now (as last read from `pauses.json`).
+    pub fn pause_of(&self, app: &str) -> Option<Pause> {
+        lock(&self.pauses).1.active(app, clock::wall_ms()).cloned()
     }
 
     /// A person ran `pm2 kill`: remember it (for the backup check too) and say so.

@@ -1,0 +1,293 @@
+//! `pmguard-agent pause` and `resume`: maintenance pauses, set by a person, honoured by the
+//! daemon and by `check --once`.
+//!
+//! The channel is the state directory itself, not a socket: the command writes `pauses.json`
+//! under `restart.lock` and the agent reads it (see `report::pauses`). Nothing listens, so there
+//! is no endpoint for other local users to reach and no peer to authenticate: who may pause is
+//! who may write the state directory (the PM2 user, or root, which `main` turns into the PM2 user
+//! before calling here), the same people who could stop the agent anyway. A pause is recorded
+//! whether or not the agent runs; when it runs, the command waits (briefly) for the agent to say
+//! in `status.json` that it applied the pause.
+//! Library code: it returns what happened; the binary prints it.
+
+use std::time::{Duration, Instant};
+
+use crate::clock;
+use crate::config::Config;
+use crate::report::events::{Event, EventLog, Kind};
+use crate::report::pauses::{Pause, PauseBook};
+use crate::report::state::StateDir;
+use crate::sys::files::LockError;
+
+/// The longest pause: a forgotten pause must end (an app left unwatched forever is what the
+/// tools pmguard replaces did silently).
+pub const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long `pause`/`resume` wait for `restart.lock` (a restart in flight holds it).
+const LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// Why a pause or resume was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no app named `{name}` in {config}; the apps are: {known}")]
+    UnknownApp {
+        name: String,
+        config: String,
+        known: String,
+    },
+    #[error("--for {given}: a pause lasts from 1s to 7d")]
+    Length { given: String },
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "restart.lock in {path} stayed busy for {LOCK_WAIT:?} (a restart in progress?); try again"
+    )]
+    Busy { path: String },
+}
+
+/// What `pause` or `resume` changed, and whether the running agent took it.
+#[derive(Debug)]
+pub struct Changed {
+    /// The apps paused (with their pause) or resumed (with the pause they had, if any).
+    pub apps: Vec<(String, Option<Pause>)>,
+    pub revision: u64,
+    pub agent: AgentSeen,
+}
+
+/// The running agent's answer, read from `status.json`.
+#[derive(Debug, PartialEq)]
+pub enum AgentSeen {
+    /// No fresh heartbeat: `check --once` and the next agent start honour the file.
+    NotRunning,
+    /// The agent (pid) applied this revision within `after_ms`.
+    Applied { pid: u32, after_ms: u64 },
+    /// Alive, but it had not reported this revision yet when we stopped waiting.
+    NotConfirmed { pid: u32 },
+}
+
+/// Who asks for a pause.
+#[derive(Debug, Clone)]
+pub struct PauseRequest {
+    /// Empty: every app in the config.
+    pub apps: Vec<String>,
+    pub length: Duration,
+    pub reason: Option<String>,
+    pub by: Option<String>,
+}
+
+/// Pauses the apps until now + `length` (replacing any pause they had).
+pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlError> {
+    if req.length < Duration::from_secs(1) || req.length > MAX_PAUSE {
+        return Err(ControlError::Length {
+            given: crate::config::duration::format(req.length),
+        });
+    }
+    let names = resolve(config, &req.apps)?;
+    let now = clock::wall_ms();
+    let pause = Pause {
+        since_ms: now,
+        until_ms: now + req.length.as_millis() as u64,
+        reason: req.reason.clone(),
+        by: req.by.clone(),
+    };
+    let (state, events) = open(config)?;
+    let revision = edit(&state, |book| {
+        for n in &names {
+            book.apps.insert(n.clone(), pause.clone());
+        }
+    })?;
+    for n in &names {
+        let mut e = Event::new(
+            Kind::Pause,
+            Some(n),
+            format!(
+                "Maintenance: {}; checks go on, no restart until then.",
+                pause.describe()
+            ),
+        )
+        .with("until", clock::rfc3339(pause.until_ms));
+        if let Some(r) = &pause.reason {
+            e = e.with("reason", r.as_str());
+        }
+        if let Some(b) = &pause.by {
+            e = e.with("by", b.as_str());
+        }
+        events.emit(e);
+    }
+    Ok(Changed {
+        apps: names
+            .into_iter()
+            .map(|n| (n, Some(pause.clone())))
+            .collect(),
+        revision,
+        agent: wait_applied(&state, revision, Duration::from_secs(5)),
+    })
+}
+
+/// Ends the pauses of `apps` (empty: every pause) now.
+pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Changed, ControlError> {
+    let names = if apps.is_empty() {
+        Vec::new()
+    } else {
+        resolve(config, apps)?
+    };
+    let (state, events) = open(config)?;
+    let mut ended = Vec::new();
+    let revision = edit(&state, |book| {
+        let now = clock::wall_ms();
+        let chosen: Vec<String> = if names.is_empty() {
+            book.apps.keys().cloned().collect()
+        } else {
+            names.clone()
+        };
+        for n in chosen {
+            let had = book.apps.remove(&n).filter(|p| p.is_active(now));
+            ended.push((n, had));
+        }
+    })?;
+    for (n, had) in &ended {
+        let mut e = Event::new(
+            Kind::Resume,
+            Some(n),
+            if had.is_some() {
+                "Maintenance over: resumed by a person; failing checks restart again."
+            } else {
+                "Resume asked for an app that was not paused."
+            },
+        );
+        if let Some(b) = by {
+            e = e.with("by", b);
+        }
+        events.emit(e);
+    }
+    Ok(Changed {
+        apps: ended,
+        revision,
+        agent: wait_applied(&state, revision, Duration::from_secs(5)),
+    })
+}
+
+/// The named apps, each checked against the config; none named = every app.
+fn resolve(config: &Config, apps: &[String]) -> Result<Vec<String>, ControlError> {
+    if apps.is_empty() {
+        return Ok(config.apps.iter().map(|a| a.name.clone()).collect());
+    }
+    for a in apps {
+        if config.app(a).is_none() {
+            return Err(ControlError::UnknownApp {
+                name: a.clone(),
+                config: config.path.display().to_string(),
+                known: config
+                    .apps
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    let mut names = apps.to_vec();
+    names.dedup();
+    Ok(names)
+}
+
+fn open(config: &Config) -> Result<(StateDir, EventLog), ControlError> {
+    let state = StateDir::new(&config.agent.state_dir);
+    let sd = |source| ControlError::StateDir {
+        path: state.dir.display().to_string(),
+        source,
+    };
+    state.create().map_err(sd)?;
+    let events = EventLog::open(&state.dir, config.agent.events_max_bytes).map_err(sd)?;
+    Ok((state, events))
+}
+
+/// Reads, changes and writes `pauses.json` under `restart.lock` (expired entries are left to
+/// the agent, which says so in a `pause_expired` event). Returns the revision written.
+fn edit(state: &StateDir, change: impl FnOnce(&mut PauseBook)) -> Result<u64, ControlError> {
+    let path = state.dir.display().to_string();
+    let _guard = match state.lock_restarts(LOCK_WAIT) {
+        Ok(g) => g,
+        Err(LockError::Busy) => return Err(ControlError::Busy { path }),
+        Err(LockError::Io(source)) => return Err(ControlError::StateDir { path, source }),
+    };
+    let mut book = state.read_pauses();
+    change(&mut book);
+    state
+        .write_pauses(&mut book)
+        .map_err(|source| ControlError::StateDir { path, source })?;
+    Ok(book.revision)
+}
+
+/// Waits up to `within` for a live agent to report `revision` applied in `status.json`.
+pub fn wait_applied(state: &StateDir, revision: u64, within: Duration) -> AgentSeen {
+    let started = Instant::now();
+    loop {
+        let status = match state.read_status() {
+            Ok(Some(s)) if s.is_fresh() => s,
+            _ => return AgentSeen::NotRunning,
+        };
+        if status.pauses_revision >= revision {
+            return AgentSeen::Applied {
+                pid: status.pid,
+                after_ms: started.elapsed().as_millis() as u64,
+            };
+        }
+        if started.elapsed() >= within {
+            return AgentSeen::NotConfirmed { pid: status.pid };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the deploy helper did.
+#[derive(Debug)]
+pub enum Deployed {
+    /// The pause step failed with this exit code (COMMAND did not run).
+    NotPaused(i32),
+    /// COMMAND ran (or could not start: 127); `resumed` is whether the resume step succeeded
+    /// (if not, the pause ends at its deadline).
+    Ran { code: i32, resumed: bool },
+}
+
+/// `pause APP --for D -- COMMAND...`: pauses through `exe pause` (without the command), runs
+/// COMMAND, resumes through `exe resume`, and returns COMMAND's exit code (128 + the signal when
+/// a signal ended it; 127 when it could not start).
+///
+/// The pause and resume run as their own processes: under `sudo` each becomes the PM2 user
+/// before writing the state directory, while COMMAND keeps the privileges it was started with
+/// (a deploy may need root). While COMMAND runs, SIGINT, SIGTERM and SIGHUP are held for this
+/// process (COMMAND gets them as usual), so a Ctrl-C that stops the deploy still resumes.
+pub fn run_paused(
+    exe: &std::path::Path,
+    pause_args: &[std::ffi::OsString],
+    resume_args: &[std::ffi::OsString],
+    command: &[std::ffi::OsString],
+) -> Deployed {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Command;
+    let code_of =
+        |s: std::process::ExitStatus| s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+    match Command::new(exe).args(pause_args).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => return Deployed::NotPaused(code_of(s)),
+        Err(_) => return Deployed::NotPaused(2),
+    }
+    let child = command
+        .split_first()
+        .map(|(prog, args)| Command::new(prog).args(args).spawn());
+    // After the spawn: COMMAND keeps the default dispositions, only this process holds them.
+    let _held = crate::sys::signals::block();
+    let code = match child {
+        Some(Ok(mut c)) => c.wait().map_or(127, code_of),
+        _ => 127,
+    };
+    let resumed = Command::new(exe)
+        .args(resume_args)
+        .status()
+        .is_ok_and(|s| s.success());
+    Deployed::Ran { code, resumed }
+}

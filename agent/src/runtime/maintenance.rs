@@ -1,0 +1,82 @@
+//! The agent's side of maintenance pauses: noticing a change to `pauses.json`, and ending the
+//! pauses whose deadline passed (with a `pause_expired` event).
+//!
+//! The daemon's main thread calls `tick` every 500 ms: one stat(2) of the file, and a read only
+//! when it changed. Checks read the copy kept in `Shared` (`Shared::pause_of`); a restart reads
+//! the file itself again under `restart.lock` (`App::book_restart`), so once `pause` has written
+//! the file no restart starts, even before the next tick.
+
+use std::time::Duration;
+
+use crate::clock;
+use crate::report::events::{Event, Kind};
+use crate::sync::lock;
+
+use super::shared::Shared;
+
+/// Reads `pauses.json` again if it changed since the last read. Returns whether it did.
+pub fn refresh(shared: &Shared) -> bool {
+    let stamp = shared.state.pauses_stamp();
+    if stamp.is_some() && lock(&shared.pauses).0 == stamp {
+        return false;
+    }
+    let book = shared.state.read_pauses();
+    let mut held = lock(&shared.pauses);
+    let changed = held.1 != book;
+    *held = (stamp, book);
+    changed
+}
+
+/// The revision of `pauses.json` the agent applied (shown in `status.json`).
+pub fn applied_revision(shared: &Shared) -> u64 {
+    lock(&shared.pauses).1.revision
+}
+
+/// Removes the pauses whose deadline passed from `pauses.json`, each with a `pause_expired`
+/// event. Checks stop honouring a pause at its deadline whether or not this has run yet.
+pub fn expire(shared: &Shared) {
+    let now = clock::wall_ms();
+    let due = lock(&shared.pauses)
+        .1
+        .apps
+        .values()
+        .any(|p| !p.is_active(now));
+    if !due {
+        return;
+    }
+    // Briefly: a restart in flight holds the lock for seconds; the next tick tries again.
+    let Ok(_guard) = shared.state.lock_restarts(Duration::from_millis(100)) else {
+        return;
+    };
+    let mut book = shared.state.read_pauses();
+    let expired = book.take_expired(now);
+    if !expired.is_empty() {
+        if let Err(error) = shared.state.write_pauses(&mut book) {
+            tracing::warn!(message = "Cannot save the pause file.", path = %shared.state.dir.display(), %error);
+            return;
+        }
+    }
+    for (app, p) in expired {
+        let mut e = Event::new(
+            Kind::PauseExpired,
+            Some(&app),
+            format!(
+                "Maintenance pause ended at its deadline {}; watching and acting again.",
+                clock::rfc3339(p.until_ms)
+            ),
+        )
+        .with("until", clock::rfc3339(p.until_ms));
+        if let Some(r) = &p.reason {
+            e = e.with("reason", r.as_str());
+        }
+        shared.emit(e);
+    }
+    refresh(shared);
+}
+
+/// The main thread's tick: expire what is due, then notice a change. Returns whether the pauses
+/// changed (the daemon then writes `status.json` at once, so `pause` sees it applied).
+pub fn tick(shared: &Shared) -> bool {
+    expire(shared);
+    refresh(shared)
+}
