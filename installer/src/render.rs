@@ -290,14 +290,16 @@ fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String
         ],
         _ => vec![format!("ReadWritePaths={}", state_dir.display())],
     };
-    // ProtectSystem=strict: node_exporter's textfile directory must be opened for writing.
+    // ProtectSystem=strict: node_exporter's textfile directory must be opened for writing. The
+    // `-`: a missing directory (node_exporter not installed yet, or purged) must not stop the
+    // watchdog from starting; the agent then logs that it cannot write the file.
     if let Some(dir) = config
         .agent
         .prometheus_textfile
         .as_deref()
         .and_then(Path::parent)
     {
-        state_lines.push(format!("ReadWritePaths={}", dir.display()));
+        state_lines.push(format!("ReadWritePaths=-{}", dir.display()));
     }
     UnitTemplate {
         marker: MARKER,
@@ -509,7 +511,8 @@ pub(crate) mod tests {
         insta::assert_snapshot!("prometheus_textfile_unit", text);
         assert!(text.contains("\nStateDirectory=pmguard\n"), "{text}");
         assert!(
-            text.contains("\nReadWritePaths=/var/lib/prometheus/node-exporter\n"),
+            // `-`: a missing directory must not stop the unit from starting.
+            text.contains("\nReadWritePaths=-/var/lib/prometheus/node-exporter\n"),
             "{text}"
         );
     }
