@@ -242,7 +242,7 @@ impl Config {
         }
     }
 
-    /// What is valid but unsafe, for `validate` to say loudly: each probe that does not verify
+    /// What is valid but insecure, for `validate` to say loudly: each probe that does not verify
     /// its TLS certificate.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
