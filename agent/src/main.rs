@@ -109,6 +109,9 @@ fn main() -> ExitCode {
         },
         Command::Validate { config } => match Config::load(&config) {
             Ok(c) => {
+                if let Err(code) = probes_usable(&c, ExitCode::from(1)) {
+                    return code;
+                }
                 for w in c.warnings() {
                     println!("WARNING: {w}");
                 }
@@ -128,6 +131,9 @@ fn main() -> ExitCode {
             if let Err(code) = act_as_pm2_owner(&c) {
                 return code;
             }
+            if let Err(code) = probes_usable(&c, ExitCode::from(2)) {
+                return code;
+            }
             match pmguard_agent::runtime::daemon::run(c) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -145,6 +151,9 @@ fn main() -> ExitCode {
                 }
             };
             if let Err(code) = act_as_pm2_owner(&c) {
+                return code;
+            }
+            if let Err(code) = probes_usable(&c, ExitCode::from(2)) {
                 return code;
             }
             match pmguard_agent::runtime::check::run(&c, &mut std::io::stdout()) {
@@ -248,6 +257,19 @@ pub(crate) fn act_as_pm2_owner(c: &Config) -> Result<(), ExitCode> {
             Err(ExitCode::from(2))
         }
     }
+}
+
+/// Refuses a config whose probes could never pass (an unreadable `ca_file`, an https host that
+/// is not a TLS name): better said now than counted as the app's failures.
+fn probes_usable(c: &Config, code: ExitCode) -> Result<(), ExitCode> {
+    let problems = pmguard_agent::probe::config_problems(c);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    for p in &problems {
+        eprintln!("error: {}: {p}", c.path.display());
+    }
+    Err(code)
 }
 
 pub(crate) fn config_failure(e: &ConfigError) -> ExitCode {

@@ -455,6 +455,74 @@ fn validate_says_loudly_that_a_certificate_is_not_verified() {
     assert!(!text.contains("s3cret"), "{text}");
 }
 
+/// A `ca_file` that is a FIFO, missing, or not PEM, and an https host no certificate can name,
+/// are refused when the config is validated (and by `run` and `check`), promptly: never waited
+/// on, and never counted as the app's failures (which would restart a healthy app).
+#[test]
+fn validate_refuses_probes_that_could_never_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("ca.pem");
+    assert!(rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .is_ok());
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let cases = [
+        (
+            format!("ca_file = \"{}\"", fifo.display()),
+            "not a regular file",
+        ),
+        (
+            format!("ca_file = \"{}\"", junk.display()),
+            "no usable certificate",
+        ),
+        (
+            "ca_file = \"/nonexistent/ca.pem\"".to_string(),
+            "no such file",
+        ),
+    ];
+    for (key, said) in cases {
+        let cfg = dir.path().join("pmguard.toml");
+        std::fs::write(
+            &cfg,
+            format!("[[apps]]\nname = \"web\"\nhealth_url = \"https://127.0.0.1:8443/h\"\n{key}\n"),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_pmguard-agent"))
+            .args(["validate", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{key}: {err}");
+        assert!(err.contains(said) && err.contains("help:"), "{key}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{key}: waited");
+    }
+    let cfg = dir.path().join("pmguard.toml");
+    std::fs::write(
+        &cfg,
+        "[[apps]]\nname = \"web\"\nhealth_url = \"https://127.1:8443/h\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pmguard-agent"))
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not a name a certificate can be checked against"),
+        "{err}"
+    );
+}
+
 /// The watch loop's way with several probes: one `InFlight` moves from the first probe's socket
 /// to the second's inside `advance`; the caller just polls whatever `fd()` is now.
 #[test]

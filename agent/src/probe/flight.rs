@@ -21,8 +21,8 @@ use super::http::{self, Asked, MAX_BODY, MAX_HEAD};
 use super::tls::{days_left, Tls};
 use super::ProbeOutcome;
 
-/// One configured probe and what it keeps between runs.
-#[derive(Debug)]
+/// One configured probe and what it keeps between runs. Its `Debug` leaves out the request
+/// bytes, which hold header values and the query string.
 pub struct Single {
     pub spec: ProbeSpec,
     endpoint: Endpoint,
@@ -31,8 +31,18 @@ pub struct Single {
     tls: Option<Tls>,
 }
 
-/// One run of a `Single` in progress.
-#[derive(Debug)]
+impl std::fmt::Debug for Single {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Single")
+            .field("probe", &self.spec.describe())
+            .field("request_len", &self.request.len())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One run of a `Single` in progress. Its `Debug` leaves out the buffer (a reply may echo the
+/// request's secrets).
 pub struct Flight {
     socket: Socket,
     addrs: Vec<SockAddr>,
@@ -43,6 +53,19 @@ pub struct Flight {
     tls: Option<Box<ClientConnection>>,
     buf: Vec<u8>,
     pub deadline: Instant,
+}
+
+impl std::fmt::Debug for Flight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flight")
+            .field("addrs", &self.addrs.len())
+            .field("next_addr", &self.next_addr)
+            .field("connecting", &self.connecting)
+            .field("sent", &self.sent)
+            .field("tls", &self.tls.is_some())
+            .field("read", &self.buf.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Flight {

@@ -295,8 +295,9 @@ impl Prober {
             None if Instant::now() >= f.flight.deadline => single.late(&f.flight),
             None => return None,
         };
-        if matches!(outcome, ProbeOutcome::Connect(_)) {
-            // Look the name up again (in the background): it may point elsewhere now.
+        if matches!(outcome, ProbeOutcome::Connect(_) | ProbeOutcome::Timeout) {
+            // Look the name up again (in the background): it may point elsewhere now (a moved
+            // address often drops SYNs: a timeout, not a refusal).
             single.endpoint().mark_stale();
         }
         let carry = f.carry.clone();
@@ -320,6 +321,40 @@ fn wait_ready(f: &InFlight) {
     let mut fds = [PollFd::from_borrowed_fd(f.fd(), f.events())];
     // EINTR or an error just means `advance` looks again (it re-checks the deadline).
     let _ = poll(&mut fds, Some(&timespec(left)));
+}
+
+/// What would make an app's probes fail whatever the app does, found when the config is
+/// loaded (and on reload) instead of being counted as the app's failures (which would restart a
+/// healthy app): an https host that is not a TLS server name, a `ca_file` that cannot be read or
+/// holds no certificate. Reads the `ca_file`s, so run it as the user the agent runs as.
+pub fn config_problems(config: &crate::config::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for app in &config.apps {
+        for p in &app.probes {
+            let ProbeKind::Http(h) = &p.kind else {
+                continue;
+            };
+            let Some(settings) = &h.tls else {
+                continue;
+            };
+            let host = &h.url.host;
+            if let Err(e) = rustls::pki_types::ServerName::try_from(host.clone()) {
+                out.push(format!(
+                    "app `{}`: `{host}` is not a name a certificate can be checked against ({e}); help: use the host name the certificate was issued for",
+                    app.name
+                ));
+            }
+            if let (true, Some(ca)) = (settings.verify, &settings.ca_file) {
+                if let Err(e) = tls::roots_from(ca) {
+                    out.push(format!(
+                        "app `{}`: {e}; help: point ca_file at a readable PEM file of the CA certificates to trust",
+                        app.name
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -70,12 +70,16 @@ fn client_config(settings: &TlsSettings, seen: Seen) -> Result<Arc<ClientConfig>
         provider: provider.clone(),
         seen,
     });
-    let config = ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
+    // No resumption: a resumed session skips verification, so a certificate renewed (or
+    // broken) in place would go unseen and its expiry stale. A full handshake per check is
+    // cheap at health-check rates.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -99,10 +103,20 @@ fn system_roots() -> Result<Arc<RootCertStore>, String> {
         .clone()
 }
 
-fn roots_from(path: &Path) -> Result<RootCertStore, String> {
+/// The largest `ca_file` read: a bundle of every public root is ~250 KB.
+const MAX_CA_FILE: u64 = 1 << 20;
+
+/// The roots in a PEM file. Read without blocking (a FIFO or device is refused, never waited
+/// on) and capped, since this runs when an app's prober is built.
+pub fn roots_from(path: &Path) -> Result<RootCertStore, String> {
     let shown = path.display();
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("ca_file {shown}: {e}"))?
+    let bytes = match crate::sys::files::read_capped(path, MAX_CA_FILE) {
+        Ok(Some(b)) if (b.len() as u64) < MAX_CA_FILE => b,
+        Ok(Some(_)) => return Err(format!("ca_file {shown}: larger than 1 MiB")),
+        Ok(None) => return Err(format!("ca_file {shown}: no such file")),
+        Err(e) => return Err(format!("ca_file {shown}: {e}")),
+    };
+    let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("ca_file {shown}: {e}"))?;
     let mut roots = RootCertStore::empty();

@@ -389,6 +389,22 @@ fn reload(
             return None;
         }
     };
+    let unusable = crate::probe::config_problems(&new);
+    if !unusable.is_empty() {
+        events.emit(
+            Event::new(
+                Kind::ConfigRejected,
+                None,
+                format!(
+                    "Reload refused; keeping the running config. {}",
+                    unusable.join("; ")
+                ),
+            )
+            .with("problems", unusable.len())
+            .with("path", old.path.display().to_string()),
+        );
+        return None;
+    }
     if new.aws != old.aws {
         tracing::warn!(message = "Changes to [aws] take effect at the next agent restart.", path = %old.path.display());
     }

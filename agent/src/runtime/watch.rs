@@ -360,7 +360,12 @@ impl Loop {
         let started = clock::mono_now();
         s.started = started;
         // The worst a check plus a restart may take, with slack: past it the agent is wedged.
-        let bound = app.cfg.timeout + app.cfg.restart_timeout * 2 + Duration::from_secs(15);
+        // An app's probes run one after another, each with its own timeout.
+        let probes: Duration = app.cfg.probes.iter().map(|p| p.timeout).sum();
+        let bound = probes.max(app.cfg.timeout)
+            + LIST_TIMEOUT
+            + app.cfg.restart_timeout * 2
+            + Duration::from_secs(15);
         s.progress
             .due
             .store(started + bound.as_millis() as u64, Ordering::Relaxed);
