@@ -47,6 +47,7 @@ DETECT_REPS = int(os.environ.get("DETECT_REPS", str(REPS)))
 FAULTS = os.environ.get("FAULTS", "sigstop 500 spin crash").split()
 SECTIONS = os.environ.get("SECTIONS", "footprint scale detect cost").split()
 WINDOW_MS = 3 * 1000  # max_retries x retry_interval, the configured detection window
+IDLE = "no watcher (PM2 idle)"
 
 WORK = tempfile.mkdtemp(prefix="pmguard-compare.")
 PM2_HOME = os.path.join(WORK, "pm2")
@@ -324,11 +325,14 @@ def footprint(results):
         except Exception as e:  # noqa: BLE001
             aws_sec, why = None, f"ministack failed to start: {e}"
     results["aws_why"] = why
-    tools = {
-        "pmguard": None, "monit": None, "bash loop": None,
-    }
+    tools = {"pmguard": None, "monit": None}
+    if os.environ.get("SKIP_BASH") != "1":
+        tools["bash loop"] = None
     if aws_sec is not None:
         tools["pmguard + CloudWatch sink"] = None
+    # The PM2 daemon with no watcher over the same window, in every rep: what a watcher costs the
+    # daemon is its daemon CPU minus this (the "induced" share).
+    tools[IDLE] = None
     rows = {t: [] for t in tools}
     cmds = {}
     for rep in range(1, REPS + 1):
@@ -352,6 +356,8 @@ def footprint(results):
                     except FileNotFoundError:
                         pass
                 cmd = [MONIT, "-I", "-c", monitrc]
+            elif tool == IDLE:
+                cmd = ["sleep", str(DURATION + 1)]
             else:
                 cmd = [os.path.join(LIB, "seed_loop.sh"), "bench", url, "1"]
             cmds[tool] = cmd
@@ -368,7 +374,7 @@ def footprint(results):
             elif tool == "monit":
                 extra["restarts"] = count_lines(os.path.join(fp, "monit", "actions.log"), "begin")
                 extra["errors"] = count_lines(os.path.join(fp, "monit", "monit.log"), "error")
-            else:
+            elif tool != IDLE:
                 extra["checks"] = count_lines(lg, "http=")
                 extra["ok_checks"] = count_lines(lg, "http=200 status=online")
             m.update(extra)
@@ -437,7 +443,13 @@ def scale(results):
                            sel)
         cmds[n] = [AGENT, "run", "--config", cfg]
         rows[n] = []
+    base_reps = []
     for rep in range(1, REPS + 1):
+        # PM2 daemon baseline: the same PM2 (all processes running), no watcher, in every rep.
+        m = measure(["sleep", str(SCALE_SETTLE + SCALE_DURATION + 1)], SCALE_SETTLE + SCALE_DURATION,
+                    settle=SCALE_SETTLE)
+        base_reps.append(m)
+        log(f"scale rep {rep}: baseline (no watcher) " + " ".join(f"{k}={v}" for k, v in m.items()))
         for n in counts:
             shutil.rmtree(os.path.join(sc, f"state-{str(n).replace(' ', '_')}"), ignore_errors=True)
             m = measure(cmds[n], SCALE_SETTLE + SCALE_DURATION, settle=SCALE_SETTLE,
@@ -453,11 +465,9 @@ def scale(results):
                 pass
             rows[n].append(m)
             log(f"scale rep {rep}: apps={str(n).replace(' ', '_')} " + " ".join(f"{k}={v}" for k, v in m.items()))
-    # PM2 daemon baseline: the same PM2 (all processes running), no watcher.
-    m = measure(["sleep", str(SCALE_SETTLE + SCALE_DURATION + 1)], SCALE_SETTLE + SCALE_DURATION,
-                settle=SCALE_SETTLE)
-    base = m
-    log("scale baseline (no watcher): " + " ".join(f"{k}={v}" for k, v in m.items()))
+    base = {"daemon_cpu_s": median([m["daemon_cpu_s"] for m in base_reps]),
+            "window_s": median([m["window_s"] for m in base_reps]),
+            "daemon_pct": median([m["daemon_cpu_s"] / m["window_s"] * 100 for m in base_reps])}
     results["scale"] = rows
     results["scale_base"] = base
     results["scale_cmds"] = cmds
@@ -697,11 +707,19 @@ def report(results):
           "VmHWM of the watcher process (pmguard, monit: no child processes while healthy); for the "
           "bash loop, ru_maxrss of its largest child (`pm2 jlist`). Syscalls and bytes written: "
           "/proc/<pid>/io of the watcher process alone over the steady window (from 5 s).\n")
-        P("| watcher | CPU s / window | % of a core | peak RSS | threads | syscalls/s | "
-          "written/s | PM2 daemon CPU s | checks | command |")
-        P("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        P("Induced PM2 CPU = the daemon's CPU in the watcher's window minus its CPU in the same "
+          "rep's window with no watcher (median over reps). **Cost to the box** = watcher CPU + "
+          "induced PM2 CPU. Wake-ups/s = voluntary context switches of all the watcher's threads "
+          "(/proc/<pid>/task/*/status) over the steady window.\n")
+        P("| watcher | CPU s / window | % of a core | induced PM2 CPU s | **cost to the box s** | "
+          "% of a core | peak RSS (VmHWM) | threads | wake-ups/s | syscalls/s | written/s | "
+          "PM2 daemon CPU s | checks | command |")
+        P("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         med = {}
+        idle = {m_i: m["daemon_cpu_s"] for m_i, m in enumerate(fp.get(IDLE, []))}
         for tool, ms in fp.items():
+            if tool == IDLE:
+                continue
             cpu = median([m["tree_cpu_s"] for m in ms])
             if tool == "bash loop":
                 rss = median([m["tree_maxrss_kib"] for m in ms])
@@ -709,28 +727,43 @@ def report(results):
                 rss = median([m["own_hwm_kib"] for m in ms])
             thr = median([m["threads"] for m in ms])
             dmn = median([m["daemon_cpu_s"] for m in ms])
+            ind = median([m["daemon_cpu_s"] - idle[i] for i, m in enumerate(ms)
+                          if idle.get(i) is not None and m.get("daemon_cpu_s") is not None])
+            box = median([m["tree_cpu_s"] + m["daemon_cpu_s"] - idle[i] for i, m in enumerate(ms)
+                          if idle.get(i) is not None and m.get("daemon_cpu_s") is not None])
             chk = median([m.get("checks") for m in ms])
             win = median([m["window_s"] for m in ms])
+            wk = median([m["own_wakeups"] / m["steady_s"] for m in ms if m.get("own_wakeups") is not None])
             sc = median([(m.get("own_syscr", 0) + m.get("own_syscw", 0)) / m["steady_s"] for m in ms])
             wr = median([m.get("own_wchar", 0) / m["steady_s"] for m in ms])
-            med[tool] = (cpu, rss)
+            med[tool] = (cpu, rss, box)
             P(f"| {tool} | {fmt(cpu)} | {fmt(cpu / win * 100 if cpu is not None else None, '.2f')} | "
-              f"{fmt(rss / 1024 if rss else None, '.1f')} MiB | {fmt(thr, '.0f')} | {fmt(sc, '.0f')} | "
-              f"{fmt(wr / 1024 if wr is not None else None, '.1f')} KiB | {fmt(dmn, '.2f')} | "
+              f"{fmt(ind)} | **{fmt(box)}** | {fmt(box / win * 100 if box is not None else None, '.3f')} | "
+              f"{fmt(rss / 1024 if rss else None, '.1f')} MiB | {fmt(thr, '.0f')} | {fmt(wk, '.1f')} | "
+              f"{fmt(sc, '.0f')} | {fmt(wr / 1024 if wr is not None else None, '.1f')} KiB | {fmt(dmn, '.2f')} | "
               f"{fmt(chk, '.0f', '-')} | `{short(results['footprint_cmds'][tool])}` |")
+        if IDLE in fp:
+            P(f"| {IDLE} | | | | | | | | | | | "
+              f"{fmt(median([m['daemon_cpu_s'] for m in fp[IDLE]]), '.2f')} | | "
+              f"`{short(results['footprint_cmds'][IDLE])}` |")
         if results.get("aws_why"):
             P(f"| pmguard + CloudWatch sink | not measured (sink not available in this build: "
-              f"{results['aws_why']}) | | | | | | | | |")
+              f"{results['aws_why']}) | | | | | | | | | | | | |")
         P()
         if "pmguard" in med and "monit" in med and med["monit"][0]:
-            pc, pr = med["pmguard"]
-            mc, mr = med["monit"]
-            P(f"- pmguard / monit CPU: **{pc / mc:.2f}x** (goal <= 0.2x); "
-              f"peak RSS: **{pr / mr:.2f}x** (goal <= 1x).")
+            pc, pr, pb = med["pmguard"]
+            mc, mr, mb = med["monit"]
+            P(f"- pmguard / monit CPU: **{pc / mc:.2f}x**; cost to the box: "
+              f"**{fmt(pb)} s** per {DURATION:g} s (goal <= 0.030 s per 60 s with the sink on); "
+              f"peak RSS {fmt(pr / 1024, '.2f')} MiB (goal <= 5 MiB) = {pr / mr:.2f}x monit's.")
+        if "pmguard + CloudWatch sink" in med and "monit" in med:
+            ac, ar, ab = med["pmguard + CloudWatch sink"]
+            P(f"- With the AWS sink: cost to the box **{fmt(ab)} s** per {DURATION:g} s; peak RSS "
+              f"{fmt(ar / 1024, '.2f')} MiB = **{ar / med['monit'][1]:.2f}x** monit's (goal <= 1x).")
         if "bash loop" in med and med["pmguard"][0]:
             P(f"- bash loop / pmguard CPU: {med['bash loop'][0] / med['pmguard'][0]:.0f}x.")
-        own = {t: median([m.get("own_sched_s") for m in ms]) for t, ms in fp.items()}
-        steady = {t: median([m["steady_s"] for m in ms]) for t, ms in fp.items()}
+        own = {t: median([m.get("own_sched_s") for m in ms]) for t, ms in fp.items() if t != IDLE}
+        steady = {t: median([m["steady_s"] for m in ms]) for t, ms in fp.items() if t != IDLE}
         P("- Steady state of the watcher process alone (from 5 s after start, sum of its threads' "
           "schedstat; for the bash loop, bash itself without its children): "
           + "; ".join(f"{t} {fmt(own[t])} s in {fmt(steady[t], '.1f')} s" for t in own) + ".")
@@ -749,13 +782,16 @@ def report(results):
           f"(agent/tests/apps/app.js) and {setup['stand_in']} `/bin/sleep` apps whose health URLs are "
           f"served by one `bench/lib/multiport.py` on {setup['stand_in']} ports. getMonitorData reply "
           f"~{setup['jlist_bytes'] / 1024:.0f} KiB.\n")
-        bd = b["daemon_cpu_s"] / b["window_s"] * 100 if b.get("daemon_cpu_s") is not None else None
+        bd = b.get("daemon_pct")
         P("Agent CPU = sum over its threads of /proc/<pid>/task/*/schedstat over the steady window "
           "(ns resolution; in brackets the same from /proc/<pid>/stat, 10 ms ticks). Checks/s over "
           "the whole window, start-up included.\n")
-        P("| apps | agent CPU % of one core | agent VmHWM | threads | checks/s | syscalls/s | "
+        P("Induced PM2 CPU = the daemon's CPU % with the agent minus its median with no watcher "
+          "(measured in every rep, same window). Cost to the box = agent + induced.\n")
+        P("| apps | agent CPU % of one core | induced PM2 CPU % | **cost to the box %** | agent VmHWM | "
+          "threads | checks/s | wake-ups/s | syscalls/s | "
           f"written/s | PM2 daemon CPU % (no watcher: {fmt(bd, '.2f')} %) | status.json | command |")
-        P("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        P("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for n, ms in s.items():
             cpu = median([m["own_sched_s"] / m["steady_s"] * 100 for m in ms])
             tick = median([m["own_cpu_s"] / m["steady_s"] * 100 for m in ms])
@@ -766,8 +802,12 @@ def report(results):
             sj = median([m.get("status_json_bytes") for m in ms])
             sc = median([(m.get("own_syscr", 0) + m.get("own_syscw", 0)) / m["steady_s"] for m in ms])
             wr = median([m.get("own_wchar", 0) / m["steady_s"] for m in ms])
-            P(f"| {n} | {fmt(cpu, '.2f')} ({fmt(tick, '.2f')}) | {fmt(hwm / 1024, '.1f')} MiB | {fmt(thr, '.0f')} | "
-              f"{fmt(cps, '.1f')} | {fmt(sc, '.0f')} | {fmt(wr / 1024, '.1f')} KiB | {fmt(dmn, '.2f')} | "
+            ind = dmn - bd if dmn is not None and bd is not None else None
+            box = cpu + ind if cpu is not None and ind is not None else None
+            wk = median([m["own_wakeups"] / m["steady_s"] for m in ms if m.get("own_wakeups") is not None])
+            P(f"| {n} | {fmt(cpu, '.2f')} ({fmt(tick, '.2f')}) | {fmt(ind, '.2f')} | **{fmt(box, '.2f')}** | "
+              f"{fmt(hwm / 1024, '.1f')} MiB | {fmt(thr, '.0f')} | "
+              f"{fmt(cps, '.1f')} | {fmt(wk, '.1f')} | {fmt(sc, '.0f')} | {fmt(wr / 1024, '.1f')} KiB | {fmt(dmn, '.2f')} | "
               f"{fmt(sj / 1024 if sj else None, '.1f')} KiB | `{short(results['scale_cmds'][n])}` |")
         P()
         for n, ms in s.items():

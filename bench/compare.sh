@@ -5,7 +5,8 @@
 #   REPS=1 DURATION=10 SCALE_DURATION=5 DETECT_REPS=1 bench/compare.sh    # quick look (~3 min)
 # Knobs: REPS (3), DURATION (60 s footprint window), SCALE_DURATION (15 s) / SCALE_SETTLE (3 s),
 #   SCALE_COUNTS ("1 10 100"), SCALE_REAL (10 node apps), DETECT_REPS (=REPS),
-#   FAULTS ("sigstop 500 spin crash"), SECTIONS ("footprint scale detect cost"),
+#   FAULTS ("sigstop 500 spin crash"), SECTIONS ("footprint scale detect cost"), SKIP_BASH=1
+#   (leave the seed's bash loop out of the footprint: 30 % of a core that disturbs the others),
 #   AGENT (use this pmguard-agent binary instead of building one; AGENT_LABEL names it in the
 #   report), KEEP_WORK=1 (keep the private directory), BENCH_AWS_SECTION (the [aws] block to try
 #   first for the CloudWatch row, which runs only if `pmguard-agent validate` accepts an [aws]

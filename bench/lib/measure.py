@@ -22,6 +22,9 @@ seconds the command's process group gets SIGTERM (SIGKILL 5 s later), everything
                   that ended inside the window are missed, /proc stat ticks are 10 ms)
   own_threads_cpu CPU seconds per thread name over the steady window (app:* threads summed;
                   schedstat, threads alive at the end only)
+  own_wakeups     voluntary context switches of all the watcher's threads over the steady window
+                  (/proc/<pid>/task/*/status; each is one sleep that ended: a wake-up; threads
+                  alive at the end only); own_nvcsw the involuntary ones (preemptions)
 are printed as one key=value line on stdout.
 """
 import ctypes
@@ -65,6 +68,26 @@ def thread_cpu(pid):
             name = "app:*"
         out[name] = out.get(name, 0.0) + ns / 1e9
     return out
+
+
+def ctxt_switches(pid):
+    """(voluntary, involuntary) context switches summed over the threads of `pid`."""
+    vol = invol = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        invol += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return vol, invol
 
 
 def io_counters(pid):
@@ -118,7 +141,7 @@ def main():
         now = time.monotonic() - t0
         if own0 is None and now >= settle:
             own0 = stat_cpu(p.pid) or 0.0
-            thr0, io0 = thread_cpu(p.pid), io_counters(p.pid)
+            thr0, io0, cs0 = thread_cpu(p.pid), io_counters(p.pid), ctxt_switches(p.pid)
             ts_settle = now
         if now >= duration:
             break
@@ -130,6 +153,7 @@ def main():
     st = status_fields(p.pid)
     own1 = stat_cpu(p.pid)
     thr1, io1 = (thread_cpu(p.pid), io_counters(p.pid)) if own0 is not None else ({}, {})
+    cs1 = ctxt_switches(p.pid) if own0 is not None else None
     d1 = stat_cpu(dpid) if dpid else None
     try:
         os.killpg(p.pid, signal.SIGTERM)
@@ -180,6 +204,9 @@ def main():
     for k in ("syscr", "syscw", "rchar", "wchar"):
         if k in io1 and k in io0:
             out[f"own_{k}"] = io1[k] - io0[k]
+    if cs1 and cs0:
+        out["own_wakeups"] = cs1[0] - cs0[0]
+        out["own_nvcsw"] = cs1[1] - cs0[1]
     if thr1:
         out["own_sched_s"] = f"{sum(thr1.values()) - sum(thr0.get(n, 0.0) for n in thr1):.4f}"
         out["own_threads_cpu"] = ",".join(

@@ -10,9 +10,14 @@
 //!   decoded, `env` is skipped by serde and never held.
 //! - Never spawns a daemon: a missing socket is retried, quietly, until [`Bus::stop`].
 //! - `stop` returns once the thread has exited; `on_event` is never called after that.
+//! - [`Link`] says whether the bus is connected and counts connects, disconnects and events
+//!   (bumped before `on_event` runs): a reader that sees the same [`Mark`] twice knows it was
+//!   connected all along in between and that no process event arrived. The agent uses that to
+//!   skip asking PM2 for its process list when nothing can have changed.
 
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -29,6 +34,48 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const TOPIC: &str = "process:event";
 /// The bus topic of `pm2 kill`; also the `event` of the `BusEvent` it is passed on as.
 pub const KILL_TOPIC: &str = "pm2:kill";
+
+/// What the bus saw, shared with its readers: connection epochs and event counts.
+#[derive(Debug, Default)]
+pub struct Link {
+    /// Bumped on every connect and every disconnect: odd while connected.
+    epoch: AtomicU64,
+    /// Bumped on every `process:event` and `pm2:kill`, before `on_event` sees it.
+    events: AtomicU64,
+}
+
+/// A point in the bus's history: the connection epoch and the event count then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    epoch: u64,
+    events: u64,
+}
+
+impl Link {
+    /// Where the bus is now, or `None` while it is not connected (nothing it says can be
+    /// trusted to be complete then).
+    pub fn mark(&self) -> Option<Mark> {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let events = self.events.load(Ordering::SeqCst);
+        (epoch % 2 == 1).then_some(Mark { epoch, events })
+    }
+
+    /// Whether the bus stayed connected since `then` and reported no process event.
+    pub fn quiet_since(&self, then: Mark) -> bool {
+        self.mark() == Some(then)
+    }
+
+    fn connected(&self, up: bool) {
+        let now = self.epoch.load(Ordering::SeqCst);
+        if (now % 2 == 1) != up {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn event(&self) {
+        self.events.fetch_add(1, Ordering::SeqCst);
+    }
+}
 
 pub struct Bus {
     ctl: Arc<Ctl>,
@@ -50,11 +97,20 @@ struct CtlState {
 
 impl Bus {
     pub fn spawn(paths: Pm2Paths, on_event: impl Fn(BusEvent) + Send + 'static) -> io::Result<Bus> {
+        Bus::spawn_with_link(paths, Arc::new(Link::default()), on_event)
+    }
+
+    /// Like `spawn`, keeping `link` up to date.
+    pub fn spawn_with_link(
+        paths: Pm2Paths,
+        link: Arc<Link>,
+        on_event: impl Fn(BusEvent) + Send + 'static,
+    ) -> io::Result<Bus> {
         let ctl = Arc::new(Ctl::default());
         let thread_ctl = ctl.clone();
         let thread = std::thread::Builder::new()
             .name("pm2-bus".into())
-            .spawn(move || run(&paths, &thread_ctl, &on_event))?;
+            .spawn(move || run(&paths, &thread_ctl, &link, &on_event))?;
         Ok(Bus {
             ctl,
             thread: Some(thread),
@@ -95,7 +151,7 @@ impl Drop for Bus {
     }
 }
 
-fn run(paths: &Pm2Paths, ctl: &Ctl, on_event: &dyn Fn(BusEvent)) {
+fn run(paths: &Pm2Paths, ctl: &Ctl, link: &Link, on_event: &dyn Fn(BusEvent)) {
     let mut backoff = BACKOFF_MIN;
     let mut logged_down = false;
     loop {
@@ -133,7 +189,9 @@ fn run(paths: &Pm2Paths, ctl: &Ctl, on_event: &dyn Fn(BusEvent)) {
         debug!(message = "PM2 bus connected.", path = %paths.pubsub.display());
         backoff = BACKOFF_MIN;
         logged_down = false;
-        let reason = read_events(stream, on_event);
+        link.connected(true);
+        let reason = read_events(stream, link, on_event);
+        link.connected(false);
         let stopped = {
             let mut st = lock(&ctl.state);
             st.stream = None;
@@ -159,7 +217,7 @@ fn sleep_or_stop(ctl: &Ctl, d: Duration) -> bool {
     st.stopped
 }
 
-fn read_events(mut stream: UnixStream, on_event: &dyn Fn(BusEvent)) -> String {
+fn read_events(mut stream: UnixStream, link: &Link, on_event: &dyn Fn(BusEvent)) -> String {
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -176,6 +234,7 @@ fn read_events(mut stream: UnixStream, on_event: &dyn Fn(BusEvent)) -> String {
                     // `pm2 kill` says so before the daemon exits: the daemon was stopped on
                     // purpose, which is not a crash to repair.
                     if frame.len() == 2 && frame[0].is_str(KILL_TOPIC) {
+                        link.event();
                         on_event(BusEvent {
                             event: KILL_TOPIC.to_string(),
                             name: String::new(),
@@ -190,6 +249,8 @@ fn read_events(mut stream: UnixStream, on_event: &dyn Fn(BusEvent)) -> String {
                     if frame.len() != 2 || !frame[0].is_str(TOPIC) {
                         continue;
                     }
+                    // Counted even when undecodable: something happened to some process.
+                    link.event();
                     let Some(json) = frame[1].as_json() else {
                         continue;
                     };
@@ -208,5 +269,46 @@ fn read_events(mut stream: UnixStream, on_event: &dyn Fn(BusEvent)) -> String {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bus_never_connected_vouches_for_nothing() {
+        let link = Link::default();
+        assert_eq!(link.mark(), None);
+    }
+
+    #[test]
+    fn a_connected_silent_bus_stays_quiet() {
+        let link = Link::default();
+        link.connected(true);
+        let m = link.mark().unwrap();
+        assert!(link.quiet_since(m));
+    }
+
+    #[test]
+    fn any_event_ends_the_quiet() {
+        let link = Link::default();
+        link.connected(true);
+        let m = link.mark().unwrap();
+        link.event();
+        assert!(!link.quiet_since(m));
+    }
+
+    #[test]
+    fn a_reconnect_ends_the_quiet_even_without_events() {
+        // Messages sent while the bus was away are lost: the list must be asked for again.
+        let link = Link::default();
+        link.connected(true);
+        let m = link.mark().unwrap();
+        link.connected(false);
+        assert!(!link.quiet_since(m));
+        link.connected(true);
+        assert!(!link.quiet_since(m));
+        assert!(link.mark().is_some());
     }
 }

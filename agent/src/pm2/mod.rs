@@ -18,7 +18,7 @@ pub mod codec;
 pub mod liveness;
 pub mod types;
 
-pub use bus::Bus;
+pub use bus::{Bus, Link};
 pub use client::Client;
 pub use liveness::Liveness;
 pub use types::{BusEvent, ExecMode, Pm2Error, Pm2Paths, ProcessEntry, Snapshot, Status};

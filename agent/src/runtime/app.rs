@@ -232,7 +232,10 @@ impl App {
 
     /// The first half of a check: PM2's state of the app and the /proc samples of its pids.
     pub fn observe(&mut self, shared: &Shared, max_age: u64) -> Observation {
-        let snap = shared.snapshot(max_age);
+        let snap = match self.quiet_list(shared) {
+            Some(s) => Ok(s),
+            None => shared.snapshot(max_age),
+        };
         let at = clock::mono_now();
         let mut rule = self.stuck_rule();
         rule.ticks_per_sec = shared.ticks_per_sec;
@@ -262,6 +265,32 @@ impl App {
             snapshot,
             tree_failures,
         }
+    }
+
+    /// The last process list, when it may stand in for asking PM2 again for this app: PM2's bus
+    /// stayed connected and silent since it was taken and it is young (`Shared::quiet_snapshot`),
+    /// the app was healthy at its last check and not stopped by a person, every instance in it is
+    /// online with a pid, and each pid is still the very process this app's tracker opened: its
+    /// kept /proc fd still reads (an exited process gives ESRCH, so a reused pid is never taken
+    /// for it) with the same start time. Anything else, and the caller asks PM2.
+    fn quiet_list(&self, shared: &Shared) -> Option<Arc<Snapshot>> {
+        if self.state.health != Health::Healthy || self.manual_stop {
+            return None;
+        }
+        let snap = shared.quiet_snapshot()?;
+        let entries = snap.by_name(&self.cfg.name);
+        let same = !entries.is_empty()
+            && entries.iter().all(|e| {
+                e.pid > 0
+                    && e.status == crate::pm2::Status::Online
+                    && self.trackers.get(&e.pid).is_some_and(|(w, t)| {
+                        w.sample().is_ok_and(|s| {
+                            s.start_ticks == t.start_ticks && !matches!(s.state, 'Z' | 'X')
+                        })
+                    })
+            });
+        drop(entries);
+        same.then_some(snap)
     }
 
     /// Starts this app's probes without waiting (`None`: the app has no probe).

@@ -178,8 +178,9 @@ fn announce_start(events: &EventLog, config: &Config, paths: &Pm2Paths) {
 /// loop (through `route`, which follows the loop when it is started again).
 fn spawn_bus(paths: Pm2Paths, route: &Route, shared: &Arc<Shared>) -> Result<Bus, StartError> {
     let route = route.clone();
+    let link = shared.bus.clone();
     let shared = shared.clone();
-    Bus::spawn(paths, move |ev: BusEvent| {
+    Bus::spawn_with_link(paths, link, move |ev: BusEvent| {
         if ev.event == crate::pm2::bus::KILL_TOPIC {
             shared.pm2_stopped_on_purpose();
             return;

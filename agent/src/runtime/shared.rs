@@ -3,7 +3,10 @@
 //! (stopped on purpose by a person, when it last alerted about a resurrect).
 //!
 //! Invariant: one `getMonitorData` serves every app checked within `SNAPSHOT_MAX_AGE` of it, and
-//! concurrent callers wait for one call rather than each asking PM2.
+//! concurrent callers wait for one call rather than each asking PM2. A list older than that is
+//! handed out again (`quiet_snapshot`) only while PM2's bus stayed connected and silent since it
+//! was taken, and for at most `RELIST_MS`: PM2 reports every exit, stop, restart and start on the
+//! bus, and the list is the daemon's costliest request (it measures every process it runs).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +17,7 @@ use std::time::Duration;
 use crate::clock;
 use crate::clock::Mono;
 use crate::config::AgentConfig;
+use crate::pm2::bus::{Link, Mark};
 use crate::pm2::liveness::{self, Liveness};
 use crate::pm2::{Client, Pm2Error, Snapshot};
 use crate::procfs;
@@ -27,6 +31,17 @@ pub const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A PM2 process list, or why there is none.
 type SnapshotResult = Result<Arc<Snapshot>, Pm2Failure>;
+
+/// The last list: when it was asked for, where the bus was then, and the answer.
+struct Listed {
+    at: Mono,
+    bus: Option<Mark>,
+    result: SnapshotResult,
+}
+
+/// The longest a list is reused while the bus is quiet: a lost bus message (or a stalled daemon,
+/// which sends nothing) is noticed by the next list within this.
+pub const RELIST_MS: u64 = 5_000;
 
 /// Why PM2 gave no process list, judged once (see `pm2::liveness`).
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +87,9 @@ pub struct Shared {
     pub proc_root: PathBuf,
     pub ticks_per_sec: u64,
     /// The last `getMonitorData`, reused by apps checked within `SNAPSHOT_MAX_AGE` of it.
-    snapshot: Mutex<Option<(Mono, SnapshotResult)>>,
+    snapshot: Mutex<Option<Listed>>,
+    /// PM2's bus as its reader thread sees it (never connected in `check --once`).
+    pub bus: Arc<Link>,
     /// Serializes `pm2 resurrect` among the apps of this process; holds when the agent last
     /// alerted that it cannot resurrect from inside its sandbox.
     pub(super) resurrect: Mutex<Option<Mono>>,
@@ -110,6 +127,7 @@ impl Shared {
             proc_root: PathBuf::from("/proc"),
             ticks_per_sec: procfs::ticks_per_sec(),
             snapshot: Mutex::new(None),
+            bus: Arc::new(Link::default()),
             resurrect: Mutex::new(None),
             sandboxed: false,
             board: Mutex::new(BTreeMap::new()),
@@ -161,17 +179,23 @@ impl Shared {
     pub fn snapshot(&self, max_age: u64) -> SnapshotResult {
         let mut cached = lock(&self.snapshot);
         let now = clock::mono_now();
-        if let Some((at, snap)) = cached.as_ref() {
-            if now.saturating_sub(*at) <= max_age {
-                return snap.clone();
+        if let Some(l) = cached.as_ref() {
+            if now.saturating_sub(l.at) <= max_age {
+                return l.result.clone();
             }
         }
+        // Read before asking: an event that arrives while the list is on its way makes it doubtful.
+        let bus = self.bus.mark();
         let fresh = self
             .client
             .list(LIST_TIMEOUT)
             .map(Arc::new)
             .map_err(|e| self.judge_failure(&e));
-        *cached = Some((clock::mono_now(), fresh.clone()));
+        *cached = Some(Listed {
+            at: clock::mono_now(),
+            bus,
+            result: fresh.clone(),
+        });
         drop(cached);
         // A daemon answers again after a `pm2 kill` (on a newer connection than the one the kill
         // was seen on): resurrect is allowed again when it dies.
@@ -184,6 +208,18 @@ impl Shared {
             }
         }
         fresh
+    }
+
+    /// The last list, if nothing since casts doubt on it: it was an answer, it is younger than
+    /// `RELIST_MS`, PM2's bus was connected when it was asked for and has stayed connected and
+    /// silent since, and the PM2 connection is the one it came on. `None`: ask PM2 again.
+    pub fn quiet_snapshot(&self) -> Option<Arc<Snapshot>> {
+        let cached = lock(&self.snapshot);
+        let l = cached.as_ref()?;
+        let snap = l.result.as_ref().ok()?;
+        let young = clock::mono_now().saturating_sub(l.at) < RELIST_MS;
+        let quiet = l.bus.is_some_and(|m| self.bus.quiet_since(m));
+        (young && quiet && snap.generation == self.client.generation()).then(|| snap.clone())
     }
 
     pub fn emit(&self, e: Event) {

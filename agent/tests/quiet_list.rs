@@ -1,0 +1,206 @@
+//! The agent asks PM2 for its process list (`getMonitorData`, the daemon's costliest request)
+//! only when something may have changed: PM2's bus was silent or disconnected, a pid the list
+//! named is gone from /proc, or the list is `RELIST_MS` old. These tests put relays in front of
+//! PM2's sockets to count the lists and to silence the bus, and check that a quiet app costs few
+//! lists while every change is still seen at once.
+
+mod agent_harness;
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_harness::{app, Agent};
+use common::{free_port, wait_until, Pm2Sandbox};
+
+/// A Unix socket in front of one of PM2's: bytes pass both ways; what the agent sends is kept
+/// (to count requests), and what the daemon sends can be dropped (`mute`).
+struct Relay {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    sent: Arc<Mutex<Vec<u8>>>,
+    mute: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn start(target: &Path) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let sent: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let mute = Arc::new(AtomicBool::new(false));
+        let (target, s, m) = (target.to_path_buf(), Arc::clone(&sent), Arc::clone(&mute));
+        std::thread::spawn(move || {
+            for agent in listener.incoming().flatten() {
+                let Ok(daemon) = UnixStream::connect(&target) else {
+                    continue;
+                };
+                pump(
+                    agent.try_clone().unwrap(),
+                    daemon.try_clone().unwrap(),
+                    Some(s.clone()),
+                    None,
+                );
+                pump(daemon, agent, None, Some(m.clone()));
+            }
+        });
+        Relay {
+            _dir: dir,
+            path,
+            sent,
+            mute,
+        }
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        let sent = self.sent.lock().unwrap();
+        sent.windows(needle.len())
+            .filter(|w| *w == needle.as_bytes())
+            .count()
+    }
+}
+
+fn pump(
+    mut from: UnixStream,
+    mut to: UnixStream,
+    keep: Option<Arc<Mutex<Vec<u8>>>>,
+    mute: Option<Arc<AtomicBool>>,
+) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Some(k) = &keep {
+                k.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+            if mute.as_ref().is_some_and(|m| m.load(Ordering::SeqCst)) {
+                continue;
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+const LIST: &str = "\"method\":\"getMonitorData\"";
+
+fn passing_probes_since(agent: &Agent, mark: u64) -> usize {
+    agent
+        .of_kind("probe")
+        .iter()
+        .filter(|e| e["ok"] == true && e["ts_ms"].as_u64().is_some_and(|t| t > mark))
+        .count()
+}
+
+fn clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn start(pm2: &Pm2Sandbox, name: &str, port: u16, pubsub: &Path, rpc: &Relay) -> Agent {
+    Agent::start_with(
+        pm2,
+        "",
+        &app(name, port, "max_retries = 3"),
+        &[
+            ("PM2_DAEMON_RPC_PORT", rpc.path.to_str().unwrap()),
+            ("PM2_DAEMON_PUB_PORT", pubsub.to_str().unwrap()),
+        ],
+    )
+}
+
+/// A healthy app checked every 300 ms: PM2 is asked for its list about every 5 s, not at every
+/// check; a process killed behind PM2's back (PM2 starts it again) is seen at the next check.
+#[test]
+fn a_quiet_healthy_app_costs_few_lists_and_a_killed_process_is_seen_at_once() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("quiet", port, &[]);
+    let rpc = Relay::start(&pm2.home().join("rpc.sock"));
+    let bus = Relay::start(&pm2.home().join("pub.sock"));
+    let agent = start(&pm2, "quiet", port, &bus.path, &rpc);
+    agent.wait_for_probe_ok();
+    std::thread::sleep(Duration::from_millis(600));
+    let (lists, mark) = (rpc.count(LIST), clock_ms());
+    std::thread::sleep(Duration::from_secs(4));
+    let checks = passing_probes_since(&agent, mark);
+    let asked = rpc.count(LIST) - lists;
+    assert!(checks >= 8, "only {checks} checks in 4 s");
+    assert!(asked <= 2, "{asked} lists for {checks} quiet checks");
+    kill_and_see_pm2_restart(&pm2, &agent, "quiet");
+}
+
+/// The same with PM2's bus silenced (connected, but its messages dropped, as when they are lost):
+/// the kept /proc handle of the killed pid fails, so the agent asks PM2 at once anyway.
+#[test]
+fn with_the_bus_silent_a_killed_process_is_seen_from_proc() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("mute", port, &[]);
+    let rpc = Relay::start(&pm2.home().join("rpc.sock"));
+    let bus = Relay::start(&pm2.home().join("pub.sock"));
+    let agent = start(&pm2, "mute", port, &bus.path, &rpc);
+    agent.wait_for_probe_ok();
+    bus.mute.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(600));
+    kill_and_see_pm2_restart(&pm2, &agent, "mute");
+}
+
+/// Without a bus (its socket missing) nothing says the list is still true: every check asks.
+#[test]
+fn without_the_bus_every_check_asks_pm2() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("nobus", port, &[]);
+    let rpc = Relay::start(&pm2.home().join("rpc.sock"));
+    let nowhere = tempfile::tempdir().unwrap();
+    let agent = start(&pm2, "nobus", port, &nowhere.path().join("pub.sock"), &rpc);
+    agent.wait_for_probe_ok();
+    let (lists, mark) = (rpc.count(LIST), clock_ms());
+    std::thread::sleep(Duration::from_secs(2));
+    let checks = passing_probes_since(&agent, mark);
+    let asked = rpc.count(LIST) - lists;
+    assert!(checks >= 4, "only {checks} checks in 2 s");
+    assert!(asked + 1 >= checks, "{asked} lists for {checks} checks");
+}
+
+/// SIGKILLs the app's process; PM2 starts a new one. The agent must say so (a `pm2_event` about
+/// PM2 restarting the app by itself) well within the 5 s a stale list could live.
+fn kill_and_see_pm2_restart(pm2: &Pm2Sandbox, agent: &Agent, name: &str) {
+    let old = pm2.pids(name);
+    let before = agent.of_kind("pm2_event").len();
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the agent noticing PM2's restart",
+        || {
+            agent.of_kind("pm2_event")[before..].iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("restarted the app by itself"))
+            })
+        },
+    );
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_millis(2_500),
+        "noticed only after {took:?}"
+    );
+    assert!(agent.of_kind("restart").is_empty(), "pmguard restarted too");
+}

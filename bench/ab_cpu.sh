@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Two pmguard-agent builds, A and B, watching the same app in turns (A, B, idle, A, B, idle ...):
+# the agent's own CPU (schedstat ns, all threads, steady window), the CPU it induces in the PM2
+# daemon (daemon CPU minus the idle window's), wake-ups/s and VmHWM. Meant for before/after
+# comparisons on a loaded machine (interleaving exposes both to the same load; CPU seconds are
+# far less sensitive to load than wall times). valgrind cannot run the agent here (rustix's vDSO
+# lookup reads the host's auxv under valgrind and faults), and perf has no counters in this VM.
+# Usage: A=old/pmguard-agent B=new/pmguard-agent [REPS=3] [DURATION=40] [EXTRA_PROCS=0] bench/ab_cpu.sh
+#   EXTRA_PROCS: that many `/bin/sleep` processes more in PM2 (a bigger process list).
+# Prints one key=value line per run on stderr and medians on stdout. Kills its PM2 at the end.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+: "${A:?}" "${B:?}"
+REPS=${REPS:-3}
+DURATION=${DURATION:-40}
+SETTLE=${SETTLE:-5}
+EXTRA_PROCS=${EXTRA_PROCS:-0}
+PM2=${PMGUARD_TEST_PM2:-pm2}
+W=$(mktemp -d)
+export PM2_HOME=$W/pm2
+unset PM2_DAEMON_RPC_PORT PM2_DAEMON_PUB_PORT
+trap '"$PM2" kill >/dev/null 2>&1 || true; rm -rf "$W"' EXIT
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$PORT "$PM2" start "$ROOT/agent/tests/apps/app.js" --name bench >/dev/null
+for i in $(seq 1 "$EXTRA_PROCS"); do
+    "$PM2" start /bin/sleep --name "stub$i" --interpreter none -- 1000000 >/dev/null
+done
+sleep 3
+DPID=$(cat "$PM2_HOME/pm2.pid")
+cfg() {
+    cat <<EOF
+[agent]
+interval = "1s"
+state_dir = "$W/state-$1"
+pm2_home = "$PM2_HOME"
+
+[[apps]]
+name = "bench"
+health_url = "http://127.0.0.1:$PORT/health"
+timeout = "1s"
+max_retries = 3
+retry_interval = "1s"
+EOF
+}
+cfg a > "$W/a.toml"
+cfg b > "$W/b.toml"
+run() { # label cmd...
+    local label=$1; shift
+    local line
+    line=$(python3 "$ROOT/bench/lib/measure.py" --duration "$((DURATION + SETTLE))" --settle "$SETTLE" \
+        --daemon-pid "$DPID" -- "$@")
+    echo "$label $line" | tee -a "$W/raw" >&2
+}
+for r in $(seq "$REPS"); do
+    rm -rf "$W/state-a" "$W/state-b"
+    run A "$A" run --config "$W/a.toml"
+    run B "$B" run --config "$W/b.toml"
+    run idle sleep "$((DURATION + SETTLE + 1))"
+done
+python3 - "$W/raw" "$DURATION" "$EXTRA_PROCS" <<'EOF'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    label, *kv = line.split()
+    rows.setdefault(label, []).append(dict(x.split("=", 1) for x in kv))
+dur = float(sys.argv[2])
+idle = [float(r["daemon_cpu_s"]) / float(r["window_s"]) for r in rows["idle"]]
+med = statistics.median
+print(f"PM2 processes: 1 app + {sys.argv[3]} more; idle daemon: {med(idle) * 60:.4f} s per 60 s")
+print("| build | agent CPU s per 60 s | induced PM2 CPU s per 60 s | cost to the box s per 60 s | wake-ups/s | VmHWM KiB |")
+print("|---|---:|---:|---:|---:|---:|")
+for label in ("A", "B"):
+    rs = rows[label]
+    own = med([float(r["own_sched_s"]) / float(r["steady_s"]) * 60 for r in rs])
+    ind = med([(float(r["daemon_cpu_s"]) / float(r["window_s"]) - i) * 60 for r, i in zip(rs, idle)])
+    box = med([(float(r["own_sched_s"]) / float(r["steady_s"]) + float(r["daemon_cpu_s"]) / float(r["window_s"]) - i) * 60 for r, i in zip(rs, idle)])
+    wk = med([float(r["own_wakeups"]) / float(r["steady_s"]) for r in rs])
+    hwm = med([float(r["own_hwm_kib"]) for r in rs])
+    print(f"| {label} | {own:.4f} | {ind:.4f} | {box:.4f} | {wk:.1f} | {hwm:.0f} |")
+EOF
