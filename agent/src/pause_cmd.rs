@@ -1,5 +1,5 @@
 //! The binary's side of `pause` and `resume` (part of `pmguard-agent`, not of the library):
-//! config, dropping root to the PM2 user, the deploy helper, and what is printed.
+//! config, dropping root to the PM2 user (or the state directory's owner), the deploy helper, and what is printed.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -9,7 +9,7 @@ use pmguard_agent::clock;
 use pmguard_agent::config::Config;
 use pmguard_agent::control::{self, AgentSeen, Changed, Deployed, PauseRequest};
 
-use crate::{act_as_pm2_owner, config_failure};
+use crate::{act_as_state_owner, config_failure};
 
 /// `pause`: records the pause (as the PM2 user), or with a COMMAND runs the deploy helper.
 pub fn pause(config: &Path, request: PauseRequest, command: &[OsString]) -> ExitCode {
@@ -20,7 +20,7 @@ pub fn pause(config: &Path, request: PauseRequest, command: &[OsString]) -> Exit
     if !command.is_empty() {
         return deploy(&c, &request, command);
     }
-    if let Err(code) = act_as_pm2_owner(&c) {
+    if let Err(code) = act_as_state_owner(&c) {
         return code;
     }
     match control::pause(&c, &request) {
@@ -47,7 +47,7 @@ pub fn resume(config: &Path, apps: &[String]) -> ExitCode {
         Err(code) => return code,
     };
     let by = crate::caller();
-    if let Err(code) = act_as_pm2_owner(&c) {
+    if let Err(code) = act_as_state_owner(&c) {
         return code;
     }
     match control::resume(&c, apps, by.as_deref()) {

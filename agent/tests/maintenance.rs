@@ -248,3 +248,67 @@ fn pause_as_root_writes_the_state_directory_as_pm2s_user() {
     let out = run(&["resume"]);
     assert!(text(&out).contains("web: resumed."), "{}", text(&out));
 }
+
+/// A default install: no `pm2_home` in the config (root's own PM2_HOME says nothing), the state
+/// directory the agent's user's. `sudo pmguard-agent pause` must write as that user, so the
+/// agent (here `check --once` run as that user) can read the pause.
+#[test]
+fn pause_as_root_without_pm2_home_writes_as_the_state_directorys_owner() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (state, root_home) = (d.path().join("state"), d.path().join("root"));
+    std::fs::create_dir(&state).unwrap();
+    std::fs::create_dir(&root_home).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let port = free_port();
+    let config = d.path().join("pmguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nstate_dir = \"{}\"\n[[apps]]\nname = \"web\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(AGENT);
+        c.args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("PM2_HOME")
+            .env("HOME", &root_home);
+        c
+    };
+    let out = cmd(&["pause", "web", "--for", "10m", "--reason", "deploy"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    for f in ["pauses.json", "events.jsonl", "restart.lock"] {
+        let m = std::fs::metadata(state.join(f)).unwrap();
+        assert_eq!(m.uid(), 65534, "{f} is owned by uid {}", m.uid());
+    }
+    let out = cmd(&["check", "--once"])
+        .env("HOME", "/nonexistent")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!said.contains("Cannot read the pause file"), "{said}");
+    assert!(said.contains("web: paused until"), "{said}");
+    // A root-owned state directory with no pm2_home: refused, with the fix named.
+    std::os::unix::fs::chown(&state, Some(0), Some(0)).unwrap();
+    let out = cmd(&["resume", "web"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("run as the PM2 user or set [agent] pm2_home"),
+        "{}",
+        text(&out)
+    );
+}
