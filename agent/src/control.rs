@@ -19,9 +19,7 @@ use crate::report::pauses::{Pause, PauseBook};
 use crate::report::state::StateDir;
 use crate::sys::files::LockError;
 
-/// The longest pause: a forgotten pause must end (an app left unwatched forever is what the
-/// tools pmguard replaces did silently).
-pub const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use crate::report::pauses::MAX_PAUSE;
 
 /// How long `pause`/`resume` wait for `restart.lock` (a restart in flight holds it).
 const LOCK_WAIT: Duration = Duration::from_secs(15);
