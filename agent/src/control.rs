@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::clock;
 use crate::config::Config;
 use crate::report::events::{Event, EventLog, Kind};
-use crate::report::pauses::{Pause, PauseBook};
+use crate::report::pauses::{clean_text, Pause, PauseBook, MAX_REASON};
 use crate::report::state::StateDir;
 use crate::sys::files::LockError;
 
@@ -33,6 +33,8 @@ pub enum ControlError {
         config: String,
         known: String,
     },
+    #[error("--reason: {why}")]
+    Reason { why: String },
     #[error("--for {given}: a pause lasts from 1s to 7d")]
     Length { given: String },
     #[error("state directory {path}: {source}")]
@@ -83,13 +85,16 @@ pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlErro
             given: crate::config::duration::format(req.length),
         });
     }
+    if let Some(r) = &req.reason {
+        check_reason(r)?;
+    }
     let names = resolve(config, &req.apps)?;
     let now = clock::wall_ms();
     let pause = Pause {
         since_ms: now,
         until_ms: now + req.length.as_millis() as u64,
         reason: req.reason.clone(),
-        by: req.by.clone(),
+        by: req.by.as_deref().map(clean_text),
     };
     let (state, events) = open(config)?;
     let revision = edit(&state, |book| {
@@ -166,6 +171,21 @@ pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Chan
         revision,
         agent: wait_applied(&state, revision, Duration::from_secs(5)),
     })
+}
+
+/// A reason is one short line: `status` prints it in a table and events carry it everywhere.
+fn check_reason(reason: &str) -> Result<(), ControlError> {
+    let why = if reason.chars().any(char::is_control) {
+        "control characters (newlines, escapes) are not allowed".to_string()
+    } else if reason.len() > MAX_REASON {
+        format!(
+            "{} bytes; at most {MAX_REASON} (one short line)",
+            reason.len()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(ControlError::Reason { why })
 }
 
 /// The named apps, each checked against the config; none named = every app.
@@ -288,4 +308,21 @@ pub fn run_paused(
         .status()
         .is_ok_and(|s| s.success());
     Deployed::Ran { code, resumed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_is_one_short_printable_line() {
+        assert!(check_reason("deploy v42 (é)").is_ok());
+        assert!(check_reason(&"x".repeat(MAX_REASON)).is_ok());
+        let long = check_reason(&"x".repeat(MAX_REASON + 1)).unwrap_err();
+        assert!(long.to_string().contains("at most 200"), "{long}");
+        for bad in ["a\nweb  ok", "\u{1b}[31mred", "tab\there"] {
+            let e = check_reason(bad).unwrap_err();
+            assert!(e.to_string().contains("control characters"), "{e}");
+        }
+    }
 }

@@ -28,6 +28,26 @@ pub const PAUSES_FILE: &str = "pauses.json";
 /// tools pmguard replaces did silently).
 pub const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The longest `reason` (bytes): a line in `status`, not a document.
+pub const MAX_REASON: usize = 200;
+
+/// `text` made safe to print on a terminal: control characters (ANSI escapes, newlines) become
+/// U+FFFD, and it is cut to `MAX_REASON` bytes on a character boundary. For what a hand-edited
+/// `pauses.json` holds; the command refuses such a reason instead.
+pub fn clean_text(text: &str) -> String {
+    let mut out = String::new();
+    for c in text
+        .chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+    {
+        if out.len() + c.len_utf8() > MAX_REASON {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// How far past now a pause's start may lie (clocks a little apart): beyond, it is not honoured.
 const SINCE_AHEAD_MS: u64 = 60_000;
 
@@ -111,6 +131,17 @@ impl PauseBook {
         self.apps.get(app).filter(|p| p.is_active(now_ms))
     }
 
+    /// The book with every reason and `by` passed through `clean_text`: whatever the file says,
+    /// `status`, events and the log get one short printable line.
+    fn cleaned(mut self) -> PauseBook {
+        for p in self.apps.values_mut() {
+            for t in [&mut p.reason, &mut p.by].into_iter().flatten() {
+                *t = clean_text(t);
+            }
+        }
+        self
+    }
+
     /// Removes and returns the pauses no longer in force, each with why.
     pub fn take_expired(&mut self, now_ms: u64) -> Vec<(String, Pause, Lapse)> {
         let gone: Vec<(String, Lapse)> = self
@@ -140,10 +171,13 @@ impl StateDir {
         let path = self.path(PAUSES_FILE);
         match files::read_optional(&path) {
             Ok(None) => PauseBook::default(),
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
-                tracing::warn!(message = "The pause file is corrupt; no app counts as paused.", path = %path.display(), %error);
-                PauseBook::default()
-            }),
+            Ok(Some(bytes)) => match serde_json::from_slice::<PauseBook>(&bytes) {
+                Ok(book) => book.cleaned(),
+                Err(error) => {
+                    tracing::warn!(message = "The pause file is corrupt; no app counts as paused.", path = %path.display(), %error);
+                    PauseBook::default()
+                }
+            },
             Err(error) => {
                 tracing::warn!(message = "Cannot read the pause file.", path = %path.display(), %error);
                 PauseBook::default()
@@ -238,6 +272,26 @@ mod tests {
             [("ahead", Lapse::Future), ("centuries", Lapse::TooLong)]
         );
         assert_eq!(book.apps.len(), 2);
+    }
+
+    #[test]
+    fn a_hand_edited_reason_cannot_reach_the_terminal_raw_or_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let long = "é".repeat(150);
+        let file = serde_json::json!({"revision": 3, "apps": {
+            "web": {"since_ms": 0, "until_ms": 1, "reason": "x\u{1b}[2J\nweb  ok", "by": "a\rb"},
+            "api": {"since_ms": 0, "until_ms": 1, "reason": long},
+        }});
+        std::fs::write(s.path(PAUSES_FILE), file.to_string()).unwrap();
+        let book = s.read_pauses();
+        let web = &book.apps["web"];
+        assert_eq!(web.reason.as_deref(), Some("x\u{fffd}[2J\u{fffd}web  ok"));
+        assert_eq!(web.by.as_deref(), Some("a\u{fffd}b"));
+        assert_eq!(
+            book.apps["api"].reason.as_deref(),
+            Some(&long[..MAX_REASON])
+        );
     }
 
     #[test]
