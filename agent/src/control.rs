@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::clock;
 use crate::config::Config;
 use crate::report::events::{Event, EventLog, Kind};
-use crate::report::pauses::{clean_text, Pause, PauseBook, MAX_REASON};
+use crate::report::pauses::{clean_text, Pause, PauseBook, MAX_REASON, PAUSES_FILE};
 use crate::report::state::StateDir;
 use crate::sys::files::LockError;
 
@@ -39,6 +39,11 @@ pub enum ControlError {
     Length { given: String },
     #[error("state directory {path}: {source}")]
     StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path} ({source}); not overwriting it: fix or remove it, then try again")]
+    PauseFile {
         path: String,
         source: std::io::Error,
     },
@@ -97,10 +102,11 @@ pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlErro
         by: req.by.as_deref().map(clean_text),
     };
     let (state, events) = open(config)?;
-    let revision = edit(&state, |book| {
+    let (revision, ()) = edit(&state, |book| {
         for n in &names {
             book.apps.insert(n.clone(), pause.clone());
         }
+        Ok(())
     })?;
     for n in &names {
         let mut e = Event::new(
@@ -139,7 +145,7 @@ pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Chan
     };
     let (state, events) = open(config)?;
     let mut ended = Vec::new();
-    let revision = edit(&state, |book| {
+    let (revision, ()) = edit(&state, |book| {
         let now = clock::wall_ms();
         let chosen: Vec<String> = if names.is_empty() {
             book.apps.keys().cloned().collect()
@@ -150,6 +156,7 @@ pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Chan
             let had = book.apps.remove(&n).filter(|p| p.is_active(now));
             ended.push((n, had));
         }
+        Ok(())
     })?;
     for (n, had) in &ended {
         let mut e = Event::new(
@@ -224,20 +231,33 @@ fn open(config: &Config) -> Result<(StateDir, EventLog), ControlError> {
 }
 
 /// Reads, changes and writes `pauses.json` under `restart.lock` (expired entries are left to
-/// the agent, which says so in a `pause_expired` event). Returns the revision written.
-fn edit(state: &StateDir, change: impl FnOnce(&mut PauseBook)) -> Result<u64, ControlError> {
+/// the agent, which says so in a `pause_expired` event). Returns the revision written: above
+/// both the file's and the one the agent last reported, so "applied" is never claimed early.
+/// A file that exists but cannot be read or parsed is left alone (an error).
+fn edit<T>(
+    state: &StateDir,
+    change: impl FnOnce(&mut PauseBook) -> Result<T, ControlError>,
+) -> Result<(u64, T), ControlError> {
     let path = state.dir.display().to_string();
     let _guard = match state.lock_restarts(LOCK_WAIT) {
         Ok(g) => g,
         Err(LockError::Busy) => return Err(ControlError::Busy { path }),
         Err(LockError::Io(source)) => return Err(ControlError::StateDir { path, source }),
     };
-    let mut book = state.read_pauses();
-    change(&mut book);
+    let mut book = state
+        .read_pauses_strict()
+        .map_err(|source| ControlError::PauseFile {
+            path: state.path(PAUSES_FILE).display().to_string(),
+            source,
+        })?;
+    if let Ok(Some(status)) = state.read_status() {
+        book.revision = book.revision.max(status.pauses_revision);
+    }
+    let out = change(&mut book)?;
     state
         .write_pauses(&mut book)
         .map_err(|source| ControlError::StateDir { path, source })?;
-    Ok(book.revision)
+    Ok((book.revision, out))
 }
 
 /// Waits up to `within` for a live agent to report `revision` applied in `status.json`.
@@ -313,6 +333,23 @@ pub fn run_paused(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_pause_file_is_not_overwritten_and_the_revision_never_goes_back() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path());
+        let file = state.path(PAUSES_FILE);
+        std::fs::write(&file, b"{ not json").unwrap();
+        let e = edit(&state, |_| Ok(())).unwrap_err();
+        assert!(matches!(e, ControlError::PauseFile { .. }), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"{ not json");
+        // The agent reported revision 9 (the file was since replaced by hand): the next is 10.
+        std::fs::remove_file(&file).unwrap();
+        let status = serde_json::json!({"pid": 1, "version": "0", "boot_epoch": 0, "heartbeat": 0,
+            "updated_at": "", "interval_ms": 1000, "pauses_revision": 9, "apps": []});
+        std::fs::write(state.path("status.json"), status.to_string()).unwrap();
+        assert_eq!(edit(&state, |_| Ok(())).unwrap().0, 10);
+    }
 
     #[test]
     fn a_reason_is_one_short_printable_line() {

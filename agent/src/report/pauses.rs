@@ -168,20 +168,20 @@ impl StateDir {
     /// Reads `pauses.json`; a missing file is an empty book. A corrupt file is reported and read
     /// as empty (pauses are a person's convenience; a broken file must never stop watching).
     pub fn read_pauses(&self) -> PauseBook {
-        let path = self.path(PAUSES_FILE);
-        match files::read_optional(&path) {
-            Ok(None) => PauseBook::default(),
-            Ok(Some(bytes)) => match serde_json::from_slice::<PauseBook>(&bytes) {
-                Ok(book) => book.cleaned(),
-                Err(error) => {
-                    tracing::warn!(message = "The pause file is corrupt; no app counts as paused.", path = %path.display(), %error);
-                    PauseBook::default()
-                }
-            },
-            Err(error) => {
-                tracing::warn!(message = "Cannot read the pause file.", path = %path.display(), %error);
-                PauseBook::default()
-            }
+        self.read_pauses_strict().unwrap_or_else(|error| {
+            tracing::warn!(message = "Cannot read the pause file; no app counts as paused.", path = %self.path(PAUSES_FILE).display(), %error);
+            PauseBook::default()
+        })
+    }
+
+    /// Reads `pauses.json`; a missing file is an empty book, an unreadable or corrupt one an
+    /// error (for the command, which must not overwrite what it could not read).
+    pub fn read_pauses_strict(&self) -> std::io::Result<PauseBook> {
+        match files::read_optional(&self.path(PAUSES_FILE))? {
+            None => Ok(PauseBook::default()),
+            Some(bytes) => serde_json::from_slice::<PauseBook>(&bytes)
+                .map(PauseBook::cleaned)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
         }
     }
 
