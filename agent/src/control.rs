@@ -58,6 +58,8 @@ pub enum ControlError {
 pub struct Changed {
     /// The apps paused (with their pause) or resumed (with the pause they had, if any).
     pub apps: Vec<(String, Option<Pause>)>,
+    /// `pause` only: apps whose longer pause (this one) the new, shorter pause replaced.
+    pub shortened: Vec<(String, Pause)>,
     pub revision: u64,
     pub agent: AgentSeen,
 }
@@ -102,11 +104,15 @@ pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlErro
         by: req.by.as_deref().map(clean_text),
     };
     let (state, events) = open(config)?;
-    let (revision, ()) = edit(&state, |book| {
+    let (revision, shortened) = edit(&state, |book| {
+        let mut shortened = Vec::new();
         for n in &names {
-            book.apps.insert(n.clone(), pause.clone());
+            let old = book.apps.insert(n.clone(), pause.clone());
+            if let Some(old) = old.filter(|o| o.is_active(now) && o.until_ms > pause.until_ms) {
+                shortened.push((n.clone(), old));
+            }
         }
-        Ok(())
+        Ok(shortened)
     })?;
     for n in &names {
         let mut e = Event::new(
@@ -131,6 +137,7 @@ pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlErro
             .into_iter()
             .map(|n| (n, Some(pause.clone())))
             .collect(),
+        shortened,
         revision,
         agent: wait_applied(&state, revision, Duration::from_secs(5)),
     })
@@ -138,15 +145,18 @@ pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlErro
 
 /// Ends the pauses of `apps` (empty: every pause) now.
 pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Changed, ControlError> {
-    let names = if apps.is_empty() {
-        Vec::new()
-    } else {
-        resolve(config, apps)?
-    };
+    let names = dedup(apps);
     let (state, events) = open(config)?;
     let mut ended = Vec::new();
     let (revision, ()) = edit(&state, |book| {
         let now = clock::wall_ms();
+        // An app removed from the config may still have a pause recorded: it can be resumed.
+        if let Some(a) = names
+            .iter()
+            .find(|a| config.app(a).is_none() && !book.apps.contains_key(*a))
+        {
+            return Err(unknown(config, a));
+        }
         let chosen: Vec<String> = if names.is_empty() {
             book.apps.keys().cloned().collect()
         } else {
@@ -175,6 +185,7 @@ pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Chan
     }
     Ok(Changed {
         apps: ended,
+        shortened: Vec::new(),
         revision,
         agent: wait_applied(&state, revision, Duration::from_secs(5)),
     })
@@ -195,28 +206,36 @@ fn check_reason(reason: &str) -> Result<(), ControlError> {
     Err(ControlError::Reason { why })
 }
 
-/// The named apps, each checked against the config; none named = every app.
+/// The named apps once each (in the order given), each checked against the config; none named
+/// = every app.
 fn resolve(config: &Config, apps: &[String]) -> Result<Vec<String>, ControlError> {
     if apps.is_empty() {
         return Ok(config.apps.iter().map(|a| a.name.clone()).collect());
     }
-    for a in apps {
-        if config.app(a).is_none() {
-            return Err(ControlError::UnknownApp {
-                name: a.clone(),
-                config: config.path.display().to_string(),
-                known: config
-                    .apps
-                    .iter()
-                    .map(|a| a.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
+    let names = dedup(apps);
+    match names.iter().find(|a| config.app(a).is_none()) {
+        Some(a) => Err(unknown(config, a)),
+        None => Ok(names),
     }
-    let mut names = apps.to_vec();
-    names.dedup();
-    Ok(names)
+}
+
+/// `apps` without repeats, first occurrence kept.
+fn dedup(apps: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    apps.iter().filter(|a| seen.insert(*a)).cloned().collect()
+}
+
+fn unknown(config: &Config, name: &str) -> ControlError {
+    ControlError::UnknownApp {
+        name: name.to_string(),
+        config: config.path.display().to_string(),
+        known: config
+            .apps
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 fn open(config: &Config) -> Result<(StateDir, EventLog), ControlError> {
@@ -349,6 +368,12 @@ mod tests {
             "updated_at": "", "interval_ms": 1000, "pauses_revision": 9, "apps": []});
         std::fs::write(state.path("status.json"), status.to_string()).unwrap();
         assert_eq!(edit(&state, |_| Ok(())).unwrap().0, 10);
+    }
+
+    #[test]
+    fn repeated_names_count_once() {
+        let names: Vec<String> = ["web", "api", "web", "api", "db"].map(String::from).into();
+        assert_eq!(dedup(&names), ["web", "api", "db"]);
     }
 
     #[test]

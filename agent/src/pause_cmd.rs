@@ -30,6 +30,9 @@ pub fn pause(config: &Path, request: PauseRequest, command: &[OsString]) -> Exit
                     println!("{app}: {}.", p.describe());
                 }
             }
+            for (app, old) in &changed.shortened {
+                println!("{app}: this replaces a longer pause ({}).", old.describe());
+            }
             say_applied(&changed, &c);
             ExitCode::SUCCESS
         }

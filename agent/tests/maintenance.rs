@@ -312,3 +312,54 @@ fn pause_as_root_without_pm2_home_writes_as_the_state_directorys_owner() {
         text(&out)
     );
 }
+
+/// `pause`/`resume` without PM2 or an agent: a state directory and a config are enough.
+fn offline_config(d: &std::path::Path, apps: &[&str]) -> std::path::PathBuf {
+    let (home, state) = (d.join("pm2"), d.join("state"));
+    for dir in [&home, &state] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let config = d.join("pmguard.toml");
+    let mut text = format!(
+        "[agent]\nstate_dir = \"{}\"\npm2_home = \"{}\"\n",
+        state.display(),
+        home.display()
+    );
+    for a in apps {
+        text.push_str(&format!("[[apps]]\nname = \"{a}\"\n"));
+    }
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+fn offline(config: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(AGENT)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn names_count_once_a_shorter_pause_says_what_it_replaced_and_a_removed_app_can_be_resumed() {
+    let d = tempfile::tempdir().unwrap();
+    let config = offline_config(d.path(), &["web", "api"]);
+    let out = offline(&config, &["pause", "web", "api", "web", "--for", "2h"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let events = std::fs::read_to_string(d.path().join("state/events.jsonl")).unwrap();
+    assert_eq!(events.matches("\"kind\":\"pause\"").count(), 2, "{events}");
+    let out = offline(&config, &["pause", "web", "--for", "10m"]);
+    assert!(
+        text(&out).contains("web: this replaces a longer pause (paused until"),
+        "{}",
+        text(&out)
+    );
+    // `api` leaves the config; its pause can still be ended.
+    let config = offline_config(d.path(), &["web"]);
+    let out = offline(&config, &["resume", "api"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("api: resumed."), "{}", text(&out));
+    let out = offline(&config, &["resume", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
