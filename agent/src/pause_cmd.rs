@@ -11,6 +11,15 @@ use pmguard_agent::control::{self, AgentSeen, Changed, Deployed, PauseRequest};
 
 use crate::{act_as_state_owner, config_failure};
 
+/// `println!` that survives a closed stdout (`| head -1`): the pause is already written by
+/// then, and a panic (exit 101) would make the deploy helper think it failed.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// `pause`: records the pause (as the PM2 user), or with a COMMAND runs the deploy helper.
 pub fn pause(config: &Path, request: PauseRequest, command: &[OsString]) -> ExitCode {
     let c = match load(config) {
@@ -27,11 +36,11 @@ pub fn pause(config: &Path, request: PauseRequest, command: &[OsString]) -> Exit
         Ok(changed) => {
             for (app, p) in &changed.apps {
                 if let Some(p) = p {
-                    println!("{app}: {}.", p.describe());
+                    say!("{app}: {}.", p.describe());
                 }
             }
             for (app, old) in &changed.shortened {
-                println!("{app}: this replaces a longer pause ({}).", old.describe());
+                say!("{app}: this replaces a longer pause ({}).", old.describe());
             }
             say_applied(&changed, &c);
             ExitCode::SUCCESS
@@ -56,12 +65,12 @@ pub fn resume(config: &Path, apps: &[String]) -> ExitCode {
     match control::resume(&c, apps, by.as_deref()) {
         Ok(changed) => {
             if changed.apps.is_empty() {
-                println!("No app was paused.");
+                say!("No app was paused.");
             }
             for (app, had) in &changed.apps {
                 match had {
-                    Some(_) => println!("{app}: resumed."),
-                    None => println!("{app}: was not paused."),
+                    Some(_) => say!("{app}: resumed."),
+                    None => say!("{app}: was not paused."),
                 }
             }
             say_applied(&changed, &c);
@@ -83,15 +92,15 @@ fn load(config: &Path) -> Result<Config, ExitCode> {
 
 fn say_applied(changed: &Changed, c: &Config) {
     match changed.agent {
-        AgentSeen::Applied { pid, after_ms } => println!(
+        AgentSeen::Applied { pid, after_ms } => say!(
             "The running agent (pid {pid}) applied it in {:.2} s.",
             after_ms as f64 / 1000.0
         ),
-        AgentSeen::NotConfirmed { pid } => println!(
+        AgentSeen::NotConfirmed { pid } => say!(
             "The agent (pid {pid}) has not confirmed it yet; every restart reads {} again first, so none starts meanwhile.",
             c.agent.state_dir.join("pauses.json").display()
         ),
-        AgentSeen::NotRunning => println!(
+        AgentSeen::NotRunning => say!(
             "pmguard-agent is not running: recorded in {}; `check --once` and the agent, when it starts, honour it.",
             c.agent.state_dir.join("pauses.json").display()
         ),

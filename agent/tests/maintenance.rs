@@ -363,3 +363,19 @@ fn names_count_once_a_shorter_pause_says_what_it_replaced_and_a_removed_app_can_
     let out = offline(&config, &["resume", "nosuch"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
+
+#[test]
+fn pause_with_stdout_closed_still_succeeds() {
+    let d = tempfile::tempdir().unwrap();
+    let config = offline_config(d.path(), &["web"]);
+    let mut child = Command::new(AGENT)
+        .args(["pause", "web", "--for", "5m", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
