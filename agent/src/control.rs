@@ -300,6 +300,26 @@ pub fn wait_applied(state: &StateDir, revision: u64, within: Duration) -> AgentS
     }
 }
 
+/// Passes SIGTERM, SIGINT and SIGHUP (blocked in `held`) on to the child, through a pidfd: once
+/// the child is reaped a late signal reaches nobody, never a new holder of its pid. The thread
+/// lives until the process exits.
+fn forward_signals(
+    held: nix::sys::signal::SigSet,
+    child: Option<&std::io::Result<std::process::Child>>,
+) {
+    let Some(Ok(c)) = child else { return };
+    let Some(pidfd) = crate::sys::pidfd::Pidfd::open(c.id()) else {
+        return;
+    };
+    let spawned = crate::sys::signals::spawn_waiter(held, move |sig| {
+        let _ = pidfd.forward(sig);
+        true
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(message = "Cannot pass signals on to the command.", %error);
+    }
+}
+
 /// What the deploy helper did.
 #[derive(Debug)]
 pub enum Deployed {
@@ -317,7 +337,8 @@ pub enum Deployed {
 /// The pause and resume run as their own processes: under `sudo` each becomes the PM2 user
 /// before writing the state directory, while COMMAND keeps the privileges it was started with
 /// (a deploy may need root). While COMMAND runs, SIGINT, SIGTERM and SIGHUP are held for this
-/// process (COMMAND gets them as usual), so a Ctrl-C that stops the deploy still resumes.
+/// process and passed on to COMMAND (a Ctrl-C reaches both anyway; a `kill` of this process
+/// alone, from a CI runner say, must still stop COMMAND), so the deploy stops and still resumes.
 pub fn run_paused(
     exe: &std::path::Path,
     pause_args: &[std::ffi::OsString],
@@ -337,7 +358,8 @@ pub fn run_paused(
         .split_first()
         .map(|(prog, args)| Command::new(prog).args(args).spawn());
     // After the spawn: COMMAND keeps the default dispositions, only this process holds them.
-    let _held = crate::sys::signals::block();
+    let held = crate::sys::signals::block();
+    forward_signals(held, child.as_ref());
     let code = match child {
         Some(Ok(mut c)) => c.wait().map_or(127, code_of),
         _ => 127,

@@ -379,3 +379,33 @@ fn pause_with_stdout_closed_still_succeeds() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn a_sigterm_to_the_deploy_helper_alone_stops_its_command_and_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let config = offline_config(d.path(), &["web"]);
+    let mut helper = Command::new(AGENT)
+        .args(["pause", "web", "--for", "10m", "--config"])
+        .arg(&config)
+        .args(["--", "sleep", "30"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let events = d.path().join("state/events.jsonl");
+    wait_until(Duration::from_secs(10), "the pause", || {
+        std::fs::read_to_string(&events).is_ok_and(|e| e.contains("\"kind\":\"pause\""))
+    });
+    // The pause is written before `sleep` starts: give it a moment to be spawned.
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = helper.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143));
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert!(log.contains("\"kind\":\"resume\""), "{log}");
+}
