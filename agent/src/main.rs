@@ -64,6 +64,9 @@ enum Command {
         config: PathBuf,
         /// Apps to pause (default: every app in the config).
         apps: Vec<String>,
+        /// An app to pause, for a name that starts with `-` (after `--` comes COMMAND).
+        #[arg(long = "app", value_name = "NAME")]
+        app: Vec<String>,
         /// How long (e.g. 30m, 1h30m; at most 7d): the pause ends by itself then.
         #[arg(long = "for", value_name = "DURATION", value_parser = parse_length)]
         length: std::time::Duration,
@@ -159,11 +162,13 @@ fn main() -> ExitCode {
         }
         Command::Pause {
             config,
-            apps,
+            mut apps,
+            app,
             length,
             reason,
             command,
         } => {
+            apps.extend(app);
             let request = PauseRequest {
                 apps,
                 length,

@@ -130,15 +130,18 @@ fn deploy(c: &Config, request: &PauseRequest, command: &[OsString]) -> ExitCode 
         "--for".into(),
         pmguard_agent::config::duration::format(request.length).into(),
     ]);
+    // `--opt=value`: a reason or a name starting with `-` is never taken for an option. Names go
+    // through `--app`, since after `--` comes the COMMAND.
     if let Some(r) = &request.reason {
-        pause_args.extend(["--reason".into(), r.into()]);
+        pause_args.push(format!("--reason={r}").into());
     }
-    pause_args.extend(names.iter().map(OsString::from));
+    pause_args.extend(names.iter().map(|n| OsString::from(format!("--app={n}"))));
     let mut resume_args: Vec<OsString> = vec![
         "resume".into(),
         "--config".into(),
         c.path.clone().into_os_string(),
     ];
+    resume_args.push("--".into());
     resume_args.extend(names.iter().map(OsString::from));
     let started = clock::mono_now();
     match control::run_paused(&exe, &pause_args, &resume_args, command) {

@@ -409,3 +409,20 @@ fn a_sigterm_to_the_deploy_helper_alone_stops_its_command_and_resumes() {
     let log = std::fs::read_to_string(&events).unwrap();
     assert!(log.contains("\"kind\":\"resume\""), "{log}");
 }
+
+#[test]
+fn the_deploy_helper_passes_a_reason_and_names_that_start_with_a_dash() {
+    let d = tempfile::tempdir().unwrap();
+    let config = offline_config(d.path(), &["-web"]);
+    let out = Command::new(AGENT)
+        .args(["pause", "--app=-web", "--for", "5m", "--reason=-x deploy"])
+        .arg("--config")
+        .arg(&config)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let log = std::fs::read_to_string(d.path().join("state/events.jsonl")).unwrap();
+    assert!(log.contains("\"reason\":\"-x deploy\""), "{log}");
+    assert!(log.contains("\"kind\":\"resume\""), "{log}");
+}
