@@ -15,13 +15,11 @@ use std::time::{Duration, Instant};
 use crate::clock;
 use crate::config::Config;
 use crate::report::events::{Event, EventLog, Kind};
-use crate::report::pauses::{Pause, PauseBook};
+use crate::report::pauses::{clean_text, Pause, PauseBook, MAX_REASON, PAUSES_FILE};
 use crate::report::state::StateDir;
 use crate::sys::files::LockError;
 
-/// The longest pause: a forgotten pause must end (an app left unwatched forever is what the
-/// tools pmguard replaces did silently).
-pub const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use crate::report::pauses::MAX_PAUSE;
 
 /// How long `pause`/`resume` wait for `restart.lock` (a restart in flight holds it).
 const LOCK_WAIT: Duration = Duration::from_secs(15);
@@ -35,10 +33,17 @@ pub enum ControlError {
         config: String,
         known: String,
     },
+    #[error("--reason: {why}")]
+    Reason { why: String },
     #[error("--for {given}: a pause lasts from 1s to 7d")]
     Length { given: String },
     #[error("state directory {path}: {source}")]
     StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path} ({source}); not overwriting it: fix or remove it, then try again")]
+    PauseFile {
         path: String,
         source: std::io::Error,
     },
@@ -53,6 +58,8 @@ pub enum ControlError {
 pub struct Changed {
     /// The apps paused (with their pause) or resumed (with the pause they had, if any).
     pub apps: Vec<(String, Option<Pause>)>,
+    /// `pause` only: apps whose longer pause (this one) the new, shorter pause replaced.
+    pub shortened: Vec<(String, Pause)>,
     pub revision: u64,
     pub agent: AgentSeen,
 }
@@ -85,19 +92,27 @@ pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlErro
             given: crate::config::duration::format(req.length),
         });
     }
+    if let Some(r) = &req.reason {
+        check_reason(r)?;
+    }
     let names = resolve(config, &req.apps)?;
     let now = clock::wall_ms();
     let pause = Pause {
         since_ms: now,
         until_ms: now + req.length.as_millis() as u64,
         reason: req.reason.clone(),
-        by: req.by.clone(),
+        by: req.by.as_deref().map(clean_text),
     };
     let (state, events) = open(config)?;
-    let revision = edit(&state, |book| {
+    let (revision, shortened) = edit(&state, |book| {
+        let mut shortened = Vec::new();
         for n in &names {
-            book.apps.insert(n.clone(), pause.clone());
+            let old = book.apps.insert(n.clone(), pause.clone());
+            if let Some(old) = old.filter(|o| o.is_active(now) && o.until_ms > pause.until_ms) {
+                shortened.push((n.clone(), old));
+            }
         }
+        Ok(shortened)
     })?;
     for n in &names {
         let mut e = Event::new(
@@ -122,6 +137,7 @@ pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlErro
             .into_iter()
             .map(|n| (n, Some(pause.clone())))
             .collect(),
+        shortened,
         revision,
         agent: wait_applied(&state, revision, Duration::from_secs(5)),
     })
@@ -129,15 +145,18 @@ pub fn pause(config: &Config, req: &PauseRequest) -> Result<Changed, ControlErro
 
 /// Ends the pauses of `apps` (empty: every pause) now.
 pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Changed, ControlError> {
-    let names = if apps.is_empty() {
-        Vec::new()
-    } else {
-        resolve(config, apps)?
-    };
+    let names = dedup(apps);
     let (state, events) = open(config)?;
     let mut ended = Vec::new();
-    let revision = edit(&state, |book| {
+    let (revision, ()) = edit(&state, |book| {
         let now = clock::wall_ms();
+        // An app removed from the config may still have a pause recorded: it can be resumed.
+        if let Some(a) = names
+            .iter()
+            .find(|a| config.app(a).is_none() && !book.apps.contains_key(*a))
+        {
+            return Err(unknown(config, a));
+        }
         let chosen: Vec<String> = if names.is_empty() {
             book.apps.keys().cloned().collect()
         } else {
@@ -147,6 +166,7 @@ pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Chan
             let had = book.apps.remove(&n).filter(|p| p.is_active(now));
             ended.push((n, had));
         }
+        Ok(())
     })?;
     for (n, had) in &ended {
         let mut e = Event::new(
@@ -165,33 +185,57 @@ pub fn resume(config: &Config, apps: &[String], by: Option<&str>) -> Result<Chan
     }
     Ok(Changed {
         apps: ended,
+        shortened: Vec::new(),
         revision,
         agent: wait_applied(&state, revision, Duration::from_secs(5)),
     })
 }
 
-/// The named apps, each checked against the config; none named = every app.
+/// A reason is one short line: `status` prints it in a table and events carry it everywhere.
+fn check_reason(reason: &str) -> Result<(), ControlError> {
+    let why = if reason.chars().any(char::is_control) {
+        "control characters (newlines, escapes) are not allowed".to_string()
+    } else if reason.len() > MAX_REASON {
+        format!(
+            "{} bytes; at most {MAX_REASON} (one short line)",
+            reason.len()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(ControlError::Reason { why })
+}
+
+/// The named apps once each (in the order given), each checked against the config; none named
+/// = every app.
 fn resolve(config: &Config, apps: &[String]) -> Result<Vec<String>, ControlError> {
     if apps.is_empty() {
         return Ok(config.apps.iter().map(|a| a.name.clone()).collect());
     }
-    for a in apps {
-        if config.app(a).is_none() {
-            return Err(ControlError::UnknownApp {
-                name: a.clone(),
-                config: config.path.display().to_string(),
-                known: config
-                    .apps
-                    .iter()
-                    .map(|a| a.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
+    let names = dedup(apps);
+    match names.iter().find(|a| config.app(a).is_none()) {
+        Some(a) => Err(unknown(config, a)),
+        None => Ok(names),
     }
-    let mut names = apps.to_vec();
-    names.dedup();
-    Ok(names)
+}
+
+/// `apps` without repeats, first occurrence kept.
+fn dedup(apps: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    apps.iter().filter(|a| seen.insert(*a)).cloned().collect()
+}
+
+fn unknown(config: &Config, name: &str) -> ControlError {
+    ControlError::UnknownApp {
+        name: name.to_string(),
+        config: config.path.display().to_string(),
+        known: config
+            .apps
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 fn open(config: &Config) -> Result<(StateDir, EventLog), ControlError> {
@@ -206,20 +250,33 @@ fn open(config: &Config) -> Result<(StateDir, EventLog), ControlError> {
 }
 
 /// Reads, changes and writes `pauses.json` under `restart.lock` (expired entries are left to
-/// the agent, which says so in a `pause_expired` event). Returns the revision written.
-fn edit(state: &StateDir, change: impl FnOnce(&mut PauseBook)) -> Result<u64, ControlError> {
+/// the agent, which says so in a `pause_expired` event). Returns the revision written: above
+/// both the file's and the one the agent last reported, so "applied" is never claimed early.
+/// A file that exists but cannot be read or parsed is left alone (an error).
+fn edit<T>(
+    state: &StateDir,
+    change: impl FnOnce(&mut PauseBook) -> Result<T, ControlError>,
+) -> Result<(u64, T), ControlError> {
     let path = state.dir.display().to_string();
     let _guard = match state.lock_restarts(LOCK_WAIT) {
         Ok(g) => g,
         Err(LockError::Busy) => return Err(ControlError::Busy { path }),
         Err(LockError::Io(source)) => return Err(ControlError::StateDir { path, source }),
     };
-    let mut book = state.read_pauses();
-    change(&mut book);
+    let mut book = state
+        .read_pauses_strict()
+        .map_err(|source| ControlError::PauseFile {
+            path: state.path(PAUSES_FILE).display().to_string(),
+            source,
+        })?;
+    if let Ok(Some(status)) = state.read_status() {
+        book.revision = book.revision.max(status.pauses_revision);
+    }
+    let out = change(&mut book)?;
     state
         .write_pauses(&mut book)
         .map_err(|source| ControlError::StateDir { path, source })?;
-    Ok(book.revision)
+    Ok((book.revision, out))
 }
 
 /// Waits up to `within` for a live agent to report `revision` applied in `status.json`.
@@ -243,6 +300,26 @@ pub fn wait_applied(state: &StateDir, revision: u64, within: Duration) -> AgentS
     }
 }
 
+/// Passes SIGTERM, SIGINT and SIGHUP (blocked in `held`) on to the child, through a pidfd: once
+/// the child is reaped a late signal reaches nobody, never a new holder of its pid. The thread
+/// lives until the process exits.
+fn forward_signals(
+    held: nix::sys::signal::SigSet,
+    child: Option<&std::io::Result<std::process::Child>>,
+) {
+    let Some(Ok(c)) = child else { return };
+    let Some(pidfd) = crate::sys::pidfd::Pidfd::open(c.id()) else {
+        return;
+    };
+    let spawned = crate::sys::signals::spawn_waiter(held, move |sig| {
+        let _ = pidfd.forward(sig);
+        true
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(message = "Cannot pass signals on to the command.", %error);
+    }
+}
+
 /// What the deploy helper did.
 #[derive(Debug)]
 pub enum Deployed {
@@ -260,7 +337,8 @@ pub enum Deployed {
 /// The pause and resume run as their own processes: under `sudo` each becomes the PM2 user
 /// before writing the state directory, while COMMAND keeps the privileges it was started with
 /// (a deploy may need root). While COMMAND runs, SIGINT, SIGTERM and SIGHUP are held for this
-/// process (COMMAND gets them as usual), so a Ctrl-C that stops the deploy still resumes.
+/// process and passed on to COMMAND (a Ctrl-C reaches both anyway; a `kill` of this process
+/// alone, from a CI runner say, must still stop COMMAND), so the deploy stops and still resumes.
 pub fn run_paused(
     exe: &std::path::Path,
     pause_args: &[std::ffi::OsString],
@@ -280,7 +358,8 @@ pub fn run_paused(
         .split_first()
         .map(|(prog, args)| Command::new(prog).args(args).spawn());
     // After the spawn: COMMAND keeps the default dispositions, only this process holds them.
-    let _held = crate::sys::signals::block();
+    let held = crate::sys::signals::block();
+    forward_signals(held, child.as_ref());
     let code = match child {
         Some(Ok(mut c)) => c.wait().map_or(127, code_of),
         _ => 127,
@@ -290,4 +369,44 @@ pub fn run_paused(
         .status()
         .is_ok_and(|s| s.success());
     Deployed::Ran { code, resumed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_pause_file_is_not_overwritten_and_the_revision_never_goes_back() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path());
+        let file = state.path(PAUSES_FILE);
+        std::fs::write(&file, b"{ not json").unwrap();
+        let e = edit(&state, |_| Ok(())).unwrap_err();
+        assert!(matches!(e, ControlError::PauseFile { .. }), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"{ not json");
+        // The agent reported revision 9 (the file was since replaced by hand): the next is 10.
+        std::fs::remove_file(&file).unwrap();
+        let status = serde_json::json!({"pid": 1, "version": "0", "boot_epoch": 0, "heartbeat": 0,
+            "updated_at": "", "interval_ms": 1000, "pauses_revision": 9, "apps": []});
+        std::fs::write(state.path("status.json"), status.to_string()).unwrap();
+        assert_eq!(edit(&state, |_| Ok(())).unwrap().0, 10);
+    }
+
+    #[test]
+    fn repeated_names_count_once() {
+        let names: Vec<String> = ["web", "api", "web", "api", "db"].map(String::from).into();
+        assert_eq!(dedup(&names), ["web", "api", "db"]);
+    }
+
+    #[test]
+    fn a_reason_is_one_short_printable_line() {
+        assert!(check_reason("deploy v42 (é)").is_ok());
+        assert!(check_reason(&"x".repeat(MAX_REASON)).is_ok());
+        let long = check_reason(&"x".repeat(MAX_REASON + 1)).unwrap_err();
+        assert!(long.to_string().contains("at most 200"), "{long}");
+        for bad in ["a\nweb  ok", "\u{1b}[31mred", "tab\there"] {
+            let e = check_reason(bad).unwrap_err();
+            assert!(e.to_string().contains("control characters"), "{e}");
+        }
+    }
 }

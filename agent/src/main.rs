@@ -64,6 +64,9 @@ enum Command {
         config: PathBuf,
         /// Apps to pause (default: every app in the config).
         apps: Vec<String>,
+        /// An app to pause, for a name that starts with `-` (after `--` comes COMMAND).
+        #[arg(long = "app", value_name = "NAME")]
+        app: Vec<String>,
         /// How long (e.g. 30m, 1h30m; at most 7d): the pause ends by itself then.
         #[arg(long = "for", value_name = "DURATION", value_parser = parse_length)]
         length: std::time::Duration,
@@ -168,11 +171,13 @@ fn main() -> ExitCode {
         }
         Command::Pause {
             config,
-            apps,
+            mut apps,
+            app,
             length,
             reason,
             command,
         } => {
+            apps.extend(app);
             let request = PauseRequest {
                 apps,
                 length,
@@ -270,6 +275,45 @@ fn probes_usable(c: &Config, code: ExitCode) -> Result<(), ExitCode> {
         eprintln!("error: {}: {p}", c.path.display());
     }
     Err(code)
+}
+
+/// For `pause`/`resume`: like `act_as_pm2_owner`, and if still root after it, become the owner
+/// of the state directory (the agent's user on a default install, where root's own PM2_HOME
+/// says nothing about whose agent it is). Files written as root there would lock the agent out
+/// of its own pauses, events and restart lock, so with no `pm2_home` in the config a state
+/// directory that is missing or root's is refused rather than written as root.
+pub(crate) fn act_as_state_owner(c: &Config) -> Result<(), ExitCode> {
+    use pmguard_agent::sys::privilege::{become_owner_of, euid_is_root, Became};
+    use std::os::unix::fs::MetadataExt;
+    act_as_pm2_owner(c)?;
+    if !euid_is_root() {
+        return Ok(());
+    }
+    let dir = &c.agent.state_dir;
+    let owner = std::fs::symlink_metadata(dir).ok().map(|m| m.uid());
+    if owner.is_some_and(|uid| uid != 0) {
+        return match become_owner_of(dir) {
+            Ok(Became::User { uid, name }) => {
+                tracing::info!(message = "Started as root; running as the state directory's owner.", user = %name, uid, path = %dir.display());
+                Ok(())
+            }
+            Ok(Became::Unchanged) => Ok(()),
+            Err(e) => {
+                eprintln!("error: state directory {}: {e}", dir.display());
+                Err(ExitCode::from(2))
+            }
+        };
+    }
+    if c.agent.pm2_home.is_none() {
+        eprintln!(
+            "error: running as root, and the state directory {} is {}: pmguard will not write it as root, which would lock the agent (running as the PM2 user) out of it; run as the PM2 user or set [agent] pm2_home in {}",
+            dir.display(),
+            if owner.is_some() { "root's" } else { "missing" },
+            c.path.display()
+        );
+        return Err(ExitCode::from(2));
+    }
+    Ok(())
 }
 
 pub(crate) fn config_failure(e: &ConfigError) -> ExitCode {

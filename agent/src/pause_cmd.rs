@@ -1,5 +1,5 @@
 //! The binary's side of `pause` and `resume` (part of `pmguard-agent`, not of the library):
-//! config, dropping root to the PM2 user, the deploy helper, and what is printed.
+//! config, dropping root to the PM2 user (or the state directory's owner), the deploy helper, and what is printed.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -9,7 +9,16 @@ use pmguard_agent::clock;
 use pmguard_agent::config::Config;
 use pmguard_agent::control::{self, AgentSeen, Changed, Deployed, PauseRequest};
 
-use crate::{act_as_pm2_owner, config_failure};
+use crate::{act_as_state_owner, config_failure};
+
+/// `println!` that survives a closed stdout (`| head -1`): the pause is already written by
+/// then, and a panic (exit 101) would make the deploy helper think it failed.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 
 /// `pause`: records the pause (as the PM2 user), or with a COMMAND runs the deploy helper.
 pub fn pause(config: &Path, request: PauseRequest, command: &[OsString]) -> ExitCode {
@@ -20,15 +29,18 @@ pub fn pause(config: &Path, request: PauseRequest, command: &[OsString]) -> Exit
     if !command.is_empty() {
         return deploy(&c, &request, command);
     }
-    if let Err(code) = act_as_pm2_owner(&c) {
+    if let Err(code) = act_as_state_owner(&c) {
         return code;
     }
     match control::pause(&c, &request) {
         Ok(changed) => {
             for (app, p) in &changed.apps {
                 if let Some(p) = p {
-                    println!("{app}: {}.", p.describe());
+                    say!("{app}: {}.", p.describe());
                 }
+            }
+            for (app, old) in &changed.shortened {
+                say!("{app}: this replaces a longer pause ({}).", old.describe());
             }
             say_applied(&changed, &c);
             ExitCode::SUCCESS
@@ -47,18 +59,18 @@ pub fn resume(config: &Path, apps: &[String]) -> ExitCode {
         Err(code) => return code,
     };
     let by = crate::caller();
-    if let Err(code) = act_as_pm2_owner(&c) {
+    if let Err(code) = act_as_state_owner(&c) {
         return code;
     }
     match control::resume(&c, apps, by.as_deref()) {
         Ok(changed) => {
             if changed.apps.is_empty() {
-                println!("No app was paused.");
+                say!("No app was paused.");
             }
             for (app, had) in &changed.apps {
                 match had {
-                    Some(_) => println!("{app}: resumed."),
-                    None => println!("{app}: was not paused."),
+                    Some(_) => say!("{app}: resumed."),
+                    None => say!("{app}: was not paused."),
                 }
             }
             say_applied(&changed, &c);
@@ -80,15 +92,15 @@ fn load(config: &Path) -> Result<Config, ExitCode> {
 
 fn say_applied(changed: &Changed, c: &Config) {
     match changed.agent {
-        AgentSeen::Applied { pid, after_ms } => println!(
+        AgentSeen::Applied { pid, after_ms } => say!(
             "The running agent (pid {pid}) applied it in {:.2} s.",
             after_ms as f64 / 1000.0
         ),
-        AgentSeen::NotConfirmed { pid } => println!(
+        AgentSeen::NotConfirmed { pid } => say!(
             "The agent (pid {pid}) has not confirmed it yet; every restart reads {} again first, so none starts meanwhile.",
             c.agent.state_dir.join("pauses.json").display()
         ),
-        AgentSeen::NotRunning => println!(
+        AgentSeen::NotRunning => say!(
             "pmguard-agent is not running: recorded in {}; `check --once` and the agent, when it starts, honour it.",
             c.agent.state_dir.join("pauses.json").display()
         ),
@@ -118,15 +130,18 @@ fn deploy(c: &Config, request: &PauseRequest, command: &[OsString]) -> ExitCode 
         "--for".into(),
         pmguard_agent::config::duration::format(request.length).into(),
     ]);
+    // `--opt=value`: a reason or a name starting with `-` is never taken for an option. Names go
+    // through `--app`, since after `--` comes the COMMAND.
     if let Some(r) = &request.reason {
-        pause_args.extend(["--reason".into(), r.into()]);
+        pause_args.push(format!("--reason={r}").into());
     }
-    pause_args.extend(names.iter().map(OsString::from));
+    pause_args.extend(names.iter().map(|n| OsString::from(format!("--app={n}"))));
     let mut resume_args: Vec<OsString> = vec![
         "resume".into(),
         "--config".into(),
         c.path.clone().into_os_string(),
     ];
+    resume_args.push("--".into());
     resume_args.extend(names.iter().map(OsString::from));
     let started = clock::mono_now();
     match control::run_paused(&exe, &pause_args, &resume_args, command) {

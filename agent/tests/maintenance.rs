@@ -248,3 +248,181 @@ fn pause_as_root_writes_the_state_directory_as_pm2s_user() {
     let out = run(&["resume"]);
     assert!(text(&out).contains("web: resumed."), "{}", text(&out));
 }
+
+/// A default install: no `pm2_home` in the config (root's own PM2_HOME says nothing), the state
+/// directory the agent's user's. `sudo pmguard-agent pause` must write as that user, so the
+/// agent (here `check --once` run as that user) can read the pause.
+#[test]
+fn pause_as_root_without_pm2_home_writes_as_the_state_directorys_owner() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (state, root_home) = (d.path().join("state"), d.path().join("root"));
+    std::fs::create_dir(&state).unwrap();
+    std::fs::create_dir(&root_home).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let port = free_port();
+    let config = d.path().join("pmguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nstate_dir = \"{}\"\n[[apps]]\nname = \"web\"\nhealth_url = \"http://127.0.0.1:{port}/health\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(AGENT);
+        c.args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("PM2_HOME")
+            .env("HOME", &root_home);
+        c
+    };
+    let out = cmd(&["pause", "web", "--for", "10m", "--reason", "deploy"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    for f in ["pauses.json", "events.jsonl", "restart.lock"] {
+        let m = std::fs::metadata(state.join(f)).unwrap();
+        assert_eq!(m.uid(), 65534, "{f} is owned by uid {}", m.uid());
+    }
+    let out = cmd(&["check", "--once"])
+        .env("HOME", "/nonexistent")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!said.contains("Cannot read the pause file"), "{said}");
+    assert!(said.contains("web: paused until"), "{said}");
+    // A root-owned state directory with no pm2_home: refused, with the fix named.
+    std::os::unix::fs::chown(&state, Some(0), Some(0)).unwrap();
+    let out = cmd(&["resume", "web"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("run as the PM2 user or set [agent] pm2_home"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `pause`/`resume` without PM2 or an agent: a state directory and a config are enough.
+fn offline_config(d: &std::path::Path, apps: &[&str]) -> std::path::PathBuf {
+    let (home, state) = (d.join("pm2"), d.join("state"));
+    for dir in [&home, &state] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let config = d.join("pmguard.toml");
+    let mut text = format!(
+        "[agent]\nstate_dir = \"{}\"\npm2_home = \"{}\"\n",
+        state.display(),
+        home.display()
+    );
+    for a in apps {
+        text.push_str(&format!("[[apps]]\nname = \"{a}\"\n"));
+    }
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+fn offline(config: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(AGENT)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn names_count_once_a_shorter_pause_says_what_it_replaced_and_a_removed_app_can_be_resumed() {
+    let d = tempfile::tempdir().unwrap();
+    let config = offline_config(d.path(), &["web", "api"]);
+    let out = offline(&config, &["pause", "web", "api", "web", "--for", "2h"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let events = std::fs::read_to_string(d.path().join("state/events.jsonl")).unwrap();
+    assert_eq!(events.matches("\"kind\":\"pause\"").count(), 2, "{events}");
+    let out = offline(&config, &["pause", "web", "--for", "10m"]);
+    assert!(
+        text(&out).contains("web: this replaces a longer pause (paused until"),
+        "{}",
+        text(&out)
+    );
+    // `api` leaves the config; its pause can still be ended.
+    let config = offline_config(d.path(), &["web"]);
+    let out = offline(&config, &["resume", "api"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("api: resumed."), "{}", text(&out));
+    let out = offline(&config, &["resume", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn pause_with_stdout_closed_still_succeeds() {
+    let d = tempfile::tempdir().unwrap();
+    let config = offline_config(d.path(), &["web"]);
+    let mut child = Command::new(AGENT)
+        .args(["pause", "web", "--for", "5m", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn a_sigterm_to_the_deploy_helper_alone_stops_its_command_and_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let config = offline_config(d.path(), &["web"]);
+    let mut helper = Command::new(AGENT)
+        .args(["pause", "web", "--for", "10m", "--config"])
+        .arg(&config)
+        .args(["--", "sleep", "30"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let events = d.path().join("state/events.jsonl");
+    wait_until(Duration::from_secs(10), "the pause", || {
+        std::fs::read_to_string(&events).is_ok_and(|e| e.contains("\"kind\":\"pause\""))
+    });
+    // The pause is written before `sleep` starts: give it a moment to be spawned.
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = helper.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143));
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert!(log.contains("\"kind\":\"resume\""), "{log}");
+}
+
+#[test]
+fn the_deploy_helper_passes_a_reason_and_names_that_start_with_a_dash() {
+    let d = tempfile::tempdir().unwrap();
+    let config = offline_config(d.path(), &["-web"]);
+    let out = Command::new(AGENT)
+        .args(["pause", "--app=-web", "--for", "5m", "--reason=-x deploy"])
+        .arg("--config")
+        .arg(&config)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let log = std::fs::read_to_string(d.path().join("state/events.jsonl")).unwrap();
+    assert!(log.contains("\"reason\":\"-x deploy\""), "{log}");
+    assert!(log.contains("\"kind\":\"resume\""), "{log}");
+}

@@ -1,5 +1,5 @@
 //! The agent's side of maintenance pauses: noticing a change to `pauses.json`, and ending the
-//! pauses whose deadline passed (with a `pause_expired` event).
+//! pauses whose deadline passed, or that are not plausible (with a `pause_expired` event).
 //!
 //! The daemon's main thread calls `tick` every 500 ms: one stat(2) of the file, and a read only
 //! when it changed. Checks read the copy kept in `Shared` (`Shared::pause_of`); a restart reads
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::clock;
 use crate::report::events::{Event, Kind};
+use crate::report::pauses::Lapse;
 use crate::sync::lock;
 
 use super::shared::Shared;
@@ -56,16 +57,22 @@ pub fn expire(shared: &Shared) {
             return;
         }
     }
-    for (app, p) in expired {
-        let mut e = Event::new(
-            Kind::PauseExpired,
-            Some(&app),
+    for (app, p, lapse) in expired {
+        let text = if lapse == Lapse::Deadline {
             format!(
                 "Maintenance pause ended at its deadline {}; watching and acting again.",
                 clock::rfc3339(p.until_ms)
-            ),
-        )
-        .with("until", clock::rfc3339(p.until_ms));
+            )
+        } else {
+            tracing::warn!(message = "Ignoring a pause pmguard could not have set.", app = %app, why = lapse.why(), since = %clock::rfc3339(p.since_ms), until = %clock::rfc3339(p.until_ms));
+            format!(
+                "Maintenance pause ended: {}; watching and acting again.",
+                lapse.why()
+            )
+        };
+        let mut e = Event::new(Kind::PauseExpired, Some(&app), text)
+            .with("until", clock::rfc3339(p.until_ms))
+            .with("why", lapse.why());
         if let Some(r) = &p.reason {
             e = e.with("reason", r.as_str());
         }

@@ -31,6 +31,19 @@ impl Pidfd {
         pidfd_send_signal(&self.fd, Signal::KILL).map_err(std::io::Error::from)
     }
 
+    /// Sends SIGTERM, SIGINT or SIGHUP (what a person or a CI runner sends to stop something);
+    /// any other signal is not sent (`InvalidInput`).
+    pub fn forward(&self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
+        use nix::sys::signal::Signal as N;
+        let s = match sig {
+            N::SIGTERM => Signal::TERM,
+            N::SIGINT => Signal::INT,
+            N::SIGHUP => Signal::HUP,
+            _ => return Err(std::io::ErrorKind::InvalidInput.into()),
+        };
+        pidfd_send_signal(&self.fd, s).map_err(std::io::Error::from)
+    }
+
     /// Waits up to `max` for the process to exit.
     pub fn wait_exit(&self, max: Duration) {
         // An error (EINTR) only ends the wait early; callers look at `alive` again.
