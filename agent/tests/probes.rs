@@ -432,6 +432,15 @@ fn a_hung_tls_handshake_does_not_delay_another_probe() {
     drop(held);
 }
 
+/// `pmguard-agent validate --config <cfg>`.
+fn validate(cfg: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pmguard-agent"))
+        .args(["validate", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn validate_says_loudly_that_a_certificate_is_not_verified() {
     let dir = tempfile::tempdir().unwrap();
@@ -441,11 +450,7 @@ fn validate_says_loudly_that_a_certificate_is_not_verified() {
         "[[apps]]\nname = \"web\"\nhealth_url = \"https://127.0.0.1:8443/health?token=s3cret\"\ntls_verify = false\nheaders = { Authorization = \"Bearer s3cret\" }\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_pmguard-agent"))
-        .args(["validate", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = validate(&cfg);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -494,11 +499,7 @@ fn validate_refuses_probes_that_could_never_pass() {
         )
         .unwrap();
         let started = std::time::Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_pmguard-agent"))
-            .args(["validate", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
+        let out = validate(&cfg);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{key}: {err}");
         assert!(err.contains(said) && err.contains("help:"), "{key}: {err}");
@@ -510,11 +511,7 @@ fn validate_refuses_probes_that_could_never_pass() {
         "[[apps]]\nname = \"web\"\nhealth_url = \"https://127.1:8443/h\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_pmguard-agent"))
-        .args(["validate", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = validate(&cfg);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

@@ -151,25 +151,15 @@ impl Cx<'_> {
             range.start(),
             range.end()
         );
-        match v.as_integer() {
-            Some(n) if range.contains(&n) => n,
-            Some(n) => {
-                self.problem(
-                    span,
-                    format!("{key} must be {}..={}, not {n}", range.start(), range.end()),
-                    Some(help),
-                );
-                default
-            }
-            None => {
-                self.problem(
-                    span,
-                    format!("`{key}` must be a whole number, not {}", v.type_name()),
-                    Some(help),
-                );
-                default
-            }
-        }
+        let found = v.as_integer();
+        self.in_range(
+            found,
+            &range,
+            default,
+            (key, "a whole number", v.type_name()),
+            span,
+            help,
+        )
     }
 
     pub(super) fn number(
@@ -188,25 +178,34 @@ impl Cx<'_> {
             range.start(),
             range.end()
         );
-        match n {
-            Some(n) if range.contains(&n) => n,
-            Some(n) => {
-                self.problem(
-                    span,
-                    format!("{key} must be {}..={}, not {n}", range.start(), range.end()),
-                    Some(help),
-                );
-                default
-            }
-            None => {
-                self.problem(
-                    span,
-                    format!("`{key}` must be a number, not {}", v.type_name()),
-                    Some(help),
-                );
-                default
-            }
-        }
+        self.in_range(
+            n,
+            &range,
+            default,
+            (key, "a number", v.type_name()),
+            span,
+            help,
+        )
+    }
+
+    /// `found` if it is within `range`; otherwise the problem (out of range, or not `what`:
+    /// `(key, what, the type found)`) and the default.
+    fn in_range<N: PartialOrd + Copy + std::fmt::Display>(
+        &mut self,
+        found: Option<N>,
+        range: &std::ops::RangeInclusive<N>,
+        default: N,
+        (key, what, found_type): (&str, &str, &str),
+        span: Range<usize>,
+        help: String,
+    ) -> N {
+        let message = match found {
+            Some(n) if range.contains(&n) => return n,
+            Some(n) => format!("{key} must be {}..={}, not {n}", range.start(), range.end()),
+            None => format!("`{key}` must be {what}, not {found_type}"),
+        };
+        self.problem(span, message, Some(help));
+        default
     }
 
     pub(super) fn duration(
