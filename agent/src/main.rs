@@ -134,9 +134,7 @@ fn main() -> ExitCode {
             if let Err(code) = act_as_pm2_owner(&c) {
                 return code;
             }
-            if let Err(code) = probes_usable(&c, ExitCode::from(2)) {
-                return code;
-            }
+            warn_unusable_probes(&c);
             match pmguard_agent::runtime::daemon::run(c) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -156,9 +154,7 @@ fn main() -> ExitCode {
             if let Err(code) = act_as_pm2_owner(&c) {
                 return code;
             }
-            if let Err(code) = probes_usable(&c, ExitCode::from(2)) {
-                return code;
-            }
+            warn_unusable_probes(&c);
             match pmguard_agent::runtime::check::run(&c, &mut std::io::stdout()) {
                 Ok(Outcome::AgentAlive { .. }) => ExitCode::SUCCESS,
                 Ok(Outcome::Checked { acted }) if acted.is_empty() => ExitCode::SUCCESS,
@@ -264,8 +260,8 @@ pub(crate) fn act_as_pm2_owner(c: &Config) -> Result<(), ExitCode> {
     }
 }
 
-/// Refuses a config whose probes could never pass (an unreadable `ca_file`, an https host that
-/// is not a TLS name): better said now than counted as the app's failures.
+/// `validate` refuses a config whose probes could never pass (an unreadable `ca_file`, an https
+/// host that is not a TLS name): better said now than counted as the app's failures.
 fn probes_usable(c: &Config, code: ExitCode) -> Result<(), ExitCode> {
     let problems = pmguard_agent::probe::config_problems(c);
     if problems.is_empty() {
@@ -314,6 +310,16 @@ pub(crate) fn act_as_state_owner(c: &Config) -> Result<(), ExitCode> {
         return Err(ExitCode::from(2));
     }
     Ok(())
+}
+
+/// At `run` and `check` a probe that cannot pass (a `ca_file` removed after `validate`) is said
+/// loudly but does not stop watching: refusing to start would leave every other app unwatched
+/// (and the cron backup check with it), which is worse than one app's failing probe, held by
+/// the crash-loop limits.
+fn warn_unusable_probes(c: &Config) {
+    for p in pmguard_agent::probe::config_problems(c) {
+        tracing::error!(message = "A probe cannot pass until the config or the file is fixed.", path = %c.path.display(), error = %p);
+    }
 }
 
 pub(crate) fn config_failure(e: &ConfigError) -> ExitCode {
