@@ -131,34 +131,7 @@ fn deb_then_init_then_install_watches_the_app_and_removes_cleanly() {
         .success());
 
     // Hang the app: the packaged agent restarts it through PM2.
-    let pid_of = |m: &Machine| {
-        m.run(&["sh", "-c", "pgrep -u ubuntu -f 'app.js' | head -1"])
-            .trim()
-            .to_string()
-    };
-    let hung = pid_of(&m);
-    assert!(!hung.is_empty());
-    let hung_at = Instant::now();
-    m.run(&["kill", "-STOP", &hung]);
-    m.wait(
-        "the hung app replaced and healthy",
-        Duration::from_secs(60),
-        |m| {
-            let now = pid_of(m);
-            !now.is_empty()
-                && now != hung
-                && m.exec(&[
-                    "curl",
-                    "-fsS",
-                    "--max-time",
-                    "1",
-                    "http://127.0.0.1:5000/health",
-                ])
-                .status
-                .success()
-        },
-    );
-    let recovered = hung_at.elapsed();
+    let recovered = m.hang_app_and_wait_for_recovery(Duration::from_secs(60));
 
     let doctor = m.exec(&["pmguard", "doctor", "--config", "/etc/pmguard/pmguard.toml"]);
     let table = String::from_utf8_lossy(&doctor.stdout);

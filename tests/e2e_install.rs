@@ -90,34 +90,8 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
     assert_eq!(m.show("NRestarts"), "0");
 
     // Hang the app: the agent restarts it through PM2.
-    let pid_of = |m: &Machine| {
-        m.run(&["sh", "-c", "pgrep -u ubuntu -f 'app.js' | head -1"])
-            .trim()
-            .to_string()
-    };
-    let hung = pid_of(&m);
-    assert!(!hung.is_empty());
-    let started = Instant::now();
-    m.run(&["kill", "-STOP", &hung]);
-    m.wait(
-        "the hung app replaced and healthy",
-        Duration::from_secs(40),
-        |m| {
-            let now = pid_of(m);
-            !now.is_empty()
-                && now != hung
-                && m.exec(&[
-                    "curl",
-                    "-fsS",
-                    "--max-time",
-                    "1",
-                    "http://127.0.0.1:5000/health",
-                ])
-                .status
-                .success()
-        },
-    );
-    eprintln!("hung app back in {:?}", started.elapsed());
+    let recovered = m.hang_app_and_wait_for_recovery(Duration::from_secs(40));
+    eprintln!("hung app back in {:?}", recovered);
     let journal = m.run(&["journalctl", "-u", "pmguard-agent", "--no-pager"]);
     assert!(journal.contains("Restarting:"), "{journal}");
 

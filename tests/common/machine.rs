@@ -99,6 +99,37 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// SIGSTOPs the sample app's process and waits up to `limit` for a new process that
+    /// answers its health check; the time from the SIGSTOP.
+    pub fn hang_app_and_wait_for_recovery(&self, limit: Duration) -> Duration {
+        let pid_of = |m: &Machine| {
+            m.run(&["sh", "-c", "pgrep -u ubuntu -f 'app.js' | head -1"])
+                .trim()
+                .to_string()
+        };
+        let hung = pid_of(self);
+        assert!(!hung.is_empty(), "no app process to hang");
+        let hung_at = Instant::now();
+        self.run(&["kill", "-STOP", &hung]);
+        self.wait("the hung app replaced and healthy", limit, |m| {
+            let now = pid_of(m);
+            !now.is_empty()
+                && now != hung
+                && m.exec(&[
+                    "curl",
+                    "-fsS",
+                    "--max-time",
+                    "1",
+                    "http://127.0.0.1:5000/health",
+                ])
+                .status
+                .success()
+        });
+        hung_at.elapsed()
+    }
+}
+
 impl Drop for Machine {
     fn drop(&mut self) {
         let _ = sh(&["teardown", &self.0]);
