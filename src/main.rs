@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use pmguard_agent::cli::{self, Shell};
+use pmguard_installer::layout::{self, Layout};
 use pmguard_installer::legacy;
 use pmguard_installer::plan::{self, Plan};
 use pmguard_installer::render::{self, Settings};
@@ -86,10 +87,14 @@ enum Command {
         #[arg(long)]
         replace_legacy: bool,
     },
-    /// Stop and disable the agent and remove exactly what install laid down.
+    /// Stop and disable the agent and remove exactly what install laid down (with several
+    /// users' agents on the box: --user says whose; the others keep running).
     Uninstall {
         #[arg(long)]
         root: Option<PathBuf>,
+        /// Whose agent to remove (needed when pmguard is installed for several users).
+        #[arg(long)]
+        user: Option<String>,
         #[arg(long)]
         dry_run: bool,
         /// Also remove what provision-aws created for this instance alone (alarms, dashboard;
@@ -103,11 +108,12 @@ enum Command {
     /// Check every part of the install and say how to fix what is wrong
     /// (exit 0: nothing failed; 1: something failed; 2: doctor could not run).
     Doctor {
-        #[arg(long, short, default_value = "/etc/pmguard/pmguard.toml")]
-        config: PathBuf,
+        /// The config to check (default: every installed agent's own config).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         #[arg(long)]
         root: Option<PathBuf>,
-        /// The account that runs PM2 (default: the unit's User=).
+        /// Check only USER's agent (default: every installed agent).
         #[arg(long)]
         user: Option<String>,
         /// Machine-readable list of checks.
@@ -184,10 +190,11 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
         ),
         Command::Uninstall {
             root,
+            user,
             dry_run,
             aws,
             config,
-        } => uninstall(root, dry_run).and_then(|code| {
+        } => uninstall(root, user.as_deref(), dry_run).and_then(|code| {
             if !aws {
                 return Ok(code);
             }
@@ -207,7 +214,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             root,
             user,
             json,
-        } => doctor(&config, root, user, json),
+        } => doctor(config, root, user, json),
         Command::Completions { shell } => {
             cli::write_completions(shell, &mut Cli::command(), &mut std::io::stdout())
                 .map(|()| ExitCode::SUCCESS)
@@ -243,16 +250,19 @@ fn install(
     let account = users::lookup(&root, &user)?;
     let agent_binary = agent_binary(&root, agent_bin)?;
     let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
+    let layout = layout::for_install(&layout::installed(&root)?, &user)?;
     let settings = Settings {
         account,
         config_text,
         agent_binary,
         pm2: pm2.clone(),
+        layout: layout.clone(),
     };
     let desired = render::render(&config, &settings)?;
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
-    let mut observed = plan::observe(&root, &paths, &systemd)?;
+    let mut observed = plan::observe(&root, &paths, &systemd, &layout)?;
+    plan::check_shared_paths(&config, &user, &observed)?;
     // Only the live system's PM2 can be running (a staging root has none).
     observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
     let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
@@ -274,8 +284,8 @@ fn install(
         if !dry_run && plan.blocked.is_empty() {
             println!(
                 "\nAttach this IAM policy to the instance role (also in {}; the policy for whoever runs provision-aws is in {}, never for the instance role):\n{}",
-                render::IAM_PATH,
-                render::IAM_ADMIN_PATH,
+                layout.iam_path().display(),
+                layout.iam_admin_path().display(),
                 pmguard_installer::iam::to_json(&policy)
             );
         }
@@ -336,15 +346,34 @@ fn is_packaged_agent(root: &Path, agent_bin: &Path) -> bool {
     }
 }
 
-fn uninstall(root: Option<PathBuf>, dry_run: bool) -> Result<ExitCode, CliError> {
+fn uninstall(
+    root: Option<PathBuf>,
+    user: Option<&str>,
+    dry_run: bool,
+) -> Result<ExitCode, CliError> {
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
     let systemd = Systemctl { staged };
-    // First, while the record in /etc/pmguard is still there: what --replace-legacy stopped.
-    for done in legacy::restore(&root, &systemd, dry_run)? {
-        println!("Put back: {done}");
+    let installed = layout::installed(&root)?;
+    let chosen = layout::for_user(&installed, user)?;
+    let layout = match chosen.as_slice() {
+        [] => Layout::Single,
+        [one] => one.layout.clone(),
+        _ => {
+            return Err(pmguard_installer::Error::WhichUser {
+                installed: layout::names(&installed),
+            }
+            .into())
+        }
+    };
+    // First, while the record in /etc/pmguard is still there: what --replace-legacy stopped
+    // (with the last agent only: the monitor it replaced watched every user's apps).
+    if installed.len() <= 1 {
+        for done in legacy::restore(&root, &systemd, dry_run)? {
+            println!("Put back: {done}");
+        }
     }
-    let observed = plan::observe(&root, &[], &systemd)?;
+    let observed = plan::observe(&root, &[], &systemd, &layout)?;
     let plan = plan::plan_uninstall(&observed);
     finish(&plan, &root, &systemd, dry_run)?;
     Ok(ExitCode::SUCCESS)
@@ -420,7 +449,7 @@ fn init(
 }
 
 fn doctor(
-    config_path: &Path,
+    config_path: Option<PathBuf>,
     root: Option<PathBuf>,
     user: Option<String>,
     json: bool,
@@ -428,19 +457,30 @@ fn doctor(
     use pmguard_installer::doctor;
     let live = root.is_none();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
-    let target = doctor::Target {
-        root: &root,
-        config_path,
-        live,
-        user,
-    };
-    let (mut checks, config) = doctor::local_checks(&target);
-    if let Some(config) = &config {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(CliError::Runtime)?;
-        checks.extend(runtime.block_on(doctor::aws_checks(config)));
+    let installed = layout::installed(&root)?;
+    let targets = doctor_targets(&root, config_path, user.as_deref(), &installed)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    let mut checks = Vec::new();
+    for (config_path, layout) in &targets {
+        let target = doctor::Target {
+            root: &root,
+            config_path,
+            live,
+            user: user.clone(),
+            layout: layout.clone(),
+        };
+        let (mut these, config) = doctor::local_checks(&target);
+        if let Some(config) = &config {
+            these.extend(runtime.block_on(doctor::aws_checks(config)));
+        }
+        let unit = layout.unit_name();
+        checks.extend(these.into_iter().map(|mut c| {
+            c.unit = Some(unit.clone());
+            c
+        }));
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -452,4 +492,36 @@ fn doctor(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Which configs doctor checks: `--config` alone (for `--user`'s install, if any); else every
+/// installed agent's own (only `--user`'s with it); on a box with none, the default config.
+fn doctor_targets(
+    root: &Path,
+    config: Option<PathBuf>,
+    user: Option<&str>,
+    installed: &[layout::Installed],
+) -> Result<Vec<(PathBuf, Layout)>, CliError> {
+    let of_user = |u: &str| {
+        installed
+            .iter()
+            .find(|i| i.user.as_deref() == Some(u))
+            .map(|i| i.layout.clone())
+    };
+    if let Some(c) = config {
+        let layout = user.and_then(of_user).unwrap_or(Layout::Single);
+        return Ok(vec![(c, layout)]);
+    }
+    let chosen = match user {
+        // A user with no install of their own: the single-user layout's checks, as before.
+        Some(u) if of_user(u).is_none() => Vec::new(),
+        _ => layout::for_user(installed, user)?,
+    };
+    if chosen.is_empty() {
+        return Ok(vec![(PathBuf::from(render::CONFIG_PATH), Layout::Single)]);
+    }
+    Ok(chosen
+        .into_iter()
+        .map(|i| (render::under(root, &i.layout.config_path()), i.layout))
+        .collect())
 }

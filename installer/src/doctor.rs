@@ -16,6 +16,7 @@ use pmguard_agent::probe::Prober;
 use pmguard_agent::report::state::StateDir;
 use serde::Serialize;
 
+use crate::layout::Layout;
 use crate::manifest::Manifest;
 use crate::render::{self, under, DesiredFile, Settings};
 use crate::users;
@@ -36,6 +37,9 @@ pub struct Check {
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
+    /// The agent's unit the check is about, on a box with one agent per user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
 }
 
 fn ok(check: &str, detail: impl Into<String>) -> Check {
@@ -44,6 +48,7 @@ fn ok(check: &str, detail: impl Into<String>) -> Check {
         status: Level::Ok,
         detail: detail.into(),
         fix: None,
+        unit: None,
     }
 }
 fn warn(check: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
@@ -52,6 +57,7 @@ fn warn(check: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check
         status: Level::Warn,
         detail: detail.into(),
         fix: Some(fix.into()),
+        unit: None,
     }
 }
 fn fail(check: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
@@ -60,6 +66,7 @@ fn fail(check: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check
         status: Level::Fail,
         detail: detail.into(),
         fix: Some(fix.into()),
+        unit: None,
     }
 }
 
@@ -70,6 +77,8 @@ pub struct Target<'a> {
     /// Whether the host's systemd may be asked (false under --root).
     pub live: bool,
     pub user: Option<String>,
+    /// Which install: the single-user layout or one user's instance.
+    pub layout: Layout,
 }
 
 /// Runs every local check. AWS checks are added by `aws_checks`.
@@ -96,7 +105,7 @@ pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
             config.apps.len()
         ),
     )];
-    let manifest = Manifest::read(&under(t.root, Path::new(render::MANIFEST_PATH)))
+    let manifest = Manifest::read(&under(t.root, &t.layout.manifest_path()))
         .ok()
         .flatten();
     let agent_path = installed_agent(t, manifest.as_ref());
@@ -105,12 +114,8 @@ pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
     let desired = account
         .as_ref()
         .and_then(|a| desired_files(t, &config, a, agent_path));
-    for (name, path) in [
-        ("unit file", render::UNIT_PATH),
-        ("cron backup check", render::CRON_PATH),
-        ("logrotate file", render::LOGROTATE_PATH),
-    ] {
-        out.push(rendered_file(t, name, path, desired.as_deref()));
+    for (name, path) in rendered_paths(&t.layout) {
+        out.push(rendered_file(t, name, &path, desired.as_deref()));
     }
     out.push(cron_readable(t));
     out.extend(installed_modes(t, manifest.as_ref()));
@@ -122,10 +127,30 @@ pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
             "stop it with `pmguard install --replace-legacy` (uninstall puts it back)",
         )
     }));
-    out.push(heartbeat(&config));
+    out.push(heartbeat(&config, &t.layout.unit_name()));
     let paths = pm2_paths(&config, account.as_ref());
     out.extend(pm2_checks(&config, &paths, t.live));
     (out, Some(config))
+}
+
+/// The files doctor compares with what install renders, by check name.
+fn rendered_paths(layout: &Layout) -> Vec<(&'static str, String)> {
+    let mut v = match layout {
+        Layout::Single => vec![("unit file", render::UNIT_PATH.to_string())],
+        Layout::Instance(_) => vec![
+            ("unit file", render::TEMPLATE_PATH.to_string()),
+            ("unit drop-in", layout.unit_path().display().to_string()),
+        ],
+    };
+    v.push((
+        "cron backup check",
+        layout.cron_path().display().to_string(),
+    ));
+    v.push((
+        "logrotate file",
+        layout.logrotate_path().display().to_string(),
+    ));
+    v
 }
 
 /// What install would lay down now for this config and account (`None` when it cannot tell).
@@ -145,6 +170,7 @@ fn desired_files(
             config_text,
             agent_binary,
             pm2: crate::pm2unit::observe(t.root, account, config),
+            layout: t.layout.clone(),
         },
     )
     .ok()
@@ -218,11 +244,9 @@ fn agent_binary(t: &Target<'_>, agent_path: &str, manifest: Option<&Manifest>) -
 
 /// The PM2 user: `--user`, else the installed unit's `User=`.
 fn user_of(t: &Target<'_>) -> Option<users::Account> {
-    let name = t.user.clone().or_else(|| {
-        let unit = std::fs::read_to_string(under(t.root, Path::new(render::UNIT_PATH))).ok()?;
-        unit.lines()
-            .find_map(|l| l.strip_prefix("User="))
-            .map(str::to_string)
+    let name = t.user.clone().or_else(|| match &t.layout {
+        Layout::Single => crate::layout::single_user(t.root),
+        Layout::Instance(u) => Some(u.clone()),
     })?;
     users::lookup(t.root, &name).ok()
 }
@@ -256,6 +280,7 @@ fn rendered_file(t: &Target<'_>, name: &str, path: &str, desired: Option<&[Desir
 }
 
 fn cron_readable(t: &Target<'_>) -> Check {
+    let instance_config = format!("--config {}", t.layout.config_path().display());
     let dir = under(t.root, Path::new("/etc/cron.d"));
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return fail(
@@ -266,8 +291,10 @@ fn cron_readable(t: &Target<'_>) -> Check {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let ours = std::fs::read_to_string(e.path())
-            .is_ok_and(|t| t.contains("pmguard-agent check --once"));
+        let ours = std::fs::read_to_string(e.path()).is_ok_and(|text| {
+            text.contains("pmguard-agent check --once")
+                && (t.layout == Layout::Single || text.contains(&instance_config))
+        });
         if !ours {
             continue;
         }
@@ -356,9 +383,8 @@ fn file_problems(t: &Target<'_>, path: &Path) -> Vec<String> {
 /// The config directory must let the PM2 user reach its config (a root umask of 077 at
 /// install time makes it 0700).
 fn config_dir_problem(t: &Target<'_>) -> Option<String> {
-    let config_dir = Path::new(render::CONFIG_PATH)
-        .parent()
-        .unwrap_or(Path::new("/"));
+    let config_path = t.layout.config_path();
+    let config_dir = config_path.parent().unwrap_or(Path::new("/"));
     let dm = std::fs::metadata(under(t.root, config_dir)).ok()?;
     (dm.mode() & 0o7777 != crate::plan::DIR_MODE).then(|| {
         format!(
@@ -371,6 +397,8 @@ fn config_dir_problem(t: &Target<'_>) -> Option<String> {
 }
 
 fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
+    let unit = t.layout.unit_name();
+    let unit = unit.as_str();
     if !t.live {
         return vec![warn(
             "systemd unit",
@@ -386,7 +414,7 @@ fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
         )];
     }
     let out = Command::new("systemctl")
-        .args(["show", render::UNIT_NAME, "-p", "LoadState,UnitFileState,ActiveState,SubState,Result,NRestarts,WatchdogUSec,ExecMainStatus"])
+        .args(["show", unit, "-p", "LoadState,UnitFileState,ActiveState,SubState,Result,NRestarts,WatchdogUSec,ExecMainStatus"])
         .output();
     let Ok(out) = out else {
         return vec![fail(
@@ -395,9 +423,10 @@ fn systemd_checks(t: &Target<'_>) -> Vec<Check> {
             "check that systemd is installed",
         )];
     };
-    unit_checks(&UnitProps(
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    ))
+    unit_checks(
+        &UnitProps(String::from_utf8_lossy(&out.stdout).into_owned()),
+        unit,
+    )
 }
 
 /// `systemctl show -p ...` output: `Key=value` lines.
@@ -415,11 +444,11 @@ impl UnitProps {
 
 /// The agent's unit as systemd reports it: loaded, enabled, active, not crash-looping, with
 /// its watchdog armed.
-fn unit_checks(p: &UnitProps) -> Vec<Check> {
+fn unit_checks(p: &UnitProps, unit: &str) -> Vec<Check> {
     if p.get("LoadState") != "loaded" {
         return vec![fail(
             "systemd unit",
-            format!("{} is {}", render::UNIT_NAME, p.get("LoadState")),
+            format!("{} is {}", unit, p.get("LoadState")),
             "run `pmguard install` and `systemctl daemon-reload`",
         )];
     }
@@ -430,16 +459,16 @@ fn unit_checks(p: &UnitProps) -> Vec<Check> {
         fail(
             "unit enabled",
             format!("unit file state: {}", p.get("UnitFileState")),
-            format!("systemctl enable {}", render::UNIT_NAME),
+            format!("systemctl enable {}", unit),
         )
     });
-    v.push(unit_active(p));
+    v.push(unit_active(p, unit));
     let restarts: u32 = p.get("NRestarts").parse().unwrap_or(0);
     if restarts >= 3 {
         v.push(warn(
             "agent crash loop",
             format!("systemd restarted the agent {restarts} times"),
-            format!("journalctl -u {} to see why it exits", render::UNIT_NAME),
+            format!("journalctl -u {} to see why it exits", unit),
         ));
     }
     let wd = p.get("WatchdogUSec");
@@ -455,7 +484,7 @@ fn unit_checks(p: &UnitProps) -> Vec<Check> {
     v
 }
 
-fn unit_active(p: &UnitProps) -> Check {
+fn unit_active(p: &UnitProps, unit: &str) -> Check {
     if p.get("ActiveState") == "active" {
         return ok(
             "unit active",
@@ -477,14 +506,13 @@ fn unit_active(p: &UnitProps) -> Check {
         ),
         format!(
             "journalctl -u {} -n 50; then systemctl restart {}",
-            render::UNIT_NAME,
-            render::UNIT_NAME
+            unit, unit
         ),
     )
 }
 
 /// Runtime state (heartbeat, PM2) is always the live system's: `--root` maps installed files only.
-fn heartbeat(config: &Config) -> Check {
+fn heartbeat(config: &Config, unit: &str) -> Check {
     let dir = config.agent.state_dir.clone();
     let state = StateDir::new(&dir);
     match state.read_status() {
@@ -495,9 +523,9 @@ fn heartbeat(config: &Config) -> Check {
                 Some(a) => format!("last heartbeat {:.0} s ago (more than 3 check periods): the agent is dead or wedged", a as f64 / 1000.0),
                 None => "the last heartbeat is from before the last boot".into(),
             },
-            format!("systemctl restart {} (and journalctl -u {} for why it stopped)", render::UNIT_NAME, render::UNIT_NAME),
+            format!("systemctl restart {} (and journalctl -u {} for why it stopped)", unit, unit),
         ),
-        Ok(None) => fail("agent alive", format!("no heartbeat in {}", dir.display()), format!("start the agent: systemctl enable --now {}", render::UNIT_NAME)),
+        Ok(None) => fail("agent alive", format!("no heartbeat in {}", dir.display()), format!("start the agent: systemctl enable --now {}", unit)),
         Err(e) => fail("agent alive", e.to_string(), "check the state directory's permissions"),
     }
 }
@@ -938,7 +966,18 @@ async fn metrics_arriving(
 /// Renders the checks as a table for a person.
 pub fn table(checks: &[Check]) -> String {
     let mut out = String::new();
+    let several = checks
+        .iter()
+        .filter_map(|c| c.unit.as_deref())
+        .collect::<BTreeSet<_>>()
+        .len()
+        > 1;
+    let mut last: Option<&str> = None;
     for c in checks {
+        if several && c.unit.as_deref() != last {
+            last = c.unit.as_deref();
+            out.push_str(&format!("== {} ==\n", last.unwrap_or("?")));
+        }
         let tag = match c.status {
             Level::Ok => "ok  ",
             Level::Warn => "WARN",

@@ -68,6 +68,23 @@ pub enum Error {
     #[error("user `{user}` is root: run PM2 and pmguard as an unprivileged user")]
     RootUser { user: String },
 
+    // Several users on one box.
+    #[error("user `{user}` cannot name an agent instance (pmguard-agent@{user}.service, /etc/cron.d/pmguard-{user}): a second user's name may hold only letters, digits, `_` and `-`, start with a letter, digit or `_`, and be at most 32 long")]
+    BadInstanceUser { user: String },
+    #[error("pmguard is not installed for user `{user}` here (installed for: {installed}); pass --user with one of those")]
+    NotInstalledFor { user: String, installed: String },
+    #[error("pmguard is installed here for several users ({installed}): pass --user to say which one to uninstall")]
+    WhichUser { installed: String },
+    #[error("{what} {} is already used by {other}'s agent: two agents cannot share it; set a path of {user}'s own in its config (e.g. [agent] {key} = \"{example}\")", path.display())]
+    SharedPath {
+        what: &'static str,
+        key: &'static str,
+        path: PathBuf,
+        other: String,
+        user: String,
+        example: String,
+    },
+
     // systemd.
     #[error("cannot run systemctl: {0}")]
     SystemctlSpawn(std::io::Error),

@@ -182,7 +182,9 @@ pub fn find(root: &Path) -> Vec<Legacy> {
         .unwrap_or_default();
     let mut found = Vec::new();
     for name in list_dir(&under(root, Path::new("/etc/systemd/system"))) {
-        if !name.ends_with(".service") || name == UNIT_NAME || stopped.contains(&name) {
+        // pmguard's own: the agent's units and pmguard-pm2*.service.
+        let ours = name == UNIT_NAME || name.starts_with("pmguard-");
+        if !name.ends_with(".service") || ours || stopped.contains(&name) {
             continue;
         }
         let Some(text) = read(&Path::new("/etc/systemd/system").join(&name)) else {
@@ -206,7 +208,12 @@ pub fn find(root: &Path) -> Vec<Legacy> {
     crontabs.push((PathBuf::from("/etc/crontab"), true));
     for name in list_dir(&under(root, Path::new("/etc/cron.d"))) {
         let path = Path::new("/etc/cron.d").join(name);
-        if path != Path::new(CRON_PATH) {
+        // pmguard's own backup checks: /etc/cron.d/pmguard and /etc/cron.d/pmguard-<user>.
+        let ours = path == Path::new(CRON_PATH)
+            || path
+                .to_str()
+                .is_some_and(|p| p.starts_with(&format!("{CRON_PATH}-")));
+        if !ours {
             crontabs.push((path, true));
         }
     }

@@ -20,6 +20,7 @@ pub mod doctor;
 pub mod error;
 pub mod iam;
 pub mod init;
+pub mod layout;
 pub mod legacy;
 pub mod manifest;
 pub mod plan;

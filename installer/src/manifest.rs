@@ -59,10 +59,10 @@ impl Manifest {
     /// Refuses a manifest that names anything pmguard never lays down: uninstall deletes what
     /// the manifest lists, as root, so a path with `..` or outside pmguard's own set (a
     /// tampered or hand-written manifest) must never reach it.
-    pub fn check_owned(&self, at: &Path) -> Result<(), Error> {
-        let owned: Vec<&Path> = crate::render::OWNED_FILES.iter().map(Path::new).collect();
+    pub fn check_owned(&self, at: &Path, layout: &crate::layout::Layout) -> Result<(), Error> {
+        let owned = layout.owned_files();
         for f in self.files.keys() {
-            if !owned.contains(&f.as_path()) {
+            if !owned.contains(f) {
                 return Err(Error::ManifestForeignFile {
                     manifest: at.to_path_buf(),
                     file: f.clone(),

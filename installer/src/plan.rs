@@ -12,9 +12,9 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::layout::{Layout, TEMPLATE_PATH};
 use crate::manifest::{sha256, Manifest};
-use crate::pm2unit::{PM2_UNIT_NAME, PM2_UNIT_PATH};
-use crate::render::{under, DesiredFile, FileKind, MANIFEST_PATH, UNIT_NAME};
+use crate::render::{under, DesiredFile, FileKind};
 use crate::systemd::{Systemd, UnitState};
 use crate::Error;
 
@@ -46,60 +46,158 @@ pub struct Observed {
     /// Modes of the existing directories pmguard owns (the config directory, and those it
     /// created), to put back when they drift (a root umask of 077 makes a fresh dir 0700).
     pub dir_modes: BTreeMap<PathBuf, u32>,
+    /// Which install this is (the single-user layout, or one user's instance).
+    pub layout: Layout,
+    /// The box's other installs (other users' agents): what they share with this one.
+    pub others: Vec<Other>,
+}
+
+/// Another user's install on the same box.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Other {
+    pub layout: Layout,
+    pub user: Option<String>,
+    pub manifest: Manifest,
+    /// Paths its agent writes (from its installed config), which no second agent may share.
+    pub state_dir: Option<PathBuf>,
+    pub prometheus_textfile: Option<PathBuf>,
+}
+
+impl Other {
+    fn lists(&self, path: &Path) -> bool {
+        self.manifest.files.contains_key(path)
+    }
+
+    fn name(&self) -> String {
+        self.user.clone().unwrap_or_else(|| self.layout.unit_name())
+    }
 }
 
 /// The mode of every directory pmguard creates or owns: the PM2 user must reach its config.
 pub const DIR_MODE: u32 = 0o755;
 
-/// Reads the current state of every path in `paths` (and the manifest's) under `root`.
-pub fn observe(root: &Path, paths: &[PathBuf], systemd: &dyn Systemd) -> Result<Observed, Error> {
-    check_parents(root, Path::new(MANIFEST_PATH))?;
-    let manifest = Manifest::read(&under(root, Path::new(MANIFEST_PATH)))?;
+/// Reads the current state of every path in `paths` (and the manifest's) under `root`, for the
+/// install `layout` names.
+pub fn observe(
+    root: &Path,
+    paths: &[PathBuf],
+    systemd: &dyn Systemd,
+    layout: &Layout,
+) -> Result<Observed, Error> {
+    let manifest_path = layout.manifest_path();
+    check_parents(root, &manifest_path)?;
+    let manifest = Manifest::read(&under(root, &manifest_path))?;
     if let Some(m) = &manifest {
-        m.check_owned(&under(root, Path::new(MANIFEST_PATH)))?;
+        m.check_owned(&under(root, &manifest_path), layout)?;
     }
+    let others = observe_others(root, layout)?;
     let mut all: Vec<PathBuf> = paths.to_vec();
     if let Some(m) = &manifest {
         all.extend(m.files.keys().cloned());
     }
-    all.push(PathBuf::from(MANIFEST_PATH));
+    all.push(manifest_path.clone());
     let mut files = BTreeMap::new();
     for p in all {
-        check_parents(root, &p)?;
-        let real = under(root, &p);
-        let found = match std::fs::symlink_metadata(&real) {
-            Ok(m) if m.file_type().is_symlink() => return Err(Error::SymlinkFile { path: real }),
-            Ok(m) => Some(FoundFile {
-                content: std::fs::read(&real).map_err(Error::io(&real))?,
-                mode: m.mode() & 0o7777,
-                uid: m.uid(),
-                gid: m.gid(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(Error::io(&real)(e)),
-        };
-        files.insert(p, found);
+        files.insert(p.clone(), found(root, &p)?);
     }
     Ok(Observed {
         files,
-        missing_dirs: missing_dirs(root, paths),
-        dir_modes: dir_modes(root, manifest.as_ref()),
+        missing_dirs: missing_dirs(root, paths, &manifest_path),
+        dir_modes: dir_modes(root, manifest.as_ref(), &manifest_path),
         manifest,
-        unit: systemd.state(UNIT_NAME),
-        pm2_unit: systemd.state(PM2_UNIT_NAME),
+        unit: systemd.state(&layout.unit_name()),
+        pm2_unit: systemd.state(&layout.pm2_unit_name()),
         pm2_daemon_live: false,
-        state_dir: owned_state_dir(root),
+        state_dir: owned_state_dir(root, &layout.config_path()),
+        layout: layout.clone(),
+        others,
     })
+}
+
+/// One path under `root` as it is now (never through a symlink).
+fn found(root: &Path, p: &Path) -> Result<Option<FoundFile>, Error> {
+    check_parents(root, p)?;
+    let real = under(root, p);
+    match std::fs::symlink_metadata(&real) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::SymlinkFile { path: real }),
+        Ok(m) => Ok(Some(FoundFile {
+            content: std::fs::read(&real).map_err(Error::io(&real))?,
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&real)(e)),
+    }
+}
+
+/// The other installs on the box, each manifest checked like this one's.
+fn observe_others(root: &Path, layout: &Layout) -> Result<Vec<Other>, Error> {
+    let mut others = Vec::new();
+    for i in crate::layout::installed(root)? {
+        if i.layout == *layout {
+            continue;
+        }
+        check_parents(root, &i.layout.manifest_path())?;
+        i.manifest
+            .check_owned(&under(root, &i.layout.manifest_path()), &i.layout)?;
+        let config = installed_config(root, &i.layout.config_path());
+        others.push(Other {
+            state_dir: config.as_ref().map(|c| c.agent.state_dir.clone()),
+            prometheus_textfile: config.and_then(|c| c.agent.prometheus_textfile),
+            layout: i.layout,
+            user: i.user,
+            manifest: i.manifest,
+        });
+    }
+    Ok(others)
+}
+
+fn installed_config(root: &Path, config: &Path) -> Option<pmguard_agent::config::Config> {
+    let text = std::fs::read_to_string(under(root, config)).ok()?;
+    pmguard_agent::config::Config::parse(config, &text).ok()
+}
+
+/// Refuses a config whose agent would write where another user's agent writes: one state
+/// directory holds one agent's lock, history and events; one textfile one agent's metrics.
+pub fn check_shared_paths(
+    config: &pmguard_agent::config::Config,
+    user: &str,
+    obs: &Observed,
+) -> Result<(), Error> {
+    for o in &obs.others {
+        if o.state_dir.as_deref() == Some(config.agent.state_dir.as_path()) {
+            return Err(Error::SharedPath {
+                what: "state directory",
+                key: "state_dir",
+                path: config.agent.state_dir.clone(),
+                other: o.name(),
+                user: user.to_string(),
+                example: format!("/var/lib/pmguard-{user}"),
+            });
+        }
+        if let (Some(a), Some(b)) = (&config.agent.prometheus_textfile, &o.prometheus_textfile) {
+            if a == b {
+                return Err(Error::SharedPath {
+                    what: "Prometheus textfile",
+                    key: "prometheus_textfile",
+                    path: a.clone(),
+                    other: o.name(),
+                    user: user.to_string(),
+                    example: format!("/var/lib/prometheus/node-exporter/pmguard-{user}.prom"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The parents of `paths` (and of the manifest) that do not exist under `root`, outermost
 /// first.
-fn missing_dirs(root: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
+fn missing_dirs(root: &Path, paths: &[PathBuf], manifest_path: &Path) -> Vec<PathBuf> {
     let mut missing_dirs = Vec::new();
-    for p in paths
-        .iter()
-        .chain(std::iter::once(&PathBuf::from(MANIFEST_PATH)))
-    {
+    let manifest_path = manifest_path.to_path_buf();
+    for p in paths.iter().chain(std::iter::once(&manifest_path)) {
         let mut dir = p.parent();
         let mut chain = Vec::new();
         while let Some(d) = dir {
@@ -119,12 +217,16 @@ fn missing_dirs(root: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 /// The modes of the directories pmguard owns: the config directory and those it created.
-fn dir_modes(root: &Path, manifest: Option<&Manifest>) -> BTreeMap<PathBuf, u32> {
+fn dir_modes(
+    root: &Path,
+    manifest: Option<&Manifest>,
+    manifest_path: &Path,
+) -> BTreeMap<PathBuf, u32> {
     let mut dir_modes = BTreeMap::new();
     let owned_dirs = manifest
         .into_iter()
         .flat_map(|m| m.created_dirs.iter().cloned())
-        .chain(Path::new(MANIFEST_PATH).parent().map(Path::to_path_buf));
+        .chain(manifest_path.parent().map(Path::to_path_buf));
     for d in owned_dirs {
         if let Ok(m) = std::fs::symlink_metadata(under(root, &d)) {
             if m.is_dir() {
@@ -138,11 +240,8 @@ fn dir_modes(root: &Path, manifest: Option<&Manifest>) -> BTreeMap<PathBuf, u32>
 /// The installed config's `state_dir`, if it is one systemd made for pmguard's unit
 /// (`/var/lib/pmguard` or `/var/lib/pmguard-*`: `render::check_values` allows no other under
 /// /var/lib) and it is a real directory.
-fn owned_state_dir(root: &Path) -> Option<PathBuf> {
-    let config = crate::render::CONFIG_PATH;
-    let text = std::fs::read_to_string(under(root, Path::new(config))).ok()?;
-    let c = pmguard_agent::config::Config::parse(Path::new(config), &text).ok()?;
-    let dir = c.agent.state_dir;
+fn owned_state_dir(root: &Path, config: &Path) -> Option<PathBuf> {
+    let dir = installed_config(root, config)?.agent.state_dir;
     let rel = dir.strip_prefix("/var/lib").ok()?;
     let first = rel.components().next()?.as_os_str().to_str()?.to_string();
     let ours = first.starts_with("pmguard")
@@ -255,9 +354,12 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
     let manifest = next_manifest(desired, obs);
     let changed = plan_writes(desired, obs, force, can_chown, &mut plan);
     plan_stale_removals(desired, obs, &mut plan);
-    plan.steps.splice(0..0, head_steps(obs, &manifest));
+    let mut head = head_steps(obs, &manifest);
+    head.extend(shared_hash_updates(desired, obs));
+    plan.steps.splice(0..0, head);
     plan_units(desired, obs, changed, &mut plan);
-    plan.notes.push("Logs go to the journal (journalctl -u pmguard-agent); the logrotate file rotates only the agent's event file.".into());
+    let unit = obs.layout.unit_name();
+    plan.notes.push(format!("Logs go to the journal (journalctl -u {}); the logrotate file rotates only the agent's event file.", unit.trim_end_matches(".service")));
     plan
 }
 
@@ -266,6 +368,43 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
 struct Changed {
     service: bool,
     pm2_unit: bool,
+    /// A file every install runs (the agent binary, the template unit): the other agents
+    /// restart too.
+    shared: bool,
+}
+
+/// The other installs' manifests, where they list a shared file this install lays down with
+/// other bytes: it now holds these bytes, so whichever install is removed last still
+/// recognises it as pmguard's and removes it.
+fn shared_hash_updates(desired: &[DesiredFile], obs: &Observed) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for o in &obs.others {
+        let mut m = o.manifest.clone();
+        for f in desired.iter().filter(|f| Layout::is_shared(&f.path)) {
+            if let Some(h) = m.files.get_mut(&f.path) {
+                *h = sha256(&f.content);
+            }
+        }
+        if m != o.manifest {
+            steps.push(Step::Write {
+                file: DesiredFile {
+                    path: o.layout.manifest_path(),
+                    content: m.to_bytes(),
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    kind: FileKind::Managed,
+                },
+                old: Some(FoundFile {
+                    content: o.manifest.to_bytes(),
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                }),
+            });
+        }
+    }
+    steps
 }
 
 /// The manifest this install leaves: every desired file's hash, and every directory any
@@ -279,9 +418,16 @@ fn next_manifest(desired: &[DesiredFile], obs: &Observed) -> Manifest {
             .as_ref()
             .map(|m| m.created_dirs.clone())
             .unwrap_or_default(),
-        unit: Some(UNIT_NAME.to_string()),
+        unit: Some(obs.layout.unit_name()),
     };
-    for d in &obs.missing_dirs {
+    // Directories another install created that this one's files live in too: whichever
+    // install is removed last removes them.
+    let inherited = obs
+        .others
+        .iter()
+        .flat_map(|o| o.manifest.created_dirs.iter())
+        .filter(|d| desired.iter().any(|f| f.path.starts_with(d)));
+    for d in obs.missing_dirs.iter().chain(inherited) {
         if !manifest.created_dirs.contains(d) {
             manifest.created_dirs.push(d.clone());
         }
@@ -326,10 +472,13 @@ fn plan_writes(
                 continue;
             }
         }
-        if f.path == Path::new(PM2_UNIT_PATH) {
+        if f.path == obs.layout.pm2_unit_path() {
             changed.pm2_unit = true;
         } else {
-            changed.service |= f.path.ends_with(UNIT_NAME) || f.kind != FileKind::Managed;
+            changed.service |= f.path == obs.layout.unit_path()
+                || f.path == Path::new(TEMPLATE_PATH)
+                || f.kind != FileKind::Managed;
+            changed.shared |= Layout::is_shared(&f.path);
         }
         plan.steps.push(Step::Write {
             file: f.clone(),
@@ -344,7 +493,7 @@ fn plan_writes(
 fn plan_stale_removals(desired: &[DesiredFile], obs: &Observed, plan: &mut Plan) {
     let Some(m) = &obs.manifest else { return };
     for (path, hash) in &m.files {
-        if desired.iter().any(|f| &f.path == path) {
+        if desired.iter().any(|f| &f.path == path) || shared_with_others(obs, path) {
             continue;
         }
         if let Some(Some(old)) = obs.files.get(path) {
@@ -363,23 +512,30 @@ fn plan_stale_removals(desired: &[DesiredFile], obs: &Observed, plan: &mut Plan)
     }
 }
 
+/// A file another install lists too (the agent binary, the template unit): it stays while
+/// any install uses it.
+fn shared_with_others(obs: &Observed, path: &Path) -> bool {
+    Layout::is_shared(path) && obs.others.iter().any(|o| o.lists(path))
+}
+
 /// The steps that go before the files: the manifest first (after its own directories), so an
 /// install cut short anywhere later still records every directory and file it may have
 /// created and uninstall removes them; then the other directories and drifted modes.
 fn head_steps(obs: &Observed, manifest: &Manifest) -> Vec<Step> {
     let mut head = Vec::new();
-    let manifest_dir = Path::new(MANIFEST_PATH).parent().unwrap_or(Path::new("/"));
+    let manifest_path = obs.layout.manifest_path();
+    let manifest_dir = manifest_path.parent().unwrap_or(Path::new("/"));
     let (first, rest): (Vec<&PathBuf>, Vec<&PathBuf>) = obs
         .missing_dirs
         .iter()
         .partition(|d| manifest_dir.starts_with(d));
     head.extend(first.into_iter().map(|d| Step::MkDir { path: d.clone() }));
     let manifest_bytes = manifest.to_bytes();
-    let old_manifest = obs.files.get(Path::new(MANIFEST_PATH)).cloned().flatten();
+    let old_manifest = obs.files.get(&manifest_path).cloned().flatten();
     if old_manifest.as_ref().map(|o| &o.content) != Some(&manifest_bytes) {
         head.push(Step::Write {
             file: DesiredFile {
-                path: PathBuf::from(MANIFEST_PATH),
+                path: manifest_path.clone(),
                 content: manifest_bytes,
                 mode: 0o644,
                 uid: 0,
@@ -404,6 +560,7 @@ fn head_steps(obs: &Observed, manifest: &Manifest) -> Vec<Step> {
 /// systemctl steps for the agent's unit and `pmguard-pm2.service`, or a note when there is no
 /// systemd to run them.
 fn plan_units(desired: &[DesiredFile], obs: &Observed, changed: Changed, plan: &mut Plan) {
+    let unit = obs.layout.unit_name();
     let (enabled, active) = match &obs.unit {
         UnitState::Staged => {
             plan.notes
@@ -412,7 +569,7 @@ fn plan_units(desired: &[DesiredFile], obs: &Observed, changed: Changed, plan: &
         }
         UnitState::NoSystemd(why) => {
             plan.notes.push(format!(
-                "systemd is not running here ({why}): skipped daemon-reload, enable and start. Once it runs: systemctl daemon-reload && systemctl enable --now {UNIT_NAME}"
+                "systemd is not running here ({why}): skipped daemon-reload, enable and start. Once it runs: systemctl daemon-reload && systemctl enable --now {unit}"
             ));
             return;
         }
@@ -421,28 +578,43 @@ fn plan_units(desired: &[DesiredFile], obs: &Observed, changed: Changed, plan: &
     if changed.service || changed.pm2_unit {
         plan.steps.push(systemctl(&["daemon-reload"]));
     }
-    let ours = desired.iter().any(|f| f.path == Path::new(PM2_UNIT_PATH));
-    if let (true, UnitState::Live { enabled, active }) = (ours, &obs.pm2_unit) {
-        if !enabled {
-            plan.steps.push(systemctl(&["enable", PM2_UNIT_NAME]));
-        }
-        if !active && !obs.pm2_daemon_live {
-            plan.steps.push(systemctl(&["start", PM2_UNIT_NAME]));
-        } else if !active {
-            plan.notes.push(format!(
-                "PM2 runs outside systemd now: {PM2_UNIT_NAME} starts it from the next boot. To hand the running daemon over now (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {PM2_UNIT_NAME}`"
-            ));
-        }
-    }
+    plan_pm2_unit(desired, obs, plan);
     if !enabled {
-        plan.steps.push(systemctl(&["enable", UNIT_NAME]));
+        plan.steps.push(systemctl(&["enable", &unit]));
     }
     if changed.service || !active {
-        plan.steps.push(systemctl(&["restart", UNIT_NAME]));
+        plan.steps.push(systemctl(&["restart", &unit]));
+    }
+    if changed.shared {
+        // The other agents run the same binary and template: only those running restart.
+        for o in &obs.others {
+            plan.steps
+                .push(systemctl(&["try-restart", &o.layout.unit_name()]));
+        }
     }
 }
 
-/// Plans an uninstall from the manifest.
+/// `pmguard-pm2.service` (or `pmguard-pm2-<user>.service`) enabled, and started when no PM2
+/// daemon runs.
+fn plan_pm2_unit(desired: &[DesiredFile], obs: &Observed, plan: &mut Plan) {
+    let name = obs.layout.pm2_unit_name();
+    let ours = desired.iter().any(|f| f.path == obs.layout.pm2_unit_path());
+    if let (true, UnitState::Live { enabled, active }) = (ours, &obs.pm2_unit) {
+        if !enabled {
+            plan.steps.push(systemctl(&["enable", &name]));
+        }
+        if !active && !obs.pm2_daemon_live {
+            plan.steps.push(systemctl(&["start", &name]));
+        } else if !active {
+            plan.notes.push(format!(
+                "PM2 runs outside systemd now: {name} starts it from the next boot. To hand the running daemon over now (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {name}`"
+            ));
+        }
+    }
+}
+
+/// Plans an uninstall from the manifest: this install's files, and the shared ones only when
+/// no other install lists them.
 pub fn plan_uninstall(obs: &Observed) -> Plan {
     let mut plan = Plan::default();
     let Some(m) = &obs.manifest else {
@@ -450,24 +622,64 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
             .push("No install manifest: pmguard is not installed here (nothing removed).".into());
         return plan;
     };
+    let unit = obs.layout.unit_name();
     if let UnitState::Live { enabled, active } = &obs.unit {
         if *active || *enabled {
-            plan.steps.push(systemctl(&["disable", "--now", UNIT_NAME]));
+            plan.steps.push(systemctl(&["disable", "--now", &unit]));
         }
     }
-    if m.files.contains_key(Path::new(PM2_UNIT_PATH)) {
+    let pm2_unit = obs.layout.pm2_unit_name();
+    if m.files.contains_key(&obs.layout.pm2_unit_path()) {
         // Not `--now`: stopping it would stop PM2 and every app. PM2 keeps running.
         if let UnitState::Live { enabled: true, .. } = &obs.pm2_unit {
-            plan.steps.push(systemctl(&["disable", PM2_UNIT_NAME]));
+            plan.steps.push(systemctl(&["disable", &pm2_unit]));
         }
         plan.notes.push(format!(
-            "PM2 keeps running, no longer supervised by {PM2_UNIT_NAME}: run `pm2 startup` to have systemd keep it."
+            "PM2 keeps running, no longer supervised by {pm2_unit}: run `pm2 startup` to have systemd keep it."
         ));
     }
+    uninstall_files(obs, m, &mut plan);
+    let manifest_path = obs.layout.manifest_path();
+    if let Some(Some(old)) = obs.files.get(&manifest_path) {
+        plan.steps.push(Step::Remove {
+            path: manifest_path,
+            old: old.clone(),
+        });
+    }
+    // Deepest first, whatever order installs recorded them in; only empty ones go.
+    let mut dirs = m.created_dirs.clone();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        plan.steps.push(Step::RemoveDir { path: d });
+    }
+    if let Some(dir) = &obs.state_dir {
+        plan.steps.push(Step::RemoveTree { path: dir.clone() });
+    }
+    if matches!(obs.unit, UnitState::Live { .. }) {
+        plan.steps.push(systemctl(&["daemon-reload"]));
+    }
+    plan
+}
+
+/// Removes every file the manifest lists that is still what install wrote, except shared
+/// files another install still uses.
+fn uninstall_files(obs: &Observed, m: &Manifest, plan: &mut Plan) {
     for (path, hash) in &m.files {
         let Some(Some(old)) = obs.files.get(path) else {
             continue;
         };
+        if let Some(o) = obs
+            .others
+            .iter()
+            .find(|o| Layout::is_shared(path) && o.lists(path))
+        {
+            plan.notes.push(format!(
+                "{} is kept: {} uses it too",
+                path.display(),
+                o.layout.unit_name()
+            ));
+            continue;
+        }
         // Only what is still exactly what install wrote: anything else is someone's file now.
         if sha256(&old.content) != *hash {
             plan.notes.push(format!(
@@ -481,22 +693,6 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
             old: old.clone(),
         });
     }
-    if let Some(Some(old)) = obs.files.get(Path::new(MANIFEST_PATH)) {
-        plan.steps.push(Step::Remove {
-            path: PathBuf::from(MANIFEST_PATH),
-            old: old.clone(),
-        });
-    }
-    for d in m.created_dirs.iter().rev() {
-        plan.steps.push(Step::RemoveDir { path: d.clone() });
-    }
-    if let Some(dir) = &obs.state_dir {
-        plan.steps.push(Step::RemoveTree { path: dir.clone() });
-    }
-    if matches!(obs.unit, UnitState::Live { .. }) {
-        plan.steps.push(systemctl(&["daemon-reload"]));
-    }
-    plan
 }
 
 fn systemctl(args: &[&str]) -> Step {
@@ -695,7 +891,7 @@ fn write_file(root: &Path, f: &DesiredFile, can_chown: bool) -> Result<(), Error
 mod tests {
     use super::*;
     use crate::render::tests::{rendered, FULL, MINIMAL};
-    use crate::render::{CONFIG_PATH, UNIT_PATH};
+    use crate::render::{CONFIG_PATH, MANIFEST_PATH, UNIT_PATH};
     use crate::systemd::Systemctl;
 
     const STAGED: Systemctl = Systemctl { staged: true };
@@ -723,7 +919,7 @@ mod tests {
     fn install(root: &Path, config: &str, force: bool) -> Plan {
         let desired = rendered(config);
         let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
-        let obs = observe(root, &paths, &STAGED).unwrap();
+        let obs = observe(root, &paths, &STAGED, &Layout::Single).unwrap();
         let plan = plan_install(&desired, &obs, force, false);
         if plan.blocked.is_empty() {
             apply(&plan, root, &STAGED, false).unwrap();
@@ -736,7 +932,7 @@ mod tests {
         let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
         plan_install(
             &desired,
-            &observe(root, &paths, &STAGED).unwrap(),
+            &observe(root, &paths, &STAGED, &Layout::Single).unwrap(),
             false,
             false,
         )
@@ -766,12 +962,14 @@ mod tests {
             let mut bad = m.clone();
             bad.files.insert(PathBuf::from(evil), hash.clone());
             std::fs::write(&mpath, bad.to_bytes()).unwrap();
-            let err = observe(root.path(), &[], &STAGED).unwrap_err().to_string();
+            let err = observe(root.path(), &[], &STAGED, &Layout::Single)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("never installs"), "{evil}: {err}");
         }
         m.created_dirs.push(PathBuf::from("/etc/ssh"));
         std::fs::write(&mpath, m.to_bytes()).unwrap();
-        assert!(observe(root.path(), &[], &STAGED)
+        assert!(observe(root.path(), &[], &STAGED, &Layout::Single)
             .unwrap_err()
             .to_string()
             .contains("never creates"));
@@ -786,7 +984,7 @@ mod tests {
         std::os::unix::fs::symlink(elsewhere.path(), root.path().join("etc/cron.d")).unwrap();
         let desired = rendered(MINIMAL);
         let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
-        let err = observe(root.path(), &paths, &STAGED)
+        let err = observe(root.path(), &paths, &STAGED, &Layout::Single)
             .unwrap_err()
             .to_string();
         assert!(err.contains("is a symlink"), "{err}");
@@ -798,7 +996,7 @@ mod tests {
             std::fs::Permissions::from_mode(0o777),
         )
         .unwrap();
-        let err = observe(root.path(), &paths, &STAGED)
+        let err = observe(root.path(), &paths, &STAGED, &Layout::Single)
             .unwrap_err()
             .to_string();
         assert!(err.contains("chmod go-w"), "{err}");
@@ -838,7 +1036,7 @@ mod tests {
         let victim = root.path().join("victim");
         std::fs::write(&victim, "keep").unwrap();
         std::os::unix::fs::symlink(&victim, state.join("spool/link")).unwrap();
-        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED, &Layout::Single).unwrap());
         assert!(display(&plan).contains("remove the agent's state /var/lib/pmguard"));
         apply(&plan, root.path(), &STAGED, false).unwrap();
         assert!(!state.exists());
@@ -851,7 +1049,7 @@ mod tests {
         install(root.path(), crate::render::tests::MULTI, false);
         let state = root.path().join("srv/pmguard/state");
         std::fs::create_dir_all(&state).unwrap();
-        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED, &Layout::Single).unwrap());
         apply(&plan, root.path(), &STAGED, false).unwrap();
         assert!(
             state.exists(),
@@ -865,7 +1063,7 @@ mod tests {
         install(root.path(), MINIMAL, false);
         let cron = root.path().join("etc/cron.d/pmguard");
         std::fs::write(&cron, "# mine now\n").unwrap();
-        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED, &Layout::Single).unwrap());
         apply(&plan, root.path(), &STAGED, false).unwrap();
         assert_eq!(std::fs::read(&cron).unwrap(), b"# mine now\n");
         assert!(display(&plan).contains("/etc/cron.d/pmguard was changed since install"));
@@ -951,11 +1149,11 @@ mod tests {
         let before = tree(root.path());
         install(root.path(), FULL, false);
         assert_ne!(tree(root.path()), before);
-        let obs = observe(root.path(), &[], &STAGED).unwrap();
+        let obs = observe(root.path(), &[], &STAGED, &Layout::Single).unwrap();
         let plan = plan_uninstall(&obs);
         apply(&plan, root.path(), &STAGED, false).unwrap();
         assert_eq!(tree(root.path()), before);
-        let again = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        let again = plan_uninstall(&observe(root.path(), &[], &STAGED, &Layout::Single).unwrap());
         assert!(again.is_empty());
     }
 
@@ -965,7 +1163,7 @@ mod tests {
         install(root.path(), MINIMAL, false);
         let cfg = root.path().join("etc/pmguard/pmguard.toml");
         std::fs::write(&cfg, "# mine\n").unwrap();
-        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+        let plan = plan_uninstall(&observe(root.path(), &[], &STAGED, &Layout::Single).unwrap());
         apply(&plan, root.path(), &STAGED, false).unwrap();
         assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "# mine\n");
         assert!(!root
@@ -982,7 +1180,7 @@ mod tests {
             let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
             let mut plan = plan_install(
                 &desired,
-                &observe(root.path(), &paths, &STAGED).unwrap(),
+                &observe(root.path(), &paths, &STAGED, &Layout::Single).unwrap(),
                 false,
                 false,
             );
@@ -995,7 +1193,8 @@ mod tests {
             apply(&plan, root.path(), &STAGED, false).unwrap();
             install(root.path(), FULL, false);
             assert!(replan(root.path(), FULL).is_empty(), "cut at {cut}");
-            let plan = plan_uninstall(&observe(root.path(), &[], &STAGED).unwrap());
+            let plan =
+                plan_uninstall(&observe(root.path(), &[], &STAGED, &Layout::Single).unwrap());
             apply(&plan, root.path(), &STAGED, false).unwrap();
             // Once the manifest is written (step 3 on an empty root), nothing is left behind.
             if cut > manifest_at {
@@ -1050,7 +1249,7 @@ mod tests {
         let sd = FakeSystemd(UnitState::NoSystemd("PID 1 is process_api".into()));
         let plan = plan_install(
             &desired,
-            &observe(root.path(), &paths, &sd).unwrap(),
+            &observe(root.path(), &paths, &sd, &Layout::Single).unwrap(),
             false,
             false,
         );
@@ -1074,7 +1273,7 @@ mod tests {
         });
         assert!(plan_install(
             &desired,
-            &observe(root.path(), &paths, &up).unwrap(),
+            &observe(root.path(), &paths, &up, &Layout::Single).unwrap(),
             false,
             false
         )
@@ -1085,7 +1284,7 @@ mod tests {
         });
         let shown = display(&plan_install(
             &desired,
-            &observe(root.path(), &paths, &down).unwrap(),
+            &observe(root.path(), &paths, &down, &Layout::Single).unwrap(),
             false,
             false,
         ));
@@ -1098,7 +1297,7 @@ mod tests {
         let desired = rendered(FULL);
         let shown = display(&plan_install(
             &desired,
-            &observe(root.path(), &paths, &up).unwrap(),
+            &observe(root.path(), &paths, &up, &Layout::Single).unwrap(),
             true,
             false,
         ));
@@ -1115,7 +1314,7 @@ mod tests {
         let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
         let plan = plan_install(
             &desired,
-            &observe(root.path(), &paths, &STAGED).unwrap(),
+            &observe(root.path(), &paths, &STAGED, &Layout::Single).unwrap(),
             false,
             false,
         );

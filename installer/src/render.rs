@@ -10,39 +10,23 @@ use askama::Template;
 use pmguard_agent::config::Config;
 
 use crate::iam;
+use crate::layout::Layout;
 use crate::users::Account;
 
 /// The "managed by pmguard" marker every rendered text file carries.
 pub const MARKER: &str =
     "Managed by pmguard. Do not edit: changes are reverted by `pmguard install`.";
 
-pub const AGENT_PATH: &str = "/usr/local/bin/pmguard-agent";
+pub use crate::layout::{
+    AGENT_PATH, CONFIG_PATH, CRON_PATH, LOGROTATE_PATH, MANIFEST_PATH, TEMPLATE_PATH, UNIT_NAME,
+    UNIT_PATH,
+};
 /// Where the .deb puts the agent. Used in place, never written or removed by pmguard: the package
 /// manager owns it.
 pub const PACKAGED_AGENT_PATH: &str = "/usr/bin/pmguard-agent";
-pub const CONFIG_PATH: &str = "/etc/pmguard/pmguard.toml";
-pub const UNIT_PATH: &str = "/etc/systemd/system/pmguard-agent.service";
-pub const UNIT_NAME: &str = "pmguard-agent.service";
-pub const CRON_PATH: &str = "/etc/cron.d/pmguard";
-pub const LOGROTATE_PATH: &str = "/etc/logrotate.d/pmguard";
 /// The instance role's policy (what the box calls); the admin policy sits beside it.
 pub const IAM_PATH: &str = iam::AGENT_POLICY_PATH;
 pub const IAM_ADMIN_PATH: &str = iam::ADMIN_POLICY_PATH;
-pub const MANIFEST_PATH: &str = "/etc/pmguard/install-manifest.json";
-
-/// Every file `install` may lay down: the only paths a manifest may name.
-pub const OWNED_FILES: &[&str] = &[
-    AGENT_PATH,
-    CONFIG_PATH,
-    UNIT_PATH,
-    CRON_PATH,
-    LOGROTATE_PATH,
-    IAM_PATH,
-    IAM_ADMIN_PATH,
-    // The one IAM policy of installs before the agent/admin split: an upgrade replaces it.
-    "/etc/pmguard/iam-policy.json",
-    crate::pm2unit::PM2_UNIT_PATH,
-];
 
 /// One file to lay down.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +61,8 @@ pub struct Settings {
     pub agent_binary: Option<Vec<u8>>,
     /// Who keeps PM2 running (`pm2unit::observe`).
     pub pm2: crate::pm2unit::Supervision,
+    /// The single-user layout or one user's instance (`layout::for_install`).
+    pub layout: Layout,
 }
 
 #[derive(Template)]
@@ -90,6 +76,26 @@ struct UnitTemplate<'a> {
     agent_path: &'a str,
     config_path: &'a str,
     watchdog_sec: &'a str,
+    state_lines: Vec<String>,
+    local_only: bool,
+}
+
+#[derive(Template)]
+#[template(path = "pmguard-agent@.service", escape = "none")]
+struct TemplateUnitTemplate<'a> {
+    marker: &'a str,
+    agent_path: &'a str,
+    watchdog_sec: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "pmguard-agent-instance.conf", escape = "none")]
+struct DropInTemplate<'a> {
+    marker: &'a str,
+    user: &'a str,
+    group: &'a str,
+    pm2_unit: String,
+    pm2_home: String,
     state_lines: Vec<String>,
     local_only: bool,
 }
@@ -111,6 +117,7 @@ struct CronTemplate<'a> {
     marker: &'a str,
     schedule: &'a str,
     user: &'a str,
+    tag: &'a str,
     agent_path: &'a str,
     config_path: &'a str,
 }
@@ -240,37 +247,47 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
         gid: 0,
         kind: FileKind::Binary,
     });
+    let l = &s.layout;
+    if let Layout::Instance(user) = l {
+        crate::layout::instance_name(user).map_err(|e| RenderError::Unsupported(e.to_string()))?;
+    }
     let mut files: Vec<DesiredFile> = binary.into_iter().collect();
+    files.push(DesiredFile {
+        path: l.config_path(),
+        content: ensure_newline(s.config_text.clone()).into_bytes(),
+        // Readable by the agent's group (the cron check runs as the PM2 user), not by others.
+        mode: 0o640,
+        uid: 0,
+        gid: a.gid,
+        kind: FileKind::UserConfig,
+    });
+    match l {
+        Layout::Single => files.push(managed(UNIT_PATH, render_unit(config, s, agent_path)?)),
+        Layout::Instance(_) => files.extend([
+            managed(TEMPLATE_PATH, render_template_unit(agent_path)?),
+            managed(l.unit_path(), render_drop_in(config, s)?),
+        ]),
+    }
     files.extend([
-        DesiredFile {
-            path: PathBuf::from(CONFIG_PATH),
-            content: ensure_newline(s.config_text.clone()).into_bytes(),
-            // Readable by the agent's group (the cron check runs as the PM2 user), not by others.
-            mode: 0o640,
-            uid: 0,
-            gid: a.gid,
-            kind: FileKind::UserConfig,
-        },
-        managed(UNIT_PATH, render_unit(config, s, agent_path)?),
-        managed(CRON_PATH, render_cron(a, agent_path)?),
-        managed(LOGROTATE_PATH, render_logrotate(config, a)?),
+        managed(l.cron_path(), render_cron(s, agent_path)?),
+        managed(l.logrotate_path(), render_logrotate(config, a)?),
     ]);
     if let Some(policy) = iam::agent_policy(config) {
-        files.push(managed(IAM_PATH, iam::to_json(&policy)));
+        files.push(managed(l.iam_path(), iam::to_json(&policy)));
     }
     if let Some(policy) = iam::admin_policy(config) {
-        files.push(managed(IAM_ADMIN_PATH, iam::to_json(&policy)));
+        files.push(managed(l.iam_admin_path(), iam::to_json(&policy)));
     }
     if let Some(body) = render_pm2_unit(config, s)? {
-        files.push(managed(crate::pm2unit::PM2_UNIT_PATH, body));
+        files.push(managed(l.pm2_unit_path(), body));
     }
     Ok(files)
 }
 
 /// A rendered text file pmguard owns: root's, mode 0644.
-fn managed(path: &str, body: String) -> DesiredFile {
+fn managed(path: impl Into<PathBuf>, body: String) -> DesiredFile {
     DesiredFile {
-        path: PathBuf::from(path),
+        path: path.into(),
         content: ensure_newline(body).into_bytes(),
         mode: 0o644,
         uid: 0,
@@ -279,9 +296,17 @@ fn managed(path: &str, body: String) -> DesiredFile {
     }
 }
 
-/// `pmguard-agent.service`.
-fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String, RenderError> {
-    let a = &s.account;
+/// The unit the agent starts after: `pm2 startup`'s, or the PM2 unit pmguard lays down.
+fn pm2_unit_name(s: &Settings) -> String {
+    match s.pm2 {
+        crate::pm2unit::Supervision::Ours { .. } => s.layout.pm2_unit_name(),
+        _ => s.pm2.unit(&s.account.user),
+    }
+}
+
+/// The directories the sandbox must let the agent write: its state directory (systemd makes
+/// one under /var/lib and hands it to the PM2 user), and node_exporter's textfile directory.
+fn state_lines(config: &Config) -> Vec<String> {
     let state_dir = &config.agent.state_dir;
     let mut state_lines = match state_dir.strip_prefix("/var/lib") {
         Ok(rel) if !rel.as_os_str().is_empty() => vec![
@@ -301,23 +326,34 @@ fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String
     {
         state_lines.push(format!("ReadWritePaths=-{}", dir.display()));
     }
+    state_lines
+}
+
+/// No `[aws]` and only loopback probes: the unit may deny every other address.
+fn local_only(config: &Config) -> bool {
+    config.aws.is_none()
+        && config.apps.iter().all(|a| {
+            a.probes
+                .iter()
+                .filter_map(|p| p.network_host())
+                .all(is_loopback)
+        })
+}
+
+/// `pmguard-agent.service` (the single-user layout).
+fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String, RenderError> {
+    let a = &s.account;
     UnitTemplate {
         marker: MARKER,
         user: &a.user,
         group: &a.group,
-        pm2_unit: s.pm2.unit(&a.user),
+        pm2_unit: pm2_unit_name(s),
         pm2_home: pm2_home(config, a).display().to_string(),
         agent_path,
         config_path: CONFIG_PATH,
         watchdog_sec: "30s",
-        state_lines,
-        local_only: config.aws.is_none()
-            && config.apps.iter().all(|a| {
-                a.probes
-                    .iter()
-                    .filter_map(|p| p.network_host())
-                    .all(is_loopback)
-            }),
+        state_lines: state_lines(config),
+        local_only: local_only(config),
     }
     .render()
     .map_err(|source| RenderError::Template {
@@ -326,14 +362,49 @@ fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String
     })
 }
 
+/// `pmguard-agent@.service`: the same for every instance (nothing of any one user in it).
+fn render_template_unit(agent_path: &str) -> Result<String, RenderError> {
+    TemplateUnitTemplate {
+        marker: MARKER,
+        agent_path,
+        watchdog_sec: "30s",
+    }
+    .render()
+    .map_err(|source| RenderError::Template {
+        name: "pmguard-agent@.service",
+        source,
+    })
+}
+
+/// `pmguard-agent@<user>.service.d/pmguard.conf`: what one instance adds to the template.
+fn render_drop_in(config: &Config, s: &Settings) -> Result<String, RenderError> {
+    let a = &s.account;
+    DropInTemplate {
+        marker: MARKER,
+        user: &a.user,
+        group: &a.group,
+        pm2_unit: pm2_unit_name(s),
+        pm2_home: pm2_home(config, a).display().to_string(),
+        state_lines: state_lines(config),
+        local_only: local_only(config),
+    }
+    .render()
+    .map_err(|source| RenderError::Template {
+        name: "pmguard-agent-instance.conf",
+        source,
+    })
+}
+
 /// The cron.d backup check.
-fn render_cron(a: &Account, agent_path: &str) -> Result<String, RenderError> {
+fn render_cron(s: &Settings, agent_path: &str) -> Result<String, RenderError> {
+    let config_path = s.layout.config_path().display().to_string();
     CronTemplate {
         marker: MARKER,
         schedule: "*/5 * * * *",
-        user: &a.user,
+        user: &s.account.user,
+        tag: &s.layout.cron_tag(),
         agent_path,
-        config_path: CONFIG_PATH,
+        config_path: &config_path,
     }
     .render()
     .map_err(|source| RenderError::Template {
@@ -429,6 +500,7 @@ pub(crate) mod tests {
                 pm2: crate::pm2unit::Supervision::Startup {
                     unit: "pm2-ubuntu.service".into(),
                 },
+                layout: Layout::Single,
             },
         )
         .unwrap()
@@ -481,6 +553,7 @@ pub(crate) mod tests {
                     pm2_bin: "/usr/local/bin/pm2".into(),
                     path_env: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
                 },
+                layout: Layout::Single,
             },
         )
         .unwrap();
@@ -562,6 +635,7 @@ pub(crate) mod tests {
             pm2: crate::pm2unit::Supervision::Startup {
                 unit: "pm2-ubuntu.service".into(),
             },
+            layout: Layout::Single,
         };
         let files = render(&c, &settings).unwrap();
         assert!(files.iter().all(|f| f.kind != FileKind::Binary));
