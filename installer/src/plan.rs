@@ -947,6 +947,212 @@ mod tests {
         .unwrap();
     }
 
+    /// Installs `config` for `user` as `install --user` would: the layout it picks, with the
+    /// other installs observed.
+    fn install_user(root: &Path, config: &str, user: &str, uid: u32) -> Plan {
+        let layout =
+            crate::layout::for_install(&crate::layout::installed(root).unwrap(), user).unwrap();
+        let desired = crate::render::tests::rendered_for(config, user, uid, layout.clone());
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), config).unwrap();
+        check_shared_paths(&c, user, &obs).unwrap();
+        let plan = plan_install(&desired, &obs, false, false);
+        apply(&plan, root, &STAGED, false).unwrap();
+        plan
+    }
+
+    fn uninstall_user(root: &Path, user: &str) -> Plan {
+        let installed = crate::layout::installed(root).unwrap();
+        let chosen = crate::layout::for_user(&installed, Some(user)).unwrap();
+        let plan = plan_uninstall(&observe(root, &[], &STAGED, &chosen[0].layout).unwrap());
+        apply(&plan, root, &STAGED, false).unwrap();
+        plan
+    }
+
+    #[test]
+    fn a_second_and_third_user_become_instances_and_the_first_install_is_untouched() {
+        use crate::render::tests::{ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        user_files(root.path());
+        let before = tree(root.path());
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        let single = tree(root.path());
+        install_user(root.path(), ALICE, "alice", 1001);
+        install_user(root.path(), BOB, "bob", 1002);
+        for p in [
+            "etc/systemd/system/pmguard-agent@.service",
+            "etc/systemd/system/pmguard-agent@alice.service.d/pmguard.conf",
+            "etc/systemd/system/pmguard-agent@bob.service.d/pmguard.conf",
+            "etc/pmguard/users/alice/pmguard.toml",
+            "etc/pmguard/users/bob/install-manifest.json",
+            "etc/cron.d/pmguard-alice",
+            "etc/logrotate.d/pmguard-bob",
+        ] {
+            assert!(root.path().join(p).exists(), "{p}");
+        }
+        // The single-user install's files are exactly as they were.
+        let now = tree(root.path());
+        for (p, v) in &single {
+            assert_eq!(now.get(p), Some(v), "{}", p.display());
+        }
+        // Every install re-run: nothing to do.
+        for (config, user, uid) in [
+            (MINIMAL, "ubuntu", 1000),
+            (ALICE, "alice", 1001),
+            (BOB, "bob", 1002),
+        ] {
+            let again = install_user(root.path(), config, user, uid);
+            assert!(again.is_empty(), "{user}: {}", display(&again));
+        }
+        // Uninstall alice: her files go, bob's and the shared ones stay.
+        let plan = uninstall_user(root.path(), "alice");
+        assert!(
+            display(&plan).contains("/etc/systemd/system/pmguard-agent@.service is kept: pmguard-agent@bob.service uses it too"),
+            "{}",
+            display(&plan)
+        );
+        for p in [
+            "etc/systemd/system/pmguard-agent@alice.service.d",
+            "etc/pmguard/users/alice",
+            "etc/cron.d/pmguard-alice",
+            "etc/logrotate.d/pmguard-alice",
+        ] {
+            assert!(!root.path().join(p).exists(), "{p} left behind");
+        }
+        for p in [
+            "etc/systemd/system/pmguard-agent@.service",
+            "usr/local/bin/pmguard-agent",
+            "etc/cron.d/pmguard-bob",
+            "etc/pmguard/users/bob/pmguard.toml",
+        ] {
+            assert!(root.path().join(p).exists(), "{p} removed with alice");
+        }
+        assert!(install_user(root.path(), BOB, "bob", 1002).is_empty());
+        // The first install removed, then the last: the root is exactly as before.
+        uninstall_user(root.path(), "ubuntu");
+        assert!(root.path().join("usr/local/bin/pmguard-agent").exists());
+        uninstall_user(root.path(), "bob");
+        assert_eq!(tree(root.path()), before);
+    }
+
+    #[test]
+    fn an_upgrade_of_a_shared_file_is_recorded_for_every_install_that_lists_it() {
+        use crate::render::tests::{rendered_instance, ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        install_user(root.path(), ALICE, "alice", 1001);
+        // bob's install brings a newer agent: it replaces the one ubuntu and alice run.
+        let mut desired = rendered_instance(BOB, "bob", 1002);
+        let agent = desired
+            .iter_mut()
+            .find(|f| f.path == Path::new(crate::layout::AGENT_PATH))
+            .unwrap();
+        agent.content = b"\x7fELF a newer agent".to_vec();
+        let layout = Layout::instance("bob").unwrap();
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let plan = plan_install(
+            &desired,
+            &observe(root.path(), &paths, &STAGED, &layout).unwrap(),
+            false,
+            false,
+        );
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        let shown = display(&plan);
+        assert!(
+            shown.contains("update /etc/pmguard/install-manifest.json"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("update /etc/pmguard/users/alice/install-manifest.json"),
+            "{shown}"
+        );
+        // Removed in any order, the newer agent goes with the last install.
+        uninstall_user(root.path(), "bob");
+        uninstall_user(root.path(), "alice");
+        assert!(root.path().join("usr/local/bin/pmguard-agent").exists());
+        uninstall_user(root.path(), "ubuntu");
+        assert!(
+            tree(root.path()).is_empty(),
+            "{:?}",
+            tree(root.path()).keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn on_a_live_systemd_a_new_shared_file_restarts_the_other_agents_that_run() {
+        use crate::render::tests::{rendered_instance, ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        install_user(root.path(), ALICE, "alice", 1001);
+        let up = FakeSystemd(UnitState::Live {
+            enabled: false,
+            active: false,
+        });
+        let desired = rendered_instance(BOB, "bob", 1002);
+        let layout = Layout::instance("bob").unwrap();
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let shown = display(&plan_install(
+            &desired,
+            &observe(root.path(), &paths, &up, &layout).unwrap(),
+            false,
+            false,
+        ));
+        // The template and agent are unchanged for bob's install: nobody else restarts.
+        assert!(!shown.contains("try-restart"), "{shown}");
+        assert!(
+            shown.contains("systemctl enable pmguard-agent@bob.service\nsystemctl restart pmguard-agent@bob.service"),
+            "{shown}"
+        );
+        let mut newer = desired.clone();
+        for f in newer.iter_mut().filter(|f| Layout::is_shared(&f.path)) {
+            f.content.extend_from_slice(b"\n# newer\n");
+        }
+        let shown = display(&plan_install(
+            &newer,
+            &observe(root.path(), &paths, &up, &layout).unwrap(),
+            false,
+            false,
+        ));
+        assert!(
+            shown.contains("systemctl try-restart pmguard-agent.service\nsystemctl try-restart pmguard-agent@alice.service"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_second_agent_may_not_share_a_state_directory() {
+        use crate::render::tests::ALICE;
+        let root = tempfile::tempdir().unwrap();
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        install_user(root.path(), ALICE, "alice", 1001);
+        let layout = Layout::instance("bob").unwrap();
+        let desired = crate::render::tests::rendered_instance(ALICE, "bob", 1002);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root.path(), &paths, &STAGED, &layout).unwrap();
+        let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), ALICE).unwrap();
+        let err = check_shared_paths(&c, "bob", &obs).unwrap_err().to_string();
+        assert!(
+            err.contains("state directory /var/lib/pmguard-alice is already used by alice's agent")
+                && err.contains("state_dir = \"/var/lib/pmguard-bob\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn uninstall_needs_a_user_on_a_box_with_several() {
+        use crate::render::tests::ALICE;
+        let root = tempfile::tempdir().unwrap();
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        install_user(root.path(), ALICE, "alice", 1001);
+        let installed = crate::layout::installed(root.path()).unwrap();
+        assert_eq!(crate::layout::names(&installed), "ubuntu, alice");
+        let err = crate::layout::for_user(&installed, Some("carol"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("installed for: ubuntu, alice"), "{err}");
+    }
+
     #[test]
     fn a_manifest_naming_anything_else_is_refused_and_nothing_is_deleted() {
         let root = tempfile::tempdir().unwrap();

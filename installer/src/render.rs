@@ -525,6 +525,140 @@ pub(crate) mod tests {
         }
     }
 
+    pub(crate) fn account_of(user: &str, uid: u32) -> Account {
+        Account {
+            user: user.into(),
+            uid,
+            group: user.into(),
+            gid: uid,
+            home: PathBuf::from(format!("/home/{user}")),
+        }
+    }
+
+    /// `user`'s instance (`pmguard-agent@<user>.service`) rendered from `config`.
+    pub(crate) fn rendered_instance(config: &str, user: &str, uid: u32) -> Vec<DesiredFile> {
+        rendered_for(config, user, uid, Layout::instance(user).unwrap())
+    }
+
+    /// `config` rendered for `user` in `layout`.
+    pub(crate) fn rendered_for(
+        config: &str,
+        user: &str,
+        uid: u32,
+        layout: Layout,
+    ) -> Vec<DesiredFile> {
+        let c = Config::parse(Path::new("/etc/pmguard/pmguard.toml"), config).unwrap();
+        render(
+            &c,
+            &Settings {
+                account: account_of(user, uid),
+                config_text: config.to_string(),
+                agent_binary: Some(b"\x7fELF not a real binary".to_vec()),
+                pm2: crate::pm2unit::Supervision::Startup {
+                    unit: format!("pm2-{user}.service"),
+                },
+                layout,
+            },
+        )
+        .unwrap()
+    }
+
+    pub(crate) const ALICE: &str = "[agent]\nstate_dir = \"/var/lib/pmguard-alice\"\n\n[[apps]]\nname = \"web\"\nhealth_url = \"http://127.0.0.1:5001/health\"\n";
+    pub(crate) const BOB: &str = "[agent]\nstate_dir = \"/var/lib/pmguard-bob\"\n\n[[apps]]\nname = \"api\"\nhealth_url = \"http://127.0.0.1:5002/health\"\n\n[aws]\nregion = \"us-east-1\"\n";
+
+    #[test]
+    fn snapshots_instance() {
+        for f in rendered_instance(ALICE, "alice", 1001) {
+            if f.kind == FileKind::Binary {
+                continue;
+            }
+            let name = format!("instance{}", f.path.display().to_string().replace('/', "_"));
+            let text = String::from_utf8(f.content.clone()).unwrap();
+            insta::assert_snapshot!(
+                name,
+                format!("mode {:04o} owner {}:{}\n{text}", f.mode, f.uid, f.gid)
+            );
+        }
+    }
+
+    #[test]
+    fn two_instances_share_the_template_byte_for_byte_and_nothing_else() {
+        let alice = rendered_instance(ALICE, "alice", 1001);
+        let bob = rendered_instance(BOB, "bob", 1002);
+        for a in &alice {
+            match bob.iter().find(|b| b.path == a.path) {
+                Some(b) => {
+                    assert!(
+                        crate::layout::Layout::is_shared(&a.path),
+                        "{}",
+                        a.path.display()
+                    );
+                    assert_eq!(a.content, b.content, "{}", a.path.display());
+                }
+                None => assert!(!crate::layout::Layout::is_shared(&a.path)),
+            }
+        }
+        let text = |files: &[DesiredFile], p: &str| {
+            let f = files.iter().find(|f| f.path == Path::new(p)).unwrap();
+            String::from_utf8(f.content.clone()).unwrap()
+        };
+        let drop_in = text(
+            &bob,
+            "/etc/systemd/system/pmguard-agent@bob.service.d/pmguard.conf",
+        );
+        assert!(
+            drop_in.contains("\nStateDirectory=pmguard-bob\n"),
+            "{drop_in}"
+        );
+        assert!(
+            drop_in.contains("\nBindPaths=/home/bob/.pm2\n"),
+            "{drop_in}"
+        );
+        assert!(
+            !drop_in.contains("IPAddressDeny"),
+            "bob's agent reaches AWS"
+        );
+        assert!(text(
+            &alice,
+            "/etc/systemd/system/pmguard-agent@alice.service.d/pmguard.conf"
+        )
+        .contains("IPAddressDeny=any"));
+        assert!(text(&bob, "/etc/cron.d/pmguard-bob").contains(
+            " bob systemd-cat -t pmguard-check-bob /usr/local/bin/pmguard-agent check --once --config /etc/pmguard/users/bob/pmguard.toml\n"
+        ));
+        assert!(text(&bob, "/etc/logrotate.d/pmguard-bob")
+            .contains("/var/lib/pmguard-bob/events.jsonl {"));
+        assert!(bob
+            .iter()
+            .any(|f| f.path == Path::new("/etc/pmguard/users/bob/iam-agent-policy.json")));
+    }
+
+    #[test]
+    fn the_template_is_hardened_exactly_like_the_single_user_unit() {
+        let hardening = |t: &str| -> Vec<String> {
+            let from = t.find("# Hardening.").unwrap();
+            t[from..]
+                .lines()
+                .filter(|l| {
+                    !l.starts_with("IPAddress")
+                        && !l.starts_with("BindPaths=")
+                        && !l.starts_with('#')
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        let single = rendered(MINIMAL);
+        let instance = rendered_instance(ALICE, "alice", 1001);
+        let text = |files: &[DesiredFile], p: &str| {
+            let f = files.iter().find(|f| f.path == Path::new(p)).unwrap();
+            String::from_utf8(f.content.clone()).unwrap()
+        };
+        assert_eq!(
+            hardening(&text(&single, UNIT_PATH)),
+            hardening(&text(&instance, TEMPLATE_PATH))
+        );
+    }
+
     #[test]
     fn snapshots_minimal() {
         snapshot_all("minimal", MINIMAL);
