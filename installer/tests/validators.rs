@@ -11,6 +11,7 @@ use pmguard_installer::iam;
 use pmguard_installer::render::{
     self, DesiredFile, Settings, CRON_PATH, IAM_ADMIN_PATH, IAM_PATH, LOGROTATE_PATH, UNIT_PATH,
 };
+use pmguard_installer::layout::Layout;
 use pmguard_installer::users;
 
 const FULL: &str = "[agent]\ninterval = \"10s\"\n\n[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\n\n[[apps]]\nname = \"worker\"\n\n[aws]\nregion = \"us-east-1\"\nsns_topic = \"pmguard-alerts\"\nalarm_email = \"ops@example.com\"\n";
@@ -46,6 +47,10 @@ fn render_for_ubuntu(config: &str) -> Vec<DesiredFile> {
 }
 
 fn render_as(config: &str, account: users::Account) -> Vec<DesiredFile> {
+    render_in(config, account, Layout::Single)
+}
+
+fn render_in(config: &str, account: users::Account, layout: Layout) -> Vec<DesiredFile> {
     let c = Config::parse(Path::new("/etc/pmguard/pmguard.toml"), config).unwrap();
     render::render(
         &c,
@@ -58,15 +63,31 @@ fn render_as(config: &str, account: users::Account) -> Vec<DesiredFile> {
                 pm2_bin: "/usr/local/bin/pm2".into(),
                 path_env: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             },
+            layout,
         },
     )
     .unwrap()
 }
 
+/// `alice`'s instance: the template unit and her drop-in.
+fn render_for_alice(config: &str) -> Vec<DesiredFile> {
+    let account = users::Account {
+        user: "alice".into(),
+        uid: 1001,
+        group: "alice".into(),
+        gid: 1001,
+        home: "/home/alice".into(),
+    };
+    render_in(config, account, Layout::instance("alice").unwrap())
+}
+
 /// A staging root with the rendered files, the host's systemd units and /bin/kill.
 fn staged(config: &str) -> (tempfile::TempDir, Vec<DesiredFile>) {
+    staged_files(render_for_ubuntu(config))
+}
+
+fn staged_files(files: Vec<DesiredFile>) -> (tempfile::TempDir, Vec<DesiredFile>) {
     let root = tempfile::tempdir().unwrap();
-    let files = render_for_ubuntu(config);
     for f in &files {
         let p = render::under(root.path(), &f.path);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -118,6 +139,65 @@ fn unit_verifies_without_a_single_warning() {
             );
         }
     }
+}
+
+#[test]
+fn instance_unit_with_its_drop_in_verifies_without_a_single_warning() {
+    let sa = tool("systemd-analyze", "systemd");
+    for config in [FULL, LOCAL] {
+        let (root, files) = staged_files(render_for_alice(config));
+        assert!(files
+            .iter()
+            .any(|f| f.path == Path::new(render::TEMPLATE_PATH)));
+        // The instance is loaded from the template plus pmguard-agent@alice.service.d/.
+        let instance = root
+            .path()
+            .join("etc/systemd/system/pmguard-agent@alice.service");
+        std::fs::copy(
+            render::under(root.path(), Path::new(render::TEMPLATE_PATH)),
+            &instance,
+        )
+        .unwrap();
+        for unit in [
+            instance.clone(),
+            render::under(root.path(), Path::new("/etc/systemd/system/pmguard-pm2-alice.service")),
+        ] {
+            let out = Command::new(&sa)
+                .arg("verify")
+                .arg(format!("--root={}", root.path().display()))
+                .arg("--man=no")
+                .arg(&unit)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stderr.trim().is_empty(),
+                "systemd-analyze verify {}: {stderr}",
+                unit.display()
+            );
+        }
+        std::fs::remove_file(&instance).unwrap();
+        let level = exposure(&sa, root.path(), "pmguard-agent@alice.service");
+        assert!(level <= 1.5, "exposure {level}");
+        eprintln!("pmguard-agent@alice.service exposure: {level}");
+    }
+}
+
+/// `systemd-analyze security --offline` of `unit` under `root`, failing above 1.5.
+fn exposure(sa: &str, root: &Path, unit: &str) -> f64 {
+    let out = Command::new(sa)
+        .args(["security", "--offline=true", "--threshold=15", "--no-pager"])
+        .arg(format!("--root={}", root.display()))
+        .arg(unit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{unit}: exposure above 1.5:\n{text}");
+    text.lines()
+        .find_map(|l| l.split(&format!("{unit}: ")).nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"))
 }
 
 #[test]
