@@ -8,10 +8,10 @@ use std::process::Command;
 
 use pmguard_agent::config::Config;
 use pmguard_installer::iam;
+use pmguard_installer::layout::Layout;
 use pmguard_installer::render::{
     self, DesiredFile, Settings, CRON_PATH, IAM_ADMIN_PATH, IAM_PATH, LOGROTATE_PATH, UNIT_PATH,
 };
-use pmguard_installer::layout::Layout;
 use pmguard_installer::users;
 
 const FULL: &str = "[agent]\ninterval = \"10s\"\n\n[[apps]]\nname = \"codebox\"\nhealth_url = \"http://localhost:5000/api-health\"\n\n[[apps]]\nname = \"worker\"\n\n[aws]\nregion = \"us-east-1\"\nsns_topic = \"pmguard-alerts\"\nalarm_email = \"ops@example.com\"\n";
@@ -160,7 +160,10 @@ fn instance_unit_with_its_drop_in_verifies_without_a_single_warning() {
         .unwrap();
         for unit in [
             instance.clone(),
-            render::under(root.path(), Path::new("/etc/systemd/system/pmguard-pm2-alice.service")),
+            render::under(
+                root.path(),
+                Path::new("/etc/systemd/system/pmguard-pm2-alice.service"),
+            ),
         ] {
             let out = Command::new(&sa)
                 .arg("verify")

@@ -103,29 +103,49 @@ impl Machine {
     /// SIGSTOPs the sample app's process and waits up to `limit` for a new process that
     /// answers its health check; the time from the SIGSTOP.
     pub fn hang_app_and_wait_for_recovery(&self, limit: Duration) -> Duration {
-        let pid_of = |m: &Machine| {
-            m.run(&["sh", "-c", "pgrep -u ubuntu -f 'app.js' | head -1"])
-                .trim()
-                .to_string()
+        self.hang_apps_and_wait_for_recovery(&[("ubuntu", 5000)], limit)
+    }
+
+    /// The same for several users' apps at once (`(user, port)`: the sample app `user`'s PM2
+    /// runs on 127.0.0.1:`port`); the time until the last one is back.
+    pub fn hang_apps_and_wait_for_recovery(
+        &self,
+        apps: &[(&str, u16)],
+        limit: Duration,
+    ) -> Duration {
+        let pid_of = |m: &Machine, user: &str| {
+            m.run(&[
+                "sh",
+                "-c",
+                &format!("pgrep -u {user} -f 'app.js' | head -1"),
+            ])
+            .trim()
+            .to_string()
         };
-        let hung = pid_of(self);
-        assert!(!hung.is_empty(), "no app process to hang");
+        let hung: Vec<String> = apps.iter().map(|(u, _)| pid_of(self, u)).collect();
+        assert!(
+            hung.iter().all(|p| !p.is_empty()),
+            "no app process to hang: {apps:?}"
+        );
         let hung_at = Instant::now();
-        self.run(&["kill", "-STOP", &hung]);
-        self.wait("the hung app replaced and healthy", limit, |m| {
-            let now = pid_of(m);
-            !now.is_empty()
-                && now != hung
-                && m.exec(&[
-                    "curl",
-                    "-fsS",
-                    "--max-time",
-                    "1",
-                    "http://127.0.0.1:5000/health",
-                ])
-                .status
-                .success()
-        });
+        for pid in &hung {
+            self.run(&["kill", "-STOP", pid]);
+        }
+        for ((user, port), old) in apps.iter().zip(&hung) {
+            let url = format!("http://127.0.0.1:{port}/health");
+            self.wait(
+                &format!("{user}'s hung app replaced and healthy"),
+                limit,
+                |m| {
+                    let now = pid_of(m, user);
+                    !now.is_empty()
+                        && now != *old
+                        && m.exec(&["curl", "-fsS", "--max-time", "1", &url])
+                            .status
+                            .success()
+                },
+            );
+        }
         hung_at.elapsed()
     }
 }
