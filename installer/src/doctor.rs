@@ -1039,6 +1039,26 @@ mod tests {
     }
 
     #[test]
+    fn a_table_of_several_agents_is_grouped_by_unit() {
+        let of = |unit: &str, c: Check| Check {
+            unit: Some(unit.into()),
+            ..c
+        };
+        let t = table(&[
+            of("pmguard-agent@alice.service", ok("config", "fine")),
+            of("pmguard-agent@alice.service", ok("unit active", "active")),
+            of("pmguard-agent@bob.service", ok("config", "fine")),
+        ]);
+        assert!(
+            t.starts_with("== pmguard-agent@alice.service ==\nok    config"),
+            "{t}"
+        );
+        assert!(t.contains("\n== pmguard-agent@bob.service ==\nok    config"), "{t}");
+        let one = table(&[of("pmguard-agent.service", ok("config", "fine"))]);
+        assert!(!one.contains("=="), "{one}");
+    }
+
+    #[test]
     fn table_shows_fixes_under_failures() {
         let t = table(&[
             ok("config", "fine"),

@@ -75,14 +75,12 @@ pub enum Error {
     NotInstalledFor { user: String, installed: String },
     #[error("pmguard is installed here for several users ({installed}): pass --user to say which one to uninstall")]
     WhichUser { installed: String },
-    #[error("{what} {} is already used by {other}'s agent: two agents cannot share it; set a path of {user}'s own in its config (e.g. [agent] {key} = \"{example}\")", path.display())]
+    #[error("{what} {} is already used by {other}'s agent: two agents cannot share it; {fix}", path.display())]
     SharedPath {
         what: &'static str,
-        key: &'static str,
         path: PathBuf,
         other: String,
-        user: String,
-        example: String,
+        fix: String,
     },
 
     // systemd.

@@ -169,22 +169,18 @@ pub fn check_shared_paths(
         if o.state_dir.as_deref() == Some(config.agent.state_dir.as_path()) {
             return Err(Error::SharedPath {
                 what: "state directory",
-                key: "state_dir",
                 path: config.agent.state_dir.clone(),
                 other: o.name(),
-                user: user.to_string(),
-                example: format!("/var/lib/pmguard-{user}"),
+                fix: format!("set a path of {user}'s own in its config, e.g. [agent] state_dir = \"/var/lib/pmguard-{user}\""),
             });
         }
         if let (Some(a), Some(b)) = (&config.agent.prometheus_textfile, &o.prometheus_textfile) {
             if a == b {
                 return Err(Error::SharedPath {
                     what: "Prometheus textfile",
-                    key: "prometheus_textfile",
                     path: a.clone(),
                     other: o.name(),
-                    user: user.to_string(),
-                    example: format!("/var/lib/prometheus/node-exporter/pmguard-{user}.prom"),
+                    fix: format!("set a path of {user}'s own in its config, e.g. [agent] prometheus_textfile = \"/var/lib/prometheus/node-exporter/pmguard-{user}.prom\""),
                 });
             }
         }
