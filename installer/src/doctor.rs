@@ -129,7 +129,12 @@ pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
     }));
     out.push(heartbeat(&config, &t.layout.unit_name()));
     let paths = pm2_paths(&config, account.as_ref());
-    out.extend(pm2_checks(&config, &paths, t.live));
+    out.extend(pm2_checks(
+        &config,
+        &paths,
+        t.live,
+        &t.layout.pm2_unit_name(),
+    ));
     (out, Some(config))
 }
 
@@ -543,13 +548,13 @@ fn pm2_paths(config: &Config, account: Option<&users::Account>) -> Option<Pm2Pat
 
 /// Is the PM2 daemon itself kept running by systemd (its process in a PM2 unit's cgroup)?
 /// Otherwise a killed daemon stays down until the cron check, and nothing starts it at boot.
-fn pm2_supervised(paths: &Pm2Paths) -> Check {
+fn pm2_supervised(paths: &Pm2Paths, pm2_unit: &str) -> Check {
     use pmguard_agent::pm2::liveness::{daemon_process, DaemonProcess};
     let DaemonProcess::Alive(pid) = daemon_process(paths, Path::new("/proc")) else {
         return warn(
             "pm2 supervised",
             format!("no live daemon named by {}", paths.home.join("pm2.pid").display()),
-            "start PM2 through systemd: `systemctl start pmguard-pm2` (or `pm2-<user>` after `pm2 startup`)",
+            format!("start PM2 through systemd: `systemctl start {pm2_unit}` (or `pm2-<user>` after `pm2 startup`)"),
         );
     };
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
@@ -565,7 +570,7 @@ fn pm2_supervised(paths: &Pm2Paths) -> Check {
         None => warn(
             "pm2 supervised",
             format!("the PM2 daemon (pid {pid}) runs outside systemd: if it is killed, nothing starts it again before the cron check, and nothing starts it at boot"),
-            format!("hand it to systemd (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {}` (or `pm2 startup`)", crate::pm2unit::PM2_UNIT_NAME),
+            format!("hand it to systemd (the apps restart once): `sudo -u <user> pm2 save && sudo -u <user> pm2 kill && sudo systemctl start {pm2_unit}` (or `pm2 startup`)"),
         ),
     }
 }
@@ -642,7 +647,7 @@ fn compare_dump(saved: &BTreeSet<&str>, running: &BTreeSet<&str>) -> Check {
     )
 }
 
-fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>, live: bool) -> Vec<Check> {
+fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>, live: bool, pm2_unit: &str) -> Vec<Check> {
     let Some(paths) = paths else {
         return vec![fail(
             "pm2 daemon",
@@ -677,7 +682,7 @@ fn pm2_checks(config: &Config, paths: &Option<Pm2Paths>, live: bool) -> Vec<Chec
         format!("PM2 {version} answers at {}", paths.rpc.display()),
     )];
     if live {
-        v.push(pm2_supervised(paths));
+        v.push(pm2_supervised(paths, pm2_unit));
     }
     v.push(pm2_dump(paths, &snap));
     for app in &config.apps {
@@ -1053,7 +1058,10 @@ mod tests {
             t.starts_with("== pmguard-agent@alice.service ==\nok    config"),
             "{t}"
         );
-        assert!(t.contains("\n== pmguard-agent@bob.service ==\nok    config"), "{t}");
+        assert!(
+            t.contains("\n== pmguard-agent@bob.service ==\nok    config"),
+            "{t}"
+        );
         let one = table(&[of("pmguard-agent.service", ok("config", "fine"))]);
         assert!(!one.contains("=="), "{one}");
     }

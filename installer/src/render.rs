@@ -634,6 +634,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_instance_whose_pm2_is_not_under_systemd_gets_its_own_pm2_unit() {
+        let c = Config::parse(Path::new("/x.toml"), ALICE).unwrap();
+        let files = render(
+            &c,
+            &Settings {
+                account: account_of("alice", 1001),
+                config_text: ALICE.to_string(),
+                agent_binary: None,
+                pm2: crate::pm2unit::Supervision::Ours {
+                    pm2_bin: "/usr/local/bin/pm2".into(),
+                    path_env: "/usr/local/bin:/usr/bin:/bin".into(),
+                },
+                layout: Layout::instance("alice").unwrap(),
+            },
+        )
+        .unwrap();
+        let text = |p: &str| {
+            let f = files.iter().find(|f| f.path == Path::new(p)).unwrap();
+            String::from_utf8(f.content.clone()).unwrap()
+        };
+        let pm2 = text("/etc/systemd/system/pmguard-pm2-alice.service");
+        assert!(pm2.contains("\nUser=alice\n"), "{pm2}");
+        assert!(pm2.contains("PM2_HOME=/home/alice/.pm2"), "{pm2}");
+        assert!(
+            text("/etc/systemd/system/pmguard-agent@alice.service.d/pmguard.conf")
+                .contains("\nAfter=pmguard-pm2-alice.service\n")
+        );
+        assert!(text(TEMPLATE_PATH).contains("ExecStart=/usr/bin/pmguard-agent run"));
+        assert!(files
+            .iter()
+            .all(|f| f.path != Path::new(crate::pm2unit::PM2_UNIT_PATH)));
+    }
+
+    #[test]
     fn the_template_is_hardened_exactly_like_the_single_user_unit() {
         let hardening = |t: &str| -> Vec<String> {
             let from = t.find("# Hardening.").unwrap();
