@@ -81,10 +81,11 @@ impl Machine {
         let deadline = Instant::now() + limit;
         while !f(self) {
             if Instant::now() > deadline {
+                // Every agent's: pmguard-agent.service and each pmguard-agent@USER.service.
                 let journal = self.exec(&[
                     "journalctl",
                     "-u",
-                    "pmguard-agent",
+                    "pmguard-agent*",
                     "--no-pager",
                     "-n",
                     "60",
