@@ -227,14 +227,30 @@ fn unit_exposure_is_at_most_1_5() {
     }
 }
 
+/// The single-user layout's files and an instance's (`pmguard-agent@nobody.service`), each with
+/// the path of its `what` file.
+fn both_layouts(single: &str, instance: &str) -> [(Vec<DesiredFile>, String); 2] {
+    let nobody = users::lookup(Path::new("/"), "nobody").unwrap();
+    [
+        (render_for_host(FULL), single.to_string()),
+        (
+            render_in(FULL, nobody, Layout::instance("nobody").unwrap()),
+            instance.to_string(),
+        ),
+    ]
+}
+
 #[test]
 fn logrotate_reads_it_without_error() {
+    for (files, path) in both_layouts(LOGROTATE_PATH, "/etc/logrotate.d/pmguard-nobody") {
+        logrotate_reads(&files, &path);
+    }
+}
+
+fn logrotate_reads(files: &[DesiredFile], path: &str) {
     let lr = tool("logrotate", "logrotate");
     let root = tempfile::tempdir().unwrap();
-    let f = render_for_host(FULL)
-        .into_iter()
-        .find(|f| f.path == Path::new(LOGROTATE_PATH))
-        .unwrap();
+    let f = file(files, path);
     let p = render::under(root.path(), &f.path);
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(&p, &f.content).unwrap();
@@ -243,7 +259,7 @@ fn logrotate_reads_it_without_error() {
         .arg("-d")
         .arg("-s")
         .arg(&state)
-        .arg(render::under(root.path(), Path::new(LOGROTATE_PATH)))
+        .arg(render::under(root.path(), Path::new(path)))
         .output()
         .unwrap();
     let all = format!(
@@ -263,9 +279,14 @@ fn logrotate_reads_it_without_error() {
 
 #[test]
 fn cron_file_is_one_cron_will_read() {
+    for (files, path) in both_layouts(CRON_PATH, "/etc/cron.d/pmguard-nobody") {
+        cron_reads(&files, &path);
+    }
+}
+
+fn cron_reads(files: &[DesiredFile], path: &str) {
     let ct = tool("crontab", "cron");
-    let files = render_for_host(FULL);
-    let cron = file(&files, CRON_PATH);
+    let cron = file(files, path);
     let name = cron.path.file_name().unwrap().to_str().unwrap();
     assert!(
         name.bytes()
