@@ -285,7 +285,7 @@ fn rendered_file(t: &Target<'_>, name: &str, path: &str, desired: Option<&[Desir
 }
 
 fn cron_readable(t: &Target<'_>) -> Check {
-    let instance_config = format!("--config {}", t.layout.config_path().display());
+    let own_config = format!("--config {}", t.layout.config_path().display());
     let dir = under(t.root, Path::new("/etc/cron.d"));
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return fail(
@@ -296,9 +296,9 @@ fn cron_readable(t: &Target<'_>) -> Check {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
+        // This agent's check: with several agents, each cron file names its own config.
         let ours = std::fs::read_to_string(e.path()).is_ok_and(|text| {
-            text.contains("pmguard-agent check --once")
-                && (t.layout == Layout::Single || text.contains(&instance_config))
+            text.contains("pmguard-agent check --once") && text.contains(&own_config)
         });
         if !ours {
             continue;
@@ -307,7 +307,7 @@ fn cron_readable(t: &Target<'_>) -> Check {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
-            return fail("cron file name", format!("/etc/cron.d/{name} holds the pmguard check, but cron ignores files whose names have characters other than A-Z a-z 0-9 _ -"), format!("rename it: mv /etc/cron.d/{name} /etc/cron.d/pmguard (or re-run `pmguard install`)"));
+            return fail("cron file name", format!("/etc/cron.d/{name} holds the pmguard check, but cron ignores files whose names have characters other than A-Z a-z 0-9 _ -"), format!("rename it: mv /etc/cron.d/{name} {} (or re-run `pmguard install`)", t.layout.cron_path().display()));
         }
         let Ok(m) = e.metadata() else { continue };
         if m.mode() & 0o022 != 0 || (t.live && m.uid() != 0) {
@@ -320,7 +320,7 @@ fn cron_readable(t: &Target<'_>) -> Check {
     }
     fail(
         "cron file name",
-        "no file in /etc/cron.d runs `pmguard-agent check --once`",
+        format!("no file in /etc/cron.d runs `pmguard-agent check --once {own_config}`"),
         "run `pmguard install --config <file>`",
     )
 }
