@@ -153,10 +153,18 @@ impl Layout {
         path == Path::new(AGENT_PATH) || path == Path::new(TEMPLATE_PATH)
     }
 
-    pub fn label(&self) -> String {
+    /// Directories that exist only for this install's files: recorded in its manifest even when
+    /// found already made (an install cut short before its manifest made them), and removed
+    /// when empty.
+    pub fn own_dirs(&self) -> Vec<PathBuf> {
         match self {
-            Layout::Single => format!("{} (single-user layout)", UNIT_NAME),
-            Layout::Instance(u) => format!("pmguard-agent@{u}.service ({u})"),
+            Layout::Single => Vec::new(),
+            Layout::Instance(_) => {
+                let mut v = vec![PathBuf::from(USERS_DIR)];
+                v.extend(self.dir());
+                v.extend(self.unit_path().parent().map(Path::to_path_buf));
+                v
+            }
         }
     }
 }

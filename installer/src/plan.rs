@@ -423,7 +423,8 @@ fn next_manifest(desired: &[DesiredFile], obs: &Observed) -> Manifest {
         .iter()
         .flat_map(|o| o.manifest.created_dirs.iter())
         .filter(|d| desired.iter().any(|f| f.path.starts_with(d)));
-    for d in obs.missing_dirs.iter().chain(inherited) {
+    let own = obs.layout.own_dirs();
+    for d in obs.missing_dirs.iter().chain(inherited).chain(own.iter()) {
         if !manifest.created_dirs.contains(d) {
             manifest.created_dirs.push(d.clone());
         }
@@ -1114,6 +1115,50 @@ mod tests {
             shown.contains("systemctl try-restart pmguard-agent.service\nsystemctl try-restart pmguard-agent@alice.service"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn an_interrupted_instance_install_converges_and_leaves_nothing_behind() {
+        use crate::render::tests::{rendered_instance, ALICE};
+        let desired = rendered_instance(ALICE, "alice", 1001);
+        let layout = Layout::instance("alice").unwrap();
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let steps = {
+            let root = tempfile::tempdir().unwrap();
+            install_user(root.path(), MINIMAL, "ubuntu", 1000);
+            plan_install(
+                &desired,
+                &observe(root.path(), &paths, &STAGED, &layout).unwrap(),
+                false,
+                false,
+            )
+            .steps
+            .len()
+        };
+        for cut in 1..steps {
+            let root = tempfile::tempdir().unwrap();
+            install_user(root.path(), MINIMAL, "ubuntu", 1000);
+            let mut plan = plan_install(
+                &desired,
+                &observe(root.path(), &paths, &STAGED, &layout).unwrap(),
+                false,
+                false,
+            );
+            plan.steps.truncate(cut);
+            apply(&plan, root.path(), &STAGED, false).unwrap();
+            install_user(root.path(), ALICE, "alice", 1001);
+            assert!(
+                install_user(root.path(), ALICE, "alice", 1001).is_empty(),
+                "cut at {cut}"
+            );
+            uninstall_user(root.path(), "ubuntu");
+            uninstall_user(root.path(), "alice");
+            assert!(
+                tree(root.path()).is_empty(),
+                "cut at {cut}: {:?}",
+                tree(root.path()).keys().collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]
