@@ -13,6 +13,7 @@
 //! - `aws`: metrics, events and alerts to CloudWatch, CloudWatch Logs and SNS.
 //! - `sys`: the few OS edges (files, privileges, pidfds, signals, systemd notify), behind safe
 //!   functions.
+//! - `net`: the outbound HTTP(S) client the sinks share (blocking, one deadline per request).
 //! - `control`: `pause`/`resume`, maintenance pauses a person sets (through `pauses.json`).
 //! - `clock`: monotonic and wall time; `cli`: what both binaries' command lines share.
 #![cfg_attr(
@@ -33,6 +34,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod net;
 pub mod pm2;
 pub mod policy;
 pub mod probe;
