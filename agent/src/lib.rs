@@ -33,6 +33,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod net;
+pub mod notify;
 pub mod pm2;
 pub mod policy;
 pub mod probe;
