@@ -11,8 +11,10 @@
 //! - `report`: what was decided, for people and machines: the event log, `status.json`, the
 //!   restart history.
 //! - `aws`: metrics, events and alerts to CloudWatch, CloudWatch Logs and SNS.
+//! - `notify`: alerts to webhooks and Slack-compatible chats (`[[notify]]`), spooled until sent.
 //! - `sys`: the few OS edges (files, privileges, pidfds, signals, systemd notify), behind safe
 //!   functions.
+//! - `net`: the outbound HTTP(S) client the sinks share (blocking, one deadline per request).
 //! - `control`: `pause`/`resume`, maintenance pauses a person sets (through `pauses.json`).
 //! - `clock`: monotonic and wall time; `cli`: what both binaries' command lines share.
 #![cfg_attr(

@@ -580,3 +580,47 @@ fn an_unreadable_ca_file_fails_the_probe_and_says_why() {
         "{r:?}"
     );
 }
+
+/// The outbound client (`net`, used by the AWS and notify sinks) over the same TLS servers:
+/// verification is always on, so a certificate the system roots do not know is refused, and the
+/// same server passes with its CA as roots.
+#[test]
+fn the_outbound_client_verifies_https_and_speaks_it() {
+    use pmguard_agent::net::{send, send_with, tls, Limits, NetError, Request, Url};
+    use std::sync::Arc;
+
+    let certs = Certs::new();
+    let srv = certs.serve("leaf.pem", "leaf.key", "127.0.0.1");
+    let url = Url::parse(&format!(
+        "https://localhost:{}/health?token=SECRET",
+        srv.port
+    ))
+    .unwrap();
+    let req = Request {
+        method: "GET",
+        url: &url,
+        headers: &[],
+        body: b"",
+    };
+    let limits = Limits {
+        connect: Duration::from_secs(1),
+        total: Duration::from_secs(3),
+        max_body: 4096,
+    };
+    let refused = send(&req, &limits).unwrap_err();
+    assert!(
+        matches!(&refused, NetError::Tls(e) if e.contains("UnknownIssuer")),
+        "{refused}"
+    );
+    assert!(!refused.to_string().contains("SECRET"), "{refused}");
+
+    let roots = pmguard_agent::probe::tls::roots_from(&certs.path("ca.pem")).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let reply = send_with(&req, &limits, &Arc::new(config)).unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, br#"{"status":"healthy"}"#);
+}

@@ -1,102 +1,31 @@
-//! STAND-IN for the lead's shared outbound client (`net:` commit on main), with the same API:
-//! plain http only, enough for the notify sinks to be built and tested against loopback. It is
-//! replaced wholesale by main's `net` when that lands (merge: take theirs).
+//! The agent's outbound HTTP(S) calls: AWS endpoints and notify webhooks.
+//!
+//! A small blocking HTTP/1.1 client: one connection per request (`Connection: close`), TLS by
+//! rustls with the system roots and verification always on, every step bounded by one deadline
+//! (a slow-drip server cannot hold a call past `Limits::total`). It blocks the calling thread,
+//! so it is called only from a sink's own thread, never from the watch loop (probes have their
+//! own non-blocking state machine in `probe`).
+//!
+//! Invariants: nothing here logs; an error's text never holds the URL's path or query (a
+//! webhook's secret); caller headers cannot inject lines or override the framing headers.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, TcpStream, ToSocketAddrs};
+pub mod tls;
+pub mod url;
+pub mod wire;
+
+mod exchange;
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// An `http://` or `https://` URL, split into what a request needs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Url {
-    pub https: bool,
-    pub host: String,
-    pub port: u16,
-    pub target: String,
-}
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
-impl std::fmt::Debug for Url {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
+pub use url::Url;
 
-impl Url {
-    pub fn parse(s: &str) -> Result<Url, String> {
-        let s = s.trim();
-        let lower = s.to_ascii_lowercase();
-        let (https, rest) = if lower.starts_with("https://") {
-            (true, &s[8..])
-        } else if lower.starts_with("http://") {
-            (false, &s[7..])
-        } else {
-            return Err("the URL must start with https:// (or http:// to a loopback host)".into());
-        };
-        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(end);
-        if authority.contains('@') {
-            return Err("the URL must not carry a user name or password before the host".into());
-        }
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(r) => {
-                let (h, after) = r.split_once(']').ok_or("an IPv6 address needs its `]`")?;
-                (h, after.strip_prefix(':'))
-            }
-            None => match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            },
-        };
-        if host.is_empty() {
-            return Err("the URL has no host".into());
-        }
-        let port = match port {
-            None => {
-                if https {
-                    443
-                } else {
-                    80
-                }
-            }
-            Some(p) => p
-                .parse::<u16>()
-                .map_err(|_| format!("`{p}` is not a port"))?,
-        };
-        let tail = tail.split('#').next().unwrap_or("");
-        let target = if tail.starts_with('/') {
-            tail.to_string()
-        } else {
-            format!("/{tail}")
-        };
-        Ok(Url {
-            https,
-            host: host.to_ascii_lowercase(),
-            port,
-            target,
-        })
-    }
-
-    pub fn is_loopback(&self) -> bool {
-        self.host.eq_ignore_ascii_case("localhost")
-            || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-    }
-
-    pub fn authority(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        format!("{host}:{}", self.port)
-    }
-
-    pub fn redacted(&self) -> String {
-        let scheme = if self.https { "https" } else { "http" };
-        let tail = if self.target == "/" { "/" } else { "/…" };
-        format!("{scheme}://{}{tail}", self.authority())
-    }
-}
-
+/// One request. `Host`, `Content-Length` and `Connection` are added by `send`.
+#[derive(Debug)]
 pub struct Request<'a> {
     pub method: &'a str,
     pub url: &'a Url,
@@ -104,7 +33,8 @@ pub struct Request<'a> {
     pub body: &'a [u8],
 }
 
-#[derive(Debug)]
+/// A whole reply (any status: the caller judges it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
@@ -112,6 +42,7 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The first header of that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -120,16 +51,21 @@ impl Reply {
     }
 }
 
+/// Bounds on one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Per address tried.
     pub connect: Duration,
+    /// The whole request: resolve, connect, handshake, write, read.
     pub total: Duration,
+    /// The largest reply body kept; a larger one is `TooLarge`.
     pub max_body: usize,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why a request got no reply. The text never holds the URL's path or query.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NetError {
-    #[error("cannot resolve the host: {0}")]
+    #[error("cannot resolve {0}")]
     Resolve(String),
     #[error("cannot connect: {0}")]
     Connect(String),
@@ -137,80 +73,78 @@ pub enum NetError {
     Timeout,
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("bad reply: {0}")]
+    #[error("bad HTTP reply: {0}")]
     Protocol(String),
-    #[error("the reply is too large")]
+    #[error("the reply is larger than the limit")]
     TooLarge,
 }
 
-#[allow(clippy::too_many_lines)] // the stand-in goes away when main's net lands
+/// Sends `req` and reads the whole reply, https verified against the system roots.
 pub fn send(req: &Request<'_>, limits: &Limits) -> Result<Reply, NetError> {
     if req.url.https {
-        return Err(NetError::Tls("https needs main's net client".into()));
+        let config = tls::verified_config().map_err(NetError::Tls)?;
+        send_with(req, limits, &config)
+    } else {
+        let deadline = Instant::now() + limits.total;
+        let head = exchange::head(req)?;
+        let stream = connect(req.url, limits.connect, deadline)?;
+        let handle = clone(&stream)?;
+        exchange::run(stream, &handle, &head, req.body, deadline, limits.max_body)
     }
-    let start = Instant::now();
-    let addrs: Vec<_> = (req.url.host.as_str(), req.url.port)
+}
+
+/// As `send`, with the caller's TLS configuration for https (its own roots, e.g. a private CA).
+pub fn send_with(
+    req: &Request<'_>,
+    limits: &Limits,
+    config: &Arc<ClientConfig>,
+) -> Result<Reply, NetError> {
+    let deadline = Instant::now() + limits.total;
+    let head = exchange::head(req)?;
+    let stream = connect(req.url, limits.connect, deadline)?;
+    let handle = clone(&stream)?;
+    if !req.url.https {
+        return exchange::run(stream, &handle, &head, req.body, deadline, limits.max_body);
+    }
+    let name = ServerName::try_from(req.url.host.clone())
+        .map_err(|e| NetError::Tls(format!("`{}` is not a TLS server name: {e}", req.url.host)))?;
+    let conn =
+        ClientConnection::new(config.clone(), name).map_err(|e| NetError::Tls(e.to_string()))?;
+    let tls = StreamOwned::new(conn, stream);
+    exchange::run(tls, &handle, &head, req.body, deadline, limits.max_body)
+}
+
+fn clone(s: &TcpStream) -> Result<TcpStream, NetError> {
+    s.try_clone().map_err(|e| NetError::Connect(e.to_string()))
+}
+
+/// Time left before `deadline`, or `Timeout`.
+fn left(deadline: Instant) -> Result<Duration, NetError> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(NetError::Timeout)
+}
+
+/// Resolves the host and connects to the first address that answers.
+fn connect(url: &Url, per_address: Duration, deadline: Instant) -> Result<TcpStream, NetError> {
+    let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port)
         .to_socket_addrs()
-        .map_err(|e| NetError::Resolve(e.to_string()))?
+        .map_err(|e| NetError::Resolve(format!("{}: {e}", url.host)))?
         .collect();
-    let mut last = NetError::Resolve("no address".into());
-    let mut stream = None;
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, limits.connect) {
+    if addrs.is_empty() {
+        return Err(NetError::Resolve(format!("{}: no address", url.host)));
+    }
+    let mut last = String::new();
+    for addr in addrs {
+        let budget = per_address.min(left(deadline)?);
+        match TcpStream::connect_timeout(&addr, budget) {
             Ok(s) => {
-                stream = Some(s);
-                break;
+                let _ = s.set_nodelay(true);
+                return Ok(s);
             }
-            Err(e) => last = NetError::Connect(e.to_string()),
+            Err(e) => last = format!("{addr}: {e}"),
         }
     }
-    let mut s = stream.ok_or(last)?;
-    let left = limits
-        .total
-        .saturating_sub(start.elapsed())
-        .max(Duration::from_millis(1));
-    let io = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => NetError::Timeout,
-        _ => NetError::Protocol(e.to_string()),
-    };
-    s.set_read_timeout(Some(left)).map_err(io)?;
-    s.set_write_timeout(Some(left)).map_err(io)?;
-    let mut head = format!(
-        "{} {} HTTP/1.1\r\nHost: {}\r\n",
-        req.method,
-        req.url.target,
-        req.url.authority()
-    );
-    for (k, v) in req.headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        req.body.len()
-    ));
-    s.write_all(head.as_bytes()).map_err(io)?;
-    s.write_all(req.body).map_err(io)?;
-    let mut buf = Vec::new();
-    s.take(limits.max_body as u64 + 65_536)
-        .read_to_end(&mut buf)
-        .map_err(io)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or(NetError::Protocol("no header end".into()))?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or(NetError::Protocol("no status".into()))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Ok(Reply {
-        status,
-        headers,
-        body: body.as_bytes().to_vec(),
-    })
+    Err(NetError::Connect(last))
 }

@@ -8,6 +8,7 @@
 use crate::config::target::{Expect, HttpProbe, Method};
 
 use super::ProbeOutcome;
+use crate::net::wire::{dechunk, find, Dechunk};
 
 /// How much of a body is read to look for `expect_body`.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -195,48 +196,6 @@ fn parse_status_line(line: &str) -> Result<u16, String> {
 
 fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() {
-        return Some(0);
-    }
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-pub enum Dechunk {
-    Done(Vec<u8>),
-    Partial(Vec<u8>),
-    Bad,
-}
-
-/// Decodes a chunked body seen so far.
-pub fn dechunk(mut raw: &[u8]) -> Dechunk {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = find(raw, b"\r\n") else {
-            return Dechunk::Partial(out);
-        };
-        let size_text = String::from_utf8_lossy(&raw[..eol]);
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let Ok(size) = usize::from_str_radix(size_text, 16) else {
-            return Dechunk::Bad;
-        };
-        raw = &raw[eol + 2..];
-        if size == 0 {
-            return Dechunk::Done(out);
-        }
-        if raw.len() < size {
-            out.extend_from_slice(raw);
-            return Dechunk::Partial(out);
-        }
-        out.extend_from_slice(&raw[..size]);
-        raw = &raw[size..];
-        if raw.len() < 2 {
-            return Dechunk::Partial(out);
-        }
-        raw = &raw[2..];
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! checked. Either way the end-entity certificate's `notAfter` is recorded for `cert_days`.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -21,6 +21,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::config::target::TlsSettings;
+use crate::net::tls::{provider, system_roots};
 use crate::sync::lock;
 
 /// The `notAfter` (seconds since the epoch) of the last end-entity certificate a probe saw.
@@ -45,10 +46,6 @@ impl Tls {
             seen,
         }
     }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn client_config(settings: &TlsSettings, seen: Seen) -> Result<Arc<ClientConfig>, String> {
@@ -81,26 +78,6 @@ fn client_config(settings: &TlsSettings, seen: Seen) -> Result<Arc<ClientConfig>
     // cheap at health-check rates.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
-}
-
-/// The system's roots, read once per process (a few ms for a few hundred certificates).
-fn system_roots() -> Result<Arc<RootCertStore>, String> {
-    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let found = rustls_native_certs::load_native_certs();
-            let mut roots = RootCertStore::empty();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                let why = found
-                    .errors
-                    .first()
-                    .map_or_else(|| "none found".to_string(), ToString::to_string);
-                return Err(format!("no system root certificates ({why}): set ca_file"));
-            }
-            Ok(Arc::new(roots))
-        })
-        .clone()
 }
 
 /// The largest `ca_file` read: a bundle of every public root is ~250 KB.
