@@ -219,7 +219,15 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config = Config::parse(path, &text)?;
+        Config::parse(path, &text)
+    }
+
+    /// `load`, and each `[[notify]]` `url_file` read into its sink's `url` (problems point at
+    /// the `url_file` line): for `validate`, `run` and a reload, the commands that need the
+    /// secret. The others (`status`, `check`, `pause`, the installer) never read it, so a file
+    /// only the agent's user can read does not stop them.
+    pub fn load_with_url_files(path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::load(path)?;
         let problems = notify::resolve_url_files(&mut config.notify);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
@@ -231,7 +239,8 @@ impl Config {
     }
 
     /// Validates config text; `path` is only used in messages and kept in the result. A
-    /// `[[notify]]` `url_file` is not read here (its sink's `url` stays `None`): `load` reads it.
+    /// `[[notify]]` `url_file` is not read here (its sink's `url` stays `None`; see
+    /// `load_with_url_files`).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let mut cx = Cx {
             src: text,

@@ -1,7 +1,7 @@
 //! `[[notify]]`: alert sinks beside SNS (a JSON webhook, or a Slack-compatible incoming
 //! webhook), read key by key like the other sections. The URL is checked here: https only
 //! (http only to a loopback host), no user name or password; `url_file` is read by
-//! `Config::load` (`resolve_url_files`), so `validate` and a reload refuse a bad one too.
+//! `Config::load_with_url_files`, so `validate`, `run` and a reload refuse a bad one too.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,7 +73,7 @@ pub struct NotifyConfig {
     /// Shown in `status` and as the Prometheus `sink` label (default "<type>-<n>", n counting
     /// the [[notify]] sections from 1). Never the URL.
     pub name: String,
-    /// `url`, or the one line of `url_file` once `Config::load` has read it. Its Debug form is
+    /// `url`, or the one line of `url_file` once `Config::load_with_url_files` has read it. Its Debug form is
     /// redacted.
     pub url: Option<Url>,
     /// `url_file`: a file (mode 0600 or 0640) holding the URL, so the secret stays out of the
@@ -91,7 +91,7 @@ pub struct NotifyConfig {
     pub retry_max_interval: Duration,
 }
 
-/// Where `url_file` was written, for the problem `Config::load` reports when it cannot be used.
+/// Where `url_file` was written, for the problem `Config::load_with_url_files` reports when it cannot be used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UrlFile {
     pub path: PathBuf,
@@ -437,13 +437,18 @@ mod tests {
         std::fs::write(&cfg, text).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let c = Config::load(&cfg).unwrap();
+        assert_eq!(
+            Config::load(&cfg).unwrap().notify[0].url,
+            None,
+            "status and check never read it"
+        );
+        let c = Config::load_with_url_files(&cfg).unwrap();
         assert_eq!(
             c.notify[0].url.as_ref().unwrap().target,
             "/services/T/B/SECRET"
         );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = Config::load(&cfg).unwrap_err().to_string();
+        let err = Config::load_with_url_files(&cfg).unwrap_err().to_string();
         assert!(err.contains("pmguard.toml:5:12: url_file"), "{err}");
         assert!(
             err.contains("mode 0644") && err.contains("chmod 0600"),

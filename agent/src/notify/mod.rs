@@ -115,7 +115,7 @@ impl Notify {
     ) -> std::io::Result<Notify> {
         let (tx, rx) = mpsc::sync_channel(INBOX_CAP);
         let status = Arc::new(Mutex::new(Vec::new()));
-        let deadline = opts.stop_deadline + opts.limits.total;
+        let deadline = opts.stop_deadline;
         let worker = worker::Worker::new(state_dir, origin, logs, opts, status.clone());
         let join = std::thread::Builder::new()
             .name("notify".into())
@@ -154,7 +154,8 @@ impl Notify {
     }
 
     /// Delivers what is due within the stop deadline, leaves the rest spooled, and waits for
-    /// the thread (a request in flight is bounded by the client's total deadline).
+    /// the thread that long (and a little). A request still in flight then is abandoned: its
+    /// alert is still in the spool, so it is sent again at the next start (a duplicate at worst, never a loss).
     pub fn stop(self) {
         let _ = self.inbox.tx.send(Msg::Stop);
         let until = clock::mono_now() + self.deadline.as_millis() as u64 + 500;

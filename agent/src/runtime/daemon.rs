@@ -437,7 +437,7 @@ fn reload(
     progress: &mut BTreeMap<String, Arc<Progress>>,
     events: &EventLog,
 ) -> Option<Config> {
-    let new = match Config::load(&old.path) {
+    let new = match Config::load_with_url_files(&old.path) {
         Ok(c) => c,
         Err(e) => {
             let detail = match &e {
