@@ -453,3 +453,57 @@ fn bad_notify_config_is_refused_with_line_and_fix() {
     );
     assert!(!rejected.to_string().contains("SECRET"));
 }
+
+/// A 4xx other than 408/429 means the endpoint will never take the alert: dropped, counted,
+/// one error in the log, never retried.
+#[test]
+fn an_alert_the_endpoint_refuses_is_dropped_once_and_counted_never_retried() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let mut rx = Receiver::down();
+    rx.start(404);
+    let notify = format!(
+        "[[notify]]\ntype = \"webhook\"\nname = \"hook\"\nurl = \"{}\"\nevents = [\"restart\"]\nretry_max_interval = \"1s\"\n",
+        rx.url(&format!("/gone/{SECRET}"))
+    );
+    let agent = Agent::start(
+        &pm2,
+        &format!("{}\n{notify}", app("web", port, "max_retries = 1")),
+    );
+    agent.wait_for_probe_ok();
+    hang_and_recover(&agent, port, 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sink(&status_json(&agent), "hook")["dropped"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal was not counted: {}\n{:#?}\n{}",
+            status_json(&agent),
+            rx.requests(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Well past several backoff periods: still the one attempt.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rx.requests().len(), 1, "{:#?}", rx.requests());
+    let st = status_json(&agent);
+    let hook = sink(&st, "hook");
+    assert_eq!(
+        (hook["queued"].as_u64(), hook["delivered"].as_u64()),
+        (Some(0), Some(0)),
+        "{st}"
+    );
+    assert!(
+        hook["last_error"].as_str().unwrap().contains("HTTP 404"),
+        "{st}"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("The notify endpoint refused an alert").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("SECRET"));
+    assert!(!agent.state().join("spool/notify.json").exists());
+}
