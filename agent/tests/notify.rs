@@ -395,9 +395,10 @@ fn common_now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// `validate` and a reload refuse a bad [[notify]], naming the line and the fix.
+/// `validate` and a reload refuse a bad [[notify]], naming the line and the fix; a reload
+/// that adds a good one applies it at once.
 #[test]
-fn bad_notify_config_is_refused_with_line_and_fix() {
+fn bad_notify_config_is_refused_with_line_and_fix_and_a_reload_applies_a_good_one() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("pmguard.toml");
     let head = "[[apps]]\nname = \"web\"\n\n[[notify]]\n";
@@ -452,6 +453,24 @@ fn bad_notify_config_is_refused_with_line_and_fix() {
         "{rejected}"
     );
     assert!(!rejected.to_string().contains("SECRET"));
+    // A valid sink added by a reload applies at once.
+    let rx = Receiver::up();
+    std::fs::write(
+        agent.config(),
+        format!(
+            "{good}\n[[notify]]\ntype = \"webhook\"\nurl = \"{}\"\n",
+            rx.url("/added")
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    agent.wait_for(Duration::from_secs(10), "reload");
+    hang_and_recover(&agent, port, 1);
+    wait_until(
+        Duration::from_secs(10),
+        "alerts to the sink the reload added",
+        || kinds(&rx.delivered("/added")) == ["restart", "recovered"],
+    );
 }
 
 /// A 4xx other than 408/429 means the endpoint will never take the alert: dropped, counted,
