@@ -358,3 +358,93 @@ fn refused(s: &mut Sink, status: u16) {
     tracing::error!(message = "The notify endpoint refused an alert; dropped (check the URL and the sink's settings).", sink = %s.cfg.name, url = %shown(s.cfg.url.as_ref()), status, app = a.app.as_deref().unwrap_or("-"), event = %a.event, id = %a.id);
     (s.failures, s.next_ms) = (0, 0);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::report::events::Kind;
+
+    fn sinks(extra: &str) -> Vec<NotifyConfig> {
+        let text = format!(
+            "[[apps]]\nname = \"web\"\n[[notify]]\ntype = \"webhook\"\nname = \"hook\"\nurl = \"http://127.0.0.1:9/h\"\nrate_limit = 1000\n{extra}"
+        );
+        Config::parse(Path::new("/x.toml"), &text).unwrap().notify
+    }
+
+    fn worker(dir: &Path, queue_cap: usize) -> Worker {
+        let opts = Options {
+            queue_cap,
+            ..Options::default()
+        };
+        let origin = Origin {
+            host: "box".into(),
+            instance_id: None,
+        };
+        let logs: LogPaths = Arc::new(|_: &str| None);
+        Worker::new(dir, origin, logs, opts, Arc::new(Mutex::new(Vec::new())))
+    }
+
+    fn restart(n: u64) -> Event {
+        let mut e = Event::new(Kind::Restart, Some("web"), format!("restart {n}"));
+        e.ts_ms = 1_000 + n;
+        e
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_and_counts_and_the_spool_holds_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = worker(d.path(), 2);
+        w.sinks = sinks("").into_iter().map(Sink::new).collect();
+        for n in 0..3 {
+            w.accept(&restart(n), NotifyEvent::Restart);
+        }
+        w.store_spool();
+        let s = &w.sinks[0];
+        assert_eq!(s.st.dropped, 1);
+        let kept: Vec<&str> = s.queue.iter().map(|a| a.message.as_str()).collect();
+        assert_eq!(kept, ["restart 1", "restart 2"]);
+        let spooled: Spooled = w.spool.load().unwrap().unwrap();
+        assert_eq!(spooled["hook"].len(), 2);
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(w.spool.path()).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // The next run queues them again, before its own alerts.
+        let mut next = worker(d.path(), 10);
+        next.sinks = sinks("").into_iter().map(Sink::new).collect();
+        next.sinks[0].queue.push_back(Alert::new(
+            "x".into(),
+            NotifyEvent::Restart,
+            &restart(9),
+            &next.origin,
+            0,
+        ));
+        next.load_spool();
+        let order: Vec<&str> = next.sinks[0]
+            .queue
+            .iter()
+            .map(|a| a.message.as_str())
+            .collect();
+        assert_eq!(order, ["restart 1", "restart 2", "restart 9"]);
+    }
+
+    #[test]
+    fn a_reload_keeps_a_sinks_queue_by_name_and_drops_a_removed_sinks() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = worker(d.path(), 10);
+        w.sinks = sinks("events = [\"restart\"]")
+            .into_iter()
+            .map(Sink::new)
+            .collect();
+        w.accept(&restart(1), NotifyEvent::Restart);
+        w.accept(&restart(2), NotifyEvent::Recovered);
+        assert_eq!(w.sinks[0].queue.len(), 1, "recovered was not asked for");
+        w.reconfigure(sinks(""));
+        assert_eq!(w.sinks[0].queue.len(), 1);
+        assert_eq!(w.sinks[0].cfg.events.len(), 5);
+        w.reconfigure(Vec::new());
+        w.store_spool();
+        assert!(w.sinks.is_empty());
+        assert!(!w.spool.path().exists(), "no sink, nothing spooled");
+    }
+}
