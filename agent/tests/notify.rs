@@ -183,6 +183,14 @@ fn a_hung_app_sends_restart_then_recovered_once_each_with_its_log_and_no_secret(
         &format!("{}\n{notify}", app("web", port, "max_retries = 2")),
     );
     agent.wait_for_probe_ok();
+    wait_until(
+        Duration::from_secs(10),
+        "the sinks in status before any alert",
+        || {
+            let st = status_json(&agent);
+            sink(&st, "ops-hook")["delivered"] == 0 && sink(&st, "slack-2")["queued"] == 0
+        },
+    );
     let t0 = Instant::now();
     hang_and_recover(&agent, port, 1);
     wait_until(Duration::from_secs(15), "every alert at both sinks", || {

@@ -101,6 +101,7 @@ impl Worker {
     pub(super) fn run(mut self, sinks: Vec<NotifyConfig>, rx: &Receiver<Msg>) {
         self.sinks = sinks.into_iter().map(Sink::new).collect();
         self.load_spool();
+        self.publish();
         let mut stop_at: Option<Mono> = None;
         loop {
             let now = clock::mono_now();
