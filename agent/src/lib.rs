@@ -11,6 +11,7 @@
 //! - `report`: what was decided, for people and machines: the event log, `status.json`, the
 //!   restart history.
 //! - `aws`: metrics, events and alerts to CloudWatch, CloudWatch Logs and SNS.
+//! - `notify`: alerts to webhooks and Slack-compatible chats (`[[notify]]`), spooled until sent.
 //! - `sys`: the few OS edges (files, privileges, pidfds, signals, systemd notify), behind safe
 //!   functions.
 //! - `net`: the outbound HTTP(S) client the sinks share (blocking, one deadline per request).
@@ -35,6 +36,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod net;
+pub mod notify;
 pub mod pm2;
 pub mod policy;
 pub mod probe;

@@ -110,7 +110,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Validate { config } => match Config::load(&config) {
+        Command::Validate { config } => match Config::load_with_url_files(&config) {
             Ok(c) => {
                 if let Err(code) = probes_usable(&c, ExitCode::from(1)) {
                     return code;
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
             Err(e) => config_failure(&e),
         },
         Command::Run { config } => {
-            let c = match Config::load(&config) {
+            let c = match Config::load_with_url_files(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     config_failure(&e);

@@ -482,6 +482,20 @@ pub fn record_restart(state: &mut AppState, policy: &Policy, now: Mono) {
     state.healthy_since = None;
 }
 
+/// Whether a change from `before` to `now` is a recovery, the `recovered` event people get
+/// after being told something went wrong: healthy again after pmguard restarted the app
+/// (`after_restart`), or after a crash loop or a PM2 outage. Not the first passing check after
+/// the agent starts, and not a blip of failures below `max_retries` (nobody was told of it).
+pub fn is_recovery(before: Health, now: Health, after_restart: bool) -> bool {
+    now == Health::Healthy
+        && before != Health::Healthy
+        && (after_restart
+            || matches!(
+                before,
+                Health::CrashLoop | Health::Pm2Down | Health::Pm2Unresponsive
+            ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -863,5 +877,24 @@ mod tests {
             with_tree_failures(Verdict::Missing, &[memory]),
             Verdict::Missing
         );
+    }
+
+    #[test]
+    fn recovered_is_healthy_again_after_a_restart_a_crash_loop_or_a_pm2_outage() {
+        use Health::*;
+        assert!(is_recovery(Starting, Healthy, true));
+        assert!(is_recovery(Failing, Healthy, true));
+        assert!(is_recovery(CrashLoop, Healthy, false));
+        assert!(is_recovery(Pm2Down, Healthy, false));
+        assert!(
+            !is_recovery(Starting, Healthy, false),
+            "the first check after start"
+        );
+        assert!(
+            !is_recovery(Failing, Healthy, false),
+            "a blip below max_retries"
+        );
+        assert!(!is_recovery(Healthy, Healthy, true));
+        assert!(!is_recovery(Failing, CoolingDown, true));
     }
 }

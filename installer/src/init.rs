@@ -602,6 +602,7 @@ mod tests {
             kill_timeout_ms: None,
             cpu: 0.0,
             memory: 0,
+            err_log: None,
         }
     }
 

@@ -25,7 +25,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_cloudwatch::error::ProvideErrorMetadata;
 use tokio::sync::Notify;
 
-use super::alerts::{Alert, Limiter};
+use super::alerts::{self, Alert, Limiter};
 use super::logs::{self, LogRecord};
 use super::metrics::{self, Datum, Unit};
 use super::recorder::{Recorder, Taken};
@@ -209,7 +209,7 @@ async fn run(
         None => instance_id().await,
     };
     let mut st = State {
-        limiter: Limiter::new(opts.alert_window_ms),
+        limiter: Limiter::new(opts.alert_window_ms, 1),
         instance,
         buf: Buffer::default(),
         spooled: false,
@@ -341,13 +341,7 @@ pub async fn instance_id() -> String {
     hostname()
 }
 
-fn hostname() -> String {
-    let uname = rustix::system::uname();
-    match uname.nodename().to_str() {
-        Ok(h) if !h.is_empty() => h.to_string(),
-        _ => "unknown-host".to_string(),
-    }
-}
+use crate::sys::hostname;
 
 const METRICS: usize = 0;
 const LOGS: usize = 1;
@@ -367,7 +361,7 @@ impl State {
                 records.push(r);
             }
             if logs::is_alert(e.kind) && self.cfg.sns_topic.is_some() {
-                if let Some(a) = self.limiter.alert_for(e, &self.instance) {
+                if let Some(a) = alerts::alert_for(&mut self.limiter, e, &self.instance) {
                     alerts.push(a);
                 }
             }

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use super::alerts::Alert;
 use super::logs::LogRecord;
 use super::metrics::Datum;
-use crate::sys::files;
+use crate::report::spool::SpoolFile;
 
-pub const SPOOL_DIR: &str = "spool";
+pub use crate::report::spool::SPOOL_DIR;
 pub const SPOOL_FILE: &str = "pending.json";
 
 /// How much the buffer may hold before it drops the oldest.
@@ -105,48 +105,29 @@ impl Buffer {
 /// Where the buffer is spilled.
 #[derive(Debug, Clone)]
 pub struct Spool {
-    dir: PathBuf,
+    file: SpoolFile,
 }
 
 impl Spool {
     pub fn new(state_dir: &Path) -> Spool {
         Spool {
-            dir: state_dir.join(SPOOL_DIR),
+            file: SpoolFile::new(state_dir, SPOOL_FILE),
         }
     }
 
     pub fn path(&self) -> PathBuf {
-        self.dir.join(SPOOL_FILE)
+        self.file.path()
     }
 
     /// Reads the spilled buffer; a corrupt file is moved aside (and said so), never resent.
     pub fn load(&self) -> std::io::Result<Option<Buffer>> {
-        let path = self.path();
-        let Some(bytes) = files::read_optional(&path)? else {
-            return Ok(None);
-        };
-        match serde_json::from_slice::<Buffer>(&bytes) {
-            Ok(b) => Ok(Some(b)),
-            Err(error) => {
-                let aside = self.dir.join("pending.json.corrupt");
-                let _ = std::fs::rename(&path, &aside);
-                tracing::warn!(message = "The AWS spool is corrupt; moved aside.", path = %aside.display(), %error);
-                Ok(None)
-            }
-        }
+        self.file.load()
     }
 
     /// Writes the buffer (0600, atomically, fsynced), or removes the file when it is empty.
     pub fn store(&self, b: &Buffer) -> std::io::Result<()> {
-        if b.is_empty() && b.dropped == 0 {
-            return match std::fs::remove_file(self.path()) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            };
-        }
-        files::ensure_dir(&self.dir)?;
-        let data = serde_json::to_vec(b).map_err(std::io::Error::other)?;
-        files::write_atomic(&self.path(), &data, 0o600, true)
+        let empty = b.is_empty() && b.dropped == 0;
+        self.file.store((!empty).then_some(b))
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod bytes;
 pub mod duration;
 mod memory;
+pub mod notify;
 mod probes;
 mod read;
 mod sections;
@@ -33,7 +34,11 @@ pub struct Config {
     /// `[aws]`: metrics, events and alerts to CloudWatch, CloudWatch Logs and SNS. Without the
     /// section the agent is fully local and runs no AWS code.
     pub aws: Option<AwsConfig>,
+    /// `[[notify]]`: alerts to webhooks and Slack-compatible chats (none by default).
+    pub notify: Vec<NotifyConfig>,
 }
+
+pub use notify::{NotifyConfig, NotifyEvent, NotifyKind};
 
 /// `[aws]`: where the agent sends metrics, events and alerts. No credentials here: the agent uses
 /// the standard AWS chain (environment, profile, the instance profile through IMDSv2 on EC2).
@@ -205,7 +210,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const SECTIONS: &[&str] = &["agent", "aws", "apps"];
+const SECTIONS: &[&str] = &["agent", "aws", "apps", "notify"];
 
 impl Config {
     /// Reads and validates a config file.
@@ -217,7 +222,25 @@ impl Config {
         Config::parse(path, &text)
     }
 
-    /// Validates config text; `path` is only used in messages and kept in the result.
+    /// `load`, and each `[[notify]]` `url_file` read into its sink's `url` (problems point at
+    /// the `url_file` line): for `validate`, `run` and a reload, the commands that need the
+    /// secret. The others (`status`, `check`, `pause`, the installer) never read it, so a file
+    /// only the agent's user can read does not stop them.
+    pub fn load_with_url_files(path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::load(path)?;
+        let problems = notify::resolve_url_files(&mut config.notify);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Validates config text; `path` is only used in messages and kept in the result. A
+    /// `[[notify]]` `url_file` is not read here (its sink's `url` stays `None`; see
+    /// `load_with_url_files`).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let mut cx = Cx {
             src: text,

@@ -54,11 +54,17 @@ impl std::ops::Deref for Keys<'_> {
 }
 
 impl Cx<'_> {
-    pub(super) fn problem(&mut self, span: Range<usize>, message: String, help: Option<String>) {
+    /// The line and column (from 1) where `span` starts.
+    pub(super) fn place(&self, span: Range<usize>) -> (usize, usize) {
         let at = span.start.min(self.src.len());
         let before = &self.src[..at];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    }
+
+    pub(super) fn problem(&mut self, span: Range<usize>, message: String, help: Option<String>) {
+        let (line, column) = self.place(span);
         self.problems.push(Problem {
             line,
             column,

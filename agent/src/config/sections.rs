@@ -40,11 +40,13 @@ impl Cx<'_> {
             }
         };
         let apps = self.apps(root, &agent);
+        let notify = self.notify_sinks(root);
         Some(Config {
             path: path.to_path_buf(),
             agent,
             apps,
             aws,
+            notify,
         })
     }
 
@@ -53,7 +55,7 @@ impl Cx<'_> {
             if !SECTIONS.contains(&key) {
                 let span = key_span(root, key);
                 let help = suggest(key, SECTIONS).map_or_else(
-                    || "the sections are [agent], [aws] and [[apps]]".to_string(),
+                    || "the sections are [agent], [aws], [[apps]] and [[notify]]".to_string(),
                     |s| format!("did you mean `{s}`?"),
                 );
                 self.problem(span, format!("unknown section `{key}`"), Some(help));

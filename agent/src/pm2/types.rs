@@ -169,6 +169,8 @@ pub struct ProcessEntry {
     pub cpu: f64,
     /// RSS bytes.
     pub memory: u64,
+    /// PM2's `pm_err_log_path`: the app's stderr log (for `attach_log_lines`).
+    pub err_log: Option<PathBuf>,
 }
 
 /// The daemon's process list, tagged with the connection generation it was read on.
@@ -400,6 +402,8 @@ struct RawEnv {
     instances: Lenient,
     #[serde(default)]
     kill_timeout: Lenient,
+    #[serde(default)]
+    pm_err_log_path: Option<String>,
 }
 
 impl RawEntry {
@@ -427,6 +431,10 @@ impl RawEntry {
             kill_timeout_ms: env.kill_timeout.0,
             cpu,
             memory,
+            err_log: env
+                .pm_err_log_path
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
         })
     }
 }
@@ -494,7 +502,7 @@ mod tests {
         let json = br#"{"pid":"12","name":"web","pm_id":3,"monit":{"memory":1024.0,"cpu":"1.5"},
             "pm2_env":{"status":"waiting restart","restart_time":2,"unstable_restarts":null,
             "pm_uptime":1700000000000,"exec_mode":"cluster_mode","instances":-1,"kill_timeout":"5000",
-            "SECRET":"hunter2","env":{"SECRET":"hunter2","nested":[1,{"a":2}]}}}"#;
+            "pm_err_log_path":"/home/u/.pm2/logs/web-error-3.log","SECRET":"hunter2","env":{"SECRET":"hunter2","nested":[1,{"a":2}]}}}"#;
         let raw: RawEntry = serde_json::from_slice(json).unwrap();
         let e = raw.into_entry().unwrap();
         assert_eq!(e.pid, 12);
@@ -506,6 +514,10 @@ mod tests {
         assert_eq!(e.instances, None);
         assert_eq!(e.kill_timeout_ms, Some(5000));
         assert_eq!(e.pm_uptime_ms, Some(1_700_000_000_000));
+        assert_eq!(
+            e.err_log.as_deref(),
+            Some(Path::new("/home/u/.pm2/logs/web-error-3.log"))
+        );
         assert!(!format!("{e:?}").contains("hunter2"));
     }
 

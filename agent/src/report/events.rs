@@ -40,6 +40,9 @@ pub enum Kind {
     Pause,
     Resume,
     PauseExpired,
+    /// An app is healthy again after pmguard acted on it (a restart or resurrect) or after a
+    /// crash loop or PM2 outage (`policy::is_recovery`); once per recovery.
+    Recovered,
 }
 
 impl Kind {
@@ -101,7 +104,7 @@ pub struct EventLog {
     path: PathBuf,
     max_bytes: u64,
     inner: Mutex<Inner>,
-    forward: OnceLock<Arc<dyn Forward>>,
+    forward: OnceLock<Vec<Arc<dyn Forward>>>,
 }
 
 #[derive(Debug)]
@@ -129,9 +132,10 @@ impl EventLog {
         })
     }
 
-    /// Sends every later event to `f` as well. Only the first call has an effect.
-    pub fn set_forward(&self, f: Arc<dyn Forward>) {
-        let _ = self.forward.set(f);
+    /// Sends every later event to each of `fs` as well (the AWS recorder, the notify inbox).
+    /// Only the first call has an effect.
+    pub fn set_forwards(&self, fs: Vec<Arc<dyn Forward>>) {
+        let _ = self.forward.set(fs);
     }
 
     pub fn path(&self) -> &Path {
@@ -141,7 +145,7 @@ impl EventLog {
     /// Logs the event and appends it to the event file.
     pub fn emit(&self, event: Event) {
         log(&event);
-        if let Some(f) = self.forward.get() {
+        for f in self.forward.get().into_iter().flatten() {
             f.forward(&event);
         }
         let mut line = match serde_json::to_vec(&event) {

@@ -3,7 +3,9 @@
 //! that survives an agent restart (`state`), and the maintenance pauses people set (`pauses`).
 
 pub mod events;
+pub mod limit;
 pub mod pauses;
 pub mod prometheus;
+pub mod spool;
 pub mod state;
 pub mod status;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::clock::{self, Mono};
 use crate::policy::Health;
-use crate::report::state::{AppStatus, StatusFile};
+use crate::report::state::{AppStatus, SinkStatus, StatusFile};
 use crate::sys::files;
 
 /// One metric family: name, type, help, and a sample per app (`None`: no sample).
@@ -98,7 +98,33 @@ pub fn encode<A: Borrow<AppStatus>>(status: &StatusFile<A>) -> String {
             );
         }
     }
+    encode_notify(&mut out, &status.notify);
     out
+}
+
+/// The `[[notify]]` sinks' counters, one `sink` label (the sink's name, never its URL).
+fn encode_notify(out: &mut String, sinks: &[SinkStatus]) {
+    if sinks.is_empty() {
+        return;
+    }
+    type Value = fn(&SinkStatus) -> f64;
+    let families: [(&str, &str, &str, Value); 4] = [
+        ("pmguard_notify_delivered_total", "counter", "Alerts a [[notify]] sink delivered (2xx) since the agent started.", |s| s.delivered as f64),
+        ("pmguard_notify_dropped_total", "counter", "Alerts a [[notify]] sink dropped (refused with a 4xx, or pushed out of a full queue) since the agent started.", |s| s.dropped as f64),
+        ("pmguard_notify_held_back_total", "counter", "Alerts held back by a [[notify]] sink's rate limit since the agent started.", |s| s.held_back as f64),
+        ("pmguard_notify_queued", "gauge", "Alerts a [[notify]] sink has accepted and not yet delivered (spooled).", |s| s.queued as f64),
+    ];
+    for (name, kind, help, value) in families {
+        family_header(out, name, kind, help);
+        for s in sinks {
+            let _ = writeln!(
+                out,
+                "{name}{{sink=\"{}\"}} {}",
+                escape_label(&s.name),
+                number(value(s))
+            );
+        }
+    }
 }
 
 fn family_header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -191,6 +217,7 @@ mod tests {
                 cpu_pct: Some(12.5),
                 memory: 52_428_800,
                 restart_time: 2,
+                err_log: None,
             }],
             probes: VecDeque::from([ProbeRecord {
                 ts_ms: 1,
@@ -214,6 +241,7 @@ mod tests {
             interval_ms: 1_000,
             pauses_revision: 0,
             apps,
+            notify: Vec::new(),
         }
     }
 
@@ -256,6 +284,32 @@ mod tests {
             text.contains("pmguard_paused_until_timestamp_seconds{app=\"web\"} 1700000600\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn notify_sinks_get_counters_by_name_never_url() {
+        let mut st = status(vec![app("web")]);
+        st.notify = vec![SinkStatus {
+            name: "ops-slack".into(),
+            kind: "slack".into(),
+            url: "https://hooks.slack.com/…".into(),
+            queued: 2,
+            delivered: 7,
+            dropped: 1,
+            held_back: 3,
+            ..SinkStatus::default()
+        }];
+        let text = encode(&st);
+        for line in [
+            "pmguard_notify_delivered_total{sink=\"ops-slack\"} 7",
+            "pmguard_notify_dropped_total{sink=\"ops-slack\"} 1",
+            "pmguard_notify_held_back_total{sink=\"ops-slack\"} 3",
+            "pmguard_notify_queued{sink=\"ops-slack\"} 2",
+            "# TYPE pmguard_notify_queued gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        assert!(!text.contains("hooks.slack.com"));
     }
 
     #[test]

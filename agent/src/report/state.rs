@@ -323,6 +323,9 @@ pub struct InstanceStatus {
     pub cpu_pct: Option<f64>,
     pub memory: u64,
     pub restart_time: u64,
+    /// PM2's error log of this instance (`pm_err_log_path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub err_log: Option<PathBuf>,
 }
 
 /// One app in `status.json`.
@@ -362,6 +365,31 @@ pub struct StatusFile<A = AppStatus> {
     #[serde(default)]
     pub pauses_revision: u64,
     pub apps: Vec<A>,
+    /// The `[[notify]]` sinks' counters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<SinkStatus>,
+}
+
+/// One `[[notify]]` sink in `status` (and `status.json`, the Prometheus textfile).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SinkStatus {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Scheme and host only (`Url::redacted`).
+    pub url: String,
+    /// Accepted and not yet delivered (spooled).
+    pub queued: usize,
+    /// Since the agent started.
+    pub delivered: u64,
+    /// Refused by the endpoint (a 4xx), or pushed out of a full queue, since the agent started.
+    pub dropped: u64,
+    /// Held back by the rate limit since the agent started.
+    pub held_back: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<String>,
 }
 
 impl StatusFile {

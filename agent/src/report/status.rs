@@ -79,6 +79,17 @@ fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
     for a in &s.apps {
         render_app(a, out);
     }
+    for n in &s.notify {
+        let _ = writeln!(
+            out,
+            "notify {} ({}, {}): queued {}, delivered {}, dropped {}, held back {}",
+            n.name, n.kind, n.url, n.queued, n.delivered, n.dropped, n.held_back
+        );
+        if let Some(e) = &n.last_error {
+            let at = n.last_error_at.as_deref().unwrap_or("-");
+            let _ = writeln!(out, "    last error: {e} (at {at})");
+        }
+    }
 }
 
 /// One app: its line in the table, then its note, probe history and last restarts.

@@ -483,11 +483,36 @@ impl App {
         if let Some(n) = &self.note {
             e = e.with("reason", n.as_str());
         }
+        let after_restart = self.awaiting_recovery.is_some();
+        let mut recovered_ms = None;
         if self.state.health == Health::Healthy {
             if let Some(at) = self.awaiting_recovery.take() {
                 // The restart is verified: a passing check after it.
+                recovered_ms = Some(now.saturating_sub(at));
                 e = e.with("recovered_ms", now.saturating_sub(at));
             }
+        }
+        shared.emit(e);
+        if crate::policy::is_recovery(before, self.state.health, after_restart) {
+            self.announce_recovery(shared, before, recovered_ms);
+        }
+    }
+
+    /// The `recovered` event (see `policy::is_recovery`): what the app recovered from.
+    fn announce_recovery(&self, shared: &Shared, before: Health, recovered_ms: Option<u64>) {
+        let reason = match (recovered_ms, self.restarts_shown.back()) {
+            (Some(_), Some(r)) => format!("restarted by pmguard ({})", r.reason),
+            _ => format!("was {}", before.as_str()),
+        };
+        let mut e = Event::new(
+            Kind::Recovered,
+            Some(&self.cfg.name),
+            format!("App recovered: healthy again; {reason}."),
+        )
+        .with("reason", reason)
+        .with("from", before.as_str());
+        if let Some(ms) = recovered_ms {
+            e = e.with("recovered_ms", ms);
         }
         shared.emit(e);
     }
@@ -641,6 +666,7 @@ impl App {
                         cpu_pct: self.cpu_of(e.pid),
                         memory: self.memory_of(e),
                         restart_time: e.restart_time,
+                        err_log: e.err_log.clone(),
                     })
                     .collect()
             })

@@ -67,8 +67,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let client = Arc::new(Client::new(paths.clone()));
     let mut shared = Shared::new(config.agent.clone(), client, events.clone());
     shared.sandboxed = std::env::var_os("PMGUARD_SANDBOXED").is_some_and(|v| v == "1");
-    let sink = start_sink(&config, &state, &events, &mut shared);
+    let sink = start_sink(&config, &state, &mut shared);
     let shared = Arc::new(shared);
+    let notify = start_notify(&config, &state, &shared);
+    forward_events(&events, &shared, notify.as_ref());
     let notifier = Notifier::from_env();
     let (main_tx, main_rx) = mpsc::channel::<ToMain>();
     signals::spawn_waiter(signals, move |sig| {
@@ -94,6 +96,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         last_beat: 0,
         status: StatusWrites::default(),
         textfile: None,
+        notify,
     };
     main.textfile = main
         .config
@@ -110,6 +113,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Last: the apps' final events and `agent_stop` go out (or to the spool) within 5 s.
+    if let Some(n) = main.notify.take() {
+        n.stop();
+    }
     if let Some(sink) = sink {
         sink.stop();
     }
@@ -139,12 +145,7 @@ fn open_state(config: &Config) -> Result<(StateDir, Lock, Arc<EventLog>), StartE
 
 /// The AWS sink, with `[aws]` only: without it no runtime starts and no AWS code runs. A sink
 /// that cannot start leaves metrics and events local; watching goes on.
-fn start_sink(
-    config: &Config,
-    state: &StateDir,
-    events: &EventLog,
-    shared: &mut Shared,
-) -> Option<crate::aws::Sink> {
+fn start_sink(config: &Config, state: &StateDir, shared: &mut Shared) -> Option<crate::aws::Sink> {
     let aws = config.aws.as_ref()?;
     let recorder = Arc::new(crate::aws::Recorder::new());
     match crate::aws::Sink::start(
@@ -154,7 +155,6 @@ fn start_sink(
         crate::aws::SinkOptions::default(),
     ) {
         Ok(sink) => {
-            events.set_forward(recorder.clone());
             shared.recorder = Some(recorder);
             Some(sink)
         }
@@ -163,6 +163,51 @@ fn start_sink(
             None
         }
     }
+}
+
+/// The notify thread: started even without a `[[notify]]` sink (it then sleeps on its
+/// channel), so a reload that adds one applies at once. It finds an app's error log in the
+/// status board, as of the app's last check.
+fn start_notify(
+    config: &Config,
+    state: &StateDir,
+    shared: &Arc<Shared>,
+) -> Option<crate::notify::Notify> {
+    let board = shared.clone();
+    let logs: crate::notify::LogPaths = Arc::new(move |app: &str| {
+        lock(&board.board)
+            .get(app)
+            .and_then(|a| a.instances.iter().find_map(|i| i.err_log.clone()))
+    });
+    let origin = crate::notify::Origin {
+        host: crate::sys::hostname(),
+        instance_id: config.aws.as_ref().and_then(|a| a.instance_id.clone()),
+    };
+    match crate::notify::Notify::start(
+        config.notify.clone(),
+        &state.dir,
+        origin,
+        logs,
+        crate::notify::Options::default(),
+    ) {
+        Ok(n) => Some(n),
+        Err(error) => {
+            tracing::error!(message = "Cannot start the notify thread; alerts stay in the event log.", %error);
+            None
+        }
+    }
+}
+
+/// The event log's forwards: the AWS recorder (with `[aws]`) and the notify inbox.
+fn forward_events(events: &EventLog, shared: &Shared, notify: Option<&crate::notify::Notify>) {
+    let mut forwards: Vec<Arc<dyn crate::report::events::Forward>> = Vec::new();
+    if let Some(r) = &shared.recorder {
+        forwards.push(r.clone());
+    }
+    if let Some(n) = notify {
+        forwards.push(n.inbox());
+    }
+    events.set_forwards(forwards);
 }
 
 fn announce_start(events: &EventLog, config: &Config, paths: &Pm2Paths) {
@@ -212,6 +257,8 @@ struct Main {
     status: StatusWrites,
     /// `[agent] prometheus_textfile`, rewritten with `status.json`.
     textfile: Option<Textfile>,
+    /// The `[[notify]]` sinks' thread (None only if it could not be started).
+    notify: Option<crate::notify::Notify>,
 }
 
 /// When `status.json` was last rewritten, and what it said then (see `report::state`).
@@ -243,6 +290,7 @@ impl Main {
                         &self.events,
                     ) {
                         self.config = new;
+                        self.reload_notify();
                     }
                     self.status.force = true;
                     self.notifier.send("READY=1");
@@ -267,6 +315,13 @@ impl Main {
             if self.on_schedule() {
                 self.report_alive();
             }
+        }
+    }
+
+    /// Hands the reloaded `[[notify]]` sinks to the notify thread.
+    fn reload_notify(&mut self) {
+        if let Some(n) = &self.notify {
+            n.reconfigure(self.config.notify.clone());
         }
     }
 
@@ -357,10 +412,20 @@ impl Main {
                 }
             }
         }
-        let print = fingerprint(&self.shared);
+        let notify = self
+            .notify
+            .as_ref()
+            .map(crate::notify::Notify::status)
+            .unwrap_or_default();
+        let print = fingerprint(&self.shared, &notify);
         let due = now.saturating_sub(st.last_write) >= STATUS_REFRESH_MS;
         if st.beat_file.is_none() || !self.ready || st.force || due || print != st.last_print {
-            write_heartbeat(&self.shared, &self.config, self.textfile.as_mut());
+            write_heartbeat(
+                &self.shared,
+                &self.config,
+                self.textfile.as_mut(),
+                notify.clone(),
+            );
             st.last_write = now;
             st.last_print = print;
             st.force = false;
@@ -375,16 +440,20 @@ impl Main {
             tracing::warn!(message = "Cannot write the heartbeat file; rewriting status.json at every beat instead.", path = %self.shared.state.dir.display(), %error);
             st.beat_file = None;
             st.beat_file_failed = true;
-            write_heartbeat(&self.shared, &self.config, self.textfile.as_mut());
+            write_heartbeat(&self.shared, &self.config, self.textfile.as_mut(), notify);
         }
     }
 }
 
 /// What in the board a person or a script acts on: a change is written at the next beat. The
 /// volatile measurements (latency, CPU, memory, probe history, check counts) are left out.
-fn fingerprint(shared: &Shared) -> u64 {
+fn fingerprint(shared: &Shared, notify: &[crate::notify::SinkStatus]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    // A notify sink's counters: an alert queued, delivered, dropped or failing shows at once.
+    for n in notify {
+        (n.queued, n.delivered, n.dropped, n.held_back, &n.last_error).hash(&mut h);
+    }
     for a in lock(&shared.board).values() {
         (
             &a.name,
@@ -414,7 +483,12 @@ fn heartbeat_every(config: &Config) -> u64 {
 
 /// `status.json`, and with `prometheus_textfile` the same state for node_exporter: both encoded
 /// under the board's lock from one snapshot, written after it is released.
-fn write_heartbeat(shared: &Shared, config: &Config, textfile: Option<&mut Textfile>) {
+fn write_heartbeat(
+    shared: &Shared,
+    config: &Config,
+    textfile: Option<&mut Textfile>,
+    notify: Vec<crate::notify::SinkStatus>,
+) {
     // The heartbeat's own cadence, not the longest app interval: one app at `1h` must not make
     // the backup check trust a dead daemon for three hours.
     let interval_ms = heartbeat_every(config);
@@ -433,6 +507,7 @@ fn write_heartbeat(shared: &Shared, config: &Config, textfile: Option<&mut Textf
             interval_ms,
             pauses_revision,
             apps: board.values().collect(),
+            notify,
         };
         let prom = textfile.is_some().then(|| prometheus::encode(&status));
         (StateDir::encode_status(&status), prom)
@@ -454,7 +529,7 @@ fn reload(
     progress: &mut BTreeMap<String, Arc<Progress>>,
     events: &EventLog,
 ) -> Option<Config> {
-    let new = match Config::load(&old.path) {
+    let new = match Config::load_with_url_files(&old.path) {
         Ok(c) => c,
         Err(e) => {
             let detail = match &e {

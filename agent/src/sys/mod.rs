@@ -7,3 +7,12 @@ pub mod pidfd;
 pub mod privilege;
 pub mod signals;
 pub mod waker;
+
+/// The machine's host name (uname's nodename), or "unknown-host".
+pub fn hostname() -> String {
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(h) if !h.is_empty() => h.to_string(),
+        _ => "unknown-host".to_string(),
+    }
+}

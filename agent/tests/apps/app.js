@@ -1,7 +1,8 @@
 // Test app for pmguard: a tiny HTTP server whose /health behaviour can be switched at runtime.
 // No npm dependencies. Works under PM2 fork and cluster mode (workers share the port).
 //   GET /health      per mode: ok | 500 | slow:<ms> | hang | spin | crash | exit
-//   GET /mode/<mode> sets the mode, answers 200, then (spin/crash/exit) acts.
+//   GET /mode/<mode> sets the mode (a line on stderr says so), answers 200, then (spin/crash/exit)
+//                    acts.
 // Env: PORT (required), MODE (initial mode, default ok), START_DELAY_MS (listen after a delay),
 // HOST (address to bind, default 127.0.0.1), GRACEFUL_MS (catch SIGINT and take this long to
 // shut down, as a real server drains; a busy event loop never gets to run the handler).
@@ -55,6 +56,7 @@ const server = http.createServer((req, res) => {
   } else if (url.startsWith('/mode/')) {
     const m = decodeURIComponent(url.slice('/mode/'.length));
     mode = m;
+    console.error('mode ' + m + ' requested');
     res.writeHead(200, { 'content-type': 'text/plain', connection: 'close' });
     res.end('mode ' + m, () => setImmediate(() => act(m)));
   } else {

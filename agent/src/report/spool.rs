@@ -1,0 +1,66 @@
+//! A spool file: what a sink has accepted and not yet delivered, as one JSON document under
+//! `<state_dir>/spool/`, shared by the AWS sink (`pending.json`) and the notify sinks
+//! (`notify.json`).
+//!
+//! Invariants: the file is mode 0600 (it may hold alert text) and replaced atomically and
+//! fsynced, so a crash leaves the old or the new content, never a mix; an empty spool is no
+//! file; a corrupt file is moved aside (and said so), never resent and never fatal.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::sys::files;
+
+pub const SPOOL_DIR: &str = "spool";
+
+/// One spool file.
+#[derive(Debug, Clone)]
+pub struct SpoolFile {
+    dir: PathBuf,
+    name: &'static str,
+}
+
+impl SpoolFile {
+    pub fn new(state_dir: &Path, name: &'static str) -> SpoolFile {
+        SpoolFile {
+            dir: state_dir.join(SPOOL_DIR),
+            name,
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(self.name)
+    }
+
+    /// Reads the spool; a corrupt file is moved aside to `<name>.corrupt`.
+    pub fn load<T: DeserializeOwned>(&self) -> std::io::Result<Option<T>> {
+        let path = self.path();
+        let Some(bytes) = files::read_optional(&path)? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<T>(&bytes) {
+            Ok(b) => Ok(Some(b)),
+            Err(error) => {
+                let aside = self.dir.join(format!("{}.corrupt", self.name));
+                let _ = std::fs::rename(&path, &aside);
+                tracing::warn!(message = "A spool file is corrupt; moved aside.", path = %aside.display(), %error);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes `content` (0600, atomically, fsynced), or removes the file when it is `None`.
+    pub fn store<T: Serialize>(&self, content: Option<&T>) -> std::io::Result<()> {
+        let Some(content) = content else {
+            return match std::fs::remove_file(self.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        };
+        files::ensure_dir(&self.dir)?;
+        let data = serde_json::to_vec(content).map_err(std::io::Error::other)?;
+        files::write_atomic(&self.path(), &data, 0o600, true)
+    }
+}

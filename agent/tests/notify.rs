@@ -1,0 +1,601 @@
+//! `[[notify]]` end to end: a real PM2 running a test app that is made to hang, the agent
+//! restarting it, and a local webhook receiver on 127.0.0.1 (agent/tests/apps/webhook_receiver.py,
+//! a small Python server standing in for Slack or a webhook endpoint: the only fake, since the
+//! real services cannot be reached from a test) that records every request and can answer 500
+//! or be down. Delivery counts are printed for the record.
+
+mod agent_harness;
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_harness::{app, Agent, AGENT};
+use common::{free_port, http_get, set_mode, wait_until, Pm2Sandbox};
+use serde_json::Value;
+
+/// The local webhook receiver.
+struct Receiver {
+    port: u16,
+    record: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Receiver {
+    /// A receiver that is down (nothing listens on its port) until `start`.
+    fn down() -> Receiver {
+        let dir = tempfile::tempdir().unwrap();
+        Receiver {
+            port: free_port(),
+            record: dir.path().join("requests.jsonl"),
+            child: None,
+            _dir: dir,
+        }
+    }
+
+    fn up() -> Receiver {
+        let mut r = Receiver::down();
+        r.start(200);
+        r
+    }
+
+    fn start(&mut self, status: u16) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apps/webhook_receiver.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(self.port.to_string())
+            .arg(&self.record)
+            .arg(status.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_until(Duration::from_secs(10), "the receiver listening", || {
+            http_get(self.port, &format!("/_status/{status}")).is_some()
+        });
+    }
+
+    fn set_status(&self, status: u16) {
+        assert!(http_get(self.port, &format!("/_status/{status}")).is_some());
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Every request received: `{path, status, body}`.
+    fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The bodies answered with a 2xx on `path`, in arrival order.
+    fn delivered(&self, path: &str) -> Vec<Value> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r["path"] == path && r["status"].as_u64().is_some_and(|s| s < 300))
+            .map(|r| r["body"].clone())
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn agent_cmd(agent: &Agent, args: &[&str]) -> Output {
+    Command::new(AGENT)
+        .args(args)
+        .arg("--config")
+        .arg(agent.config())
+        .output()
+        .unwrap()
+}
+
+fn status_json(agent: &Agent) -> Value {
+    serde_json::from_slice(&agent_cmd(agent, &["status", "--json"]).stdout).unwrap_or(Value::Null)
+}
+
+fn sink<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["notify"]
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// Makes the app hang and waits for the agent's restart and the recovery after it.
+fn hang_and_recover(agent: &Agent, port: u16, cycle: usize) {
+    set_mode(port, "hang").unwrap();
+    wait_until(Duration::from_secs(30), "a restart and a recovery", || {
+        agent.of_kind("restart").len() >= cycle && agent.of_kind("recovered").len() >= cycle
+    });
+}
+
+/// The agent's own record of what should have been sent: each event of `kinds` in
+/// events.jsonl at or after `since_ms`, as (event, time). A test app that is slow to listen
+/// after a restart may be restarted twice; the alerts must follow the events whatever happened.
+fn expected(agent: &Agent, kinds: &[&str], since_ms: u64) -> Vec<(String, String)> {
+    agent
+        .events()
+        .iter()
+        .filter(|e| kinds.contains(&e["kind"].as_str().unwrap_or("")))
+        .filter(|e| e["ts_ms"].as_u64().unwrap_or(0) >= since_ms)
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["ts"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// What a webhook received, as (event, time).
+fn sent(bodies: &[Value]) -> Vec<(String, String)> {
+    bodies
+        .iter()
+        .map(|b| {
+            (
+                b["event"].as_str().unwrap_or("?").to_string(),
+                b["time"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+const RESTART_RECOVERED: &[&str] = &["restart", "recovered"];
+
+fn kinds(bodies: &[Value]) -> Vec<String> {
+    bodies
+        .iter()
+        .map(|b| b["event"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+const SECRET: &str = "T0SECRET/B0SECRET/XXSECRETXX";
+const MARKER: &str = "ENV-MARKER-7f3a9c";
+
+#[test]
+fn a_hung_app_sends_restart_then_recovered_once_each_with_its_log_and_no_secret() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app_env("web", port, &[], &[("DB_PASSWORD", MARKER)]);
+    let rx = Receiver::up();
+    let hook = format!("/hook/{SECRET}");
+    let slack = format!("/services/{SECRET}");
+    let notify = format!(
+        "[[notify]]\ntype = \"webhook\"\nname = \"ops-hook\"\nurl = \"{}\"\nevents = [\"restart\", \"recovered\"]\nattach_log_lines = 5\n\n[[notify]]\ntype = \"slack\"\nurl = \"{}\"\n",
+        rx.url(&hook),
+        rx.url(&slack)
+    );
+    let agent = Agent::start(
+        &pm2,
+        &format!("{}\n{notify}", app("web", port, "max_retries = 2")),
+    );
+    agent.wait_for_probe_ok();
+    wait_until(
+        Duration::from_secs(10),
+        "the sinks in status before any alert",
+        || {
+            let st = status_json(&agent);
+            sink(&st, "ops-hook")["delivered"] == 0 && sink(&st, "slack-2")["queued"] == 0
+        },
+    );
+    let t0 = Instant::now();
+    hang_and_recover(&agent, port, 1);
+    wait_until(Duration::from_secs(15), "every alert at both sinks", || {
+        let want = expected(&agent, RESTART_RECOVERED, 0).len();
+        rx.delivered(&hook).len() >= want && rx.delivered(&slack).len() >= want
+    });
+    eprintln!(
+        "restart + recovered delivered {:?} after the hang began",
+        t0.elapsed()
+    );
+    // A little longer: nothing more arrives (no duplicate, no second recovery).
+    std::thread::sleep(Duration::from_secs(2));
+    let hooks = rx.delivered(&hook);
+    let want = expected(&agent, RESTART_RECOVERED, 0);
+    assert_eq!(sent(&hooks), want, "each event once, in order");
+    assert_eq!(kinds(&hooks).first().map(String::as_str), Some("restart"));
+    assert_eq!(kinds(&hooks).last().map(String::as_str), Some("recovered"));
+    assert_eq!(
+        agent.of_kind("recovered").len(),
+        1,
+        "one recovery, one recovered"
+    );
+    let host = rustix_hostname();
+    for b in &hooks {
+        assert_eq!(b["app"], "web");
+        assert_eq!(b["host"], host.as_str());
+        assert!(b["time"].as_str().unwrap().ends_with('Z'), "{b}");
+        assert!(!b["reason"].as_str().unwrap().is_empty(), "{b}");
+    }
+    let restart = agent.of_kind("restart")[0].clone();
+    assert_eq!(hooks[0]["reason"], restart["reason"]);
+    assert_eq!(hooks[0]["time"], restart["ts"]);
+    assert!(hooks[hooks.len() - 1]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("restarted by pmguard"));
+    // attach_log_lines: the app's own stderr, never its environment.
+    let lines: Vec<&str> = hooks[0]["log_lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("mode hang requested")),
+        "{lines:?}"
+    );
+    // Slack: one `text`, with the app and what happened.
+    let slacks = rx.delivered(&slack);
+    assert_eq!(slacks.len(), want.len(), "{slacks:#?}");
+    assert_eq!(slacks[0].as_object().unwrap().len(), 1, "{}", slacks[0]);
+    assert!(
+        slacks[0]["text"].as_str().unwrap().contains("web on"),
+        "{}",
+        slacks[0]
+    );
+    assert!(
+        slacks[slacks.len() - 1]["text"]
+            .as_str()
+            .unwrap()
+            .contains("recovered"),
+        "{}",
+        slacks[1]
+    );
+    // No environment value in anything sent; no secret in anything the agent wrote or shows.
+    let all = std::fs::read_to_string(&rx.record).unwrap();
+    assert!(
+        !all.contains(MARKER),
+        "the app's environment was sent: {all}"
+    );
+    let status = status_json(&agent);
+    assert_eq!(
+        sink(&status, "ops-hook")["delivered"],
+        want.len(),
+        "{status}"
+    );
+    assert_eq!(
+        sink(&status, "slack-2")["delivered"],
+        want.len(),
+        "{status}"
+    );
+    assert_eq!(sink(&status, "ops-hook")["queued"], 0, "{status}");
+    let table = String::from_utf8_lossy(&agent_cmd(&agent, &["status"]).stdout).to_string();
+    assert!(
+        table.contains("notify ops-hook (webhook, http://127.0.0.1:"),
+        "{table}"
+    );
+    let events = std::fs::read_to_string(agent.state().join("events.jsonl")).unwrap();
+    for (what, text) in [
+        ("the agent's log", agent.log()),
+        ("events.jsonl", events),
+        ("status --json", status.to_string()),
+        ("status", table),
+    ] {
+        assert!(
+            !text.contains("SECRET"),
+            "the URL's secret is in {what}:\n{text}"
+        );
+        assert!(!text.contains(MARKER), "the app's environment is in {what}");
+    }
+}
+
+fn rustix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn an_outage_and_an_agent_restart_lose_nothing_and_send_nothing_twice() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("api", port, &[]);
+    let mut rx = Receiver::down();
+    let hook = format!("/hook/{SECRET}");
+    let notify = format!(
+        "[[notify]]\ntype = \"webhook\"\nname = \"hook\"\nurl = \"{}\"\nretry_max_interval = \"1s\"\n",
+        rx.url(&hook)
+    );
+    let apps = format!("{}\n{notify}", app("api", port, "max_retries = 2"));
+    let mut agent = Agent::start(&pm2, &apps);
+    agent.wait_for_probe_ok();
+    // Down: connection refused. The alerts wait in the spool.
+    hang_and_recover(&agent, port, 1);
+    wait_until(Duration::from_secs(10), "every alert queued", || {
+        sink(&status_json(&agent), "hook")["queued"] == expected(&agent, RESTART_RECOVERED, 0).len()
+    });
+    let st = status_json(&agent);
+    assert!(
+        sink(&st, "hook")["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("connect"),
+        "{st}"
+    );
+    assert!(agent.stop().success());
+    let spool = agent.state().join("spool/notify.json");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&spool).unwrap().mode() & 0o777, 0o600);
+    // Back, but answering 500; the agent starts again and more events happen.
+    rx.start(500);
+    agent.spawn(&[]);
+    agent.wait_for_probe_ok();
+    hang_and_recover(&agent, port, 2);
+    wait_until(
+        Duration::from_secs(15),
+        "500s seen, every alert queued",
+        || {
+            !rx.requests().is_empty()
+                && sink(&status_json(&agent), "hook")["queued"]
+                    == expected(&agent, RESTART_RECOVERED, 0).len()
+        },
+    );
+    assert!(rx.delivered(&hook).is_empty());
+    let failed_attempts = rx.requests().len();
+    // Healthy again: every alert arrives, once, in order.
+    let healed = Instant::now();
+    rx.set_status(200);
+    let want = expected(&agent, RESTART_RECOVERED, 0);
+    wait_until(Duration::from_secs(20), "every delivery", || {
+        rx.delivered(&hook).len() >= want.len()
+    });
+    eprintln!(
+        "outage: {failed_attempts} attempts answered 500; {} alerts delivered {:?} after the receiver healed",
+        want.len(),
+        healed.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = rx.delivered(&hook);
+    assert_eq!(
+        sent(&got),
+        want,
+        "each alert once, in order, across the outage and the restart"
+    );
+    assert_eq!(agent.of_kind("recovered").len(), 2);
+    assert!(want.len() >= 4, "{want:?}");
+    let ids: BTreeSet<&str> = got.iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), want.len(), "an alert was sent twice: {got:#?}");
+    let times: Vec<u64> = got
+        .iter()
+        .map(|b| {
+            b["id"]
+                .as_str()
+                .unwrap()
+                .split('-')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "out of order: {times:?}"
+    );
+    wait_until(Duration::from_secs(5), "the spool emptied", || {
+        !spool.exists()
+    });
+    // Everything went from the second run: the first one delivered nothing.
+    assert_eq!(sink(&status_json(&agent), "hook")["delivered"], want.len());
+    assert!(!agent.log().contains("SECRET"));
+}
+
+#[test]
+fn a_burst_for_one_app_sends_the_limit_and_the_next_alert_says_how_many_were_held_back() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let rx = Receiver::up();
+    let notify = format!(
+        "[[notify]]\ntype = \"webhook\"\nname = \"hook\"\nurl = \"{}\"\nrate_limit = 1\nrate_window = \"8s\"\n",
+        rx.url("/h")
+    );
+    let agent = Agent::start(
+        &pm2,
+        &format!("{}\n{notify}", app("web", port, "max_retries = 1")),
+    );
+    agent.wait_for_probe_ok();
+    hang_and_recover(&agent, port, 1);
+    hang_and_recover(&agent, port, 2);
+    let first = agent.of_kind("restart")[0]["ts_ms"].as_u64().unwrap();
+    // Within the window: one alert went, the other three were held back (and said so).
+    let in_window = agent.events().iter().filter(|e| notifiable(e)).count() as u64;
+    wait_until(
+        Duration::from_secs(5),
+        "status counting the held-back alerts",
+        || sink(&status_json(&agent), "hook")["held_back"] == in_window - 1,
+    );
+    assert_eq!(rx.delivered("/h").len(), 1, "{:#?}", rx.requests());
+    assert!(agent.log().contains("Alert held back by the rate limit."));
+    // After the window, the next alert goes and carries the count.
+    while common_now_ms() < first + 8_000 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    hang_and_recover(&agent, port, 3);
+    wait_until(Duration::from_secs(10), "the second delivery", || {
+        rx.delivered("/h").len() >= 2
+    });
+    let got = rx.delivered("/h");
+    let held_before: u64 = agent
+        .events()
+        .iter()
+        .filter(|e| {
+            notifiable(e)
+                && e["ts_ms"].as_u64().unwrap()
+                    < got[1]["id"]
+                        .as_str()
+                        .unwrap()
+                        .split('-')
+                        .next()
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap()
+        })
+        .count() as u64
+        - 1;
+    assert_eq!(got[0]["held_back"], 0);
+    assert_eq!(got[1]["held_back"], held_before, "{got:#?}");
+    assert!(held_before >= 3, "{got:#?}");
+}
+
+fn notifiable(e: &Value) -> bool {
+    ["restart", "recovered", "give_up", "escalation", "resurrect"]
+        .contains(&e["kind"].as_str().unwrap_or(""))
+}
+
+fn common_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `validate` and a reload refuse a bad [[notify]], naming the line and the fix; a reload
+/// that adds a good one applies it at once.
+#[test]
+fn bad_notify_config_is_refused_with_line_and_fix_and_a_reload_applies_a_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("pmguard.toml");
+    let head = "[[apps]]\nname = \"web\"\n\n[[notify]]\n";
+    for (body, line, says, fix) in [
+        (
+            "type = \"webhook\"\nurl = \"http://alerts.example.com/hook/SECRET\"\n",
+            6,
+            "plain http to a host that is not loopback",
+            "use https://",
+        ),
+        (
+            "type = \"slack\"\nurl = \"https://hooks.example.com/x\"\nevents = [\"restart\", \"reboot\"]\n",
+            7,
+            "unknown notify event `reboot`",
+            "choose from events = [\"give_up\"",
+        ),
+        (
+            "type = \"pagerduty\"\nurl = \"https://hooks.example.com/x\"\n",
+            5,
+            "unknown notify type `pagerduty`",
+            "write type = \"webhook\" or \"slack\"",
+        ),
+    ] {
+        std::fs::write(&cfg, format!("{head}{body}")).unwrap();
+        let out = Command::new(AGENT)
+            .args(["validate", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains(&format!("pmguard.toml:{line}:")), "{text}");
+        assert!(text.contains(says) && text.contains(fix), "{text}");
+        assert!(!text.contains("SECRET"), "{text}");
+    }
+    // A running agent keeps its config when a reload brings a bad sink.
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let agent = Agent::start(&pm2, &app("web", port, ""));
+    agent.wait_for_probe_ok();
+    let good = std::fs::read_to_string(agent.config()).unwrap();
+    std::fs::write(
+        agent.config(),
+        format!("{good}\n[[notify]]\ntype = \"webhook\"\nurl = \"http://10.1.2.3/SECRET\"\n"),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    let rejected = agent.wait_for(Duration::from_secs(10), "config_rejected");
+    assert!(
+        rejected["message"].as_str().unwrap().contains("plain http"),
+        "{rejected}"
+    );
+    assert!(!rejected.to_string().contains("SECRET"));
+    // A valid sink added by a reload applies at once.
+    let rx = Receiver::up();
+    std::fs::write(
+        agent.config(),
+        format!(
+            "{good}\n[[notify]]\ntype = \"webhook\"\nurl = \"{}\"\n",
+            rx.url("/added")
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    let reloaded = agent.wait_for(Duration::from_secs(10), "reload")["ts_ms"]
+        .as_u64()
+        .unwrap();
+    hang_and_recover(&agent, port, 1);
+    wait_until(
+        Duration::from_secs(10),
+        "alerts to the sink the reload added",
+        || sent(&rx.delivered("/added")) == expected(&agent, RESTART_RECOVERED, reloaded),
+    );
+}
+
+/// A 4xx other than 408/429 means the endpoint will never take the alert: dropped, counted,
+/// one error in the log, never retried.
+#[test]
+fn an_alert_the_endpoint_refuses_is_dropped_once_and_counted_never_retried() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let mut rx = Receiver::down();
+    rx.start(404);
+    let notify = format!(
+        "[[notify]]\ntype = \"webhook\"\nname = \"hook\"\nurl = \"{}\"\nevents = [\"restart\"]\nretry_max_interval = \"1s\"\n",
+        rx.url(&format!("/gone/{SECRET}"))
+    );
+    let agent = Agent::start(
+        &pm2,
+        &format!("{}\n{notify}", app("web", port, "max_retries = 1")),
+    );
+    agent.wait_for_probe_ok();
+    hang_and_recover(&agent, port, 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let restarts = || agent.of_kind("restart").len();
+    while sink(&status_json(&agent), "hook")["dropped"] != restarts() {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal was not counted: {}\n{:#?}\n{}",
+            status_json(&agent),
+            rx.requests(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Well past several backoff periods: still the one attempt.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rx.requests().len(), restarts(), "{:#?}", rx.requests());
+    let st = status_json(&agent);
+    let hook = sink(&st, "hook");
+    assert_eq!(
+        (hook["queued"].as_u64(), hook["delivered"].as_u64()),
+        (Some(0), Some(0)),
+        "{st}"
+    );
+    assert!(
+        hook["last_error"].as_str().unwrap().contains("HTTP 404"),
+        "{st}"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("The notify endpoint refused an alert").count(),
+        restarts(),
+        "one error per alert: {log}"
+    );
+    assert!(!log.contains("SECRET"));
+    assert!(!agent.state().join("spool/notify.json").exists());
+}
