@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::creds::{CredsError, Provider, SharedFiles};
+use super::creds::{CredsError, Env, Provider, SharedFiles};
 use super::imds::Imds;
 use super::sigv4::{self, Scope, Signable};
 use crate::clock;
@@ -293,6 +293,7 @@ pub struct Aws {
 }
 
 const MAX_ATTEMPTS: u32 = 3;
+pub const NO_REGION: &str = "no AWS region: set `region` in [aws], AWS_REGION, or the profile's region (on EC2 the instance metadata gives it)";
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(6);
 const MAX_REPLY: usize = 1024 * 1024;
 
@@ -300,7 +301,7 @@ impl Aws {
     /// The client for this environment. `op_timeout` bounds a call with its retries.
     pub fn new(
         configured_region: Option<&str>,
-        env: Box<dyn Fn(&str) -> Option<String> + Send>,
+        env: Env,
         mut imds: Option<Imds>,
         op_timeout: Duration,
     ) -> Aws {
@@ -313,7 +314,13 @@ impl Aws {
             Service::Sns,
             Service::Sts,
         ]
-        .map(|s| endpoint(s, &region, &*env));
+        .map(|s| {
+            // As with the SDK, no region is an error on every call, not a guess.
+            match found {
+                Some(_) => endpoint(s, &region, &*env),
+                None => Err(NO_REGION.to_string()),
+            }
+        });
         Aws {
             region,
             region_found: found.is_some(),

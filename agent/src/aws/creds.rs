@@ -305,16 +305,19 @@ fn fetch_container(
     parse_credentials_doc(&reply.body).map_err(err)
 }
 
+/// Reads one environment variable (injected so tests need not touch the process's).
+pub type Env = Box<dyn Fn(&str) -> Option<String> + Send>;
+
 /// The chain, with its cache. Lives on the sink thread.
 pub struct Provider {
-    env: Box<dyn Fn(&str) -> Option<String> + Send>,
+    env: Env,
     imds: Option<Imds>,
     cached: Option<Credentials>,
 }
 
 impl Provider {
     /// `env` reads an environment variable (injected so tests need not touch the process's).
-    pub fn new(env: Box<dyn Fn(&str) -> Option<String> + Send>, imds: Option<Imds>) -> Provider {
+    pub fn new(env: Env, imds: Option<Imds>) -> Provider {
         Provider {
             env,
             imds,

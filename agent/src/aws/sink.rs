@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::alerts::{Alert, Limiter};
 use super::client::{xml_text, Aws, CallError, Service};
+use super::creds::CredsError;
 use super::imds::Imds;
 use super::logs::{self, LogRecord};
 use super::metrics::{self, Datum, Unit};
@@ -191,6 +192,12 @@ fn run(
         opts,
     };
     st.load_spool();
+    if !aws.region_found {
+        tracing::error!(
+            message = "No AWS region; nothing can be sent until one is set.",
+            error = super::client::NO_REGION
+        );
+    }
     tracing::info!(message = "AWS sink started.", region = ?aws.region, endpoint = %aws.endpoint_shown(Service::CloudWatch), namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
     st.serve(&mut aws, &recorder, &stop);
     // Stop: the last data (including `agent_stop`), delivered within the deadline, then spilled.
@@ -266,6 +273,12 @@ pub fn instance_id(imds: Option<&mut Imds>) -> String {
     imds.and_then(|i| i.instance_id()).unwrap_or_else(hostname)
 }
 
+/// The InstanceId this box gets from the environment (the CLI's view of what the agent will use).
+/// Blocks for up to a few seconds when IMDS is on and nothing answers.
+pub fn this_instance() -> String {
+    instance_id(Imds::from_env(&process_env).as_mut())
+}
+
 fn hostname() -> String {
     let uname = rustix::system::uname();
     match uname.nodename().to_str() {
@@ -334,6 +347,11 @@ impl State {
     /// the rest once per outage.
     fn fail(&mut self, which: usize, e: &CallError) {
         if let CallError::Credentials(error) = e {
+            if matches!(error, CredsError::Fetch { .. }) {
+                // The metadata endpoint did not answer: an outage like any other.
+                self.note_failure(which, &e.to_string());
+                return;
+            }
             if !self.creds_reported {
                 self.creds_reported = true;
                 tracing::error!(message = "No usable AWS credentials; keeping data to send later.", %error);
