@@ -765,3 +765,42 @@ fn an_assume_role_profile_is_refused_once_and_never_falls_back_to_the_instance_r
     assert!(log_messages(&ms, "role-host").is_empty());
     assert!(agent.stop_within(Duration::from_secs(15)).success());
 }
+
+#[test]
+fn in_a_container_the_agent_takes_the_task_role_from_a_loopback_full_uri() {
+    // ministack serves ECS task-role documents at /v2/credentials/<id> on its gateway port.
+    let ms = Ministack::start();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "container-token\n").unwrap();
+    let full_uri = format!("{}/v2/credentials/task-1", ms.endpoint());
+    aws_common::assert_loopback(&full_uri);
+    let mut env = no_files(dir.path());
+    env.extend([
+        ("AWS_ENDPOINT_URL", ms.endpoint()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_REGION", aws_common::REGION.into()),
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri),
+        (
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            token_file.display().to_string(),
+        ),
+    ]);
+    let (_pm2, mut agent) = agent_with_env(&aws_section("task-host", ""), &env);
+    wait_until(
+        Duration::from_secs(20),
+        "a metric signed with the task role",
+        || {
+            stats(
+                &ms,
+                "ServiceStatus",
+                &[("App", "web"), ("InstanceId", "task-host")],
+            )
+            .is_some()
+        },
+    );
+    let log = agent.log();
+    assert!(!log.contains("No usable AWS credentials"), "{log}");
+    assert!(!log.contains("container-token"), "{log}");
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
+}
