@@ -370,6 +370,8 @@ impl State {
     }
 
     fn note_success(&mut self, which: usize) {
+        // Credentials work again: a later problem with them is logged again.
+        self.creds_reported = false;
         if self.failing[which] {
             self.failing[which] = false;
             tracing::info!(
