@@ -373,7 +373,7 @@ fn backup_check_acts_only_when_the_daemon_is_dead() {
         "the restarted app to take a mode",
         || set_mode(port, "500").is_some(),
     );
-    // Stale = older than 3 check periods (with a 1 s floor per period).
+    // Stale = older than 3 check periods (with a 1 s floor per period) plus 2 s.
     wait_until(Duration::from_secs(10), "a stale heartbeat", || {
         let out = Command::new(AGENT)
             .args(["status", "--config"])
@@ -605,4 +605,60 @@ fn bad_configs_are_rejected_with_file_line_and_fix() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The heartbeat is one line rewritten in place each check period; `status.json` only when an
+/// app's state changes or every 5 s. `status` (and so the backup check and doctor) must still
+/// see a fresh daemon at every moment, and a state change must still show at once.
+#[test]
+fn status_stays_fresh_between_rewrites_of_status_json() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("hb", port, &[]);
+    let mut agent = Agent::start(
+        &pm2,
+        &app("hb", port, "max_retries = 100\nstartup_grace = \"0s\""),
+    );
+    agent.wait_for_probe_ok();
+    let status_file = agent.state().join("status.json");
+    let status = || {
+        Command::new(AGENT)
+            .args(["status", "--json", "--config"])
+            .arg(agent.config())
+            .output()
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(10), "a first heartbeat", || {
+        status().status.success()
+    });
+    let mut writes = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(8) {
+        let out = status();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "stale: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let age = pmguard_agent::clock::mono_now().saturating_sub(v["heartbeat"].as_u64().unwrap());
+        assert!(age < 2_500, "heartbeat {age} ms old");
+        writes.insert(std::fs::metadata(&status_file).unwrap().modified().unwrap());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Each rewrite is a new file with its own mtime: 8 s at a 1 s period is 8 beats, 2-3 rewrites.
+    assert!(
+        writes.len() <= 4,
+        "status.json rewritten {} times in 8 s",
+        writes.len()
+    );
+    // A failing check is a state change: it shows within a beat, not after 5 s.
+    set_mode(port, "500").unwrap();
+    wait_until(Duration::from_secs(3), "the failure in status.json", || {
+        let v: Value = serde_json::from_slice(&std::fs::read(&status_file).unwrap_or_default())
+            .unwrap_or(Value::Null);
+        v["apps"][0]["failures"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(agent.stop().success());
 }

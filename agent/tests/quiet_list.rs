@@ -1,6 +1,7 @@
 //! The agent asks PM2 for its process list (`getMonitorData`, the daemon's costliest request)
 //! only when something may have changed: PM2's bus was silent or disconnected, a pid the list
-//! named is gone from /proc, or the list is `RELIST_MS` old. These tests put relays in front of
+//! named is gone from /proc, or the list is `RELIST_MS` old and PM2 did not answer a ping (or it
+//! is `RELIST_MAX_MS` old). These tests put relays in front of
 //! PM2's sockets to count the lists and to silence the bus, and check that a quiet app costs few
 //! lists while every change is still seen at once.
 
@@ -92,6 +93,7 @@ fn pump(
 }
 
 const LIST: &str = "\"method\":\"getMonitorData\"";
+const PING: &str = "\"method\":\"ping\"";
 
 fn passing_probes_since(agent: &Agent, mark: u64) -> usize {
     agent
@@ -120,8 +122,8 @@ fn start(pm2: &Pm2Sandbox, name: &str, port: u16, pubsub: &Path, rpc: &Relay) ->
     )
 }
 
-/// A healthy app checked every 300 ms: PM2 is asked for its list about every 5 s, not at every
-/// check; a process killed behind PM2's back (PM2 starts it again) is seen at the next check.
+/// A healthy app checked every 300 ms: PM2 is asked for its list at most every 30 s while it
+/// answers a ping every 5 s, not at every check; a process killed behind PM2's back (PM2 starts it again) is seen at the next check.
 #[test]
 fn a_quiet_healthy_app_costs_few_lists_and_a_killed_process_is_seen_at_once() {
     let pm2 = Pm2Sandbox::new();
@@ -132,12 +134,15 @@ fn a_quiet_healthy_app_costs_few_lists_and_a_killed_process_is_seen_at_once() {
     let agent = start(&pm2, "quiet", port, &bus.path, &rpc);
     agent.wait_for_probe_ok();
     std::thread::sleep(Duration::from_millis(600));
-    let (lists, mark) = (rpc.count(LIST), clock_ms());
-    std::thread::sleep(Duration::from_secs(4));
+    let (lists, pings, mark) = (rpc.count(LIST), rpc.count(PING), clock_ms());
+    std::thread::sleep(Duration::from_secs(12));
     let checks = passing_probes_since(&agent, mark);
     let asked = rpc.count(LIST) - lists;
-    assert!(checks >= 8, "only {checks} checks in 4 s");
+    let pinged = rpc.count(PING) - pings;
+    assert!(checks >= 25, "only {checks} checks in 12 s");
+    // Past 5 s a cheap ping stands in for the list (every 5 s), up to 30 s.
     assert!(asked <= 2, "{asked} lists for {checks} quiet checks");
+    assert!((1..=4).contains(&pinged), "{pinged} pings in 12 s");
     kill_and_see_pm2_restart(&pm2, &agent, "quiet");
 }
 

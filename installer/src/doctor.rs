@@ -492,7 +492,7 @@ fn heartbeat(config: &Config) -> Check {
         Ok(Some(s)) => fail(
             "agent alive",
             match s.age_ms() {
-                Some(a) => format!("last heartbeat {:.0} s ago (more than 3 check periods): the agent is dead or wedged", a as f64 / 1000.0),
+                Some(a) => format!("last heartbeat {:.0} s ago (more than 3 check periods plus 2 s): the agent is dead or wedged", a as f64 / 1000.0),
                 None => "the last heartbeat is from before the last boot".into(),
             },
             format!("systemctl restart {} (and journalctl -u {} for why it stopped)", render::UNIT_NAME, render::UNIT_NAME),

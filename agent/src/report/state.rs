@@ -1,6 +1,11 @@
 //! What the agent keeps in its state directory, and how the daemon and the backup check share it.
 //!
-//! - `status.json`: the daemon's heartbeat and each app's state, rewritten once per check period (1-5 s; 0640).
+//! - `status.json`: each app's state (0640), rewritten at the next heartbeat when something a
+//!   person acts on changed (health, failures, instances, restarts, pauses), else every
+//!   `STATUS_REFRESH_MS` (latency, CPU and memory are at most that old).
+//! - `heartbeat`: the daemon's liveness, one fixed-size line rewritten in place once per check
+//!   period (1-5 s; 0640): one `pwrite`, not a new file. `read_status` lays it over `status.json`
+//!   when both come from the same daemon, so every reader judges freshness as before.
 //! - `restarts.json`: every restart pmguard made, per app, with the crash-loop backoff (0600).
 //!   It is read and written only under `restart.lock`, so the daemon and `check --once` can never
 //!   both restart one app inside its cooldown. Times are `Mono` of the boot named in the file.
@@ -18,6 +23,11 @@ use crate::policy::{AppState, Health};
 use crate::sys::files::{self, Lock, LockError};
 
 pub const STATUS_FILE: &str = "status.json";
+pub const HEARTBEAT_FILE: &str = "heartbeat";
+/// The longest `status.json` goes without a rewrite while nothing significant changes.
+pub const STATUS_REFRESH_MS: u64 = 5_000;
+/// See `StatusFile::is_fresh`.
+pub const FRESH_SLACK_MS: u64 = 2_000;
 pub const RESTARTS_FILE: &str = "restarts.json";
 pub const AGENT_LOCK: &str = "agent.lock";
 pub const RESTART_LOCK: &str = "restart.lock";
@@ -141,24 +151,131 @@ impl StateDir {
         files::write_atomic(&self.path(STATUS_FILE), data, 0o640, false)
     }
 
+    /// `status.json` with the newest heartbeat of the daemon that wrote it.
     pub fn read_status(&self) -> Result<Option<StatusFile>, StatusReadError> {
         let path = self.path(STATUS_FILE);
         let shown = || path.display().to_string();
         match files::read_optional(&path) {
             Ok(None) => Ok(None),
             Ok(Some(b)) => {
-                serde_json::from_slice(&b)
-                    .map(Some)
-                    .map_err(|source| StatusReadError::Json {
+                let mut status: StatusFile =
+                    serde_json::from_slice(&b).map_err(|source| StatusReadError::Json {
                         path: shown(),
                         source,
-                    })
+                    })?;
+                if let Some(beat) = self.read_beat() {
+                    beat.lay_over(&mut status);
+                }
+                Ok(Some(status))
             }
             Err(source) => Err(StatusReadError::Io {
                 path: shown(),
                 source,
             }),
         }
+    }
+}
+
+impl StateDir {
+    /// Opens (creating, 0640) the heartbeat file for in-place rewrites. Never through a
+    /// symlink, never blocking on a FIFO; anything but a regular file is refused.
+    pub fn open_heartbeat(&self) -> std::io::Result<HeartbeatFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(self.path(HEARTBEAT_FILE))?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not a regular file; remove it",
+                    self.path(HEARTBEAT_FILE).display()
+                ),
+            ));
+        }
+        Ok(HeartbeatFile { file })
+    }
+
+    /// The last beat, if the file holds one. A read that raced a rewrite is read again.
+    pub fn read_beat(&self) -> Option<Beat> {
+        (0..3).find_map(|_| {
+            let bytes =
+                files::read_capped(&self.path(HEARTBEAT_FILE), 2 * BEAT_LEN as u64).ok()??;
+            Beat::parse(&bytes)
+        })
+    }
+}
+
+/// One heartbeat: which daemon, on which boot, when, and how often it beats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    pub pid: u32,
+    pub boot_epoch: u64,
+    pub heartbeat: Mono,
+    pub interval_ms: u64,
+}
+
+/// Every beat is exactly this long, so a rewrite in place never leaves a stale tail.
+const BEAT_LEN: usize = 80;
+
+impl Beat {
+    fn encode(&self) -> [u8; BEAT_LEN] {
+        let text = format!(
+            "pmguard-heartbeat 1 pid={} boot={} mono={} interval={}",
+            self.pid, self.boot_epoch, self.heartbeat, self.interval_ms
+        );
+        let mut out = [b' '; BEAT_LEN];
+        let n = text.len().min(BEAT_LEN - 1);
+        out[..n].copy_from_slice(&text.as_bytes()[..n]);
+        out[BEAT_LEN - 1] = b'\n';
+        out
+    }
+
+    fn parse(bytes: &[u8]) -> Option<Beat> {
+        if bytes.len() != BEAT_LEN || bytes[BEAT_LEN - 1] != b'\n' {
+            return None;
+        }
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut words = text.split_ascii_whitespace();
+        if (words.next(), words.next()) != (Some("pmguard-heartbeat"), Some("1")) {
+            return None;
+        }
+        let mut field =
+            |key: &str| -> Option<u64> { words.next()?.strip_prefix(key)?.parse().ok() };
+        Some(Beat {
+            pid: u32::try_from(field("pid=")?).ok()?,
+            boot_epoch: field("boot=")?,
+            heartbeat: field("mono=")?,
+            interval_ms: field("interval=")?,
+        })
+    }
+
+    /// A newer beat of the daemon that wrote `status` refreshes its heartbeat.
+    fn lay_over(&self, status: &mut StatusFile) {
+        // Two readings of one boot's epoch differ by jitter (see `clock::same_boot`); a pid
+        // reused after a reboot is told apart by the boot.
+        let same_boot = self.boot_epoch.abs_diff(status.boot_epoch) < 30_000;
+        if self.pid == status.pid && same_boot && self.heartbeat > status.heartbeat {
+            status.heartbeat = self.heartbeat;
+            status.interval_ms = self.interval_ms;
+        }
+    }
+}
+
+/// The open heartbeat file: each beat is one `pwrite` at offset 0.
+#[derive(Debug)]
+pub struct HeartbeatFile {
+    file: std::fs::File,
+}
+
+impl HeartbeatFile {
+    pub fn beat(&self, beat: &Beat) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(&beat.encode(), 0)
     }
 }
 
@@ -253,10 +370,12 @@ impl StatusFile {
         clock::same_boot(self.boot_epoch).then(|| clock::mono_now().saturating_sub(self.heartbeat))
     }
 
-    /// Fresh = written by a live daemon within 3 check periods.
+    /// Fresh = beaten by a live daemon within 3 check periods, plus 2 s of slack for a box
+    /// so loaded that the daemon's 500 ms tick runs late (a false "dead" would make the backup
+    /// check act beside a live daemon).
     pub fn is_fresh(&self) -> bool {
         self.age_ms()
-            .is_some_and(|age| age <= 3 * self.interval_ms.max(1_000))
+            .is_some_and(|age| age <= 3 * self.interval_ms.max(1_000) + FRESH_SLACK_MS)
     }
 }
 
@@ -292,6 +411,38 @@ mod tests {
         other.boot_epoch -= 3_600_000;
         s.write_restarts(&other).unwrap();
         assert!(s.read_restarts().apps.is_empty());
+    }
+
+    #[test]
+    fn a_beat_refreshes_only_its_own_daemons_status() {
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path());
+        let text = r#"{"pid":7,"version":"0.1.0","boot_epoch":100,"heartbeat":2000,"updated_at":"x","interval_ms":1000,"apps":[]}"#;
+        state.write_status(text.as_bytes()).unwrap();
+        let hb = state.open_heartbeat().unwrap();
+        let beat = |pid, boot, mono| Beat {
+            pid,
+            boot_epoch: boot,
+            heartbeat: mono,
+            interval_ms: 2000,
+        };
+        hb.beat(&beat(7, 100, 9_000)).unwrap();
+        let s = state.read_status().unwrap().unwrap();
+        assert_eq!((s.heartbeat, s.interval_ms), (9_000, 2000));
+        // Rewritten in place: a shorter number leaves no stale digits behind.
+        hb.beat(&beat(7, 100, 3_000)).unwrap();
+        assert_eq!(state.read_beat(), Some(beat(7, 100, 3_000)));
+        // Another daemon's (or another boot's) beat says nothing about this status.
+        hb.beat(&beat(7, 100 + 20, 4_000)).unwrap();
+        let s = state.read_status().unwrap().unwrap();
+        assert_eq!(s.heartbeat, 4_000, "jitter in the boot epoch");
+        for other in [beat(8, 100, 99_000), beat(7, 100 + 3_600_000, 99_000)] {
+            hb.beat(&other).unwrap();
+            assert_eq!(state.read_status().unwrap().unwrap().heartbeat, 2000);
+        }
+        std::fs::write(state.path(HEARTBEAT_FILE), b"garbage").unwrap();
+        assert_eq!(state.read_beat(), None);
+        assert_eq!(state.read_status().unwrap().unwrap().heartbeat, 2000);
     }
 
     #[test]

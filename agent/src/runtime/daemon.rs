@@ -4,7 +4,8 @@
 //! Threads: main (signals from a sigwait thread, heartbeat, watchdog, reload), the watch loop
 //! (every app's checks; see `watch`), one short-lived thread per action in progress (a slow
 //! restart of one app never delays another), the bus reader, and the PM2 client's reader.
-//! Invariants: the heartbeat (`status.json`) and `WATCHDOG=1` are refreshed only while every app
+//! Invariants: the heartbeat (the `heartbeat` file, `status.json` only when it changed or
+//! every `STATUS_REFRESH_MS`) and `WATCHDOG=1` are refreshed only while every app
 //! keeps its promised schedule, so a wedged agent looks dead to systemd and to the backup check;
 //! a panic is a bug: the release build aborts (`panic = "abort"`) and systemd starts the agent
 //! again (`Restart=on-failure`), an unwinding build starts the watch loop again; SIGTERM stops
@@ -23,7 +24,7 @@ use crate::config::{Config, ConfigError};
 use crate::pm2::{Bus, BusEvent, Client, Pm2Paths};
 use crate::report::events::{Event, EventLog, Kind};
 use crate::report::prometheus::{self, Textfile};
-use crate::report::state::{StateDir, StatusFile};
+use crate::report::state::{Beat, HeartbeatFile, StateDir, StatusFile, STATUS_REFRESH_MS};
 use crate::runtime::shared::Progress;
 use crate::runtime::shared::Shared;
 use crate::runtime::watch::{ToWatch, Watch, WatchTx};
@@ -91,6 +92,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         wedged_reported: false,
         last_ping: 0,
         last_beat: 0,
+        status: StatusWrites::default(),
         textfile: None,
     };
     main.textfile = main
@@ -190,6 +192,9 @@ fn spawn_bus(paths: Pm2Paths, route: &Route, shared: &Arc<Shared>) -> Result<Bus
     .map_err(StartError::Thread)
 }
 
+/// The main thread's tick (signals and reloads wake it at once).
+const TICK_MS: u64 = 500;
+
 /// The main thread's loop: signals, reloads, the watch loop's health, the heartbeat and
 /// systemd's notifications.
 struct Main {
@@ -204,14 +209,28 @@ struct Main {
     wedged_reported: bool,
     last_ping: Mono,
     last_beat: Mono,
-    /// `[agent] prometheus_textfile`, rewritten with the heartbeat.
+    status: StatusWrites,
+    /// `[agent] prometheus_textfile`, rewritten with `status.json`.
     textfile: Option<Textfile>,
+}
+
+/// When `status.json` was last rewritten, and what it said then (see `report::state`).
+#[derive(Debug, Default)]
+struct StatusWrites {
+    /// The in-place heartbeat; `None` until opened, or after it failed (then every beat
+    /// rewrites `status.json`, as before the heartbeat file existed).
+    beat_file: Option<HeartbeatFile>,
+    beat_file_failed: bool,
+    last_write: Mono,
+    last_print: u64,
+    /// A pause or reload changed what `status.json` must say: write it at the next beat.
+    force: bool,
 }
 
 impl Main {
     /// Until SIGTERM/SIGINT (or the signal thread is gone).
     fn serve(&mut self, rx: &Receiver<ToMain>) {
-        let tick = Duration::from_millis(500);
+        let tick = Duration::from_millis(TICK_MS);
         loop {
             match rx.recv_timeout(tick) {
                 Ok(ToMain::Signal(Sig::SIGHUP)) => {
@@ -225,6 +244,7 @@ impl Main {
                     ) {
                         self.config = new;
                     }
+                    self.status.force = true;
                     self.notifier.send("READY=1");
                 }
                 Ok(ToMain::Signal(sig)) => {
@@ -242,6 +262,7 @@ impl Main {
             if crate::runtime::maintenance::tick(&self.shared) {
                 // Said at once in status.json, where `pause` waits to see it applied.
                 self.last_beat = 0;
+                self.status.force = true;
             }
             if self.on_schedule() {
                 self.report_alive();
@@ -297,8 +318,10 @@ impl Main {
         let now = clock::mono_now();
         // The heartbeat file is rewritten once per (shortest) check period, 1 s to 5 s: it is
         // fresh for 3 periods, and rewriting it more often was most of the agent's own CPU.
-        if !self.ready || now.saturating_sub(self.last_beat) >= heartbeat_every(&self.config) {
-            write_heartbeat(&self.shared, &self.config, self.textfile.as_mut());
+        // Half a tick early rather than a whole tick late: beats land once per period.
+        let every = heartbeat_every(&self.config).saturating_sub(TICK_MS / 2);
+        if !self.ready || now.saturating_sub(self.last_beat) >= every {
+            self.beat(now);
             self.last_beat = now;
         }
         if let Some(r) = &self.shared.recorder {
@@ -317,6 +340,66 @@ impl Main {
             }
         }
     }
+}
+
+impl Main {
+    /// One heartbeat: `status.json` (and the Prometheus textfile) when something significant
+    /// changed or `STATUS_REFRESH_MS` passed, then the one-line heartbeat file in place.
+    /// Rewriting the whole status every second was the agent's largest own cost.
+    fn beat(&mut self, now: Mono) {
+        let st = &mut self.status;
+        if st.beat_file.is_none() && !st.beat_file_failed {
+            match self.shared.state.open_heartbeat() {
+                Ok(f) => st.beat_file = Some(f),
+                Err(error) => {
+                    tracing::warn!(message = "Cannot open the heartbeat file; rewriting status.json at every beat instead.", path = %self.shared.state.dir.display(), %error);
+                    st.beat_file_failed = true;
+                }
+            }
+        }
+        let print = fingerprint(&self.shared);
+        let due = now.saturating_sub(st.last_write) >= STATUS_REFRESH_MS;
+        if st.beat_file.is_none() || !self.ready || st.force || due || print != st.last_print {
+            write_heartbeat(&self.shared, &self.config, self.textfile.as_mut());
+            st.last_write = now;
+            st.last_print = print;
+            st.force = false;
+        }
+        let beat = Beat {
+            pid: std::process::id(),
+            boot_epoch: clock::boot_epoch(),
+            heartbeat: clock::mono_now(),
+            interval_ms: heartbeat_every(&self.config),
+        };
+        if let Some(Err(error)) = st.beat_file.as_ref().map(|f| f.beat(&beat)) {
+            tracing::warn!(message = "Cannot write the heartbeat file; rewriting status.json at every beat instead.", path = %self.shared.state.dir.display(), %error);
+            st.beat_file = None;
+            st.beat_file_failed = true;
+            write_heartbeat(&self.shared, &self.config, self.textfile.as_mut());
+        }
+    }
+}
+
+/// What in the board a person or a script acts on: a change is written at the next beat. The
+/// volatile measurements (latency, CPU, memory, probe history, check counts) are left out.
+fn fingerprint(shared: &Shared) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for a in lock(&shared.board).values() {
+        (
+            &a.name,
+            a.health.as_str(),
+            a.failures,
+            a.max_retries,
+            &a.note,
+        )
+            .hash(&mut h);
+        for i in &a.instances {
+            (i.pm_id, i.pid, &i.status, i.restart_time).hash(&mut h);
+        }
+        (a.restarts.len(), a.restarts.back().map(|r| r.ts_ms)).hash(&mut h);
+    }
+    h.finish()
 }
 
 fn heartbeat_every(config: &Config) -> u64 {
