@@ -23,7 +23,7 @@ W=$(mktemp -d)
 export PM2_HOME=$W/pm2
 unset PM2_DAEMON_RPC_PORT PM2_DAEMON_PUB_PORT
 MS_PID=
-trap '"$PM2" kill >/dev/null 2>&1 || true; [[ -n "$MS_PID" ]] && kill -- -"$MS_PID" 2>/dev/null; rm -rf "$W"' EXIT
+trap '"$PM2" kill >/dev/null 2>&1 || true; if [[ -n "$MS_PID" ]]; then kill -- -"$MS_PID" 2>/dev/null || true; fi; rm -rf "$W"' EXIT
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 PORT=$PORT "$PM2" start "$ROOT/agent/tests/apps/app.js" --name bench >/dev/null
 for i in $(seq 1 "$EXTRA_PROCS"); do
@@ -36,9 +36,10 @@ if [[ -n "${WITH_AWS:-}" ]]; then
     command -v ministack >/dev/null 2>&1 || { echo "WITH_AWS needs ministack on PATH (pip install ministack cbor2)" >&2; exit 2; }
     MS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     mkdir -p "$W/ministack"
+    # exec: the background job is ministack itself, leader of its own process group.
     (cd "$W/ministack" && BIND_HOST=127.0.0.1 GATEWAY_PORT=$MS_PORT MINISTACK_HOST=127.0.0.1 \
-        setsid ministack >"$W/ministack.log" 2>&1 & echo $! >"$W/ministack.pid")
-    MS_PID=$(cat "$W/ministack.pid")
+        exec setsid ministack >"$W/ministack.log" 2>&1) &
+    MS_PID=$!
     for _ in $(seq 100); do
         curl -sf "http://127.0.0.1:$MS_PORT/_localstack/health" >/dev/null && break
         sleep 0.2
