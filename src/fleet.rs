@@ -231,7 +231,7 @@ async fn instance(config: &Config) -> String {
     match aws.and_then(|a| a.instance_id.clone()) {
         Some(i) => i,
         None if aws.is_some_and(|a| a.fleet.is_some()) => "(fleet)".to_string(),
-        None => pmguard_agent::aws::sink::instance_id().await,
+        None => pmguard_agent::aws::sink::this_instance(),
     }
 }
 
@@ -326,7 +326,7 @@ pub fn uninstall_aws(config_path: &Path, dry_run: bool) -> Result<ExitCode, CliE
         let clients = provision::clients(&config).await;
         let instance = match config.aws.as_ref().and_then(|a| a.instance_id.clone()) {
             Some(i) => i,
-            None => pmguard_agent::aws::sink::instance_id().await,
+            None => pmguard_agent::aws::sink::this_instance(),
         };
         let fleet = config.aws.as_ref().is_some_and(|a| a.fleet.is_some());
         let (observed, sharing) = if fleet {

@@ -54,9 +54,69 @@ pub fn rfc3339(epoch_ms: u64) -> String {
     )
 }
 
+/// Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Epoch milliseconds of an RFC 3339 UTC time (`2026-11-30T18:00:00Z`, fractions allowed, as
+/// AWS writes credential expiries); `None` for anything else.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.trim().as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        std::str::from_utf8(b.get(r)?).ok()?.parse().ok()
+    };
+    if b.get(4) != Some(&b'-') || b.get(10).is_none_or(|c| !matches!(c, b'T' | b't' | b' ')) {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let rest = std::str::from_utf8(b.get(19..)?).ok()?;
+    let (frac, zone) = match rest.strip_prefix('.') {
+        Some(f) => f.split_at(f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len())),
+        None => ("", rest),
+    };
+    if !matches!(zone, "Z" | "z" | "+00:00") || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let ms: u64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec;
+    Some(u64::try_from(secs).ok()? * 1000 + ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn civil_dates_count_from_the_epoch() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(days_from_civil(2038, 1, 19), 24_855);
+    }
+
+    #[test]
+    fn rfc3339_round_trips_and_refuses_other_forms() {
+        assert_eq!(
+            parse_rfc3339("2026-11-30T18:00:00Z"),
+            Some(1_796_061_600_000)
+        );
+        assert_eq!(
+            parse_rfc3339(&rfc3339(1_796_061_601_250)),
+            Some(1_796_061_601_250)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-30T18:00:00.5Z"),
+            Some(1_796_061_600_500)
+        );
+        assert_eq!(parse_rfc3339("2026-11-30T18:00:00+02:00"), None);
+        assert_eq!(parse_rfc3339("30/11/2026"), None);
+    }
 
     #[test]
     fn formats_dates() {

@@ -556,3 +556,251 @@ fn refuses_a_non_loopback_endpoint() {
         );
     }
 }
+
+/// IMDSv2 by hand (PUT a token, GET with it): the instance id ministack's simulated EC2 gives.
+fn imds_instance_id(ms: &Ministack) -> String {
+    use std::io::{Read, Write};
+    let exchange = |req: String| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", ms.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n").unwrap().1.trim().to_string()
+    };
+    let token = exchange("PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into());
+    exchange(format!("GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token: {token}\r\nConnection: close\r\n\r\n"))
+}
+
+/// A PM2 app "web" and an agent on it with `[aws]` (no instance id unless given), run with
+/// exactly `env`.
+fn agent_with_env(aws: &str, env: &[(&str, String)]) -> (Pm2Sandbox, Agent) {
+    for (k, v) in env {
+        if k.starts_with("AWS_ENDPOINT_URL") || *k == "AWS_EC2_METADATA_SERVICE_ENDPOINT" {
+            aws_common::assert_loopback(v);
+        }
+    }
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let mut agent = Agent::new(&pm2, aws, &app("web", port, ""));
+    agent.spawn_env(env);
+    (pm2, agent)
+}
+
+fn no_files(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+    let empty = dir.join("empty");
+    std::fs::write(&empty, "").unwrap();
+    vec![
+        ("AWS_CONFIG_FILE", empty.display().to_string()),
+        ("AWS_SHARED_CREDENTIALS_FILE", empty.display().to_string()),
+    ]
+}
+
+#[test]
+fn on_a_simulated_ec2_the_agent_needs_no_keys_region_or_instance_id() {
+    // ministack's IMDS, token required (IMDSv2 only, as on a hardened instance).
+    let ms = Ministack::start_with(&[("MINISTACK_IMDS_V2_REQUIRED", "1")]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = no_files(dir.path());
+    env.push(("AWS_ENDPOINT_URL", ms.endpoint()));
+    env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT", ms.endpoint()));
+    let aws =
+        format!("[aws]\nnamespace = \"{NS}\"\nlog_group = \"{GROUP}\"\nflush_interval = \"1s\"\n");
+    let (_pm2, mut agent) = agent_with_env(&aws, &env);
+    let instance = imds_instance_id(&ms);
+    assert!(instance.starts_with("i-"), "{instance}");
+    wait_until(
+        Duration::from_secs(20),
+        "a metric under the IMDS instance id",
+        || {
+            stats(
+                &ms,
+                "ServiceStatus",
+                &[("App", "web"), ("InstanceId", &instance)],
+            )
+            .is_some()
+        },
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "agent_start in the IMDS instance's stream",
+        || {
+            kinds(&log_messages(&ms, &instance))
+                .iter()
+                .any(|k| k == "agent_start")
+        },
+    );
+    let log = agent.log();
+    assert!(log.contains("region=\"us-east-1\""), "{log}");
+    assert!(!log.contains("No usable AWS credentials"), "{log}");
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn ministack_verifies_signatures_and_a_profile_with_static_keys_signs_right() {
+    // With AUTH=true ministack checks the SigV4 signature of an IAM user's key.
+    let ms = Ministack::start_with(&[("AUTH", "true")]);
+    let (key, secret) = ms.iam_user_keys("box");
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, creds) = (dir.path().join("config"), dir.path().join("credentials"));
+    std::fs::write(
+        &cfg,
+        format!("[profile box]\nregion = {}\n", aws_common::REGION),
+    )
+    .unwrap();
+    std::fs::write(
+        &creds,
+        format!("[box]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n"),
+    )
+    .unwrap();
+    let env = vec![
+        ("AWS_ENDPOINT_URL", ms.endpoint()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_PROFILE", "box".into()),
+        ("AWS_CONFIG_FILE", cfg.display().to_string()),
+        ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
+    ];
+    let (_pm2, mut good) = agent_with_env(&aws_section("signed-host", ""), &env);
+    wait_until(
+        Duration::from_secs(20),
+        "the profile's signed metric",
+        || {
+            stats(
+                &ms,
+                "ServiceStatus",
+                &[("App", "web"), ("InstanceId", "signed-host")],
+            )
+            .is_some()
+        },
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the profile's signed events",
+        || {
+            kinds(&log_messages(&ms, "signed-host"))
+                .iter()
+                .any(|k| k == "agent_start")
+        },
+    );
+    assert!(good.stop_within(Duration::from_secs(10)).success());
+
+    // The same request signed with a wrong secret is refused, and nothing is delivered.
+    let bad_env = vec![
+        ("AWS_ENDPOINT_URL", ms.endpoint()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_ACCESS_KEY_ID", key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", format!("{secret}x")),
+        ("AWS_REGION", aws_common::REGION.into()),
+    ];
+    let (_pm2b, mut bad) = agent_with_env(
+        &aws_section("badsig-host", ""),
+        &[no_files(dir.path()), bad_env].concat(),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while !bad.log().contains("AWS unreachable or refusing") {
+        assert!(Instant::now() < until, "no refusal logged:\n{}", bad.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = bad.log();
+    assert!(log.contains("SignatureDoesNotMatch"), "{log}");
+    assert!(stats(
+        &ms,
+        "ServiceStatus",
+        &[("App", "web"), ("InstanceId", "badsig-host")]
+    )
+    .is_none());
+    assert!(bad.stop_within(Duration::from_secs(15)).success());
+    // Kept for the next start, not dropped: a signature error is not the data's fault.
+    assert!(bad.state().join("spool/pending.json").exists());
+}
+
+#[test]
+fn an_assume_role_profile_is_refused_once_and_never_falls_back_to_the_instance_role() {
+    let ms = Ministack::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config");
+    std::fs::write(&cfg, "[profile ops]\nrole_arn = arn:aws:iam::000000000000:role/ops\nsource_profile = default\nregion = us-east-1\n").unwrap();
+    let env = vec![
+        ("AWS_ENDPOINT_URL", ms.endpoint()),
+        // IMDS is there with role credentials: the agent must still not use them.
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", ms.endpoint()),
+        ("AWS_PROFILE", "ops".into()),
+        ("AWS_CONFIG_FILE", cfg.display().to_string()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.path().join("none").display().to_string(),
+        ),
+    ];
+    let (_pm2, mut agent) = agent_with_env(&aws_section("role-host", ""), &env);
+    wait_until(Duration::from_secs(20), "the credentials error", || {
+        agent.log().contains("No usable AWS credentials")
+    });
+    // A few flushes later: still one error, nothing delivered.
+    wait_until(Duration::from_secs(10), "three heartbeats", || {
+        agent.of_kind("probe").len() >= 3
+    });
+    let log = agent.log();
+    assert_eq!(log.matches("No usable AWS credentials").count(), 1, "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("No usable AWS credentials"))
+        .unwrap();
+    assert!(
+        line.contains("\\\"ops\\\"") || line.contains("\"ops\""),
+        "{line}"
+    );
+    assert!(
+        line.contains("role_arn")
+            && line.contains("instance profile")
+            && line.contains("static keys"),
+        "{line}"
+    );
+    assert!(stats(
+        &ms,
+        "ServiceStatus",
+        &[("App", "web"), ("InstanceId", "role-host")]
+    )
+    .is_none());
+    assert!(log_messages(&ms, "role-host").is_empty());
+    assert!(agent.stop_within(Duration::from_secs(15)).success());
+}
+
+#[test]
+fn in_a_container_the_agent_takes_the_task_role_from_a_loopback_full_uri() {
+    // ministack serves ECS task-role documents at /v2/credentials/<id> on its gateway port.
+    let ms = Ministack::start();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "container-token\n").unwrap();
+    let full_uri = format!("{}/v2/credentials/task-1", ms.endpoint());
+    aws_common::assert_loopback(&full_uri);
+    let mut env = no_files(dir.path());
+    env.extend([
+        ("AWS_ENDPOINT_URL", ms.endpoint()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_REGION", aws_common::REGION.into()),
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", full_uri),
+        (
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            token_file.display().to_string(),
+        ),
+    ]);
+    let (_pm2, mut agent) = agent_with_env(&aws_section("task-host", ""), &env);
+    wait_until(
+        Duration::from_secs(20),
+        "a metric signed with the task role",
+        || {
+            stats(
+                &ms,
+                "ServiceStatus",
+                &[("App", "web"), ("InstanceId", "task-host")],
+            )
+            .is_some()
+        },
+    );
+    let log = agent.log();
+    assert!(!log.contains("No usable AWS credentials"), "{log}");
+    assert!(!log.contains("container-token"), "{log}");
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
+}

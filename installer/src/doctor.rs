@@ -825,7 +825,7 @@ pub async fn aws_checks(config: &Config) -> Vec<Check> {
     ));
     let instance = match &aws.instance_id {
         Some(i) => i.clone(),
-        None => pmguard_agent::aws::sink::instance_id().await,
+        None => pmguard_agent::aws::sink::this_instance(),
     };
     let observed = match provision::observe(&clients, config, &instance).await {
         Ok(o) => o,

@@ -1,16 +1,24 @@
 //! Metrics, events and alerts to CloudWatch, CloudWatch Logs and SNS, with nothing lost.
 //!
 //! Runs only with an `[aws]` section. The monitoring threads stay synchronous: they record into
-//! a `Recorder` (a short mutex, no I/O) and the event log forwards to it. One `sink` thread with a
-//! current-thread tokio runtime takes what was recorded every `flush_interval`, encodes it
-//! (`metrics`, `logs`, `alerts`: pure, unit-tested against AWS's documented limits), buffers it
-//! (`spool`: bounded, spilled to the state directory) and delivers it in order, exactly once.
+//! a `Recorder` (a short mutex, no I/O) and the event log forwards to it. One `sink` thread (a
+//! plain std thread) takes what was recorded every `flush_interval`, encodes it (`metrics`,
+//! `logs`, `alerts`: pure, unit-tested against AWS's documented limits), buffers it (`spool`:
+//! bounded, spilled to the state directory) and delivers it in order, exactly once.
+//!
+//! No AWS SDK: `client` makes the handful of calls (awsquery and JSON 1.1 over `crate::net`),
+//! signed by `sigv4`, with credentials from `creds` (environment, shared files, ECS, IMDSv2 via
+//! `imds`).
 
 pub mod alerts;
+pub mod client;
+pub mod creds;
+pub mod imds;
 pub mod logs;
 pub mod metrics;
 pub mod names;
 pub mod recorder;
+pub mod sigv4;
 pub mod sink;
 pub mod spool;
 

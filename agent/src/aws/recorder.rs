@@ -40,7 +40,7 @@ struct Inner {
 pub struct Recorder {
     inner: Mutex<Inner>,
     /// Woken when an event that raises an alert arrives, so alerts do not wait for a flush.
-    urgent: Arc<tokio::sync::Notify>,
+    urgent: Arc<crate::sync::Signal>,
 }
 
 impl Recorder {
@@ -52,7 +52,7 @@ impl Recorder {
         crate::sync::lock(&self.inner)
     }
 
-    pub fn urgent(&self) -> Arc<tokio::sync::Notify> {
+    pub fn urgent(&self) -> Arc<crate::sync::Signal> {
         self.urgent.clone()
     }
 
@@ -139,7 +139,7 @@ impl Forward for Recorder {
             g.events.push_back(e.clone());
         }
         if logs::is_alert(e.kind) {
-            self.urgent.notify_one();
+            self.urgent.notify();
         }
     }
 }

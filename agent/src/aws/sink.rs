@@ -1,12 +1,13 @@
-//! The AWS sink thread: a current-thread tokio runtime that, every `flush_interval`, takes what
-//! the workers recorded, encodes it, buffers it and delivers it with one PutMetricData, one
-//! PutLogEvents and the due SNS alerts (more requests only at AWS's limits or to catch up).
+//! The AWS sink thread: a plain std thread that, every `flush_interval`, takes what the workers
+//! recorded, encodes it, buffers it and delivers it with one PutMetricData, one PutLogEvents and
+//! the due SNS alerts (more requests only at AWS's limits or to catch up), through the small
+//! signed client in `client`.
 //!
 //! Contract with the rest of the agent:
 //! - `Sink::start` never fails the agent: a sink that cannot start logs why and the agent keeps
 //!   watching; nothing here ever blocks a worker (they only touch the `Recorder`).
-//! - Every call has a connect timeout (1 s), a read timeout (5 s), an operation timeout below the
-//!   flush interval, and standard retries with exponential backoff and jitter.
+//! - Every call has a connect timeout (1 s), an attempt timeout (6 s), an operation timeout below
+//!   the flush interval, and retries with exponential backoff and full jitter (see `client`).
 //! - While AWS is unreachable the buffer keeps everything (bounded; the oldest dropped and
 //!   counted beyond it) and is spilled to `<state_dir>/spool/`; once AWS answers again it is
 //!   delivered in order; an item leaves the buffer only after AWS accepted it. A request whose
@@ -17,21 +18,19 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
-
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::BehaviorVersion;
-use aws_sdk_cloudwatch::error::ProvideErrorMetadata;
-use tokio::sync::Notify;
+use std::time::{Duration, Instant};
 
 use super::alerts::{self, Alert, Limiter};
+use super::client::{xml_text, Aws, CallError, Service};
+use super::creds::CredsError;
+use super::imds::Imds;
 use super::logs::{self, LogRecord};
 use super::metrics::{self, Datum, Unit};
 use super::recorder::{Recorder, Taken};
 use super::spool::{Buffer, Capacity, Spool};
 use crate::clock;
 use crate::config::AwsConfig;
+use crate::sync::Signal;
 
 /// Tunables that are not in the config file (tests shorten them).
 #[derive(Debug, Clone)]
@@ -75,7 +74,7 @@ impl Calls {
 pub struct Sink {
     join: JoinHandle<()>,
     stop: Arc<AtomicBool>,
-    wake: Arc<Notify>,
+    wake: Arc<Signal>,
     deadline: Duration,
     pub calls: Arc<Calls>,
 }
@@ -96,19 +95,7 @@ impl Sink {
         let deadline = opts.stop_deadline;
         let join = std::thread::Builder::new()
             .name("aws-sink".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(error) => {
-                        tracing::error!(message = "Cannot start the AWS sink; metrics and events stay local.", %error);
-                        return;
-                    }
-                };
-                rt.block_on(run(cfg, spool, recorder, opts, s, c));
-            })?;
+            .spawn(move || run(cfg, spool, recorder, opts, s, c))?;
         Ok(Sink {
             join,
             stop,
@@ -121,7 +108,7 @@ impl Sink {
     /// Flushes (within the stop deadline), spills what is left, and waits for the thread.
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
+        self.wake.notify();
         let until = clock::mono_now() + self.deadline.as_millis() as u64 + 2_000;
         while !self.join.is_finished() && clock::mono_now() < until {
             std::thread::sleep(Duration::from_millis(10));
@@ -134,36 +121,10 @@ impl Sink {
     }
 }
 
-/// The timeouts of every call: connect 1 s, read 5 s, a whole operation (retries included)
-/// below the flush interval (at least 800 ms, at most 20 s).
-pub fn timeouts(flush: Duration) -> TimeoutConfig {
-    let op = (flush * 3 / 4).clamp(Duration::from_millis(800), Duration::from_secs(20));
-    TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(1))
-        .read_timeout(Duration::from_secs(5))
-        .operation_attempt_timeout(op.min(Duration::from_secs(6)))
-        .operation_timeout(op)
-        .build()
-}
-
-/// Standard retries: 3 attempts, exponential backoff with jitter from 100 ms up to 2 s.
-pub fn retries() -> RetryConfig {
-    RetryConfig::standard()
-        .with_max_attempts(3)
-        .with_initial_backoff(Duration::from_millis(100))
-        .with_max_backoff(Duration::from_secs(2))
-}
-
-struct Clients {
-    cw: aws_sdk_cloudwatch::Client,
-    logs: aws_sdk_cloudwatchlogs::Client,
-    sns: aws_sdk_sns::Client,
-    sts: aws_sdk_sts::Client,
-    /// For topic ARNs: the SDK's region, else us-east-1.
-    region: String,
-    /// What the SDK found (config, environment, profile, IMDS), for the start-up log: `None`
-    /// there says why every call fails.
-    sdk_region: Option<String>,
+/// The time a whole call (retries included) may take: below the flush interval, at least
+/// 800 ms, at most 20 s.
+pub fn op_timeout(flush: Duration) -> Duration {
+    (flush * 3 / 4).clamp(Duration::from_millis(800), Duration::from_secs(20))
 }
 
 /// `arn:<partition>:sns:<region>:<account>:<topic>`, the partition taken from the caller's ARN.
@@ -192,10 +153,16 @@ struct State {
     topic_arn: Option<String>,
     stream_ready: bool,
     failing: [bool; 3],
+    /// A credentials problem was logged (once: it names the fix).
+    creds_reported: bool,
     calls: Arc<Calls>,
 }
 
-async fn run(
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn run(
     cfg: AwsConfig,
     spool: Spool,
     recorder: Arc<Recorder>,
@@ -203,11 +170,13 @@ async fn run(
     stop: Arc<AtomicBool>,
     calls: Arc<Calls>,
 ) {
-    let clients = connect(&cfg).await;
+    let mut imds = Imds::from_env(&process_env);
     let instance = match &cfg.instance_id {
         Some(i) => i.clone(),
-        None => instance_id().await,
+        None => instance_id(imds.as_mut()),
     };
+    let op = op_timeout(cfg.flush_interval);
+    let mut aws = Aws::new(cfg.region.as_deref(), Box::new(process_env), imds, op);
     let mut st = State {
         limiter: Limiter::new(opts.alert_window_ms, 1),
         instance,
@@ -217,22 +186,27 @@ async fn run(
         topic_arn: None,
         stream_ready: false,
         failing: [false; 3],
+        creds_reported: false,
         calls,
         cfg,
         opts,
     };
     st.load_spool();
-    tracing::info!(message = "AWS sink started.", region = ?clients.sdk_region, namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
-    st.serve(&clients, &recorder, &stop).await;
+    if !aws.region_found {
+        tracing::error!(
+            message = "No AWS region; nothing can be sent until one is set.",
+            error = super::client::NO_REGION
+        );
+    }
+    tracing::info!(message = "AWS sink started.", region = ?aws.region, endpoint = %aws.endpoint_shown(Service::CloudWatch), namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
+    st.serve(&mut aws, &recorder, &stop);
     // Stop: the last data (including `agent_stop`), delivered within the deadline, then spilled.
     st.intake(recorder.take());
-    let deadline = st.opts.stop_deadline;
-    if tokio::time::timeout(deadline, st.deliver(&clients, true))
-        .await
-        .is_err()
-    {
+    aws.set_deadline(Some(Instant::now() + st.opts.stop_deadline));
+    st.deliver(&mut aws, true);
+    if !st.buf.is_empty() {
         tracing::warn!(
-            message = "AWS flush at stop timed out; spilling the rest.",
+            message = "AWS flush at stop did not finish; spilling the rest.",
             pending = st.buf.len()
         );
     }
@@ -243,28 +217,6 @@ async fn run(
         dropped = st.buf.dropped_total,
         calls = st.calls.total()
     );
-}
-
-/// The SDK's clients, with pmguard's timeouts and retries, for the configured (or the SDK
-/// chain's) region.
-async fn connect(cfg: &AwsConfig) -> Clients {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .timeout_config(timeouts(cfg.flush_interval))
-        .retry_config(retries());
-    if let Some(r) = &cfg.region {
-        loader = loader.region(aws_config::Region::new(r.clone()));
-    }
-    let sdk = loader.load().await;
-    Clients {
-        cw: aws_sdk_cloudwatch::Client::new(&sdk),
-        logs: aws_sdk_cloudwatchlogs::Client::new(&sdk),
-        sns: aws_sdk_sns::Client::new(&sdk),
-        sts: aws_sdk_sts::Client::new(&sdk),
-        region: sdk
-            .region()
-            .map_or_else(|| "us-east-1".to_string(), |r| r.to_string()),
-        sdk_region: sdk.region().map(|r| r.to_string()),
-    }
 }
 
 impl State {
@@ -292,53 +244,39 @@ impl State {
 
     /// Until stopped: every `flush_interval` everything recorded, and at once the events when
     /// an alert is waiting.
-    async fn serve(&mut self, clients: &Clients, recorder: &Recorder, stop: &AtomicBool) {
+    fn serve(&mut self, aws: &mut Aws, recorder: &Recorder, stop: &AtomicBool) {
         let wake = recorder.urgent();
         let flush_ms = self.cfg.flush_interval.as_millis() as u64;
         let mut next = clock::mono_now() + flush_ms;
         loop {
             let wait = Duration::from_millis(next.saturating_sub(clock::mono_now()));
-            let woken = tokio::time::timeout(wait, wake.notified()).await.is_ok();
+            let woken = wake.wait(wait);
             if stop.load(Ordering::SeqCst) {
                 return;
             }
             if woken {
                 self.intake(recorder.take_events());
-                self.deliver(clients, false).await;
+                self.deliver(aws, false);
                 self.persist();
                 continue;
             }
             next = (next + flush_ms).max(clock::mono_now() + flush_ms / 2);
             self.intake(recorder.take());
-            self.deliver(clients, true).await;
+            self.deliver(aws, true);
             self.persist();
         }
     }
 }
 
 /// The InstanceId dimension: IMDSv2 on EC2 (unless AWS_EC2_METADATA_DISABLED), else the host name.
-pub async fn instance_id() -> String {
-    let disabled =
-        std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    if !disabled {
-        let imds = aws_config::imds::client::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .read_timeout(Duration::from_secs(1))
-            .max_attempts(1)
-            .build();
-        let got = tokio::time::timeout(
-            Duration::from_secs(3),
-            imds.get("/latest/meta-data/instance-id"),
-        )
-        .await;
-        if let Ok(Ok(id)) = got {
-            let id: String = id.into();
-            if !id.trim().is_empty() {
-                return id.trim().to_string();
-            }
-        }
-    }
-    hostname()
+pub fn instance_id(imds: Option<&mut Imds>) -> String {
+    imds.and_then(|i| i.instance_id()).unwrap_or_else(hostname)
+}
+
+/// The InstanceId this box gets from the environment (the CLI's view of what the agent will use).
+/// Blocks for up to a few seconds when IMDS is on and nothing answers.
+pub fn this_instance() -> String {
+    instance_id(Imds::from_env(&process_env).as_mut())
 }
 
 use crate::sys::hostname;
@@ -399,6 +337,25 @@ impl State {
         }
     }
 
+    /// A failed call: credentials problems are logged once as errors (a person must act);
+    /// the rest once per outage.
+    fn fail(&mut self, which: usize, e: &CallError) {
+        if let CallError::Credentials(error) = e {
+            if matches!(error, CredsError::Fetch { .. }) {
+                // The metadata endpoint did not answer: an outage like any other.
+                self.note_failure(which, &e.to_string());
+                return;
+            }
+            if !self.creds_reported {
+                self.creds_reported = true;
+                tracing::error!(message = "No usable AWS credentials; keeping data to send later.", %error);
+            }
+            self.failing[which] = true;
+            return;
+        }
+        self.note_failure(which, &e.to_string());
+    }
+
     fn note_failure(&mut self, which: usize, error: &str) {
         if !self.failing[which] {
             self.failing[which] = true;
@@ -407,6 +364,8 @@ impl State {
     }
 
     fn note_success(&mut self, which: usize) {
+        // Credentials work again: a later problem with them is logged again.
+        self.creds_reported = false;
         if self.failing[which] {
             self.failing[which] = false;
             tracing::info!(
@@ -417,125 +376,115 @@ impl State {
     }
 
     /// Sends the buffer, oldest first, until it is empty or a service fails.
-    async fn deliver(&mut self, c: &Clients, with_metrics: bool) {
+    fn deliver(&mut self, aws: &mut Aws, with_metrics: bool) {
         if with_metrics {
-            self.send_metrics(c).await;
+            self.send_metrics(aws);
         }
-        self.send_logs(c).await;
-        self.send_alerts(c).await;
+        self.send_logs(aws);
+        self.send_alerts(aws);
     }
 
-    async fn send_metrics(&mut self, c: &Clients) {
+    /// Drops buffered datums CloudWatch would refuse (older than two weeks); whether any were.
+    fn drop_stale_metrics(&mut self) -> bool {
+        let now = clock::wall_ms();
+        let before = self.buf.metrics.len();
+        self.buf
+            .metrics
+            .retain(|d| d.ts_ms + logs::MAX_AGE_MS > now + 60_000);
+        let stale = before - self.buf.metrics.len();
+        if stale > 0 {
+            self.buf.count_dropped(stale as u64);
+            tracing::warn!(
+                message = "Dropped metrics older than CloudWatch accepts.",
+                dropped = stale
+            );
+        }
+        stale > 0
+    }
+
+    fn send_metrics(&mut self, aws: &mut Aws) {
         let resolution = if self.cfg.high_resolution { 1 } else { 60 };
         while !self.buf.metrics.is_empty() {
-            // CloudWatch refuses datapoints older than two weeks.
-            let now = clock::wall_ms();
-            let before = self.buf.metrics.len();
-            self.buf
-                .metrics
-                .retain(|d| d.ts_ms + logs::MAX_AGE_MS > now + 60_000);
-            let stale = before - self.buf.metrics.len();
-            if stale > 0 {
-                self.buf.count_dropped(stale as u64);
-                tracing::warn!(
-                    message = "Dropped metrics older than CloudWatch accepts.",
-                    dropped = stale
-                );
+            if self.drop_stale_metrics() {
                 continue;
             }
-            let n = metrics::next_request_len(self.buf.metrics.iter());
-            let data: Vec<_> = self
-                .buf
-                .metrics
-                .iter()
-                .take(n)
-                .map(|d| to_sdk_datum(d, resolution))
-                .collect();
+            let mut n = metrics::next_request_len(self.buf.metrics.iter());
+            // The estimate keeps a request under 1 MB; the form encoding is checked too, and a
+            // request over it is split (never gzipped).
+            let params = loop {
+                let batch = self.buf.metrics.iter().take(n);
+                let params = metric_params(&self.cfg.namespace, batch, resolution);
+                let size = super::client::query_body("PutMetricData", CW_VERSION, &params).len();
+                if size <= metrics::MAX_REQUEST_BYTES || n == 1 {
+                    break params;
+                }
+                n /= 2;
+            };
             self.calls.put_metric_data.fetch_add(1, Ordering::Relaxed);
-            let r =
-                c.cw.put_metric_data()
-                    .namespace(&self.cfg.namespace)
-                    .set_metric_data(Some(data))
-                    .send()
-                    .await;
-            match r {
+            match aws.query(Service::CloudWatch, "PutMetricData", CW_VERSION, &params) {
                 Ok(_) => {
                     self.buf.metrics.drain(..n);
                     self.note_success(METRICS);
                 }
-                Err(e) if is_refused(&e) => {
-                    tracing::error!(message = "CloudWatch refused metrics; dropping them.", dropped = n, error = %describe(&e));
+                Err(e) if e.is_refused() => {
+                    tracing::error!(message = "CloudWatch refused metrics; dropping them.", dropped = n, error = %e);
                     self.buf.metrics.drain(..n);
                     self.buf.count_dropped(n as u64);
                 }
                 Err(e) => {
-                    self.note_failure(METRICS, &describe(&e));
+                    self.fail(METRICS, &e);
                     return;
                 }
             }
         }
     }
 
-    async fn ensure_stream(&mut self, c: &Clients) -> Result<(), String> {
-        let group = &self.cfg.log_group;
+    fn ensure_stream(&mut self, aws: &mut Aws) -> Result<(), CallError> {
+        let group = self.cfg.log_group.clone();
         if self.cfg.fleet.is_some() {
             // The fleet's group is provision-aws's: an instance only creates its own stream.
-            return self.create_stream(c).await;
+            return self.create_stream(aws);
         }
         self.calls.other.fetch_add(1, Ordering::Relaxed);
-        match c.logs.create_log_group().log_group_name(group).send().await {
+        match aws.logs(
+            "CreateLogGroup",
+            &serde_json::json!({ "logGroupName": group }),
+        ) {
             Ok(_) => {
                 self.calls.other.fetch_add(1, Ordering::Relaxed);
-                let days = self.cfg.log_retention_days as i32;
-                if let Err(e) = c
-                    .logs
-                    .put_retention_policy()
-                    .log_group_name(group)
-                    .retention_in_days(days)
-                    .send()
-                    .await
-                {
-                    tracing::warn!(message = "Cannot set the log group's retention.", path = %group, error = %describe(&e));
+                let days = self.cfg.log_retention_days;
+                let body = serde_json::json!({ "logGroupName": group, "retentionInDays": days });
+                if let Err(error) = aws.logs("PutRetentionPolicy", &body) {
+                    tracing::warn!(message = "Cannot set the log group's retention.", path = %group, %error);
                 }
                 tracing::info!(message = "Created the CloudWatch Logs group.", path = %group, retention_days = days);
             }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_already_exists_exception()) => {}
-            Err(e) => return Err(describe(&e)),
+            Err(e) if e.code() == Some("ResourceAlreadyExistsException") => {}
+            Err(e) => return Err(e),
         }
-        self.create_stream(c).await
+        self.create_stream(aws)
     }
 
     /// This instance's stream in the group (already there is fine).
-    async fn create_stream(&mut self, c: &Clients) -> Result<(), String> {
+    fn create_stream(&mut self, aws: &mut Aws) -> Result<(), CallError> {
         self.calls.other.fetch_add(1, Ordering::Relaxed);
-        match c
-            .logs
-            .create_log_stream()
-            .log_group_name(&self.cfg.log_group)
-            .log_stream_name(&self.instance)
-            .send()
-            .await
-        {
+        let body = serde_json::json!({ "logGroupName": self.cfg.log_group, "logStreamName": self.instance });
+        match aws.logs("CreateLogStream", &body) {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_already_exists_exception()) =>
+            Err(e) if e.code() == Some("ResourceAlreadyExistsException") => Ok(()),
+            Err(CallError::Service { status, code, .. })
+                if self.cfg.fleet.is_some() && code == "ResourceNotFoundException" =>
             {
-                Ok(())
+                Err(CallError::Service {
+                    status,
+                    code,
+                    message: format!(
+                        "CreateLogStream: the fleet's log group {} does not exist; run `pmguard provision-aws` with the fleet's config (admin credentials) to create it",
+                        self.cfg.log_group
+                    ),
+                })
             }
-            Err(e)
-                if self.cfg.fleet.is_some()
-                    && e.as_service_error()
-                        .is_some_and(|s| s.is_resource_not_found_exception()) =>
-            {
-                Err(format!(
-                    "CreateLogStream: the fleet's log group {} does not exist; run `pmguard provision-aws` with the fleet's config (admin credentials) to create it",
-                    self.cfg.log_group
-                ))
-            }
-            Err(e) => Err(describe(&e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -553,72 +502,60 @@ impl State {
         stale > 0
     }
 
-    /// The first `n` buffered events, in the order PutLogEvents requires.
-    fn log_batch(&self, n: usize) -> Vec<aws_sdk_cloudwatchlogs::types::InputLogEvent> {
+    /// The PutLogEvents body for the first `n` buffered events, in the order it requires.
+    fn log_batch(&self, n: usize) -> serde_json::Value {
         let mut batch: Vec<LogRecord> = self.buf.logs.iter().take(n).cloned().collect();
         logs::chronological(&mut batch);
-        batch
+        let events: Vec<serde_json::Value> = batch
             .into_iter()
-            .filter_map(|r| {
-                aws_sdk_cloudwatchlogs::types::InputLogEvent::builder()
-                    .timestamp(r.ts_ms as i64)
-                    .message(r.message)
-                    .build()
-                    .ok()
-            })
-            .collect()
+            .map(|r| serde_json::json!({ "timestamp": r.ts_ms, "message": r.message }))
+            .collect();
+        serde_json::json!({
+            "logGroupName": self.cfg.log_group,
+            "logStreamName": self.instance,
+            "logEvents": events,
+        })
     }
 
-    async fn send_logs(&mut self, c: &Clients) {
+    fn send_logs(&mut self, aws: &mut Aws) {
         while !self.buf.logs.is_empty() {
             if self.drop_unacceptable_logs() {
                 continue;
             }
             if !self.stream_ready {
-                if let Err(error) = self.ensure_stream(c).await {
-                    self.note_failure(LOGS, &error);
+                if let Err(e) = self.ensure_stream(aws) {
+                    self.fail(LOGS, &e);
                     return;
                 }
                 self.stream_ready = true;
             }
             let n = logs::next_batch_len(self.buf.logs.iter());
-            let events = self.log_batch(n);
+            let body = self.log_batch(n);
             self.calls.put_log_events.fetch_add(1, Ordering::Relaxed);
-            let r = c
-                .logs
-                .put_log_events()
-                .log_group_name(&self.cfg.log_group)
-                .log_stream_name(&self.instance)
-                .set_log_events(Some(events))
-                .send()
-                .await;
-            match r {
+            match aws.logs("PutLogEvents", &body) {
                 Ok(out) => {
                     self.buf.logs.drain(..n);
                     self.note_success(LOGS);
-                    if let Some(info) = out.rejected_log_events_info() {
-                        tracing::warn!(message = "CloudWatch Logs rejected some events.", too_old = ?info.too_old_log_event_end_index(), expired = ?info.expired_log_event_end_index(), too_new = ?info.too_new_log_event_start_index());
+                    if let Some(info) = out.get("rejectedLogEventsInfo").filter(|i| i.is_object()) {
+                        tracing::warn!(message = "CloudWatch Logs rejected some events.", too_old = ?info.get("tooOldLogEventEndIndex"), expired = ?info.get("expiredLogEventEndIndex"), too_new = ?info.get("tooNewLogEventStartIndex"));
                     }
                 }
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_resource_not_found_exception()) =>
-                {
+                Err(e) if e.code() == Some("ResourceNotFoundException") => {
                     // The group or stream was deleted under us: create it again and retry.
                     self.stream_ready = false;
-                    if let Err(error) = self.ensure_stream(c).await {
-                        self.note_failure(LOGS, &error);
+                    if let Err(e) = self.ensure_stream(aws) {
+                        self.fail(LOGS, &e);
                         return;
                     }
                     self.stream_ready = true;
                 }
-                Err(e) if is_refused(&e) => {
-                    tracing::error!(message = "CloudWatch Logs refused events; dropping them.", dropped = n, error = %describe(&e));
+                Err(e) if e.is_refused() => {
+                    tracing::error!(message = "CloudWatch Logs refused events; dropping them.", dropped = n, error = %e);
                     self.buf.logs.drain(..n);
                     self.buf.count_dropped(n as u64);
                 }
                 Err(e) => {
-                    self.note_failure(LOGS, &describe(&e));
+                    self.fail(LOGS, &e);
                     return;
                 }
             }
@@ -627,70 +564,57 @@ impl State {
 
     /// The topic's ARN, looked up once: a fleet's topic is provision-aws's (its ARN is built,
     /// never created); a single box's is created (CreateTopic returns the existing one).
-    async fn topic(&mut self, c: &Clients, topic: &str) -> Result<String, String> {
+    fn topic(&mut self, aws: &mut Aws, topic: &str) -> Result<String, CallError> {
         if let Some(arn) = &self.topic_arn {
             return Ok(arn.clone());
         }
         self.calls.other.fetch_add(1, Ordering::Relaxed);
+        let missing = |what: &str| CallError::Transport(format!("{what} (unreadable reply)"));
         let arn = if self.cfg.fleet.is_some() {
-            let out = c
-                .sts
-                .get_caller_identity()
-                .send()
-                .await
-                .map_err(|e| describe(&e))?;
-            topic_arn(out.arn(), out.account(), &c.region, topic)
-                .ok_or("GetCallerIdentity returned no account")?
+            let xml = aws.query(Service::Sts, "GetCallerIdentity", "2011-06-15", &[])?;
+            let (arn, account) = (xml_text(&xml, "Arn"), xml_text(&xml, "Account"));
+            topic_arn(arn.as_deref(), account.as_deref(), &aws.region, topic)
+                .ok_or_else(|| missing("GetCallerIdentity returned no account"))?
         } else {
-            let out = c
-                .sns
-                .create_topic()
-                .name(topic)
-                .send()
-                .await
-                .map_err(|e| describe(&e))?;
-            out.topic_arn()
-                .ok_or("CreateTopic returned no ARN")?
-                .to_string()
+            let params = [("Name".to_string(), topic.to_string())];
+            let xml = aws.query(Service::Sns, "CreateTopic", SNS_VERSION, &params)?;
+            xml_text(&xml, "TopicArn").ok_or_else(|| missing("CreateTopic returned no ARN"))?
         };
         self.topic_arn = Some(arn.clone());
         Ok(arn)
     }
 
-    async fn send_alerts(&mut self, c: &Clients) {
+    fn send_alerts(&mut self, aws: &mut Aws) {
         let Some(topic) = self.cfg.sns_topic.clone() else {
             return;
         };
         while let Some(a) = self.buf.alerts.front().cloned() {
-            let arn = match self.topic(c, &topic).await {
+            let arn = match self.topic(aws, &topic) {
                 Ok(arn) => arn,
-                Err(error) => {
-                    self.note_failure(ALERTS, &error);
+                Err(e) => {
+                    self.fail(ALERTS, &e);
                     return;
                 }
             };
             self.calls.publish.fetch_add(1, Ordering::Relaxed);
-            let r = c
-                .sns
-                .publish()
-                .topic_arn(&arn)
-                .subject(&a.subject)
-                .message(&a.message)
-                .send()
-                .await;
-            match r {
+            let params = [
+                ("TopicArn".to_string(), arn),
+                ("Subject".to_string(), a.subject.clone()),
+                ("Message".to_string(), a.message.clone()),
+            ];
+            match aws.query(Service::Sns, "Publish", SNS_VERSION, &params) {
                 Ok(_) => {
                     self.buf.alerts.pop_front();
                     self.note_success(ALERTS);
                     tracing::info!(message = "Alert published.", app = %a.app, alarm = %a.subject);
                 }
-                Err(e) if is_refused(&e) => {
-                    tracing::error!(message = "SNS refused an alert; dropping it.", app = %a.app, error = %describe(&e));
+                Err(e) if e.is_refused() => {
+                    tracing::error!(message = "SNS refused an alert; dropping it.", app = %a.app, error = %e);
                     self.buf.alerts.pop_front();
                     self.buf.count_dropped(1);
                 }
                 Err(e) => {
-                    self.note_failure(ALERTS, &describe(&e));
+                    self.fail(ALERTS, &e);
                     return;
                 }
             }
@@ -711,119 +635,43 @@ impl State {
     }
 }
 
-fn to_sdk_datum(d: &Datum, resolution: i32) -> aws_sdk_cloudwatch::types::MetricDatum {
-    use aws_sdk_cloudwatch::types::{Dimension, MetricDatum, StandardUnit, StatisticSet};
-    let unit = match d.unit {
-        Unit::None => StandardUnit::None,
-        Unit::Count => StandardUnit::Count,
-        Unit::Milliseconds => StandardUnit::Milliseconds,
-        Unit::Percent => StandardUnit::Percent,
-        Unit::Bytes => StandardUnit::Bytes,
-    };
-    MetricDatum::builder()
-        .metric_name(&d.name)
-        .set_dimensions(Some(
-            d.dims
-                .iter()
-                .map(|(k, v)| Dimension::builder().name(k).value(v).build())
-                .collect(),
-        ))
-        .timestamp(aws_sdk_cloudwatch::primitives::DateTime::from_millis(
-            d.ts_ms as i64,
-        ))
-        .statistic_values(
-            StatisticSet::builder()
-                .sample_count(d.stats.count)
-                .sum(d.stats.sum)
-                .minimum(d.stats.min)
-                .maximum(d.stats.max)
-                .build(),
-        )
-        .unit(unit)
-        .storage_resolution(resolution)
-        .build()
-}
+const CW_VERSION: &str = "2010-08-01";
+const SNS_VERSION: &str = "2010-03-31";
 
-/// An error AWS will repeat for the same request (a malformed or invalid request): retrying the
-/// batch would block the queue forever, so it is dropped and counted. Throttling, expired or
-/// missing credentials, access denied, 5xx and transport errors are not: the data is kept.
-fn is_refused<E, R>(e: &aws_sdk_cloudwatch::error::SdkError<E, R>) -> bool
-where
-    E: ProvideErrorMetadata,
-    R: std::fmt::Debug,
-{
-    use aws_sdk_cloudwatch::error::SdkError;
-    let SdkError::ServiceError(se) = e else {
-        return false;
-    };
-    let code = se.err().code().unwrap_or("");
-    const KEEP: &[&str] = &[
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestExpired",
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "UnrecognizedClientException",
-        "InvalidClientTokenId",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "AccessDenied",
-        "AccessDeniedException",
-        "AuthorizationError",
-        "ServiceUnavailable",
-        "ServiceUnavailableException",
-        "InternalFailure",
-        "InternalServiceError",
-        "LimitExceededException",
-        "DataAlreadyAcceptedException",
-    ];
-    const REFUSED: &[&str] = &[
-        "InvalidParameterValue",
-        "InvalidParameterValueException",
-        "InvalidParameterCombination",
-        "InvalidParameterCombinationException",
-        "InvalidParameter",
-        "InvalidParameterException",
-        "MissingParameter",
-        "MissingRequiredParameterException",
-        "ValidationError",
-        "ValidationException",
-        "SerializationException",
-        "MalformedQueryString",
-    ];
-    !KEEP.contains(&code) && REFUSED.contains(&code)
-}
-
-fn describe<E, R>(e: &aws_sdk_cloudwatch::error::SdkError<E, R>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    use aws_sdk_cloudwatch::error::SdkError;
-    match e {
-        SdkError::ServiceError(se) => format!(
-            "{}: {}",
-            se.err().code().unwrap_or("error"),
-            se.err().message().unwrap_or("")
-        ),
-        SdkError::TimeoutError(_) => "timed out".to_string(),
-        SdkError::DispatchFailure(d) => {
-            let kind = if d.is_timeout() {
-                "timed out"
-            } else if d.is_io() {
-                "connection failed"
-            } else {
-                "dispatch failed"
-            };
-            match std::error::Error::source(e) {
-                Some(s) => format!("{kind}: {s}"),
-                None => kind.to_string(),
-            }
+/// PutMetricData's awsquery parameters for `datums` (StatisticValues, never raw values).
+pub fn metric_params<'a>(
+    namespace: &str,
+    datums: impl Iterator<Item = &'a Datum>,
+    resolution: u32,
+) -> Vec<(String, String)> {
+    let mut p = vec![("Namespace".to_string(), namespace.to_string())];
+    for (i, d) in datums.enumerate() {
+        let m = format!("MetricData.member.{}", i + 1);
+        let unit = match d.unit {
+            Unit::None => "None",
+            Unit::Count => "Count",
+            Unit::Milliseconds => "Milliseconds",
+            Unit::Percent => "Percent",
+            Unit::Bytes => "Bytes",
+        };
+        p.push((format!("{m}.MetricName"), d.name.clone()));
+        for (j, (k, v)) in d.dims.iter().enumerate() {
+            p.push((format!("{m}.Dimensions.member.{}.Name", j + 1), k.clone()));
+            p.push((format!("{m}.Dimensions.member.{}.Value", j + 1), v.clone()));
         }
-        other => other.to_string(),
+        p.push((format!("{m}.Timestamp"), clock::rfc3339(d.ts_ms)));
+        let s = &d.stats;
+        p.push((
+            format!("{m}.StatisticValues.SampleCount"),
+            s.count.to_string(),
+        ));
+        p.push((format!("{m}.StatisticValues.Sum"), s.sum.to_string()));
+        p.push((format!("{m}.StatisticValues.Minimum"), s.min.to_string()));
+        p.push((format!("{m}.StatisticValues.Maximum"), s.max.to_string()));
+        p.push((format!("{m}.Unit"), unit.to_string()));
+        p.push((format!("{m}.StorageResolution"), resolution.to_string()));
     }
+    p
 }
 
 #[cfg(test)]
@@ -850,19 +698,22 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_stay_below_the_flush_interval() {
-        let t = timeouts(Duration::from_secs(60));
-        assert_eq!(t.connect_timeout(), Some(Duration::from_secs(1)));
-        assert_eq!(t.read_timeout(), Some(Duration::from_secs(5)));
-        assert_eq!(t.operation_timeout(), Some(Duration::from_secs(20)));
-        let t = timeouts(Duration::from_secs(2));
-        assert_eq!(t.operation_timeout(), Some(Duration::from_millis(1500)));
-        assert!(retries().max_attempts() >= 2);
+    fn calls_end_before_the_next_flush() {
+        assert_eq!(op_timeout(Duration::from_secs(60)), Duration::from_secs(20));
+        assert_eq!(
+            op_timeout(Duration::from_secs(2)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            op_timeout(Duration::from_millis(500)),
+            Duration::from_millis(800)
+        );
         assert!(!hostname().is_empty());
+        assert!(!instance_id(None).is_empty());
     }
 
     #[test]
-    fn sdk_datum_carries_statistics_and_resolution() {
+    fn a_datum_is_sent_with_its_statistics_and_resolution() {
         let d = Datum {
             name: "ResponseTime".into(),
             dims: vec![
@@ -872,25 +723,36 @@ mod tests {
             ts_ms: 1_795_873_501_250,
             stats: metrics::Stats {
                 count: 6.0,
-                sum: 60.0,
+                sum: 60.5,
                 min: 4.0,
                 max: 30.0,
             },
             unit: Unit::Milliseconds,
         };
-        let s = to_sdk_datum(&d, 60);
-        assert_eq!(s.metric_name(), Some("ResponseTime"));
-        assert_eq!(s.dimensions().len(), 2);
-        assert!(s.values().is_empty() && s.value().is_none());
-        let st = s.statistic_values().unwrap();
+        let p = metric_params("PM2/CodeBox", [&d, &d].into_iter(), 60);
+        let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("Namespace"), Some("PM2/CodeBox"));
+        assert_eq!(get("MetricData.member.1.MetricName"), Some("ResponseTime"));
         assert_eq!(
-            (st.sample_count(), st.sum(), st.minimum(), st.maximum()),
-            (Some(6.0), Some(60.0), Some(4.0), Some(30.0))
+            get("MetricData.member.1.Dimensions.member.2.Name"),
+            Some("InstanceId")
         );
-        assert_eq!(s.storage_resolution(), Some(60));
         assert_eq!(
-            s.timestamp().unwrap().to_millis().unwrap(),
-            1_795_873_501_250
+            get("MetricData.member.1.Dimensions.member.2.Value"),
+            Some("i-1")
         );
+        assert_eq!(
+            get("MetricData.member.1.Timestamp"),
+            Some("2026-11-28T13:45:01.250Z")
+        );
+        assert_eq!(
+            get("MetricData.member.1.StatisticValues.SampleCount"),
+            Some("6")
+        );
+        assert_eq!(get("MetricData.member.1.StatisticValues.Sum"), Some("60.5"));
+        assert_eq!(get("MetricData.member.1.Unit"), Some("Milliseconds"));
+        assert_eq!(get("MetricData.member.2.StorageResolution"), Some("60"));
+        assert_eq!(get("MetricData.member.1.Value"), None);
+        assert_eq!(p.len(), 1 + 2 * 12);
     }
 }

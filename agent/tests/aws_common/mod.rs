@@ -21,6 +21,8 @@ pub struct Ministack {
     child: Option<Child>,
     dir: tempfile::TempDir,
     starts: u32,
+    /// Extra settings of the stand-in (AUTH=true, MINISTACK_IMDS_V2_REQUIRED=1).
+    settings: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -55,6 +57,12 @@ pub fn assert_loopback(url: &str) {
 
 impl Ministack {
     pub fn start() -> Ministack {
+        Ministack::start_with(&[])
+    }
+
+    /// With ministack settings, e.g. `("AUTH", "true")`: SigV4 signatures verified against its
+    /// root key `test`/`test`.
+    pub fn start_with(settings: &[(&str, &str)]) -> Ministack {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join("ministack").is_file()))
             .unwrap_or(false);
@@ -67,6 +75,10 @@ impl Ministack {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             starts: 0,
+            settings: settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         m.resume();
         m
@@ -114,6 +126,7 @@ impl Ministack {
             .env("BIND_HOST", "127.0.0.1")
             .env("GATEWAY_PORT", self.port.to_string())
             .env("MINISTACK_HOST", "127.0.0.1")
+            .envs(self.settings.iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -193,6 +206,57 @@ impl Ministack {
                 .load()
                 .await
         })
+    }
+}
+
+impl Ministack {
+    /// An IAM user allowed everything, and its access key and secret. Under AUTH=true ministack
+    /// verifies the SigV4 signature of such a key's requests (it does not for its root key
+    /// `test`, which these set-up calls use).
+    pub fn iam_user_keys(&self, user: &str) -> (String, String) {
+        let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#;
+        let enc = |s: &str| {
+            s.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect::<String>()
+        };
+        self.iam(&format!("Action=CreateUser&UserName={user}"));
+        self.iam(&format!(
+            "Action=PutUserPolicy&UserName={user}&PolicyName=all&PolicyDocument={}",
+            enc(policy)
+        ));
+        let reply = self.iam(&format!("Action=CreateAccessKey&UserName={user}"));
+        let field = |tag: &str| {
+            let open = format!("<{tag}>");
+            let start = reply
+                .find(&open)
+                .unwrap_or_else(|| panic!("no {tag} in {reply}"))
+                + open.len();
+            reply[start..start + reply[start..].find('<').unwrap()].to_string()
+        };
+        (field("AccessKeyId"), field("SecretAccessKey"))
+    }
+
+    fn iam(&self, params: &str) -> String {
+        let body = format!("{params}&Version=2010-05-08");
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/x-www-form-urlencoded\r\nAuthorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.port,
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "IAM {params}: {out}");
+        out
     }
 }
 

@@ -1,0 +1,628 @@
+//! The few AWS calls the sink makes, over `crate::net`: signed (SigV4), retried, with deadlines.
+//!
+//! Protocols, each served by both AWS and the ministack stand-in: CloudWatch, SNS and STS speak
+//! awsquery (a form-encoded POST, XML replies); CloudWatch Logs speaks JSON 1.1
+//! (`X-Amz-Target: Logs_20140328.<Operation>`).
+//!
+//! Contract:
+//! - Every request: connect timeout 1 s; each attempt at most 6 s; the whole call (retries
+//!   included) within `op_timeout` (below the flush interval) and within any deadline the caller
+//!   set (the stop flush's).
+//! - Up to 3 attempts, exponential backoff with full jitter (100 ms base, 2 s cap), only for
+//!   throttling, 5xx and transport errors. Everything else comes back at once, classified.
+//! - Errors and logs never carry a secret: URLs are shown redacted, credentials not at all.
+
+use std::time::{Duration, Instant};
+
+use super::creds::{CredsError, Env, Provider, SharedFiles};
+use super::imds::Imds;
+use super::sigv4::{self, Scope, Signable};
+use crate::clock;
+use crate::net::{self, Limits, NetError, Request, Url};
+
+/// The services the agent talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    CloudWatch,
+    Logs,
+    Sns,
+    Sts,
+}
+
+impl Service {
+    /// The SigV4 signing name, also the endpoint's host prefix.
+    pub fn signing_name(self) -> &'static str {
+        match self {
+            Service::CloudWatch => "monitoring",
+            Service::Logs => "logs",
+            Service::Sns => "sns",
+            Service::Sts => "sts",
+        }
+    }
+
+    /// The service's own `AWS_ENDPOINT_URL_<ID>` variable.
+    fn endpoint_var(self) -> &'static str {
+        match self {
+            Service::CloudWatch => "AWS_ENDPOINT_URL_CLOUDWATCH",
+            Service::Logs => "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS",
+            Service::Sns => "AWS_ENDPOINT_URL_SNS",
+            Service::Sts => "AWS_ENDPOINT_URL_STS",
+        }
+    }
+}
+
+/// The endpoint of `service`: the service's variable, else `AWS_ENDPOINT_URL`, else
+/// `https://<service>.<region>.amazonaws.com` (`.amazonaws.com.cn` in China regions).
+pub fn endpoint(
+    service: Service,
+    region: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Url, String> {
+    let set = |v: &str| env(v).filter(|s| !s.trim().is_empty());
+    if let Some(u) = set(service.endpoint_var()).or_else(|| set("AWS_ENDPOINT_URL")) {
+        return Url::parse(u.trim()).map_err(|e| format!("{}: {e}", service.endpoint_var()));
+    }
+    let suffix = if region.starts_with("cn-") {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
+    };
+    Url::parse(&format!(
+        "https://{}.{region}.{suffix}/",
+        service.signing_name()
+    ))
+}
+
+/// The region, first found: the config, AWS_REGION, AWS_DEFAULT_REGION, the profile, IMDS.
+pub fn resolve_region(
+    configured: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+    files: &SharedFiles,
+    imds: Option<&mut Imds>,
+) -> Option<String> {
+    let nonempty = |s: String| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+    configured
+        .map(str::to_string)
+        .or_else(|| env("AWS_REGION").and_then(nonempty))
+        .or_else(|| env("AWS_DEFAULT_REGION").and_then(nonempty))
+        .or_else(|| files.region().and_then(nonempty))
+        .or_else(|| imds.and_then(|i| i.region()))
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallError {
+    /// AWS answered with an error.
+    Service {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// No answer: resolve, connect, TLS, timeout, a broken reply.
+    Transport(String),
+    Credentials(CredsError),
+    /// The caller's deadline passed before the call could finish.
+    Deadline,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Service {
+                status,
+                code,
+                message,
+            } => write!(f, "{code}: {message} (HTTP {status})"),
+            CallError::Transport(e) => write!(f, "connection failed: {e}"),
+            CallError::Credentials(e) => write!(f, "{e}"),
+            CallError::Deadline => write!(f, "timed out"),
+        }
+    }
+}
+
+const THROTTLING: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+];
+
+const EXPIRED: &[&str] = &["ExpiredToken", "ExpiredTokenException", "RequestExpired"];
+
+impl CallError {
+    /// The service's error code, if AWS answered.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            CallError::Service { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Worth another attempt now: throttling, a 5xx, or no answer at all.
+    pub fn retryable(&self) -> bool {
+        match self {
+            CallError::Service { status, code, .. } => {
+                *status >= 500 || *status == 429 || THROTTLING.contains(&code.as_str())
+            }
+            CallError::Transport(_) => true,
+            CallError::Credentials(_) | CallError::Deadline => false,
+        }
+    }
+
+    /// An error AWS will repeat for the same request (malformed or invalid): retrying the batch
+    /// would block the queue forever, so the sink drops and counts it. Throttling, expired or
+    /// missing credentials, access denied, 5xx and transport errors are not: the data is kept.
+    pub fn is_refused(&self) -> bool {
+        const REFUSED: &[&str] = &[
+            "InvalidParameterValue",
+            "InvalidParameterValueException",
+            "InvalidParameterCombination",
+            "InvalidParameterCombinationException",
+            "InvalidParameter",
+            "InvalidParameterException",
+            "MissingParameter",
+            "MissingRequiredParameterException",
+            "ValidationError",
+            "ValidationException",
+            "SerializationException",
+            "MalformedQueryString",
+        ];
+        match self {
+            CallError::Service { status, code, .. } => {
+                *status < 500 && REFUSED.contains(&code.as_str())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The error in an AWS reply: awsquery's XML `<Code>`/`<Message>` or JSON's `__type`/`message`.
+pub fn parse_error(status: u16, body: &[u8], header_type: Option<&str>) -> CallError {
+    let text = String::from_utf8_lossy(body);
+    let (mut code, mut message) = (None, None);
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        code = s("__type").or_else(|| s("code"));
+        message = s("message").or_else(|| s("Message"));
+    } else if text.trim_start().starts_with('<') {
+        code = xml_text(&text, "Code");
+        message = xml_text(&text, "Message");
+    }
+    let code = code
+        .or_else(|| header_type.map(str::to_string))
+        .unwrap_or_else(|| format!("HTTP{status}"));
+    // `com.amazonaws.logs#ThrottlingException` or `ThrottlingException:http://...`.
+    let code = code
+        .rsplit('#')
+        .next()
+        .unwrap_or("")
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let mut message = message.unwrap_or_default();
+    message.truncate(300);
+    CallError::Service {
+        status,
+        code,
+        message,
+    }
+}
+
+/// The text of the first `<tag>` element of an XML reply, entities decoded.
+pub fn xml_text(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let end = start + xml[start..].find(&format!("</{tag}>"))?;
+    let raw = xml[start..end].trim();
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(semi) = tail.find(';') else {
+            out.push_str(tail);
+            return Some(out);
+        };
+        let decoded = match &tail[1..semi] {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            e => e
+                .strip_prefix("#x")
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| e.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &tail[semi + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// An awsquery body: `Action=...&Version=...&k=v...`, form-encoded.
+pub fn query_body(action: &str, version: &str, params: &[(String, String)]) -> String {
+    let mut s = format!("Action={action}&Version={version}");
+    for (k, v) in params {
+        s.push('&');
+        s.push_str(&sigv4::uri_encode(k, false));
+        s.push('=');
+        s.push_str(&sigv4::uri_encode(v, false));
+    }
+    s
+}
+
+/// Backoff before attempt `attempt + 1` (0-based): full jitter over 100 ms * 2^attempt, 2 s cap.
+pub fn backoff(attempt: u32, random: u32) -> Duration {
+    let cap = (100u64 << attempt.min(5)).min(2_000);
+    Duration::from_millis(u64::from(random) % (cap + 1))
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // A failed read only makes the jitter predictable.
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    u32::from_le_bytes(b)
+}
+
+/// One sink's connection to AWS.
+pub struct Aws {
+    pub region: String,
+    /// Whether the region was found (config, environment, profile or IMDS); else us-east-1.
+    pub region_found: bool,
+    endpoints: [Result<Url, String>; 4],
+    creds: Provider,
+    op_timeout: Duration,
+    deadline: Option<Instant>,
+}
+
+const MAX_ATTEMPTS: u32 = 3;
+pub const NO_REGION: &str = "no AWS region: set `region` in [aws], AWS_REGION, or the profile's region (on EC2 the instance metadata gives it)";
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(6);
+const MAX_REPLY: usize = 1024 * 1024;
+
+impl Aws {
+    /// The client for this environment. `op_timeout` bounds a call with its retries.
+    pub fn new(
+        configured_region: Option<&str>,
+        env: Env,
+        mut imds: Option<Imds>,
+        op_timeout: Duration,
+    ) -> Aws {
+        let files = SharedFiles::load(&*env);
+        let found = resolve_region(configured_region, &*env, &files, imds.as_mut());
+        let region = found.clone().unwrap_or_else(|| "us-east-1".into());
+        let endpoints = [
+            Service::CloudWatch,
+            Service::Logs,
+            Service::Sns,
+            Service::Sts,
+        ]
+        .map(|s| {
+            // As with the SDK, no region is an error on every call, not a guess.
+            match found {
+                Some(_) => endpoint(s, &region, &*env),
+                None => Err(NO_REGION.to_string()),
+            }
+        });
+        Aws {
+            region,
+            region_found: found.is_some(),
+            endpoints,
+            creds: Provider::new(env, imds),
+            op_timeout,
+            deadline: None,
+        }
+    }
+
+    /// Every later call ends by `deadline` (the stop flush's).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// Where `service`'s requests go, redacted (for the start-up log).
+    pub fn endpoint_shown(&self, service: Service) -> String {
+        match &self.endpoints[service as usize] {
+            Ok(u) => u.redacted(),
+            Err(e) => e.clone(),
+        }
+    }
+
+    /// An awsquery call; the XML reply on success.
+    pub fn query(
+        &mut self,
+        service: Service,
+        action: &str,
+        version: &str,
+        params: &[(String, String)],
+    ) -> Result<String, CallError> {
+        let body = query_body(action, version, params);
+        let headers = [(
+            "Content-Type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        )];
+        let reply = self.call(service, &headers, body.as_bytes())?;
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    }
+
+    /// A CloudWatch Logs JSON 1.1 call; the JSON reply on success.
+    pub fn logs(
+        &mut self,
+        operation: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
+        let target = format!("Logs_20140328.{operation}");
+        let headers = [
+            ("Content-Type", "application/x-amz-json-1.1"),
+            ("X-Amz-Target", target.as_str()),
+        ];
+        let reply = self.call(Service::Logs, &headers, body.to_string().as_bytes())?;
+        if reply.iter().all(u8::is_ascii_whitespace) {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&reply)
+            .map_err(|e| CallError::Transport(format!("unreadable reply: {e}")))
+    }
+
+    /// Sends with retries until success, a final error, or the deadline.
+    fn call(
+        &mut self,
+        service: Service,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Vec<u8>, CallError> {
+        let url = self.endpoints[service as usize]
+            .clone()
+            .map_err(CallError::Transport)?;
+        let mut until = Instant::now() + self.op_timeout;
+        if let Some(d) = self.deadline {
+            until = until.min(d);
+        }
+        let mut attempt = 0;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left < Duration::from_millis(50) {
+                return Err(CallError::Deadline);
+            }
+            let r = self.attempt(service, &url, headers, body, left.min(ATTEMPT_TIMEOUT));
+            let Err(e) = r else { return r };
+            if e.code().is_some_and(|c| EXPIRED.contains(&c)) {
+                self.creds.invalidate();
+            }
+            attempt += 1;
+            if !e.retryable() || attempt >= MAX_ATTEMPTS {
+                return Err(e);
+            }
+            let pause = backoff(attempt - 1, random_u32());
+            if Instant::now() + pause >= until {
+                return Err(e);
+            }
+            std::thread::sleep(pause);
+        }
+    }
+
+    fn attempt(
+        &mut self,
+        service: Service,
+        url: &Url,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        total: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let creds = self.creds.get().map_err(CallError::Credentials)?;
+        let (path, query) = url
+            .target
+            .split_once('?')
+            .unwrap_or((url.target.as_str(), ""));
+        let query: Vec<(&str, &str)> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split_once('=').unwrap_or((p, "")))
+            .collect();
+        let host = url.authority();
+        let amz_date = sigv4::amz_date(clock::wall_ms());
+        let scope = Scope {
+            region: &self.region,
+            service: service.signing_name(),
+            amz_date: &amz_date,
+        };
+        let signed = sigv4::sign(
+            &Signable {
+                method: "POST",
+                host: &host,
+                path,
+                query: &query,
+                headers,
+                body,
+            },
+            &creds,
+            &scope,
+        );
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        all.extend(signed.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let limits = Limits {
+            connect: Duration::from_secs(1),
+            total,
+            max_body: MAX_REPLY,
+        };
+        let reply = net::send(
+            &Request {
+                method: "POST",
+                url,
+                headers: &all,
+                body,
+            },
+            &limits,
+        )
+        .map_err(transport)?;
+        if (200..300).contains(&reply.status) {
+            return Ok(reply.body);
+        }
+        Err(parse_error(
+            reply.status,
+            &reply.body,
+            reply.header("x-amzn-errortype"),
+        ))
+    }
+}
+
+fn transport(e: NetError) -> CallError {
+    CallError::Transport(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn endpoints_follow_the_region_and_the_overrides() {
+        let none = env_of(&[]);
+        let cw = endpoint(Service::CloudWatch, "eu-west-1", &none).unwrap();
+        assert_eq!(
+            (cw.https, cw.host.as_str(), cw.port),
+            (true, "monitoring.eu-west-1.amazonaws.com", 443)
+        );
+        let logs = endpoint(Service::Logs, "cn-north-1", &none).unwrap();
+        assert_eq!(logs.host, "logs.cn-north-1.amazonaws.com.cn");
+        let env = env_of(&[
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:4566"),
+            ("AWS_ENDPOINT_URL_SNS", "http://127.0.0.1:9999"),
+        ]);
+        assert_eq!(
+            endpoint(Service::Sts, "us-east-1", &env).unwrap().port,
+            4566
+        );
+        assert_eq!(
+            endpoint(Service::Sns, "us-east-1", &env).unwrap().port,
+            9999
+        );
+        assert!(endpoint(
+            Service::Sts,
+            "us-east-1",
+            &env_of(&[("AWS_ENDPOINT_URL", "ftp://x")])
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn the_configured_region_wins_then_the_environment_then_the_profile() {
+        let files = SharedFiles::load(&env_of(&[
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ]));
+        let env = env_of(&[
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_DEFAULT_REGION", "us-west-2"),
+        ]);
+        assert_eq!(
+            resolve_region(Some("ap-south-1"), &env, &files, None).as_deref(),
+            Some("ap-south-1")
+        );
+        assert_eq!(
+            resolve_region(None, &env, &files, None).as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            resolve_region(
+                None,
+                &env_of(&[("AWS_DEFAULT_REGION", "us-west-2")]),
+                &files,
+                None
+            )
+            .as_deref(),
+            Some("us-west-2")
+        );
+        assert_eq!(resolve_region(None, &env_of(&[]), &files, None), None);
+    }
+
+    #[test]
+    fn xml_errors_are_classified_by_their_code() {
+        // Verbatim from ministack's SNS (Publish to a missing topic).
+        let body = br#"<ErrorResponse xmlns="http://sns.amazonaws.com/doc/2010-03-31/"><Error><Type>Sender</Type><Code>NotFound</Code><Message>Topic does not exist: arn:aws:sns:us-east-1:000000000000:nope</Message></Error><RequestId>757602a7-ff84-4d6f-8f5e-9135f5215ffa</RequestId></ErrorResponse>"#;
+        let e = parse_error(404, body, None);
+        assert_eq!(e.code(), Some("NotFound"));
+        assert!(!e.is_refused() && !e.retryable());
+        let bad = b"<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>a &lt; b &amp; c</Message></Error></ErrorResponse>";
+        let e = parse_error(400, bad, None);
+        assert!(e.is_refused() && !e.retryable());
+        assert_eq!(e.to_string(), "InvalidParameterValue: a < b & c (HTTP 400)");
+        let throttled = b"<ErrorResponse><Error><Code>Throttling</Code><Message>Rate exceeded</Message></Error></ErrorResponse>";
+        let e = parse_error(400, throttled, None);
+        assert!(e.retryable() && !e.is_refused());
+    }
+
+    #[test]
+    fn json_errors_are_classified_by_their_type() {
+        // Verbatim from ministack's CloudWatch Logs (CreateLogStream in a missing group).
+        let e = parse_error(400, br#"{"__type": "ResourceNotFoundException", "message": "The specified log group does not exist: /g"}"#, None);
+        assert_eq!(e.code(), Some("ResourceNotFoundException"));
+        assert!(!e.is_refused() && !e.retryable());
+        let e = parse_error(
+            400,
+            br#"{"__type":"com.amazonaws.logs#InvalidParameterException","message":"bad"}"#,
+            None,
+        );
+        assert_eq!(e.code(), Some("InvalidParameterException"));
+        assert!(e.is_refused());
+        let e = parse_error(400, br#"{"__type":"ThrottlingException"}"#, None);
+        assert!(e.retryable());
+        let e = parse_error(503, b"Service Unavailable", None);
+        assert_eq!(e.code(), Some("HTTP503"));
+        assert!(e.retryable() && !e.is_refused());
+        let e = parse_error(
+            403,
+            b"",
+            Some("UnrecognizedClientException:http://internal.amazon.com/"),
+        );
+        assert_eq!(e.code(), Some("UnrecognizedClientException"));
+        assert!(!e.retryable() && !e.is_refused());
+        assert!(CallError::Transport("refused".into()).retryable());
+    }
+
+    #[test]
+    fn query_bodies_are_form_encoded() {
+        let b = query_body(
+            "Publish",
+            "2010-03-31",
+            &[
+                ("Subject".into(), "web: gave up".into()),
+                ("Message".into(), "a&b=c/ü".into()),
+            ],
+        );
+        assert_eq!(b, "Action=Publish&Version=2010-03-31&Subject=web%3A%20gave%20up&Message=a%26b%3Dc%2F%C3%BC");
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_growing_cap() {
+        assert_eq!(backoff(0, 0), Duration::ZERO);
+        assert_eq!(backoff(0, 100), Duration::from_millis(100));
+        assert!(backoff(0, u32::MAX) <= Duration::from_millis(100));
+        assert!(backoff(1, u32::MAX) <= Duration::from_millis(200));
+        assert!(backoff(9, 1_999) == Duration::from_millis(1_999));
+        assert!(backoff(9, u32::MAX) <= Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,135 @@
+//! EC2's instance metadata service, IMDSv2 only: a session token from `PUT /latest/api/token`
+//! (6-hour TTL, fetched again before it lapses), then GETs carrying it. Gives the instance id,
+//! the region and the instance profile's credentials.
+//!
+//! Off when `AWS_EC2_METADATA_DISABLED=true`; the endpoint is `AWS_EC2_METADATA_SERVICE_ENDPOINT`
+//! or `http://169.254.169.254`. Short timeouts: off EC2 nothing answers there.
+
+use std::time::Duration;
+
+use super::creds::{parse_credentials_doc, Credentials};
+use crate::clock;
+use crate::net::{self, Limits, Request, Url};
+
+const TOKEN_TTL_S: u64 = 21_600;
+
+pub struct Imds {
+    base: String,
+    token: Option<(String, u64)>,
+    role: Option<String>,
+}
+
+impl Imds {
+    /// The client the environment asks for, or `None` when IMDS is disabled.
+    pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Option<Imds> {
+        if env("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            return None;
+        }
+        let base = env("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "http://169.254.169.254".into());
+        Some(Imds {
+            base: base.trim().trim_end_matches('/').to_string(),
+            token: None,
+            role: None,
+        })
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            connect: Duration::from_secs(1),
+            total: Duration::from_secs(2),
+            max_body: 64 * 1024,
+        }
+    }
+
+    fn url(&self, path: &str) -> Result<Url, String> {
+        Url::parse(&format!("{}{path}", self.base))
+            .map_err(|e| format!("AWS_EC2_METADATA_SERVICE_ENDPOINT: {e}"))
+    }
+
+    fn token(&mut self) -> Result<String, String> {
+        let now = clock::wall_ms();
+        if let Some((t, until)) = &self.token {
+            if now < *until {
+                return Ok(t.clone());
+            }
+        }
+        let url = self.url("/latest/api/token")?;
+        let ttl = TOKEN_TTL_S.to_string();
+        let reply = net::send(
+            &Request {
+                method: "PUT",
+                url: &url,
+                headers: &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)],
+                body: b"",
+            },
+            &Self::limits(),
+        )
+        .map_err(|e| format!("IMDSv2 token: {e}"))?;
+        if reply.status != 200 {
+            return Err(format!("IMDSv2 token: HTTP {}", reply.status));
+        }
+        let t = String::from_utf8_lossy(&reply.body).trim().to_string();
+        // Fetched again a minute before it lapses.
+        self.token = Some((t.clone(), now + (TOKEN_TTL_S - 60) * 1000));
+        Ok(t)
+    }
+
+    /// GET `path` with the session token (a token the service no longer knows is fetched once
+    /// more).
+    pub fn get(&mut self, path: &str) -> Result<String, String> {
+        for attempt in 0..2 {
+            let token = self.token()?;
+            let url = self.url(path)?;
+            let reply = net::send(
+                &Request {
+                    method: "GET",
+                    url: &url,
+                    headers: &[("X-aws-ec2-metadata-token", &token)],
+                    body: b"",
+                },
+                &Self::limits(),
+            )
+            .map_err(|e| format!("IMDS {path}: {e}"))?;
+            match reply.status {
+                200 => return Ok(String::from_utf8_lossy(&reply.body).trim().to_string()),
+                401 if attempt == 0 => self.token = None,
+                s => return Err(format!("IMDS {path}: HTTP {s}")),
+            }
+        }
+        Err(format!("IMDS {path}: token refused"))
+    }
+
+    pub fn instance_id(&mut self) -> Option<String> {
+        self.get("/latest/meta-data/instance-id")
+            .ok()
+            .filter(|s| !s.is_empty())
+    }
+
+    pub fn region(&mut self) -> Option<String> {
+        self.get("/latest/meta-data/placement/region")
+            .ok()
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The instance profile's role credentials.
+    pub fn role_credentials(&mut self) -> Result<Credentials, String> {
+        let role = match &self.role {
+            Some(r) => r.clone(),
+            None => {
+                let list = self.get("/latest/meta-data/iam/security-credentials/")?;
+                let role = list.lines().next().map(str::trim).filter(|r| !r.is_empty());
+                let role = role
+                    .ok_or("the instance has no instance profile (IAM role)")?
+                    .to_string();
+                self.role = Some(role.clone());
+                role
+            }
+        };
+        let doc = self.get(&format!(
+            "/latest/meta-data/iam/security-credentials/{role}"
+        ))?;
+        parse_credentials_doc(doc.as_bytes())
+    }
+}
