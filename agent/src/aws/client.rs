@@ -470,6 +470,7 @@ impl Aws {
             },
             &limits,
         )
+        .and_then(net::Reply::whole)
         .map_err(transport)?;
         if (200..300).contains(&reply.status) {
             return Ok(reply.body);

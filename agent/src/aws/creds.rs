@@ -298,6 +298,7 @@ fn fetch_container(
         },
         &limits,
     )
+    .and_then(net::Reply::whole)
     .map_err(|e| err(e.to_string()))?;
     if reply.status != 200 {
         return Err(err(format!("HTTP {}", reply.status)));

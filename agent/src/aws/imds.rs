@@ -66,6 +66,7 @@ impl Imds {
             },
             &Self::limits(),
         )
+        .and_then(net::Reply::whole)
         .map_err(|e| format!("IMDSv2 token: {e}"))?;
         if reply.status != 200 {
             return Err(format!("IMDSv2 token: HTTP {}", reply.status));
@@ -91,6 +92,7 @@ impl Imds {
                 },
                 &Self::limits(),
             )
+            .and_then(net::Reply::whole)
             .map_err(|e| format!("IMDS {path}: {e}"))?;
             match reply.status {
                 200 => return Ok(String::from_utf8_lossy(&reply.body).trim().to_string()),

@@ -52,38 +52,58 @@ pub fn head(req: &Request<'_>) -> Result<Vec<u8>, NetError> {
     Ok(out.into_bytes())
 }
 
-/// Writes `head` and `body` on `stream`, reads the reply. `sock` is the TCP socket under
-/// `stream` (a second handle): its timeouts are set to what is left before `deadline` before
-/// every read and write.
+/// A TCP socket whose every read and write is bounded by what is left before one deadline, so
+/// neither a slow-drip reply nor a TLS handshake fed a byte at a time outlives the request.
+pub struct Bounded {
+    pub sock: TcpStream,
+    pub deadline: Instant,
+}
+
+impl Bounded {
+    fn arm(&self) -> std::io::Result<()> {
+        let d = left(self.deadline).map_err(|_| std::io::Error::from(ErrorKind::TimedOut))?;
+        self.sock.set_read_timeout(Some(d))?;
+        self.sock.set_write_timeout(Some(d))
+    }
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// Writes `head` and `body` on `stream` (over a `Bounded` socket), reads the reply.
 pub fn run<S: Read + Write>(
     mut stream: S,
-    sock: &TcpStream,
     head: &[u8],
     body: &[u8],
-    deadline: Instant,
     max_body: usize,
 ) -> Result<Reply, NetError> {
     let mut whole = Vec::with_capacity(head.len() + body.len());
     whole.extend_from_slice(head);
     whole.extend_from_slice(body);
-    bound(sock, deadline)?;
     stream.write_all(&whole).map_err(io_error)?;
     stream.flush().map_err(io_error)?;
     let is_head = head.starts_with(b"HEAD ");
     let mut reader = Reader {
         stream,
-        sock,
-        deadline,
         buf: Vec::new(),
         eof: false,
     };
     reader.reply(is_head, max_body)
-}
-
-fn bound(sock: &TcpStream, deadline: Instant) -> Result<(), NetError> {
-    let d = left(deadline)?;
-    sock.set_read_timeout(Some(d)).map_err(io_error)?;
-    sock.set_write_timeout(Some(d)).map_err(io_error)
 }
 
 fn io_error(e: std::io::Error) -> NetError {
@@ -94,10 +114,8 @@ fn io_error(e: std::io::Error) -> NetError {
     }
 }
 
-struct Reader<'a, S> {
+struct Reader<S> {
     stream: S,
-    sock: &'a TcpStream,
-    deadline: Instant,
     buf: Vec<u8>,
     eof: bool,
 }
@@ -109,14 +127,13 @@ struct Head {
     len: usize,
 }
 
-impl<S: Read + Write> Reader<'_, S> {
+impl<S: Read + Write> Reader<S> {
     /// Reads more bytes (false at the end of the stream). A TLS peer that closes without
     /// close_notify ends the stream too: the framing below decides whether that was complete.
     fn more(&mut self) -> Result<bool, NetError> {
         if self.eof {
             return Ok(false);
         }
-        bound(self.sock, self.deadline)?;
         let mut chunk = [0u8; 8192];
         match self.stream.read(&mut chunk) {
             Ok(0) => {
@@ -146,15 +163,25 @@ impl<S: Read + Write> Reader<'_, S> {
             self.buf.drain(..h.len);
         };
         self.buf.drain(..head.len);
-        let body = if is_head || head.status == 204 || head.status == 304 {
-            Vec::new()
+        // Once the status line is in, the reply stands: a body over the limit, cut short or
+        // too slow is kept as far as it came (capped) and marked, for the caller to judge.
+        let (body, truncated) = if is_head || head.status == 204 || head.status == 304 {
+            (Vec::new(), false)
         } else {
-            self.body(&head.headers, max_body)?
+            match self.body(&head.headers, max_body) {
+                Ok(b) => (b, false),
+                Err(_) => {
+                    let mut b = std::mem::take(&mut self.buf);
+                    b.truncate(max_body);
+                    (b, true)
+                }
+            }
         };
         Ok(Reply {
             status: head.status,
             headers: head.headers,
             body,
+            truncated,
         })
     }
 

@@ -15,7 +15,8 @@ pub mod wire;
 
 mod exchange;
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,9 +40,23 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The body did not arrive whole (over `Limits::max_body`, cut short, or past the
+    /// deadline): `body` is what came, capped. The status line stands either way.
+    pub truncated: bool,
 }
 
 impl Reply {
+    /// The reply only if its body is whole (for callers that parse the body).
+    pub fn whole(self) -> Result<Reply, NetError> {
+        if self.truncated {
+            return Err(NetError::Protocol(format!(
+                "HTTP {}: the reply body was cut short or over the limit",
+                self.status
+            )));
+        }
+        Ok(self)
+    }
+
     /// The first header of that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -79,7 +94,8 @@ pub enum NetError {
     TooLarge,
 }
 
-/// Sends `req` and reads the whole reply, https verified against the system roots.
+/// Sends `req` and reads the reply, https verified against the system roots. Every step
+/// (resolve, connect, handshake, write, read) is bounded by `Limits::total`.
 pub fn send(req: &Request<'_>, limits: &Limits) -> Result<Reply, NetError> {
     if req.url.https {
         let config = tls::verified_config().map_err(NetError::Tls)?;
@@ -87,9 +103,13 @@ pub fn send(req: &Request<'_>, limits: &Limits) -> Result<Reply, NetError> {
     } else {
         let deadline = Instant::now() + limits.total;
         let head = exchange::head(req)?;
-        let stream = connect(req.url, limits.connect, deadline)?;
-        let handle = clone(&stream)?;
-        exchange::run(stream, &handle, &head, req.body, deadline, limits.max_body)
+        let sock = connect(req.url, limits.connect, deadline)?;
+        exchange::run(
+            exchange::Bounded { sock, deadline },
+            &head,
+            req.body,
+            limits.max_body,
+        )
     }
 }
 
@@ -101,21 +121,21 @@ pub fn send_with(
 ) -> Result<Reply, NetError> {
     let deadline = Instant::now() + limits.total;
     let head = exchange::head(req)?;
-    let stream = connect(req.url, limits.connect, deadline)?;
-    let handle = clone(&stream)?;
+    let sock = connect(req.url, limits.connect, deadline)?;
+    let bounded = exchange::Bounded { sock, deadline };
     if !req.url.https {
-        return exchange::run(stream, &handle, &head, req.body, deadline, limits.max_body);
+        return exchange::run(bounded, &head, req.body, limits.max_body);
     }
     let name = ServerName::try_from(req.url.host.clone())
         .map_err(|e| NetError::Tls(format!("`{}` is not a TLS server name: {e}", req.url.host)))?;
     let conn =
         ClientConnection::new(config.clone(), name).map_err(|e| NetError::Tls(e.to_string()))?;
-    let tls = StreamOwned::new(conn, stream);
-    exchange::run(tls, &handle, &head, req.body, deadline, limits.max_body)
-}
-
-fn clone(s: &TcpStream) -> Result<TcpStream, NetError> {
-    s.try_clone().map_err(|e| NetError::Connect(e.to_string()))
+    exchange::run(
+        StreamOwned::new(conn, bounded),
+        &head,
+        req.body,
+        limits.max_body,
+    )
 }
 
 /// Time left before `deadline`, or `Timeout`.
@@ -126,17 +146,36 @@ fn left(deadline: Instant) -> Result<Duration, NetError> {
         .ok_or(NetError::Timeout)
 }
 
+/// The host's addresses: an address literal at once, a name through getaddrinfo on a thread of
+/// its own so that a slow resolver is bounded by the deadline too (a lookup still running then
+/// finishes on its own and is dropped).
+fn resolve(url: &Url, deadline: Instant) -> Result<Vec<SocketAddr>, NetError> {
+    if let Ok(ip) = url.host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, url.port)]);
+    }
+    let (tx, rx) = mpsc::channel();
+    let (host, port) = (url.host.clone(), url.port);
+    std::thread::Builder::new()
+        .name("resolve".into())
+        .spawn(move || {
+            let found = (host.as_str(), port)
+                .to_socket_addrs()
+                .map(|a| a.collect::<Vec<_>>());
+            let _ = tx.send(found);
+        })
+        .map_err(|e| NetError::Resolve(format!("{}: {e}", url.host)))?;
+    match rx.recv_timeout(left(deadline)?) {
+        Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+        Ok(Ok(_)) => Err(NetError::Resolve(format!("{}: no address", url.host))),
+        Ok(Err(e)) => Err(NetError::Resolve(format!("{}: {e}", url.host))),
+        Err(_) => Err(NetError::Resolve(format!("{}: timed out", url.host))),
+    }
+}
+
 /// Resolves the host and connects to the first address that answers.
 fn connect(url: &Url, per_address: Duration, deadline: Instant) -> Result<TcpStream, NetError> {
-    let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(|e| NetError::Resolve(format!("{}: {e}", url.host)))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(NetError::Resolve(format!("{}: no address", url.host)));
-    }
     let mut last = String::new();
-    for addr in addrs {
+    for addr in resolve(url, deadline)? {
         let budget = per_address.min(left(deadline)?);
         match TcpStream::connect_timeout(&addr, budget) {
             Ok(s) => {

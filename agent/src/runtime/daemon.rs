@@ -420,7 +420,7 @@ impl Main {
         let print = fingerprint(&self.shared, &notify);
         let due = now.saturating_sub(st.last_write) >= STATUS_REFRESH_MS;
         if st.beat_file.is_none() || !self.ready || st.force || due || print != st.last_print {
-            write_heartbeat(
+            let written = write_heartbeat(
                 &self.shared,
                 &self.config,
                 self.textfile.as_mut(),
@@ -428,7 +428,13 @@ impl Main {
             );
             st.last_write = now;
             st.last_print = print;
-            st.force = false;
+            // A status that cannot be written (a full disk) is tried again at every beat, and
+            // meanwhile nothing beats: a fresh heartbeat over a stale status.json would make
+            // `status` and the backup check trust states that are no longer true.
+            st.force = !written;
+            if !written {
+                return;
+            }
         }
         let beat = Beat {
             pid: std::process::id(),
@@ -488,7 +494,7 @@ fn write_heartbeat(
     config: &Config,
     textfile: Option<&mut Textfile>,
     notify: Vec<crate::notify::SinkStatus>,
-) {
+) -> bool {
     // The heartbeat's own cadence, not the longest app interval: one app at `1h` must not make
     // the backup check trust a dead daemon for three hours.
     let interval_ms = heartbeat_every(config);
@@ -512,12 +518,17 @@ fn write_heartbeat(
         let prom = textfile.is_some().then(|| prometheus::encode(&status));
         (StateDir::encode_status(&status), prom)
     };
-    if let Err(error) = data.and_then(|d| shared.state.write_status(&d)) {
-        tracing::warn!(message = "Cannot write the heartbeat.", path = %shared.state.dir.display(), %error);
-    }
+    let written = match data.and_then(|d| shared.state.write_status(&d)) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(message = "Cannot write status.json; withholding the heartbeat.", path = %shared.state.dir.display(), %error);
+            false
+        }
+    };
     if let (Some(t), Some(text)) = (textfile, prom) {
         t.write(&text);
     }
+    written
 }
 
 /// Reads the config again. An invalid one is refused (an event says why) and the running one
