@@ -798,3 +798,64 @@ fn a_hung_app_pm2_runs_as_another_user_is_killed_at_once() {
     eprintln!("hung app run as nobody by a root PM2: healthy {ms} ms after the decision");
     assert!(ms <= 10_000, "{ms} ms\n{}", agent.log());
 }
+
+/// A tmpfs mounted on a directory for one test, lazily unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fault: the disk under the state directory fills up. `status.json` can no longer be
+/// rewritten, so the heartbeat must go stale (`status` exits 1 and the backup check takes over)
+/// instead of a fresh one-line beat laid over app states that are no longer true; with space
+/// back, the agent is fresh again. (A real full filesystem: a 1 MiB tmpfs, filled by hand.)
+#[test]
+fn a_full_state_disk_withholds_the_heartbeat_until_status_json_can_be_written() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("full", port, &[]);
+    let mut agent = Agent::prepare(&pm2, "", &app("full", port, "max_retries = 100"));
+    let state = agent.state();
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs (the suite runs as root)");
+    let _tmpfs = Tmpfs(state.clone());
+    agent.spawn(&[]);
+    let status = || {
+        Command::new(AGENT)
+            .args(["status", "--config"])
+            .arg(agent.config())
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    wait_until(Duration::from_secs(10), "a fresh heartbeat", || {
+        status() == Some(0)
+    });
+    // Fill the disk: the next status.json rewrite (at most 5 s away) fails.
+    let filler = state.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut f, &block).is_ok() {}
+    drop(f);
+    wait_until(
+        Duration::from_secs(15),
+        "a stale heartbeat on a full disk",
+        || status() == Some(1),
+    );
+    std::fs::remove_file(&filler).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "fresh again with space back",
+        || status() == Some(0),
+    );
+    assert!(agent.stop().success());
+}
