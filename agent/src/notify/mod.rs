@@ -1,13 +1,16 @@
 //! `[[notify]]`: alerts to webhooks and Slack-compatible chats, nothing lost, nothing sent twice.
 //!
 //! The data path: the event log forwards each event to the `Inbox` (a bounded channel; never
-//! blocks the emitting thread), the one `notify` thread turns the events a sink asked for into
+//! blocks the emitting thread), the `notify` thread turns the events a sink asked for into
 //! `payload::Alert`s (rate-limited per app and sink, with the tail of the app's error log when
-//! asked), spools them (`<state_dir>/spool/notify.json`, 0600) BEFORE the first attempt, and
-//! delivers each sink's alerts in order through the shared blocking client (`crate::net`).
+//! asked) and appends them to the journal (`<state_dir>/spool/notify.jsonl`, 0600, fsynced) at
+//! once; the `notify-send` thread delivers each sink's alerts in order through the shared
+//! blocking client (`crate::net`) and journals each one that leaves (`journal`).
 //!
 //! Invariants:
-//! - The watch loop never waits on a sink: only the `notify` thread talks to the network.
+//! - The watch loop never waits on a sink, and neither does acceptance: only `notify-send`
+//!   talks to the network, so an alert is on disk within milliseconds of its event even while
+//!   an attempt hangs, and a stop (or a SIGKILL) loses none that the inbox had taken.
 //! - An alert leaves the spool only after a 2xx (delivered) or a refusal for good (any other
 //!   4xx: dropped, counted, one error log); network errors, 5xx and 429 are retried with
 //!   backoff (`retry`), so an outage or an agent restart delays alerts, never loses them. A 2xx
@@ -16,6 +19,7 @@
 //! - The URL is logged and shown only as `Url::redacted` (scheme and host); bodies and headers
 //!   are never logged.
 
+mod journal;
 pub mod logtail;
 pub mod payload;
 pub mod retry;
@@ -24,7 +28,7 @@ mod worker;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -96,16 +100,25 @@ impl Forward for Inbox {
     }
 }
 
-/// The running notify thread.
+/// The running notify threads.
 pub struct Notify {
     inbox: Arc<Inbox>,
-    join: JoinHandle<()>,
-    status: Arc<Mutex<Vec<SinkStatus>>>,
+    accept: JoinHandle<()>,
+    send: JoinHandle<()>,
+    shared: Arc<worker::Shared>,
     deadline: Duration,
 }
 
+/// The sinks' counters, and the alerts lost before any sink took them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Board {
+    pub sinks: Vec<SinkStatus>,
+    /// Events the full inbox turned away, and alerts dropped with a sink a reload removed.
+    pub lost: u64,
+}
+
 impl Notify {
-    /// Starts the thread with `sinks`; alerts spooled by a previous run are sent first.
+    /// Starts the threads with `sinks`; alerts spooled by a previous run are sent first.
     pub fn start(
         sinks: Vec<NotifyConfig>,
         state_dir: &Path,
@@ -114,19 +127,25 @@ impl Notify {
         opts: Options,
     ) -> std::io::Result<Notify> {
         let (tx, rx) = mpsc::sync_channel(INBOX_CAP);
-        let status = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::new(worker::Shared::new(state_dir));
         let deadline = opts.stop_deadline;
-        let worker = worker::Worker::new(state_dir, origin, logs, opts, status.clone());
-        let join = std::thread::Builder::new()
+        let limits = opts.limits;
+        let acceptor = worker::Acceptor::new(shared.clone(), origin, logs, opts);
+        let accept = std::thread::Builder::new()
             .name("notify".into())
-            .spawn(move || worker.run(sinks, &rx))?;
+            .spawn(move || acceptor.run(sinks, &rx))?;
+        let s = shared.clone();
+        let send = std::thread::Builder::new()
+            .name("notify-send".into())
+            .spawn(move || worker::send_loop(&s, &limits))?;
         Ok(Notify {
             inbox: Arc::new(Inbox {
                 tx,
                 dropped: AtomicU64::new(0),
             }),
-            join,
-            status,
+            accept,
+            send,
+            shared,
             deadline,
         })
     }
@@ -136,37 +155,36 @@ impl Notify {
         self.inbox.clone()
     }
 
-    /// A reload: sinks are matched by name; a kept sink keeps its queue and counters.
+    /// A reload: a sink keeps its queue and counters when its name is kept.
     pub fn reconfigure(&self, sinks: Vec<NotifyConfig>) {
         let _ = self.inbox.tx.send(Msg::Config(sinks));
     }
 
-    /// Every sink's counters, as of the thread's last step.
-    pub fn status(&self) -> Vec<SinkStatus> {
-        let mut s = crate::sync::lock(&self.status).clone();
-        let lost = self.inbox.dropped.load(Ordering::Relaxed);
-        if lost > 0 {
-            for x in &mut s {
-                x.dropped += lost;
-            }
+    /// Every sink's counters as of the threads' last step, and the agent-level loss count.
+    pub fn status(&self) -> Board {
+        Board {
+            sinks: crate::sync::lock(&self.shared.status).clone(),
+            lost: self.inbox.dropped.load(Ordering::Relaxed)
+                + self.shared.removed.load(Ordering::Relaxed),
         }
-        s
     }
 
-    /// Delivers what is due within the stop deadline, leaves the rest spooled, and waits for
-    /// the thread that long (and a little). A request still in flight then is abandoned: its
-    /// alert is still in the spool, so it is sent again at the next start (a duplicate at worst, never a loss).
+    /// Takes what is already in the inbox (into the journal, without waiting on the network),
+    /// then lets the sender deliver what is due for at most the stop deadline; returns within
+    /// the deadline and half a second. An attempt still in flight then is abandoned: its alert
+    /// is still in the journal, so it is sent again at the next start (a duplicate at worst).
     pub fn stop(self) {
-        let _ = self.inbox.tx.send(Msg::Stop);
         let until = clock::mono_now() + self.deadline.as_millis() as u64 + 500;
-        while !self.join.is_finished() && clock::mono_now() < until {
+        let _ = self.inbox.tx.send(Msg::Stop);
+        let done = |j: &JoinHandle<()>| j.is_finished();
+        while !(done(&self.accept) && done(&self.send)) && clock::mono_now() < until {
             std::thread::sleep(Duration::from_millis(10));
         }
-        if self.join.is_finished() {
-            let _ = self.join.join();
-        } else {
+        if !done(&self.accept) {
+            tracing::warn!(message = "The notify thread did not take the last events in time.");
+        } else if !done(&self.send) {
             tracing::warn!(
-                message = "The notify thread did not stop in time; its alerts stay spooled."
+                message = "A notify delivery was still running at stop; its alert stays spooled."
             );
         }
     }

@@ -1,29 +1,35 @@
-//! The notify thread: accepts events into per-sink queues (spooled before the first attempt),
-//! delivers each sink's head when it is due, and keeps the counters `status` shows.
+//! The notify threads and the state they share.
+//!
+//! - `notify` (the acceptor) takes the inbox's messages, turns events into alerts in each sink's
+//!   queue and appends them to the journal at once; it never touches the network, so an alert
+//!   is on disk milliseconds after the event, whatever an endpoint does.
+//! - `notify-send` (the sender) delivers each sink's head when it is due, one request at a
+//!   time, with the state unlocked while the request runs, then records the outcome.
+//!
+//! A sink is known to the sender by its `key`, which a reload keeps for a sink it carries over,
+//! so an outcome that comes back after a reload lands on the right queue (or on none).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use super::journal::{Journal, Record, Spooled};
 use super::logtail;
 use super::payload::{self, Alert, Origin};
 use super::retry::{self, Jitter, Outcome};
 use super::{LogPaths, Msg, Options, SinkStatus};
 use crate::clock::{self, Mono};
-use crate::config::{duration, NotifyConfig, NotifyEvent};
+use crate::config::{duration, NotifyConfig, NotifyEvent, NotifyKind};
 use crate::net::{self, Url};
 use crate::report::events::Event;
 use crate::report::limit::Limiter;
-use crate::report::spool::SpoolFile;
-
-pub const SPOOL_FILE: &str = "notify.json";
-
-/// The spool: each sink's undelivered alerts, oldest first, by sink name.
-type Spooled = BTreeMap<String, VecDeque<Alert>>;
+use crate::sync::lock;
 
 struct Sink {
+    key: u64,
     cfg: NotifyConfig,
     queue: VecDeque<Alert>,
     limiter: Limiter,
@@ -34,7 +40,7 @@ struct Sink {
 }
 
 impl Sink {
-    fn new(cfg: NotifyConfig) -> Sink {
+    fn new(key: u64, cfg: NotifyConfig) -> Sink {
         let st = SinkStatus {
             name: cfg.name.clone(),
             kind: cfg.kind.as_str().to_string(),
@@ -42,6 +48,7 @@ impl Sink {
             ..SinkStatus::default()
         };
         Sink {
+            key,
             limiter: limiter(&cfg),
             cfg,
             queue: VecDeque::new(),
@@ -64,101 +71,180 @@ fn shown(url: Option<&Url>) -> String {
     url.map_or_else(|| "-".to_string(), Url::redacted)
 }
 
-pub(super) struct Worker {
+/// What both threads share, under one lock.
+pub(super) struct State {
     sinks: Vec<Sink>,
-    spool: SpoolFile,
+    journal: Journal,
+    /// Set by a stop: the sender starts no attempt after it.
+    stop_at: Option<Mono>,
+    next_key: u64,
+}
+
+impl State {
+    fn new(state_dir: &Path) -> State {
+        State {
+            sinks: Vec::new(),
+            journal: Journal::new(state_dir),
+            stop_at: None,
+            next_key: 0,
+        }
+    }
+
+    fn add_sink(&mut self, cfg: NotifyConfig) -> Sink {
+        self.next_key += 1;
+        Sink::new(self.next_key, cfg)
+    }
+
+    fn spooled(&self) -> Spooled {
+        self.sinks
+            .iter()
+            .filter(|s| !s.queue.is_empty())
+            .map(|s| (s.cfg.name.clone(), s.queue.clone()))
+            .collect()
+    }
+
+    fn append(&mut self, records: &[Record]) {
+        if let Err(error) = self.journal.append(records) {
+            tracing::warn!(message = "Cannot write the notify spool; alerts are kept in memory.", path = %self.journal.path().display(), %error);
+        }
+        let live = self.sinks.iter().map(|s| s.queue.len()).sum();
+        // Nothing left: the file goes (an empty spool is no file).
+        if live == 0 || self.journal.wants_compaction(live) {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let spooled = self.spooled();
+        if let Err(error) = self.journal.compact(&spooled) {
+            tracing::warn!(message = "Cannot rewrite the notify spool; alerts are kept in memory.", path = %self.journal.path().display(), %error);
+        }
+    }
+}
+
+pub(super) struct Shared {
+    pub(super) state: Mutex<State>,
+    /// Given when an alert is queued, a sink changes or a stop comes.
+    pub(super) wake: Condvar,
+    pub(super) status: Mutex<Vec<SinkStatus>>,
+    /// Alerts dropped because a reload removed their sink (agent-level: no sink to count them).
+    pub(super) removed: AtomicU64,
+}
+
+impl Shared {
+    pub(super) fn new(state_dir: &Path) -> Shared {
+        Shared {
+            state: Mutex::new(State::new(state_dir)),
+            wake: Condvar::new(),
+            status: Mutex::new(Vec::new()),
+            removed: AtomicU64::new(0),
+        }
+    }
+
+    fn publish(&self, st: &State) {
+        let list = st
+            .sinks
+            .iter()
+            .map(|s| SinkStatus {
+                queued: s.queue.len(),
+                ..s.st.clone()
+            })
+            .collect();
+        *lock(&self.status) = list;
+    }
+
+    /// Sets the stop deadline (once) and wakes the sender.
+    pub(super) fn stop(&self, deadline: Duration) {
+        let mut st = lock(&self.state);
+        st.stop_at
+            .get_or_insert_with(|| clock::mono_now() + deadline.as_millis() as u64);
+        self.wake.notify_all();
+    }
+}
+
+/// The `notify` thread's own state.
+pub(super) struct Acceptor {
+    shared: Arc<Shared>,
     origin: Origin,
     logs: LogPaths,
     opts: Options,
-    status: Arc<Mutex<Vec<SinkStatus>>>,
-    jitter: Jitter,
     seq: u64,
-    dirty: bool,
 }
 
-impl Worker {
-    pub(super) fn new(
-        state_dir: &Path,
-        origin: Origin,
-        logs: LogPaths,
-        opts: Options,
-        status: Arc<Mutex<Vec<SinkStatus>>>,
-    ) -> Worker {
-        Worker {
-            sinks: Vec::new(),
-            spool: SpoolFile::new(state_dir, SPOOL_FILE),
+impl Acceptor {
+    pub(super) fn new(shared: Arc<Shared>, origin: Origin, logs: LogPaths, opts: Options) -> Self {
+        Acceptor {
+            shared,
             origin,
             logs,
             opts,
-            status,
-            jitter: Jitter::new(),
             seq: 0,
-            dirty: false,
         }
     }
 
-    /// Until a `Stop` (or the agent dropping its handle): take messages, spool, deliver.
+    /// Until a `Stop` (or the agent dropping its handle): take every waiting message, then
+    /// write what they added to the journal in one append.
     pub(super) fn run(mut self, sinks: Vec<NotifyConfig>, rx: &Receiver<Msg>) {
-        self.sinks = sinks.into_iter().map(Sink::new).collect();
-        self.load_spool();
-        self.publish();
-        let mut stop_at: Option<Mono> = None;
-        loop {
-            let now = clock::mono_now();
-            match rx.recv_timeout(self.wait(now, stop_at)) {
-                Ok(m) => {
-                    self.take(m, &mut stop_at);
-                    while let Ok(m) = rx.try_recv() {
-                        self.take(m, &mut stop_at);
+        self.start(sinks);
+        while let Ok(first) = rx.recv() {
+            let mut records = Vec::new();
+            let mut stop = false;
+            let shared = self.shared.clone();
+            let mut st = lock(&shared.state);
+            for m in std::iter::once(first).chain(rx.try_iter()) {
+                match m {
+                    Msg::Event(e, what) => self.accept(&mut st, &e, what, &mut records),
+                    Msg::Config(c) => {
+                        st.append(&std::mem::take(&mut records));
+                        reconfigure(&mut st, &shared, c);
                     }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    stop_at.get_or_insert_with(clock::mono_now);
+                    Msg::Stop => stop = true,
                 }
             }
-            self.store_spool();
-            let now = clock::mono_now();
-            if stop_at.is_some_and(|at| now >= at || !self.sinks.iter().any(|s| s.due(now))) {
+            st.append(&records);
+            shared.publish(&st);
+            shared.wake.notify_all();
+            drop(st);
+            if stop {
                 break;
             }
-            self.deliver_due(now);
-            self.publish();
         }
-        self.store_spool();
-        self.publish();
+        self.shared.stop(self.opts.stop_deadline);
     }
 
-    /// Until the next sink is due (or the stop deadline); an hour when nothing waits.
-    fn wait(&self, now: Mono, stop_at: Option<Mono>) -> Duration {
-        let next = self
-            .sinks
-            .iter()
-            .filter(|s| !s.queue.is_empty() && s.cfg.url.is_some())
-            .map(|s| s.next_ms)
-            .chain(stop_at)
-            .min()
-            .unwrap_or(now + 3_600_000);
-        Duration::from_millis(next.saturating_sub(now))
-    }
-
-    fn take(&mut self, m: Msg, stop_at: &mut Option<Mono>) {
-        match m {
-            Msg::Event(e, what) => self.accept(&e, what),
-            Msg::Config(c) => self.reconfigure(c),
-            Msg::Stop => {
-                stop_at.get_or_insert_with(|| {
-                    clock::mono_now() + self.opts.stop_deadline.as_millis() as u64
-                });
+    /// The configured sinks, with the alerts a previous run left spooled first in their queues.
+    fn start(&mut self, configs: Vec<NotifyConfig>) {
+        let shared = self.shared.clone();
+        let mut st = lock(&shared.state);
+        let sinks: Vec<Sink> = configs.into_iter().map(|c| st.add_sink(c)).collect();
+        st.sinks = sinks;
+        let spooled = st.journal.load().unwrap_or_else(|error| {
+            tracing::warn!(message = "Cannot read the notify spool.", path = %st.journal.path().display(), %error);
+            Spooled::new()
+        });
+        for (name, older) in spooled {
+            match st.sinks.iter_mut().find(|s| s.cfg.name == name) {
+                Some(s) => {
+                    s.queue = older;
+                    tracing::info!(message = "Undelivered alerts from the last run are queued again.", sink = %name, queued = s.queue.len());
+                }
+                None => {
+                    shared
+                        .removed
+                        .fetch_add(older.len() as u64, Ordering::Relaxed);
+                    tracing::error!(message = "Spooled alerts for a notify sink that is no longer configured are dropped.", sink = %name, dropped = older.len());
+                }
             }
         }
+        st.compact();
+        shared.publish(&st);
+        shared.wake.notify_all();
     }
 
     /// The event becomes an alert in each sink that asked for it and whose rate limit lets it.
-    fn accept(&mut self, e: &Event, what: NotifyEvent) {
+    fn accept(&mut self, st: &mut State, e: &Event, what: NotifyEvent, out: &mut Vec<Record>) {
         let app = e.app.as_deref().unwrap_or("-");
-        for i in 0..self.sinks.len() {
-            let s = &mut self.sinks[i];
+        for s in &mut st.sinks {
             if !s.cfg.events.contains(&what) {
                 continue;
             }
@@ -170,170 +256,189 @@ impl Worker {
             self.seq += 1;
             let id = format!("{}-{}", e.ts_ms, self.seq);
             let mut alert = Alert::new(id, what, e, &self.origin, held_back);
-            let s = &mut self.sinks[i];
             if s.cfg.attach_log_lines > 0 {
                 let path = e.app.as_deref().and_then(|a| (self.logs)(a));
-                alert.log = Some(logtail::tail(
-                    path.as_deref(),
-                    s.cfg.attach_log_lines as usize,
-                ));
+                let n = s.cfg.attach_log_lines as usize;
+                alert.log = Some(logtail::tail(path.as_deref(), n));
             }
+            out.push(Record::Add {
+                sink: s.cfg.name.clone(),
+                alert: Box::new(alert.clone()),
+            });
             s.queue.push_back(alert);
             if s.queue.len() > self.opts.queue_cap {
-                s.queue.pop_front();
+                if let Some(old) = s.queue.pop_front() {
+                    out.push(done(s, &old));
+                }
                 s.st.dropped += 1;
                 tracing::warn!(message = "Notify queue full; dropped the oldest alert.", sink = %s.cfg.name, url = %shown(s.cfg.url.as_ref()));
             }
-            self.dirty = true;
         }
-    }
-
-    /// A reload: sinks matched by name keep their queue, counters and (same limits) limiter.
-    fn reconfigure(&mut self, configs: Vec<NotifyConfig>) {
-        let mut old: BTreeMap<String, Sink> = std::mem::take(&mut self.sinks)
-            .into_iter()
-            .map(|s| (s.cfg.name.clone(), s))
-            .collect();
-        for cfg in configs {
-            let sink = match old.remove(&cfg.name) {
-                Some(mut s) => {
-                    if (s.cfg.rate_limit, s.cfg.rate_window) != (cfg.rate_limit, cfg.rate_window) {
-                        s.limiter = limiter(&cfg);
-                    }
-                    if s.cfg.url != cfg.url {
-                        // A new address: try it now rather than after the old one's backoff.
-                        (s.failures, s.next_ms) = (0, 0);
-                    }
-                    s.st.kind = cfg.kind.as_str().to_string();
-                    s.st.url = shown(cfg.url.as_ref());
-                    s.cfg = cfg;
-                    s
-                }
-                None => Sink::new(cfg),
-            };
-            self.sinks.push(sink);
-        }
-        for (name, s) in old {
-            if !s.queue.is_empty() {
-                tracing::warn!(message = "A notify sink was removed from the config; its undelivered alerts are dropped.", sink = %name, dropped = s.queue.len());
-            }
-        }
-        self.dirty = true;
-        tracing::info!(
-            message = "Notify sinks configured.",
-            sinks = self.sinks.len()
-        );
-    }
-
-    /// One attempt for each sink whose head is due (one per step keeps the inbox responsive).
-    fn deliver_due(&mut self, now: Mono) {
-        for i in 0..self.sinks.len() {
-            if !self.sinks[i].due(now) {
-                continue;
-            }
-            let outcome = self.attempt(i);
-            let jitter = self.jitter.sample();
-            let s = &mut self.sinks[i];
-            let before = s.queue.len();
-            match outcome {
-                Outcome::Delivered => delivered(s),
-                Outcome::Retry { error, after_ms } => {
-                    s.failures += 1;
-                    let cap = s.cfg.retry_max_interval.as_millis() as u64;
-                    let wait = retry::backoff_ms(s.failures, cap, jitter, after_ms);
-                    s.next_ms = clock::mono_now() + wait;
-                    failed(s, &error, wait);
-                }
-                Outcome::Refused { status } => refused(s, status),
-            }
-            self.dirty |= self.sinks[i].queue.len() != before;
-        }
-        self.store_spool();
-    }
-
-    fn attempt(&self, i: usize) -> Outcome {
-        let s = &self.sinks[i];
-        let (Some(url), Some(head)) = (s.cfg.url.as_ref(), s.queue.front()) else {
-            return Outcome::Delivered;
-        };
-        let window = duration::format(s.cfg.rate_window);
-        let body = payload::body(s.cfg.kind, head, &window);
-        let agent = concat!("pmguard-agent/", env!("CARGO_PKG_VERSION"));
-        let headers = [("Content-Type", "application/json"), ("User-Agent", agent)];
-        let req = net::Request {
-            method: "POST",
-            url,
-            headers: &headers,
-            body: &body,
-        };
-        retry::classify(&net::send(&req, &self.opts.limits))
-    }
-
-    fn load_spool(&mut self) {
-        let spooled: Spooled = match self.spool.load() {
-            Ok(s) => s.unwrap_or_default(),
-            Err(error) => {
-                tracing::warn!(message = "Cannot read the notify spool.", path = %self.spool.path().display(), %error);
-                return;
-            }
-        };
-        for (name, older) in spooled {
-            match self.sinks.iter_mut().find(|s| s.cfg.name == name) {
-                Some(s) => {
-                    let newer = std::mem::replace(&mut s.queue, older);
-                    s.queue.extend(newer);
-                    tracing::info!(message = "Undelivered alerts from the last run are queued again.", sink = %name, queued = s.queue.len());
-                }
-                None => {
-                    tracing::warn!(message = "Spooled alerts for a notify sink that is no longer configured are dropped.", sink = %name, dropped = older.len());
-                }
-            }
-        }
-        self.dirty = true;
-    }
-
-    /// Writes the spool if anything changed (an empty spool is no file).
-    fn store_spool(&mut self) {
-        if !self.dirty {
-            return;
-        }
-        let spooled: Spooled = self
-            .sinks
-            .iter()
-            .filter(|s| !s.queue.is_empty())
-            .map(|s| (s.cfg.name.clone(), s.queue.clone()))
-            .collect();
-        let content = (!spooled.is_empty()).then_some(&spooled);
-        match self.spool.store(content) {
-            Ok(()) => self.dirty = false,
-            Err(error) => {
-                tracing::warn!(message = "Cannot write the notify spool; alerts are kept in memory.", path = %self.spool.path().display(), %error);
-            }
-        }
-    }
-
-    fn publish(&self) {
-        let list = self
-            .sinks
-            .iter()
-            .map(|s| SinkStatus {
-                queued: s.queue.len(),
-                ..s.st.clone()
-            })
-            .collect();
-        *crate::sync::lock(&self.status) = list;
     }
 }
 
-fn delivered(s: &mut Sink) {
-    if let Some(a) = s.queue.pop_front() {
-        s.st.delivered += 1;
-        if s.failures > 0 {
-            tracing::info!(message = "Alert delivery works again.", sink = %s.cfg.name, url = %shown(s.cfg.url.as_ref()), attempt = s.failures + 1);
-        }
-        tracing::info!(message = "Alert delivered.", sink = %s.cfg.name, app = a.app.as_deref().unwrap_or("-"), event = %a.event, id = %a.id);
+fn done(s: &Sink, a: &Alert) -> Record {
+    Record::Done {
+        sink: s.cfg.name.clone(),
+        id: a.id.clone(),
     }
+}
+
+/// A reload: sinks matched by name keep their queue, counters and (same limits) limiter.
+fn reconfigure(st: &mut State, shared: &Shared, configs: Vec<NotifyConfig>) {
+    let mut old: BTreeMap<String, Sink> = std::mem::take(&mut st.sinks)
+        .into_iter()
+        .map(|s| (s.cfg.name.clone(), s))
+        .collect();
+    for cfg in configs {
+        let sink = match old.remove(&cfg.name) {
+            Some(s) => carry(s, cfg),
+            None => st.add_sink(cfg),
+        };
+        st.sinks.push(sink);
+    }
+    for (name, s) in old {
+        if !s.queue.is_empty() {
+            shared
+                .removed
+                .fetch_add(s.queue.len() as u64, Ordering::Relaxed);
+            tracing::error!(message = "A notify sink was removed from the config; its undelivered alerts are dropped.", sink = %name, dropped = s.queue.len());
+        }
+    }
+    st.compact();
+    tracing::info!(message = "Notify sinks configured.", sinks = st.sinks.len());
+}
+
+/// A kept sink under its new config: the queue and counters stay.
+fn carry(mut s: Sink, cfg: NotifyConfig) -> Sink {
+    if (s.cfg.rate_limit, s.cfg.rate_window) != (cfg.rate_limit, cfg.rate_window) {
+        s.limiter = limiter(&cfg);
+    }
+    if s.cfg.url != cfg.url {
+        // A new address: try it now rather than after the old one's backoff.
+        (s.failures, s.next_ms) = (0, 0);
+    }
+    s.st.name = cfg.name.clone();
+    s.st.kind = cfg.kind.as_str().to_string();
+    s.st.url = shown(cfg.url.as_ref());
+    s.cfg = cfg;
+    s
+}
+
+/// One attempt's inputs, copied out so the request runs with the state unlocked.
+struct Job {
+    key: u64,
+    url: Url,
+    kind: NotifyKind,
+    window: Duration,
+    head: Alert,
+}
+
+/// The `notify-send` thread: until the stop deadline, or a stop with nothing due.
+pub(super) fn send_loop(shared: &Shared, limits: &net::Limits) {
+    let mut jitter = Jitter::new();
+    let mut st = lock(&shared.state);
+    loop {
+        let now = clock::mono_now();
+        if st
+            .stop_at
+            .is_some_and(|at| now >= at || !st.sinks.iter().any(|s| s.due(now)))
+        {
+            break;
+        }
+        let Some(job) = next_job(&st, now) else {
+            let wait = wait(&st, now);
+            st = shared
+                .wake
+                .wait_timeout(st, wait)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+            continue;
+        };
+        drop(st);
+        let outcome = attempt(&job, limits);
+        st = lock(&shared.state);
+        record(&mut st, &job, outcome, jitter.sample());
+        shared.publish(&st);
+    }
+}
+
+/// Until the next sink is due (or the stop deadline); an hour when nothing waits.
+fn wait(st: &State, now: Mono) -> Duration {
+    let next = st
+        .sinks
+        .iter()
+        .filter(|s| !s.queue.is_empty() && s.cfg.url.is_some())
+        .map(|s| s.next_ms)
+        .chain(st.stop_at)
+        .min()
+        .unwrap_or(now + 3_600_000);
+    Duration::from_millis(next.saturating_sub(now).max(1))
+}
+
+/// The head of the sink that has waited longest among those due.
+fn next_job(st: &State, now: Mono) -> Option<Job> {
+    let s = st
+        .sinks
+        .iter()
+        .filter(|s| s.due(now))
+        .min_by_key(|s| s.next_ms)?;
+    Some(Job {
+        key: s.key,
+        url: s.cfg.url.clone()?,
+        kind: s.cfg.kind,
+        window: s.cfg.rate_window,
+        head: s.queue.front()?.clone(),
+    })
+}
+
+fn attempt(job: &Job, limits: &net::Limits) -> Outcome {
+    let window = duration::format(job.window);
+    let body = payload::body(job.kind, &job.head, &window);
+    let agent = concat!("pmguard-agent/", env!("CARGO_PKG_VERSION"));
+    let headers = [("Content-Type", "application/json"), ("User-Agent", agent)];
+    let req = net::Request {
+        method: "POST",
+        url: &job.url,
+        headers: &headers,
+        body: &body,
+    };
+    retry::classify(&net::send(&req, limits))
+}
+
+/// The outcome, on the sink the job came from if it is still there with the same head.
+fn record(st: &mut State, job: &Job, outcome: Outcome, jitter: f64) {
+    let Some(s) = st.sinks.iter_mut().find(|s| s.key == job.key) else {
+        return;
+    };
+    if s.queue.front().map(|a| &a.id) != Some(&job.head.id) {
+        return;
+    }
+    let gone = match outcome {
+        Outcome::Delivered => delivered(s),
+        Outcome::Retry { error, after_ms } => {
+            s.failures += 1;
+            let cap = s.cfg.retry_max_interval.as_millis() as u64;
+            let wait = retry::backoff_ms(s.failures, cap, jitter, after_ms);
+            s.next_ms = clock::mono_now() + wait;
+            failed(s, &error, wait);
+            None
+        }
+        Outcome::Refused { status } => refused(s, status),
+    };
+    if let Some(r) = gone {
+        st.append(&[r]);
+    }
+}
+
+fn delivered(s: &mut Sink) -> Option<Record> {
+    let a = s.queue.pop_front()?;
+    s.st.delivered += 1;
+    if s.failures > 0 {
+        tracing::info!(message = "Alert delivery works again.", sink = %s.cfg.name, url = %shown(s.cfg.url.as_ref()), attempt = s.failures + 1);
+    }
+    tracing::info!(message = "Alert delivered.", sink = %s.cfg.name, app = a.app.as_deref().unwrap_or("-"), event = %a.event, id = %a.id);
     (s.failures, s.next_ms) = (0, 0);
+    Some(done(s, &a))
 }
 
 /// Said at the first failure and then every tenth, not at every attempt of a long outage.
@@ -348,16 +453,15 @@ fn failed(s: &mut Sink, error: &str, wait_ms: u64) {
 }
 
 /// A 4xx other than 408/429: the endpoint will never take this alert; drop it and say so once.
-fn refused(s: &mut Sink, status: u16) {
-    let Some(a) = s.queue.pop_front() else {
-        return;
-    };
+fn refused(s: &mut Sink, status: u16) -> Option<Record> {
+    let a = s.queue.pop_front()?;
     s.st.dropped += 1;
     let error = format!("HTTP {status}: refused; alert dropped");
     s.st.last_error = Some(error.clone());
     s.st.last_error_at = Some(clock::rfc3339(clock::wall_ms()));
     tracing::error!(message = "The notify endpoint refused an alert; dropped (check the URL and the sink's settings).", sink = %s.cfg.name, url = %shown(s.cfg.url.as_ref()), status, app = a.app.as_deref().unwrap_or("-"), event = %a.event, id = %a.id);
     (s.failures, s.next_ms) = (0, 0);
+    Some(done(s, &a))
 }
 
 #[cfg(test)]
@@ -373,7 +477,7 @@ mod tests {
         Config::parse(Path::new("/x.toml"), &text).unwrap().notify
     }
 
-    fn worker(dir: &Path, queue_cap: usize) -> Worker {
+    fn acceptor(dir: &Path, queue_cap: usize) -> Acceptor {
         let opts = Options {
             queue_cap,
             ..Options::default()
@@ -383,7 +487,7 @@ mod tests {
             instance_id: None,
         };
         let logs: LogPaths = Arc::new(|_: &str| None);
-        Worker::new(dir, origin, logs, opts, Arc::new(Mutex::new(Vec::new())))
+        Acceptor::new(Arc::new(Shared::new(dir)), origin, logs, opts)
     }
 
     fn restart(n: u64) -> Event {
@@ -392,60 +496,63 @@ mod tests {
         e
     }
 
+    /// Accepts `events` as the thread does: one journal append for the lot.
+    fn take(a: &mut Acceptor, events: &[(Event, NotifyEvent)]) {
+        let shared = a.shared.clone();
+        let mut st = lock(&shared.state);
+        let mut records = Vec::new();
+        for (e, what) in events {
+            a.accept(&mut st, e, *what, &mut records);
+        }
+        st.append(&records);
+    }
+
+    fn queue(a: &Acceptor, i: usize) -> Vec<String> {
+        let st = lock(&a.shared.state);
+        st.sinks[i]
+            .queue
+            .iter()
+            .map(|x| x.message.clone())
+            .collect()
+    }
+
     #[test]
     fn a_full_queue_drops_the_oldest_and_counts_and_the_spool_holds_the_rest() {
         let d = tempfile::tempdir().unwrap();
-        let mut w = worker(d.path(), 2);
-        w.sinks = sinks("").into_iter().map(Sink::new).collect();
-        for n in 0..3 {
-            w.accept(&restart(n), NotifyEvent::Restart);
-        }
-        w.store_spool();
-        let s = &w.sinks[0];
-        assert_eq!(s.st.dropped, 1);
-        let kept: Vec<&str> = s.queue.iter().map(|a| a.message.as_str()).collect();
-        assert_eq!(kept, ["restart 1", "restart 2"]);
-        let spooled: Spooled = w.spool.load().unwrap().unwrap();
-        assert_eq!(spooled["hook"].len(), 2);
-        use std::os::unix::fs::MetadataExt;
-        let mode = std::fs::metadata(w.spool.path()).unwrap().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        let mut a = acceptor(d.path(), 2);
+        a.start(sinks(""));
+        let events: Vec<_> = (0..3).map(|n| (restart(n), NotifyEvent::Restart)).collect();
+        take(&mut a, &events);
+        assert_eq!(lock(&a.shared.state).sinks[0].st.dropped, 1);
+        assert_eq!(queue(&a, 0), ["restart 1", "restart 2"]);
         // The next run queues them again, before its own alerts.
-        let mut next = worker(d.path(), 10);
-        next.sinks = sinks("").into_iter().map(Sink::new).collect();
-        next.sinks[0].queue.push_back(Alert::new(
-            "x".into(),
-            NotifyEvent::Restart,
-            &restart(9),
-            &next.origin,
-            0,
-        ));
-        next.load_spool();
-        let order: Vec<&str> = next.sinks[0]
-            .queue
-            .iter()
-            .map(|a| a.message.as_str())
-            .collect();
-        assert_eq!(order, ["restart 1", "restart 2", "restart 9"]);
+        let mut next = acceptor(d.path(), 10);
+        next.start(sinks(""));
+        take(&mut next, &[(restart(9), NotifyEvent::Restart)]);
+        assert_eq!(queue(&next, 0), ["restart 1", "restart 2", "restart 9"]);
     }
 
     #[test]
     fn a_reload_keeps_a_sinks_queue_by_name_and_drops_a_removed_sinks() {
         let d = tempfile::tempdir().unwrap();
-        let mut w = worker(d.path(), 10);
-        w.sinks = sinks("events = [\"restart\"]")
-            .into_iter()
-            .map(Sink::new)
-            .collect();
-        w.accept(&restart(1), NotifyEvent::Restart);
-        w.accept(&restart(2), NotifyEvent::Recovered);
-        assert_eq!(w.sinks[0].queue.len(), 1, "recovered was not asked for");
-        w.reconfigure(sinks(""));
-        assert_eq!(w.sinks[0].queue.len(), 1);
-        assert_eq!(w.sinks[0].cfg.events.len(), 5);
-        w.reconfigure(Vec::new());
-        w.store_spool();
-        assert!(w.sinks.is_empty());
-        assert!(!w.spool.path().exists(), "no sink, nothing spooled");
+        let mut a = acceptor(d.path(), 10);
+        a.start(sinks("events = [\"restart\"]"));
+        take(
+            &mut a,
+            &[
+                (restart(1), NotifyEvent::Restart),
+                (restart(2), NotifyEvent::Recovered),
+            ],
+        );
+        assert_eq!(queue(&a, 0).len(), 1, "recovered was not asked for");
+        let shared = a.shared.clone();
+        reconfigure(&mut lock(&shared.state), &shared, sinks(""));
+        assert_eq!(queue(&a, 0).len(), 1);
+        assert_eq!(lock(&shared.state).sinks[0].cfg.events.len(), 5);
+        reconfigure(&mut lock(&shared.state), &shared, Vec::new());
+        assert!(lock(&shared.state).sinks.is_empty());
+        assert_eq!(shared.removed.load(Ordering::Relaxed), 1);
+        let path = lock(&shared.state).journal.path();
+        assert!(!path.exists(), "no sink, nothing spooled");
     }
 }

@@ -99,6 +99,11 @@ pub fn encode<A: Borrow<AppStatus>>(status: &StatusFile<A>) -> String {
         }
     }
     encode_notify(&mut out, &status.notify);
+    if !status.notify.is_empty() || status.notify_lost > 0 {
+        let name = "pmguard_notify_lost_total";
+        family_header(&mut out, name, "counter", "Alerts lost before a [[notify]] sink kept them (a full inbox, or the queue of a sink a reload removed) since the agent started; counted once, not per sink.");
+        let _ = writeln!(out, "{name} {}", status.notify_lost);
+    }
     out
 }
 
@@ -242,6 +247,7 @@ mod tests {
             pauses_revision: 0,
             apps,
             notify: Vec::new(),
+            notify_lost: 0,
         }
     }
 
@@ -299,6 +305,7 @@ mod tests {
             held_back: 3,
             ..SinkStatus::default()
         }];
+        st.notify_lost = 4;
         let text = encode(&st);
         for line in [
             "pmguard_notify_delivered_total{sink=\"ops-slack\"} 7",
@@ -306,6 +313,7 @@ mod tests {
             "pmguard_notify_held_back_total{sink=\"ops-slack\"} 3",
             "pmguard_notify_queued{sink=\"ops-slack\"} 2",
             "# TYPE pmguard_notify_queued gauge",
+            "pmguard_notify_lost_total 4",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }

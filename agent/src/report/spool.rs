@@ -1,6 +1,6 @@
 //! A spool file: what a sink has accepted and not yet delivered, as one JSON document under
-//! `<state_dir>/spool/`, shared by the AWS sink (`pending.json`) and the notify sinks
-//! (`notify.json`).
+//! `<state_dir>/spool/`: the AWS sink's `pending.json` (the notify sinks keep a journal instead,
+//! `notify::journal`, and read an earlier version's `notify.json` through this once).
 //!
 //! Invariants: the file is mode 0600 (it may hold alert text) and replaced atomically and
 //! fsynced, so a crash leaves the old or the new content, never a mix; an empty spool is no

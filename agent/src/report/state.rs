@@ -368,6 +368,14 @@ pub struct StatusFile<A = AppStatus> {
     /// The `[[notify]]` sinks' counters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notify: Vec<SinkStatus>,
+    /// Alerts lost before a sink kept them: events a full notify inbox turned away, and the
+    /// queued alerts of a sink a reload removed. Counted once for the agent, not per sink.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub notify_lost: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One `[[notify]]` sink in `status` (and `status.json`, the Prometheus textfile).

@@ -90,6 +90,13 @@ fn render(s: &StatusFile, fresh: bool, out: &mut dyn Write) {
             let _ = writeln!(out, "    last error: {e} (at {at})");
         }
     }
+    if s.notify_lost > 0 {
+        let _ = writeln!(
+            out,
+            "notify: {} alerts lost before a sink kept them (a full inbox, or a removed sink's queue)",
+            s.notify_lost
+        );
+    }
 }
 
 /// One app: its line in the table, then its note, probe history and last restarts.

@@ -453,11 +453,12 @@ impl Main {
 
 /// What in the board a person or a script acts on: a change is written at the next beat. The
 /// volatile measurements (latency, CPU, memory, probe history, check counts) are left out.
-fn fingerprint(shared: &Shared, notify: &[crate::notify::SinkStatus]) -> u64 {
+fn fingerprint(shared: &Shared, notify: &crate::notify::Board) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     // A notify sink's counters: an alert queued, delivered, dropped or failing shows at once.
-    for n in notify {
+    notify.lost.hash(&mut h);
+    for n in &notify.sinks {
         (n.queued, n.delivered, n.dropped, n.held_back, &n.last_error).hash(&mut h);
     }
     for a in lock(&shared.board).values() {
@@ -493,7 +494,7 @@ fn write_heartbeat(
     shared: &Shared,
     config: &Config,
     textfile: Option<&mut Textfile>,
-    notify: Vec<crate::notify::SinkStatus>,
+    notify: crate::notify::Board,
 ) -> bool {
     // The heartbeat's own cadence, not the longest app interval: one app at `1h` must not make
     // the backup check trust a dead daemon for three hours.
@@ -513,7 +514,8 @@ fn write_heartbeat(
             interval_ms,
             pauses_revision,
             apps: board.values().collect(),
-            notify,
+            notify: notify.sinks,
+            notify_lost: notify.lost,
         };
         let prom = textfile.is_some().then(|| prometheus::encode(&status));
         (StateDir::encode_status(&status), prom)
