@@ -193,7 +193,10 @@ impl Acceptor {
             let mut st = lock(&shared.state);
             for m in std::iter::once(first).chain(rx.try_iter()) {
                 match m {
-                    Msg::Event(e, what) => self.accept(&mut st, &e, what, &mut records),
+                    Msg::Event(e, what) => {
+                        let now = clock::mono_now();
+                        self.accept(&mut st, &e, what, now, &mut records);
+                    }
                     Msg::Config(c) => {
                         st.append(&std::mem::take(&mut records));
                         reconfigure(&mut st, &shared, c);
@@ -242,13 +245,22 @@ impl Acceptor {
     }
 
     /// The event becomes an alert in each sink that asked for it and whose rate limit lets it.
-    fn accept(&mut self, st: &mut State, e: &Event, what: NotifyEvent, out: &mut Vec<Record>) {
+    /// The limit counts in monotonic time (`now`), not the event's wall clock: a clock stepped
+    /// back must not hold an app's alerts for the step.
+    fn accept(
+        &mut self,
+        st: &mut State,
+        e: &Event,
+        what: NotifyEvent,
+        now: Mono,
+        out: &mut Vec<Record>,
+    ) {
         let app = e.app.as_deref().unwrap_or("-");
         for s in &mut st.sinks {
             if !s.cfg.events.contains(&what) {
                 continue;
             }
-            let Some(held_back) = s.limiter.admit(app, e.ts_ms) else {
+            let Some(held_back) = s.limiter.admit(app, now) else {
                 s.st.held_back += 1;
                 tracing::info!(message = "Alert held back by the rate limit.", sink = %s.cfg.name, app, event = what.as_str(), limit = s.cfg.rate_limit, window = %duration::format(s.cfg.rate_window));
                 continue;
@@ -471,8 +483,13 @@ mod tests {
     use crate::report::events::Kind;
 
     fn sinks(extra: &str) -> Vec<NotifyConfig> {
+        let limit = if extra.contains("rate_limit") {
+            ""
+        } else {
+            "rate_limit = 1000\n"
+        };
         let text = format!(
-            "[[apps]]\nname = \"web\"\n[[notify]]\ntype = \"webhook\"\nname = \"hook\"\nurl = \"http://127.0.0.1:9/h\"\nrate_limit = 1000\n{extra}"
+            "[[apps]]\nname = \"web\"\n[[notify]]\ntype = \"webhook\"\nname = \"hook\"\nurl = \"http://127.0.0.1:9/h\"\n{limit}{extra}"
         );
         Config::parse(Path::new("/x.toml"), &text).unwrap().notify
     }
@@ -502,7 +519,7 @@ mod tests {
         let mut st = lock(&shared.state);
         let mut records = Vec::new();
         for (e, what) in events {
-            a.accept(&mut st, e, *what, &mut records);
+            a.accept(&mut st, e, *what, 1_000 + e.ts_ms, &mut records);
         }
         st.append(&records);
     }
@@ -554,5 +571,29 @@ mod tests {
         assert_eq!(shared.removed.load(Ordering::Relaxed), 1);
         let path = lock(&shared.state).journal.path();
         assert!(!path.exists(), "no sink, nothing spooled");
+    }
+
+    #[test]
+    fn the_rate_limit_counts_monotonic_time_so_a_clock_stepped_back_holds_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(sinks("rate_limit = 1\nrate_window = \"5m\"\n"));
+        let shared = a.shared.clone();
+        let mut st = lock(&shared.state);
+        let mut records = Vec::new();
+        let wall = 1_800_000_000_000;
+        let mut e = restart(1);
+        e.ts_ms = wall;
+        a.accept(&mut st, &e, NotifyEvent::Restart, 10_000, &mut records);
+        // The wall clock steps back an hour (an NTP fix); six minutes of real time later the
+        // window has passed, whatever the events' timestamps say.
+        e.ts_ms = wall - 3_600_000 + 360_000;
+        a.accept(&mut st, &e, NotifyEvent::Restart, 370_000, &mut records);
+        assert_eq!(st.sinks[0].queue.len(), 2, "the second alert was held back");
+        assert_eq!(st.sinks[0].st.held_back, 0);
+        // Within the window (monotonic), it is held back, whatever the wall clock says.
+        e.ts_ms = wall + 86_400_000;
+        a.accept(&mut st, &e, NotifyEvent::Restart, 370_001, &mut records);
+        assert_eq!(st.sinks[0].st.held_back, 1);
     }
 }

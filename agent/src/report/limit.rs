@@ -2,7 +2,8 @@
 //!
 //! At most `per_window` alerts per app in any `window` (a sliding window); an alert beyond that
 //! is held back and counted, and the count is told with the next alert that goes, so a storm
-//! becomes a few messages with a number and nothing is silently swallowed. Time is passed in.
+//! becomes a few messages with a number and nothing is silently swallowed. Time is passed in:
+//! monotonic time (`clock::mono_now`), so a wall clock stepped back holds nothing back.
 
 use std::collections::{BTreeMap, VecDeque};
 
