@@ -822,3 +822,79 @@ fn a_burst_of_a_thousand_alerts_costs_a_journal_append_each_not_a_spool_rewrite(
         "all delivered: no spool"
     );
 }
+
+#[test]
+fn a_redirect_is_not_followed_nor_dropped_the_alert_waits_for_a_fixed_endpoint() {
+    let (port, got) = raw::answering(&[
+        "HTTP/1.1 301 Moved Permanently\r\nLocation: http://127.0.0.1:9/elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+    ]);
+    let d = tempfile::tempdir().unwrap();
+    let n = raw::start(raw::sinks("hook", port, ""), d.path(), raw::no_logs());
+    raw::event(
+        &n,
+        pmguard_agent::report::events::Kind::GiveUp,
+        "web",
+        "gave up",
+    );
+    wait_until(Duration::from_secs(10), "the 301 seen", || {
+        n.status()
+            .sinks
+            .first()
+            .is_some_and(|s| s.last_error.is_some())
+    });
+    let st = n.status().sinks[0].clone();
+    assert!(
+        st.last_error.as_deref().unwrap().contains("HTTP 301"),
+        "{st:?}"
+    );
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap()
+            .contains("fix the sink's URL"),
+        "{st:?}"
+    );
+    assert_eq!((st.dropped, st.queued), (0, 1), "{st:?}");
+    // The endpoint answers again (the person fixed it): the same alert goes, once.
+    wait_until(
+        Duration::from_secs(10),
+        "delivered after the redirect",
+        || n.status().sinks[0].delivered == 1,
+    );
+    assert_eq!(got.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(n.status().sinks[0].dropped, 0);
+    n.stop();
+}
+
+#[test]
+fn a_2xx_with_a_body_over_the_limit_is_delivered_once() {
+    let body = "x".repeat(100_000);
+    let reply: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_boxed_str(),
+    );
+    let replies: &'static [&'static str] = Box::leak(vec![reply].into_boxed_slice());
+    let (port, got) = raw::answering(replies);
+    let d = tempfile::tempdir().unwrap();
+    let n = raw::start(raw::sinks("hook", port, ""), d.path(), raw::no_logs());
+    raw::event(
+        &n,
+        pmguard_agent::report::events::Kind::GiveUp,
+        "web",
+        "gave up",
+    );
+    wait_until(Duration::from_secs(10), "delivered", || {
+        n.status().sinks.first().is_some_and(|s| s.delivered == 1)
+    });
+    n.stop();
+    assert_eq!(
+        got.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sent again"
+    );
+    assert!(!d.path().join("spool/notify.jsonl").exists());
+}

@@ -11,8 +11,9 @@
 //! - The watch loop never waits on a sink, and neither does acceptance: only `notify-send`
 //!   talks to the network, so an alert is on disk within milliseconds of its event even while
 //!   an attempt hangs, and a stop (or a SIGKILL) loses none that the inbox had taken.
-//! - An alert leaves the spool only after a 2xx (delivered) or a refusal for good (any other
-//!   4xx: dropped, counted, one error log); network errors, 5xx and 429 are retried with
+//! - An alert leaves the spool only after a 2xx (delivered) or a refusal for good (a 4xx other
+//!   than 408/429: dropped, counted, one error log); network errors, 3xx (never followed; an
+//!   error log asks for the URL to be fixed), 5xx and 429 are retried with
 //!   backoff (`retry`), so an outage or an agent restart delays alerts, never loses them. A 2xx
 //!   lost with a crash may send one alert twice; every alert carries an `id` for that case.
 //! - Bounded: beyond `Options::queue_cap` alerts per sink the oldest is dropped and counted.

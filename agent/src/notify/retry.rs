@@ -3,8 +3,12 @@
 //! - 2xx: delivered. 429, 5xx, 408 and every network error (resolve, connect, timeout, TLS,
 //!   a broken reply): try again later, with exponential backoff from 1 s, full jitter in the
 //!   upper half, capped at the sink's `retry_max_interval`; a `Retry-After` in seconds is
-//!   honoured (up to an hour). Any other status (400, 403, 404, 410, ...): the endpoint refuses
-//!   this alert for good; it is dropped and counted, never retried forever.
+//!   honoured (up to an hour). A 3xx: redirects are never followed (the request would carry
+//!   the alert, and a URL's secret path, to wherever the reply points); it is retried with the
+//!   same backoff and an error log, as a URL to fix, not an alert to drop. Any other 4xx (400,
+//!   403, 404, 410, ...): the endpoint refuses this alert for good; it is dropped and counted,
+//!   never retried forever.
+//! - Only the status line decides: a 2xx whose body was cut at the size limit is delivered.
 
 use crate::net::{NetError, Reply};
 
@@ -16,6 +20,10 @@ pub enum Outcome {
     Retry {
         error: String,
         after_ms: Option<u64>,
+    },
+    /// A 3xx: not followed; retried, and a person must fix the URL.
+    Redirected {
+        status: u16,
     },
     Refused {
         status: u16,
@@ -31,6 +39,7 @@ pub fn classify(result: &Result<Reply, NetError>) -> Outcome {
             error: format!("HTTP {}", r.status),
             after_ms: r.header("retry-after").and_then(retry_after_ms),
         },
+        Ok(r) if (300..400).contains(&r.status) => Outcome::Redirected { status: r.status },
         Ok(r) => Outcome::Refused { status: r.status },
         Err(e) => Outcome::Retry {
             error: e.to_string(),
@@ -102,6 +111,15 @@ mod tests {
     fn two_hundreds_deliver_server_errors_and_429_retry_other_4xx_are_refused() {
         assert_eq!(classify(&reply(200, &[])), Outcome::Delivered);
         assert_eq!(classify(&reply(204, &[])), Outcome::Delivered);
+        let mut cut = reply(200, &[]);
+        if let Ok(r) = &mut cut {
+            r.truncated = true;
+        }
+        assert_eq!(
+            classify(&cut),
+            Outcome::Delivered,
+            "the status line decides"
+        );
         assert!(matches!(
             classify(&reply(500, &[])),
             Outcome::Retry { after_ms: None, .. }
@@ -121,6 +139,12 @@ mod tests {
             }
         ));
         assert_eq!(classify(&reply(404, &[])), Outcome::Refused { status: 404 });
+        let moved = reply(301, &[("Location", "https://elsewhere.example/")]);
+        assert_eq!(classify(&moved), Outcome::Redirected { status: 301 });
+        assert_eq!(
+            classify(&reply(307, &[])),
+            Outcome::Redirected { status: 307 }
+        );
         assert_eq!(classify(&reply(400, &[])), Outcome::Refused { status: 400 });
         assert!(matches!(
             classify(&Err(NetError::Connect("refused".into()))),

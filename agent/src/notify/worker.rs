@@ -435,6 +435,14 @@ fn record(st: &mut State, job: &Job, outcome: Outcome, jitter: f64) {
             failed(s, &error, wait);
             None
         }
+        Outcome::Redirected { status } => {
+            s.failures += 1;
+            let cap = s.cfg.retry_max_interval.as_millis() as u64;
+            let wait = retry::backoff_ms(s.failures, cap, jitter, None);
+            s.next_ms = clock::mono_now() + wait;
+            redirected(s, status, wait);
+            None
+        }
         Outcome::Refused { status } => refused(s, status),
     };
     if let Some(r) = gone {
@@ -461,6 +469,17 @@ fn failed(s: &mut Sink, error: &str, wait_ms: u64) {
         tracing::warn!(message = "Alert delivery failed; retrying.", sink = %s.cfg.name, url = %shown(s.cfg.url.as_ref()), attempt = s.failures, retry_in_ms = wait_ms, queued = s.queue.len(), %error);
     } else {
         tracing::debug!(message = "Alert delivery failed; retrying.", sink = %s.cfg.name, attempt = s.failures, retry_in_ms = wait_ms, %error);
+    }
+}
+
+/// A 3xx: the URL is wrong (moved); a person must fix it. Said as an error at the first and
+/// every tenth attempt; the alert waits.
+fn redirected(s: &mut Sink, status: u16, wait_ms: u64) {
+    let error = format!("HTTP {status}: the endpoint redirects (not followed); fix the sink's URL");
+    s.st.last_error = Some(error.clone());
+    s.st.last_error_at = Some(clock::rfc3339(clock::wall_ms()));
+    if s.failures == 1 || s.failures.is_multiple_of(10) {
+        tracing::error!(message = "The notify endpoint answers with a redirect, which is not followed; the alert waits (write the sink's current URL in the config).", sink = %s.cfg.name, url = %shown(s.cfg.url.as_ref()), status, attempt = s.failures, retry_in_ms = wait_ms, queued = s.queue.len());
     }
 }
 
