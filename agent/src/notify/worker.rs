@@ -296,15 +296,38 @@ fn done(s: &Sink, a: &Alert) -> Record {
     }
 }
 
-/// A reload: sinks matched by name keep their queue, counters and (same limits) limiter.
+/// A reload: a sink keeps its queue, counters and (same limits) limiter when its name is kept,
+/// or, renamed, when its type and URL are; the queue of a sink that is gone is dropped, counted
+/// (`Board::lost`) and said as an error.
 fn reconfigure(st: &mut State, shared: &Shared, configs: Vec<NotifyConfig>) {
     let mut old: BTreeMap<String, Sink> = std::mem::take(&mut st.sinks)
         .into_iter()
         .map(|s| (s.cfg.name.clone(), s))
         .collect();
-    for cfg in configs {
-        let sink = match old.remove(&cfg.name) {
-            Some(s) => carry(s, cfg),
+    let kept: Vec<(NotifyConfig, Option<Sink>)> = configs
+        .into_iter()
+        .map(|c| {
+            let s = old.remove(&c.name);
+            (c, s)
+        })
+        .collect();
+    for (cfg, by_name) in kept {
+        let renamed = || {
+            let name = old
+                .iter()
+                .find(|(_, s)| {
+                    s.cfg.kind == cfg.kind && s.cfg.url.is_some() && s.cfg.url == cfg.url
+                })
+                .map(|(n, _)| n.clone())?;
+            old.remove(&name)
+        };
+        let sink = match by_name.or_else(renamed) {
+            Some(s) => {
+                if s.cfg.name != cfg.name {
+                    tracing::info!(message = "A notify sink was renamed; its queue and counters are kept.", sink = %cfg.name, was = %s.cfg.name, queued = s.queue.len());
+                }
+                carry(s, cfg)
+            }
             None => st.add_sink(cfg),
         };
         st.sinks.push(sink);
@@ -614,5 +637,41 @@ mod tests {
         e.ts_ms = wall + 86_400_000;
         a.accept(&mut st, &e, NotifyEvent::Restart, 370_001, &mut records);
         assert_eq!(st.sinks[0].st.held_back, 1);
+    }
+
+    #[test]
+    fn a_renamed_sink_with_the_same_type_and_url_keeps_its_queue_and_a_gone_one_is_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(sinks(""));
+        take(&mut a, &[(restart(1), NotifyEvent::GiveUp)]);
+        let shared = a.shared.clone();
+        let renamed: Vec<NotifyConfig> = sinks("")
+            .into_iter()
+            .map(|mut c| {
+                c.name = "ops-hook".into();
+                c
+            })
+            .collect();
+        reconfigure(&mut lock(&shared.state), &shared, renamed.clone());
+        assert_eq!(lock(&shared.state).sinks[0].cfg.name, "ops-hook");
+        assert_eq!(queue(&a, 0), ["restart 1"]);
+        assert_eq!(shared.removed.load(Ordering::Relaxed), 0);
+        // The journal was rewritten under the new name: a restart finds the alert there.
+        let mut next = acceptor(d.path(), 10);
+        next.start(renamed);
+        assert_eq!(queue(&next, 0), ["restart 1"]);
+        // Renamed and moved to another URL: a different sink; the old queue is dropped, counted.
+        let moved: Vec<NotifyConfig> = sinks("")
+            .into_iter()
+            .map(|mut c| {
+                c.name = "other".into();
+                c.url = crate::net::Url::parse("http://127.0.0.1:10/h").ok();
+                c
+            })
+            .collect();
+        reconfigure(&mut lock(&shared.state), &shared, moved);
+        assert!(queue(&a, 0).is_empty());
+        assert_eq!(shared.removed.load(Ordering::Relaxed), 1);
     }
 }
