@@ -289,6 +289,30 @@ impl Cx<'_> {
     }
 }
 
+/// Opens `url_file` with O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC; a symlink is refused, said plainly.
+fn open_url_file(path: &Path) -> Result<std::fs::File, (String, String)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path);
+    opened.map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            let target = std::fs::read_link(path)
+                .map(|t| t.display().to_string())
+                .unwrap_or_else(|_| "its target".into());
+            return (
+                format!("is a symbolic link (to {target}); symlinks are refused, so the file checked is the file read"),
+                format!("write the real file's path in url_file (url_file = \"{target}\")"),
+            );
+        }
+        (
+            e.to_string(),
+            "create the file (0600, owned by the agent's user or root) with the webhook URL on its first line".into(),
+        )
+    })
+}
+
 /// A URL a sink may send to: https, or http to a loopback host; `(message, fix)` otherwise.
 /// Messages never repeat the URL's path or query (they may hold a token).
 pub fn check_url(text: &str) -> Result<Url, (String, String)> {
@@ -323,13 +347,36 @@ pub(super) fn resolve_url_files(sinks: &mut [NotifyConfig]) -> Vec<Problem> {
     problems
 }
 
+/// The file is opened without following a symlink and without blocking (a FIFO), and checked
+/// on the opened descriptor: a regular file, owned by the agent's user or root, not readable by
+/// others, so what is read is what was checked.
 fn read_url_file(path: &Path) -> Result<Url, (String, String)> {
+    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let fix_mode = format!(
         "chmod 0600 {} (or 0640 with the agent's group), owned by the agent's user or root",
         path.display()
     );
-    let meta = std::fs::metadata(path).map_err(|e| (e.to_string(), fix_mode.clone()))?;
+    let file = open_url_file(path)?;
+    let meta = file
+        .metadata()
+        .map_err(|e| (e.to_string(), fix_mode.clone()))?;
+    if !meta.is_file() {
+        return Err((
+            "not a regular file".into(),
+            format!("point url_file at a regular file; {fix_mode}"),
+        ));
+    }
+    let me = crate::sys::privilege::euid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err((
+            format!(
+                "owned by uid {}, not by the agent's user (uid {me}) or root: another user could change where alerts go",
+                meta.uid()
+            ),
+            format!("chown the file to the agent's user or root: chown {me} {}", path.display()),
+        ));
+    }
     if meta.mode() & 0o037 != 0 {
         return Err((
             format!(
@@ -339,9 +386,10 @@ fn read_url_file(path: &Path) -> Result<Url, (String, String)> {
             fix_mode,
         ));
     }
-    let bytes = crate::sys::files::read_capped(path, 4096)
-        .map_err(|e| (e.to_string(), fix_mode.clone()))?
-        .unwrap_or_default();
+    let mut bytes = Vec::new();
+    file.take(4096)
+        .read_to_end(&mut bytes)
+        .map_err(|e| (e.to_string(), fix_mode.clone()))?;
     let text = String::from_utf8_lossy(&bytes);
     let line = text.lines().map(str::trim).find(|l| !l.is_empty());
     let Some(line) = line else {
@@ -455,5 +503,51 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn url_file_owned_by_another_user_or_a_symlink_is_refused_with_the_fix() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("other.url");
+        std::fs::write(&file, "https://evil.example/hook\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = d.path().join("pmguard.toml");
+        let text = format!(
+            "[[apps]]\nname = \"web\"\n[[notify]]\ntype = \"slack\"\nurl_file = \"{}\"\n",
+            file.display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let me = crate::sys::privilege::euid();
+        // Another user (nobody) owns it: only root may hand a file to another user.
+        if me == 0 {
+            std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+            let err = Config::load_with_url_files(&cfg).unwrap_err().to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+            assert!(err.contains("chown 0 "), "{err}");
+            std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
+        }
+        assert!(Config::load_with_url_files(&cfg).is_ok());
+        // A symlink to a good file: refused, saying so, with the real path as the fix.
+        let real = d.path().join("real.url");
+        std::fs::rename(&file, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &file).unwrap();
+        let err = Config::load_with_url_files(&cfg).unwrap_err().to_string();
+        assert!(err.contains("is a symbolic link"), "{err}");
+        assert!(err.contains("symlinks are refused"), "{err}");
+        assert!(
+            err.contains(&format!("url_file = \"{}\"", real.display())),
+            "{err}"
+        );
+        // A FIFO is refused at once, never waited on.
+        std::fs::remove_file(&file).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&file)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = Config::load_with_url_files(&cfg).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }
