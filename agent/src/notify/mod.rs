@@ -51,6 +51,9 @@ pub struct Options {
     pub queue_cap: usize,
     /// How long a stop may spend delivering what is due before it leaves the rest spooled.
     pub stop_deadline: Duration,
+    /// Who may own an error log whose lines an alert carries: the agent's user by default; the
+    /// daemon sets PM2's user (PM2_HOME's owner). Any other owner's file is never read.
+    pub log_owners: Vec<u32>,
 }
 
 impl Default for Options {
@@ -63,6 +66,7 @@ impl Default for Options {
             },
             queue_cap: 1000,
             stop_deadline: Duration::from_secs(2),
+            log_owners: vec![crate::sys::privilege::euid()],
         }
     }
 }

@@ -271,7 +271,7 @@ impl Acceptor {
             if s.cfg.attach_log_lines > 0 {
                 let path = e.app.as_deref().and_then(|a| (self.logs)(a));
                 let n = s.cfg.attach_log_lines as usize;
-                alert.log = Some(logtail::tail(path.as_deref(), n));
+                alert.log = Some(logtail::tail(path.as_deref(), n, &self.opts.log_owners));
             }
             out.push(Record::Add {
                 sink: s.cfg.name.clone(),

@@ -69,7 +69,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     shared.sandboxed = std::env::var_os("PMGUARD_SANDBOXED").is_some_and(|v| v == "1");
     let sink = start_sink(&config, &state, &mut shared);
     let shared = Arc::new(shared);
-    let notify = start_notify(&config, &state, &shared);
+    let notify = start_notify(&config, &state, &shared, &paths.home);
     forward_events(&events, &shared, notify.as_ref());
     let notifier = Notifier::from_env();
     let (main_tx, main_rx) = mpsc::channel::<ToMain>();
@@ -172,6 +172,7 @@ fn start_notify(
     config: &Config,
     state: &StateDir,
     shared: &Arc<Shared>,
+    pm2_home: &std::path::Path,
 ) -> Option<crate::notify::Notify> {
     let board = shared.clone();
     let logs: crate::notify::LogPaths = Arc::new(move |app: &str| {
@@ -188,7 +189,7 @@ fn start_notify(
         &state.dir,
         origin,
         logs,
-        crate::notify::Options::default(),
+        notify_options(pm2_home),
     ) {
         Ok(n) => Some(n),
         Err(error) => {
@@ -196,6 +197,18 @@ fn start_notify(
             None
         }
     }
+}
+
+/// The error logs an alert may attach are PM2's user's (PM2_HOME's owner, who writes them);
+/// the agent's own user's only when PM2_HOME cannot be seen. So an agent running as root next
+/// to a PM2 user never attaches a root-owned file an app's log path names.
+fn notify_options(pm2_home: &std::path::Path) -> crate::notify::Options {
+    use std::os::unix::fs::MetadataExt;
+    let mut opts = crate::notify::Options::default();
+    if let Ok(m) = std::fs::metadata(pm2_home) {
+        opts.log_owners = vec![m.uid()];
+    }
+    opts
 }
 
 /// The event log's forwards: the AWS recorder (with `[aws]`) and the notify inbox.
