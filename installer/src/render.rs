@@ -694,6 +694,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn no_agent_unit_removes_the_pm2_users_ipc() {
+        // RemoveIPC= deletes every POSIX/SysV IPC object of the unit's User= when it stops: the
+        // PM2 user's apps' /dev/shm files when PM2 is not itself a unit. PrivateIPC= isolates
+        // the agent without that.
+        let text = |f: &DesiredFile| String::from_utf8(f.content.clone()).unwrap();
+        let single = rendered(MINIMAL);
+        let instance = rendered_instance(ALICE, "alice", 1001);
+        for f in single.iter().chain(&instance) {
+            if f.kind != FileKind::Managed || !f.path.starts_with("/etc/systemd") {
+                continue;
+            }
+            assert!(!text(f).contains("RemoveIPC"), "{}", f.path.display());
+        }
+        for (files, p) in [(&single, UNIT_PATH), (&instance, TEMPLATE_PATH)] {
+            let f = files.iter().find(|f| f.path == Path::new(p)).unwrap();
+            assert!(text(f).contains("\nPrivateIPC=yes\n"), "{p}");
+        }
+    }
+
+    #[test]
     fn snapshots_minimal() {
         snapshot_all("minimal", MINIMAL);
     }
