@@ -75,10 +75,11 @@ pub enum Error {
     NotInstalledFor { user: String, installed: String },
     #[error("pmguard is installed here for several users ({installed}): pass --user to say which one to uninstall")]
     WhichUser { installed: String },
-    #[error("{what} {} is already used by {other}'s agent: two agents cannot share it; {fix}", path.display())]
+    #[error("{what} {} is already used by {other}'s agent (its {theirs}): two agents can neither share a directory nor nest one in the other (uninstalling the outer one deletes the inner one); {fix}", path.display())]
     SharedPath {
         what: &'static str,
         path: PathBuf,
+        theirs: String,
         other: String,
         fix: String,
     },

@@ -159,33 +159,80 @@ fn installed_config(root: &Path, config: &Path) -> Option<pmguard_agent::config:
 }
 
 /// Refuses a config whose agent would write where another user's agent writes: one state
-/// directory holds one agent's lock, history and events; one textfile one agent's metrics.
+/// directory holds one agent's lock, history and events; one textfile one agent's metrics. A
+/// state directory inside another's (or around it) is refused too: uninstalling the outer one
+/// deletes the inner one, and `StateDirectory=` hands the outer one to its user alone. The same
+/// holds for a textfile's directory against another agent's state directory.
 pub fn check_shared_paths(
     config: &pmguard_agent::config::Config,
     user: &str,
     obs: &Observed,
 ) -> Result<(), Error> {
+    let state = config.agent.state_dir.as_path();
+    let textfile = config.agent.prometheus_textfile.as_deref();
+    let state_fix = format!("set a path of {user}'s own, beside the others and not inside them, e.g. [agent] state_dir = \"/var/lib/pmguard-{user}\"");
+    let textfile_fix = format!("set a path of {user}'s own in its config, e.g. [agent] prometheus_textfile = \"/var/lib/prometheus/node-exporter/pmguard-{user}.prom\"");
     for o in &obs.others {
-        if o.state_dir.as_deref() == Some(config.agent.state_dir.as_path()) {
-            return Err(Error::SharedPath {
-                what: "state directory",
-                path: config.agent.state_dir.clone(),
+        let their_textfile = o.prometheus_textfile.as_deref();
+        let shared = |what: &'static str, path: &Path, theirs: String, fix: &str| {
+            Err(Error::SharedPath {
+                what,
+                path: path.to_path_buf(),
+                theirs,
                 other: o.name(),
-                fix: format!("set a path of {user}'s own in its config, e.g. [agent] state_dir = \"/var/lib/pmguard-{user}\""),
-            });
+                fix: fix.to_string(),
+            })
+        };
+        if let Some(theirs) = o.state_dir.as_deref() {
+            if nested(state, theirs) {
+                return shared(
+                    "state directory",
+                    state,
+                    format!("state directory {}", theirs.display()),
+                    &state_fix,
+                );
+            }
+            if let Some(dir) = textfile
+                .and_then(Path::parent)
+                .filter(|d| nested(d, theirs))
+            {
+                return shared(
+                    "Prometheus textfile directory",
+                    dir,
+                    format!("state directory {}", theirs.display()),
+                    &textfile_fix,
+                );
+            }
         }
-        if let (Some(a), Some(b)) = (&config.agent.prometheus_textfile, &o.prometheus_textfile) {
+        if let Some(dir) = their_textfile
+            .and_then(Path::parent)
+            .filter(|d| nested(state, d))
+        {
+            return shared(
+                "state directory",
+                state,
+                format!("Prometheus textfile directory {}", dir.display()),
+                &state_fix,
+            );
+        }
+        if let (Some(a), Some(b)) = (textfile, their_textfile) {
             if a == b {
-                return Err(Error::SharedPath {
-                    what: "Prometheus textfile",
-                    path: a.clone(),
-                    other: o.name(),
-                    fix: format!("set a path of {user}'s own in its config, e.g. [agent] prometheus_textfile = \"/var/lib/prometheus/node-exporter/pmguard-{user}.prom\""),
-                });
+                return shared(
+                    "Prometheus textfile",
+                    a,
+                    format!("Prometheus textfile {}", b.display()),
+                    &textfile_fix,
+                );
             }
         }
     }
     Ok(())
+}
+
+/// One path is the other or lies inside it (component-wise: /var/lib/pmguard-a is beside
+/// /var/lib/pmguard, not in it).
+fn nested(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
 }
 
 /// The parents of `paths` (and of the manifest) that do not exist under `root`, outermost
@@ -1174,10 +1221,53 @@ mod tests {
         let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), ALICE).unwrap();
         let err = check_shared_paths(&c, "bob", &obs).unwrap_err().to_string();
         assert!(
-            err.contains("state directory /var/lib/pmguard-alice is already used by alice's agent")
+            err.contains("state directory /var/lib/pmguard-alice is already used by alice's agent (its state directory /var/lib/pmguard-alice)")
                 && err.contains("state_dir = \"/var/lib/pmguard-bob\""),
             "{err}"
         );
+    }
+
+    /// What `install --user user` says about `config` next to the installs under `root`.
+    fn shared_paths_error(root: &Path, config: &str, user: &str, uid: u32) -> Option<String> {
+        let layout =
+            crate::layout::for_install(&crate::layout::installed(root).unwrap(), user).unwrap();
+        let desired = crate::render::tests::rendered_for(config, user, uid, layout.clone());
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), config).unwrap();
+        check_shared_paths(&c, user, &obs)
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_state_directory_inside_or_around_another_agents_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let cfg = |agent: &str| format!("[agent]\n{agent}\n\n[[apps]]\nname = \"web\"\n");
+        install_user(
+            root.path(),
+            &cfg("state_dir = \"/var/lib/pmguard\""),
+            "ubuntu",
+            1000,
+        );
+        let err = shared_paths_error(
+            root.path(),
+            &cfg("state_dir = \"/var/lib/pmguard/alice\""),
+            "alice",
+            1001,
+        )
+        .unwrap();
+        assert!(err.contains("state directory /var/lib/pmguard/alice is already used by ubuntu's agent (its state directory /var/lib/pmguard)"), "{err}");
+        let err = shared_paths_error(root.path(), &cfg("state_dir = \"/var/lib/pmguard-a\"\nprometheus_textfile = \"/var/lib/pmguard/metrics/a.prom\""), "alice", 1001).unwrap();
+        assert!(err.contains("Prometheus textfile directory /var/lib/pmguard/metrics is already used by ubuntu's agent"), "{err}");
+        // Beside it (a name that only starts the same) is fine, and the install goes ahead.
+        let alice = cfg("state_dir = \"/var/lib/pmguard-alice\"\nprometheus_textfile = \"/srv/prom/alice.prom\"");
+        assert_eq!(shared_paths_error(root.path(), &alice, "alice", 1001), None);
+        install_user(root.path(), &alice, "alice", 1001);
+        // A state directory around alice's textfile directory: refused the other way round.
+        let err =
+            shared_paths_error(root.path(), &cfg("state_dir = \"/srv\""), "bob", 1002).unwrap();
+        assert!(err.contains("state directory /srv is already used by alice's agent (its Prometheus textfile directory /srv/prom)"), "{err}");
     }
 
     #[test]
