@@ -61,6 +61,9 @@ pub struct Other {
     /// Paths its agent writes (from its installed config), which no second agent may share.
     pub state_dir: Option<PathBuf>,
     pub prometheus_textfile: Option<PathBuf>,
+    /// An instance whose drop-in (written by a pmguard from before per-install `ExecStart=`) names
+    /// no agent: it runs what the template names, so the template must not change under it.
+    pub exec_from_template: bool,
 }
 
 impl Other {
@@ -142,7 +145,11 @@ fn observe_others(root: &Path, layout: &Layout) -> Result<Vec<Other>, Error> {
         i.manifest
             .check_owned(&under(root, &i.layout.manifest_path()), &i.layout)?;
         let config = installed_config(root, &i.layout.config_path());
+        let exec_from_template = matches!(i.layout, Layout::Instance(_))
+            && std::fs::read_to_string(under(root, &i.layout.unit_path()))
+                .is_ok_and(|t| !t.lines().any(|l| l.starts_with("ExecStart=")));
         others.push(Other {
+            exec_from_template,
             state_dir: config.as_ref().map(|c| c.agent.state_dir.clone()),
             prometheus_textfile: config.and_then(|c| c.agent.prometheus_textfile),
             layout: i.layout,
@@ -397,6 +404,7 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
     let manifest = next_manifest(desired, obs);
     let changed = plan_writes(desired, obs, force, can_chown, &mut plan);
     plan_stale_removals(desired, obs, &mut plan);
+    block_template_change(obs, &mut plan);
     let mut head = head_steps(obs, &manifest);
     head.extend(shared_hash_updates(desired, obs));
     plan.steps.splice(0..0, head);
@@ -404,6 +412,27 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
     let unit = obs.layout.unit_name();
     plan.notes.push(format!("Logs go to the journal (journalctl -u {}); the logrotate file rotates only the agent's event file.", unit.trim_end_matches(".service")));
     plan
+}
+
+/// A template rewrite while another instance still takes its `ExecStart=` from the template
+/// (installed by an older pmguard): that agent would lose its command line. Its own install,
+/// re-run first, gives it one in its drop-in.
+fn block_template_change(obs: &Observed, plan: &mut Plan) {
+    let template_written = plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Write { file, .. } if file.path == Path::new(TEMPLATE_PATH)));
+    if !template_written {
+        return;
+    }
+    for o in obs.others.iter().filter(|o| o.exec_from_template) {
+        plan.blocked.push(format!(
+            "{} was installed by an older pmguard and runs the agent named in {TEMPLATE_PATH}, which this install rewrites; re-run its install first: sudo pmguard install --user {} --config {}",
+            o.layout.unit_name(),
+            o.name(),
+            o.layout.config_path().display()
+        ));
+    }
 }
 
 /// Which units' files a plan rewrites (so systemd reloads and restarts what changed).
@@ -1012,6 +1041,154 @@ mod tests {
         let plan = plan_uninstall(&observe(root, &[], &STAGED, &chosen[0].layout).unwrap());
         apply(&plan, root, &STAGED, false).unwrap();
         plan
+    }
+
+    /// Installs `config` for `user` with `agent` (`None`: the package's, run in place).
+    fn install_with_agent(root: &Path, config: &str, user: &str, uid: u32, agent: Option<&[u8]>) {
+        let layout =
+            crate::layout::for_install(&crate::layout::installed(root).unwrap(), user).unwrap();
+        let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), config).unwrap();
+        let settings = crate::render::Settings {
+            account: crate::render::tests::account_of(user, uid),
+            config_text: config.to_string(),
+            agent_binary: agent.map(<[u8]>::to_vec),
+            pm2: crate::pm2unit::Supervision::Startup {
+                unit: format!("pm2-{user}.service"),
+            },
+            layout: layout.clone(),
+        };
+        let desired = crate::render::render(&c, &settings).unwrap();
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        check_shared_paths(&c, user, &obs).unwrap();
+        apply(
+            &plan_install(&desired, &obs, false, false),
+            root,
+            &STAGED,
+            false,
+        )
+        .unwrap();
+    }
+
+    /// The program `unit` starts: the last `ExecStart=` of the unit file and its drop-ins
+    /// (an empty one resets), as systemd reads them.
+    fn exec_start(root: &Path, unit_files: &[&str]) -> Option<String> {
+        let mut exec = None;
+        for f in unit_files {
+            let Ok(text) = std::fs::read_to_string(root.join(f)) else {
+                continue;
+            };
+            for l in text.lines().filter_map(|l| l.strip_prefix("ExecStart=")) {
+                exec = l.split_whitespace().next().map(str::to_string);
+            }
+        }
+        exec
+    }
+
+    #[test]
+    fn no_install_changes_or_removes_the_agent_another_user_runs() {
+        use crate::render::tests::{ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
+        std::fs::write(root.path().join("usr/bin/pmguard-agent"), "packaged").unwrap();
+        install_with_agent(root.path(), MINIMAL, "ubuntu", 1000, None);
+        install_with_agent(root.path(), BOB, "bob", 1002, None);
+        let bob = [
+            "etc/systemd/system/pmguard-agent@.service",
+            "etc/systemd/system/pmguard-agent@bob.service.d/pmguard.conf",
+        ];
+        assert_eq!(
+            exec_start(root.path(), &bob).as_deref(),
+            Some("/usr/bin/pmguard-agent")
+        );
+        install_with_agent(root.path(), ALICE, "alice", 1001, Some(b"copied"));
+        let alice = [
+            bob[0],
+            "etc/systemd/system/pmguard-agent@alice.service.d/pmguard.conf",
+        ];
+        assert_eq!(
+            exec_start(root.path(), &alice).as_deref(),
+            Some("/usr/local/bin/pmguard-agent")
+        );
+        assert_eq!(
+            exec_start(root.path(), &bob).as_deref(),
+            Some("/usr/bin/pmguard-agent"),
+            "alice's install changed bob's agent"
+        );
+        // Bob's re-run (his doctor's view) is unchanged by alice's install.
+        let desired =
+            crate::render::tests::rendered_for(BOB, "bob", 1002, Layout::instance("bob").unwrap());
+        let drop_in = desired
+            .iter()
+            .find(|f| f.path.ends_with("pmguard-agent@bob.service.d/pmguard.conf"))
+            .unwrap();
+        let template = desired
+            .iter()
+            .find(|f| f.path == Path::new(TEMPLATE_PATH))
+            .unwrap();
+        assert_eq!(
+            std::fs::read(root.path().join(bob[0])).unwrap(),
+            template.content,
+            "one template for every agent choice"
+        );
+        assert_ne!(
+            std::fs::read(root.path().join(bob[1])).unwrap(),
+            drop_in.content,
+            "bob runs the package's agent, not a copy"
+        );
+        uninstall_user(root.path(), "alice");
+        assert!(!root.path().join("usr/local/bin/pmguard-agent").exists());
+        let exec = exec_start(root.path(), &bob).unwrap();
+        assert!(
+            root.path().join(exec.trim_start_matches('/')).exists(),
+            "bob's agent {exec} is gone"
+        );
+        // An instance from before per-install ExecStart= (its drop-in names no agent) blocks a
+        // template rewrite until its own install has run.
+        let drop_in = root.path().join(bob[1]);
+        let old = std::fs::read_to_string(&drop_in).unwrap();
+        let no_exec: String = old
+            .lines()
+            .filter(|l| !l.starts_with("ExecStart="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&drop_in, &no_exec).unwrap();
+        let template = root.path().join(bob[0]);
+        std::fs::write(
+            &template,
+            "[Service]\nExecStart=/usr/bin/pmguard-agent run\n",
+        )
+        .unwrap();
+        let desired = crate::render::tests::rendered_instance(ALICE, "alice", 1001);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(
+            root.path(),
+            &paths,
+            &STAGED,
+            &Layout::instance("alice").unwrap(),
+        )
+        .unwrap();
+        let plan = plan_install(&desired, &obs, false, false);
+        assert!(
+            display(&plan)
+                .contains("BLOCKED: pmguard-agent@bob.service was installed by an older pmguard"),
+            "{}",
+            display(&plan)
+        );
+        install_with_agent(root.path(), BOB, "bob", 1002, None);
+        assert_eq!(
+            exec_start(root.path(), &bob).as_deref(),
+            Some("/usr/bin/pmguard-agent")
+        );
+        // And the other way round: a copy bob runs stays while he uses it.
+        install_with_agent(root.path(), BOB, "bob", 1002, Some(b"copied"));
+        install_with_agent(root.path(), ALICE, "alice", 1001, None);
+        uninstall_user(root.path(), "alice");
+        assert_eq!(
+            exec_start(root.path(), &bob).as_deref(),
+            Some("/usr/local/bin/pmguard-agent")
+        );
+        assert!(root.path().join("usr/local/bin/pmguard-agent").exists());
     }
 
     #[test]
