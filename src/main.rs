@@ -8,6 +8,23 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)
 )]
 
+/// `print!` that survives a closed stdout (`pmguard install ... | head`): a plan half shown
+/// must not turn into a panic (exit 101) while the install itself goes on or has finished.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `println!` that survives a closed stdout, like `out!`.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod error;
 mod fleet;
 
@@ -277,12 +294,12 @@ fn install(
     finish(&plan, &root, &systemd, dry_run)?;
     if replace_legacy && !dry_run && plan.blocked.is_empty() && !legacy.is_empty() {
         for done in legacy::replace(&root, &legacy, &systemd)? {
-            println!("Replaced: {done}");
+            outln!("Replaced: {done}");
         }
     }
     if let Some(policy) = pmguard_installer::iam::agent_policy(&config) {
         if !dry_run && plan.blocked.is_empty() {
-            println!(
+            outln!(
                 "\nAttach this IAM policy to the instance role (also in {}; the policy for whoever runs provision-aws is in {}, never for the instance role):\n{}",
                 layout.iam_path().display(),
                 layout.iam_admin_path().display(),
@@ -370,7 +387,7 @@ fn uninstall(
     // (with the last agent only: the monitor it replaced watched every user's apps).
     if installed.len() <= 1 {
         for done in legacy::restore(&root, &systemd, dry_run)? {
-            println!("Put back: {done}");
+            outln!("Put back: {done}");
         }
     }
     let observed = plan::observe(&root, &[], &systemd, &layout)?;
@@ -380,16 +397,16 @@ fn uninstall(
 }
 
 fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Result<(), CliError> {
-    print!("{}", plan::display(plan));
+    out!("{}", plan::display(plan));
     if !plan.blocked.is_empty() {
-        println!("Nothing was changed.");
+        outln!("Nothing was changed.");
         return Ok(());
     }
     if dry_run || plan.is_empty() {
         return Ok(());
     }
     plan::apply(plan, root, systemd, can_chown())?;
-    println!("Done.");
+    outln!("Done.");
     Ok(())
 }
 
@@ -416,7 +433,7 @@ fn init(
     };
     let text = init::run(user, &home, &header, Path::new("/proc"))?;
     let Some(path) = output else {
-        print!("{text}");
+        out!("{text}");
         return Ok(ExitCode::SUCCESS);
     };
     if path.exists() && !force {
@@ -483,9 +500,9 @@ fn doctor(
         }));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        outln!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
-        print!("{}", doctor::table(&checks));
+        out!("{}", doctor::table(&checks));
     }
     Ok(if doctor::failed(&checks) {
         ExitCode::from(1)
