@@ -243,6 +243,24 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
     }
 }
 
+/// How long install/uninstall wait for another one on the same root.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The root's install lock, held from the first read to the last write (another install or
+/// uninstall running: say so, then wait for it, up to `LOCK_WAIT`).
+fn lock(root: &Path) -> Result<pmguard_installer::lock::Lock, CliError> {
+    use pmguard_installer::lock;
+    if let Some(l) = lock::try_lock(root)? {
+        return Ok(l);
+    }
+    eprintln!(
+        "Another pmguard install or uninstall is running on {}: waiting for it (up to {} s)...",
+        root.display(),
+        LOCK_WAIT.as_secs()
+    );
+    Ok(lock::lock(root, LOCK_WAIT)?)
+}
+
 /// Only root can give files their owners; a staging install as a user keeps its own.
 fn can_chown() -> bool {
     rustix::process::geteuid().is_root()
@@ -261,6 +279,7 @@ fn install(
         fleet::load_config(config_path).map_err(CliError::nothing("installed"))?;
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
+    let _lock = lock(&root)?;
     let user = user
         .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
         .ok_or(CliError::NoUser)?;
@@ -370,6 +389,7 @@ fn uninstall(
 ) -> Result<ExitCode, CliError> {
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
+    let _lock = lock(&root)?;
     let systemd = Systemctl { staged };
     let installed = layout::installed(&root)?;
     let chosen = layout::for_user(&installed, user)?;

@@ -109,3 +109,49 @@ fn a_plan_piped_into_a_reader_that_stops_early_is_no_panic() {
         .join("etc/pmguard/install-manifest.json")
         .exists());
 }
+
+#[test]
+fn a_second_install_waits_for_the_first_and_loses_nothing() {
+    let s = Staged::new();
+    assert!(s.install("ubuntu", &[]).status.success());
+    // Another install or uninstall holds the root's lock (as this test process).
+    let held = pmguard_installer::lock::try_lock(&s.root())
+        .unwrap()
+        .unwrap();
+    let config = s.config("alice", "");
+    let agent = s.dir.path().join("agent");
+    let mut child = s
+        .pmguard(&[
+            "install",
+            "--user",
+            "alice",
+            "--config",
+            config.to_str().unwrap(),
+            "--agent-bin",
+            agent.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut first = [0u8; 48];
+    stderr.read_exact(&mut first).unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("Another pmguard install or uninstall"),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    assert!(
+        !s.root().join("etc/pmguard/users/alice").exists(),
+        "nothing written while waiting"
+    );
+    drop(held);
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
+    assert_eq!(
+        pmguard_installer::layout::names(&installed),
+        "ubuntu, alice"
+    );
+}

@@ -68,6 +68,9 @@ pub enum Error {
     #[error("user `{user}` is root: run PM2 and pmguard as an unprivileged user")]
     RootUser { user: String },
 
+    #[error("another pmguard install or uninstall is running on {} (waited {waited_s} s for it): run this again when it is done", root.display())]
+    Locked { root: PathBuf, waited_s: u64 },
+
     // Several users on one box.
     #[error("user `{user}` cannot name an agent instance (pmguard-agent@{user}.service, /etc/cron.d/pmguard-{user}): a second user's name may hold only letters, digits, `_` and `-`, start with a letter, digit or `_`, and be at most 32 long")]
     BadInstanceUser { user: String },
