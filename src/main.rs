@@ -301,6 +301,7 @@ fn install(
     plan::check_shared_paths(&config, &user, &observed)?;
     // Only the live system's PM2 can be running (a staging root has none).
     observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
+    observed.user = Some(user.clone());
     let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
     if let pmguard_installer::pm2unit::Supervision::Unavailable(why) = &pm2 {
         plan.notes.push(format!(

@@ -50,6 +50,9 @@ pub struct Observed {
     pub layout: Layout,
     /// The box's other installs (other users' agents): what they share with this one.
     pub others: Vec<Other>,
+    /// The PM2 user this install is for (set by the caller): recorded in the manifest, so an
+    /// install cut short before its unit was written is still found as this user's.
+    pub user: Option<String>,
 }
 
 /// Another user's install on the same box.
@@ -111,6 +114,7 @@ pub fn observe(
         unit: systemd.state(&layout.unit_name()),
         pm2_unit: systemd.state(&layout.pm2_unit_name()),
         pm2_daemon_live: false,
+        user: None,
         state_dir: owned_state_dir(root, &layout.config_path()),
         layout: layout.clone(),
         others,
@@ -491,6 +495,7 @@ fn next_manifest(desired: &[DesiredFile], obs: &Observed) -> Manifest {
             .map(|m| m.created_dirs.clone())
             .unwrap_or_default(),
         unit: Some(obs.layout.unit_name()),
+        user: obs.user.clone(),
     };
     // Directories another install created that this one's files live in too: whichever
     // install is removed last removes them.
@@ -1027,7 +1032,8 @@ mod tests {
             crate::layout::for_install(&crate::layout::installed(root).unwrap(), user).unwrap();
         let desired = crate::render::tests::rendered_for(config, user, uid, layout.clone());
         let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
-        let obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        let mut obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        obs.user = Some(user.to_string());
         let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), config).unwrap();
         check_shared_paths(&c, user, &obs).unwrap();
         let plan = plan_install(&desired, &obs, false, false);
@@ -1189,6 +1195,57 @@ mod tests {
             Some("/usr/local/bin/pmguard-agent")
         );
         assert!(root.path().join("usr/local/bin/pmguard-agent").exists());
+    }
+
+    #[test]
+    fn a_first_install_cut_short_after_its_manifest_stays_the_single_user_layout() {
+        use crate::render::tests::ALICE;
+        let root = tempfile::tempdir().unwrap();
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let mut obs = observe(root.path(), &paths, &STAGED, &Layout::Single).unwrap();
+        obs.user = Some("ubuntu".into());
+        let mut plan = plan_install(&desired, &obs, false, false);
+        let manifest_at = plan
+            .steps
+            .iter()
+            .position(
+                |s| matches!(s, Step::Write { file, .. } if file.path == Path::new(MANIFEST_PATH)),
+            )
+            .unwrap();
+        // Killed right after the manifest: no unit, so no `User=` to read.
+        plan.steps.truncate(manifest_at + 1);
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        assert!(!root
+            .path()
+            .join("etc/systemd/system/pmguard-agent.service")
+            .exists());
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        assert!(
+            !root.path().join("etc/pmguard/users").exists(),
+            "ubuntu became an instance of itself"
+        );
+        assert!(root
+            .path()
+            .join("etc/systemd/system/pmguard-agent.service")
+            .exists());
+        let installed = crate::layout::installed(root.path()).unwrap();
+        assert_eq!(crate::layout::names(&installed), "ubuntu");
+        // A manifest from before the user was recorded: the unit's User= still says.
+        let mpath = root.path().join("etc/pmguard/install-manifest.json");
+        let mut m = Manifest::read(&mpath).unwrap().unwrap();
+        assert_eq!(m.user.as_deref(), Some("ubuntu"));
+        m.user = None;
+        std::fs::write(&mpath, m.to_bytes()).unwrap();
+        assert_eq!(
+            crate::layout::names(&crate::layout::installed(root.path()).unwrap()),
+            "ubuntu"
+        );
+        install_user(root.path(), ALICE, "alice", 1001);
+        assert_eq!(
+            crate::layout::names(&crate::layout::installed(root.path()).unwrap()),
+            "ubuntu, alice"
+        );
     }
 
     #[test]
