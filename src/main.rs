@@ -284,6 +284,7 @@ fn install(
         .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
         .ok_or(CliError::NoUser)?;
     let account = users::lookup(&root, &user)?;
+    users::private_group(&root, &account)?;
     let agent_binary = agent_binary(&root, agent_bin)?;
     let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
     let layout = layout::for_install(&layout::installed(&root)?, &user)?;

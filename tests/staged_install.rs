@@ -155,3 +155,36 @@ fn a_second_install_waits_for_the_first_and_loses_nothing() {
         "ubuntu, alice"
     );
 }
+
+#[test]
+fn a_user_sharing_a_primary_group_is_refused_and_doctor_says_so() {
+    let s = Staged::new();
+    let out = s.install("carol", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("primary group `users` is shared with dave")
+            && t.contains("sudo groupadd carol && sudo usermod -g carol carol"),
+        "{t}"
+    );
+    assert!(
+        !s.root().join("etc/pmguard").exists(),
+        "nothing written: {t}"
+    );
+    // Installed while the group was private; dave joined it later: doctor fails ubuntu.
+    assert!(s.install("ubuntu", &[]).status.success());
+    std::fs::write(
+        s.root().join("etc/group"),
+        "root:x:0:\nusers:x:100:\nubuntu:x:1000:dave\n",
+    )
+    .unwrap();
+    let out = s
+        .pmguard(&["doctor", "--user", "ubuntu", "--json"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(
+        t.contains("\"check\": \"private group\"") && t.contains("shared with dave"),
+        "{t}"
+    );
+}

@@ -71,6 +71,13 @@ pub enum Error {
     #[error("another pmguard install or uninstall is running on {} (waited {waited_s} s for it): run this again when it is done", root.display())]
     Locked { root: PathBuf, waited_s: u64 },
 
+    #[error("user `{user}`'s primary group `{group}` is shared with {others}: they could read {user}'s config (notify URLs are secrets), state and events; give {user} a private group: sudo groupadd {user} && sudo usermod -g {user} {user}")]
+    SharedGroup {
+        user: String,
+        group: String,
+        others: String,
+    },
+
     // Several users on one box.
     #[error("user `{user}` cannot name an agent instance (pmguard-agent@{user}.service, /etc/cron.d/pmguard-{user}): a second user's name may hold only letters, digits, `_` and `-`, start with a letter, digit or `_`, and be at most 32 long")]
     BadInstanceUser { user: String },
