@@ -533,31 +533,38 @@ fn doctor(
     })
 }
 
-/// Which configs doctor checks: `--config` alone (for `--user`'s install, if any); else every
-/// installed agent's own (only `--user`'s with it); on a box with none, the default config.
+/// Which configs doctor checks: `--config` alone, judged against the install whose config it
+/// is (else `--user`'s, else the single-user layout's); else every installed agent's own (only
+/// `--user`'s with it, an error when `--user` has none); on a box with none, the default
+/// config. Every path is under the root.
 fn doctor_targets(
     root: &Path,
     config: Option<PathBuf>,
     user: Option<&str>,
     installed: &[layout::Installed],
 ) -> Result<Vec<(PathBuf, Layout)>, CliError> {
-    let of_user = |u: &str| {
-        installed
-            .iter()
-            .find(|i| i.user.as_deref() == Some(u))
-            .map(|i| i.layout.clone())
-    };
     if let Some(c) = config {
-        let layout = user.and_then(of_user).unwrap_or(Layout::Single);
+        let same = |i: &&layout::Installed| {
+            let theirs = render::under(root, &i.layout.config_path()).canonicalize();
+            matches!((c.canonicalize(), theirs), (Ok(a), Ok(b)) if a == b)
+        };
+        let layout = installed
+            .iter()
+            .find(same)
+            .or_else(|| {
+                installed
+                    .iter()
+                    .find(|i| user.is_some() && i.user.as_deref() == user)
+            })
+            .map_or(Layout::Single, |i| i.layout.clone());
         return Ok(vec![(c, layout)]);
     }
-    let chosen = match user {
-        // A user with no install of their own: the single-user layout's checks, as before.
-        Some(u) if of_user(u).is_none() => Vec::new(),
-        _ => layout::for_user(installed, user)?,
-    };
+    let chosen = layout::for_user(installed, user)?;
     if chosen.is_empty() {
-        return Ok(vec![(PathBuf::from(render::CONFIG_PATH), Layout::Single)]);
+        return Ok(vec![(
+            render::under(root, Path::new(render::CONFIG_PATH)),
+            Layout::Single,
+        )]);
     }
     Ok(chosen
         .into_iter()

@@ -188,3 +188,47 @@ fn a_user_sharing_a_primary_group_is_refused_and_doctor_says_so() {
         "{t}"
     );
 }
+
+#[test]
+fn doctor_judges_a_config_by_the_install_it_belongs_to_and_refuses_an_unknown_user() {
+    let s = Staged::new();
+    assert!(s.install("ubuntu", &[]).status.success());
+    assert!(s.install("alice", &[]).status.success());
+    let alice = s.root().join("etc/pmguard/users/alice/pmguard.toml");
+    let out = s
+        .pmguard(&["doctor", "--json", "--config", alice.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks = checks.as_array().unwrap();
+    assert!(
+        checks
+            .iter()
+            .all(|c| c["unit"] == "pmguard-agent@alice.service"),
+        "{checks:#?}"
+    );
+    let unit = checks
+        .iter()
+        .find(|c| c["check"] == "unit file")
+        .unwrap_or_else(|| panic!("{checks:#?}"));
+    assert_eq!(unit["status"], "ok", "{unit:#}");
+    // zed has no install here: an error, never the host's /etc/pmguard/pmguard.toml.
+    let out = s.pmguard(&["doctor", "--user", "zed"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("not installed for user `zed` here (installed for: ubuntu, alice)"),
+        "{}",
+        text(&out)
+    );
+    // On an empty root, the default config is looked for under the root.
+    let empty = Staged::new();
+    let out = empty.pmguard(&["doctor", "--json"]).output().unwrap();
+    let t = text(&out);
+    assert!(
+        t.contains(&format!(
+            "{}/etc/pmguard/pmguard.toml",
+            empty.root().display()
+        )),
+        "{t}"
+    );
+}
