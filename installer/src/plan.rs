@@ -50,6 +50,9 @@ pub struct Observed {
     pub layout: Layout,
     /// The box's other installs (other users' agents): what they share with this one.
     pub others: Vec<Other>,
+    /// Temp files a write cut short left beside pmguard's files (`.<name>.pmguard-<pid>.tmp`):
+    /// install and uninstall remove them.
+    pub stale_tmp: Vec<PathBuf>,
     /// The PM2 user this install is for (set by the caller): recorded in the manifest, so an
     /// install cut short before its unit was written is still found as this user's.
     pub user: Option<String>,
@@ -106,7 +109,9 @@ pub fn observe(
     for p in all {
         files.insert(p.clone(), found(root, &p)?);
     }
+    let stale_tmp = stale_tmp(root, files.keys());
     Ok(Observed {
+        stale_tmp,
         files,
         missing_dirs: missing_dirs(root, paths, &manifest_path),
         dir_modes: dir_modes(root, manifest.as_ref(), &manifest_path),
@@ -119,6 +124,35 @@ pub fn observe(
         layout: layout.clone(),
         others,
     })
+}
+
+/// Leftover `.<name>.pmguard-<pid>.tmp` files (see `write_file`) in the directories of `paths`:
+/// regular files only, never through a symlink. No other pmguard runs meanwhile (`lock`).
+fn stale_tmp<'a>(root: &Path, paths: impl Iterator<Item = &'a PathBuf>) -> Vec<PathBuf> {
+    let mut dirs: Vec<&Path> = paths.filter_map(|p| p.parent()).collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut out = Vec::new();
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(under(root, d)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let ours = name.starts_with('.')
+                && name
+                    .strip_suffix(".tmp")
+                    .and_then(|n| n.rsplit_once(".pmguard-"))
+                    .is_some_and(|(_, pid)| {
+                        !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+                    });
+            if ours && e.file_type().is_ok_and(|t| t.is_file()) {
+                out.push(d.join(name));
+            }
+        }
+    }
+    out
 }
 
 /// One path under `root` as it is now (never through a symlink).
@@ -368,6 +402,10 @@ pub enum Step {
     RemoveDir {
         path: PathBuf,
     },
+    /// A temp file a write cut short left behind.
+    RemoveTmp {
+        path: PathBuf,
+    },
     /// The agent's state directory and everything in it (events, restart history, spool).
     RemoveTree {
         path: PathBuf,
@@ -409,9 +447,11 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
     let changed = plan_writes(desired, obs, force, can_chown, &mut plan);
     plan_stale_removals(desired, obs, &mut plan);
     block_template_change(obs, &mut plan);
-    let mut head = head_steps(obs, &manifest);
-    head.extend(shared_hash_updates(desired, obs));
-    plan.steps.splice(0..0, head);
+    plan.steps.splice(0..0, head_steps(obs, &manifest));
+    // Only once the shared files hold the new bytes: an install cut short while writing one
+    // leaves the other manifests matching what is still there, so the last uninstall removes it.
+    plan.steps.extend(shared_hash_updates(desired, obs));
+    plan.steps.extend(tmp_removals(obs));
     plan_units(desired, obs, changed, &mut plan);
     let unit = obs.layout.unit_name();
     plan.notes.push(format!("Logs go to the journal (journalctl -u {}); the logrotate file rotates only the agent's event file.", unit.trim_end_matches(".service")));
@@ -437,6 +477,12 @@ fn block_template_change(obs: &Observed, plan: &mut Plan) {
             o.layout.config_path().display()
         ));
     }
+}
+
+fn tmp_removals(obs: &Observed) -> impl Iterator<Item = Step> + '_ {
+    obs.stale_tmp
+        .iter()
+        .map(|p| Step::RemoveTmp { path: p.clone() })
 }
 
 /// Which units' files a plan rewrites (so systemd reloads and restarts what changed).
@@ -717,6 +763,7 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
         ));
     }
     uninstall_files(obs, m, &mut plan);
+    plan.steps.extend(tmp_removals(obs));
     let manifest_path = obs.layout.manifest_path();
     if let Some(Some(old)) = obs.files.get(&manifest_path) {
         plan.steps.push(Step::Remove {
@@ -851,6 +898,13 @@ fn display_step(out: &mut String, s: &Step) {
         Step::RemoveDir { path } => {
             let _ = writeln!(out, "remove directory {} (if empty)", path.display());
         }
+        Step::RemoveTmp { path } => {
+            let _ = writeln!(
+                out,
+                "remove {} (left by an interrupted install)",
+                path.display()
+            );
+        }
         Step::RemoveTree { path } => {
             let _ = writeln!(
                 out,
@@ -910,7 +964,7 @@ pub fn apply(
                     .map_err(Error::apply("chmod", &real))?;
             }
             Step::Write { file, .. } => write_file(root, file, can_chown)?,
-            Step::Remove { path, .. } => {
+            Step::Remove { path, .. } | Step::RemoveTmp { path } => {
                 let real = under(root, path);
                 match std::fs::remove_file(&real) {
                     Ok(()) => {}
@@ -1246,6 +1300,52 @@ mod tests {
             crate::layout::names(&crate::layout::installed(root.path()).unwrap()),
             "ubuntu, alice"
         );
+    }
+
+    #[test]
+    fn an_instance_install_killed_while_writing_the_shared_binary_leaves_nothing_after_uninstall() {
+        use crate::render::tests::{ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        user_files(root.path());
+        let before = tree(root.path());
+        install_with_agent(root.path(), MINIMAL, "ubuntu", 1000, Some(b"agent 1"));
+        install_with_agent(root.path(), BOB, "bob", 1002, Some(b"agent 1"));
+        // alice brings agent 2 and is killed while its temp file is being written.
+        let layout = Layout::instance("alice").unwrap();
+        let mut desired = crate::render::tests::rendered_instance(ALICE, "alice", 1001);
+        for f in desired.iter_mut().filter(|f| f.kind == FileKind::Binary) {
+            f.content = b"agent 2".to_vec();
+        }
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let mut plan = plan_install(
+            &desired,
+            &observe(root.path(), &paths, &STAGED, &layout).unwrap(),
+            false,
+            false,
+        );
+        let binary_at = plan
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Write { file, .. } if file.path == Path::new(crate::layout::AGENT_PATH)))
+            .unwrap();
+        plan.steps.truncate(binary_at);
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        let tmp = root
+            .path()
+            .join("usr/local/bin/.pmguard-agent.pmguard-4242.tmp");
+        std::fs::write(&tmp, "agent").unwrap();
+        // Somebody's own dotfile beside it is not pmguard's.
+        let theirs = root
+            .path()
+            .join("usr/local/bin/.pmguard-agent.pmguard-x.tmp");
+        std::fs::write(&theirs, "mine").unwrap();
+        let shown = display(&uninstall_user(root.path(), "alice"));
+        assert!(shown.contains("remove /usr/local/bin/.pmguard-agent.pmguard-4242.tmp (left by an interrupted install)"), "{shown}");
+        assert!(!tmp.exists());
+        std::fs::remove_file(&theirs).unwrap();
+        uninstall_user(root.path(), "bob");
+        uninstall_user(root.path(), "ubuntu");
+        assert_eq!(tree(root.path()), before);
     }
 
     #[test]
