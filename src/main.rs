@@ -300,6 +300,13 @@ fn install(
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd, &layout)?;
     plan::check_shared_paths(&config, &user, &observed)?;
+    plan::check_pm2_home(
+        &root,
+        &render::pm2_home(&config, &settings.account),
+        &settings.account,
+        &observed,
+        !staged,
+    )?;
     // Only the live system's PM2 can be running (a staging root has none).
     observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
     observed.user = Some(user.clone());

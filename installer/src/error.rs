@@ -78,6 +78,13 @@ pub enum Error {
         others: String,
     },
 
+    #[error("PM2_HOME {} is owned by uid {uid}, not by {user}: the agent would watch and restart another account's PM2 apps; set [agent] pm2_home to {user}'s own PM2 home", path.display())]
+    Pm2HomeNotOwned {
+        path: PathBuf,
+        uid: u32,
+        user: String,
+    },
+
     // Several users on one box.
     #[error("user `{user}` cannot name an agent instance (pmguard-agent@{user}.service, /etc/cron.d/pmguard-{user}): a second user's name may hold only letters, digits, `_` and `-`, start with a letter, digit or `_`, and be at most 32 long")]
     BadInstanceUser { user: String },

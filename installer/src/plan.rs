@@ -70,6 +70,8 @@ pub struct Other {
     /// An instance whose drop-in (written by a pmguard from before per-install `ExecStart=`) names
     /// no agent: it runs what the template names, so the template must not change under it.
     pub exec_from_template: bool,
+    /// The `PM2_HOME` its unit gives its agent.
+    pub pm2_home: Option<PathBuf>,
 }
 
 impl Other {
@@ -186,7 +188,14 @@ fn observe_others(root: &Path, layout: &Layout) -> Result<Vec<Other>, Error> {
         let exec_from_template = matches!(i.layout, Layout::Instance(_))
             && std::fs::read_to_string(under(root, &i.layout.unit_path()))
                 .is_ok_and(|t| !t.lines().any(|l| l.starts_with("ExecStart=")));
+        let unit_text =
+            std::fs::read_to_string(under(root, &i.layout.unit_path())).unwrap_or_default();
+        let pm2_home = unit_text
+            .lines()
+            .find_map(|l| l.strip_prefix("Environment=PM2_HOME="))
+            .map(PathBuf::from);
         others.push(Other {
+            pm2_home,
             exec_from_template,
             state_dir: config.as_ref().map(|c| c.agent.state_dir.clone()),
             prometheus_textfile: config.and_then(|c| c.agent.prometheus_textfile),
@@ -268,6 +277,46 @@ pub fn check_shared_paths(
                     format!("Prometheus textfile {}", b.display()),
                     &textfile_fix,
                 );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a `PM2_HOME` another install's agent watches (the same directory, or a symlink to
+/// it), and with `check_owner` one the account does not own: the agent would watch, and
+/// restart, another user's PM2 apps. Paths are resolved under `root`. `check_owner` is for a
+/// live install: a staging root's passwd names users who own nothing on the host.
+pub fn check_pm2_home(
+    root: &Path,
+    home: &Path,
+    account: &crate::users::Account,
+    obs: &Observed,
+    check_owner: bool,
+) -> Result<(), Error> {
+    let real = under(root, home);
+    let resolved = real.canonicalize().unwrap_or_else(|_| real.clone());
+    for o in &obs.others {
+        let Some(theirs) = &o.pm2_home else { continue };
+        let t = under(root, theirs);
+        if theirs == home || t.canonicalize().is_ok_and(|t| t == resolved) {
+            return Err(Error::SharedPath {
+                what: "PM2_HOME",
+                path: home.to_path_buf(),
+                theirs: format!("PM2_HOME {}", theirs.display()),
+                other: o.name(),
+                fix: format!("each agent watches its own user's PM2: set [agent] pm2_home to {}'s own (or leave it out for ~{}/.pm2)", account.user, account.user),
+            });
+        }
+    }
+    if check_owner {
+        if let Ok(m) = std::fs::metadata(&real) {
+            if m.uid() != account.uid {
+                return Err(Error::Pm2HomeNotOwned {
+                    path: home.to_path_buf(),
+                    uid: m.uid(),
+                    user: account.user.clone(),
+                });
             }
         }
     }
@@ -1602,6 +1651,48 @@ mod tests {
         let err =
             shared_paths_error(root.path(), &cfg("state_dir = \"/srv\""), "bob", 1002).unwrap();
         assert!(err.contains("state directory /srv is already used by alice's agent (its Prometheus textfile directory /srv/prom)"), "{err}");
+    }
+
+    #[test]
+    fn a_pm2_home_of_another_install_or_of_another_account_is_refused() {
+        use crate::render::tests::{account_of, ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        install_user(root.path(), ALICE, "alice", 1001);
+        std::fs::create_dir_all(root.path().join("home/alice/.pm2")).unwrap();
+        std::fs::create_dir_all(root.path().join("home/bob")).unwrap();
+        std::os::unix::fs::symlink("../alice/.pm2", root.path().join("home/bob/link")).unwrap();
+        let layout = Layout::instance("bob").unwrap();
+        let desired = crate::render::tests::rendered_instance(BOB, "bob", 1002);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root.path(), &paths, &STAGED, &layout).unwrap();
+        let bob = account_of("bob", 1002);
+        for home in ["/home/alice/.pm2", "/home/bob/link"] {
+            let err = check_pm2_home(root.path(), Path::new(home), &bob, &obs, false)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("already used by alice's agent (its PM2_HOME /home/alice/.pm2)"),
+                "{home}: {err}"
+            );
+        }
+        assert!(
+            check_pm2_home(root.path(), Path::new("/home/bob/.pm2"), &bob, &obs, false).is_ok()
+        );
+        // Owned by whoever runs this test, not by bob (uid 1002).
+        std::fs::create_dir_all(root.path().join("home/bob/.pm2")).unwrap();
+        let err = check_pm2_home(root.path(), Path::new("/home/bob/.pm2"), &bob, &obs, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not by bob"), "{err}");
+        let me = std::fs::metadata(root.path()).unwrap().uid();
+        assert!(check_pm2_home(
+            root.path(),
+            Path::new("/home/bob/.pm2"),
+            &account_of("bob", me),
+            &obs,
+            true
+        )
+        .is_ok());
     }
 
     #[test]
