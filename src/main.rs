@@ -284,7 +284,6 @@ fn install(
         .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
         .ok_or(CliError::NoUser)?;
     let account = users::lookup(&root, &user)?;
-    users::private_group(&root, &account)?;
     let agent_binary = agent_binary(&root, agent_bin)?;
     let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
     let layout = layout::for_install(&layout::installed(&root)?, &user)?;
@@ -299,14 +298,7 @@ fn install(
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd, &layout)?;
-    plan::check_shared_paths(&config, &user, &observed)?;
-    plan::check_pm2_home(
-        &root,
-        &render::pm2_home(&config, &settings.account),
-        &settings.account,
-        &observed,
-        !staged,
-    )?;
+    refuse_conflicts(&root, &config, &settings.account, &observed, staged)?;
     // Only the live system's PM2 can be running (a staging root has none).
     observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
     observed.user = Some(user.clone());
@@ -340,6 +332,22 @@ fn install(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// What install refuses before writing anything: a primary group shared with another account, a
+/// state directory, textfile or PM2_HOME another install's agent uses.
+fn refuse_conflicts(
+    root: &Path,
+    config: &pmguard_agent::config::Config,
+    account: &users::Account,
+    observed: &plan::Observed,
+    staged: bool,
+) -> Result<(), CliError> {
+    users::private_group(root, account)?;
+    plan::check_shared_paths(config, &account.user, observed)?;
+    let home = render::pm2_home(config, account);
+    plan::check_pm2_home(root, &home, account, observed, !staged)?;
+    Ok(())
 }
 
 /// The agent binary's bytes to install, `None` when the package's agent runs in place. It

@@ -947,13 +947,7 @@ fn display_step(out: &mut String, s: &Step) {
         Step::RemoveDir { path } => {
             let _ = writeln!(out, "remove directory {} (if empty)", path.display());
         }
-        Step::RemoveTmp { path } => {
-            let _ = writeln!(
-                out,
-                "remove {} (left by an interrupted install)",
-                path.display()
-            );
-        }
+        Step::RemoveTmp { path } => display_tmp(out, path),
         Step::RemoveTree { path } => {
             let _ = writeln!(
                 out,
@@ -972,6 +966,14 @@ fn display_step(out: &mut String, s: &Step) {
             let _ = writeln!(out, "systemctl {}", args.join(" "));
         }
     }
+}
+
+fn display_tmp(out: &mut String, path: &Path) {
+    let _ = writeln!(
+        out,
+        "remove {} (left by an interrupted install)",
+        path.display()
+    );
 }
 
 fn indent(s: &str) -> String {
