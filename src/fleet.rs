@@ -98,7 +98,7 @@ pub fn run(command: FleetCommand) -> Result<ExitCode, CliError> {
                 Some(a) => iam::with_account(policy, &a)?,
                 None => policy,
             };
-            print!("{}", iam::to_json(&policy));
+            out!("{}", iam::to_json(&policy));
             Ok(ExitCode::SUCCESS)
         }
         FleetCommand::Render {
@@ -123,7 +123,7 @@ pub fn run(command: FleetCommand) -> Result<ExitCode, CliError> {
                 }
             };
             let b = Bootstrap::new(&package_url, &sha256, &user, source)?;
-            print!(
+            out!(
                 "{}",
                 b.render(match format {
                     RenderFormat::CloudInit => Format::CloudInit,
@@ -195,21 +195,21 @@ fn push_config(path: &Path, parameter: &str, dry_run: bool) -> Result<ExitCode, 
     if let Some(fleet) = config.aws.as_ref().and_then(|a| a.fleet.as_deref()) {
         let prefix = pmguard_installer::iam::parameter_prefix(fleet);
         if !parameter.starts_with(&prefix) {
-            println!("note: the instance role (iam-agent-policy.json) may read only {prefix}*; grant ssm:GetParameter on {parameter} too, or use {prefix}config");
+            outln!("note: the instance role (iam-agent-policy.json) may read only {prefix}*; grant ssm:GetParameter on {parameter} too, or use {prefix}config");
         }
     }
     runtime()?.block_on(async {
         let clients = provision::clients(&config).await;
         let old = ssm::get(&clients, parameter).await?;
         if old.as_deref() == Some(text.as_str()) {
-            println!(
+            outln!(
                 "SSM parameter {parameter} ({}): Nothing to do.",
                 clients.region
             );
             return Ok(ExitCode::SUCCESS);
         }
         let what = if old.is_some() { "update" } else { "create" };
-        println!(
+        outln!(
             "{what} SSM parameter {parameter} ({}) with {}",
             clients.region,
             path.display()
@@ -218,7 +218,7 @@ fn push_config(path: &Path, parameter: &str, dry_run: bool) -> Result<ExitCode, 
             return Ok(ExitCode::SUCCESS);
         }
         ssm::push(&clients, parameter, &text).await?;
-        println!(
+        outln!(
             "Done. Boxes converge on it at their next `pmguard install --config ssm:{parameter}`."
         );
         Ok(ExitCode::SUCCESS)
@@ -273,11 +273,11 @@ pub fn provision(
         } else {
             provision::plan(&config, &instance, &clients.region, &observed)?
         };
-        println!("{}", scope(&config, &instance, &clients.region));
-        print!("{}", provision::display(&steps, &observed, &config));
+        outln!("{}", scope(&config, &instance, &clients.region));
+        out!("{}", provision::display(&steps, &observed, &config));
         if destroy {
             for n in provision::destroy_notes(&config, &observed) {
-                println!("{n}");
+                outln!("{n}");
             }
         }
         // The old monitor's alarms (the seed's names): listed, deleted only when asked.
@@ -292,21 +292,21 @@ pub fn provision(
         };
         for name in &old_alarms {
             if remove_legacy_alarms {
-                println!("delete old alarm {name}");
+                outln!("delete old alarm {name}");
             } else {
-                println!("note: old monitor's alarm {name} is still there (it watches what the old scripts sent); delete it with --remove-legacy-alarms");
+                outln!("note: old monitor's alarm {name} is still there (it watches what the old scripts sent); delete it with --remove-legacy-alarms");
             }
         }
         if !dry_run && remove_legacy_alarms && !old_alarms.is_empty() {
             legacy_alarms::remove(&clients.cw, &old_alarms)
                 .await?;
-            println!("Deleted {} old alarm(s).", old_alarms.len());
+            outln!("Deleted {} old alarm(s).", old_alarms.len());
         }
         if dry_run || steps.is_empty() {
             return Ok(ExitCode::SUCCESS);
         }
         if destroy && !yes {
-            println!(
+            outln!(
                 "Nothing was deleted: run again with --yes to delete these {} resource(s).",
                 steps.len()
             );
@@ -314,7 +314,7 @@ pub fn provision(
         }
         let calls = provision::apply(&clients, &steps)
             .await?;
-        println!("Done: {calls} change(s) applied.");
+        outln!("Done: {calls} change(s) applied.");
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -338,16 +338,16 @@ pub fn uninstall_aws(config_path: &Path, dry_run: bool) -> Result<ExitCode, CliE
             (observed, sharing)
         };
         let (steps, notes) = provision::plan_removal(&config, &instance, &observed, &sharing);
-        println!("AWS ({}, instance {instance}):", clients.region);
-        print!("{}", provision::display(&steps, &observed, &config));
+        outln!("AWS ({}, instance {instance}):", clients.region);
+        out!("{}", provision::display(&steps, &observed, &config));
         for n in &notes {
-            println!("{n}");
+            outln!("{n}");
         }
         if dry_run || steps.is_empty() {
             return Ok(ExitCode::SUCCESS);
         }
         let calls = provision::apply(&clients, &steps).await?;
-        println!("Done: {calls} change(s) applied.");
+        outln!("Done: {calls} change(s) applied.");
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -8,6 +8,23 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)
 )]
 
+/// `print!` that survives a closed stdout (`pmguard install ... | head`): a plan half shown
+/// must not turn into a panic (exit 101) while the install itself goes on or has finished.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `println!` that survives a closed stdout, like `out!`.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod error;
 mod fleet;
 
@@ -226,6 +243,24 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
     }
 }
 
+/// How long install/uninstall wait for another one on the same root.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The root's install lock, held from the first read to the last write (another install or
+/// uninstall running: say so, then wait for it, up to `LOCK_WAIT`).
+fn lock(root: &Path) -> Result<pmguard_installer::lock::Lock, CliError> {
+    use pmguard_installer::lock;
+    if let Some(l) = lock::try_lock(root)? {
+        return Ok(l);
+    }
+    eprintln!(
+        "Another pmguard install or uninstall is running on {}: waiting for it (up to {} s)...",
+        root.display(),
+        LOCK_WAIT.as_secs()
+    );
+    Ok(lock::lock(root, LOCK_WAIT)?)
+}
+
 /// Only root can give files their owners; a staging install as a user keeps its own.
 fn can_chown() -> bool {
     rustix::process::geteuid().is_root()
@@ -244,6 +279,7 @@ fn install(
         fleet::load_config(config_path).map_err(CliError::nothing("installed"))?;
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
+    let _lock = lock(&root)?;
     let user = user
         .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
         .ok_or(CliError::NoUser)?;
@@ -262,9 +298,10 @@ fn install(
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd, &layout)?;
-    plan::check_shared_paths(&config, &user, &observed)?;
+    refuse_conflicts(&root, &config, &settings.account, &observed, staged)?;
     // Only the live system's PM2 can be running (a staging root has none).
     observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
+    observed.user = Some(user.clone());
     let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
     if let pmguard_installer::pm2unit::Supervision::Unavailable(why) = &pm2 {
         plan.notes.push(format!(
@@ -277,12 +314,12 @@ fn install(
     finish(&plan, &root, &systemd, dry_run)?;
     if replace_legacy && !dry_run && plan.blocked.is_empty() && !legacy.is_empty() {
         for done in legacy::replace(&root, &legacy, &systemd)? {
-            println!("Replaced: {done}");
+            outln!("Replaced: {done}");
         }
     }
     if let Some(policy) = pmguard_installer::iam::agent_policy(&config) {
         if !dry_run && plan.blocked.is_empty() {
-            println!(
+            outln!(
                 "\nAttach this IAM policy to the instance role (also in {}; the policy for whoever runs provision-aws is in {}, never for the instance role):\n{}",
                 layout.iam_path().display(),
                 layout.iam_admin_path().display(),
@@ -295,6 +332,22 @@ fn install(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// What install refuses before writing anything: a primary group shared with another account, a
+/// state directory, textfile or PM2_HOME another install's agent uses.
+fn refuse_conflicts(
+    root: &Path,
+    config: &pmguard_agent::config::Config,
+    account: &users::Account,
+    observed: &plan::Observed,
+    staged: bool,
+) -> Result<(), CliError> {
+    users::private_group(root, account)?;
+    plan::check_shared_paths(config, &account.user, observed)?;
+    let home = render::pm2_home(config, account);
+    plan::check_pm2_home(root, &home, account, observed, !staged)?;
+    Ok(())
 }
 
 /// The agent binary's bytes to install, `None` when the package's agent runs in place. It
@@ -353,6 +406,7 @@ fn uninstall(
 ) -> Result<ExitCode, CliError> {
     let staged = root.is_some();
     let root = root.unwrap_or_else(|| PathBuf::from("/"));
+    let _lock = lock(&root)?;
     let systemd = Systemctl { staged };
     let installed = layout::installed(&root)?;
     let chosen = layout::for_user(&installed, user)?;
@@ -370,7 +424,7 @@ fn uninstall(
     // (with the last agent only: the monitor it replaced watched every user's apps).
     if installed.len() <= 1 {
         for done in legacy::restore(&root, &systemd, dry_run)? {
-            println!("Put back: {done}");
+            outln!("Put back: {done}");
         }
     }
     let observed = plan::observe(&root, &[], &systemd, &layout)?;
@@ -380,16 +434,16 @@ fn uninstall(
 }
 
 fn finish(plan: &Plan, root: &Path, systemd: &Systemctl, dry_run: bool) -> Result<(), CliError> {
-    print!("{}", plan::display(plan));
+    out!("{}", plan::display(plan));
     if !plan.blocked.is_empty() {
-        println!("Nothing was changed.");
+        outln!("Nothing was changed.");
         return Ok(());
     }
     if dry_run || plan.is_empty() {
         return Ok(());
     }
     plan::apply(plan, root, systemd, can_chown())?;
-    println!("Done.");
+    outln!("Done.");
     Ok(())
 }
 
@@ -416,7 +470,7 @@ fn init(
     };
     let text = init::run(user, &home, &header, Path::new("/proc"))?;
     let Some(path) = output else {
-        print!("{text}");
+        out!("{text}");
         return Ok(ExitCode::SUCCESS);
     };
     if path.exists() && !force {
@@ -483,9 +537,9 @@ fn doctor(
         }));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        outln!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
-        print!("{}", doctor::table(&checks));
+        out!("{}", doctor::table(&checks));
     }
     Ok(if doctor::failed(&checks) {
         ExitCode::from(1)
@@ -494,31 +548,38 @@ fn doctor(
     })
 }
 
-/// Which configs doctor checks: `--config` alone (for `--user`'s install, if any); else every
-/// installed agent's own (only `--user`'s with it); on a box with none, the default config.
+/// Which configs doctor checks: `--config` alone, judged against the install whose config it
+/// is (else `--user`'s, else the single-user layout's); else every installed agent's own (only
+/// `--user`'s with it, an error when `--user` has none); on a box with none, the default
+/// config. Every path is under the root.
 fn doctor_targets(
     root: &Path,
     config: Option<PathBuf>,
     user: Option<&str>,
     installed: &[layout::Installed],
 ) -> Result<Vec<(PathBuf, Layout)>, CliError> {
-    let of_user = |u: &str| {
-        installed
-            .iter()
-            .find(|i| i.user.as_deref() == Some(u))
-            .map(|i| i.layout.clone())
-    };
     if let Some(c) = config {
-        let layout = user.and_then(of_user).unwrap_or(Layout::Single);
+        let same = |i: &&layout::Installed| {
+            let theirs = render::under(root, &i.layout.config_path()).canonicalize();
+            matches!((c.canonicalize(), theirs), (Ok(a), Ok(b)) if a == b)
+        };
+        let layout = installed
+            .iter()
+            .find(same)
+            .or_else(|| {
+                installed
+                    .iter()
+                    .find(|i| user.is_some() && i.user.as_deref() == user)
+            })
+            .map_or(Layout::Single, |i| i.layout.clone());
         return Ok(vec![(c, layout)]);
     }
-    let chosen = match user {
-        // A user with no install of their own: the single-user layout's checks, as before.
-        Some(u) if of_user(u).is_none() => Vec::new(),
-        _ => layout::for_user(installed, user)?,
-    };
+    let chosen = layout::for_user(installed, user)?;
     if chosen.is_empty() {
-        return Ok(vec![(PathBuf::from(render::CONFIG_PATH), Layout::Single)]);
+        return Ok(vec![(
+            render::under(root, Path::new(render::CONFIG_PATH)),
+            Layout::Single,
+        )]);
     }
     Ok(chosen
         .into_iter()

@@ -111,6 +111,7 @@ pub fn local_checks(t: &Target<'_>) -> (Vec<Check>, Option<Config>) {
     let agent_path = installed_agent(t, manifest.as_ref());
     out.push(agent_binary(t, agent_path, manifest.as_ref()));
     let account = user_of(t);
+    out.extend(account.as_ref().map(|a| private_group(t, a)));
     let desired = account
         .as_ref()
         .and_then(|a| desired_files(t, &config, a, agent_path));
@@ -243,6 +244,25 @@ fn agent_binary(t: &Target<'_>, agent_path: &str, manifest: Option<&Manifest>) -
         _ => ok(
             "agent binary",
             format!("{agent_path} (sha256 {short}..., as installed)"),
+        ),
+    }
+}
+
+/// The agent's group is the PM2 user's alone (install checks the same): nobody else reads
+/// its config, state or events.
+fn private_group(t: &Target<'_>, a: &users::Account) -> Check {
+    match users::private_group(t.root, a) {
+        Ok(()) => ok(
+            "private group",
+            format!("group `{}` is {}'s alone", a.group, a.user),
+        ),
+        Err(e) => fail(
+            "private group",
+            e.to_string(),
+            format!(
+                "sudo groupadd {0} && sudo usermod -g {0} {0}, then re-run pmguard install",
+                a.user
+            ),
         ),
     }
 }

@@ -68,6 +68,23 @@ pub enum Error {
     #[error("user `{user}` is root: run PM2 and pmguard as an unprivileged user")]
     RootUser { user: String },
 
+    #[error("another pmguard install or uninstall is running on {} (waited {waited_s} s for it): run this again when it is done", root.display())]
+    Locked { root: PathBuf, waited_s: u64 },
+
+    #[error("user `{user}`'s primary group `{group}` is shared with {others}: they could read {user}'s config (notify URLs are secrets), state and events; give {user} a private group: sudo groupadd {user} && sudo usermod -g {user} {user}")]
+    SharedGroup {
+        user: String,
+        group: String,
+        others: String,
+    },
+
+    #[error("PM2_HOME {} is owned by uid {uid}, not by {user}: the agent would watch and restart another account's PM2 apps; set [agent] pm2_home to {user}'s own PM2 home", path.display())]
+    Pm2HomeNotOwned {
+        path: PathBuf,
+        uid: u32,
+        user: String,
+    },
+
     // Several users on one box.
     #[error("user `{user}` cannot name an agent instance (pmguard-agent@{user}.service, /etc/cron.d/pmguard-{user}): a second user's name may hold only letters, digits, `_` and `-`, start with a letter, digit or `_`, and be at most 32 long")]
     BadInstanceUser { user: String },
@@ -75,10 +92,11 @@ pub enum Error {
     NotInstalledFor { user: String, installed: String },
     #[error("pmguard is installed here for several users ({installed}): pass --user to say which one to uninstall")]
     WhichUser { installed: String },
-    #[error("{what} {} is already used by {other}'s agent: two agents cannot share it; {fix}", path.display())]
+    #[error("{what} {} is already used by {other}'s agent (its {theirs}): two agents can neither share a directory nor nest one in the other (uninstalling the outer one deletes the inner one); {fix}", path.display())]
     SharedPath {
         what: &'static str,
         path: PathBuf,
+        theirs: String,
         other: String,
         fix: String,
     },

@@ -197,7 +197,8 @@ pub fn instance_name(user: &str) -> Result<(), Error> {
 pub struct Installed {
     pub layout: Layout,
     pub manifest: Manifest,
-    /// The PM2 user: the single-user unit's `User=` (the instance's name otherwise).
+    /// The PM2 user: the manifest's, else the single-user unit's `User=` (the instance's name
+    /// otherwise).
     pub user: Option<String>,
 }
 
@@ -207,8 +208,8 @@ pub fn installed(root: &Path) -> Result<Vec<Installed>, Error> {
     if let Some(m) = Manifest::read(&under(root, Path::new(MANIFEST_PATH)))? {
         out.push(Installed {
             layout: Layout::Single,
+            user: m.user.clone().or_else(|| single_user(root)),
             manifest: m,
-            user: single_user(root),
         });
     }
     let dir = under(root, Path::new(USERS_DIR));
@@ -244,12 +245,17 @@ pub fn single_user(root: &Path) -> Option<String> {
 }
 
 /// The layout `install --user USER` uses: the install `user` already has, else the
-/// single-user layout on a box with no install yet, else a new instance.
+/// single-user layout on a box with no install yet (or with one whose user is unknown: an old
+/// install cut short before its unit was written, which this one completes), else a new
+/// instance.
 pub fn for_install(installed: &[Installed], user: &str) -> Result<Layout, Error> {
     if let Some(i) = installed.iter().find(|i| i.user.as_deref() == Some(user)) {
         return Ok(i.layout.clone());
     }
-    if installed.is_empty() {
+    let unknown_single = installed
+        .iter()
+        .any(|i| i.layout == Layout::Single && i.user.is_none());
+    if installed.is_empty() || unknown_single {
         return Ok(Layout::Single);
     }
     Layout::instance(user)

@@ -22,6 +22,7 @@ pub mod iam;
 pub mod init;
 pub mod layout;
 pub mod legacy;
+pub mod lock;
 pub mod manifest;
 pub mod plan;
 pub mod pm2unit;

@@ -17,6 +17,10 @@ pub struct Manifest {
     /// Directories install created (removed by uninstall when empty), deepest last.
     pub created_dirs: Vec<PathBuf>,
     pub unit: Option<String>,
+    /// The PM2 user the install is for. Manifests from before it was recorded have none: then
+    /// the single-user unit's `User=` says (`layout::installed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The sha256 of a file, read in chunks (an agent binary need not sit in memory whole).

@@ -50,6 +50,12 @@ pub struct Observed {
     pub layout: Layout,
     /// The box's other installs (other users' agents): what they share with this one.
     pub others: Vec<Other>,
+    /// Temp files a write cut short left beside pmguard's files (`.<name>.pmguard-<pid>.tmp`):
+    /// install and uninstall remove them.
+    pub stale_tmp: Vec<PathBuf>,
+    /// The PM2 user this install is for (set by the caller): recorded in the manifest, so an
+    /// install cut short before its unit was written is still found as this user's.
+    pub user: Option<String>,
 }
 
 /// Another user's install on the same box.
@@ -61,6 +67,11 @@ pub struct Other {
     /// Paths its agent writes (from its installed config), which no second agent may share.
     pub state_dir: Option<PathBuf>,
     pub prometheus_textfile: Option<PathBuf>,
+    /// An instance whose drop-in (written by a pmguard from before per-install `ExecStart=`) names
+    /// no agent: it runs what the template names, so the template must not change under it.
+    pub exec_from_template: bool,
+    /// The `PM2_HOME` its unit gives its agent.
+    pub pm2_home: Option<PathBuf>,
 }
 
 impl Other {
@@ -100,7 +111,9 @@ pub fn observe(
     for p in all {
         files.insert(p.clone(), found(root, &p)?);
     }
+    let stale_tmp = stale_tmp(root, files.keys());
     Ok(Observed {
+        stale_tmp,
         files,
         missing_dirs: missing_dirs(root, paths, &manifest_path),
         dir_modes: dir_modes(root, manifest.as_ref(), &manifest_path),
@@ -108,10 +121,40 @@ pub fn observe(
         unit: systemd.state(&layout.unit_name()),
         pm2_unit: systemd.state(&layout.pm2_unit_name()),
         pm2_daemon_live: false,
+        user: None,
         state_dir: owned_state_dir(root, &layout.config_path()),
         layout: layout.clone(),
         others,
     })
+}
+
+/// Leftover `.<name>.pmguard-<pid>.tmp` files (see `write_file`) in the directories of `paths`:
+/// regular files only, never through a symlink. No other pmguard runs meanwhile (`lock`).
+fn stale_tmp<'a>(root: &Path, paths: impl Iterator<Item = &'a PathBuf>) -> Vec<PathBuf> {
+    let mut dirs: Vec<&Path> = paths.filter_map(|p| p.parent()).collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut out = Vec::new();
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(under(root, d)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let ours = name.starts_with('.')
+                && name
+                    .strip_suffix(".tmp")
+                    .and_then(|n| n.rsplit_once(".pmguard-"))
+                    .is_some_and(|(_, pid)| {
+                        !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+                    });
+            if ours && e.file_type().is_ok_and(|t| t.is_file()) {
+                out.push(d.join(name));
+            }
+        }
+    }
+    out
 }
 
 /// One path under `root` as it is now (never through a symlink).
@@ -142,7 +185,18 @@ fn observe_others(root: &Path, layout: &Layout) -> Result<Vec<Other>, Error> {
         i.manifest
             .check_owned(&under(root, &i.layout.manifest_path()), &i.layout)?;
         let config = installed_config(root, &i.layout.config_path());
+        let exec_from_template = matches!(i.layout, Layout::Instance(_))
+            && std::fs::read_to_string(under(root, &i.layout.unit_path()))
+                .is_ok_and(|t| !t.lines().any(|l| l.starts_with("ExecStart=")));
+        let unit_text =
+            std::fs::read_to_string(under(root, &i.layout.unit_path())).unwrap_or_default();
+        let pm2_home = unit_text
+            .lines()
+            .find_map(|l| l.strip_prefix("Environment=PM2_HOME="))
+            .map(PathBuf::from);
         others.push(Other {
+            pm2_home,
+            exec_from_template,
             state_dir: config.as_ref().map(|c| c.agent.state_dir.clone()),
             prometheus_textfile: config.and_then(|c| c.agent.prometheus_textfile),
             layout: i.layout,
@@ -159,33 +213,120 @@ fn installed_config(root: &Path, config: &Path) -> Option<pmguard_agent::config:
 }
 
 /// Refuses a config whose agent would write where another user's agent writes: one state
-/// directory holds one agent's lock, history and events; one textfile one agent's metrics.
+/// directory holds one agent's lock, history and events; one textfile one agent's metrics. A
+/// state directory inside another's (or around it) is refused too: uninstalling the outer one
+/// deletes the inner one, and `StateDirectory=` hands the outer one to its user alone. The same
+/// holds for a textfile's directory against another agent's state directory.
 pub fn check_shared_paths(
     config: &pmguard_agent::config::Config,
     user: &str,
     obs: &Observed,
 ) -> Result<(), Error> {
+    let state = config.agent.state_dir.as_path();
+    let textfile = config.agent.prometheus_textfile.as_deref();
+    let state_fix = format!("set a path of {user}'s own, beside the others and not inside them, e.g. [agent] state_dir = \"/var/lib/pmguard-{user}\"");
+    let textfile_fix = format!("set a path of {user}'s own in its config, e.g. [agent] prometheus_textfile = \"/var/lib/prometheus/node-exporter/pmguard-{user}.prom\"");
     for o in &obs.others {
-        if o.state_dir.as_deref() == Some(config.agent.state_dir.as_path()) {
-            return Err(Error::SharedPath {
-                what: "state directory",
-                path: config.agent.state_dir.clone(),
+        let their_textfile = o.prometheus_textfile.as_deref();
+        let shared = |what: &'static str, path: &Path, theirs: String, fix: &str| {
+            Err(Error::SharedPath {
+                what,
+                path: path.to_path_buf(),
+                theirs,
                 other: o.name(),
-                fix: format!("set a path of {user}'s own in its config, e.g. [agent] state_dir = \"/var/lib/pmguard-{user}\""),
+                fix: fix.to_string(),
+            })
+        };
+        if let Some(theirs) = o.state_dir.as_deref() {
+            if nested(state, theirs) {
+                return shared(
+                    "state directory",
+                    state,
+                    format!("state directory {}", theirs.display()),
+                    &state_fix,
+                );
+            }
+            if let Some(dir) = textfile
+                .and_then(Path::parent)
+                .filter(|d| nested(d, theirs))
+            {
+                return shared(
+                    "Prometheus textfile directory",
+                    dir,
+                    format!("state directory {}", theirs.display()),
+                    &textfile_fix,
+                );
+            }
+        }
+        if let Some(dir) = their_textfile
+            .and_then(Path::parent)
+            .filter(|d| nested(state, d))
+        {
+            return shared(
+                "state directory",
+                state,
+                format!("Prometheus textfile directory {}", dir.display()),
+                &state_fix,
+            );
+        }
+        if let (Some(a), Some(b)) = (textfile, their_textfile) {
+            if a == b {
+                return shared(
+                    "Prometheus textfile",
+                    a,
+                    format!("Prometheus textfile {}", b.display()),
+                    &textfile_fix,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a `PM2_HOME` another install's agent watches (the same directory, or a symlink to
+/// it), and with `check_owner` one the account does not own: the agent would watch, and
+/// restart, another user's PM2 apps. Paths are resolved under `root`. `check_owner` is for a
+/// live install: a staging root's passwd names users who own nothing on the host.
+pub fn check_pm2_home(
+    root: &Path,
+    home: &Path,
+    account: &crate::users::Account,
+    obs: &Observed,
+    check_owner: bool,
+) -> Result<(), Error> {
+    let real = under(root, home);
+    let resolved = real.canonicalize().unwrap_or_else(|_| real.clone());
+    for o in &obs.others {
+        let Some(theirs) = &o.pm2_home else { continue };
+        let t = under(root, theirs);
+        if theirs == home || t.canonicalize().is_ok_and(|t| t == resolved) {
+            return Err(Error::SharedPath {
+                what: "PM2_HOME",
+                path: home.to_path_buf(),
+                theirs: format!("PM2_HOME {}", theirs.display()),
+                other: o.name(),
+                fix: format!("each agent watches its own user's PM2: set [agent] pm2_home to {}'s own (or leave it out for ~{}/.pm2)", account.user, account.user),
             });
         }
-        if let (Some(a), Some(b)) = (&config.agent.prometheus_textfile, &o.prometheus_textfile) {
-            if a == b {
-                return Err(Error::SharedPath {
-                    what: "Prometheus textfile",
-                    path: a.clone(),
-                    other: o.name(),
-                    fix: format!("set a path of {user}'s own in its config, e.g. [agent] prometheus_textfile = \"/var/lib/prometheus/node-exporter/pmguard-{user}.prom\""),
+    }
+    if check_owner {
+        if let Ok(m) = std::fs::metadata(&real) {
+            if m.uid() != account.uid {
+                return Err(Error::Pm2HomeNotOwned {
+                    path: home.to_path_buf(),
+                    uid: m.uid(),
+                    user: account.user.clone(),
                 });
             }
         }
     }
     Ok(())
+}
+
+/// One path is the other or lies inside it (component-wise: /var/lib/pmguard-a is beside
+/// /var/lib/pmguard, not in it).
+fn nested(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
 }
 
 /// The parents of `paths` (and of the manifest) that do not exist under `root`, outermost
@@ -310,6 +451,10 @@ pub enum Step {
     RemoveDir {
         path: PathBuf,
     },
+    /// A temp file a write cut short left behind.
+    RemoveTmp {
+        path: PathBuf,
+    },
     /// The agent's state directory and everything in it (events, restart history, spool).
     RemoveTree {
         path: PathBuf,
@@ -350,13 +495,43 @@ pub fn plan_install(desired: &[DesiredFile], obs: &Observed, force: bool, can_ch
     let manifest = next_manifest(desired, obs);
     let changed = plan_writes(desired, obs, force, can_chown, &mut plan);
     plan_stale_removals(desired, obs, &mut plan);
-    let mut head = head_steps(obs, &manifest);
-    head.extend(shared_hash_updates(desired, obs));
-    plan.steps.splice(0..0, head);
+    block_template_change(obs, &mut plan);
+    plan.steps.splice(0..0, head_steps(obs, &manifest));
+    // Only once the shared files hold the new bytes: an install cut short while writing one
+    // leaves the other manifests matching what is still there, so the last uninstall removes it.
+    plan.steps.extend(shared_hash_updates(desired, obs));
+    plan.steps.extend(tmp_removals(obs));
     plan_units(desired, obs, changed, &mut plan);
     let unit = obs.layout.unit_name();
     plan.notes.push(format!("Logs go to the journal (journalctl -u {}); the logrotate file rotates only the agent's event file.", unit.trim_end_matches(".service")));
     plan
+}
+
+/// A template rewrite while another instance still takes its `ExecStart=` from the template
+/// (installed by an older pmguard): that agent would lose its command line. Its own install,
+/// re-run first, gives it one in its drop-in.
+fn block_template_change(obs: &Observed, plan: &mut Plan) {
+    let template_written = plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Write { file, .. } if file.path == Path::new(TEMPLATE_PATH)));
+    if !template_written {
+        return;
+    }
+    for o in obs.others.iter().filter(|o| o.exec_from_template) {
+        plan.blocked.push(format!(
+            "{} was installed by an older pmguard and runs the agent named in {TEMPLATE_PATH}, which this install rewrites; re-run its install first: sudo pmguard install --user {} --config {}",
+            o.layout.unit_name(),
+            o.name(),
+            o.layout.config_path().display()
+        ));
+    }
+}
+
+fn tmp_removals(obs: &Observed) -> impl Iterator<Item = Step> + '_ {
+    obs.stale_tmp
+        .iter()
+        .map(|p| Step::RemoveTmp { path: p.clone() })
 }
 
 /// Which units' files a plan rewrites (so systemd reloads and restarts what changed).
@@ -415,6 +590,7 @@ fn next_manifest(desired: &[DesiredFile], obs: &Observed) -> Manifest {
             .map(|m| m.created_dirs.clone())
             .unwrap_or_default(),
         unit: Some(obs.layout.unit_name()),
+        user: obs.user.clone(),
     };
     // Directories another install created that this one's files live in too: whichever
     // install is removed last removes them.
@@ -636,6 +812,7 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
         ));
     }
     uninstall_files(obs, m, &mut plan);
+    plan.steps.extend(tmp_removals(obs));
     let manifest_path = obs.layout.manifest_path();
     if let Some(Some(old)) = obs.files.get(&manifest_path) {
         plan.steps.push(Step::Remove {
@@ -770,6 +947,7 @@ fn display_step(out: &mut String, s: &Step) {
         Step::RemoveDir { path } => {
             let _ = writeln!(out, "remove directory {} (if empty)", path.display());
         }
+        Step::RemoveTmp { path } => display_tmp(out, path),
         Step::RemoveTree { path } => {
             let _ = writeln!(
                 out,
@@ -788,6 +966,14 @@ fn display_step(out: &mut String, s: &Step) {
             let _ = writeln!(out, "systemctl {}", args.join(" "));
         }
     }
+}
+
+fn display_tmp(out: &mut String, path: &Path) {
+    let _ = writeln!(
+        out,
+        "remove {} (left by an interrupted install)",
+        path.display()
+    );
 }
 
 fn indent(s: &str) -> String {
@@ -829,7 +1015,7 @@ pub fn apply(
                     .map_err(Error::apply("chmod", &real))?;
             }
             Step::Write { file, .. } => write_file(root, file, can_chown)?,
-            Step::Remove { path, .. } => {
+            Step::Remove { path, .. } | Step::RemoveTmp { path } => {
                 let real = under(root, path);
                 match std::fs::remove_file(&real) {
                     Ok(()) => {}
@@ -951,7 +1137,8 @@ mod tests {
             crate::layout::for_install(&crate::layout::installed(root).unwrap(), user).unwrap();
         let desired = crate::render::tests::rendered_for(config, user, uid, layout.clone());
         let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
-        let obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        let mut obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        obs.user = Some(user.to_string());
         let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), config).unwrap();
         check_shared_paths(&c, user, &obs).unwrap();
         let plan = plan_install(&desired, &obs, false, false);
@@ -965,6 +1152,251 @@ mod tests {
         let plan = plan_uninstall(&observe(root, &[], &STAGED, &chosen[0].layout).unwrap());
         apply(&plan, root, &STAGED, false).unwrap();
         plan
+    }
+
+    /// Installs `config` for `user` with `agent` (`None`: the package's, run in place).
+    fn install_with_agent(root: &Path, config: &str, user: &str, uid: u32, agent: Option<&[u8]>) {
+        let layout =
+            crate::layout::for_install(&crate::layout::installed(root).unwrap(), user).unwrap();
+        let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), config).unwrap();
+        let settings = crate::render::Settings {
+            account: crate::render::tests::account_of(user, uid),
+            config_text: config.to_string(),
+            agent_binary: agent.map(<[u8]>::to_vec),
+            pm2: crate::pm2unit::Supervision::Startup {
+                unit: format!("pm2-{user}.service"),
+            },
+            layout: layout.clone(),
+        };
+        let desired = crate::render::render(&c, &settings).unwrap();
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        check_shared_paths(&c, user, &obs).unwrap();
+        apply(
+            &plan_install(&desired, &obs, false, false),
+            root,
+            &STAGED,
+            false,
+        )
+        .unwrap();
+    }
+
+    /// The program `unit` starts: the last `ExecStart=` of the unit file and its drop-ins
+    /// (an empty one resets), as systemd reads them.
+    fn exec_start(root: &Path, unit_files: &[&str]) -> Option<String> {
+        let mut exec = None;
+        for f in unit_files {
+            let Ok(text) = std::fs::read_to_string(root.join(f)) else {
+                continue;
+            };
+            for l in text.lines().filter_map(|l| l.strip_prefix("ExecStart=")) {
+                exec = l.split_whitespace().next().map(str::to_string);
+            }
+        }
+        exec
+    }
+
+    #[test]
+    fn no_install_changes_or_removes_the_agent_another_user_runs() {
+        use crate::render::tests::{ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
+        std::fs::write(root.path().join("usr/bin/pmguard-agent"), "packaged").unwrap();
+        install_with_agent(root.path(), MINIMAL, "ubuntu", 1000, None);
+        install_with_agent(root.path(), BOB, "bob", 1002, None);
+        let bob = [
+            "etc/systemd/system/pmguard-agent@.service",
+            "etc/systemd/system/pmguard-agent@bob.service.d/pmguard.conf",
+        ];
+        assert_eq!(
+            exec_start(root.path(), &bob).as_deref(),
+            Some("/usr/bin/pmguard-agent")
+        );
+        install_with_agent(root.path(), ALICE, "alice", 1001, Some(b"copied"));
+        let alice = [
+            bob[0],
+            "etc/systemd/system/pmguard-agent@alice.service.d/pmguard.conf",
+        ];
+        assert_eq!(
+            exec_start(root.path(), &alice).as_deref(),
+            Some("/usr/local/bin/pmguard-agent")
+        );
+        assert_eq!(
+            exec_start(root.path(), &bob).as_deref(),
+            Some("/usr/bin/pmguard-agent"),
+            "alice's install changed bob's agent"
+        );
+        // Bob's re-run (his doctor's view) is unchanged by alice's install.
+        let desired =
+            crate::render::tests::rendered_for(BOB, "bob", 1002, Layout::instance("bob").unwrap());
+        let drop_in = desired
+            .iter()
+            .find(|f| f.path.ends_with("pmguard-agent@bob.service.d/pmguard.conf"))
+            .unwrap();
+        let template = desired
+            .iter()
+            .find(|f| f.path == Path::new(TEMPLATE_PATH))
+            .unwrap();
+        assert_eq!(
+            std::fs::read(root.path().join(bob[0])).unwrap(),
+            template.content,
+            "one template for every agent choice"
+        );
+        assert_ne!(
+            std::fs::read(root.path().join(bob[1])).unwrap(),
+            drop_in.content,
+            "bob runs the package's agent, not a copy"
+        );
+        uninstall_user(root.path(), "alice");
+        assert!(!root.path().join("usr/local/bin/pmguard-agent").exists());
+        let exec = exec_start(root.path(), &bob).unwrap();
+        assert!(
+            root.path().join(exec.trim_start_matches('/')).exists(),
+            "bob's agent {exec} is gone"
+        );
+        // An instance from before per-install ExecStart= (its drop-in names no agent) blocks a
+        // template rewrite until its own install has run.
+        let drop_in = root.path().join(bob[1]);
+        let old = std::fs::read_to_string(&drop_in).unwrap();
+        let no_exec: String = old
+            .lines()
+            .filter(|l| !l.starts_with("ExecStart="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&drop_in, &no_exec).unwrap();
+        let template = root.path().join(bob[0]);
+        std::fs::write(
+            &template,
+            "[Service]\nExecStart=/usr/bin/pmguard-agent run\n",
+        )
+        .unwrap();
+        let desired = crate::render::tests::rendered_instance(ALICE, "alice", 1001);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(
+            root.path(),
+            &paths,
+            &STAGED,
+            &Layout::instance("alice").unwrap(),
+        )
+        .unwrap();
+        let plan = plan_install(&desired, &obs, false, false);
+        assert!(
+            display(&plan)
+                .contains("BLOCKED: pmguard-agent@bob.service was installed by an older pmguard"),
+            "{}",
+            display(&plan)
+        );
+        install_with_agent(root.path(), BOB, "bob", 1002, None);
+        assert_eq!(
+            exec_start(root.path(), &bob).as_deref(),
+            Some("/usr/bin/pmguard-agent")
+        );
+        // And the other way round: a copy bob runs stays while he uses it.
+        install_with_agent(root.path(), BOB, "bob", 1002, Some(b"copied"));
+        install_with_agent(root.path(), ALICE, "alice", 1001, None);
+        uninstall_user(root.path(), "alice");
+        assert_eq!(
+            exec_start(root.path(), &bob).as_deref(),
+            Some("/usr/local/bin/pmguard-agent")
+        );
+        assert!(root.path().join("usr/local/bin/pmguard-agent").exists());
+    }
+
+    #[test]
+    fn a_first_install_cut_short_after_its_manifest_stays_the_single_user_layout() {
+        use crate::render::tests::ALICE;
+        let root = tempfile::tempdir().unwrap();
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let mut obs = observe(root.path(), &paths, &STAGED, &Layout::Single).unwrap();
+        obs.user = Some("ubuntu".into());
+        let mut plan = plan_install(&desired, &obs, false, false);
+        let manifest_at = plan
+            .steps
+            .iter()
+            .position(
+                |s| matches!(s, Step::Write { file, .. } if file.path == Path::new(MANIFEST_PATH)),
+            )
+            .unwrap();
+        // Killed right after the manifest: no unit, so no `User=` to read.
+        plan.steps.truncate(manifest_at + 1);
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        assert!(!root
+            .path()
+            .join("etc/systemd/system/pmguard-agent.service")
+            .exists());
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        assert!(
+            !root.path().join("etc/pmguard/users").exists(),
+            "ubuntu became an instance of itself"
+        );
+        assert!(root
+            .path()
+            .join("etc/systemd/system/pmguard-agent.service")
+            .exists());
+        let installed = crate::layout::installed(root.path()).unwrap();
+        assert_eq!(crate::layout::names(&installed), "ubuntu");
+        // A manifest from before the user was recorded: the unit's User= still says.
+        let mpath = root.path().join("etc/pmguard/install-manifest.json");
+        let mut m = Manifest::read(&mpath).unwrap().unwrap();
+        assert_eq!(m.user.as_deref(), Some("ubuntu"));
+        m.user = None;
+        std::fs::write(&mpath, m.to_bytes()).unwrap();
+        assert_eq!(
+            crate::layout::names(&crate::layout::installed(root.path()).unwrap()),
+            "ubuntu"
+        );
+        install_user(root.path(), ALICE, "alice", 1001);
+        assert_eq!(
+            crate::layout::names(&crate::layout::installed(root.path()).unwrap()),
+            "ubuntu, alice"
+        );
+    }
+
+    #[test]
+    fn an_instance_install_killed_while_writing_the_shared_binary_leaves_nothing_after_uninstall() {
+        use crate::render::tests::{ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        user_files(root.path());
+        let before = tree(root.path());
+        install_with_agent(root.path(), MINIMAL, "ubuntu", 1000, Some(b"agent 1"));
+        install_with_agent(root.path(), BOB, "bob", 1002, Some(b"agent 1"));
+        // alice brings agent 2 and is killed while its temp file is being written.
+        let layout = Layout::instance("alice").unwrap();
+        let mut desired = crate::render::tests::rendered_instance(ALICE, "alice", 1001);
+        for f in desired.iter_mut().filter(|f| f.kind == FileKind::Binary) {
+            f.content = b"agent 2".to_vec();
+        }
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let mut plan = plan_install(
+            &desired,
+            &observe(root.path(), &paths, &STAGED, &layout).unwrap(),
+            false,
+            false,
+        );
+        let binary_at = plan
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Write { file, .. } if file.path == Path::new(crate::layout::AGENT_PATH)))
+            .unwrap();
+        plan.steps.truncate(binary_at);
+        apply(&plan, root.path(), &STAGED, false).unwrap();
+        let tmp = root
+            .path()
+            .join("usr/local/bin/.pmguard-agent.pmguard-4242.tmp");
+        std::fs::write(&tmp, "agent").unwrap();
+        // Somebody's own dotfile beside it is not pmguard's.
+        let theirs = root
+            .path()
+            .join("usr/local/bin/.pmguard-agent.pmguard-x.tmp");
+        std::fs::write(&theirs, "mine").unwrap();
+        let shown = display(&uninstall_user(root.path(), "alice"));
+        assert!(shown.contains("remove /usr/local/bin/.pmguard-agent.pmguard-4242.tmp (left by an interrupted install)"), "{shown}");
+        assert!(!tmp.exists());
+        std::fs::remove_file(&theirs).unwrap();
+        uninstall_user(root.path(), "bob");
+        uninstall_user(root.path(), "ubuntu");
+        assert_eq!(tree(root.path()), before);
     }
 
     #[test]
@@ -1174,10 +1606,95 @@ mod tests {
         let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), ALICE).unwrap();
         let err = check_shared_paths(&c, "bob", &obs).unwrap_err().to_string();
         assert!(
-            err.contains("state directory /var/lib/pmguard-alice is already used by alice's agent")
+            err.contains("state directory /var/lib/pmguard-alice is already used by alice's agent (its state directory /var/lib/pmguard-alice)")
                 && err.contains("state_dir = \"/var/lib/pmguard-bob\""),
             "{err}"
         );
+    }
+
+    /// What `install --user user` says about `config` next to the installs under `root`.
+    fn shared_paths_error(root: &Path, config: &str, user: &str, uid: u32) -> Option<String> {
+        let layout =
+            crate::layout::for_install(&crate::layout::installed(root).unwrap(), user).unwrap();
+        let desired = crate::render::tests::rendered_for(config, user, uid, layout.clone());
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root, &paths, &STAGED, &layout).unwrap();
+        let c = pmguard_agent::config::Config::parse(Path::new("/x.toml"), config).unwrap();
+        check_shared_paths(&c, user, &obs)
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_state_directory_inside_or_around_another_agents_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let cfg = |agent: &str| format!("[agent]\n{agent}\n\n[[apps]]\nname = \"web\"\n");
+        install_user(
+            root.path(),
+            &cfg("state_dir = \"/var/lib/pmguard\""),
+            "ubuntu",
+            1000,
+        );
+        let err = shared_paths_error(
+            root.path(),
+            &cfg("state_dir = \"/var/lib/pmguard/alice\""),
+            "alice",
+            1001,
+        )
+        .unwrap();
+        assert!(err.contains("state directory /var/lib/pmguard/alice is already used by ubuntu's agent (its state directory /var/lib/pmguard)"), "{err}");
+        let err = shared_paths_error(root.path(), &cfg("state_dir = \"/var/lib/pmguard-a\"\nprometheus_textfile = \"/var/lib/pmguard/metrics/a.prom\""), "alice", 1001).unwrap();
+        assert!(err.contains("Prometheus textfile directory /var/lib/pmguard/metrics is already used by ubuntu's agent"), "{err}");
+        // Beside it (a name that only starts the same) is fine, and the install goes ahead.
+        let alice = cfg("state_dir = \"/var/lib/pmguard-alice\"\nprometheus_textfile = \"/srv/prom/alice.prom\"");
+        assert_eq!(shared_paths_error(root.path(), &alice, "alice", 1001), None);
+        install_user(root.path(), &alice, "alice", 1001);
+        // A state directory around alice's textfile directory: refused the other way round.
+        let err =
+            shared_paths_error(root.path(), &cfg("state_dir = \"/srv\""), "bob", 1002).unwrap();
+        assert!(err.contains("state directory /srv is already used by alice's agent (its Prometheus textfile directory /srv/prom)"), "{err}");
+    }
+
+    #[test]
+    fn a_pm2_home_of_another_install_or_of_another_account_is_refused() {
+        use crate::render::tests::{account_of, ALICE, BOB};
+        let root = tempfile::tempdir().unwrap();
+        install_user(root.path(), ALICE, "alice", 1001);
+        std::fs::create_dir_all(root.path().join("home/alice/.pm2")).unwrap();
+        std::fs::create_dir_all(root.path().join("home/bob")).unwrap();
+        std::os::unix::fs::symlink("../alice/.pm2", root.path().join("home/bob/link")).unwrap();
+        let layout = Layout::instance("bob").unwrap();
+        let desired = crate::render::tests::rendered_instance(BOB, "bob", 1002);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root.path(), &paths, &STAGED, &layout).unwrap();
+        let bob = account_of("bob", 1002);
+        for home in ["/home/alice/.pm2", "/home/bob/link"] {
+            let err = check_pm2_home(root.path(), Path::new(home), &bob, &obs, false)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("already used by alice's agent (its PM2_HOME /home/alice/.pm2)"),
+                "{home}: {err}"
+            );
+        }
+        assert!(
+            check_pm2_home(root.path(), Path::new("/home/bob/.pm2"), &bob, &obs, false).is_ok()
+        );
+        // Owned by whoever runs this test, not by bob (uid 1002).
+        std::fs::create_dir_all(root.path().join("home/bob/.pm2")).unwrap();
+        let err = check_pm2_home(root.path(), Path::new("/home/bob/.pm2"), &bob, &obs, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not by bob"), "{err}");
+        let me = std::fs::metadata(root.path()).unwrap().uid();
+        assert!(check_pm2_home(
+            root.path(),
+            Path::new("/home/bob/.pm2"),
+            &account_of("bob", me),
+            &obs,
+            true
+        )
+        .is_ok());
     }
 
     #[test]

@@ -84,7 +84,6 @@ struct UnitTemplate<'a> {
 #[template(path = "pmguard-agent@.service", escape = "none")]
 struct TemplateUnitTemplate<'a> {
     marker: &'a str,
-    agent_path: &'a str,
     watchdog_sec: &'a str,
 }
 
@@ -94,6 +93,8 @@ struct DropInTemplate<'a> {
     marker: &'a str,
     user: &'a str,
     group: &'a str,
+    agent_path: &'a str,
+    config_path: String,
     pm2_unit: String,
     pm2_home: String,
     state_lines: Vec<String>,
@@ -264,8 +265,8 @@ pub fn render(config: &Config, s: &Settings) -> Result<Vec<DesiredFile>, RenderE
     match l {
         Layout::Single => files.push(managed(UNIT_PATH, render_unit(config, s, agent_path)?)),
         Layout::Instance(_) => files.extend([
-            managed(TEMPLATE_PATH, render_template_unit(agent_path)?),
-            managed(l.unit_path(), render_drop_in(config, s)?),
+            managed(TEMPLATE_PATH, render_template_unit()?),
+            managed(l.unit_path(), render_drop_in(config, s, agent_path)?),
         ]),
     }
     files.extend([
@@ -362,11 +363,11 @@ fn render_unit(config: &Config, s: &Settings, agent_path: &str) -> Result<String
     })
 }
 
-/// `pmguard-agent@.service`: the same for every instance (nothing of any one user in it).
-fn render_template_unit(agent_path: &str) -> Result<String, RenderError> {
+/// `pmguard-agent@.service`: the same for every instance (nothing of any one install in it,
+/// not even the agent's path: that is in each drop-in).
+fn render_template_unit() -> Result<String, RenderError> {
     TemplateUnitTemplate {
         marker: MARKER,
-        agent_path,
         watchdog_sec: "30s",
     }
     .render()
@@ -377,12 +378,14 @@ fn render_template_unit(agent_path: &str) -> Result<String, RenderError> {
 }
 
 /// `pmguard-agent@<user>.service.d/pmguard.conf`: what one instance adds to the template.
-fn render_drop_in(config: &Config, s: &Settings) -> Result<String, RenderError> {
+fn render_drop_in(config: &Config, s: &Settings, agent_path: &str) -> Result<String, RenderError> {
     let a = &s.account;
     DropInTemplate {
         marker: MARKER,
         user: &a.user,
         group: &a.group,
+        agent_path,
+        config_path: s.layout.config_path().display().to_string(),
         pm2_unit: pm2_unit_name(s),
         pm2_home: pm2_home(config, a).display().to_string(),
         state_lines: state_lines(config),
@@ -661,7 +664,12 @@ pub(crate) mod tests {
             text("/etc/systemd/system/pmguard-agent@alice.service.d/pmguard.conf")
                 .contains("\nAfter=pmguard-pm2-alice.service\n")
         );
-        assert!(text(TEMPLATE_PATH).contains("ExecStart=/usr/bin/pmguard-agent run"));
+        assert!(
+            text("/etc/systemd/system/pmguard-agent@alice.service.d/pmguard.conf").contains(
+                "\nExecStart=/usr/bin/pmguard-agent run --config /etc/pmguard/users/alice/pmguard.toml\n"
+            )
+        );
+        assert!(!text(TEMPLATE_PATH).contains("ExecStart="));
         assert!(files
             .iter()
             .all(|f| f.path != Path::new(crate::pm2unit::PM2_UNIT_PATH)));
@@ -691,6 +699,26 @@ pub(crate) mod tests {
             hardening(&text(&single, UNIT_PATH)),
             hardening(&text(&instance, TEMPLATE_PATH))
         );
+    }
+
+    #[test]
+    fn no_agent_unit_removes_the_pm2_users_ipc() {
+        // RemoveIPC= deletes every POSIX/SysV IPC object of the unit's User= when it stops: the
+        // PM2 user's apps' /dev/shm files when PM2 is not itself a unit. PrivateIPC= isolates
+        // the agent without that.
+        let text = |f: &DesiredFile| String::from_utf8(f.content.clone()).unwrap();
+        let single = rendered(MINIMAL);
+        let instance = rendered_instance(ALICE, "alice", 1001);
+        for f in single.iter().chain(&instance) {
+            if f.kind != FileKind::Managed || !f.path.starts_with("/etc/systemd") {
+                continue;
+            }
+            assert!(!text(f).contains("RemoveIPC"), "{}", f.path.display());
+        }
+        for (files, p) in [(&single, UNIT_PATH), (&instance, TEMPLATE_PATH)] {
+            let f = files.iter().find(|f| f.path == Path::new(p)).unwrap();
+            assert!(text(f).contains("\nPrivateIPC=yes\n"), "{p}");
+        }
     }
 
     #[test]

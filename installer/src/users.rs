@@ -59,3 +59,70 @@ pub fn lookup(root: &Path, user: &str) -> Result<Account, Error> {
         home: PathBuf::from(fields[5]),
     })
 }
+
+/// Whether `a`'s primary group is its own: no other account has it as primary group or is a
+/// member of it. The config is root:<group> 0640 and the state directory <user>:<group> 0750,
+/// so anyone else in the group would read the notify URLs (secrets), the state and the events.
+/// `Err` names who else is in it, with the fix.
+pub fn private_group(root: &Path, a: &Account) -> Result<(), Error> {
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
+    let group = std::fs::read_to_string(root.join("etc/group")).unwrap_or_default();
+    let mut others: Vec<String> = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 7 && f[0] != a.user && f[3].parse::<u32>().ok() == Some(a.gid))
+        .map(|f| f[0].to_string())
+        .collect();
+    let members = group
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && f[2].parse::<u32>().ok() == Some(a.gid))
+        .map(|f| f[3].split(',').map(str::to_string).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for m in members {
+        if !m.is_empty() && m != a.user && !others.contains(&m) {
+            others.push(m);
+        }
+    }
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(Error::SharedGroup {
+        user: a.user.clone(),
+        group: a.group.clone(),
+        others: others.join(", "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root_with(passwd: &str, group: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/passwd"), passwd).unwrap();
+        std::fs::write(root.path().join("etc/group"), group).unwrap();
+        root
+    }
+
+    #[test]
+    fn a_primary_group_shared_with_another_account_is_refused_with_the_fix() {
+        let root = root_with(
+            "root:x:0:0::/root:/bin/sh\nalice:x:1001:1001::/home/alice:/bin/sh\ncarol:x:1003:100::/home/carol:/bin/sh\ndave:x:1004:100::/home/dave:/bin/sh\nerin:x:1005:1005::/home/erin:/bin/sh\nfrank:x:1006:1006::/home/frank:/bin/sh\n",
+            "users:x:100:\nalice:x:1001:\nerin:x:1005:frank\nfrank:x:1006:frank\n",
+        );
+        let check = |u: &str| private_group(root.path(), &lookup(root.path(), u).unwrap());
+        let err = check("carol").unwrap_err().to_string();
+        assert!(
+            err.contains("group `users`") && err.contains("dave"),
+            "{err}"
+        );
+        assert!(err.contains("usermod -g carol carol"), "{err}");
+        // A member listed in /etc/group reads it just the same.
+        let err = check("erin").unwrap_err().to_string();
+        assert!(err.contains("frank"), "{err}");
+        assert!(check("alice").is_ok());
+        assert!(check("frank").is_ok(), "frank alone in his own group");
+    }
+}

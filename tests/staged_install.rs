@@ -1,0 +1,234 @@
+//! `pmguard install`/`uninstall`/`doctor` as a user runs them, on a staging root (`--root`) with
+//! its own passwd and group: what the CLI prints and refuses. Nothing is started (no systemd in
+//! a staging root); the nspawn e2e covers a live box.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const PMGUARD: &str = env!("CARGO_BIN_EXE_pmguard");
+
+/// A staging root like a box with several PM2 users: ubuntu, alice and bob with private
+/// groups; carol and dave sharing the primary group `users`.
+struct Staged {
+    dir: tempfile::TempDir,
+}
+
+impl Staged {
+    fn new() -> Staged {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nubuntu:x:1000:1000::/home/ubuntu:/bin/sh\nalice:x:1001:1001::/home/alice:/bin/sh\nbob:x:1002:1002::/home/bob:/bin/sh\ncarol:x:1003:100::/home/carol:/bin/sh\ndave:x:1004:100::/home/dave:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("etc/group"),
+            "root:x:0:\nusers:x:100:\nubuntu:x:1000:\nalice:x:1001:\nbob:x:1002:\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("agent"), "#!/bin/sh\necho copied\n").unwrap();
+        Staged { dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// A config for `user` with its own state directory.
+    fn config(&self, user: &str, agent_lines: &str) -> PathBuf {
+        let p = self.dir.path().join(format!("{user}.toml"));
+        std::fs::write(
+            &p,
+            format!("[agent]\nstate_dir = \"/var/lib/pmguard-{user}\"\n{agent_lines}\n[[apps]]\nname = \"web\"\nhealth_url = \"http://127.0.0.1:3000/health\"\n"),
+        )
+        .unwrap();
+        p
+    }
+
+    fn pmguard(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(PMGUARD);
+        c.args(args).arg("--root").arg(self.root());
+        c
+    }
+
+    fn install(&self, user: &str, extra: &[&str]) -> Output {
+        let config = self.config(user, "");
+        let agent = self.dir.path().join("agent");
+        let mut args = vec!["install", "--user", user, "--config"];
+        args.push(config.to_str().unwrap());
+        args.extend(["--agent-bin", agent.to_str().unwrap()]);
+        args.extend(extra);
+        self.pmguard(&args).output().unwrap()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn a_plan_piped_into_a_reader_that_stops_early_is_no_panic() {
+    let s = Staged::new();
+    let config = s.config("ubuntu", "");
+    let agent = s.dir.path().join("agent");
+    let mut child = s
+        .pmguard(&[
+            "install",
+            "--user",
+            "ubuntu",
+            "--config",
+            config.to_str().unwrap(),
+            "--agent-bin",
+            agent.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -0`: the reader is gone before the first line.
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(Path::new(&s.root())
+        .join("etc/pmguard/install-manifest.json")
+        .exists());
+}
+
+#[test]
+fn a_second_install_waits_for_the_first_and_loses_nothing() {
+    let s = Staged::new();
+    assert!(s.install("ubuntu", &[]).status.success());
+    // Another install or uninstall holds the root's lock (as this test process).
+    let held = pmguard_installer::lock::try_lock(&s.root())
+        .unwrap()
+        .unwrap();
+    let config = s.config("alice", "");
+    let agent = s.dir.path().join("agent");
+    let mut child = s
+        .pmguard(&[
+            "install",
+            "--user",
+            "alice",
+            "--config",
+            config.to_str().unwrap(),
+            "--agent-bin",
+            agent.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut first = [0u8; 48];
+    stderr.read_exact(&mut first).unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("Another pmguard install or uninstall"),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    assert!(
+        !s.root().join("etc/pmguard/users/alice").exists(),
+        "nothing written while waiting"
+    );
+    drop(held);
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
+    assert_eq!(
+        pmguard_installer::layout::names(&installed),
+        "ubuntu, alice"
+    );
+}
+
+#[test]
+fn a_user_sharing_a_primary_group_is_refused_and_doctor_says_so() {
+    let s = Staged::new();
+    let out = s.install("carol", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("primary group `users` is shared with dave")
+            && t.contains("sudo groupadd carol && sudo usermod -g carol carol"),
+        "{t}"
+    );
+    assert!(
+        !s.root().join("etc/pmguard").exists(),
+        "nothing written: {t}"
+    );
+    // Installed while the group was private; dave joined it later: doctor fails ubuntu.
+    assert!(s.install("ubuntu", &[]).status.success());
+    std::fs::write(
+        s.root().join("etc/group"),
+        "root:x:0:\nusers:x:100:\nubuntu:x:1000:dave\n",
+    )
+    .unwrap();
+    let out = s
+        .pmguard(&["doctor", "--user", "ubuntu", "--json"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(
+        t.contains("\"check\": \"private group\"") && t.contains("shared with dave"),
+        "{t}"
+    );
+}
+
+#[test]
+fn doctor_judges_a_config_by_the_install_it_belongs_to_and_refuses_an_unknown_user() {
+    let s = Staged::new();
+    assert!(s.install("ubuntu", &[]).status.success());
+    assert!(s.install("alice", &[]).status.success());
+    let alice = s.root().join("etc/pmguard/users/alice/pmguard.toml");
+    let out = s
+        .pmguard(&["doctor", "--json", "--config", alice.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks = checks.as_array().unwrap();
+    assert!(
+        checks
+            .iter()
+            .all(|c| c["unit"] == "pmguard-agent@alice.service"),
+        "{checks:#?}"
+    );
+    let unit = checks
+        .iter()
+        .find(|c| c["check"] == "unit file")
+        .unwrap_or_else(|| panic!("{checks:#?}"));
+    assert_eq!(unit["status"], "ok", "{unit:#}");
+    // zed has no install here: an error, never the host's /etc/pmguard/pmguard.toml.
+    let out = s.pmguard(&["doctor", "--user", "zed"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("not installed for user `zed` here (installed for: ubuntu, alice)"),
+        "{}",
+        text(&out)
+    );
+    // On an empty root, the default config is looked for under the root.
+    let empty = Staged::new();
+    let out = empty.pmguard(&["doctor", "--json"]).output().unwrap();
+    let t = text(&out);
+    assert!(
+        t.contains(&format!(
+            "{}/etc/pmguard/pmguard.toml",
+            empty.root().display()
+        )),
+        "{t}"
+    );
+}
