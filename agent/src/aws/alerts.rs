@@ -30,13 +30,7 @@ pub fn alert_for(limiter: &mut Limiter, e: &Event, instance: &str) -> Option<Ale
         _ => "event",
     };
     let mut subject = format!("pmguard: {app} on {instance}: {what}");
-    if subject.len() > 99 {
-        let mut cut = 99;
-        while !subject.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        subject.truncate(cut);
-    }
+    super::cut(&mut subject, 99);
     let mut message = format!(
         "{}\n\nApp: {app}\nInstance: {instance}\nTime: {}\nEvent: {}\n",
         e.message,
