@@ -12,6 +12,8 @@
 //!   throttling, 5xx and transport errors. Everything else comes back at once, classified.
 //! - Errors and logs never carry a secret: URLs are shown redacted, credentials not at all.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::creds::{CredsError, Env, Provider, SharedFiles};
@@ -206,7 +208,7 @@ pub fn parse_error(status: u16, body: &[u8], header_type: Option<&str>) -> CallE
         .unwrap_or("")
         .to_string();
     let mut message = message.unwrap_or_default();
-    message.truncate(300);
+    super::cut(&mut message, 300);
     CallError::Service {
         status,
         code,
@@ -289,7 +291,9 @@ pub struct Aws {
     endpoints: [Result<Url, String>; 4],
     creds: Provider,
     op_timeout: Duration,
-    deadline: Option<Instant>,
+    /// The stop deadline (`clock::mono_now` ms, 0 = none), shared with whoever stops the sink:
+    /// every call and every attempt reads it, so a stop shortens the call in flight.
+    stop_at: Arc<AtomicU64>,
 }
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -327,13 +331,25 @@ impl Aws {
             endpoints,
             creds: Provider::new(env, imds),
             op_timeout,
-            deadline: None,
+            stop_at: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Every later call ends by `deadline` (the stop flush's).
-    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
-        self.deadline = deadline;
+    /// Every call, and every attempt of a call in flight, ends by the deadline in `stop_at`
+    /// (`clock::mono_now` ms; 0 = none), which the stopping thread sets.
+    pub fn share_deadline(&mut self, stop_at: Arc<AtomicU64>) {
+        self.stop_at = stop_at;
+    }
+
+    /// `until`, or earlier when a stop deadline is set.
+    fn bounded(&self, until: Instant) -> Instant {
+        match self.stop_at.load(Ordering::SeqCst) {
+            0 => until,
+            at => {
+                let left = at.saturating_sub(clock::mono_now());
+                until.min(Instant::now() + Duration::from_millis(left))
+            }
+        }
     }
 
     /// Where `service`'s requests go, redacted (for the start-up log).
@@ -390,13 +406,12 @@ impl Aws {
         let url = self.endpoints[service as usize]
             .clone()
             .map_err(CallError::Transport)?;
-        let mut until = Instant::now() + self.op_timeout;
-        if let Some(d) = self.deadline {
-            until = until.min(d);
-        }
+        let until = Instant::now() + self.op_timeout;
         let mut attempt = 0;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
+            let left = self
+                .bounded(until)
+                .saturating_duration_since(Instant::now());
             if left < Duration::from_millis(50) {
                 return Err(CallError::Deadline);
             }
@@ -410,7 +425,7 @@ impl Aws {
                 return Err(e);
             }
             let pause = backoff(attempt - 1, random_u32());
-            if Instant::now() + pause >= until {
+            if Instant::now() + pause >= self.bounded(until) {
                 return Err(e);
             }
             std::thread::sleep(pause);
@@ -425,7 +440,17 @@ impl Aws {
         body: &[u8],
         total: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        let creds = self.creds.get().map_err(CallError::Credentials)?;
+        // Fetching credentials gets what is left of the attempt.
+        let creds = self
+            .creds
+            .get_within(total)
+            .map_err(CallError::Credentials)?;
+        let total = self
+            .bounded(Instant::now() + total)
+            .saturating_duration_since(Instant::now());
+        if total < Duration::from_millis(50) {
+            return Err(CallError::Deadline);
+        }
         let (path, query) = url
             .target
             .split_once('?')
@@ -602,6 +627,17 @@ mod tests {
         assert_eq!(e.code(), Some("UnrecognizedClientException"));
         assert!(!e.retryable() && !e.is_refused());
         assert!(CallError::Transport("refused".into()).retryable());
+    }
+
+    #[test]
+    fn a_long_error_message_is_cut_on_a_char_boundary() {
+        // A 2-byte char across byte 300 once panicked the sink thread.
+        let msg = format!("{}é tail", "a".repeat(299));
+        let body = format!(r#"{{"__type":"InvalidParameterException","message":"{msg}"}}"#);
+        match parse_error(400, body.as_bytes(), None) {
+            CallError::Service { message, .. } => assert_eq!(message, "a".repeat(299)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

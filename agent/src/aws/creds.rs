@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::imds::Imds;
 use crate::clock;
@@ -262,6 +263,7 @@ pub fn parse_credentials_doc(body: &[u8]) -> Result<Credentials, String> {
 fn fetch_container(
     url: &Url,
     env: &dyn Fn(&str) -> Option<String>,
+    budget: Duration,
 ) -> Result<Credentials, CredsError> {
     let err = |why: String| CredsError::Fetch {
         source_name: "container",
@@ -286,7 +288,7 @@ fn fetch_container(
     }
     let limits = Limits {
         connect: std::time::Duration::from_secs(1),
-        total: std::time::Duration::from_secs(3),
+        total: budget.min(Duration::from_secs(3)),
         max_body: 64 * 1024,
     };
     let reply = net::send(
@@ -314,6 +316,8 @@ pub struct Provider {
     env: Env,
     imds: Option<Imds>,
     cached: Option<Credentials>,
+    /// How long a fetch from a metadata endpoint may take (the caller's time left).
+    budget: Duration,
 }
 
 impl Provider {
@@ -323,11 +327,18 @@ impl Provider {
             env,
             imds,
             cached: None,
+            budget: Duration::from_secs(3),
         }
     }
 
     /// Credentials for the next request: the cached ones until 5 minutes before they expire.
     pub fn get(&mut self) -> Result<Credentials, CredsError> {
+        self.get_within(Duration::from_secs(3))
+    }
+
+    /// As `get`, a fetch from a metadata endpoint taking at most `left`.
+    pub fn get_within(&mut self, left: Duration) -> Result<Credentials, CredsError> {
+        self.budget = left;
         if let Some(c) = &self.cached {
             if !c.stale(clock::wall_ms()) {
                 return Ok(c.clone());
@@ -359,13 +370,15 @@ impl Provider {
             });
         }
         if let Some(url) = container_url(env) {
-            return fetch_container(&url?, env);
+            return fetch_container(&url?, env, self.budget);
         }
         match &mut self.imds {
-            Some(imds) => imds.role_credentials().map_err(|why| CredsError::Fetch {
-                source_name: "EC2 instance profile (IMDSv2)",
-                why,
-            }),
+            Some(imds) => imds
+                .role_credentials(self.budget)
+                .map_err(|why| CredsError::Fetch {
+                    source_name: "EC2 instance profile (IMDSv2)",
+                    why,
+                }),
             None => Err(CredsError::None),
         }
     }

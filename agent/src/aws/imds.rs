@@ -5,7 +5,7 @@
 //! Off when `AWS_EC2_METADATA_DISABLED=true`; the endpoint is `AWS_EC2_METADATA_SERVICE_ENDPOINT`
 //! or `http://169.254.169.254`. Short timeouts: off EC2 nothing answers there.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::creds::{parse_credentials_doc, Credentials};
 use crate::clock;
@@ -17,6 +17,8 @@ pub struct Imds {
     base: String,
     token: Option<(String, u64)>,
     role: Option<String>,
+    /// The end of the caller's time (a credentials fetch inside a call), if it set one.
+    until: Option<Instant>,
 }
 
 impl Imds {
@@ -32,15 +34,24 @@ impl Imds {
             base: base.trim().trim_end_matches('/').to_string(),
             token: None,
             role: None,
+            until: None,
         })
     }
 
-    fn limits() -> Limits {
-        Limits {
-            connect: Duration::from_secs(1),
-            total: Duration::from_secs(2),
-            max_body: 64 * 1024,
+    /// 2 s a request, less when the caller's time ends sooner.
+    fn limits(&self) -> Result<Limits, String> {
+        let mut total = Duration::from_secs(2);
+        if let Some(until) = self.until {
+            total = total.min(until.saturating_duration_since(Instant::now()));
         }
+        if total < Duration::from_millis(50) {
+            return Err("IMDS: timed out".into());
+        }
+        Ok(Limits {
+            connect: Duration::from_secs(1).min(total),
+            total,
+            max_body: 64 * 1024,
+        })
     }
 
     fn url(&self, path: &str) -> Result<Url, String> {
@@ -64,7 +75,7 @@ impl Imds {
                 headers: &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)],
                 body: b"",
             },
-            &Self::limits(),
+            &self.limits()?,
         )
         .and_then(net::Reply::whole)
         .map_err(|e| format!("IMDSv2 token: {e}"))?;
@@ -90,7 +101,7 @@ impl Imds {
                     headers: &[("X-aws-ec2-metadata-token", &token)],
                     body: b"",
                 },
-                &Self::limits(),
+                &self.limits()?,
             )
             .and_then(net::Reply::whole)
             .map_err(|e| format!("IMDS {path}: {e}"))?;
@@ -115,8 +126,15 @@ impl Imds {
             .filter(|s| !s.is_empty())
     }
 
-    /// The instance profile's role credentials.
-    pub fn role_credentials(&mut self) -> Result<Credentials, String> {
+    /// The instance profile's role credentials, within `budget`.
+    pub fn role_credentials(&mut self, budget: Duration) -> Result<Credentials, String> {
+        self.until = Some(Instant::now() + budget);
+        let r = self.fetch_role_credentials();
+        self.until = None;
+        r
+    }
+
+    fn fetch_role_credentials(&mut self) -> Result<Credentials, String> {
         let role = match &self.role {
             Some(r) => r.clone(),
             None => {

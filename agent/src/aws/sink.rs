@@ -14,11 +14,12 @@
 //!   answer is lost may be repeated (at-least-once on the wire; no loss).
 //! - `Sink::stop` flushes within a deadline, then spills what is left for the next start.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::alerts::{self, Alert, Limiter};
 use super::client::{xml_text, Aws, CallError, Service};
@@ -74,6 +75,8 @@ impl Calls {
 pub struct Sink {
     join: JoinHandle<()>,
     stop: Arc<AtomicBool>,
+    /// The stop deadline (`clock::mono_now` ms, 0 = none), read by every AWS call and attempt.
+    stop_at: Arc<AtomicU64>,
     wake: Arc<Signal>,
     deadline: Duration,
     pub calls: Arc<Calls>,
@@ -88,17 +91,23 @@ impl Sink {
         opts: SinkOptions,
     ) -> std::io::Result<Sink> {
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_at = Arc::new(AtomicU64::new(0));
         let wake = recorder.urgent();
         let calls = Arc::new(Calls::default());
         let spool = Spool::new(state_dir);
-        let (s, c) = (stop.clone(), calls.clone());
+        let halt = Halt {
+            stop: stop.clone(),
+            at: stop_at.clone(),
+        };
+        let c = calls.clone();
         let deadline = opts.stop_deadline;
         let join = std::thread::Builder::new()
             .name("aws-sink".into())
-            .spawn(move || run(cfg, spool, recorder, opts, s, c))?;
+            .spawn(move || run(cfg, spool, recorder, opts, halt, c))?;
         Ok(Sink {
             join,
             stop,
+            stop_at,
             wake,
             deadline,
             calls,
@@ -106,10 +115,14 @@ impl Sink {
     }
 
     /// Flushes (within the stop deadline), spills what is left, and waits for the thread.
+    /// The call in flight is shortened to the deadline too (an attempt already on the wire
+    /// ends within its own 6 s bound).
     pub fn stop(self) {
+        let deadline = clock::mono_now() + self.deadline.as_millis() as u64;
+        self.stop_at.store(deadline.max(1), Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify();
-        let until = clock::mono_now() + self.deadline.as_millis() as u64 + 2_000;
+        let until = deadline + 2_000;
         while !self.join.is_finished() && clock::mono_now() < until {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -142,7 +155,16 @@ pub fn topic_arn(
     Some(format!("arn:{partition}:sns:{region}:{account}:{topic}"))
 }
 
+/// How the stopping thread tells the sink: the flag, and the deadline its calls end by.
+struct Halt {
+    stop: Arc<AtomicBool>,
+    at: Arc<AtomicU64>,
+}
+
 struct State {
+    /// Set once the stop flush runs: catch-up requests in `serve` end at a stop, its own don't.
+    finishing: bool,
+    stop: Arc<AtomicBool>,
     cfg: AwsConfig,
     opts: SinkOptions,
     instance: String,
@@ -167,7 +189,7 @@ fn run(
     spool: Spool,
     recorder: Arc<Recorder>,
     opts: SinkOptions,
-    stop: Arc<AtomicBool>,
+    halt: Halt,
     calls: Arc<Calls>,
 ) {
     let mut imds = Imds::from_env(&process_env);
@@ -177,7 +199,10 @@ fn run(
     };
     let op = op_timeout(cfg.flush_interval);
     let mut aws = Aws::new(cfg.region.as_deref(), Box::new(process_env), imds, op);
+    aws.share_deadline(halt.at.clone());
     let mut st = State {
+        finishing: false,
+        stop: halt.stop.clone(),
         limiter: Limiter::new(opts.alert_window_ms, 1),
         instance,
         buf: Buffer::default(),
@@ -199,24 +224,21 @@ fn run(
         );
     }
     tracing::info!(message = "AWS sink started.", region = ?aws.region, endpoint = %aws.endpoint_shown(Service::CloudWatch), namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
-    st.serve(&mut aws, &recorder, &stop);
-    // Stop: the last data (including `agent_stop`), delivered within the deadline, then spilled.
-    st.intake(recorder.take());
-    aws.set_deadline(Some(Instant::now() + st.opts.stop_deadline));
-    st.deliver(&mut aws, true);
-    if !st.buf.is_empty() {
-        tracing::warn!(
-            message = "AWS flush at stop did not finish; spilling the rest.",
-            pending = st.buf.len()
-        );
+    // A bug that panics here must not end delivery: the sink starts over with its buffer.
+    while let Err(p) = catch_unwind(AssertUnwindSafe(|| st.serve(&mut aws, &recorder))) {
+        st.recover(p.as_ref());
     }
-    st.persist();
-    tracing::info!(
-        message = "AWS sink stopped.",
-        pending = st.buf.len(),
-        dropped = st.buf.dropped_total,
-        calls = st.calls.total()
-    );
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| st.finish(&mut aws, &recorder))) {
+        st.recover(p.as_ref());
+    }
+}
+
+/// What a panic said (a `&str` or `String` payload), for the log.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 impl State {
@@ -242,26 +264,66 @@ impl State {
         }
     }
 
+    /// After a panic: logged, and the buffer spilled before the sink starts over with it.
+    fn recover(&mut self, p: &(dyn std::any::Any + Send)) {
+        tracing::error!(
+            message = "The AWS sink failed (a bug); starting it again with its buffer.",
+            error = panic_text(p),
+            pending = self.buf.len()
+        );
+        self.persist();
+    }
+
+    /// At stop: the last data (including `agent_stop`), delivered within the deadline, then
+    /// spilled.
+    fn finish(&mut self, aws: &mut Aws, recorder: &Recorder) {
+        self.finishing = true;
+        self.intake(recorder.take());
+        self.persist();
+        self.deliver(aws, true);
+        if !self.buf.is_empty() {
+            tracing::warn!(
+                message = "AWS flush at stop did not finish; spilling the rest.",
+                pending = self.buf.len()
+            );
+        }
+        self.persist();
+        tracing::info!(
+            message = "AWS sink stopped.",
+            pending = self.buf.len(),
+            dropped = self.buf.dropped_total,
+            calls = self.calls.total()
+        );
+    }
+
+    /// Whether a stop came while `serve` delivers: the stop flush then takes over.
+    fn interrupted(&self) -> bool {
+        !self.finishing && self.stop.load(Ordering::SeqCst)
+    }
+
     /// Until stopped: every `flush_interval` everything recorded, and at once the events when
-    /// an alert is waiting.
-    fn serve(&mut self, aws: &mut Aws, recorder: &Recorder, stop: &AtomicBool) {
+    /// an alert is waiting. What was taken is spilled before delivery starts, so a stop or a
+    /// kill during a slow call loses none of it.
+    fn serve(&mut self, aws: &mut Aws, recorder: &Recorder) {
         let wake = recorder.urgent();
         let flush_ms = self.cfg.flush_interval.as_millis() as u64;
         let mut next = clock::mono_now() + flush_ms;
         loop {
             let wait = Duration::from_millis(next.saturating_sub(clock::mono_now()));
             let woken = wake.wait(wait);
-            if stop.load(Ordering::SeqCst) {
+            if self.stop.load(Ordering::SeqCst) {
                 return;
             }
             if woken {
                 self.intake(recorder.take_events());
+                self.persist();
                 self.deliver(aws, false);
                 self.persist();
                 continue;
             }
             next = (next + flush_ms).max(clock::mono_now() + flush_ms / 2);
             self.intake(recorder.take());
+            self.persist();
             self.deliver(aws, true);
             self.persist();
         }
@@ -380,8 +442,12 @@ impl State {
         if with_metrics {
             self.send_metrics(aws);
         }
-        self.send_logs(aws);
-        self.send_alerts(aws);
+        if !self.interrupted() {
+            self.send_logs(aws);
+        }
+        if !self.interrupted() {
+            self.send_alerts(aws);
+        }
     }
 
     /// Drops buffered datums CloudWatch would refuse (older than two weeks); whether any were.
@@ -404,7 +470,7 @@ impl State {
 
     fn send_metrics(&mut self, aws: &mut Aws) {
         let resolution = if self.cfg.high_resolution { 1 } else { 60 };
-        while !self.buf.metrics.is_empty() {
+        while !self.buf.metrics.is_empty() && !self.interrupted() {
             if self.drop_stale_metrics() {
                 continue;
             }
@@ -518,7 +584,7 @@ impl State {
     }
 
     fn send_logs(&mut self, aws: &mut Aws) {
-        while !self.buf.logs.is_empty() {
+        while !self.buf.logs.is_empty() && !self.interrupted() {
             if self.drop_unacceptable_logs() {
                 continue;
             }
@@ -589,6 +655,9 @@ impl State {
             return;
         };
         while let Some(a) = self.buf.alerts.front().cloned() {
+            if self.interrupted() {
+                return;
+            }
             let arn = match self.topic(aws, &topic) {
                 Ok(arn) => arn,
                 Err(e) => {
