@@ -470,11 +470,13 @@ impl State {
 
     fn send_metrics(&mut self, aws: &mut Aws) {
         let resolution = if self.cfg.high_resolution { 1 } else { 60 };
+        // After a refusal the batch is halved until the datum AWS refuses is alone.
+        let mut cap = usize::MAX;
         while !self.buf.metrics.is_empty() && !self.interrupted() {
             if self.drop_stale_metrics() {
                 continue;
             }
-            let mut n = metrics::next_request_len(self.buf.metrics.iter());
+            let mut n = metrics::next_request_len(self.buf.metrics.iter()).min(cap);
             // The estimate keeps a request under 1 MB; the form encoding is checked too, and a
             // request over it is split (never gzipped).
             let params = loop {
@@ -492,10 +494,13 @@ impl State {
                     self.buf.metrics.drain(..n);
                     self.note_success(METRICS);
                 }
+                Err(e) if e.is_refused() && n > 1 => cap = n / 2,
                 Err(e) if e.is_refused() => {
-                    tracing::error!(message = "CloudWatch refused metrics; dropping them.", dropped = n, error = %e);
-                    self.buf.metrics.drain(..n);
-                    self.buf.count_dropped(n as u64);
+                    let metric = &self.buf.metrics[0].name;
+                    tracing::error!(message = "CloudWatch refused a metric; dropping it.", %metric, error = %e);
+                    self.buf.metrics.drain(..1);
+                    self.buf.count_dropped(1);
+                    cap = usize::MAX;
                 }
                 Err(e) => {
                     self.fail(METRICS, &e);
@@ -584,6 +589,8 @@ impl State {
     }
 
     fn send_logs(&mut self, aws: &mut Aws) {
+        // After a refusal the batch is halved until the event AWS refuses is alone.
+        let mut cap = usize::MAX;
         while !self.buf.logs.is_empty() && !self.interrupted() {
             if self.drop_unacceptable_logs() {
                 continue;
@@ -595,7 +602,7 @@ impl State {
                 }
                 self.stream_ready = true;
             }
-            let n = logs::next_batch_len(self.buf.logs.iter());
+            let n = logs::next_batch_len(self.buf.logs.iter()).min(cap);
             let body = self.log_batch(n);
             self.calls.put_log_events.fetch_add(1, Ordering::Relaxed);
             match aws.logs("PutLogEvents", &body) {
@@ -615,10 +622,12 @@ impl State {
                     }
                     self.stream_ready = true;
                 }
+                Err(e) if e.is_refused() && n > 1 => cap = n / 2,
                 Err(e) if e.is_refused() => {
-                    tracing::error!(message = "CloudWatch Logs refused events; dropping them.", dropped = n, error = %e);
-                    self.buf.logs.drain(..n);
-                    self.buf.count_dropped(n as u64);
+                    tracing::error!(message = "CloudWatch Logs refused an event; dropping it.", dropped = 1, error = %e);
+                    self.buf.logs.drain(..1);
+                    self.buf.count_dropped(1);
+                    cap = usize::MAX;
                 }
                 Err(e) => {
                     self.fail(LOGS, &e);
@@ -746,6 +755,107 @@ pub fn metric_params<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake CloudWatch (ministack accepts what AWS refuses) that refuses every PutMetricData
+    /// carrying the dimension value `refused-by-aws`, as AWS refuses a whole batch for one datum.
+    fn refusing_cloudwatch() -> (String, Arc<AtomicU64>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let a = accepted.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { break };
+                s.set_read_timeout(Some(Duration::from_millis(200))).ok();
+                let mut all = Vec::new();
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&all);
+                let (status, body) = if text.contains("refused-by-aws") {
+                    ("400 Bad Request", "<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>bad dimension</Message></Error></ErrorResponse>")
+                } else {
+                    let n = text.matches(".MetricName=").count() as u64;
+                    a.fetch_add(n, Ordering::SeqCst);
+                    ("200 OK", "<PutMetricDataResponse/>")
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (ep, accepted)
+    }
+
+    #[test]
+    fn a_refused_batch_is_halved_until_only_the_refused_datum_is_dropped() {
+        let (ep, accepted) = refusing_cloudwatch();
+        let text = "[aws]\nregion = \"us-east-1\"\nnamespace = \"PM2/Test\"\nlog_group = \"/g\"\ninstance_id = \"i-1\"\n[[apps]]\nname = \"a\"\n";
+        let cfg = crate::config::Config::parse(Path::new("/t.toml"), text)
+            .unwrap()
+            .aws
+            .unwrap();
+        let env = move |k: &str| match k {
+            "AWS_ENDPOINT_URL" => Some(ep.clone()),
+            "AWS_ACCESS_KEY_ID" => Some("AKID".into()),
+            "AWS_SECRET_ACCESS_KEY" => Some("s".into()),
+            "AWS_CONFIG_FILE" | "AWS_SHARED_CREDENTIALS_FILE" => Some("/dev/null".into()),
+            _ => None,
+        };
+        let mut aws = Aws::new(
+            Some("us-east-1"),
+            Box::new(env),
+            None,
+            Duration::from_secs(3),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State {
+            finishing: false,
+            stop: Arc::new(AtomicBool::new(false)),
+            limiter: Limiter::new(1, 1),
+            instance: "i-1".into(),
+            buf: Buffer::default(),
+            spool: Spool::new(dir.path()),
+            spooled: false,
+            topic_arn: None,
+            stream_ready: false,
+            failing: [false; 3],
+            creds_reported: false,
+            calls: Arc::new(Calls::default()),
+            cfg,
+            opts: SinkOptions::default(),
+        };
+        let now = clock::wall_ms();
+        let datum = |app: &str| Datum {
+            name: "ServiceStatus".into(),
+            dims: vec![
+                ("App".into(), app.into()),
+                ("InstanceId".into(), "i-1".into()),
+            ],
+            ts_ms: now,
+            stats: metrics::Stats::one(1.0),
+            unit: Unit::None,
+        };
+        let mut all: Vec<Datum> = (0..7).map(|i| datum(&format!("app{i}"))).collect();
+        all.insert(3, datum("refused-by-aws"));
+        st.buf
+            .push(&Capacity::default(), all, Vec::new(), Vec::new());
+        st.send_metrics(&mut aws);
+        assert!(st.buf.metrics.is_empty());
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            7,
+            "the 7 good datums delivered"
+        );
+        assert_eq!(st.buf.dropped, 1, "only the refused one counted as dropped");
+    }
 
     #[test]
     fn a_fleet_topic_arn_is_built_from_the_caller_identity() {
