@@ -61,8 +61,23 @@ pub fn endpoint(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Url, String> {
     let set = |v: &str| env(v).filter(|s| !s.trim().is_empty());
-    if let Some(u) = set(service.endpoint_var()).or_else(|| set("AWS_ENDPOINT_URL")) {
-        return Url::parse(u.trim()).map_err(|e| format!("{}: {e}", service.endpoint_var()));
+    let var = if set(service.endpoint_var()).is_some() {
+        service.endpoint_var()
+    } else {
+        "AWS_ENDPOINT_URL"
+    };
+    if let Some(u) = set(var) {
+        let u = Url::parse(u.trim()).map_err(|e| format!("{var}: {e}"))?;
+        if !u.https && !u.is_loopback() {
+            return Err(format!("{var} {} is plain http to a host that is not loopback: the request and its session token would cross the network in clear; use https", u.redacted()));
+        }
+        if u.target.contains('?') {
+            return Err(format!(
+                "{var} {} has a query string, which AWS endpoints do not take; remove it",
+                u.redacted()
+            ));
+        }
+        return Ok(u);
     }
     let suffix = if region.starts_with("cn-") {
         "amazonaws.com.cn"
@@ -552,6 +567,32 @@ mod tests {
             &env_of(&[("AWS_ENDPOINT_URL", "ftp://x")])
         )
         .is_err());
+        let refused = |url: &str| {
+            endpoint(
+                Service::Sts,
+                "us-east-1",
+                &env_of(&[("AWS_ENDPOINT_URL", url)]),
+            )
+            .unwrap_err()
+        };
+        assert!(refused("http://10.9.8.7:4566").contains("plain http"));
+        assert!(refused("http://127.0.0.1:4566/?tenant=a%20b").contains("query string"));
+        let e = endpoint(
+            Service::Sns,
+            "us-east-1",
+            &env_of(&[("AWS_ENDPOINT_URL_SNS", "http://sns.internal:80")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("AWS_ENDPOINT_URL_SNS http://sns.internal"),
+            "{e}"
+        );
+        assert!(endpoint(
+            Service::Sns,
+            "us-east-1",
+            &env_of(&[("AWS_ENDPOINT_URL", "https://10.9.8.7")])
+        )
+        .is_ok());
     }
 
     #[test]
