@@ -171,6 +171,18 @@ impl CallError {
         }
     }
 
+    /// AWS refused the signature's time (the clock here is off by more than 5 minutes).
+    pub fn is_skew(&self) -> bool {
+        match self {
+            CallError::Service { code, message, .. } => {
+                code == "RequestTimeTooSkewed"
+                    || message.contains("Signature expired")
+                    || message.contains("Signature not yet current")
+            }
+            _ => false,
+        }
+    }
+
     /// An error AWS will repeat for the same request (malformed or invalid): retrying the batch
     /// would block the queue forever, so the sink drops and counts it. Throttling, expired or
     /// missing credentials, access denied, 5xx and transport errors are not: the data is kept.
@@ -273,6 +285,25 @@ pub fn xml_text(xml: &str, tag: &str) -> Option<String> {
     Some(out)
 }
 
+/// Epoch ms of an HTTP `Date` (IMF-fixdate, `Mon, 30 Nov 2026 12:40:00 GMT`).
+pub fn parse_http_date(s: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mut f = s.split_whitespace().skip(1);
+    let day: i64 = f.next()?.parse().ok()?;
+    let month = f.next()?;
+    let month = MONTHS.iter().position(|m| *m == month)? as i64 + 1;
+    let year: i64 = f.next()?.parse().ok()?;
+    let mut hms = f.next()?.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if f.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    let days = clock::days_from_civil(year, month, day);
+    u64::try_from((days * 86_400 + h * 3_600 + m * 60 + sec) * 1_000).ok()
+}
+
 /// An awsquery body: `Action=...&Version=...&k=v...`, form-encoded.
 pub fn query_body(action: &str, version: &str, params: &[(String, String)]) -> String {
     let mut s = format!("Action={action}&Version={version}");
@@ -309,6 +340,10 @@ pub struct Aws {
     /// The stop deadline (`clock::mono_now` ms, 0 = none), shared with whoever stops the sink:
     /// every call and every attempt reads it, so a stop shortens the call in flight.
     stop_at: Arc<AtomicU64>,
+    /// AWS's time minus ours (ms), learnt from a reply that refused a skewed signature.
+    skew_ms: i64,
+    /// The `Date` of the last reply that refused a skewed signature.
+    server_ms: Option<u64>,
 }
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -347,6 +382,8 @@ impl Aws {
             creds: Provider::new(env, imds),
             op_timeout,
             stop_at: Arc::new(AtomicU64::new(0)),
+            skew_ms: 0,
+            server_ms: None,
         }
     }
 
@@ -354,6 +391,21 @@ impl Aws {
     /// (`clock::mono_now` ms; 0 = none), which the stopping thread sets.
     pub fn share_deadline(&mut self, stop_at: Arc<AtomicU64>) {
         self.stop_at = stop_at;
+    }
+
+    /// After AWS said the signing time is off: the offset to its `Date`, applied to every later
+    /// signature; whether to retry at once (once per skew: a second refusal is final).
+    fn correct_skew(&mut self, e: &CallError) -> bool {
+        let Some(server) = self.server_ms.take() else {
+            return false;
+        };
+        let skew = server as i64 - clock::wall_ms() as i64;
+        if !e.is_skew() || (skew - self.skew_ms).abs() < 1_000 {
+            return false;
+        }
+        tracing::warn!(message = "The clock differs from AWS's; signing with AWS's time.", skew_ms = skew, error = %e);
+        self.skew_ms = skew;
+        true
     }
 
     /// `until`, or earlier when a stop deadline is set.
@@ -432,6 +484,9 @@ impl Aws {
             }
             let r = self.attempt(service, &url, headers, body, left.min(ATTEMPT_TIMEOUT));
             let Err(e) = r else { return r };
+            if self.correct_skew(&e) {
+                continue;
+            }
             if e.code().is_some_and(|c| EXPIRED.contains(&c)) {
                 self.creds.invalidate();
             }
@@ -466,17 +521,9 @@ impl Aws {
         if total < Duration::from_millis(50) {
             return Err(CallError::Deadline);
         }
-        let (path, query) = url
-            .target
-            .split_once('?')
-            .unwrap_or((url.target.as_str(), ""));
-        let query: Vec<(&str, &str)> = query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| p.split_once('=').unwrap_or((p, "")))
-            .collect();
+        // `endpoint` refuses a query string: the target is the path.
         let host = url.authority();
-        let amz_date = sigv4::amz_date(clock::wall_ms());
+        let amz_date = sigv4::amz_date(clock::wall_ms().saturating_add_signed(self.skew_ms));
         let scope = Scope {
             region: &self.region,
             service: service.signing_name(),
@@ -486,8 +533,8 @@ impl Aws {
             &Signable {
                 method: "POST",
                 host: &host,
-                path,
-                query: &query,
+                path: &url.target,
+                query: &[],
                 headers,
                 body,
             },
@@ -515,11 +562,11 @@ impl Aws {
         if (200..300).contains(&reply.status) {
             return Ok(reply.body);
         }
-        Err(parse_error(
-            reply.status,
-            &reply.body,
-            reply.header("x-amzn-errortype"),
-        ))
+        let e = parse_error(reply.status, &reply.body, reply.header("x-amzn-errortype"));
+        if e.is_skew() {
+            self.server_ms = reply.header("date").and_then(parse_http_date);
+        }
+        Err(e)
     }
 }
 
@@ -679,6 +726,109 @@ mod tests {
             CallError::Service { message, .. } => assert_eq!(message, "a".repeat(299)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn http_dates_parse() {
+        assert_eq!(
+            parse_http_date("Mon, 30 Nov 2026 12:40:00 GMT"),
+            clock::parse_rfc3339("2026-11-30T12:40:00Z")
+        );
+        assert_eq!(parse_http_date("Mon, 30 Nov 2026 12:40:00 PST"), None);
+        assert_eq!(parse_http_date("yesterday"), None);
+    }
+
+    /// A fake AWS whose clock is an hour ahead of ours (ministack does not check signing
+    /// times): it refuses a signature more than 5 minutes off its time, as AWS does, with its
+    /// `Date`; counts the requests.
+    fn skewed_aws() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { break };
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 65536];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                let theirs = clock::wall_ms() + 3_600_000;
+                let signed = req
+                    .split("x-amz-date: ")
+                    .nth(1)
+                    .map(|v| v[..16].to_string())
+                    .unwrap_or_default();
+                let ok = signed == sigv4::amz_date(theirs).to_ascii_lowercase()[..16];
+                let secs = theirs / 1000;
+                let days = (secs / 86_400) as i64;
+                let (y, m, d) = civil(days);
+                let date = format!(
+                    "Mon, {d:02} {} {y} {:02}:{:02}:{:02} GMT",
+                    [
+                        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+                        "Nov", "Dec"
+                    ][m - 1],
+                    secs / 3600 % 24,
+                    secs / 60 % 60,
+                    secs % 60
+                );
+                let (status, body) = if ok {
+                    ("200 OK", "<PutMetricDataResponse/>".to_string())
+                } else {
+                    ("403 Forbidden", "<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>Signature expired: 20261130T120000Z is now earlier than 20261130T122500Z (20261130T124000Z - 15 min.)</Message></Error></ErrorResponse>".to_string())
+                };
+                let _ = write!(s, "HTTP/1.1 {status}\r\nDate: {date}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            }
+        });
+        (ep, hits)
+    }
+
+    /// Year, month, day of a day count since 1970-01-01 (inverse of `days_from_civil`).
+    fn civil(days: i64) -> (i64, usize, i64) {
+        let mut d = 0;
+        while clock::days_from_civil(2026, 1, 1) + d < days {
+            d += 1;
+        }
+        let (mut y, mut m) = (2026, 1);
+        loop {
+            let next = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            if clock::days_from_civil(next.0, next.1, 1) > days {
+                break;
+            }
+            (y, m) = next;
+        }
+        (y, m as usize, days - clock::days_from_civil(y, m, 1) + 1)
+    }
+
+    #[test]
+    fn a_skewed_clock_is_corrected_from_the_reply_date_and_the_call_retried_once() {
+        let (ep, hits) = skewed_aws();
+        let env = move |k: &str| match k {
+            "AWS_ENDPOINT_URL" => Some(ep.clone()),
+            "AWS_ACCESS_KEY_ID" => Some("AKID".into()),
+            "AWS_SECRET_ACCESS_KEY" => Some("s".into()),
+            "AWS_CONFIG_FILE" | "AWS_SHARED_CREDENTIALS_FILE" => Some("/dev/null".into()),
+            _ => None,
+        };
+        let mut aws = Aws::new(
+            Some("us-east-1"),
+            Box::new(env),
+            None,
+            Duration::from_secs(5),
+        );
+        let r = aws.query(Service::CloudWatch, "PutMetricData", "2010-08-01", &[]);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(aws
+            .query(Service::CloudWatch, "PutMetricData", "2010-08-01", &[])
+            .is_ok());
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "the offset is kept"
+        );
     }
 
     #[test]
