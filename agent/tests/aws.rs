@@ -804,3 +804,93 @@ fn in_a_container_the_agent_takes_the_task_role_from_a_loopback_full_uri() {
     assert!(!log.contains("container-token"), "{log}");
     assert!(agent.stop_within(Duration::from_secs(10)).success());
 }
+
+/// SIGTERM while a flush hangs in a call to a frozen endpoint (ministack SIGSTOPped): what was
+/// taken before the stop (`agent_start`) and `agent_stop` itself are spooled, and the sink ends
+/// within its stop deadline instead of being left behind.
+#[test]
+fn sigterm_during_a_hung_call_spools_the_flush_and_agent_stop() {
+    let ms = Ministack::start();
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    // flush 12 s -> a call may take 9 s; an attempt 6 s.
+    let aws = "[aws]\nnamespace = \"PM2/Test\"\nlog_group = \"/pmguard/test\"\nflush_interval = \"12s\"\ninstance_id = \"sigterm-host\"\n";
+    let mut agent = Agent::new(&pm2, aws, &app("web", port, ""));
+    ms.stall();
+    agent.spawn_env(&ms.env());
+    agent.wait_for(Duration::from_secs(10), "agent_start");
+    // Past the first flush: the sink is inside PutMetricData against the frozen endpoint.
+    std::thread::sleep(Duration::from_secs(14));
+    assert!(agent.stop_within(Duration::from_secs(30)).success());
+    ms.unstall();
+    let log = agent.log();
+    assert!(
+        !log.contains("did not stop in time"),
+        "the sink outlived its stop deadline:\n{log}"
+    );
+    let spooled =
+        std::fs::read_to_string(agent.state().join("spool/pending.json")).unwrap_or_default();
+    assert!(
+        spooled.contains("agent_start") && spooled.contains("agent_stop"),
+        "events neither delivered nor spooled; spool: {spooled}\nlog:\n{log}"
+    );
+}
+
+/// An error reply whose message has a 2-byte char across byte 300 once panicked the sink
+/// thread, which then never sent again. A fake endpoint: ministack's error messages cannot be
+/// chosen. The sink keeps retrying (AccessDenied keeps the data) and the agent never panics.
+#[test]
+fn an_error_message_with_unicode_at_the_cut_does_not_stop_the_sink() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ep = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            h.fetch_add(1, Ordering::SeqCst);
+            s.set_read_timeout(Some(Duration::from_millis(200))).ok();
+            let _ = s.read(&mut [0u8; 65536]);
+            let body = format!(
+                r#"{{"__type":"AccessDeniedException","message":"{}é"}}"#,
+                "a".repeat(299)
+            );
+            let _ = write!(
+                s,
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let aws = "[aws]\nregion = \"us-east-1\"\nnamespace = \"PM2/Test\"\nlog_group = \"/pmguard/test\"\nflush_interval = \"1s\"\ninstance_id = \"panic-host\"\n";
+    let mut agent = Agent::new(&pm2, aws, &app("web", port, ""));
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "").unwrap();
+    agent.spawn_env(&[
+        ("AWS_ENDPOINT_URL", ep),
+        ("AWS_ACCESS_KEY_ID", "AKIDTEST".into()),
+        ("AWS_SECRET_ACCESS_KEY", "secret".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_CONFIG_FILE", empty.display().to_string()),
+        ("AWS_SHARED_CREDENTIALS_FILE", empty.display().to_string()),
+    ]);
+    agent.wait_for(Duration::from_secs(10), "agent_start");
+    wait_until(Duration::from_secs(10), "a first refused request", || {
+        hits.load(Ordering::SeqCst) > 0
+    });
+    let first = hits.load(Ordering::SeqCst);
+    wait_until(Duration::from_secs(10), "the sink sending again", || {
+        hits.load(Ordering::SeqCst) > first + 2
+    });
+    assert!(agent.stop_within(Duration::from_secs(15)).success());
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("AccessDeniedException"), "{log}");
+}

@@ -29,14 +29,12 @@ pub fn alert_for(limiter: &mut Limiter, e: &Event, instance: &str) -> Option<Ale
         Kind::Escalation => "restart escalated to SIGKILL",
         _ => "event",
     };
-    let mut subject = format!("pmguard: {app} on {instance}: {what}");
-    if subject.len() > 99 {
-        let mut cut = 99;
-        while !subject.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        subject.truncate(cut);
-    }
+    // SNS refuses (and so would drop) a Subject with control or non-ASCII characters.
+    let mut subject: String = format!("pmguard: {app} on {instance}: {what}")
+        .chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control())
+        .collect();
+    super::cut(&mut subject, 99);
     let mut message = format!(
         "{}\n\nApp: {app}\nInstance: {instance}\nTime: {}\nEvent: {}\n",
         e.message,
@@ -82,5 +80,17 @@ mod tests {
         e.app = Some("x".repeat(200));
         e.ts_ms = 900_000;
         assert!(alert_for(&mut l, &e, "i-1").unwrap().subject.len() < 100);
+    }
+
+    #[test]
+    fn a_non_ascii_app_keeps_its_alert_with_a_subject_sns_accepts() {
+        let mut l = Limiter::new(300_000, 1);
+        let e = Event::new(Kind::GiveUp, Some("café\u{7}应用"), "Crash loop.");
+        let a = alert_for(&mut l, &e, "höst").unwrap();
+        assert_eq!(
+            a.subject,
+            "pmguard: caf on hst: crash loop, restarts paused"
+        );
+        assert!(a.message.contains("App: café\u{7}应用"));
     }
 }

@@ -12,6 +12,8 @@
 //!   throttling, 5xx and transport errors. Everything else comes back at once, classified.
 //! - Errors and logs never carry a secret: URLs are shown redacted, credentials not at all.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::creds::{CredsError, Env, Provider, SharedFiles};
@@ -59,8 +61,23 @@ pub fn endpoint(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Url, String> {
     let set = |v: &str| env(v).filter(|s| !s.trim().is_empty());
-    if let Some(u) = set(service.endpoint_var()).or_else(|| set("AWS_ENDPOINT_URL")) {
-        return Url::parse(u.trim()).map_err(|e| format!("{}: {e}", service.endpoint_var()));
+    let var = if set(service.endpoint_var()).is_some() {
+        service.endpoint_var()
+    } else {
+        "AWS_ENDPOINT_URL"
+    };
+    if let Some(u) = set(var) {
+        let u = Url::parse(u.trim()).map_err(|e| format!("{var}: {e}"))?;
+        if !u.https && !u.is_loopback() {
+            return Err(format!("{var} {} is plain http to a host that is not loopback: the request and its session token would cross the network in clear; use https", u.redacted()));
+        }
+        if u.target.contains('?') {
+            return Err(format!(
+                "{var} {} has a query string, which AWS endpoints do not take; remove it",
+                u.redacted()
+            ));
+        }
+        return Ok(u);
     }
     let suffix = if region.starts_with("cn-") {
         "amazonaws.com.cn"
@@ -154,6 +171,18 @@ impl CallError {
         }
     }
 
+    /// AWS refused the signature's time (the clock here is off by more than 5 minutes).
+    pub fn is_skew(&self) -> bool {
+        match self {
+            CallError::Service { code, message, .. } => {
+                code == "RequestTimeTooSkewed"
+                    || message.contains("Signature expired")
+                    || message.contains("Signature not yet current")
+            }
+            _ => false,
+        }
+    }
+
     /// An error AWS will repeat for the same request (malformed or invalid): retrying the batch
     /// would block the queue forever, so the sink drops and counts it. Throttling, expired or
     /// missing credentials, access denied, 5xx and transport errors are not: the data is kept.
@@ -206,7 +235,7 @@ pub fn parse_error(status: u16, body: &[u8], header_type: Option<&str>) -> CallE
         .unwrap_or("")
         .to_string();
     let mut message = message.unwrap_or_default();
-    message.truncate(300);
+    super::cut(&mut message, 300);
     CallError::Service {
         status,
         code,
@@ -256,6 +285,25 @@ pub fn xml_text(xml: &str, tag: &str) -> Option<String> {
     Some(out)
 }
 
+/// Epoch ms of an HTTP `Date` (IMF-fixdate, `Mon, 30 Nov 2026 12:40:00 GMT`).
+pub fn parse_http_date(s: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mut f = s.split_whitespace().skip(1);
+    let day: i64 = f.next()?.parse().ok()?;
+    let month = f.next()?;
+    let month = MONTHS.iter().position(|m| *m == month)? as i64 + 1;
+    let year: i64 = f.next()?.parse().ok()?;
+    let mut hms = f.next()?.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if f.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    let days = clock::days_from_civil(year, month, day);
+    u64::try_from((days * 86_400 + h * 3_600 + m * 60 + sec) * 1_000).ok()
+}
+
 /// An awsquery body: `Action=...&Version=...&k=v...`, form-encoded.
 pub fn query_body(action: &str, version: &str, params: &[(String, String)]) -> String {
     let mut s = format!("Action={action}&Version={version}");
@@ -289,7 +337,13 @@ pub struct Aws {
     endpoints: [Result<Url, String>; 4],
     creds: Provider,
     op_timeout: Duration,
-    deadline: Option<Instant>,
+    /// The stop deadline (`clock::mono_now` ms, 0 = none), shared with whoever stops the sink:
+    /// every call and every attempt reads it, so a stop shortens the call in flight.
+    stop_at: Arc<AtomicU64>,
+    /// AWS's time minus ours (ms), learnt from a reply that refused a skewed signature.
+    skew_ms: i64,
+    /// The `Date` of the last reply that refused a skewed signature.
+    server_ms: Option<u64>,
 }
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -327,13 +381,42 @@ impl Aws {
             endpoints,
             creds: Provider::new(env, imds),
             op_timeout,
-            deadline: None,
+            stop_at: Arc::new(AtomicU64::new(0)),
+            skew_ms: 0,
+            server_ms: None,
         }
     }
 
-    /// Every later call ends by `deadline` (the stop flush's).
-    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
-        self.deadline = deadline;
+    /// Every call, and every attempt of a call in flight, ends by the deadline in `stop_at`
+    /// (`clock::mono_now` ms; 0 = none), which the stopping thread sets.
+    pub fn share_deadline(&mut self, stop_at: Arc<AtomicU64>) {
+        self.stop_at = stop_at;
+    }
+
+    /// After AWS said the signing time is off: the offset to its `Date`, applied to every later
+    /// signature; whether to retry at once (once per skew: a second refusal is final).
+    fn correct_skew(&mut self, e: &CallError) -> bool {
+        let Some(server) = self.server_ms.take() else {
+            return false;
+        };
+        let skew = server as i64 - clock::wall_ms() as i64;
+        if !e.is_skew() || (skew - self.skew_ms).abs() < 1_000 {
+            return false;
+        }
+        tracing::warn!(message = "The clock differs from AWS's; signing with AWS's time.", skew_ms = skew, error = %e);
+        self.skew_ms = skew;
+        true
+    }
+
+    /// `until`, or earlier when a stop deadline is set.
+    fn bounded(&self, until: Instant) -> Instant {
+        match self.stop_at.load(Ordering::SeqCst) {
+            0 => until,
+            at => {
+                let left = at.saturating_sub(clock::mono_now());
+                until.min(Instant::now() + Duration::from_millis(left))
+            }
+        }
     }
 
     /// Where `service`'s requests go, redacted (for the start-up log).
@@ -390,18 +473,20 @@ impl Aws {
         let url = self.endpoints[service as usize]
             .clone()
             .map_err(CallError::Transport)?;
-        let mut until = Instant::now() + self.op_timeout;
-        if let Some(d) = self.deadline {
-            until = until.min(d);
-        }
+        let until = Instant::now() + self.op_timeout;
         let mut attempt = 0;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
+            let left = self
+                .bounded(until)
+                .saturating_duration_since(Instant::now());
             if left < Duration::from_millis(50) {
                 return Err(CallError::Deadline);
             }
             let r = self.attempt(service, &url, headers, body, left.min(ATTEMPT_TIMEOUT));
             let Err(e) = r else { return r };
+            if self.correct_skew(&e) {
+                continue;
+            }
             if e.code().is_some_and(|c| EXPIRED.contains(&c)) {
                 self.creds.invalidate();
             }
@@ -410,7 +495,7 @@ impl Aws {
                 return Err(e);
             }
             let pause = backoff(attempt - 1, random_u32());
-            if Instant::now() + pause >= until {
+            if Instant::now() + pause >= self.bounded(until) {
                 return Err(e);
             }
             std::thread::sleep(pause);
@@ -425,18 +510,20 @@ impl Aws {
         body: &[u8],
         total: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        let creds = self.creds.get().map_err(CallError::Credentials)?;
-        let (path, query) = url
-            .target
-            .split_once('?')
-            .unwrap_or((url.target.as_str(), ""));
-        let query: Vec<(&str, &str)> = query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| p.split_once('=').unwrap_or((p, "")))
-            .collect();
+        // Fetching credentials gets what is left of the attempt.
+        let creds = self
+            .creds
+            .get_within(total)
+            .map_err(CallError::Credentials)?;
+        let total = self
+            .bounded(Instant::now() + total)
+            .saturating_duration_since(Instant::now());
+        if total < Duration::from_millis(50) {
+            return Err(CallError::Deadline);
+        }
+        // `endpoint` refuses a query string: the target is the path.
         let host = url.authority();
-        let amz_date = sigv4::amz_date(clock::wall_ms());
+        let amz_date = sigv4::amz_date(clock::wall_ms().saturating_add_signed(self.skew_ms));
         let scope = Scope {
             region: &self.region,
             service: service.signing_name(),
@@ -446,8 +533,8 @@ impl Aws {
             &Signable {
                 method: "POST",
                 host: &host,
-                path,
-                query: &query,
+                path: &url.target,
+                query: &[],
                 headers,
                 body,
             },
@@ -475,11 +562,11 @@ impl Aws {
         if (200..300).contains(&reply.status) {
             return Ok(reply.body);
         }
-        Err(parse_error(
-            reply.status,
-            &reply.body,
-            reply.header("x-amzn-errortype"),
-        ))
+        let e = parse_error(reply.status, &reply.body, reply.header("x-amzn-errortype"));
+        if e.is_skew() {
+            self.server_ms = reply.header("date").and_then(parse_http_date);
+        }
+        Err(e)
     }
 }
 
@@ -527,6 +614,32 @@ mod tests {
             &env_of(&[("AWS_ENDPOINT_URL", "ftp://x")])
         )
         .is_err());
+        let refused = |url: &str| {
+            endpoint(
+                Service::Sts,
+                "us-east-1",
+                &env_of(&[("AWS_ENDPOINT_URL", url)]),
+            )
+            .unwrap_err()
+        };
+        assert!(refused("http://10.9.8.7:4566").contains("plain http"));
+        assert!(refused("http://127.0.0.1:4566/?tenant=a%20b").contains("query string"));
+        let e = endpoint(
+            Service::Sns,
+            "us-east-1",
+            &env_of(&[("AWS_ENDPOINT_URL_SNS", "http://sns.internal:80")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("AWS_ENDPOINT_URL_SNS http://sns.internal"),
+            "{e}"
+        );
+        assert!(endpoint(
+            Service::Sns,
+            "us-east-1",
+            &env_of(&[("AWS_ENDPOINT_URL", "https://10.9.8.7")])
+        )
+        .is_ok());
     }
 
     #[test]
@@ -602,6 +715,120 @@ mod tests {
         assert_eq!(e.code(), Some("UnrecognizedClientException"));
         assert!(!e.retryable() && !e.is_refused());
         assert!(CallError::Transport("refused".into()).retryable());
+    }
+
+    #[test]
+    fn a_long_error_message_is_cut_on_a_char_boundary() {
+        // A 2-byte char across byte 300 once panicked the sink thread.
+        let msg = format!("{}é tail", "a".repeat(299));
+        let body = format!(r#"{{"__type":"InvalidParameterException","message":"{msg}"}}"#);
+        match parse_error(400, body.as_bytes(), None) {
+            CallError::Service { message, .. } => assert_eq!(message, "a".repeat(299)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn http_dates_parse() {
+        assert_eq!(
+            parse_http_date("Mon, 30 Nov 2026 12:40:00 GMT"),
+            clock::parse_rfc3339("2026-11-30T12:40:00Z")
+        );
+        assert_eq!(parse_http_date("Mon, 30 Nov 2026 12:40:00 PST"), None);
+        assert_eq!(parse_http_date("yesterday"), None);
+    }
+
+    /// A fake AWS whose clock is an hour ahead of ours (ministack does not check signing
+    /// times): it refuses a signature more than 5 minutes off its time, as AWS does, with its
+    /// `Date`; counts the requests.
+    fn skewed_aws() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { break };
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 65536];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                let theirs = clock::wall_ms() + 3_600_000;
+                let signed = req
+                    .split("x-amz-date: ")
+                    .nth(1)
+                    .map(|v| v[..16].to_string())
+                    .unwrap_or_default();
+                let ok = signed == sigv4::amz_date(theirs).to_ascii_lowercase()[..16];
+                let secs = theirs / 1000;
+                let days = (secs / 86_400) as i64;
+                let (y, m, d) = civil(days);
+                let date = format!(
+                    "Mon, {d:02} {} {y} {:02}:{:02}:{:02} GMT",
+                    [
+                        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+                        "Nov", "Dec"
+                    ][m - 1],
+                    secs / 3600 % 24,
+                    secs / 60 % 60,
+                    secs % 60
+                );
+                let (status, body) = if ok {
+                    ("200 OK", "<PutMetricDataResponse/>".to_string())
+                } else {
+                    ("403 Forbidden", "<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>Signature expired: 20261130T120000Z is now earlier than 20261130T122500Z (20261130T124000Z - 15 min.)</Message></Error></ErrorResponse>".to_string())
+                };
+                let _ = write!(s, "HTTP/1.1 {status}\r\nDate: {date}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            }
+        });
+        (ep, hits)
+    }
+
+    /// Year, month, day of a day count since 1970-01-01 (inverse of `days_from_civil`).
+    fn civil(days: i64) -> (i64, usize, i64) {
+        let mut d = 0;
+        while clock::days_from_civil(2026, 1, 1) + d < days {
+            d += 1;
+        }
+        let (mut y, mut m) = (2026, 1);
+        loop {
+            let next = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            if clock::days_from_civil(next.0, next.1, 1) > days {
+                break;
+            }
+            (y, m) = next;
+        }
+        (y, m as usize, days - clock::days_from_civil(y, m, 1) + 1)
+    }
+
+    #[test]
+    fn a_skewed_clock_is_corrected_from_the_reply_date_and_the_call_retried_once() {
+        let (ep, hits) = skewed_aws();
+        let env = move |k: &str| match k {
+            "AWS_ENDPOINT_URL" => Some(ep.clone()),
+            "AWS_ACCESS_KEY_ID" => Some("AKID".into()),
+            "AWS_SECRET_ACCESS_KEY" => Some("s".into()),
+            "AWS_CONFIG_FILE" | "AWS_SHARED_CREDENTIALS_FILE" => Some("/dev/null".into()),
+            _ => None,
+        };
+        let mut aws = Aws::new(
+            Some("us-east-1"),
+            Box::new(env),
+            None,
+            Duration::from_secs(5),
+        );
+        let r = aws.query(Service::CloudWatch, "PutMetricData", "2010-08-01", &[]);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(aws
+            .query(Service::CloudWatch, "PutMetricData", "2010-08-01", &[])
+            .is_ok());
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "the offset is kept"
+        );
     }
 
     #[test]

@@ -29,13 +29,7 @@ pub struct LogRecord {
 impl LogRecord {
     pub fn from_event(e: &Event) -> Option<LogRecord> {
         let mut message = serde_json::to_string(e).ok()?;
-        if message.len() > MAX_EVENT_BYTES {
-            let mut cut = MAX_EVENT_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
+        super::cut(&mut message, MAX_EVENT_BYTES);
         Some(LogRecord {
             ts_ms: e.ts_ms,
             message,

@@ -111,10 +111,23 @@ impl Datum {
             .any(|(k, v)| k.is_empty() || k.len() > 255 || v.is_empty() || v.len() > 1024)
         {
             Some("dimension name or value out of bounds")
+        } else if self.dims.iter().any(|(_, v)| !dimension_value_ok(v)) {
+            Some(DIMENSION_RULE)
         } else {
             None
         }
     }
+}
+
+/// CloudWatch's rule for a dimension value (API `Dimension`), beside the length.
+pub const DIMENSION_RULE: &str =
+    "a dimension value must be printable ASCII with at least one non-space character";
+
+/// Whether CloudWatch accepts `v` as a dimension value: ASCII without control characters, and
+/// not only whitespace (AWS refuses the whole PutMetricData otherwise).
+pub fn dimension_value_ok(v: &str) -> bool {
+    v.chars().all(|c| c.is_ascii() && !c.is_ascii_control())
+        && v.chars().any(|c| !c.is_ascii_whitespace())
 }
 
 /// One app's aggregate over the current flush period.
@@ -292,6 +305,14 @@ mod tests {
             stats: Stats::one(1.0),
             unit: Unit::Count,
         }
+    }
+
+    #[test]
+    fn dimension_values_aws_refuses_are_caught_before_sending() {
+        for app in ["café", "   ", "web\u{7}", "应用"] {
+            assert_eq!(datum(app, 5).invalid(), Some(DIMENSION_RULE), "{app:?}");
+        }
+        assert_eq!(datum("web-1 (blue)", 5).invalid(), None);
     }
 
     #[test]

@@ -24,3 +24,14 @@ pub mod spool;
 
 pub use recorder::Recorder;
 pub use sink::{Sink, SinkOptions};
+
+/// Cuts `s` to at most `max` bytes, on a char boundary (a multi-byte char at the cut goes).
+pub fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+}

@@ -14,11 +14,12 @@
 //!   answer is lost may be repeated (at-least-once on the wire; no loss).
 //! - `Sink::stop` flushes within a deadline, then spills what is left for the next start.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::alerts::{self, Alert, Limiter};
 use super::client::{xml_text, Aws, CallError, Service};
@@ -74,6 +75,8 @@ impl Calls {
 pub struct Sink {
     join: JoinHandle<()>,
     stop: Arc<AtomicBool>,
+    /// The stop deadline (`clock::mono_now` ms, 0 = none), read by every AWS call and attempt.
+    stop_at: Arc<AtomicU64>,
     wake: Arc<Signal>,
     deadline: Duration,
     pub calls: Arc<Calls>,
@@ -88,17 +91,23 @@ impl Sink {
         opts: SinkOptions,
     ) -> std::io::Result<Sink> {
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_at = Arc::new(AtomicU64::new(0));
         let wake = recorder.urgent();
         let calls = Arc::new(Calls::default());
         let spool = Spool::new(state_dir);
-        let (s, c) = (stop.clone(), calls.clone());
+        let halt = Halt {
+            stop: stop.clone(),
+            at: stop_at.clone(),
+        };
+        let c = calls.clone();
         let deadline = opts.stop_deadline;
         let join = std::thread::Builder::new()
             .name("aws-sink".into())
-            .spawn(move || run(cfg, spool, recorder, opts, s, c))?;
+            .spawn(move || run(cfg, spool, recorder, opts, halt, c))?;
         Ok(Sink {
             join,
             stop,
+            stop_at,
             wake,
             deadline,
             calls,
@@ -106,10 +115,14 @@ impl Sink {
     }
 
     /// Flushes (within the stop deadline), spills what is left, and waits for the thread.
+    /// The call in flight is shortened to the deadline too (an attempt already on the wire
+    /// ends within its own 6 s bound).
     pub fn stop(self) {
+        let deadline = clock::mono_now() + self.deadline.as_millis() as u64;
+        self.stop_at.store(deadline.max(1), Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify();
-        let until = clock::mono_now() + self.deadline.as_millis() as u64 + 2_000;
+        let until = deadline + 2_000;
         while !self.join.is_finished() && clock::mono_now() < until {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -142,7 +155,16 @@ pub fn topic_arn(
     Some(format!("arn:{partition}:sns:{region}:{account}:{topic}"))
 }
 
+/// How the stopping thread tells the sink: the flag, and the deadline its calls end by.
+struct Halt {
+    stop: Arc<AtomicBool>,
+    at: Arc<AtomicU64>,
+}
+
 struct State {
+    /// Set once the stop flush runs: catch-up requests in `serve` end at a stop, its own don't.
+    finishing: bool,
+    stop: Arc<AtomicBool>,
     cfg: AwsConfig,
     opts: SinkOptions,
     instance: String,
@@ -167,7 +189,7 @@ fn run(
     spool: Spool,
     recorder: Arc<Recorder>,
     opts: SinkOptions,
-    stop: Arc<AtomicBool>,
+    halt: Halt,
     calls: Arc<Calls>,
 ) {
     let mut imds = Imds::from_env(&process_env);
@@ -177,7 +199,10 @@ fn run(
     };
     let op = op_timeout(cfg.flush_interval);
     let mut aws = Aws::new(cfg.region.as_deref(), Box::new(process_env), imds, op);
+    aws.share_deadline(halt.at.clone());
     let mut st = State {
+        finishing: false,
+        stop: halt.stop.clone(),
         limiter: Limiter::new(opts.alert_window_ms, 1),
         instance,
         buf: Buffer::default(),
@@ -199,24 +224,21 @@ fn run(
         );
     }
     tracing::info!(message = "AWS sink started.", region = ?aws.region, endpoint = %aws.endpoint_shown(Service::CloudWatch), namespace = %st.cfg.namespace, log_group = %st.cfg.log_group, instance = %st.instance);
-    st.serve(&mut aws, &recorder, &stop);
-    // Stop: the last data (including `agent_stop`), delivered within the deadline, then spilled.
-    st.intake(recorder.take());
-    aws.set_deadline(Some(Instant::now() + st.opts.stop_deadline));
-    st.deliver(&mut aws, true);
-    if !st.buf.is_empty() {
-        tracing::warn!(
-            message = "AWS flush at stop did not finish; spilling the rest.",
-            pending = st.buf.len()
-        );
+    // A bug that panics here must not end delivery: the sink starts over with its buffer.
+    while let Err(p) = catch_unwind(AssertUnwindSafe(|| st.serve(&mut aws, &recorder))) {
+        st.recover(p.as_ref());
     }
-    st.persist();
-    tracing::info!(
-        message = "AWS sink stopped.",
-        pending = st.buf.len(),
-        dropped = st.buf.dropped_total,
-        calls = st.calls.total()
-    );
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| st.finish(&mut aws, &recorder))) {
+        st.recover(p.as_ref());
+    }
+}
+
+/// What a panic said (a `&str` or `String` payload), for the log.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 impl State {
@@ -242,26 +264,66 @@ impl State {
         }
     }
 
+    /// After a panic: logged, and the buffer spilled before the sink starts over with it.
+    fn recover(&mut self, p: &(dyn std::any::Any + Send)) {
+        tracing::error!(
+            message = "The AWS sink failed (a bug); starting it again with its buffer.",
+            error = panic_text(p),
+            pending = self.buf.len()
+        );
+        self.persist();
+    }
+
+    /// At stop: the last data (including `agent_stop`), delivered within the deadline, then
+    /// spilled.
+    fn finish(&mut self, aws: &mut Aws, recorder: &Recorder) {
+        self.finishing = true;
+        self.intake(recorder.take());
+        self.persist();
+        self.deliver(aws, true);
+        if !self.buf.is_empty() {
+            tracing::warn!(
+                message = "AWS flush at stop did not finish; spilling the rest.",
+                pending = self.buf.len()
+            );
+        }
+        self.persist();
+        tracing::info!(
+            message = "AWS sink stopped.",
+            pending = self.buf.len(),
+            dropped = self.buf.dropped_total,
+            calls = self.calls.total()
+        );
+    }
+
+    /// Whether a stop came while `serve` delivers: the stop flush then takes over.
+    fn interrupted(&self) -> bool {
+        !self.finishing && self.stop.load(Ordering::SeqCst)
+    }
+
     /// Until stopped: every `flush_interval` everything recorded, and at once the events when
-    /// an alert is waiting.
-    fn serve(&mut self, aws: &mut Aws, recorder: &Recorder, stop: &AtomicBool) {
+    /// an alert is waiting. What was taken is spilled before delivery starts, so a stop or a
+    /// kill during a slow call loses none of it.
+    fn serve(&mut self, aws: &mut Aws, recorder: &Recorder) {
         let wake = recorder.urgent();
         let flush_ms = self.cfg.flush_interval.as_millis() as u64;
         let mut next = clock::mono_now() + flush_ms;
         loop {
             let wait = Duration::from_millis(next.saturating_sub(clock::mono_now()));
             let woken = wake.wait(wait);
-            if stop.load(Ordering::SeqCst) {
+            if self.stop.load(Ordering::SeqCst) {
                 return;
             }
             if woken {
                 self.intake(recorder.take_events());
+                self.persist();
                 self.deliver(aws, false);
                 self.persist();
                 continue;
             }
             next = (next + flush_ms).max(clock::mono_now() + flush_ms / 2);
             self.intake(recorder.take());
+            self.persist();
             self.deliver(aws, true);
             self.persist();
         }
@@ -380,8 +442,12 @@ impl State {
         if with_metrics {
             self.send_metrics(aws);
         }
-        self.send_logs(aws);
-        self.send_alerts(aws);
+        if !self.interrupted() {
+            self.send_logs(aws);
+        }
+        if !self.interrupted() {
+            self.send_alerts(aws);
+        }
     }
 
     /// Drops buffered datums CloudWatch would refuse (older than two weeks); whether any were.
@@ -404,11 +470,13 @@ impl State {
 
     fn send_metrics(&mut self, aws: &mut Aws) {
         let resolution = if self.cfg.high_resolution { 1 } else { 60 };
-        while !self.buf.metrics.is_empty() {
+        // After a refusal the batch is halved until the datum AWS refuses is alone.
+        let mut cap = usize::MAX;
+        while !self.buf.metrics.is_empty() && !self.interrupted() {
             if self.drop_stale_metrics() {
                 continue;
             }
-            let mut n = metrics::next_request_len(self.buf.metrics.iter());
+            let mut n = metrics::next_request_len(self.buf.metrics.iter()).min(cap);
             // The estimate keeps a request under 1 MB; the form encoding is checked too, and a
             // request over it is split (never gzipped).
             let params = loop {
@@ -426,10 +494,13 @@ impl State {
                     self.buf.metrics.drain(..n);
                     self.note_success(METRICS);
                 }
+                Err(e) if e.is_refused() && n > 1 => cap = n / 2,
                 Err(e) if e.is_refused() => {
-                    tracing::error!(message = "CloudWatch refused metrics; dropping them.", dropped = n, error = %e);
-                    self.buf.metrics.drain(..n);
-                    self.buf.count_dropped(n as u64);
+                    let metric = &self.buf.metrics[0].name;
+                    tracing::error!(message = "CloudWatch refused a metric; dropping it.", %metric, error = %e);
+                    self.buf.metrics.drain(..1);
+                    self.buf.count_dropped(1);
+                    cap = usize::MAX;
                 }
                 Err(e) => {
                     self.fail(METRICS, &e);
@@ -518,7 +589,9 @@ impl State {
     }
 
     fn send_logs(&mut self, aws: &mut Aws) {
-        while !self.buf.logs.is_empty() {
+        // After a refusal the batch is halved until the event AWS refuses is alone.
+        let mut cap = usize::MAX;
+        while !self.buf.logs.is_empty() && !self.interrupted() {
             if self.drop_unacceptable_logs() {
                 continue;
             }
@@ -529,7 +602,7 @@ impl State {
                 }
                 self.stream_ready = true;
             }
-            let n = logs::next_batch_len(self.buf.logs.iter());
+            let n = logs::next_batch_len(self.buf.logs.iter()).min(cap);
             let body = self.log_batch(n);
             self.calls.put_log_events.fetch_add(1, Ordering::Relaxed);
             match aws.logs("PutLogEvents", &body) {
@@ -549,10 +622,12 @@ impl State {
                     }
                     self.stream_ready = true;
                 }
+                Err(e) if e.is_refused() && n > 1 => cap = n / 2,
                 Err(e) if e.is_refused() => {
-                    tracing::error!(message = "CloudWatch Logs refused events; dropping them.", dropped = n, error = %e);
-                    self.buf.logs.drain(..n);
-                    self.buf.count_dropped(n as u64);
+                    tracing::error!(message = "CloudWatch Logs refused an event; dropping it.", dropped = 1, error = %e);
+                    self.buf.logs.drain(..1);
+                    self.buf.count_dropped(1);
+                    cap = usize::MAX;
                 }
                 Err(e) => {
                     self.fail(LOGS, &e);
@@ -589,6 +664,9 @@ impl State {
             return;
         };
         while let Some(a) = self.buf.alerts.front().cloned() {
+            if self.interrupted() {
+                return;
+            }
             let arn = match self.topic(aws, &topic) {
                 Ok(arn) => arn,
                 Err(e) => {
@@ -677,6 +755,107 @@ pub fn metric_params<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake CloudWatch (ministack accepts what AWS refuses) that refuses every PutMetricData
+    /// carrying the dimension value `refused-by-aws`, as AWS refuses a whole batch for one datum.
+    fn refusing_cloudwatch() -> (String, Arc<AtomicU64>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let a = accepted.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { break };
+                s.set_read_timeout(Some(Duration::from_millis(200))).ok();
+                let mut all = Vec::new();
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&all);
+                let (status, body) = if text.contains("refused-by-aws") {
+                    ("400 Bad Request", "<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>bad dimension</Message></Error></ErrorResponse>")
+                } else {
+                    let n = text.matches(".MetricName=").count() as u64;
+                    a.fetch_add(n, Ordering::SeqCst);
+                    ("200 OK", "<PutMetricDataResponse/>")
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (ep, accepted)
+    }
+
+    #[test]
+    fn a_refused_batch_is_halved_until_only_the_refused_datum_is_dropped() {
+        let (ep, accepted) = refusing_cloudwatch();
+        let text = "[aws]\nregion = \"us-east-1\"\nnamespace = \"PM2/Test\"\nlog_group = \"/g\"\ninstance_id = \"i-1\"\n[[apps]]\nname = \"a\"\n";
+        let cfg = crate::config::Config::parse(Path::new("/t.toml"), text)
+            .unwrap()
+            .aws
+            .unwrap();
+        let env = move |k: &str| match k {
+            "AWS_ENDPOINT_URL" => Some(ep.clone()),
+            "AWS_ACCESS_KEY_ID" => Some("AKID".into()),
+            "AWS_SECRET_ACCESS_KEY" => Some("s".into()),
+            "AWS_CONFIG_FILE" | "AWS_SHARED_CREDENTIALS_FILE" => Some("/dev/null".into()),
+            _ => None,
+        };
+        let mut aws = Aws::new(
+            Some("us-east-1"),
+            Box::new(env),
+            None,
+            Duration::from_secs(3),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State {
+            finishing: false,
+            stop: Arc::new(AtomicBool::new(false)),
+            limiter: Limiter::new(1, 1),
+            instance: "i-1".into(),
+            buf: Buffer::default(),
+            spool: Spool::new(dir.path()),
+            spooled: false,
+            topic_arn: None,
+            stream_ready: false,
+            failing: [false; 3],
+            creds_reported: false,
+            calls: Arc::new(Calls::default()),
+            cfg,
+            opts: SinkOptions::default(),
+        };
+        let now = clock::wall_ms();
+        let datum = |app: &str| Datum {
+            name: "ServiceStatus".into(),
+            dims: vec![
+                ("App".into(), app.into()),
+                ("InstanceId".into(), "i-1".into()),
+            ],
+            ts_ms: now,
+            stats: metrics::Stats::one(1.0),
+            unit: Unit::None,
+        };
+        let mut all: Vec<Datum> = (0..7).map(|i| datum(&format!("app{i}"))).collect();
+        all.insert(3, datum("refused-by-aws"));
+        st.buf
+            .push(&Capacity::default(), all, Vec::new(), Vec::new());
+        st.send_metrics(&mut aws);
+        assert!(st.buf.metrics.is_empty());
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            7,
+            "the 7 good datums delivered"
+        );
+        assert_eq!(st.buf.dropped, 1, "only the refused one counted as dropped");
+    }
 
     #[test]
     fn a_fleet_topic_arn_is_built_from_the_caller_identity() {

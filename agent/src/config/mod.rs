@@ -265,10 +265,21 @@ impl Config {
         }
     }
 
-    /// What is valid but insecure, for `validate` to say loudly: each probe that does not verify
-    /// its TLS certificate.
+    /// What is valid but insecure or lossy, for `validate` to say loudly: each probe that does
+    /// not verify its TLS certificate; with `[aws]`, each app whose name CloudWatch refuses as a
+    /// dimension value (its metrics are dropped; its events and alerts still go out).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.aws.is_some() {
+            for app in &self.apps {
+                if !crate::aws::metrics::dimension_value_ok(&app.name) {
+                    out.push(format!(
+                        "app `{}`: CloudWatch refuses this name as a dimension value (printable ASCII only), so its metrics are not sent (events and alerts are); rename the PM2 app with ASCII characters",
+                        app.name
+                    ));
+                }
+            }
+        }
         for app in &self.apps {
             for p in &app.probes {
                 if let target::ProbeKind::Http(h) = &p.kind {
@@ -444,6 +455,25 @@ mod tests {
         assert_eq!(aws.flush_interval, secs(1));
         assert!(aws.high_resolution);
         assert_eq!(aws.instance_id.as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn names_cloudwatch_refuses_as_dimensions_are_caught_by_validate() {
+        let p = problems("[aws]\ninstance_id = \"höst\"\n[[apps]]\nname = \"a\"\n");
+        assert!(
+            p[0].message
+                .starts_with("instance_id must be 1 to 255 printable ASCII"),
+            "{p:?}"
+        );
+        assert_eq!(p[0].line, 2);
+        let c = parse("[aws]\n[[apps]]\nname = \"café\"\n[[apps]]\nname = \"web\"\n").unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("app `café`: CloudWatch refuses") && w[0].contains("rename"));
+        assert!(parse("[[apps]]\nname = \"café\"\n")
+            .unwrap()
+            .warnings()
+            .is_empty());
     }
 
     #[test]

@@ -304,10 +304,10 @@ impl Cx<'_> {
 
     fn aws_instance_id(&mut self, t: &mut Keys<'_>) -> Option<String> {
         self.string(t, "instance_id").map(|(i, span)| {
-            if i.trim().is_empty() || i.len() > 255 || i.chars().any(char::is_control) {
+            if i.len() > 255 || !crate::aws::metrics::dimension_value_ok(&i) {
                 self.problem(
                     span,
-                    "instance_id must be 1 to 255 printable characters".into(),
+                    "instance_id must be 1 to 255 printable ASCII characters (CloudWatch refuses other dimension values)".into(),
                     Some(
                         "remove the key to use the EC2 instance id (or the host name off EC2)"
                             .into(),
