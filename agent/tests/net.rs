@@ -57,6 +57,18 @@ fn read_request(s: &mut TcpStream) -> Vec<u8> {
     }
 }
 
+fn get(url: &Url, limits: &Limits) -> Result<Reply, NetError> {
+    send(
+        &Request {
+            method: "GET",
+            url,
+            headers: &[],
+            body: b"",
+        },
+        limits,
+    )
+}
+
 fn post(url: &Url, body: &[u8]) -> Result<Reply, NetError> {
     send(
         &Request {
@@ -120,15 +132,7 @@ fn a_silent_or_dripping_server_is_cut_off_at_the_deadline() {
     };
     let (url, _s) = serve_once(|_s| thread::sleep(Duration::from_secs(2)));
     let t = Instant::now();
-    let got = send(
-        &Request {
-            method: "GET",
-            url: &url,
-            headers: &[],
-            body: b"",
-        },
-        &limits,
-    );
+    let got = get(&url, &limits);
     assert_eq!(got, Err(NetError::Timeout));
     assert!(
         t.elapsed() < Duration::from_millis(1500),
@@ -147,15 +151,7 @@ fn a_silent_or_dripping_server_is_cut_off_at_the_deadline() {
         }
     });
     let t = Instant::now();
-    let got = send(
-        &Request {
-            method: "GET",
-            url: &url,
-            headers: &[],
-            body: b"",
-        },
-        &limits,
-    );
+    let got = get(&url, &limits);
     assert_eq!(got.map(|r| (r.status, r.truncated)), Ok((200, true)));
     assert!(
         t.elapsed() < Duration::from_millis(1500),
@@ -253,15 +249,7 @@ fn a_tls_handshake_fed_a_byte_at_a_time_is_cut_off_at_the_deadline() {
         ..LIMITS
     };
     let t = Instant::now();
-    let got = send(
-        &Request {
-            method: "GET",
-            url: &url,
-            headers: &[],
-            body: b"",
-        },
-        &limits,
-    );
+    let got = get(&url, &limits);
     assert!(got.is_err(), "{got:?}");
     assert!(
         t.elapsed() < Duration::from_millis(2500),

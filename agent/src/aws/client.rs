@@ -578,13 +578,7 @@ fn transport(e: NetError) -> CallError {
 mod tests {
     use super::*;
 
-    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let vars: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-    }
+    use crate::aws::test_env::of as env_of;
 
     #[test]
     fn endpoints_follow_the_region_and_the_overrides() {
@@ -805,13 +799,7 @@ mod tests {
     #[test]
     fn a_skewed_clock_is_corrected_from_the_reply_date_and_the_call_retried_once() {
         let (ep, hits) = skewed_aws();
-        let env = move |k: &str| match k {
-            "AWS_ENDPOINT_URL" => Some(ep.clone()),
-            "AWS_ACCESS_KEY_ID" => Some("AKID".into()),
-            "AWS_SECRET_ACCESS_KEY" => Some("s".into()),
-            "AWS_CONFIG_FILE" | "AWS_SHARED_CREDENTIALS_FILE" => Some("/dev/null".into()),
-            _ => None,
-        };
+        let env = crate::aws::test_env::static_keys(&ep);
         let mut aws = Aws::new(
             Some("us-east-1"),
             Box::new(env),

@@ -491,13 +491,7 @@ impl Provider {
 mod tests {
     use super::*;
 
-    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let vars: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-    }
+    use crate::aws::test_env::of as env_of;
 
     #[test]
     fn debug_never_prints_the_secret_or_the_token() {

@@ -35,3 +35,27 @@ pub fn cut(s: &mut String, max: usize) {
         s.truncate(at);
     }
 }
+
+/// Environments for the unit tests of `creds`, `client` and `sink`.
+#[cfg(test)]
+pub(crate) mod test_env {
+    /// An environment holding exactly `vars`.
+    pub fn of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + Send + 'static {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    /// Static test keys for an endpoint on the loopback, and no profile files.
+    pub fn static_keys(endpoint: &str) -> impl Fn(&str) -> Option<String> + Send + 'static {
+        of(&[
+            ("AWS_ENDPOINT_URL", endpoint),
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ])
+    }
+}

@@ -802,13 +802,7 @@ mod tests {
             .unwrap()
             .aws
             .unwrap();
-        let env = move |k: &str| match k {
-            "AWS_ENDPOINT_URL" => Some(ep.clone()),
-            "AWS_ACCESS_KEY_ID" => Some("AKID".into()),
-            "AWS_SECRET_ACCESS_KEY" => Some("s".into()),
-            "AWS_CONFIG_FILE" | "AWS_SHARED_CREDENTIALS_FILE" => Some("/dev/null".into()),
-            _ => None,
-        };
+        let env = crate::aws::test_env::static_keys(&ep);
         let mut aws = Aws::new(
             Some("us-east-1"),
             Box::new(env),
