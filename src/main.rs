@@ -298,7 +298,7 @@ fn install(
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd, &layout)?;
-    refuse_conflicts(&root, &config, &settings.account, &observed, staged)?;
+    refuse_conflicts(&root, &config, &settings, &observed, staged)?;
     // Only the live system's PM2 can be running (a staging root has none).
     observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
     observed.user = Some(user.clone());
@@ -334,16 +334,23 @@ fn install(
     })
 }
 
-/// What install refuses before writing anything: a primary group shared with another account, a
-/// state directory, textfile or PM2_HOME another install's agent uses.
+/// What install refuses before writing anything: for a second user's instance, a primary group
+/// shared with another account (on a box shared by several PM2 users; the single-user install
+/// only warns, so a box installed before this check still upgrades); a state directory,
+/// textfile or PM2_HOME another install's agent uses.
 fn refuse_conflicts(
     root: &Path,
     config: &pmguard_agent::config::Config,
-    account: &users::Account,
+    settings: &Settings,
     observed: &plan::Observed,
     staged: bool,
 ) -> Result<(), CliError> {
-    users::private_group(root, account)?;
+    let account = &settings.account;
+    match (users::private_group(root, account), &settings.layout) {
+        (Err(e), Layout::Instance(_)) => return Err(e.into()),
+        (Err(e), Layout::Single) => eprintln!("warning: {e}"),
+        (Ok(()), _) => {}
+    }
     plan::check_shared_paths(config, &account.user, observed)?;
     let home = render::pm2_home(config, account);
     plan::check_pm2_home(root, &home, account, observed, !staged)?;

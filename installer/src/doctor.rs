@@ -250,13 +250,18 @@ fn agent_binary(t: &Target<'_>, agent_path: &str, manifest: Option<&Manifest>) -
 
 /// The agent's group is the PM2 user's alone (install checks the same): nobody else reads
 /// its config, state or events.
+/// A second user's instance requires it (fail); the single-user install is warned.
 fn private_group(t: &Target<'_>, a: &users::Account) -> Check {
+    let judge = match t.layout {
+        Layout::Instance(_) => fail,
+        Layout::Single => warn,
+    };
     match users::private_group(t.root, a) {
         Ok(()) => ok(
             "private group",
             format!("group `{}` is {}'s alone", a.group, a.user),
         ),
-        Err(e) => fail(
+        Err(e) => judge(
             "private group",
             e.to_string(),
             format!(
