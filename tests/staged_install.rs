@@ -156,9 +156,13 @@ fn a_second_install_waits_for_the_first_and_loses_nothing() {
     );
 }
 
+/// A second user's instance needs a private group (the users of one box must not read each
+/// other's config); the first, single-user install is only warned, so a box installed before the
+/// check still upgrades.
 #[test]
 fn a_user_sharing_a_primary_group_is_refused_and_doctor_says_so() {
     let s = Staged::new();
+    assert!(s.install("ubuntu", &[]).status.success());
     let out = s.install("carol", &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let t = text(&out);
@@ -168,11 +172,10 @@ fn a_user_sharing_a_primary_group_is_refused_and_doctor_says_so() {
         "{t}"
     );
     assert!(
-        !s.root().join("etc/pmguard").exists(),
-        "nothing written: {t}"
+        !s.root().join("etc/pmguard/users/carol").exists(),
+        "nothing of carol's written: {t}"
     );
-    // Installed while the group was private; dave joined it later: doctor fails ubuntu.
-    assert!(s.install("ubuntu", &[]).status.success());
+    // ubuntu's group later shared with dave: doctor warns on the single-user install.
     std::fs::write(
         s.root().join("etc/group"),
         "root:x:0:\nusers:x:100:\nubuntu:x:1000:dave\n",
@@ -182,9 +185,27 @@ fn a_user_sharing_a_primary_group_is_refused_and_doctor_says_so() {
         .pmguard(&["doctor", "--user", "ubuntu", "--json"])
         .output()
         .unwrap();
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let group = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "private group")
+        .cloned()
+        .unwrap_or_else(|| panic!("{}", text(&out)));
+    assert_eq!(group["status"], "warn", "{group:#}");
+    assert!(group.to_string().contains("shared with dave"), "{group:#}");
+}
+
+/// The first install on a box of a user whose group is shared: a warning, and it installs.
+#[test]
+fn a_single_user_install_with_a_shared_group_is_warned_not_refused() {
+    let s = Staged::new();
+    let out = s.install("carol", &[]);
     let t = text(&out);
+    assert!(out.status.success(), "{t}");
     assert!(
-        t.contains("\"check\": \"private group\"") && t.contains("shared with dave"),
+        t.contains("warning: user `carol`'s primary group `users` is shared with dave"),
         "{t}"
     );
 }
