@@ -63,8 +63,13 @@ pub fn lookup(root: &Path, user: &str) -> Result<Account, Error> {
 /// Whether `a`'s primary group is its own: no other account has it as primary group or is a
 /// member of it. The config is root:<group> 0640 and the state directory <user>:<group> 0750,
 /// so anyone else in the group would read the notify URLs (secrets), the state and the events.
-/// `Err` names who else is in it, with the fix.
+/// `Err` names who else is in it, with the fix. PM2 run as root needs none: gid 0 is shared
+/// with system accounts on RHEL and Amazon Linux (sync, shutdown, halt), and root's files are
+/// root's to read anyway.
 pub fn private_group(root: &Path, a: &Account) -> Result<(), Error> {
+    if a.uid == 0 {
+        return Ok(());
+    }
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
     let group = std::fs::read_to_string(root.join("etc/group")).unwrap_or_default();
     let mut others: Vec<String> = passwd
@@ -104,6 +109,32 @@ mod tests {
         std::fs::write(root.path().join("etc/passwd"), passwd).unwrap();
         std::fs::write(root.path().join("etc/group"), group).unwrap();
         root
+    }
+
+    #[test]
+    fn root_needs_no_private_group() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        std::fs::write(
+            d.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/bash\nsync:x:5:0::/sbin:/bin/sync\nhalt:x:7:0::/sbin:/sbin/halt\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("etc/group"), "root:x:0:\n").unwrap();
+        let root = Account {
+            user: "root".into(),
+            uid: 0,
+            group: "root".into(),
+            gid: 0,
+            home: "/root".into(),
+        };
+        assert!(private_group(d.path(), &root).is_ok());
+        let sync = Account {
+            user: "sync".into(),
+            uid: 5,
+            ..root
+        };
+        assert!(private_group(d.path(), &sync).is_err());
     }
 
     #[test]

@@ -20,10 +20,16 @@ pub struct Alert {
     pub message: String,
 }
 
-/// The SNS alert for an event, if the limiter lets one go now (one per app per window).
-pub fn alert_for(limiter: &mut Limiter, e: &Event, instance: &str) -> Option<Alert> {
+/// The SNS alert for an event, if the limiter lets one go now (one per app per window). `now`
+/// is monotonic (`clock::mono_now`): a wall clock stepped back must not hold alerts back.
+pub fn alert_for(
+    limiter: &mut Limiter,
+    e: &Event,
+    instance: &str,
+    now: crate::clock::Mono,
+) -> Option<Alert> {
     let app = e.app.as_deref().unwrap_or("-");
-    let suppressed = limiter.admit(app, e.ts_ms)?;
+    let suppressed = limiter.admit(app, now)?;
     let what = match e.kind {
         Kind::GiveUp => "crash loop, restarts paused",
         Kind::Escalation => "restart escalated to SIGKILL",
@@ -63,30 +69,28 @@ mod tests {
     fn message_names_app_instance_and_suppressed_count() {
         let mut l = Limiter::new(300_000, 1);
         let mut e = Event::new(Kind::GiveUp, Some("web"), "Crash loop: 5 restarts.");
-        e.ts_ms = 10_000;
-        let a = alert_for(&mut l, &e, "i-1").unwrap();
+        let a = alert_for(&mut l, &e, "i-1", 10_000).unwrap();
         assert_eq!(
             a.subject,
             "pmguard: web on i-1: crash loop, restarts paused"
         );
         assert!(a.message.starts_with("Crash loop: 5 restarts."));
-        e.ts_ms = 20_000;
-        assert!(alert_for(&mut l, &e, "i-1").is_none());
-        e.ts_ms = 400_000;
+        // The event's wall-clock time stepped back an hour: only monotonic time counts.
+        e.ts_ms = e.ts_ms.saturating_sub(3_600_000);
+        assert!(alert_for(&mut l, &e, "i-1", 20_000).is_none());
         e.kind = Kind::Escalation;
-        let a = alert_for(&mut l, &e, "i-1").unwrap();
+        let a = alert_for(&mut l, &e, "i-1", 400_000).unwrap();
         assert!(a.message.contains("1 more alert(s)"), "{}", a.message);
         assert!(a.subject.contains("SIGKILL"));
         e.app = Some("x".repeat(200));
-        e.ts_ms = 900_000;
-        assert!(alert_for(&mut l, &e, "i-1").unwrap().subject.len() < 100);
+        assert!(alert_for(&mut l, &e, "i-1", 900_000).unwrap().subject.len() < 100);
     }
 
     #[test]
     fn a_non_ascii_app_keeps_its_alert_with_a_subject_sns_accepts() {
         let mut l = Limiter::new(300_000, 1);
         let e = Event::new(Kind::GiveUp, Some("café\u{7}应用"), "Crash loop.");
-        let a = alert_for(&mut l, &e, "höst").unwrap();
+        let a = alert_for(&mut l, &e, "höst", 1_000).unwrap();
         assert_eq!(
             a.subject,
             "pmguard: caf on hst: crash loop, restarts paused"

@@ -361,7 +361,9 @@ impl State {
                 records.push(r);
             }
             if logs::is_alert(e.kind) && self.cfg.sns_topic.is_some() {
-                if let Some(a) = alerts::alert_for(&mut self.limiter, e, &self.instance) {
+                if let Some(a) =
+                    alerts::alert_for(&mut self.limiter, e, &self.instance, clock::mono_now())
+                {
                     alerts.push(a);
                 }
             }

@@ -65,6 +65,18 @@ impl Journal {
         self.dir.join(JOURNAL_FILE)
     }
 
+    /// Renames an unreadable journal and legacy spool to `<name>.unreadable` (replacing an
+    /// older one), so a compaction never deletes them. Returns where the journal went.
+    pub fn set_aside(&mut self) -> Option<PathBuf> {
+        self.file = None;
+        let legacy = self.dir.join(LEGACY_FILE);
+        let _ = std::fs::rename(&legacy, self.dir.join(format!("{LEGACY_FILE}.unreadable")));
+        let path = self.path();
+        let aside = path.with_file_name(format!("{JOURNAL_FILE}.unreadable"));
+        let _ = std::fs::remove_dir_all(&aside).or_else(|_| std::fs::remove_file(&aside));
+        std::fs::rename(&path, &aside).ok().map(|()| aside)
+    }
+
     /// Replays the journal (and an earlier version's spool) into queues.
     pub fn load(&mut self) -> std::io::Result<Spooled> {
         let legacy = SpoolFile::new(self.dir.parent().unwrap_or(&self.dir), LEGACY_FILE);

@@ -221,8 +221,11 @@ impl Acceptor {
         let mut st = lock(&shared.state);
         let sinks: Vec<Sink> = configs.into_iter().map(|c| st.add_sink(c)).collect();
         st.sinks = sinks;
+        // A spool that cannot be read is moved aside, never compacted away: what it holds may
+        // still be recovered by hand.
         let spooled = st.journal.load().unwrap_or_else(|error| {
-            tracing::warn!(message = "Cannot read the notify spool.", path = %st.journal.path().display(), %error);
+            let aside = st.journal.set_aside();
+            tracing::error!(message = "Cannot read the notify spool; moved aside (not deleted), its alerts are not sent.", path = %st.journal.path().display(), aside = ?aside, %error);
             Spooled::new()
         });
         for (name, older) in spooled {
@@ -589,6 +592,28 @@ mod tests {
         next.start(sinks(""));
         take(&mut next, &[(restart(9), NotifyEvent::Restart)]);
         assert_eq!(queue(&next, 0), ["restart 1", "restart 2", "restart 9"]);
+    }
+
+    #[test]
+    fn an_unreadable_spool_is_moved_aside_not_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(sinks(""));
+        take(&mut a, &[(restart(1), NotifyEvent::Restart)]);
+        let path = lock(&a.shared.state).journal.path();
+        assert!(path.exists());
+        // Not a regular file any more (as after a botched hand edit): unreadable.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("kept"), b"x").unwrap();
+        let mut next = acceptor(d.path(), 10);
+        next.start(sinks(""));
+        let aside = path.with_file_name(format!(
+            "{}.unreadable",
+            super::super::journal::JOURNAL_FILE
+        ));
+        assert!(aside.join("kept").exists(), "moved aside, not deleted");
+        assert!(!path.exists());
     }
 
     #[test]
