@@ -4,7 +4,7 @@
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 const PMGUARD: &str = env!("CARGO_BIN_EXE_pmguard");
 
@@ -56,13 +56,27 @@ impl Staged {
     }
 
     fn install(&self, user: &str, extra: &[&str]) -> Output {
+        self.install_cmd(user, extra).output().unwrap()
+    }
+
+    /// `pmguard install` for `user` with the staged agent, not yet run.
+    fn install_cmd(&self, user: &str, extra: &[&str]) -> Command {
         let config = self.config(user, "");
         let agent = self.dir.path().join("agent");
         let mut args = vec!["install", "--user", user, "--config"];
         args.push(config.to_str().unwrap());
         args.extend(["--agent-bin", agent.to_str().unwrap()]);
         args.extend(extra);
-        self.pmguard(&args).output().unwrap()
+        self.pmguard(&args)
+    }
+
+    /// `pmguard install` for `user`, started with its output piped.
+    fn spawn_install(&self, user: &str) -> Child {
+        self.install_cmd(user, &[])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 }
 
@@ -77,22 +91,7 @@ fn text(o: &Output) -> String {
 #[test]
 fn a_plan_piped_into_a_reader_that_stops_early_is_no_panic() {
     let s = Staged::new();
-    let config = s.config("ubuntu", "");
-    let agent = s.dir.path().join("agent");
-    let mut child = s
-        .pmguard(&[
-            "install",
-            "--user",
-            "ubuntu",
-            "--config",
-            config.to_str().unwrap(),
-            "--agent-bin",
-            agent.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.spawn_install("ubuntu");
     // `| head -0`: the reader is gone before the first line.
     drop(child.stdout.take());
     let mut stderr = String::new();
@@ -118,22 +117,7 @@ fn a_second_install_waits_for_the_first_and_loses_nothing() {
     let held = pmguard_installer::lock::try_lock(&s.root())
         .unwrap()
         .unwrap();
-    let config = s.config("alice", "");
-    let agent = s.dir.path().join("agent");
-    let mut child = s
-        .pmguard(&[
-            "install",
-            "--user",
-            "alice",
-            "--config",
-            config.to_str().unwrap(),
-            "--agent-bin",
-            agent.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.spawn_install("alice");
     let mut stderr = child.stderr.take().unwrap();
     let mut first = [0u8; 48];
     stderr.read_exact(&mut first).unwrap();

@@ -690,6 +690,13 @@ mod raw {
         Arc::new(|_: &str| None)
     }
 
+    /// A notify sink `hook` on the loopback `port`, its state in `state`, given one give_up.
+    pub fn one_give_up(port: u16, state: &Path) -> Notify {
+        let n = start(sinks("hook", port, ""), state, no_logs());
+        event(&n, Kind::GiveUp, "web", "gave up");
+        n
+    }
+
     pub fn event(n: &Notify, kind: Kind, app: &str, message: &str) {
         let mut e = Event::new(kind, Some(app), message.to_string());
         e.ts_ms = pmguard_agent::clock::wall_ms();
@@ -830,13 +837,7 @@ fn a_redirect_is_not_followed_nor_dropped_the_alert_waits_for_a_fixed_endpoint()
         "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
     ]);
     let d = tempfile::tempdir().unwrap();
-    let n = raw::start(raw::sinks("hook", port, ""), d.path(), raw::no_logs());
-    raw::event(
-        &n,
-        pmguard_agent::report::events::Kind::GiveUp,
-        "web",
-        "gave up",
-    );
+    let n = raw::one_give_up(port, d.path());
     wait_until(Duration::from_secs(10), "the 301 seen", || {
         n.status()
             .sinks
@@ -880,13 +881,7 @@ fn a_2xx_with_a_body_over_the_limit_is_delivered_once() {
     let replies: &'static [&'static str] = Box::leak(vec![reply].into_boxed_slice());
     let (port, got) = raw::answering(replies);
     let d = tempfile::tempdir().unwrap();
-    let n = raw::start(raw::sinks("hook", port, ""), d.path(), raw::no_logs());
-    raw::event(
-        &n,
-        pmguard_agent::report::events::Kind::GiveUp,
-        "web",
-        "gave up",
-    );
+    let n = raw::one_give_up(port, d.path());
     wait_until(Duration::from_secs(10), "delivered", || {
         n.status().sinks.first().is_some_and(|s| s.delivered == 1)
     });
