@@ -93,7 +93,10 @@ for line in open(sys.argv[1]):
     label, *kv = line.split()
     rows.setdefault(label, []).append(dict(x.split("=", 1) for x in kv))
 dur = float(sys.argv[2])
-idle = [float(r["daemon_cpu_s"]) / float(r["window_s"]) for r in rows["idle"]]
+# The daemon's CPU per second over the steady window, to the ns (schedstat of its threads).
+def dcpu(r):
+    return float(r["daemon_sched_s"]) / float(r["steady_s"])
+idle = [dcpu(r) for r in rows["idle"]]
 med = statistics.median
 print(f"PM2 processes: 1 app + {sys.argv[3]} more; idle daemon: {med(idle) * 60:.4f} s per 60 s; AWS sink: {sys.argv[4] or 'off'}")
 print("| build | agent CPU s per 60 s | induced PM2 CPU s per 60 s | cost to the box s per 60 s | wake-ups/s | VmHWM KiB |")
@@ -101,8 +104,8 @@ print("|---|---:|---:|---:|---:|---:|")
 for label in ("A", "B"):
     rs = rows[label]
     own = med([float(r["own_sched_s"]) / float(r["steady_s"]) * 60 for r in rs])
-    ind = med([(float(r["daemon_cpu_s"]) / float(r["window_s"]) - i) * 60 for r, i in zip(rs, idle)])
-    box = med([(float(r["own_sched_s"]) / float(r["steady_s"]) + float(r["daemon_cpu_s"]) / float(r["window_s"]) - i) * 60 for r, i in zip(rs, idle)])
+    ind = med([(dcpu(r) - i) * 60 for r, i in zip(rs, idle)])
+    box = med([(float(r["own_sched_s"]) / float(r["steady_s"]) + dcpu(r) - i) * 60 for r, i in zip(rs, idle)])
     wk = med([float(r["own_wakeups"]) / float(r["steady_s"]) for r in rs])
     hwm = med([float(r["own_hwm_kib"]) for r in rs])
     print(f"| {label} | {own:.4f} | {ind:.4f} | {box:.4f} | {wk:.1f} | {hwm:.0f} |")

@@ -16,6 +16,9 @@ seconds the command's process group gets SIGTERM (SIGKILL 5 s later), everything
   own_hwm_kib     VmHWM of the watcher process itself, read just before SIGTERM
   own_rss_kib     VmRSS at the same moment; threads = Threads at the same moment
   daemon_cpu_s    utime+stime of --daemon-pid (the PM2 God daemon) over the whole run
+  daemon_sched_s  the daemon's CPU over the steady window (settle to the end) to the ns: the sum
+                  of its threads' schedstat (its /proc stat ticks are 10 ms, too coarse for the
+                  share one watched app induces)
   window_s        wall seconds from start to SIGTERM; steady_s from settle to SIGTERM
   own_syscr/syscw/rchar/wchar  /proc/<pid>/io deltas of the watcher over the steady window
   own_sched_s     the same steady-state CPU to the ns (sum of the threads' schedstat; threads
@@ -142,6 +145,7 @@ def main():
         if own0 is None and now >= settle:
             own0 = stat_cpu(p.pid) or 0.0
             thr0, io0, cs0 = thread_cpu(p.pid), io_counters(p.pid), ctxt_switches(p.pid)
+            ds0 = sum(thread_cpu(dpid).values()) if dpid else None
             ts_settle = now
         if now >= duration:
             break
@@ -155,6 +159,7 @@ def main():
     thr1, io1 = (thread_cpu(p.pid), io_counters(p.pid)) if own0 is not None else ({}, {})
     cs1 = ctxt_switches(p.pid) if own0 is not None else None
     d1 = stat_cpu(dpid) if dpid else None
+    ds1 = sum(thread_cpu(dpid).values()) if dpid and own0 is not None else None
     try:
         os.killpg(p.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -196,6 +201,7 @@ def main():
         "own_rss_kib": st.get("VmRSS", "nan"),
         "threads": st.get("Threads", "nan"),
         "daemon_cpu_s": f"{(d1 - d0):.3f}" if d0 is not None and d1 is not None else "nan",
+        "daemon_sched_s": f"{(ds1 - ds0):.4f}" if ds1 is not None and ds0 is not None else "nan",
         "window_s": f"{window:.2f}",
         "steady_s": f"{(window - ts_settle):.2f}" if own0 is not None else "nan",
         "exited_early": int(early),

@@ -165,13 +165,16 @@ impl Notify {
         let _ = self.inbox.tx.send(Msg::Config(sinks));
     }
 
+    /// `status` for another thread (the pulse reads it at each beat).
+    pub fn board_reader(&self) -> Box<dyn Fn() -> Board + Send> {
+        let inbox = self.inbox.clone();
+        let shared = self.shared.clone();
+        Box::new(move || board_of(&inbox, &shared))
+    }
+
     /// Every sink's counters as of the threads' last step, and the agent-level loss count.
     pub fn status(&self) -> Board {
-        Board {
-            sinks: crate::sync::lock(&self.shared.status).clone(),
-            lost: self.inbox.dropped.load(Ordering::Relaxed)
-                + self.shared.removed.load(Ordering::Relaxed),
-        }
+        board_of(&self.inbox, &self.shared)
     }
 
     /// Takes what is already in the inbox (into the journal, without waiting on the network),
@@ -192,5 +195,12 @@ impl Notify {
                 message = "A notify delivery was still running at stop; its alert stays spooled."
             );
         }
+    }
+}
+
+fn board_of(inbox: &Inbox, shared: &worker::Shared) -> Board {
+    Board {
+        sinks: crate::sync::lock(&shared.status).clone(),
+        lost: inbox.dropped.load(Ordering::Relaxed) + shared.removed.load(Ordering::Relaxed),
     }
 }

@@ -407,7 +407,7 @@ impl StatusFile {
     }
 
     /// Fresh = beaten by a live daemon within 3 check periods, plus 2 s of slack for a box
-    /// so loaded that the daemon's 500 ms tick runs late (a false "dead" would make the backup
+    /// so loaded that the watch loop beats late (a false "dead" would make the backup
     /// check act beside a live daemon).
     pub fn is_fresh(&self) -> bool {
         self.age_ms()

@@ -65,6 +65,9 @@ pub struct App {
     pub state: AppState,
     prober: Option<Prober>,
     trackers: BTreeMap<u32, (ProcWatch, PidTracker)>,
+    /// The /proc samples `quiet_list` read this check, used again by `sample`: one read of a
+    /// pid's stat per check, not two.
+    quiet_samples: Vec<(u32, crate::procfs::StatSample)>,
     /// The app's process trees, sampled only when a tree rule is set (`TreeRules::measures_tree`).
     tree: TreeWatch,
     /// Last seen PM2 restart counter and pid per pm_id, to notice restarts made behind our
@@ -110,6 +113,7 @@ impl App {
             state,
             cfg,
             trackers: BTreeMap::new(),
+            quiet_samples: Vec::new(),
             tree: TreeWatch::default(),
             restart_counts: BTreeMap::new(),
             new_probe: None,
@@ -232,6 +236,7 @@ impl App {
 
     /// The first half of a check: PM2's state of the app and the /proc samples of its pids.
     pub fn observe(&mut self, shared: &Shared, max_age: u64) -> Observation {
+        self.quiet_samples.clear();
         let snap = match self.quiet_list(shared) {
             Some(s) => Ok(s),
             None => shared.snapshot(max_age),
@@ -273,23 +278,28 @@ impl App {
     /// online with a pid, and each pid is still the very process this app's tracker opened: its
     /// kept /proc fd still reads (an exited process gives ESRCH, so a reused pid is never taken
     /// for it) with the same start time. Anything else, and the caller asks PM2.
-    fn quiet_list(&self, shared: &Shared) -> Option<Arc<Snapshot>> {
+    fn quiet_list(&mut self, shared: &Shared) -> Option<Arc<Snapshot>> {
         if self.state.health != Health::Healthy || self.manual_stop {
             return None;
         }
         let snap = shared.quiet_snapshot()?;
         let entries = snap.by_name(&self.cfg.name);
+        let (trackers, samples) = (&self.trackers, &mut self.quiet_samples);
         let same = !entries.is_empty()
             && entries.iter().all(|e| {
                 e.pid > 0
                     && e.status == crate::pm2::Status::Online
-                    && self.trackers.get(&e.pid).is_some_and(|(w, t)| {
+                    && trackers.get(&e.pid).is_some_and(|(w, t)| {
                         w.sample().is_ok_and(|s| {
+                            samples.push((e.pid, s));
                             s.start_ticks == t.start_ticks && !matches!(s.state, 'Z' | 'X')
                         })
                     })
             });
         drop(entries);
+        if !same {
+            samples.clear();
+        }
         same.then_some(snap)
     }
 
@@ -338,7 +348,12 @@ impl App {
                 }
             }
             if let Some((w, t)) = self.trackers.get_mut(&e.pid) {
-                match w.sample() {
+                let seen = self
+                    .quiet_samples
+                    .iter()
+                    .find(|(pid, _)| *pid == e.pid)
+                    .map(|(_, s)| Ok(*s));
+                match seen.unwrap_or_else(|| w.sample()) {
                     Ok(s) if s.start_ticks == t.start_ticks => {
                         stuck = t.observe(s.state, s.cpu_ticks, now, rule);
                     }

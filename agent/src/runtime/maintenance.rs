@@ -1,8 +1,9 @@
 //! The agent's side of maintenance pauses: noticing a change to `pauses.json`, and ending the
 //! pauses whose deadline passed, or that are not plausible (with a `pause_expired` event).
 //!
-//! The daemon's main thread calls `tick` every 500 ms: one stat(2) of the file, and a read only
-//! when it changed. Checks read the copy kept in `Shared` (`Shared::pause_of`); a restart reads
+//! The watch loop's pulse calls `refresh` at most every 500 ms (one stat(2) of the file, and a
+//! read only when it changed); the main thread calls `tick` on its slow tick and when the pulse
+//! asks for `status.json`. Checks read the copy kept in `Shared` (`Shared::pause_of`); a restart reads
 //! the file itself again under `restart.lock` (`App::book_restart`), so once `pause` has written
 //! the file no restart starts, even before the next tick.
 
@@ -18,7 +19,8 @@ use super::shared::Shared;
 /// Reads `pauses.json` again if it changed since the last read. Returns whether it did.
 pub fn refresh(shared: &Shared) -> bool {
     let stamp = shared.state.pauses_stamp();
-    if stamp.is_some() && lock(&shared.pauses).0 == stamp {
+    // Unchanged, or still absent (no file was ever read, or its removal was already read).
+    if lock(&shared.pauses).0 == stamp {
         return false;
     }
     let book = shared.state.read_pauses();
@@ -81,7 +83,7 @@ pub fn expire(shared: &Shared) {
     refresh(shared);
 }
 
-/// The main thread's tick: expire what is due, then notice a change. Returns whether the pauses
+/// The main thread's tick (a few seconds apart): expire what is due, then notice a change. Returns whether the pauses
 /// changed (the daemon then writes `status.json` at once, so `pause` sees it applied).
 pub fn tick(shared: &Shared) -> bool {
     expire(shared);

@@ -5,6 +5,7 @@ pub mod app;
 pub mod check;
 pub mod daemon;
 pub mod maintenance;
+pub mod pulse;
 pub mod restart;
 pub mod resurrect;
 pub mod shared;

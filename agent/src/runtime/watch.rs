@@ -77,10 +77,15 @@ pub struct Watch {
     pub join: JoinHandle<()>,
 }
 
+/// Called after every round of the loop with the time: the daemon's pulse (the heartbeat rides
+/// on the loop's own wake-ups, at least one a second; see `runtime::pulse`). Must not block.
+pub type OnRound = Arc<dyn Fn(Mono) + Send + Sync>;
+
 /// Starts the loop with `apps`; each app's first check is at once.
 pub fn spawn(
     shared: Arc<Shared>,
     apps: Vec<(AppConfig, Option<AppRestarts>, Arc<Progress>)>,
+    on_round: OnRound,
 ) -> std::io::Result<Watch> {
     let (tx, rx) = mpsc::channel();
     let tx = WatchTx {
@@ -96,6 +101,7 @@ pub fn spawn(
                 shared,
                 slots: BTreeMap::new(),
                 tx: own,
+                on_round,
             };
             let now = clock::mono_now();
             for (cfg, persisted, progress) in apps {
@@ -131,6 +137,7 @@ struct Loop {
     shared: Arc<Shared>,
     slots: BTreeMap<String, Slot>,
     tx: WatchTx,
+    on_round: OnRound,
 }
 
 impl Loop {
@@ -183,6 +190,9 @@ impl Loop {
             }
             self.wait(stopping, &mut polled, &mut ready);
             self.advance(&polled, &ready);
+            if stopping.is_none() {
+                (self.on_round)(clock::mono_now());
+            }
         }
     }
 
@@ -206,6 +216,7 @@ impl Loop {
         polled.clear();
         let now = clock::mono_now();
         let instant = Instant::now();
+        // At least one wake-up a second: the pulse (heartbeat, pause look) rides on it.
         let mut wait_ms = stopping.map_or(1_000, |d| d.saturating_sub(now).max(1));
         let mut fds = vec![PollFd::from_borrowed_fd(self.tx.waker.fd(), PollFlags::IN)];
         for (name, s) in &self.slots {
