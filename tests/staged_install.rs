@@ -237,3 +237,122 @@ fn doctor_judges_a_config_by_the_install_it_belongs_to_and_refuses_an_unknown_us
         "{t}"
     );
 }
+
+/// The single-user install's manifest with its `user` set to `value` (`None`: no such field, as
+/// pmguard wrote it before the user was recorded).
+fn set_manifest_user(s: &Staged, value: Option<serde_json::Value>) {
+    let path = s.root().join("etc/pmguard/install-manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let fields = m.as_object_mut().unwrap();
+    match value {
+        Some(v) => fields.insert("user".into(), v),
+        None => fields.remove("user"),
+    };
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// The single-user install's files (path under the root, bytes), to compare before and after.
+fn single_files(s: &Staged) -> Vec<(&'static str, Option<Vec<u8>>)> {
+    [
+        "etc/pmguard/pmguard.toml",
+        "etc/systemd/system/pmguard-agent.service",
+        "etc/cron.d/pmguard",
+        "etc/logrotate.d/pmguard",
+    ]
+    .into_iter()
+    .map(|p| (p, std::fs::read(s.root().join(p)).ok()))
+    .collect()
+}
+
+/// A manifest that does not say whose install it is (written before the user was recorded, or
+/// with a user field that is no name): the install's own files say, and another user's install,
+/// --force or not, becomes an agent of its own and leaves the first one's files as they were.
+#[test]
+fn force_never_hands_a_single_install_whose_manifest_names_no_user_to_another_user() {
+    let s = Staged::new();
+    assert!(s.install("ubuntu", &[]).status.success());
+    // A user field that is no name: the unit's User= says.
+    set_manifest_user(&s, Some(serde_json::json!(42)));
+    let before = single_files(&s);
+    let out = s.install("bob", &["--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        s.root().join("etc/pmguard/users/bob").exists(),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(single_files(&s), before, "bob's install changed ubuntu's");
+    // No user field, and the unit's User= edited away: its cron line still says.
+    set_manifest_user(&s, None);
+    let unit = s.root().join("etc/systemd/system/pmguard-agent.service");
+    let edited: String = std::fs::read_to_string(&unit)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("User="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&unit, edited).unwrap();
+    let before = single_files(&s);
+    let out = s.install("alice", &["--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        s.root().join("etc/pmguard/users/alice").exists(),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(single_files(&s), before, "alice's install changed ubuntu's");
+    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
+    assert_eq!(
+        pmguard_installer::layout::names(&installed),
+        "ubuntu, alice, bob"
+    );
+}
+
+/// When nothing says whose the single-user install is (its manifest names no user; unit, cron
+/// line and logrotate file gone, no pm2_home in its config), no other user's install replaces
+/// it, --force or not: an error names the manifest and the way out. Its own user completes it
+/// (nothing of it changes), and --take-over is the explicit way to make it someone's.
+#[test]
+fn force_never_hands_a_single_install_nothing_names_the_user_of_to_another_user() {
+    let s = Staged::new();
+    assert!(s.install("ubuntu", &[]).status.success());
+    set_manifest_user(&s, None);
+    for p in [
+        "etc/systemd/system/pmguard-agent.service",
+        "etc/cron.d/pmguard",
+        "etc/logrotate.d/pmguard",
+    ] {
+        std::fs::remove_file(s.root().join(p)).unwrap();
+    }
+    let before = single_files(&s);
+    for extra in [&[][..], &["--force"][..]] {
+        let out = s.install("bob", extra);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {t}");
+        assert!(
+            t.contains(
+                "/etc/pmguard/install-manifest.json records a pmguard install but not whose"
+            ) && t.contains("would replace /etc/pmguard/pmguard.toml")
+                && t.contains("--take-over")
+                && t.contains("sudo pmguard uninstall"),
+            "{t}"
+        );
+        assert_eq!(single_files(&s), before, "{extra:?}: {t}");
+        assert!(!s.root().join("etc/pmguard/users/bob").exists());
+    }
+    // ubuntu's own install, re-run: its config is the same bytes, the rest is created again.
+    let out = s.install("ubuntu", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
+    assert_eq!(pmguard_installer::layout::names(&installed), "ubuntu");
+    // Said outright, the install is taken over (a user field that is no name names nobody).
+    set_manifest_user(&s, Some(serde_json::json!("../x")));
+    std::fs::remove_file(s.root().join("etc/systemd/system/pmguard-agent.service")).unwrap();
+    std::fs::remove_file(s.root().join("etc/cron.d/pmguard")).unwrap();
+    std::fs::remove_file(s.root().join("etc/logrotate.d/pmguard")).unwrap();
+    let out = s.install("bob", &["--take-over"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
+    assert_eq!(pmguard_installer::layout::names(&installed), "bob");
+    assert!(!s.root().join("etc/pmguard/users/bob").exists());
+}

@@ -92,6 +92,12 @@ pub enum Error {
     NotInstalledFor { user: String, installed: String },
     #[error("pmguard is installed here for several users ({installed}): pass --user to say which one to uninstall")]
     WhichUser { installed: String },
+    #[error("{} records a pmguard install but not whose (no user in it, nor in its unit, cron line or config), and installing for {user} would replace {files}, which may be another user's agent: --force does not decide that. If that install is {user}'s, re-run with --take-over. If it is another user's, re-run that user's install with --take-over first (then {user}'s becomes an agent of its own), or remove it with `sudo pmguard uninstall`", manifest.display())]
+    UnknownOwner {
+        manifest: PathBuf,
+        user: String,
+        files: String,
+    },
     #[error("{what} {} is already used by {other}'s agent (its {theirs}): two agents can neither share a directory nor nest one in the other (uninstalling the outer one deletes the inner one); {fix}", path.display())]
     SharedPath {
         what: &'static str,

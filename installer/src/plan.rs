@@ -12,7 +12,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::layout::{Layout, TEMPLATE_PATH};
+use crate::layout::{Layout, Owner, TEMPLATE_PATH};
 use crate::manifest::{sha256, Manifest};
 use crate::render::{under, DesiredFile, FileKind};
 use crate::systemd::{Systemd, UnitState};
@@ -56,6 +56,10 @@ pub struct Observed {
     /// The PM2 user this install is for (set by the caller): recorded in the manifest, so an
     /// install cut short before its unit was written is still found as this user's.
     pub user: Option<String>,
+    /// Whose install `layout` holds now: the manifest's user, else (single-user layout) what
+    /// its files say (`layout::single_owner`); an instance is its user's. `None`: nothing
+    /// tells (`check_owner`).
+    pub owner: Option<Owner>,
 }
 
 /// Another user's install on the same box.
@@ -113,6 +117,7 @@ pub fn observe(
     }
     let stale_tmp = stale_tmp(root, files.keys());
     Ok(Observed {
+        owner: owner_of(root, layout, manifest.as_ref()),
         stale_tmp,
         files,
         missing_dirs: missing_dirs(root, paths, &manifest_path),
@@ -126,6 +131,79 @@ pub fn observe(
         layout: layout.clone(),
         others,
     })
+}
+
+/// Whose install `layout` holds (see `Observed::owner`).
+fn owner_of(root: &Path, layout: &Layout, manifest: Option<&Manifest>) -> Option<Owner> {
+    match layout {
+        Layout::Instance(user) => Some(Owner {
+            user: user.clone(),
+            how: format!("the instance of {user}"),
+            path: layout.manifest_path(),
+        }),
+        Layout::Single => manifest
+            .and_then(|m| m.user.clone())
+            .map(|user| Owner {
+                how: format!("\"user\": \"{user}\""),
+                user,
+                path: layout.manifest_path(),
+            })
+            .or_else(|| crate::layout::single_owner(root)),
+    }
+}
+
+/// Refuses to lay `user`'s install over one that nothing says is whose, where that would
+/// change anything it laid down (a file replaced or removed): a manifest that names no user
+/// (written before the user was recorded, or with none that is a name) and nothing laid down
+/// that names one. `--force` is about a config edited in place, never about whose install it
+/// is: only `take_over` says the install is `user`'s to take. Completing an install cut short
+/// before it laid down anything of its user's (only creations left, or the same bytes) is no
+/// takeover.
+pub fn check_owner(
+    desired: &[DesiredFile],
+    obs: &Observed,
+    user: &str,
+    take_over: bool,
+) -> Result<(), Error> {
+    if obs.owner.is_some() || obs.manifest.is_none() || take_over {
+        return Ok(());
+    }
+    let changed = changed_files(desired, obs);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let files = changed
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(Error::UnknownOwner {
+        manifest: obs.layout.manifest_path(),
+        user: user.to_string(),
+        files,
+    })
+}
+
+/// This install's own files (not the shared ones) that installing `desired` would replace with
+/// other bytes, or remove as no longer wanted.
+fn changed_files(desired: &[DesiredFile], obs: &Observed) -> Vec<PathBuf> {
+    let existing = |p: &Path| obs.files.get(p).cloned().flatten();
+    let mut changed: Vec<PathBuf> = desired
+        .iter()
+        .filter(|f| !Layout::is_shared(&f.path))
+        .filter(|f| existing(&f.path).is_some_and(|o| o.content != f.content))
+        .map(|f| f.path.clone())
+        .collect();
+    if let Some(m) = &obs.manifest {
+        changed.extend(
+            m.files
+                .keys()
+                .filter(|p| !Layout::is_shared(p) && !desired.iter().any(|f| &f.path == *p))
+                .filter(|p| existing(p).is_some())
+                .cloned(),
+        );
+    }
+    changed
 }
 
 /// Leftover `.<name>.pmguard-<pid>.tmp` files (see `write_file`) in the directories of `paths`:
