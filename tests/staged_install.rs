@@ -356,3 +356,34 @@ fn force_never_hands_a_single_install_nothing_names_the_user_of_to_another_user(
     assert_eq!(pmguard_installer::layout::names(&installed), "bob");
     assert!(!s.root().join("etc/pmguard/users/bob").exists());
 }
+
+/// A single-user install whose manifest is gone (moved aside, as the error for an unreadable
+/// one says) is still its user's: its files say whose, and another user's install, --force or
+/// not, changes none of them but says to re-run that user's install first. That re-run records
+/// it again, and the other user's install becomes an agent of its own.
+#[test]
+fn force_never_hands_a_single_install_without_its_manifest_to_another_user() {
+    let s = Staged::new();
+    assert!(s.install("ubuntu", &[]).status.success());
+    let manifest = s.root().join("etc/pmguard/install-manifest.json");
+    let aside = s.dir.path().join("install-manifest.json");
+    std::fs::rename(&manifest, &aside).unwrap();
+    let before = single_files(&s);
+    for extra in [&[][..], &["--force"][..], &["--force", "--take-over"][..]] {
+        let out = s.install("bob", extra);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {t}");
+        assert!(
+            t.contains("/etc/systemd/system/pmguard-agent.service (User=ubuntu) says the single-user install here is `ubuntu`'s")
+                && t.contains("sudo pmguard install --user ubuntu"),
+            "{t}"
+        );
+        assert_eq!(single_files(&s), before, "{extra:?}: {t}");
+        assert!(!manifest.exists(), "{extra:?}: {t}");
+    }
+    assert!(s.install("ubuntu", &[]).status.success());
+    assert!(s.install("bob", &["--force"]).status.success());
+    assert_eq!(single_files(&s), before);
+    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
+    assert_eq!(pmguard_installer::layout::names(&installed), "ubuntu, bob");
+}

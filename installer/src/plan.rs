@@ -152,20 +152,28 @@ fn owner_of(root: &Path, layout: &Layout, manifest: Option<&Manifest>) -> Option
     }
 }
 
-/// Refuses to lay `user`'s install over one that nothing says is whose, where that would
-/// change anything it laid down (a file replaced or removed): a manifest that names no user
-/// (written before the user was recorded, or with none that is a name) and nothing laid down
-/// that names one. `--force` is about a config edited in place, never about whose install it
-/// is: only `take_over` says the install is `user`'s to take. Completing an install cut short
-/// before it laid down anything of its user's (only creations left, or the same bytes) is no
-/// takeover.
+/// Refuses to lay `user`'s install over one that is another user's, or that nothing says is
+/// whose, where that would change anything it laid down (a file replaced or removed): `--force`
+/// is about a config edited in place, never about whose install it is.
+///
+/// - Another user's: the single-user layout chosen for `user` while its files name someone
+///   else (its manifest gone, e.g. moved aside: `layout::for_install` sends a second user to an
+///   instance only when a manifest records the first). That user's install, re-run, records
+///   it again; `take_over` does not apply.
+/// - Nobody's: a manifest that names no user (written before the user was recorded, or with
+///   none that is a name) and nothing laid down that names one. Refused unless `take_over`
+///   says the install is `user`'s to take.
+///
+/// Completing an install cut short before it laid down anything of its user's (only creations
+/// left, or the same bytes) is no takeover, and a box with neither manifest nor owner holds no
+/// install to take.
 pub fn check_owner(
     desired: &[DesiredFile],
     obs: &Observed,
     user: &str,
     take_over: bool,
 ) -> Result<(), Error> {
-    if obs.owner.is_some() || obs.manifest.is_none() || take_over {
+    if obs.owner.as_ref().is_some_and(|o| o.user == user) {
         return Ok(());
     }
     let changed = changed_files(desired, obs);
@@ -177,11 +185,20 @@ pub fn check_owner(
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    Err(Error::UnknownOwner {
-        manifest: obs.layout.manifest_path(),
-        user: user.to_string(),
-        files,
-    })
+    match (&obs.owner, &obs.manifest) {
+        (Some(o), _) => Err(Error::OwnedByOther {
+            evidence: format!("{} ({})", o.path.display(), o.how),
+            other: o.user.clone(),
+            user: user.to_string(),
+            files,
+        }),
+        (None, Some(_)) if !take_over => Err(Error::UnknownOwner {
+            manifest: obs.layout.manifest_path(),
+            user: user.to_string(),
+            files,
+        }),
+        (None, _) => Ok(()),
+    }
 }
 
 /// This install's own files (not the shared ones) that installing `desired` would replace with
