@@ -489,9 +489,8 @@ fn owned_state_dir(root: &Path, config: &Path) -> Option<PathBuf> {
 }
 
 /// Walks from `root` to `path`'s parent without following symlinks: every directory on the way
-/// must be a real directory, owned by root (when `root` itself is), and writable by nobody but
-/// its owner (sticky directories like /tmp aside). Otherwise a local user could swap a
-/// directory for a symlink, or a file in it, between our check and root's write.
+/// must be one `trusted_dir` takes. Otherwise a local user could swap a directory for a
+/// symlink, or a file in it, between our check and root's write.
 fn check_parents(root: &Path, path: &Path) -> Result<(), Error> {
     let root_uid = std::fs::metadata(root).map_err(Error::io(root))?.uid();
     let mut real = root.to_path_buf();
@@ -511,22 +510,50 @@ fn check_parents(root: &Path, path: &Path) -> Result<(), Error> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(&real)(e)),
         };
-        if m.file_type().is_symlink() {
-            return Err(Error::SymlinkDir { path: real });
-        }
-        if !m.is_dir() {
-            return Err(Error::NotADirectory { path: real });
-        }
-        let sticky = m.mode() & 0o1000 != 0;
-        if m.uid() != root_uid || (m.mode() & 0o022 != 0 && !sticky) {
-            return Err(Error::WritableByOthers {
-                path: real,
-                uid: m.uid(),
-                mode: m.mode() & 0o7777,
-            });
-        }
+        trusted_dir(&real, &m, root_uid)?;
     }
     Ok(())
+}
+
+/// A directory root may write into: a real directory (not a symlink), owned by whoever owns
+/// the root (root on a live box), and writable by nobody else. No exception for a sticky
+/// directory: anyone may still create entries in one (a directory or a symlink where pmguard is
+/// about to make one), and none of pmguard's directories is legitimately one.
+fn trusted_dir(real: &Path, m: &std::fs::Metadata, root_uid: u32) -> Result<(), Error> {
+    let path = real.to_path_buf();
+    if m.file_type().is_symlink() {
+        return Err(Error::SymlinkDir { path });
+    }
+    if !m.is_dir() {
+        return Err(Error::NotADirectory { path });
+    }
+    if m.uid() != root_uid || m.mode() & 0o022 != 0 {
+        return Err(Error::WritableByOthers {
+            path,
+            uid: m.uid(),
+            mode: m.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// Creates `path` under `root` with `DIR_MODE`. It was missing when observed: one there now was
+/// made meanwhile, and is taken only if `trusted_dir` takes it (a symlink would have the chmod
+/// and every file meant for it land where it points).
+fn make_dir(root: &Path, path: &Path) -> Result<(), Error> {
+    let real = under(root, path);
+    match std::fs::DirBuilder::new().mode(DIR_MODE).create(&real) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let root_uid = std::fs::metadata(root).map_err(Error::io(root))?.uid();
+            let m = std::fs::symlink_metadata(&real).map_err(Error::io(&real))?;
+            trusted_dir(&real, &m, root_uid)?;
+        }
+        Err(e) => return Err(Error::apply("create", &real)(e)),
+    }
+    // The umask narrowed the mode at create (077 makes it 0700): set it exactly.
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
+        .map_err(Error::apply("chmod", &real))
 }
 
 /// One step of a plan.
@@ -1084,17 +1111,7 @@ pub fn apply(
 ) -> Result<(), Error> {
     for s in &plan.steps {
         match s {
-            Step::MkDir { path } => {
-                let real = under(root, path);
-                std::fs::DirBuilder::new()
-                    .mode(DIR_MODE)
-                    .create(&real)
-                    .or_else(|e| if real.is_dir() { Ok(()) } else { Err(e) })
-                    .map_err(Error::apply("create", &real))?;
-                // The umask narrowed the mode at create (077 makes it 0700): set it exactly.
-                std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
-                    .map_err(Error::apply("chmod", &real))?;
-            }
+            Step::MkDir { path } => make_dir(root, path)?,
             Step::RemoveTree { path } => {
                 // remove_dir_all never follows a symlink inside (the PM2 user owns the tree).
                 let real = under(root, path);
@@ -1849,16 +1866,65 @@ mod tests {
         assert!(err.contains("is a symlink"), "{err}");
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
         std::fs::remove_file(root.path().join("etc/cron.d")).unwrap();
-        std::fs::create_dir(root.path().join("etc/cron.d")).unwrap();
-        std::fs::set_permissions(
-            root.path().join("etc/cron.d"),
-            std::fs::Permissions::from_mode(0o777),
-        )
-        .unwrap();
+        dir_with_mode(&root.path().join("etc/cron.d"), 0o777);
         let err = observe(root.path(), &paths, &STAGED, &Layout::Single)
             .unwrap_err()
             .to_string();
         assert!(err.contains("chmod go-w"), "{err}");
+    }
+
+    /// Makes `dir` (and its parents) and gives it `mode`, whatever the umask.
+    fn dir_with_mode(dir: &Path, mode: u32) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_sticky_world_writable_parent_is_refused_too() {
+        let root = tempfile::tempdir().unwrap();
+        dir_with_mode(&root.path().join("etc/cron.d"), 0o1777);
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let err = observe(root.path(), &paths, &STAGED, &Layout::Single)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("etc/cron.d is owned by uid"), "{err}");
+        assert!(err.contains("chmod go-w"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_linked_in_after_observe_is_neither_chmodded_nor_written_through() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        dir_with_mode(elsewhere.path(), 0o700);
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root.path(), &paths, &STAGED, &Layout::Single).unwrap();
+        let plan = plan_install(&desired, &obs, false, false);
+        // Between observe and apply: /etc made (as the root's owner, so taken), and
+        // /etc/pmguard a link to a directory elsewhere.
+        dir_with_mode(&root.path().join("etc"), 0o755);
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("etc/pmguard")).unwrap();
+        let err = apply(&plan, root.path(), &STAGED, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("etc/pmguard is a symlink"), "{err}");
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+        let mode = std::fs::metadata(elsewhere.path()).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "chmodded through the link");
+        // A directory made meanwhile that others can write into is refused the same way.
+        std::fs::remove_file(root.path().join("etc/pmguard")).unwrap();
+        dir_with_mode(&root.path().join("etc/pmguard"), 0o777);
+        let err = apply(&plan, root.path(), &STAGED, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chmod go-w"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(root.path().join("etc/pmguard"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]
