@@ -948,13 +948,30 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
     for d in dirs {
         plan.steps.push(Step::RemoveDir { path: d });
     }
-    if let Some(dir) = &obs.state_dir {
-        plan.steps.push(Step::RemoveTree { path: dir.clone() });
-    }
+    plan_state_removal(obs, &mut plan);
     if matches!(obs.unit, UnitState::Live { .. }) {
         plan.steps.push(systemctl(&["daemon-reload"]));
     }
     plan
+}
+
+/// The agent's state directory goes with it, unless another install's agent uses it (a config
+/// edited by hand since install to another's `state_dir`: install refuses that, uninstall must
+/// not delete that agent's history and events).
+fn plan_state_removal(obs: &Observed, plan: &mut Plan) {
+    let Some(dir) = &obs.state_dir else { return };
+    let sharer = obs
+        .others
+        .iter()
+        .find(|o| o.state_dir.as_deref().is_some_and(|t| nested(dir, t)));
+    match sharer {
+        Some(o) => plan.notes.push(format!(
+            "{} is kept: {}'s agent uses it too",
+            dir.display(),
+            o.name()
+        )),
+        None => plan.steps.push(Step::RemoveTree { path: dir.clone() }),
+    }
 }
 
 /// Removes every file the manifest lists that is still what install wrote, except shared
@@ -1966,6 +1983,30 @@ mod tests {
         apply(&plan, root.path(), &STAGED, false).unwrap();
         assert!(!state.exists());
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn uninstall_keeps_a_state_dir_another_install_uses() {
+        use crate::render::tests::ALICE;
+        let root = tempfile::tempdir().unwrap();
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        install_user(root.path(), ALICE, "alice", 1001);
+        let alice = root.path().join("var/lib/pmguard-alice");
+        std::fs::create_dir_all(&alice).unwrap();
+        std::fs::write(alice.join("events.jsonl"), "{}\n").unwrap();
+        // ubuntu's config edited by hand since install, to alice's state directory.
+        std::fs::write(
+            root.path().join("etc/pmguard/pmguard.toml"),
+            format!("[agent]\nstate_dir = \"/var/lib/pmguard-alice\"\n{MINIMAL}"),
+        )
+        .unwrap();
+        let plan = uninstall_user(root.path(), "ubuntu");
+        assert!(
+            display(&plan).contains("/var/lib/pmguard-alice is kept: alice's agent uses it too"),
+            "{}",
+            display(&plan)
+        );
+        assert!(alice.join("events.jsonl").exists());
     }
 
     #[test]
