@@ -8,6 +8,9 @@ use std::process::{Child, Command, Output, Stdio};
 
 const PMGUARD: &str = env!("CARGO_BIN_EXE_pmguard");
 
+#[path = "common/staged.rs"]
+mod staged;
+
 /// A staging root like a box with several PM2 users: ubuntu, alice and bob with private
 /// groups; carol and dave sharing the primary group `users`.
 struct Staged {
@@ -17,19 +20,11 @@ struct Staged {
 impl Staged {
     fn new() -> Staged {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
-        std::fs::write(
-            root.join("etc/passwd"),
+        staged::root(
+            dir.path(),
             "root:x:0:0:root:/root:/bin/sh\nubuntu:x:1000:1000::/home/ubuntu:/bin/sh\nalice:x:1001:1001::/home/alice:/bin/sh\nbob:x:1002:1002::/home/bob:/bin/sh\ncarol:x:1003:100::/home/carol:/bin/sh\ndave:x:1004:100::/home/dave:/bin/sh\n",
-        )
-        .unwrap();
-        std::fs::write(
-            root.join("etc/group"),
             "root:x:0:\nusers:x:100:\nubuntu:x:1000:\nalice:x:1001:\nbob:x:1002:\n",
-        )
-        .unwrap();
+        );
         std::fs::write(dir.path().join("agent"), "#!/bin/sh\necho copied\n").unwrap();
         Staged { dir }
     }
