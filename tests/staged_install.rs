@@ -65,6 +65,12 @@ impl Staged {
         self.pmguard(&args)
     }
 
+    /// Whose installs the root holds, as messages list them: "ubuntu, alice".
+    fn names(&self) -> String {
+        let installed = pmguard_installer::layout::installed(&self.root()).unwrap();
+        pmguard_installer::layout::names(&installed)
+    }
+
     /// `pmguard install` for `user`, started with its output piped.
     fn spawn_install(&self, user: &str) -> Child {
         self.install_cmd(user, &[])
@@ -128,11 +134,7 @@ fn a_second_install_waits_for_the_first_and_loses_nothing() {
     drop(held);
     let status = child.wait().unwrap();
     assert!(status.success());
-    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
-    assert_eq!(
-        pmguard_installer::layout::names(&installed),
-        "ubuntu, alice"
-    );
+    assert_eq!(s.names(), "ubuntu, alice");
 }
 
 /// A second user's instance needs a private group (the users of one box must not read each
@@ -259,6 +261,24 @@ fn single_files(s: &Staged) -> Vec<(&'static str, Option<Vec<u8>>)> {
     .collect()
 }
 
+/// `pmguard install --user USER --force` succeeds as an instance of its own and leaves the
+/// single-user install's files as they were.
+fn becomes_an_instance(s: &Staged, user: &str) {
+    let before = single_files(s);
+    let out = s.install(user, &["--force"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        s.root().join("etc/pmguard/users").join(user).exists(),
+        "{t}"
+    );
+    assert_eq!(
+        single_files(s),
+        before,
+        "{user}'s install changed ubuntu's: {t}"
+    );
+}
+
 /// A manifest that does not say whose install it is (written before the user was recorded, or
 /// with a user field that is no name): the install's own files say, and another user's install,
 /// --force or not, becomes an agent of its own and leaves the first one's files as they were.
@@ -268,15 +288,7 @@ fn force_never_hands_a_single_install_whose_manifest_names_no_user_to_another_us
     assert!(s.install("ubuntu", &[]).status.success());
     // A user field that is no name: the unit's User= says.
     set_manifest_user(&s, Some(serde_json::json!(42)));
-    let before = single_files(&s);
-    let out = s.install("bob", &["--force"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        s.root().join("etc/pmguard/users/bob").exists(),
-        "{}",
-        text(&out)
-    );
-    assert_eq!(single_files(&s), before, "bob's install changed ubuntu's");
+    becomes_an_instance(&s, "bob");
     // No user field, and the unit's User= edited away: its cron line still says.
     set_manifest_user(&s, None);
     let unit = s.root().join("etc/systemd/system/pmguard-agent.service");
@@ -287,20 +299,8 @@ fn force_never_hands_a_single_install_whose_manifest_names_no_user_to_another_us
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&unit, edited).unwrap();
-    let before = single_files(&s);
-    let out = s.install("alice", &["--force"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        s.root().join("etc/pmguard/users/alice").exists(),
-        "{}",
-        text(&out)
-    );
-    assert_eq!(single_files(&s), before, "alice's install changed ubuntu's");
-    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
-    assert_eq!(
-        pmguard_installer::layout::names(&installed),
-        "ubuntu, alice, bob"
-    );
+    becomes_an_instance(&s, "alice");
+    assert_eq!(s.names(), "ubuntu, alice, bob");
 }
 
 /// When nothing says whose the single-user install is (its manifest names no user; unit, cron
@@ -338,8 +338,7 @@ fn force_never_hands_a_single_install_nothing_names_the_user_of_to_another_user(
     // ubuntu's own install, re-run: its config is the same bytes, the rest is created again.
     let out = s.install("ubuntu", &[]);
     assert!(out.status.success(), "{}", text(&out));
-    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
-    assert_eq!(pmguard_installer::layout::names(&installed), "ubuntu");
+    assert_eq!(s.names(), "ubuntu");
     // Said outright, the install is taken over (a user field that is no name names nobody).
     set_manifest_user(&s, Some(serde_json::json!("../x")));
     std::fs::remove_file(s.root().join("etc/systemd/system/pmguard-agent.service")).unwrap();
@@ -347,8 +346,7 @@ fn force_never_hands_a_single_install_nothing_names_the_user_of_to_another_user(
     std::fs::remove_file(s.root().join("etc/logrotate.d/pmguard")).unwrap();
     let out = s.install("bob", &["--take-over"]);
     assert!(out.status.success(), "{}", text(&out));
-    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
-    assert_eq!(pmguard_installer::layout::names(&installed), "bob");
+    assert_eq!(s.names(), "bob");
     assert!(!s.root().join("etc/pmguard/users/bob").exists());
 }
 
@@ -379,6 +377,5 @@ fn force_never_hands_a_single_install_without_its_manifest_to_another_user() {
     assert!(s.install("ubuntu", &[]).status.success());
     assert!(s.install("bob", &["--force"]).status.success());
     assert_eq!(single_files(&s), before);
-    let installed = pmguard_installer::layout::installed(&s.root()).unwrap();
-    assert_eq!(pmguard_installer::layout::names(&installed), "ubuntu, bob");
+    assert_eq!(s.names(), "ubuntu, bob");
 }
