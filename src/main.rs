@@ -53,6 +53,41 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// The config file, or ssm:NAME to read it from SSM Parameter Store (see `fleet
+    /// push-config`); re-running converges the box on the current parameter.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Staging root (like DESTDIR): every path is written under it and nothing is started.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Print the plan (with diffs) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The account that runs PM2 (default: $SUDO_USER).
+    #[arg(long)]
+    user: Option<String>,
+    /// Replace a config file that was edited since pmguard installed it (never another user's
+    /// install: see --take-over).
+    #[arg(long)]
+    force: bool,
+    /// Make the install here USER's when nothing tells whose it is (a manifest that names no
+    /// user, from an older pmguard, with no unit, cron line or config naming one): without it,
+    /// install refuses to replace anything of it.
+    #[arg(long)]
+    take_over: bool,
+    /// The agent binary to install (default: pmguard-agent next to this program). The
+    /// package's /usr/bin/pmguard-agent is used in place; any other is copied to
+    /// /usr/local/bin.
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// Stop another monitor that restarts PM2 apps here (the old pm2-health-monitor.service,
+    /// a cron_health_check.sh crontab line, or one like them); uninstall puts it back.
+    #[arg(long)]
+    replace_legacy: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Write a starter config from the apps USER's PM2 daemon runs.
@@ -77,33 +112,7 @@ enum Command {
     },
     /// Lay down the agent, its config, systemd unit, cron backup check, logrotate file and IAM
     /// policies; enable and start the agent. Shows the plan first; re-running is safe.
-    Install {
-        /// The config file, or ssm:NAME to read it from SSM Parameter Store (see `fleet
-        /// push-config`); re-running converges the box on the current parameter.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Staging root (like DESTDIR): every path is written under it and nothing is started.
-        #[arg(long)]
-        root: Option<PathBuf>,
-        /// Print the plan (with diffs) and change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// The account that runs PM2 (default: $SUDO_USER).
-        #[arg(long)]
-        user: Option<String>,
-        /// Replace a config file that was edited since pmguard installed it.
-        #[arg(long)]
-        force: bool,
-        /// The agent binary to install (default: pmguard-agent next to this program). The
-        /// package's /usr/bin/pmguard-agent is used in place; any other is copied to
-        /// /usr/local/bin.
-        #[arg(long)]
-        agent_bin: Option<PathBuf>,
-        /// Stop another monitor that restarts PM2 apps here (the old pm2-health-monitor.service,
-        /// a cron_health_check.sh crontab line, or one like them); uninstall puts it back.
-        #[arg(long)]
-        replace_legacy: bool,
-    },
+    Install(InstallArgs),
     /// Stop and disable the agent and remove exactly what install laid down (with several
     /// users' agents on the box: --user says whose; the others keep running).
     Uninstall {
@@ -188,23 +197,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
             pm2_home,
             force,
         } => init(&user, output, pm2_home, force),
-        Command::Install {
-            config,
-            root,
-            dry_run,
-            user,
-            force,
-            agent_bin,
-            replace_legacy,
-        } => install(
-            &config,
-            root,
-            dry_run,
-            user,
-            force,
-            agent_bin,
-            replace_legacy,
-        ),
+        Command::Install(args) => install(args),
         Command::Uninstall {
             root,
             user,
@@ -266,25 +259,19 @@ fn can_chown() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-fn install(
-    config_path: &Path,
-    root: Option<PathBuf>,
-    dry_run: bool,
-    user: Option<String>,
-    force: bool,
-    agent_bin: Option<PathBuf>,
-    replace_legacy: bool,
-) -> Result<ExitCode, CliError> {
+fn install(args: InstallArgs) -> Result<ExitCode, CliError> {
     let (config, config_text) =
-        fleet::load_config(config_path).map_err(CliError::nothing("installed"))?;
-    let staged = root.is_some();
-    let root = root.unwrap_or_else(|| PathBuf::from("/"));
+        fleet::load_config(&args.config).map_err(CliError::nothing("installed"))?;
+    let staged = args.root.is_some();
+    let root = args.root.unwrap_or_else(|| PathBuf::from("/"));
+    let (dry_run, replace_legacy) = (args.dry_run, args.replace_legacy);
     let _lock = lock(&root)?;
-    let user = user
+    let user = args
+        .user
         .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
         .ok_or(CliError::NoUser)?;
     let account = users::lookup(&root, &user)?;
-    let agent_binary = agent_binary(&root, agent_bin)?;
+    let agent_binary = agent_binary(&root, args.agent_bin)?;
     let pm2 = pmguard_installer::pm2unit::observe(&root, &account, &config);
     let layout = layout::for_install(&layout::installed(&root)?, &user)?;
     let settings = Settings {
@@ -298,11 +285,12 @@ fn install(
     let systemd = Systemctl { staged };
     let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
     let mut observed = plan::observe(&root, &paths, &systemd, &layout)?;
+    plan::check_owner(&desired, &observed, &user, args.take_over)?;
     refuse_conflicts(&root, &config, &settings, &observed, staged)?;
     // Only the live system's PM2 can be running (a staging root has none).
     observed.pm2_daemon_live = !staged && pm2_daemon_live(&config, &settings.account);
     observed.user = Some(user.clone());
-    let mut plan = plan::plan_install(&desired, &observed, force, can_chown());
+    let mut plan = plan::plan_install(&desired, &observed, args.force, can_chown());
     if let pmguard_installer::pm2unit::Supervision::Unavailable(why) = &pm2 {
         plan.notes.push(format!(
             "PM2 itself is not under systemd and pmguard cannot put it there: {why}"

@@ -4,10 +4,7 @@
 //! that a second install does nothing, and that `pmguard uninstall` stops it and leaves no trace.
 //! Needs root and the cached root from `tests/e2e/nspawn.sh prepare` (bash .ci/run does it).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-const PMGUARD: &str = env!("CARGO_BIN_EXE_pmguard");
 
 #[path = "common/machine.rs"]
 mod machine;
@@ -31,28 +28,7 @@ impl Machine {
 
 #[test]
 fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "the end-to-end test boots a container: run it as root (CI does)"
-    );
-    let agent = Path::new(PMGUARD).with_file_name("pmguard-agent");
-    assert!(
-        agent.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        agent.display()
-    );
-    ok(&["prepare"]);
-    let m = Machine(format!("pmg{}", std::process::id()));
-    ok(&["boot", &m.0]);
-    ok(&["setup-app", &m.0]);
-    ok(&["copy-in", &m.0, PMGUARD, "/root/pmguard"]);
-    ok(&[
-        "copy-in",
-        &m.0,
-        agent.to_str().unwrap(),
-        "/root/pmguard-agent",
-    ]);
+    let m = Machine::with_pmguard("pmg");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("pmguard.toml");
     std::fs::write(

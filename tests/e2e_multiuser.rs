@@ -12,12 +12,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const PMGUARD: &str = env!("CARGO_BIN_EXE_pmguard");
-
 #[path = "common/machine.rs"]
 mod machine;
 
-use machine::{ok, sh, Machine};
+use machine::{sh, Machine};
 
 /// A config for one user's agent: its app on `port`, its own state directory.
 fn config(state_dir: &str, app: &str, port: u16) -> String {
@@ -119,23 +117,8 @@ fn status_of<'a>(checks: &'a [serde_json::Value], unit: &str, name: &str) -> Opt
 
 #[test]
 fn two_users_two_agents_each_recovers_its_own_app_and_uninstall_of_one_leaves_the_other() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "the end-to-end test boots a container: run it as root (CI does)"
-    );
     let started = Instant::now();
-    let agent = Path::new(PMGUARD).with_file_name("pmguard-agent");
-    assert!(
-        agent.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        agent.display()
-    );
-    ok(&["prepare"]);
-    let m = Machine::boot("pmgmu");
-    ok(&["setup-app", &m.0]);
-    m.copy_in(Path::new(PMGUARD), "/root/pmguard");
-    m.copy_in(&agent, "/root/pmguard-agent");
+    let m = Machine::with_pmguard("pmgmu");
     let dir = tempfile::tempdir().unwrap();
     for (name, text) in [
         ("ubuntu.toml", config("", "codebox", 5000)),

@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 
 const PMGUARD: &str = env!("CARGO_BIN_EXE_pmguard");
 
+#[path = "common/staged.rs"]
+mod staged;
+
 fn agent_bin() -> PathBuf {
     Path::new(PMGUARD).with_file_name("pmguard-agent")
 }
@@ -19,15 +22,11 @@ struct Staged {
 
 fn staged() -> Staged {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
-    std::fs::write(
-        root.join("etc/passwd"),
+    let root = staged::root(
+        dir.path(),
         "ubuntu:x:1000:1000::/home/ubuntu:/bin/bash\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/group"), "ubuntu:x:1000:\n").unwrap();
+        "ubuntu:x:1000:\n",
+    );
     std::fs::copy(agent_bin(), root.join("usr/bin/pmguard-agent")).unwrap();
     let config = dir.path().join("pmguard.toml");
     std::fs::write(

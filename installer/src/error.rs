@@ -92,6 +92,20 @@ pub enum Error {
     NotInstalledFor { user: String, installed: String },
     #[error("pmguard is installed here for several users ({installed}): pass --user to say which one to uninstall")]
     WhichUser { installed: String },
+    #[error("{evidence} says the single-user install here is `{other}`'s, and installing for {user} would replace {files}: --force never hands one user's agent to another. Re-run {other}'s own install first (sudo pmguard install --user {other} --config /etc/pmguard/pmguard.toml), which records it, and {user}'s install becomes an agent of its own; or, if {other}'s agent is gone for good, remove those files by hand")]
+    OwnedByOther {
+        /// The file and what in it names the user, e.g. `/etc/...service (User=alice)`.
+        evidence: String,
+        other: String,
+        user: String,
+        files: String,
+    },
+    #[error("{} records a pmguard install but not whose (no user in it, nor in its unit, cron line or config), and installing for {user} would replace {files}, which may be another user's agent: --force does not decide that. If that install is {user}'s, re-run with --take-over. If it is another user's, re-run that user's install with --take-over first (then {user}'s becomes an agent of its own), or remove it with `sudo pmguard uninstall`", manifest.display())]
+    UnknownOwner {
+        manifest: PathBuf,
+        user: String,
+        files: String,
+    },
     #[error("{what} {} is already used by {other}'s agent (its {theirs}): two agents can neither share a directory nor nest one in the other (uninstalling the outer one deletes the inner one); {fix}", path.display())]
     SharedPath {
         what: &'static str,

@@ -197,8 +197,8 @@ pub fn instance_name(user: &str) -> Result<(), Error> {
 pub struct Installed {
     pub layout: Layout,
     pub manifest: Manifest,
-    /// The PM2 user: the manifest's, else the single-user unit's `User=` (the instance's name
-    /// otherwise).
+    /// The PM2 user: the manifest's, else read from what the single-user install laid down
+    /// (`single_owner`); the instance's name otherwise.
     pub user: Option<String>,
 }
 
@@ -236,18 +236,102 @@ pub fn installed(root: &Path) -> Result<Vec<Installed>, Error> {
     Ok(out)
 }
 
-/// The single-user unit's `User=`.
+/// Whose install it is, and what says so (for messages).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Owner {
+    pub user: String,
+    /// The file that names the user: the manifest, else a file the install laid down.
+    pub path: PathBuf,
+    /// What in that file names them, e.g. `User=alice`.
+    pub how: String,
+}
+
+/// The single-user install's PM2 user, read from what it laid down (`single_owner`).
 pub fn single_user(root: &Path) -> Option<String> {
-    let unit = std::fs::read_to_string(under(root, Path::new(UNIT_PATH))).ok()?;
-    unit.lines()
-        .find_map(|l| l.strip_prefix("User="))
-        .map(str::to_string)
+    single_owner(root).map(|o| o.user)
+}
+
+/// Who the single-user install runs as, for a manifest that does not say (written before the
+/// user was recorded, or with no usable name) or is gone: the first of its unit's `User=`, its
+/// PM2 unit's `User=`, its cron line's user, its logrotate `su`, and the account whose home
+/// holds its config's `pm2_home`. Files are read without following a symlink; a value that is
+/// no plain account name (`plain_name`) names nobody.
+pub fn single_owner(root: &Path) -> Option<Owner> {
+    let read = |path: &str| {
+        let bytes = pmguard_agent::sys::files::read_capped(&under(root, Path::new(path)), 1 << 20);
+        bytes
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    let owner = |path: &str, how: &str, user: Option<String>| {
+        user.filter(|u| plain_name(u)).map(|user| Owner {
+            how: how.replace("{}", &user),
+            user,
+            path: PathBuf::from(path),
+        })
+    };
+    let unit_user = |text: String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("User="))
+            .map(str::to_string)
+    };
+    let pm2_unit = crate::pm2unit::PM2_UNIT_PATH;
+    owner(UNIT_PATH, "User={}", read(UNIT_PATH).and_then(unit_user))
+        .or_else(|| owner(pm2_unit, "User={}", read(pm2_unit).and_then(unit_user)))
+        .or_else(|| {
+            let user = read(CRON_PATH).and_then(|t| cron_user(&t));
+            owner(CRON_PATH, "its job runs as {}", user)
+        })
+        .or_else(|| {
+            let user = read(LOGROTATE_PATH).and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.trim().strip_prefix("su "))
+                    .and_then(|rest| rest.split_whitespace().next().map(str::to_string))
+            });
+            owner(LOGROTATE_PATH, "su {}", user)
+        })
+        .or_else(|| {
+            let text = read(CONFIG_PATH)?;
+            let config =
+                pmguard_agent::config::Config::parse(Path::new(CONFIG_PATH), &text).ok()?;
+            let home = config.agent.pm2_home?;
+            let how = format!("pm2_home = \"{}\", in {{}}'s home", home.display());
+            owner(CONFIG_PATH, &how, crate::users::home_owner(root, &home))
+        })
+}
+
+/// The user field of a cron.d file's first job (`m h dom mon dow user command`, or
+/// `@daily user command`).
+fn cron_user(text: &str) -> Option<String> {
+    let job: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| {
+            f.first()
+                .is_some_and(|w| !w.starts_with('#') && !w.contains('='))
+        })?;
+    let at = if job[0].starts_with('@') { 1 } else { 5 };
+    job.get(at).map(|u| (*u).to_string())
+}
+
+/// A name systemd, cron and logrotate take as one account, as it is: letters, digits, `_`, `-`
+/// and `.`, at most 32, not starting with `-`. Anything else read where a user should be (a
+/// tampered manifest, an edited unit) names nobody.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// The layout `install --user USER` uses: the install `user` already has, else the
 /// single-user layout on a box with no install yet (or with one whose user is unknown: an old
-/// install cut short before its unit was written, which this one completes), else a new
-/// instance.
+/// install cut short before its unit was written, which this one completes; `plan::check_owner`
+/// refuses it where that would change anything the unknown user's install laid down), else a
+/// new instance.
 pub fn for_install(installed: &[Installed], user: &str) -> Result<Layout, Error> {
     if let Some(i) = installed.iter().find(|i| i.user.as_deref() == Some(user)) {
         return Ok(i.layout.clone());
@@ -314,6 +398,59 @@ mod tests {
         for good in ["alice", "bob", "svc_web", "web-2", "_deploy", "u1000"] {
             assert!(Layout::instance(good).is_ok(), "{good:?}");
         }
+    }
+
+    #[test]
+    fn the_single_installs_user_is_read_from_its_unit_then_pm2_unit_cron_logrotate_and_config() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for d in [
+            "etc/systemd/system",
+            "etc/cron.d",
+            "etc/logrotate.d",
+            "etc/pmguard",
+        ] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        std::fs::write(
+            r.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nalice:x:1001:1001::/home/alice:/bin/sh\n",
+        )
+        .unwrap();
+        let write =
+            |path: &str, text: &str| std::fs::write(under(r, Path::new(path)), text).unwrap();
+        let user = || single_owner(r).map(|o| (o.user, o.how));
+        assert_eq!(user(), None);
+        write(
+            CONFIG_PATH,
+            "[agent]\npm2_home = \"/home/alice/.pm2\"\n[[apps]]\nname = \"web\"\nhealth_url = \"http://127.0.0.1:3000/\"\n",
+        );
+        let (who, how) = user().unwrap();
+        assert_eq!(who, "alice");
+        assert!(how.contains("/home/alice/.pm2"), "{how}");
+        write(
+            LOGROTATE_PATH,
+            "/var/lib/pmguard/events.jsonl {\n    su bob bob\n}\n",
+        );
+        assert_eq!(user().unwrap().0, "bob");
+        write(
+            CRON_PATH,
+            "# c\nSHELL=/bin/sh\n*/5 * * * * carol systemd-cat x\n",
+        );
+        assert_eq!(user().unwrap().0, "carol");
+        write(crate::pm2unit::PM2_UNIT_PATH, "[Service]\nUser=dave\n");
+        assert_eq!(user().unwrap().0, "dave");
+        write(UNIT_PATH, "[Service]\nUser=erin\n");
+        assert_eq!(user(), Some(("erin".into(), "User=erin".into())));
+        // A value that is no account name names nobody: the next file says.
+        write(UNIT_PATH, "[Service]\nUser=../x\n");
+        assert_eq!(user().unwrap().0, "dave");
+        // Nor is a unit read through a symlink.
+        std::fs::remove_file(under(r, Path::new(UNIT_PATH))).unwrap();
+        let elsewhere = r.join("elsewhere.service");
+        std::fs::write(&elsewhere, "User=mallory\n").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, under(r, Path::new(UNIT_PATH))).unwrap();
+        assert_eq!(user().unwrap().0, "dave");
     }
 
     #[test]

@@ -17,10 +17,26 @@ pub struct Manifest {
     /// Directories install created (removed by uninstall when empty), deepest last.
     pub created_dirs: Vec<PathBuf>,
     pub unit: Option<String>,
-    /// The PM2 user the install is for. Manifests from before it was recorded have none: then
-    /// the single-user unit's `User=` says (`layout::installed`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The PM2 user the install is for. Manifests from before it was recorded have none, and a
+    /// value that is no plain account name (a number, `""`, `../x`) is read as none: then what
+    /// the install laid down says (`layout::installed`), and where nothing does, no other user's
+    /// install replaces it (`plan::check_owner`).
+    #[serde(
+        default,
+        deserialize_with = "plain_user",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub user: Option<String>,
+}
+
+/// The manifest's `user`, when it is a string holding a plain account name; anything else
+/// names nobody rather than making the whole manifest unreadable (the files it lists must stay
+/// known, for uninstall and for telling whose install it is).
+fn plain_user<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(value
+        .and_then(|v| v.as_str().map(str::to_string))
+        .filter(|u| crate::layout::plain_name(u)))
 }
 
 /// The sha256 of a file, read in chunks (an agent binary need not sit in memory whole).
@@ -95,5 +111,39 @@ impl Manifest {
         let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
         v.push(b'\n');
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_field_that_is_no_account_name_names_nobody_and_the_manifest_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let with = |user: &str| {
+            std::fs::write(
+                &path,
+                format!("{{\"version\": \"0.1.0\", \"files\": {{\"/etc/cron.d/pmguard\": \"ab\"}}, \"created_dirs\": [], \"unit\": null{user}}}"),
+            )
+            .unwrap();
+            Manifest::read(&path).unwrap().unwrap()
+        };
+        for bad in [
+            ", \"user\": 42",
+            ", \"user\": \"\"",
+            ", \"user\": \"../x\"",
+            ", \"user\": null",
+            "",
+        ] {
+            let m = with(bad);
+            assert_eq!(m.user, None, "{bad}");
+            assert_eq!(m.files.len(), 1, "{bad}");
+        }
+        assert_eq!(
+            with(", \"user\": \"first.last\"").user.as_deref(),
+            Some("first.last")
+        );
     }
 }

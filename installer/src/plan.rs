@@ -12,7 +12,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::layout::{Layout, TEMPLATE_PATH};
+use crate::layout::{Layout, Owner, TEMPLATE_PATH};
 use crate::manifest::{sha256, Manifest};
 use crate::render::{under, DesiredFile, FileKind};
 use crate::systemd::{Systemd, UnitState};
@@ -56,6 +56,10 @@ pub struct Observed {
     /// The PM2 user this install is for (set by the caller): recorded in the manifest, so an
     /// install cut short before its unit was written is still found as this user's.
     pub user: Option<String>,
+    /// Whose install `layout` holds now: the manifest's user, else (single-user layout) what
+    /// its files say (`layout::single_owner`); an instance is its user's. `None`: nothing
+    /// tells (`check_owner`).
+    pub owner: Option<Owner>,
 }
 
 /// Another user's install on the same box.
@@ -113,6 +117,7 @@ pub fn observe(
     }
     let stale_tmp = stale_tmp(root, files.keys());
     Ok(Observed {
+        owner: owner_of(root, layout, manifest.as_ref()),
         stale_tmp,
         files,
         missing_dirs: missing_dirs(root, paths, &manifest_path),
@@ -126,6 +131,96 @@ pub fn observe(
         layout: layout.clone(),
         others,
     })
+}
+
+/// Whose install `layout` holds (see `Observed::owner`).
+fn owner_of(root: &Path, layout: &Layout, manifest: Option<&Manifest>) -> Option<Owner> {
+    match layout {
+        Layout::Instance(user) => Some(Owner {
+            user: user.clone(),
+            how: format!("the instance of {user}"),
+            path: layout.manifest_path(),
+        }),
+        Layout::Single => manifest
+            .and_then(|m| m.user.clone())
+            .map(|user| Owner {
+                how: format!("\"user\": \"{user}\""),
+                user,
+                path: layout.manifest_path(),
+            })
+            .or_else(|| crate::layout::single_owner(root)),
+    }
+}
+
+/// Refuses to lay `user`'s install over one that is another user's, or that nothing says is
+/// whose, where that would change anything it laid down (a file replaced or removed): `--force`
+/// is about a config edited in place, never about whose install it is.
+///
+/// - Another user's: the single-user layout chosen for `user` while its files name someone
+///   else (its manifest gone, e.g. moved aside: `layout::for_install` sends a second user to an
+///   instance only when a manifest records the first). That user's install, re-run, records
+///   it again; `take_over` does not apply.
+/// - Nobody's: a manifest that names no user (written before the user was recorded, or with
+///   none that is a name) and nothing laid down that names one. Refused unless `take_over`
+///   says the install is `user`'s to take.
+///
+/// Completing an install cut short before it laid down anything of its user's (only creations
+/// left, or the same bytes) is no takeover, and a box with neither manifest nor owner holds no
+/// install to take.
+pub fn check_owner(
+    desired: &[DesiredFile],
+    obs: &Observed,
+    user: &str,
+    take_over: bool,
+) -> Result<(), Error> {
+    if obs.owner.as_ref().is_some_and(|o| o.user == user) {
+        return Ok(());
+    }
+    let changed = changed_files(desired, obs);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let files = changed
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (&obs.owner, &obs.manifest) {
+        (Some(o), _) => Err(Error::OwnedByOther {
+            evidence: format!("{} ({})", o.path.display(), o.how),
+            other: o.user.clone(),
+            user: user.to_string(),
+            files,
+        }),
+        (None, Some(_)) if !take_over => Err(Error::UnknownOwner {
+            manifest: obs.layout.manifest_path(),
+            user: user.to_string(),
+            files,
+        }),
+        (None, _) => Ok(()),
+    }
+}
+
+/// This install's own files (not the shared ones) that installing `desired` would replace with
+/// other bytes, or remove as no longer wanted.
+fn changed_files(desired: &[DesiredFile], obs: &Observed) -> Vec<PathBuf> {
+    let existing = |p: &Path| obs.files.get(p).cloned().flatten();
+    let mut changed: Vec<PathBuf> = desired
+        .iter()
+        .filter(|f| !Layout::is_shared(&f.path))
+        .filter(|f| existing(&f.path).is_some_and(|o| o.content != f.content))
+        .map(|f| f.path.clone())
+        .collect();
+    if let Some(m) = &obs.manifest {
+        changed.extend(
+            m.files
+                .keys()
+                .filter(|p| !Layout::is_shared(p) && !desired.iter().any(|f| &f.path == *p))
+                .filter(|p| existing(p).is_some())
+                .cloned(),
+        );
+    }
+    changed
 }
 
 /// Leftover `.<name>.pmguard-<pid>.tmp` files (see `write_file`) in the directories of `paths`:
@@ -394,9 +489,8 @@ fn owned_state_dir(root: &Path, config: &Path) -> Option<PathBuf> {
 }
 
 /// Walks from `root` to `path`'s parent without following symlinks: every directory on the way
-/// must be a real directory, owned by root (when `root` itself is), and writable by nobody but
-/// its owner (sticky directories like /tmp aside). Otherwise a local user could swap a
-/// directory for a symlink, or a file in it, between our check and root's write.
+/// must be one `trusted_dir` takes. Otherwise a local user could swap a directory for a
+/// symlink, or a file in it, between our check and root's write.
 fn check_parents(root: &Path, path: &Path) -> Result<(), Error> {
     let root_uid = std::fs::metadata(root).map_err(Error::io(root))?.uid();
     let mut real = root.to_path_buf();
@@ -416,22 +510,50 @@ fn check_parents(root: &Path, path: &Path) -> Result<(), Error> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(&real)(e)),
         };
-        if m.file_type().is_symlink() {
-            return Err(Error::SymlinkDir { path: real });
-        }
-        if !m.is_dir() {
-            return Err(Error::NotADirectory { path: real });
-        }
-        let sticky = m.mode() & 0o1000 != 0;
-        if m.uid() != root_uid || (m.mode() & 0o022 != 0 && !sticky) {
-            return Err(Error::WritableByOthers {
-                path: real,
-                uid: m.uid(),
-                mode: m.mode() & 0o7777,
-            });
-        }
+        trusted_dir(&real, &m, root_uid)?;
     }
     Ok(())
+}
+
+/// A directory root may write into: a real directory (not a symlink), owned by whoever owns
+/// the root (root on a live box), and writable by nobody else. No exception for a sticky
+/// directory: anyone may still create entries in one (a directory or a symlink where pmguard is
+/// about to make one), and none of pmguard's directories is legitimately one.
+fn trusted_dir(real: &Path, m: &std::fs::Metadata, root_uid: u32) -> Result<(), Error> {
+    let path = real.to_path_buf();
+    if m.file_type().is_symlink() {
+        return Err(Error::SymlinkDir { path });
+    }
+    if !m.is_dir() {
+        return Err(Error::NotADirectory { path });
+    }
+    if m.uid() != root_uid || m.mode() & 0o022 != 0 {
+        return Err(Error::WritableByOthers {
+            path,
+            uid: m.uid(),
+            mode: m.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// Creates `path` under `root` with `DIR_MODE`. It was missing when observed: one there now was
+/// made meanwhile, and is taken only if `trusted_dir` takes it (a symlink would have the chmod
+/// and every file meant for it land where it points).
+fn make_dir(root: &Path, path: &Path) -> Result<(), Error> {
+    let real = under(root, path);
+    match std::fs::DirBuilder::new().mode(DIR_MODE).create(&real) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let root_uid = std::fs::metadata(root).map_err(Error::io(root))?.uid();
+            let m = std::fs::symlink_metadata(&real).map_err(Error::io(&real))?;
+            trusted_dir(&real, &m, root_uid)?;
+        }
+        Err(e) => return Err(Error::apply("create", &real)(e)),
+    }
+    // The umask narrowed the mode at create (077 makes it 0700): set it exactly.
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
+        .map_err(Error::apply("chmod", &real))
 }
 
 /// One step of a plan.
@@ -826,13 +948,30 @@ pub fn plan_uninstall(obs: &Observed) -> Plan {
     for d in dirs {
         plan.steps.push(Step::RemoveDir { path: d });
     }
-    if let Some(dir) = &obs.state_dir {
-        plan.steps.push(Step::RemoveTree { path: dir.clone() });
-    }
+    plan_state_removal(obs, &mut plan);
     if matches!(obs.unit, UnitState::Live { .. }) {
         plan.steps.push(systemctl(&["daemon-reload"]));
     }
     plan
+}
+
+/// The agent's state directory goes with it, unless another install's agent uses it (a config
+/// edited by hand since install to another's `state_dir`: install refuses that, uninstall must
+/// not delete that agent's history and events).
+fn plan_state_removal(obs: &Observed, plan: &mut Plan) {
+    let Some(dir) = &obs.state_dir else { return };
+    let sharer = obs
+        .others
+        .iter()
+        .find(|o| o.state_dir.as_deref().is_some_and(|t| nested(dir, t)));
+    match sharer {
+        Some(o) => plan.notes.push(format!(
+            "{} is kept: {}'s agent uses it too",
+            dir.display(),
+            o.name()
+        )),
+        None => plan.steps.push(Step::RemoveTree { path: dir.clone() }),
+    }
 }
 
 /// Removes every file the manifest lists that is still what install wrote, except shared
@@ -989,17 +1128,7 @@ pub fn apply(
 ) -> Result<(), Error> {
     for s in &plan.steps {
         match s {
-            Step::MkDir { path } => {
-                let real = under(root, path);
-                std::fs::DirBuilder::new()
-                    .mode(DIR_MODE)
-                    .create(&real)
-                    .or_else(|e| if real.is_dir() { Ok(()) } else { Err(e) })
-                    .map_err(Error::apply("create", &real))?;
-                // The umask narrowed the mode at create (077 makes it 0700): set it exactly.
-                std::fs::set_permissions(&real, std::fs::Permissions::from_mode(DIR_MODE))
-                    .map_err(Error::apply("chmod", &real))?;
-            }
+            Step::MkDir { path } => make_dir(root, path)?,
             Step::RemoveTree { path } => {
                 // remove_dir_all never follows a symlink inside (the PM2 user owns the tree).
                 let real = under(root, path);
@@ -1754,16 +1883,65 @@ mod tests {
         assert!(err.contains("is a symlink"), "{err}");
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
         std::fs::remove_file(root.path().join("etc/cron.d")).unwrap();
-        std::fs::create_dir(root.path().join("etc/cron.d")).unwrap();
-        std::fs::set_permissions(
-            root.path().join("etc/cron.d"),
-            std::fs::Permissions::from_mode(0o777),
-        )
-        .unwrap();
+        dir_with_mode(&root.path().join("etc/cron.d"), 0o777);
         let err = observe(root.path(), &paths, &STAGED, &Layout::Single)
             .unwrap_err()
             .to_string();
         assert!(err.contains("chmod go-w"), "{err}");
+    }
+
+    /// Makes `dir` (and its parents) and gives it `mode`, whatever the umask.
+    fn dir_with_mode(dir: &Path, mode: u32) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_sticky_world_writable_parent_is_refused_too() {
+        let root = tempfile::tempdir().unwrap();
+        dir_with_mode(&root.path().join("etc/cron.d"), 0o1777);
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let err = observe(root.path(), &paths, &STAGED, &Layout::Single)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("etc/cron.d is owned by uid"), "{err}");
+        assert!(err.contains("chmod go-w"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_linked_in_after_observe_is_neither_chmodded_nor_written_through() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        dir_with_mode(elsewhere.path(), 0o700);
+        let desired = rendered(MINIMAL);
+        let paths: Vec<PathBuf> = desired.iter().map(|f| f.path.clone()).collect();
+        let obs = observe(root.path(), &paths, &STAGED, &Layout::Single).unwrap();
+        let plan = plan_install(&desired, &obs, false, false);
+        // Between observe and apply: /etc made (as the root's owner, so taken), and
+        // /etc/pmguard a link to a directory elsewhere.
+        dir_with_mode(&root.path().join("etc"), 0o755);
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("etc/pmguard")).unwrap();
+        let err = apply(&plan, root.path(), &STAGED, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("etc/pmguard is a symlink"), "{err}");
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+        let mode = std::fs::metadata(elsewhere.path()).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "chmodded through the link");
+        // A directory made meanwhile that others can write into is refused the same way.
+        std::fs::remove_file(root.path().join("etc/pmguard")).unwrap();
+        dir_with_mode(&root.path().join("etc/pmguard"), 0o777);
+        let err = apply(&plan, root.path(), &STAGED, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chmod go-w"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(root.path().join("etc/pmguard"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]
@@ -1805,6 +1983,30 @@ mod tests {
         apply(&plan, root.path(), &STAGED, false).unwrap();
         assert!(!state.exists());
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn uninstall_keeps_a_state_dir_another_install_uses() {
+        use crate::render::tests::ALICE;
+        let root = tempfile::tempdir().unwrap();
+        install_user(root.path(), MINIMAL, "ubuntu", 1000);
+        install_user(root.path(), ALICE, "alice", 1001);
+        let alice = root.path().join("var/lib/pmguard-alice");
+        std::fs::create_dir_all(&alice).unwrap();
+        std::fs::write(alice.join("events.jsonl"), "{}\n").unwrap();
+        // ubuntu's config edited by hand since install, to alice's state directory.
+        std::fs::write(
+            root.path().join("etc/pmguard/pmguard.toml"),
+            format!("[agent]\nstate_dir = \"/var/lib/pmguard-alice\"\n{MINIMAL}"),
+        )
+        .unwrap();
+        let plan = uninstall_user(root.path(), "ubuntu");
+        assert!(
+            display(&plan).contains("/var/lib/pmguard-alice is kept: alice's agent uses it too"),
+            "{}",
+            display(&plan)
+        );
+        assert!(alice.join("events.jsonl").exists());
     }
 
     #[test]

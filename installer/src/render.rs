@@ -165,13 +165,7 @@ pub fn check_values(config: &Config, a: &Account) -> Result<(), RenderError> {
         )))
     };
     for (what, value) in [("user", a.user.as_str()), ("group", a.group.as_str())] {
-        let ok = !value.is_empty()
-            && value.len() <= 32
-            && !value.starts_with('-')
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-        if !ok {
+        if !crate::layout::plain_name(value) {
             return bad(what, value, "a name for systemd, cron and logrotate may hold only letters, digits, `_`, `-` and `.` (at most 32, not starting with `-`)");
         }
     }

@@ -60,6 +60,19 @@ pub fn lookup(root: &Path, user: &str) -> Result<Account, Error> {
     })
 }
 
+/// The account whose home directory holds `path` (the deepest such home; `/` is nobody's), e.g.
+/// the user of a config's `pm2_home = "/home/alice/.pm2"`.
+pub fn home_owner(root: &Path, path: &Path) -> Option<String> {
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).ok()?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 7 && f[5] != "/" && f[5].starts_with('/'))
+        .filter(|f| path.starts_with(f[5]))
+        .max_by_key(|f| Path::new(f[5]).components().count())
+        .map(|f| f[0].to_string())
+}
+
 /// Whether `a`'s primary group is its own: no other account has it as primary group or is a
 /// member of it. The config is root:<group> 0640 and the state directory <user>:<group> 0750,
 /// so anyone else in the group would read the notify URLs (secrets), the state and the events.

@@ -1,6 +1,7 @@
 //! A booted Debian root (tests/e2e/nspawn.sh) as the end-to-end tests drive it: commands inside
 //! as root, files copied in, waits with the agent's journal on a timeout, teardown on drop.
-//! Shared by e2e_install, e2e_deb and e2e_bootstrap (each adds what only it needs).
+//! Shared by e2e_install, e2e_multiuser, e2e_deb and e2e_bootstrap (each adds what only it
+//! needs).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,30 @@ pub fn built_deb() -> PathBuf {
 pub struct Machine(pub String);
 
 impl Machine {
+    /// As root: the cached root prepared, a fresh container booted (`Machine::boot(tag)`) with
+    /// the sample app under `pm2-ubuntu.service`, and this build's `pmguard` and
+    /// `pmguard-agent` copied in as /root/pmguard and /root/pmguard-agent.
+    pub fn with_pmguard(tag: &str) -> Machine {
+        assert_eq!(
+            nix::unistd::geteuid().as_raw(),
+            0,
+            "the end-to-end test boots a container: run it as root (CI does)"
+        );
+        let pmguard = Path::new(env!("CARGO_BIN_EXE_pmguard"));
+        let agent = pmguard.with_file_name("pmguard-agent");
+        assert!(
+            agent.exists(),
+            "{} is missing: run `cargo test --workspace`",
+            agent.display()
+        );
+        ok(&["prepare"]);
+        let m = Machine::boot(tag);
+        ok(&["setup-app", &m.0]);
+        m.copy_in(pmguard, "/root/pmguard");
+        m.copy_in(&agent, "/root/pmguard-agent");
+        m
+    }
+
     /// Boots a fresh copy of the cached root under a name unique to this test process.
     pub fn boot(tag: &str) -> Machine {
         let m = Machine(format!("{tag}{}", std::process::id()));
