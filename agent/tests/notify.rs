@@ -893,3 +893,98 @@ fn a_2xx_with_a_body_over_the_limit_is_delivered_once() {
     );
     assert!(!d.path().join("spool/notify.jsonl").exists());
 }
+
+/// `sudo pmguard-agent validate` judges `url_file` for the agent's user (PM2_HOME's owner,
+/// whom `run` becomes), not for root: that user's file passes, another user's is refused
+/// naming the file, the owner found and the fix, and so is a root file the agent cannot read.
+#[test]
+fn validate_under_sudo_judges_url_file_for_the_agents_user_not_root() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !rustix_is_root() {
+        eprintln!("skipped: needs root (validate run through sudo)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // The agent's user: nobody (65534), owning PM2_HOME as `pm2 startup` would leave it.
+    let (agent_uid, agent_gid, stranger) = (65534, 65534, 4242);
+    let home = d.path().join("pm2");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    chown(&home, Some(agent_uid), Some(agent_gid)).unwrap();
+    let file = d.path().join("hook.url");
+    std::fs::write(&file, format!("https://hooks.example.com/{SECRET}\n")).unwrap();
+    let cfg = d.path().join("pmguard.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\npm2_home = \"{}\"\nstate_dir = \"{}\"\n\n[[apps]]\nname = \"web\"\n\n[[notify]]\ntype = \"webhook\"\nurl_file = \"{}\"\n",
+            home.display(),
+            d.path().join("state").display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    let validate = || {
+        let out = Command::new(AGENT)
+            .args(["validate", "--config"])
+            .arg(&cfg)
+            .env_remove("PM2_HOME")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains("SECRET"), "{text}");
+        (out.status.code(), text)
+    };
+    let set = |uid: u32, gid: u32, mode: u32| {
+        chown(&file, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // The agent's user's own 0600 file: what the installer's guide says to write.
+    set(agent_uid, agent_gid, 0o600);
+    let (code, text) = validate();
+    assert_eq!(code, Some(0), "{text}");
+    // root:<the agent's group> 0640: readable by the agent through its group.
+    set(0, agent_gid, 0o640);
+    let (code, text) = validate();
+    assert_eq!(code, Some(0), "{text}");
+    // Another user's file: refused, naming the file, who owns it, whose it should be, the fix.
+    set(stranger, stranger, 0o600);
+    let (code, text) = validate();
+    assert_eq!(code, Some(1), "{text}");
+    let path = file.display().to_string();
+    assert!(
+        text.contains(&format!("url_file {path}: owned by uid 4242")),
+        "{text}"
+    );
+    assert!(
+        text.contains("not by the agent's user nobody (uid 65534"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("PM2_HOME {}", home.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("chown nobody {path} && chmod 0600 {path}")),
+        "{text}"
+    );
+    // root's own 0600: root may read it, the agent at its next reload may not.
+    set(0, 0, 0o600);
+    let (code, text) = validate();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("cannot read it"), "{text}");
+    assert!(text.contains(&format!("chown nobody {path}")), "{text}");
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        .unwrap_or(false)
+}
