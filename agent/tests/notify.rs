@@ -988,3 +988,46 @@ fn rustix_is_root() -> bool {
         .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
         .unwrap_or(false)
 }
+
+/// A spool of more than 16 MiB (many alerts with long log tails waiting on a long outage)
+/// is replayed to its last line at start: the alerts at its end are sent, the ones marked
+/// done are not sent again.
+#[test]
+fn a_spool_over_sixteen_mib_is_replayed_whole_at_start() {
+    use std::sync::atomic::Ordering;
+    let d = tempfile::tempdir().unwrap();
+    let spool = d.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    // Written as the journal writes it: 4000 alerts of ~4.5 KB, all but the last two done.
+    let mut text = String::new();
+    let n = 4000;
+    for i in 0..n {
+        let alert = serde_json::json!({
+            "id": format!("1-{i}"), "event": "restart", "app": "web", "host": "box",
+            "reason": "probe failed", "message": format!("restart {i}"),
+            "time": "2026-01-01T00:00:00.000Z", "ts_ms": 1, "fields": {}, "held_back": 0,
+            "log": {"lines": [format!("{i} {}", "x".repeat(4400))]}
+        });
+        let line = serde_json::json!({"op": "add", "sink": "hook", "alert": alert});
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    for i in 0..n - 2 {
+        text.push_str(&format!(
+            "{{\"op\":\"done\",\"sink\":\"hook\",\"id\":\"1-{i}\"}}\n"
+        ));
+    }
+    assert!(text.len() > 17 * 1024 * 1024, "{}", text.len());
+    std::fs::write(spool.join("notify.jsonl"), text).unwrap();
+    let (port, got) = raw::answering(&["HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"]);
+    let n = raw::start(raw::sinks("hook", port, ""), d.path(), raw::no_logs());
+    wait_until(
+        Duration::from_secs(10),
+        "the two waiting alerts delivered",
+        || n.status().sinks.first().is_some_and(|s| s.delivered == 2),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(got.load(Ordering::SeqCst), 2, "done alerts sent again");
+    n.stop();
+    assert!(!spool.join("notify.jsonl").exists());
+}

@@ -16,7 +16,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::journal::{Journal, Record, Spooled};
+use super::journal::{self, Journal, Loaded, Queue, Record, Spooled};
 use super::logtail;
 use super::payload::{self, Alert, Origin};
 use super::retry::{self, Jitter, Outcome};
@@ -78,6 +78,8 @@ pub(super) struct State {
     /// Set by a stop: the sender starts no attempt after it.
     stop_at: Option<Mono>,
     next_key: u64,
+    /// Why the journal cannot be written, from the first failure until a rewrite works.
+    spool_error: Option<String>,
 }
 
 impl State {
@@ -87,6 +89,7 @@ impl State {
             journal: Journal::new(state_dir),
             stop_at: None,
             next_key: 0,
+            spool_error: None,
         }
     }
 
@@ -99,26 +102,64 @@ impl State {
         self.sinks
             .iter()
             .filter(|s| !s.queue.is_empty())
-            .map(|s| (s.cfg.name.clone(), s.queue.clone()))
+            .map(|s| {
+                let q = Queue {
+                    alerts: s.queue.clone(),
+                    over: 0,
+                };
+                (s.cfg.name.clone(), q)
+            })
             .collect()
     }
 
+    /// Journals `records`. When the journal cannot take them (an append or its fsync failed,
+    /// now or before), it is rewritten from the queues, which hold every accepted alert: a
+    /// file handle that failed is never written to again, and a record is never appended
+    /// after a torn one.
     fn append(&mut self, records: &[Record]) {
-        if let Err(error) = self.journal.append(records) {
-            tracing::warn!(message = "Cannot write the notify spool; alerts are kept in memory.", path = %self.journal.path().display(), %error);
+        if !self.journal.is_stale() {
+            if let Err(error) = self.journal.append(records) {
+                self.spool_failed(&error);
+            }
         }
         let live = self.sinks.iter().map(|s| s.queue.len()).sum();
         // Nothing left: the file goes (an empty spool is no file).
-        if live == 0 || self.journal.wants_compaction(live) {
+        if self.journal.is_stale() || live == 0 || self.journal.wants_compaction(live) {
             self.compact();
         }
     }
 
     fn compact(&mut self) {
         let spooled = self.spooled();
-        if let Err(error) = self.journal.compact(&spooled) {
-            tracing::warn!(message = "Cannot rewrite the notify spool; alerts are kept in memory.", path = %self.journal.path().display(), %error);
+        match self.journal.compact(&spooled) {
+            Ok(()) => {
+                if self.spool_error.take().is_some() {
+                    tracing::info!(message = "The notify spool is written again; it was rewritten from the alerts kept in memory.", path = %self.journal.path().display());
+                }
+            }
+            Err(error) => self.spool_failed(&error),
         }
+    }
+
+    /// Said once (an error log, and each sink's `last_error` in status) until a rewrite works:
+    /// the alerts are still sent, but a stop now would lose those the file lacks.
+    fn spool_failed(&mut self, error: &std::io::Error) {
+        let path = self.journal.path();
+        if self.spool_error.is_some() {
+            tracing::debug!(message = "The notify spool still cannot be written.", path = %path.display(), %error);
+            return;
+        }
+        tracing::error!(message = "Cannot write the notify spool; alerts are kept in memory and the spool is rewritten from them once it can be (an agent stop before then loses them).", path = %path.display(), %error);
+        let text = format!(
+            "cannot write the spool {}: {error}; alerts are kept in memory until it can be rewritten",
+            path.display()
+        );
+        let at = clock::rfc3339(clock::wall_ms());
+        for s in &mut self.sinks {
+            s.st.last_error = Some(text.clone());
+            s.st.last_error_at = Some(at.clone());
+        }
+        self.spool_error = Some(text);
     }
 }
 
@@ -127,7 +168,8 @@ pub(super) struct Shared {
     /// Given when an alert is queued, a sink changes or a stop comes.
     pub(super) wake: Condvar,
     pub(super) status: Mutex<Vec<SinkStatus>>,
-    /// Alerts dropped because a reload removed their sink (agent-level: no sink to count them).
+    /// Alerts lost with no sink to count them: the queue of a sink a reload removed (or that
+    /// a start found no sink for), and the alerts of unreadable journal lines.
     pub(super) removed: AtomicU64,
 }
 
@@ -223,25 +265,13 @@ impl Acceptor {
         st.sinks = sinks;
         // A spool that cannot be read is moved aside, never compacted away: what it holds may
         // still be recovered by hand.
-        let spooled = st.journal.load().unwrap_or_else(|error| {
+        let loaded = st.journal.load(self.opts.queue_cap).unwrap_or_else(|error| {
             let aside = st.journal.set_aside();
             tracing::error!(message = "Cannot read the notify spool; moved aside (not deleted), its alerts are not sent.", path = %st.journal.path().display(), aside = ?aside, %error);
-            Spooled::new()
+            Loaded::default()
         });
-        for (name, older) in spooled {
-            match st.sinks.iter_mut().find(|s| s.cfg.name == name) {
-                Some(s) => {
-                    s.queue = older;
-                    tracing::info!(message = "Undelivered alerts from the last run are queued again.", sink = %name, queued = s.queue.len());
-                }
-                None => {
-                    shared
-                        .removed
-                        .fetch_add(older.len() as u64, Ordering::Relaxed);
-                    tracing::error!(message = "Spooled alerts for a notify sink that is no longer configured are dropped.", sink = %name, dropped = older.len());
-                }
-            }
-        }
+        shared.removed.fetch_add(loaded.lost, Ordering::Relaxed);
+        requeue(&mut st, &shared, loaded.spooled);
         st.compact();
         shared.publish(&st);
         shared.wake.notify_all();
@@ -276,10 +306,17 @@ impl Acceptor {
                 let n = s.cfg.attach_log_lines as usize;
                 alert.log = Some(logtail::tail(path.as_deref(), n, &self.opts.log_owners));
             }
-            out.push(Record::Add {
+            let record = Record::Add {
                 sink: s.cfg.name.clone(),
                 alert: Box::new(alert.clone()),
-            });
+            };
+            if record.too_long() {
+                // Never written: a line the journal could not read back would lose more.
+                s.st.dropped += 1;
+                tracing::error!(message = "An alert is too long to spool; dropped.", sink = %s.cfg.name, app, event = what.as_str(), max_bytes = journal::MAX_LINE);
+                continue;
+            }
+            out.push(record);
             s.queue.push_back(alert);
             if s.queue.len() > self.opts.queue_cap {
                 if let Some(old) = s.queue.pop_front() {
@@ -296,6 +333,32 @@ fn done(s: &Sink, a: &Alert) -> Record {
     Record::Done {
         sink: s.cfg.name.clone(),
         id: a.id.clone(),
+    }
+}
+
+/// The queues a previous run left, each to the sink of the same name. A queue no sink takes is
+/// dropped, counted (`Board::lost`) and said as an error.
+fn requeue(st: &mut State, shared: &Shared, spooled: Spooled) {
+    for (name, q) in spooled {
+        match st.sinks.iter_mut().find(|s| s.cfg.name == name) {
+            Some(s) => take_queue(s, q),
+            None => {
+                let n = q.alerts.len() as u64;
+                shared.removed.fetch_add(n, Ordering::Relaxed);
+                tracing::error!(message = "Spooled alerts for a notify sink that is no longer configured are dropped.", sink = %name, dropped = n);
+            }
+        }
+    }
+}
+
+fn take_queue(s: &mut Sink, q: Queue) {
+    s.queue = q.alerts;
+    if q.over > 0 {
+        s.st.dropped += q.over;
+        tracing::warn!(message = "More alerts were spooled than a notify queue holds; dropped the oldest.", sink = %s.cfg.name, dropped = q.over);
+    }
+    if !s.queue.is_empty() {
+        tracing::info!(message = "Undelivered alerts from the last run are queued again.", sink = %s.cfg.name, queued = s.queue.len());
     }
 }
 
@@ -698,5 +761,58 @@ mod tests {
         reconfigure(&mut lock(&shared.state), &shared, moved);
         assert!(queue(&a, 0).is_empty());
         assert_eq!(shared.removed.load(Ordering::Relaxed), 1);
+    }
+
+    fn on_disk(dir: &Path) -> Vec<String> {
+        let mut j = Journal::new(dir);
+        let l = j.load(1000).unwrap();
+        l.spooled
+            .values()
+            .flat_map(|q| q.alerts.iter().map(|a| a.message.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_spool_write_is_said_and_the_spool_rewritten_from_memory_before_any_append() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(sinks(""));
+        take(&mut a, &[(restart(1), NotifyEvent::Restart)]);
+        let spool = d.path().join(crate::report::spool::SPOOL_DIR);
+        let mode = |m: u32| std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(m));
+        // The append fails (the disk, say), and so does the rewrite (refused: the directory
+        // is world-writable, which even root cannot get past).
+        lock(&a.shared.state).journal.fail_writes();
+        mode(0o757).unwrap();
+        take(&mut a, &[(restart(2), NotifyEvent::Restart)]);
+        let said = {
+            let st = lock(&a.shared.state);
+            assert!(st.journal.is_stale());
+            st.sinks[0].st.last_error.clone().unwrap()
+        };
+        assert!(said.contains("cannot write the spool"), "{said}");
+        assert!(said.contains("kept in memory"), "{said}");
+        take(&mut a, &[(restart(3), NotifyEvent::Restart)]);
+        assert_eq!(
+            on_disk(d.path()),
+            ["restart 1"],
+            "nothing appended meanwhile"
+        );
+        // The directory is usable again: the next write rewrites the spool from memory.
+        mode(0o750).unwrap();
+        take(&mut a, &[(restart(4), NotifyEvent::Restart)]);
+        assert!(lock(&a.shared.state).spool_error.is_none());
+        take(&mut a, &[(restart(5), NotifyEvent::Restart)]);
+        assert_eq!(
+            on_disk(d.path()),
+            [
+                "restart 1",
+                "restart 2",
+                "restart 3",
+                "restart 4",
+                "restart 5"
+            ]
+        );
     }
 }
