@@ -3,9 +3,11 @@
 //! queue: delivered, refused for good, or pushed out of a full queue).
 //!
 //! Invariants:
-//! - An accepted alert is in the file (written, and fsynced) before its first attempt; a `done`
-//!   is written without fsync, since losing one with a crash only sends that alert again (every
-//!   alert carries an `id` for that case), never loses one.
+//! - An accepted alert is in the file (written, and fsynced) before its first attempt, and so
+//!   is the file's name in the directory: the directory is fsynced whenever the file is
+//!   created, replaced or removed. A `done` is written without fsync, since losing one with a
+//!   crash only sends that alert again (every alert carries an `id` for that case), never
+//!   loses one.
 //! - The cost of an alert does not grow with the queue: an append per accept and per `done`,
 //!   and a rewrite of the live alerts (atomic, fsynced) only when the `done` records outnumber
 //!   them (so each alert is rewritten a bounded number of times), or at a reload or start.
@@ -133,7 +135,9 @@ impl Journal {
         let path = self.path();
         let aside = path.with_file_name(format!("{JOURNAL_FILE}.unreadable"));
         let _ = std::fs::remove_dir_all(&aside).or_else(|_| std::fs::remove_file(&aside));
-        std::fs::rename(&path, &aside).ok().map(|()| aside)
+        let moved = std::fs::rename(&path, &aside).ok().map(|()| aside);
+        let _ = sync_dir(&self.dir);
+        moved
     }
 
     /// Replays the journal (and an earlier version's spool) into queues of at most `cap`
@@ -198,8 +202,12 @@ impl Journal {
         let file = match &mut self.file {
             Some(f) => f,
             None => {
-                files::ensure_dir(&self.dir)?;
-                self.file.insert(files::open_append(&self.path(), 0o600)?)
+                self.ensure_dir()?;
+                let f = files::open_append(&self.path(), 0o600)?;
+                // The file may have just been created: its name must be on disk before an
+                // `add` in it counts as spooled.
+                sync_dir(&self.dir)?;
+                self.file.insert(f)
             }
         };
         file.write_all(&data)?;
@@ -219,7 +227,7 @@ impl Journal {
         self.done >= COMPACT_MIN && self.done > live
     }
 
-    /// Rewrites the file as the `add`s of `spooled` (atomically, fsynced),
+    /// Rewrites the file as the `add`s of `spooled` (atomically, fsynced, the directory too),
     /// or removes it when nothing is spooled; the earlier version's spool goes too.
     pub fn compact(&mut self, spooled: &Spooled) -> std::io::Result<()> {
         self.file = None;
@@ -234,13 +242,18 @@ impl Journal {
                 data.push(b'\n');
             }
         }
+        let mut removed = false;
         if data.is_empty() {
-            remove(&self.path())?;
+            removed |= remove(&self.path())?;
         } else {
-            files::ensure_dir(&self.dir)?;
+            self.ensure_dir()?;
             files::write_atomic(&self.path(), &data, 0o600, true)?;
         }
-        remove(&self.dir.join(LEGACY_FILE))?;
+        removed |= remove(&self.dir.join(LEGACY_FILE))?;
+        if removed {
+            // Else a power loss could bring back a spool whose alerts were all delivered.
+            sync_dir(&self.dir)?;
+        }
         self.done = 0;
         self.stale = false;
         Ok(())
@@ -250,6 +263,18 @@ impl Journal {
     #[cfg(test)]
     pub(super) fn fail_writes(&mut self) {
         self.file = File::open(self.path()).ok();
+    }
+
+    /// Creates the spool directory if missing, and makes its name durable when it does.
+    fn ensure_dir(&self) -> std::io::Result<()> {
+        let existed = self.dir.is_dir();
+        files::ensure_dir(&self.dir)?;
+        if !existed {
+            if let Some(parent) = self.dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(())
     }
 
     /// A rewrite's temp file (`.notify.jsonl.<pid>.<n>.tmp`) that a crash left before its
@@ -269,11 +294,18 @@ impl Journal {
     }
 }
 
-fn remove(path: &Path) -> std::io::Result<()> {
+/// Removes `path`; whether there was one.
+fn remove(path: &Path) -> std::io::Result<bool> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
+}
+
+/// Makes the entries of `dir` (a file created, renamed or removed) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Opens the journal to read it: never through a symlink, never waiting on a FIFO, only a
@@ -637,6 +669,132 @@ mod tests {
         assert_eq!(
             messages(&load(d.path()).spooled, "hook"),
             ["restart 1", "restart 2", "restart 3", "restart 4"]
+        );
+    }
+
+    /// Set by the trace test for its child run of `journal_steps_for_the_trace`.
+    const TRACE_DIR: &str = "PMGUARD_JOURNAL_TRACE_DIR";
+
+    fn marker(dir: &Path, step: &str) {
+        let _ = std::fs::symlink_metadata(dir.join(format!("marker-{step}")));
+    }
+
+    /// The steps the trace test watches; does nothing unless that test runs it.
+    #[test]
+    fn journal_steps_for_the_trace() {
+        let Some(dir) = std::env::var_os(TRACE_DIR) else {
+            return;
+        };
+        let dir = Path::new(&dir);
+        let mut j = Journal::new(dir);
+        marker(dir, "create");
+        j.append(&[add("hook", 1)]).unwrap();
+        marker(dir, "rewrite");
+        let mut s = Spooled::new();
+        s.entry("hook".into())
+            .or_default()
+            .alerts
+            .push_back(alert(1));
+        j.compact(&s).unwrap();
+        marker(dir, "append");
+        j.append(&[add("hook", 2)]).unwrap();
+        marker(dir, "remove");
+        j.compact(&Spooled::new()).unwrap();
+        marker(dir, "create-again");
+        j.append(&[add("hook", 3)]).unwrap();
+        marker(dir, "end");
+    }
+
+    /// Run under strace: each time the journal's name is created, replaced or removed (or the
+    /// spool directory made), the directory holding it is fsynced before the step returns;
+    /// else a power loss can take back a spooled alert's file.
+    #[test]
+    fn the_directory_is_fsynced_whenever_the_journal_is_created_replaced_or_removed() {
+        use std::process::Command;
+        if Command::new("strace").arg("-V").output().is_err() {
+            eprintln!("skipped: strace is not installed");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let trace = d.path().join("trace");
+        let state = d.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let calls = "trace=openat,open,fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,mkdir,mkdirat,newfstatat,statx,lstat";
+        let run = Command::new("strace")
+            .args(["-f", "-qq", "-e", calls, "-o"])
+            .arg(&trace)
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "notify::journal::tests::journal_steps_for_the_trace",
+                "--test-threads=1",
+            ])
+            .env(TRACE_DIR, &state)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{run:?}");
+        let text = std::fs::read_to_string(&trace).unwrap();
+        let spool = state.join(SPOOL_DIR);
+        let journal = spool.join(JOURNAL_FILE);
+        // Per step: the directories whose entries changed, not yet fsynced.
+        let mut fds: BTreeMap<String, String> = BTreeMap::new();
+        let mut pending: Vec<(PathBuf, &str)> = Vec::new();
+        let mut step = String::new();
+        let mut seen = Vec::new();
+        // The step's calls, shown on a failure.
+        let mut calls_in_step: Vec<&str> = Vec::new();
+        for line in text.lines() {
+            if line.contains(&*state.to_string_lossy()) || line.contains("fsync(") {
+                calls_in_step.push(line);
+            }
+            // "<pid> call(args) = result"
+            let call = line.split_once(' ').map_or(line, |(_, c)| c).trim_start();
+            let result = call.rsplit_once(" = ").map(|(_, r)| r.trim());
+            let paths: Vec<&str> = call.split('"').skip(1).step_by(2).collect();
+            let last = paths.last().map(Path::new);
+            if let Some(m) = paths.iter().find_map(|p| p.rsplit_once("/marker-")) {
+                assert!(
+                    pending.is_empty(),
+                    "step {step}: no fsync after {pending:?}:\n{}",
+                    calls_in_step.join("\n")
+                );
+                calls_in_step.clear();
+                step = m.1.to_string();
+                seen.push(step.clone());
+                continue;
+            }
+            if call.starts_with("open") {
+                if let Some(fd) = result.filter(|r| !r.starts_with('-')) {
+                    fds.insert(fd.to_string(), paths.first().unwrap_or(&"").to_string());
+                }
+                if last == Some(&*journal) && call.contains("O_CREAT") {
+                    pending.push((spool.clone(), "create"));
+                }
+            } else if call.starts_with("rename") && last == Some(&*journal) {
+                pending.push((spool.clone(), "rename"));
+            } else if call.starts_with("unlink") && last == Some(&*journal) {
+                pending.push((spool.clone(), "unlink"));
+            } else if call.starts_with("mkdir") && last == Some(&*spool) {
+                pending.push((state.clone(), "mkdir"));
+            } else if let Some(fd) = call.strip_prefix("fsync(") {
+                let fd = fd.split(')').next().unwrap_or("");
+                if let Some(path) = fds.get(fd) {
+                    pending.retain(|(dir, _)| dir != Path::new(path));
+                }
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                "create",
+                "rewrite",
+                "append",
+                "remove",
+                "create-again",
+                "end"
+            ],
+            "the steps' markers are not in the trace:\n{}",
+            calls_in_step.join("\n")
         );
     }
 }
