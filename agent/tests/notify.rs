@@ -650,7 +650,7 @@ mod raw {
         (port, got)
     }
 
-    fn read_request(s: &mut TcpStream) {
+    pub fn read_request(s: &mut TcpStream) {
         let mut buf = Vec::new();
         let mut b = [0u8; 65536];
         loop {
@@ -987,6 +987,86 @@ fn rustix_is_root() -> bool {
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
         .unwrap_or(false)
+}
+
+/// A server that reads each request whole and answers it only when told (`release`), so an
+/// attempt can be kept in flight across a reload.
+mod gated {
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::Arc;
+
+    pub struct Gated {
+        pub port: u16,
+        pub seen: Arc<AtomicUsize>,
+        release: Sender<&'static str>,
+    }
+
+    impl Gated {
+        pub fn start() -> Gated {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            let seen = Arc::new(AtomicUsize::new(0));
+            let (release, rx) = channel::<&'static str>();
+            let s = seen.clone();
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    let Ok(mut c) = c else { continue };
+                    super::raw::read_request(&mut c);
+                    s.fetch_add(1, Ordering::SeqCst);
+                    let Ok(reply) = rx.recv() else { return };
+                    let _ = c.write_all(reply.as_bytes());
+                }
+            });
+            Gated {
+                port,
+                seen,
+                release,
+            }
+        }
+
+        pub fn release(&self, reply: &'static str) {
+            self.release.send(reply).unwrap();
+        }
+    }
+}
+
+/// A reload that fixes a sink's URL while an attempt to the old one is in flight: the old
+/// URL's 404, coming after the reload, must not drop the alert the new URL would take.
+#[test]
+fn a_refusal_from_the_old_url_after_a_reload_does_not_drop_the_alert_the_new_url_takes() {
+    use pmguard_agent::report::events::Kind;
+    use std::sync::atomic::Ordering;
+    let old = gated::Gated::start();
+    let (new_port, got) = raw::answering(&["HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"]);
+    let d = tempfile::tempdir().unwrap();
+    let n = raw::start(raw::sinks("hook", old.port, ""), d.path(), raw::no_logs());
+    raw::event(&n, Kind::GiveUp, "web", "gave up");
+    wait_until(Duration::from_secs(5), "the attempt at the old URL", || {
+        old.seen.load(Ordering::SeqCst) == 1
+    });
+    n.reconfigure(raw::sinks("hook", new_port, ""));
+    wait_until(Duration::from_secs(5), "the reload applied", || {
+        n.status()
+            .sinks
+            .first()
+            .is_some_and(|s| s.url.contains(&format!(":{new_port}/")))
+    });
+    old.release("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    wait_until(Duration::from_secs(10), "delivered at the new URL", || {
+        n.status().sinks[0].delivered == 1
+    });
+    let st = n.status().sinks[0].clone();
+    assert_eq!((st.dropped, st.queued), (0, 0), "{st:?}");
+    assert_eq!(
+        st.last_error, None,
+        "the old URL's 404 is not the new one's: {st:?}"
+    );
+    assert_eq!(got.load(Ordering::SeqCst), 1);
+    n.stop();
+    assert!(!d.path().join("spool/notify.jsonl").exists());
 }
 
 /// A spool of more than 16 MiB (many alerts with long log tails waiting on a long outage)

@@ -7,7 +7,9 @@
 //!   time, with the state unlocked while the request runs, then records the outcome.
 //!
 //! A sink is known to the sender by its `key`, which a reload keeps for a sink it carries over,
-//! so an outcome that comes back after a reload lands on the right queue (or on none).
+//! so an outcome that comes back after a reload lands on the right queue (or on none). An
+//! outcome from the address the sink had before the reload (an attempt in flight across it)
+//! counts only as a delivery: see `record`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -507,12 +509,32 @@ fn attempt(job: &Job, limits: &net::Limits) -> Outcome {
 }
 
 /// The outcome, on the sink the job came from if it is still there with the same head.
+///
+/// When a reload gave the sink another URL (or type) while the attempt ran, the reply is the
+/// old address's: a 2xx still delivers the alert (it reached the old endpoint, and sending it
+/// again would be a duplicate), but a refusal, a redirect or a failure says nothing about the
+/// new address: the alert is neither dropped nor delayed, and the new URL gets it at once,
+/// with no backoff or error of the old one's (the reload is what a person does to fix a URL).
 fn record(st: &mut State, job: &Job, outcome: Outcome, jitter: f64) {
     let Some(s) = st.sinks.iter_mut().find(|s| s.key == job.key) else {
         return;
     };
     if s.queue.front().map(|a| &a.id) != Some(&job.head.id) {
         return;
+    }
+    let moved = s.cfg.url.as_ref() != Some(&job.url) || s.cfg.kind != job.kind;
+    if moved {
+        let reply = match &outcome {
+            Outcome::Delivered => None,
+            Outcome::Retry { error, .. } => Some(error.clone()),
+            Outcome::Redirected { status } | Outcome::Refused { status } => {
+                Some(format!("HTTP {status}"))
+            }
+        };
+        if let Some(reply) = reply {
+            tracing::info!(message = "A reply from a notify sink's previous URL came after a reload; not held against the new URL, which gets the alert now.", sink = %s.cfg.name, was = %job.url.redacted(), url = %shown(s.cfg.url.as_ref()), %reply, id = %job.head.id);
+            return;
+        }
     }
     let gone = match outcome {
         Outcome::Delivered => delivered(s),
@@ -763,6 +785,21 @@ mod tests {
         assert_eq!(shared.removed.load(Ordering::Relaxed), 1);
     }
 
+    fn url(port: u16) -> Option<Url> {
+        Url::parse(&format!("http://127.0.0.1:{port}/h")).ok()
+    }
+
+    fn with_name_and_port(name: &str, port: u16) -> Vec<NotifyConfig> {
+        sinks("")
+            .into_iter()
+            .map(|mut c| {
+                c.name = name.into();
+                c.url = url(port);
+                c
+            })
+            .collect()
+    }
+
     fn on_disk(dir: &Path) -> Vec<String> {
         let mut j = Journal::new(dir);
         let l = j.load(1000).unwrap();
@@ -814,5 +851,44 @@ mod tests {
                 "restart 5"
             ]
         );
+    }
+
+    #[test]
+    fn a_reply_from_the_url_a_reload_replaced_counts_as_a_delivery_or_not_at_all() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(with_name_and_port("hook", 9));
+        let events: Vec<_> = (1..=3)
+            .map(|n| (restart(n), NotifyEvent::Restart))
+            .collect();
+        take(&mut a, &events);
+        let shared = a.shared.clone();
+        let mut st = lock(&shared.state);
+        let job = next_job(&st, clock::mono_now()).unwrap();
+        // While the attempt to port 9 runs, a reload points the sink at port 10.
+        reconfigure(&mut st, &shared, with_name_and_port("hook", 10));
+        for outcome in [
+            Outcome::Refused { status: 404 },
+            Outcome::Redirected { status: 301 },
+            Outcome::Retry {
+                error: "HTTP 503".into(),
+                after_ms: Some(600_000),
+            },
+        ] {
+            record(&mut st, &job, outcome, 0.5);
+            let s = &st.sinks[0];
+            assert_eq!(s.queue.len(), 3, "the alert is kept for the new URL");
+            assert_eq!((s.failures, s.next_ms, s.st.dropped), (0, 0, 0));
+            assert_eq!(s.st.last_error, None);
+        }
+        // A 2xx from the old URL: the alert did arrive there; it is not sent again.
+        record(&mut st, &job, Outcome::Delivered, 0.5);
+        assert_eq!((st.sinks[0].queue.len(), st.sinks[0].st.delivered), (2, 1));
+        // The new URL's own refusal is its own: dropped and counted.
+        let job = next_job(&st, clock::mono_now()).unwrap();
+        record(&mut st, &job, Outcome::Refused { status: 404 }, 0.5);
+        assert_eq!((st.sinks[0].queue.len(), st.sinks[0].st.dropped), (1, 1));
+        drop(st);
+        assert_eq!(on_disk(d.path()), ["restart 3"]);
     }
 }
