@@ -1069,6 +1069,35 @@ fn a_refusal_from_the_old_url_after_a_reload_does_not_drop_the_alert_the_new_url
     assert!(!d.path().join("spool/notify.jsonl").exists());
 }
 
+/// The queue follows a sink renamed in the config while the agent was stopped (same type and
+/// URL), as it does across a reload: nothing dropped, nothing counted lost.
+#[test]
+fn a_sink_renamed_while_the_agent_was_stopped_keeps_its_alerts() {
+    use pmguard_agent::report::events::Kind;
+    use std::sync::atomic::Ordering;
+    let (port, got) = raw::answering(&[
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+    ]);
+    let d = tempfile::tempdir().unwrap();
+    let n = raw::start(raw::sinks("hook", port, ""), d.path(), raw::no_logs());
+    raw::event(&n, Kind::GiveUp, "web", "gave up");
+    wait_until(Duration::from_secs(5), "the 503", || {
+        got.load(Ordering::SeqCst) == 1
+    });
+    n.stop();
+    assert_eq!(raw::spooled(d.path()), [("hook".into(), "gave up".into())]);
+    let n = raw::start(raw::sinks("ops-hook", port, ""), d.path(), raw::no_logs());
+    wait_until(
+        Duration::from_secs(10),
+        "delivered under the new name",
+        || n.status().sinks.first().is_some_and(|s| s.delivered == 1),
+    );
+    assert_eq!(n.status().lost, 0);
+    n.stop();
+    assert!(!d.path().join("spool/notify.jsonl").exists());
+}
+
 /// A spool of more than 16 MiB (many alerts with long log tails waiting on a long outage)
 /// is replayed to its last line at start: the alerts at its end are sent, the ones marked
 /// done are not sent again.

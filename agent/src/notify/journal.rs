@@ -21,6 +21,8 @@
 //!   power loss in the middle of an append) is applied if it is a whole record, else skipped
 //!   (counted as lost if it was an `add`); any other unreadable line is skipped, said, and
 //!   counted as lost unless it is a `done`. Neither is fatal.
+//! - An `add` carries the sink's `target` (a hash of its type and URL), so a sink renamed while
+//!   the agent was stopped finds its queue again at start (see `worker`).
 //! - An empty spool is no file. The JSON document of earlier versions (`notify.json`) is read
 //!   once and folded in. Temp files a crash left in the middle of a rewrite are removed at load.
 
@@ -49,6 +51,8 @@ const COMPACT_MIN: usize = 256;
 /// A sink's spooled alerts.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Queue {
+    /// The sink's `target` as of its last `add` (`None` in lines of earlier versions).
+    pub target: Option<String>,
     /// Oldest first.
     pub alerts: VecDeque<Alert>,
     /// The oldest alerts beyond the queue cap, dropped at replay.
@@ -70,8 +74,17 @@ pub struct Loaded {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Record {
-    Add { sink: String, alert: Box<Alert> },
-    Done { sink: String, id: String },
+    Add {
+        sink: String,
+        /// The sink's type and URL, hashed (`worker::target`): never the URL itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
+        alert: Box<Alert>,
+    },
+    Done {
+        sink: String,
+        id: String,
+    },
 }
 
 impl Record {
@@ -236,6 +249,7 @@ impl Journal {
             for alert in &queue.alerts {
                 let r = Record::Add {
                     sink: sink.clone(),
+                    target: queue.target.clone(),
                     alert: Box::new(alert.clone()),
                 };
                 serde_json::to_writer(&mut data, &r).map_err(std::io::Error::other)?;
@@ -386,8 +400,15 @@ fn replay(mut r: impl BufRead, cap: usize, spooled: &mut Spooled) -> std::io::Re
 /// Applies one line; `false` when it is not a record.
 fn apply(line: &[u8], spooled: &mut Spooled, bound: usize) -> bool {
     match serde_json::from_slice::<Record>(line) {
-        Ok(Record::Add { sink, alert }) => {
+        Ok(Record::Add {
+            sink,
+            target,
+            alert,
+        }) => {
             let q = spooled.entry(sink).or_default();
+            if target.is_some() {
+                q.target = target;
+            }
             q.alerts.push_back(*alert);
             if q.alerts.len() > bound {
                 q.alerts.pop_front();
@@ -447,6 +468,7 @@ mod tests {
     fn add(sink: &str, n: u64) -> Record {
         Record::Add {
             sink: sink.into(),
+            target: Some(format!("{sink}-target")),
             alert: Box::new(alert(n)),
         }
     }
@@ -488,6 +510,7 @@ mod tests {
         let l = next.load(1000).unwrap();
         assert_eq!(messages(&l.spooled, "hook"), ["restart 2", "restart 4"]);
         assert_eq!(messages(&l.spooled, "chat"), ["restart 3"]);
+        assert_eq!(l.spooled["hook"].target.as_deref(), Some("hook-target"));
         assert_eq!(l.lost, 1, "the torn add is counted");
         assert!(
             next.is_stale(),
@@ -576,6 +599,7 @@ mod tests {
             a.message = format!("restart {n} {}", "x".repeat(4000));
             Record::Add {
                 sink: "hook".into(),
+                target: None,
                 alert: Box::new(a),
             }
         };
@@ -616,6 +640,7 @@ mod tests {
         a.message = "y".repeat(MAX_LINE);
         let long = Record::Add {
             sink: "hook".into(),
+            target: None,
             alert: Box::new(a),
         };
         assert!(long.too_long());

@@ -10,6 +10,9 @@
 //! so an outcome that comes back after a reload lands on the right queue (or on none). An
 //! outcome from the address the sink had before the reload (an attempt in flight across it)
 //! counts only as a delivery: see `record`.
+//!
+//! A sink keeps its queue when its name is kept or, renamed, when its type and URL are (its
+//! `target`): at a reload (`reconfigure`) and, through the journal's `target`, at a start.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -33,6 +36,8 @@ use crate::sync::lock;
 struct Sink {
     key: u64,
     cfg: NotifyConfig,
+    /// `target(&cfg)`, journaled with each alert.
+    target: Option<String>,
     queue: VecDeque<Alert>,
     limiter: Limiter,
     /// Failed attempts in a row (0: healthy).
@@ -52,6 +57,7 @@ impl Sink {
         Sink {
             key,
             limiter: limiter(&cfg),
+            target: target(&cfg),
             cfg,
             queue: VecDeque::new(),
             failures: 0,
@@ -63,6 +69,27 @@ impl Sink {
     fn due(&self, now: Mono) -> bool {
         !self.queue.is_empty() && self.next_ms <= now && self.cfg.url.is_some()
     }
+}
+
+/// A sink's type and URL, hashed (SHA-256, 16 hex digits): what identifies a renamed sink in
+/// the journal across a restart, without writing its URL (often a secret) there.
+fn target(cfg: &NotifyConfig) -> Option<String> {
+    let url = cfg.url.as_ref()?;
+    let text = format!(
+        "{}\n{}\n{}\n{}\n{}",
+        cfg.kind.as_str(),
+        if url.https { "https" } else { "http" },
+        url.host,
+        url.port,
+        url.target
+    );
+    let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+    Some(
+        hash.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 fn limiter(cfg: &NotifyConfig) -> Limiter {
@@ -106,6 +133,7 @@ impl State {
             .filter(|s| !s.queue.is_empty())
             .map(|s| {
                 let q = Queue {
+                    target: s.target.clone(),
                     alerts: s.queue.clone(),
                     over: 0,
                 };
@@ -310,6 +338,7 @@ impl Acceptor {
             }
             let record = Record::Add {
                 sink: s.cfg.name.clone(),
+                target: s.target.clone(),
                 alert: Box::new(alert.clone()),
             };
             if record.too_long() {
@@ -338,16 +367,39 @@ fn done(s: &Sink, a: &Alert) -> Record {
     }
 }
 
-/// The queues a previous run left, each to the sink of the same name. A queue no sink takes is
-/// dropped, counted (`Board::lost`) and said as an error.
+/// The queues a previous run left, each to the sink of the same name or, renamed while the
+/// agent was stopped, to the sink with the same type and URL (the journal's `target`; the rule
+/// a reload follows) that has no queue of its own name. A queue no sink takes is dropped,
+/// counted (`Board::lost`) and said as an error.
 fn requeue(st: &mut State, shared: &Shared, spooled: Spooled) {
+    let mut taken = vec![false; st.sinks.len()];
+    let mut orphans = Vec::new();
     for (name, q) in spooled {
-        match st.sinks.iter_mut().find(|s| s.cfg.name == name) {
-            Some(s) => take_queue(s, q),
+        match st.sinks.iter().position(|s| s.cfg.name == name) {
+            Some(i) => {
+                taken[i] = true;
+                take_queue(&mut st.sinks[i], q);
+            }
+            None => orphans.push((name, q)),
+        }
+    }
+    for (name, q) in orphans {
+        let renamed = st
+            .sinks
+            .iter()
+            .enumerate()
+            .position(|(i, s)| !taken[i] && s.target.is_some() && s.target == q.target);
+        match renamed {
+            Some(i) => {
+                taken[i] = true;
+                let s = &mut st.sinks[i];
+                tracing::info!(message = "A notify sink was renamed while the agent was stopped (same type and URL); its spooled alerts follow it.", sink = %s.cfg.name, was = %name, queued = q.alerts.len());
+                take_queue(s, q);
+            }
             None => {
                 let n = q.alerts.len() as u64;
                 shared.removed.fetch_add(n, Ordering::Relaxed);
-                tracing::error!(message = "Spooled alerts for a notify sink that is no longer configured are dropped.", sink = %name, dropped = n);
+                tracing::error!(message = "Spooled alerts for a notify sink that is no longer configured (no sink has its name, or its type and URL) are dropped.", sink = %name, dropped = n);
             }
         }
     }
@@ -424,6 +476,7 @@ fn carry(mut s: Sink, cfg: NotifyConfig) -> Sink {
     s.st.name = cfg.name.clone();
     s.st.kind = cfg.kind.as_str().to_string();
     s.st.url = shown(cfg.url.as_ref());
+    s.target = target(&cfg);
     s.cfg = cfg;
     s
 }
@@ -851,6 +904,28 @@ mod tests {
                 "restart 5"
             ]
         );
+    }
+
+    #[test]
+    fn a_sink_renamed_while_the_agent_was_stopped_finds_its_queue_at_the_next_start() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(with_name_and_port("hook", 9));
+        take(&mut a, &[(restart(1), NotifyEvent::GiveUp)]);
+        // Renamed in the config while stopped; type and URL unchanged.
+        let mut next = acceptor(d.path(), 10);
+        next.start(with_name_and_port("ops-hook", 9));
+        assert_eq!(queue(&next, 0), ["restart 1"]);
+        assert_eq!(next.shared.removed.load(Ordering::Relaxed), 0);
+        // And it stays with it (rewritten under the new name) across the next start.
+        let mut again = acceptor(d.path(), 10);
+        again.start(with_name_and_port("ops-hook", 9));
+        assert_eq!(queue(&again, 0), ["restart 1"]);
+        // Renamed and moved to another URL: another sink; the queue is counted and said lost.
+        let mut moved = acceptor(d.path(), 10);
+        moved.start(with_name_and_port("other", 10));
+        assert!(queue(&moved, 0).is_empty());
+        assert_eq!(moved.shared.removed.load(Ordering::Relaxed), 1);
     }
 
     #[test]
