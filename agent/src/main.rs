@@ -11,6 +11,7 @@ use pmguard_agent::config::{Config, ConfigError};
 use pmguard_agent::control::PauseRequest;
 use pmguard_agent::report::state::StateDir;
 use pmguard_agent::runtime::check::Outcome;
+use pmguard_agent::sys::privilege::{agent_user, AgentUser};
 
 mod pause_cmd;
 
@@ -110,7 +111,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Validate { config } => match Config::load_with_url_files(&config) {
+        Command::Validate { config } => match load_for_the_agents_user(&config) {
             Ok(c) => {
                 if let Err(code) = probes_usable(&c, ExitCode::from(1)) {
                     return code;
@@ -124,7 +125,8 @@ fn main() -> ExitCode {
             Err(e) => config_failure(&e),
         },
         Command::Run { config } => {
-            let c = match Config::load_with_url_files(&config) {
+            // The url_files are read as the user the agent runs as, as every reload reads them.
+            let mut c = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     config_failure(&e);
@@ -133,6 +135,10 @@ fn main() -> ExitCode {
             };
             if let Err(code) = act_as_pm2_owner(&c) {
                 return code;
+            }
+            if let Err(e) = c.read_url_files(&AgentUser::current()) {
+                config_failure(&e);
+                return ExitCode::from(2);
             }
             warn_unusable_probes(&c);
             match pmguard_agent::runtime::daemon::run(c) {
@@ -258,6 +264,16 @@ pub(crate) fn act_as_pm2_owner(c: &Config) -> Result<(), ExitCode> {
             Err(ExitCode::from(2))
         }
     }
+}
+
+/// `validate`'s config: each `url_file` judged for the user `run` would act as (PM2_HOME's
+/// owner, when run through sudo), not for whoever runs `validate`.
+fn load_for_the_agents_user(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let mut c = Config::load(path)?;
+    let home = pmguard_agent::pm2::Pm2Paths::resolve(c.agent.pm2_home.as_deref()).ok();
+    let user = agent_user(home.as_ref().map(|p| p.home.as_path()), &c.agent.state_dir);
+    c.read_url_files(&user)?;
+    Ok(c)
 }
 
 /// `validate` refuses a config whose probes could never pass (an unreadable `ca_file`, an https

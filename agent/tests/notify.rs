@@ -650,7 +650,7 @@ mod raw {
         (port, got)
     }
 
-    fn read_request(s: &mut TcpStream) {
+    pub fn read_request(s: &mut TcpStream) {
         let mut buf = Vec::new();
         let mut b = [0u8; 65536];
         loop {
@@ -892,4 +892,251 @@ fn a_2xx_with_a_body_over_the_limit_is_delivered_once() {
         "sent again"
     );
     assert!(!d.path().join("spool/notify.jsonl").exists());
+}
+
+/// `sudo pmguard-agent validate` judges `url_file` for the agent's user (PM2_HOME's owner,
+/// whom `run` becomes), not for root: that user's file passes, another user's is refused
+/// naming the file, the owner found and the fix, and so is a root file the agent cannot read.
+#[test]
+fn validate_under_sudo_judges_url_file_for_the_agents_user_not_root() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !rustix_is_root() {
+        eprintln!("skipped: needs root (validate run through sudo)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // The agent's user: nobody (65534), owning PM2_HOME as `pm2 startup` would leave it.
+    let (agent_uid, agent_gid, stranger) = (65534, 65534, 4242);
+    let home = d.path().join("pm2");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    chown(&home, Some(agent_uid), Some(agent_gid)).unwrap();
+    let file = d.path().join("hook.url");
+    std::fs::write(&file, format!("https://hooks.example.com/{SECRET}\n")).unwrap();
+    let cfg = d.path().join("pmguard.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\npm2_home = \"{}\"\nstate_dir = \"{}\"\n\n[[apps]]\nname = \"web\"\n\n[[notify]]\ntype = \"webhook\"\nurl_file = \"{}\"\n",
+            home.display(),
+            d.path().join("state").display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    let validate = || {
+        let out = Command::new(AGENT)
+            .args(["validate", "--config"])
+            .arg(&cfg)
+            .env_remove("PM2_HOME")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains("SECRET"), "{text}");
+        (out.status.code(), text)
+    };
+    let set = |uid: u32, gid: u32, mode: u32| {
+        chown(&file, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // The agent's user's own 0600 file: what the installer's guide says to write.
+    set(agent_uid, agent_gid, 0o600);
+    let (code, text) = validate();
+    assert_eq!(code, Some(0), "{text}");
+    // root:<the agent's group> 0640: readable by the agent through its group.
+    set(0, agent_gid, 0o640);
+    let (code, text) = validate();
+    assert_eq!(code, Some(0), "{text}");
+    // Another user's file: refused, naming the file, who owns it, whose it should be, the fix.
+    set(stranger, stranger, 0o600);
+    let (code, text) = validate();
+    assert_eq!(code, Some(1), "{text}");
+    let path = file.display().to_string();
+    assert!(
+        text.contains(&format!("url_file {path}: owned by uid 4242")),
+        "{text}"
+    );
+    assert!(
+        text.contains("not by the agent's user nobody (uid 65534"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("PM2_HOME {}", home.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("chown nobody {path} && chmod 0600 {path}")),
+        "{text}"
+    );
+    // root's own 0600: root may read it, the agent at its next reload may not.
+    set(0, 0, 0o600);
+    let (code, text) = validate();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("cannot read it"), "{text}");
+    assert!(text.contains(&format!("chown nobody {path}")), "{text}");
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        .unwrap_or(false)
+}
+
+/// A server that reads each request whole and answers it only when told (`release`), so an
+/// attempt can be kept in flight across a reload.
+mod gated {
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::Arc;
+
+    pub struct Gated {
+        pub port: u16,
+        pub seen: Arc<AtomicUsize>,
+        release: Sender<&'static str>,
+    }
+
+    impl Gated {
+        pub fn start() -> Gated {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            let seen = Arc::new(AtomicUsize::new(0));
+            let (release, rx) = channel::<&'static str>();
+            let s = seen.clone();
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    let Ok(mut c) = c else { continue };
+                    super::raw::read_request(&mut c);
+                    s.fetch_add(1, Ordering::SeqCst);
+                    let Ok(reply) = rx.recv() else { return };
+                    let _ = c.write_all(reply.as_bytes());
+                }
+            });
+            Gated {
+                port,
+                seen,
+                release,
+            }
+        }
+
+        pub fn release(&self, reply: &'static str) {
+            self.release.send(reply).unwrap();
+        }
+    }
+}
+
+/// A reload that fixes a sink's URL while an attempt to the old one is in flight: the old
+/// URL's 404, coming after the reload, must not drop the alert the new URL would take.
+#[test]
+fn a_refusal_from_the_old_url_after_a_reload_does_not_drop_the_alert_the_new_url_takes() {
+    use pmguard_agent::report::events::Kind;
+    use std::sync::atomic::Ordering;
+    let old = gated::Gated::start();
+    let (new_port, got) = raw::answering(&["HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"]);
+    let d = tempfile::tempdir().unwrap();
+    let n = raw::start(raw::sinks("hook", old.port, ""), d.path(), raw::no_logs());
+    raw::event(&n, Kind::GiveUp, "web", "gave up");
+    wait_until(Duration::from_secs(5), "the attempt at the old URL", || {
+        old.seen.load(Ordering::SeqCst) == 1
+    });
+    n.reconfigure(raw::sinks("hook", new_port, ""));
+    wait_until(Duration::from_secs(5), "the reload applied", || {
+        n.status()
+            .sinks
+            .first()
+            .is_some_and(|s| s.url.contains(&format!(":{new_port}/")))
+    });
+    old.release("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    wait_until(Duration::from_secs(10), "delivered at the new URL", || {
+        n.status().sinks[0].delivered == 1
+    });
+    let st = n.status().sinks[0].clone();
+    assert_eq!((st.dropped, st.queued), (0, 0), "{st:?}");
+    assert_eq!(
+        st.last_error, None,
+        "the old URL's 404 is not the new one's: {st:?}"
+    );
+    assert_eq!(got.load(Ordering::SeqCst), 1);
+    n.stop();
+    assert!(!d.path().join("spool/notify.jsonl").exists());
+}
+
+/// The queue follows a sink renamed in the config while the agent was stopped (same type and
+/// URL), as it does across a reload: nothing dropped, nothing counted lost.
+#[test]
+fn a_sink_renamed_while_the_agent_was_stopped_keeps_its_alerts() {
+    use pmguard_agent::report::events::Kind;
+    use std::sync::atomic::Ordering;
+    let (port, got) = raw::answering(&[
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+    ]);
+    let d = tempfile::tempdir().unwrap();
+    let n = raw::start(raw::sinks("hook", port, ""), d.path(), raw::no_logs());
+    raw::event(&n, Kind::GiveUp, "web", "gave up");
+    wait_until(Duration::from_secs(5), "the 503", || {
+        got.load(Ordering::SeqCst) == 1
+    });
+    n.stop();
+    assert_eq!(raw::spooled(d.path()), [("hook".into(), "gave up".into())]);
+    let n = raw::start(raw::sinks("ops-hook", port, ""), d.path(), raw::no_logs());
+    wait_until(
+        Duration::from_secs(10),
+        "delivered under the new name",
+        || n.status().sinks.first().is_some_and(|s| s.delivered == 1),
+    );
+    assert_eq!(n.status().lost, 0);
+    n.stop();
+    assert!(!d.path().join("spool/notify.jsonl").exists());
+}
+
+/// A spool of more than 16 MiB (many alerts with long log tails waiting on a long outage)
+/// is replayed to its last line at start: the alerts at its end are sent, the ones marked
+/// done are not sent again.
+#[test]
+fn a_spool_over_sixteen_mib_is_replayed_whole_at_start() {
+    use std::sync::atomic::Ordering;
+    let d = tempfile::tempdir().unwrap();
+    let spool = d.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    // Written as the journal writes it: 4000 alerts of ~4.5 KB, all but the last two done.
+    let mut text = String::new();
+    let n = 4000;
+    for i in 0..n {
+        let alert = serde_json::json!({
+            "id": format!("1-{i}"), "event": "restart", "app": "web", "host": "box",
+            "reason": "probe failed", "message": format!("restart {i}"),
+            "time": "2026-01-01T00:00:00.000Z", "ts_ms": 1, "fields": {}, "held_back": 0,
+            "log": {"lines": [format!("{i} {}", "x".repeat(4400))]}
+        });
+        let line = serde_json::json!({"op": "add", "sink": "hook", "alert": alert});
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    for i in 0..n - 2 {
+        text.push_str(&format!(
+            "{{\"op\":\"done\",\"sink\":\"hook\",\"id\":\"1-{i}\"}}\n"
+        ));
+    }
+    assert!(text.len() > 17 * 1024 * 1024, "{}", text.len());
+    std::fs::write(spool.join("notify.jsonl"), text).unwrap();
+    let (port, got) = raw::answering(&["HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"]);
+    let n = raw::start(raw::sinks("hook", port, ""), d.path(), raw::no_logs());
+    wait_until(
+        Duration::from_secs(10),
+        "the two waiting alerts delivered",
+        || n.status().sinks.first().is_some_and(|s| s.delivered == 2),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(got.load(Ordering::SeqCst), 2, "done alerts sent again");
+    n.stop();
+    assert!(!spool.join("notify.jsonl").exists());
 }

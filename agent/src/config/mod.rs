@@ -226,16 +226,28 @@ impl Config {
     /// the `url_file` line): for `validate`, `run` and a reload, the commands that need the
     /// secret. The others (`status`, `check`, `pause`, the installer) never read it, so a file
     /// only the agent's user can read does not stop them.
+    /// Each `url_file` is judged for this process's user: the running agent's reload.
     pub fn load_with_url_files(path: &Path) -> Result<Config, ConfigError> {
         let mut config = Config::load(path)?;
-        let problems = notify::resolve_url_files(&mut config.notify);
+        config.read_url_files(&crate::sys::privilege::AgentUser::current())?;
+        Ok(config)
+    }
+
+    /// Reads each `[[notify]]` `url_file` into its sink's `url`, judging the file for `agent`,
+    /// the user who reads it at every reload (`sys::privilege::agent_user`): under sudo,
+    /// `validate` passes a file the agent's user owns, and refuses one it could not read.
+    pub fn read_url_files(
+        &mut self,
+        agent: &crate::sys::privilege::AgentUser,
+    ) -> Result<(), ConfigError> {
+        let problems = notify::resolve_url_files(&mut self.notify, agent);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
+                path: self.path.clone(),
                 problems,
             });
         }
-        Ok(config)
+        Ok(())
     }
 
     /// Validates config text; `path` is only used in messages and kept in the result. A

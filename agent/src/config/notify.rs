@@ -11,6 +11,7 @@ use toml_edit::{Item, Table, Value};
 use super::read::{key_span, secs, Cx, Keys};
 use super::Problem;
 use crate::net::Url;
+use crate::sys::privilege::AgentUser;
 
 /// The body a sink sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,14 +328,15 @@ pub fn check_url(text: &str) -> Result<Url, (String, String)> {
     Ok(url)
 }
 
-/// Reads each sink's `url_file` into its `url`. Problems point at the `url_file` line.
-pub(super) fn resolve_url_files(sinks: &mut [NotifyConfig]) -> Vec<Problem> {
+/// Reads each sink's `url_file` into its `url`, judged for `agent` (the user who reads it at
+/// every reload). Problems point at the `url_file` line.
+pub(super) fn resolve_url_files(sinks: &mut [NotifyConfig], agent: &AgentUser) -> Vec<Problem> {
     let mut problems = Vec::new();
     for s in sinks.iter_mut() {
         let Some(f) = &s.url_file else {
             continue;
         };
-        match read_url_file(&f.path) {
+        match read_url_file(&f.path, agent) {
             Ok(url) => s.url = Some(url),
             Err((message, help)) => problems.push(Problem {
                 line: f.line,
@@ -349,13 +351,14 @@ pub(super) fn resolve_url_files(sinks: &mut [NotifyConfig]) -> Vec<Problem> {
 
 /// The file is opened without following a symlink and without blocking (a FIFO), and checked
 /// on the opened descriptor: a regular file, owned by the agent's user or root, not readable by
-/// others, so what is read is what was checked.
-fn read_url_file(path: &Path) -> Result<Url, (String, String)> {
+/// others, and readable by the agent's user, so what is read is what was checked, and what
+/// `validate` passes under sudo the agent can read too.
+fn read_url_file(path: &Path, agent: &AgentUser) -> Result<Url, (String, String)> {
     use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
+    let p = path.display();
+    let name = &agent.name;
     let fix_mode = format!(
-        "chmod 0600 {} (or 0640 with the agent's group), owned by the agent's user or root",
-        path.display()
+        "chmod 0600 {p} (or 0640 with the agent's group), owned by the agent's user {name} or root"
     );
     let file = open_url_file(path)?;
     let meta = file
@@ -367,25 +370,7 @@ fn read_url_file(path: &Path) -> Result<Url, (String, String)> {
             format!("point url_file at a regular file; {fix_mode}"),
         ));
     }
-    let me = crate::sys::privilege::euid();
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err((
-            format!(
-                "owned by uid {}, not by the agent's user (uid {me}) or root: another user could change where alerts go",
-                meta.uid()
-            ),
-            format!("chown the file to the agent's user or root: chown {me} {}", path.display()),
-        ));
-    }
-    if meta.mode() & 0o037 != 0 {
-        return Err((
-            format!(
-                "mode {:04o} lets others read or change the secret URL",
-                meta.mode() & 0o7777
-            ),
-            fix_mode,
-        ));
-    }
+    check_owner(path, &meta, agent, &fix_mode)?;
     let mut bytes = Vec::new();
     file.take(4096)
         .read_to_end(&mut bytes)
@@ -399,6 +384,63 @@ fn read_url_file(path: &Path) -> Result<Url, (String, String)> {
         ));
     };
     check_url(line)
+}
+
+/// Owned by the agent's user or root, not readable by others, readable by the agent's user.
+fn check_owner(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    agent: &AgentUser,
+    fix_mode: &str,
+) -> Result<(), (String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let (p, name) = (path.display(), &agent.name);
+    let (owner, mode) = (meta.uid(), meta.mode() & 0o7777);
+    let fix_owner = format!("chown {name} {p} && chmod 0600 {p}");
+    if owner != agent.uid && owner != 0 {
+        return Err((
+            format!(
+                "owned by {}, not by the agent's user {} or root: another user could change where alerts go",
+                user_name(owner),
+                agent.who
+            ),
+            fix_owner,
+        ));
+    }
+    if mode & 0o037 != 0 {
+        return Err((
+            format!("mode {mode:04o} lets others read or change the secret URL"),
+            fix_mode.to_string(),
+        ));
+    }
+    // Judged for another user (validate under sudo): the open as root proves nothing.
+    if agent.uid != crate::sys::privilege::euid() {
+        let readable = if owner == agent.uid {
+            mode & 0o400 != 0
+        } else {
+            mode & 0o040 != 0 && agent.gids.contains(&meta.gid())
+        };
+        if !readable {
+            return Err((
+                format!(
+                    "owned by {} with mode {mode:04o} and group {}: the agent's user {} cannot read it",
+                    user_name(owner),
+                    meta.gid(),
+                    agent.who
+                ),
+                format!("{fix_owner} (or chgrp to a group of {name} and chmod 0640)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// "uid 1001 (alice)", or "uid 1001" for a uid with no passwd entry.
+fn user_name(uid: u32) -> String {
+    match crate::sys::privilege::lookup(uid) {
+        Ok(u) => format!("uid {uid} ({})", u.name),
+        Err(_) => format!("uid {uid}"),
+    }
 }
 
 #[cfg(test)]
@@ -523,8 +565,12 @@ mod tests {
         if me == 0 {
             std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
             let err = Config::load_with_url_files(&cfg).unwrap_err().to_string();
-            assert!(err.contains("owned by uid 65534"), "{err}");
-            assert!(err.contains("chown 0 "), "{err}");
+            assert!(err.contains("owned by uid 65534 (nobody)"), "{err}");
+            assert!(err.contains("not by the agent's user root (uid 0"), "{err}");
+            assert!(
+                err.contains(&format!("chown root {}", file.display())),
+                "{err}"
+            );
             std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
         }
         assert!(Config::load_with_url_files(&cfg).is_ok());

@@ -16,7 +16,8 @@
 //!   error log asks for the URL to be fixed), 5xx and 429 are retried with
 //!   backoff (`retry`), so an outage or an agent restart delays alerts, never loses them. A 2xx
 //!   lost with a crash may send one alert twice; every alert carries an `id` for that case.
-//! - Bounded: beyond `Options::queue_cap` alerts per sink the oldest is dropped and counted.
+//! - Bounded: beyond `Options::queue_cap` alerts per sink the oldest is dropped and counted,
+//!   at accept and when the journal is replayed at start.
 //! - The URL is logged and shown only as `Url::redacted` (scheme and host); bodies and headers
 //!   are never logged.
 
@@ -118,7 +119,8 @@ pub struct Notify {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Board {
     pub sinks: Vec<SinkStatus>,
-    /// Events the full inbox turned away, and alerts dropped with a sink a reload removed.
+    /// Events the full inbox turned away, alerts dropped with a sink a reload removed (or that
+    /// a start found no sink for) and alerts in unreadable journal lines.
     pub lost: u64,
 }
 
@@ -160,7 +162,7 @@ impl Notify {
         self.inbox.clone()
     }
 
-    /// A reload: a sink keeps its queue and counters when its name is kept.
+    /// A reload: a sink keeps its queue and counters when its name is kept, or its type and URL.
     pub fn reconfigure(&self, sinks: Vec<NotifyConfig>) {
         let _ = self.inbox.tx.send(Msg::Config(sinks));
     }

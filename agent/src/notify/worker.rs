@@ -7,7 +7,12 @@
 //!   time, with the state unlocked while the request runs, then records the outcome.
 //!
 //! A sink is known to the sender by its `key`, which a reload keeps for a sink it carries over,
-//! so an outcome that comes back after a reload lands on the right queue (or on none).
+//! so an outcome that comes back after a reload lands on the right queue (or on none). An
+//! outcome from the address the sink had before the reload (an attempt in flight across it)
+//! counts only as a delivery: see `record`.
+//!
+//! A sink keeps its queue when its name is kept or, renamed, when its type and URL are (its
+//! `target`): at a reload (`reconfigure`) and, through the journal's `target`, at a start.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -16,7 +21,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::journal::{Journal, Record, Spooled};
+use super::journal::{self, Journal, Loaded, Queue, Record, Spooled};
 use super::logtail;
 use super::payload::{self, Alert, Origin};
 use super::retry::{self, Jitter, Outcome};
@@ -31,6 +36,8 @@ use crate::sync::lock;
 struct Sink {
     key: u64,
     cfg: NotifyConfig,
+    /// `target(&cfg)`, journaled with each alert.
+    target: Option<String>,
     queue: VecDeque<Alert>,
     limiter: Limiter,
     /// Failed attempts in a row (0: healthy).
@@ -50,6 +57,7 @@ impl Sink {
         Sink {
             key,
             limiter: limiter(&cfg),
+            target: target(&cfg),
             cfg,
             queue: VecDeque::new(),
             failures: 0,
@@ -61,6 +69,27 @@ impl Sink {
     fn due(&self, now: Mono) -> bool {
         !self.queue.is_empty() && self.next_ms <= now && self.cfg.url.is_some()
     }
+}
+
+/// A sink's type and URL, hashed (SHA-256, 16 hex digits): what identifies a renamed sink in
+/// the journal across a restart, without writing its URL (often a secret) there.
+fn target(cfg: &NotifyConfig) -> Option<String> {
+    let url = cfg.url.as_ref()?;
+    let text = format!(
+        "{}\n{}\n{}\n{}\n{}",
+        cfg.kind.as_str(),
+        if url.https { "https" } else { "http" },
+        url.host,
+        url.port,
+        url.target
+    );
+    let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+    Some(
+        hash.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 fn limiter(cfg: &NotifyConfig) -> Limiter {
@@ -78,6 +107,8 @@ pub(super) struct State {
     /// Set by a stop: the sender starts no attempt after it.
     stop_at: Option<Mono>,
     next_key: u64,
+    /// Why the journal cannot be written, from the first failure until a rewrite works.
+    spool_error: Option<String>,
 }
 
 impl State {
@@ -87,6 +118,7 @@ impl State {
             journal: Journal::new(state_dir),
             stop_at: None,
             next_key: 0,
+            spool_error: None,
         }
     }
 
@@ -99,26 +131,65 @@ impl State {
         self.sinks
             .iter()
             .filter(|s| !s.queue.is_empty())
-            .map(|s| (s.cfg.name.clone(), s.queue.clone()))
+            .map(|s| {
+                let q = Queue {
+                    target: s.target.clone(),
+                    alerts: s.queue.clone(),
+                    over: 0,
+                };
+                (s.cfg.name.clone(), q)
+            })
             .collect()
     }
 
+    /// Journals `records`. When the journal cannot take them (an append or its fsync failed,
+    /// now or before), it is rewritten from the queues, which hold every accepted alert: a
+    /// file handle that failed is never written to again, and a record is never appended
+    /// after a torn one.
     fn append(&mut self, records: &[Record]) {
-        if let Err(error) = self.journal.append(records) {
-            tracing::warn!(message = "Cannot write the notify spool; alerts are kept in memory.", path = %self.journal.path().display(), %error);
+        if !self.journal.is_stale() {
+            if let Err(error) = self.journal.append(records) {
+                self.spool_failed(&error);
+            }
         }
         let live = self.sinks.iter().map(|s| s.queue.len()).sum();
         // Nothing left: the file goes (an empty spool is no file).
-        if live == 0 || self.journal.wants_compaction(live) {
+        if self.journal.is_stale() || live == 0 || self.journal.wants_compaction(live) {
             self.compact();
         }
     }
 
     fn compact(&mut self) {
         let spooled = self.spooled();
-        if let Err(error) = self.journal.compact(&spooled) {
-            tracing::warn!(message = "Cannot rewrite the notify spool; alerts are kept in memory.", path = %self.journal.path().display(), %error);
+        match self.journal.compact(&spooled) {
+            Ok(()) => {
+                if self.spool_error.take().is_some() {
+                    tracing::info!(message = "The notify spool is written again; it was rewritten from the alerts kept in memory.", path = %self.journal.path().display());
+                }
+            }
+            Err(error) => self.spool_failed(&error),
         }
+    }
+
+    /// Said once (an error log, and each sink's `last_error` in status) until a rewrite works:
+    /// the alerts are still sent, but a stop now would lose those the file lacks.
+    fn spool_failed(&mut self, error: &std::io::Error) {
+        let path = self.journal.path();
+        if self.spool_error.is_some() {
+            tracing::debug!(message = "The notify spool still cannot be written.", path = %path.display(), %error);
+            return;
+        }
+        tracing::error!(message = "Cannot write the notify spool; alerts are kept in memory and the spool is rewritten from them once it can be (an agent stop before then loses them).", path = %path.display(), %error);
+        let text = format!(
+            "cannot write the spool {}: {error}; alerts are kept in memory until it can be rewritten",
+            path.display()
+        );
+        let at = clock::rfc3339(clock::wall_ms());
+        for s in &mut self.sinks {
+            s.st.last_error = Some(text.clone());
+            s.st.last_error_at = Some(at.clone());
+        }
+        self.spool_error = Some(text);
     }
 }
 
@@ -127,7 +198,8 @@ pub(super) struct Shared {
     /// Given when an alert is queued, a sink changes or a stop comes.
     pub(super) wake: Condvar,
     pub(super) status: Mutex<Vec<SinkStatus>>,
-    /// Alerts dropped because a reload removed their sink (agent-level: no sink to count them).
+    /// Alerts lost with no sink to count them: the queue of a sink a reload removed (or that
+    /// a start found no sink for), and the alerts of unreadable journal lines.
     pub(super) removed: AtomicU64,
 }
 
@@ -223,25 +295,13 @@ impl Acceptor {
         st.sinks = sinks;
         // A spool that cannot be read is moved aside, never compacted away: what it holds may
         // still be recovered by hand.
-        let spooled = st.journal.load().unwrap_or_else(|error| {
+        let loaded = st.journal.load(self.opts.queue_cap).unwrap_or_else(|error| {
             let aside = st.journal.set_aside();
             tracing::error!(message = "Cannot read the notify spool; moved aside (not deleted), its alerts are not sent.", path = %st.journal.path().display(), aside = ?aside, %error);
-            Spooled::new()
+            Loaded::default()
         });
-        for (name, older) in spooled {
-            match st.sinks.iter_mut().find(|s| s.cfg.name == name) {
-                Some(s) => {
-                    s.queue = older;
-                    tracing::info!(message = "Undelivered alerts from the last run are queued again.", sink = %name, queued = s.queue.len());
-                }
-                None => {
-                    shared
-                        .removed
-                        .fetch_add(older.len() as u64, Ordering::Relaxed);
-                    tracing::error!(message = "Spooled alerts for a notify sink that is no longer configured are dropped.", sink = %name, dropped = older.len());
-                }
-            }
-        }
+        shared.removed.fetch_add(loaded.lost, Ordering::Relaxed);
+        requeue(&mut st, &shared, loaded.spooled);
         st.compact();
         shared.publish(&st);
         shared.wake.notify_all();
@@ -276,10 +336,18 @@ impl Acceptor {
                 let n = s.cfg.attach_log_lines as usize;
                 alert.log = Some(logtail::tail(path.as_deref(), n, &self.opts.log_owners));
             }
-            out.push(Record::Add {
+            let record = Record::Add {
                 sink: s.cfg.name.clone(),
+                target: s.target.clone(),
                 alert: Box::new(alert.clone()),
-            });
+            };
+            if record.too_long() {
+                // Never written: a line the journal could not read back would lose more.
+                s.st.dropped += 1;
+                tracing::error!(message = "An alert is too long to spool; dropped.", sink = %s.cfg.name, app, event = what.as_str(), max_bytes = journal::MAX_LINE);
+                continue;
+            }
+            out.push(record);
             s.queue.push_back(alert);
             if s.queue.len() > self.opts.queue_cap {
                 if let Some(old) = s.queue.pop_front() {
@@ -296,6 +364,55 @@ fn done(s: &Sink, a: &Alert) -> Record {
     Record::Done {
         sink: s.cfg.name.clone(),
         id: a.id.clone(),
+    }
+}
+
+/// The queues a previous run left, each to the sink of the same name or, renamed while the
+/// agent was stopped, to the sink with the same type and URL (the journal's `target`; the rule
+/// a reload follows) that has no queue of its own name. A queue no sink takes is dropped,
+/// counted (`Board::lost`) and said as an error.
+fn requeue(st: &mut State, shared: &Shared, spooled: Spooled) {
+    let mut taken = vec![false; st.sinks.len()];
+    let mut orphans = Vec::new();
+    for (name, q) in spooled {
+        match st.sinks.iter().position(|s| s.cfg.name == name) {
+            Some(i) => {
+                taken[i] = true;
+                take_queue(&mut st.sinks[i], q);
+            }
+            None => orphans.push((name, q)),
+        }
+    }
+    for (name, q) in orphans {
+        let renamed = st
+            .sinks
+            .iter()
+            .enumerate()
+            .position(|(i, s)| !taken[i] && s.target.is_some() && s.target == q.target);
+        match renamed {
+            Some(i) => {
+                taken[i] = true;
+                let s = &mut st.sinks[i];
+                tracing::info!(message = "A notify sink was renamed while the agent was stopped (same type and URL); its spooled alerts follow it.", sink = %s.cfg.name, was = %name, queued = q.alerts.len());
+                take_queue(s, q);
+            }
+            None => {
+                let n = q.alerts.len() as u64;
+                shared.removed.fetch_add(n, Ordering::Relaxed);
+                tracing::error!(message = "Spooled alerts for a notify sink that is no longer configured (no sink has its name, or its type and URL) are dropped.", sink = %name, dropped = n);
+            }
+        }
+    }
+}
+
+fn take_queue(s: &mut Sink, q: Queue) {
+    s.queue = q.alerts;
+    if q.over > 0 {
+        s.st.dropped += q.over;
+        tracing::warn!(message = "More alerts were spooled than a notify queue holds; dropped the oldest.", sink = %s.cfg.name, dropped = q.over);
+    }
+    if !s.queue.is_empty() {
+        tracing::info!(message = "Undelivered alerts from the last run are queued again.", sink = %s.cfg.name, queued = s.queue.len());
     }
 }
 
@@ -359,6 +476,7 @@ fn carry(mut s: Sink, cfg: NotifyConfig) -> Sink {
     s.st.name = cfg.name.clone();
     s.st.kind = cfg.kind.as_str().to_string();
     s.st.url = shown(cfg.url.as_ref());
+    s.target = target(&cfg);
     s.cfg = cfg;
     s
 }
@@ -444,12 +562,32 @@ fn attempt(job: &Job, limits: &net::Limits) -> Outcome {
 }
 
 /// The outcome, on the sink the job came from if it is still there with the same head.
+///
+/// When a reload gave the sink another URL (or type) while the attempt ran, the reply is the
+/// old address's: a 2xx still delivers the alert (it reached the old endpoint, and sending it
+/// again would be a duplicate), but a refusal, a redirect or a failure says nothing about the
+/// new address: the alert is neither dropped nor delayed, and the new URL gets it at once,
+/// with no backoff or error of the old one's (the reload is what a person does to fix a URL).
 fn record(st: &mut State, job: &Job, outcome: Outcome, jitter: f64) {
     let Some(s) = st.sinks.iter_mut().find(|s| s.key == job.key) else {
         return;
     };
     if s.queue.front().map(|a| &a.id) != Some(&job.head.id) {
         return;
+    }
+    let moved = s.cfg.url.as_ref() != Some(&job.url) || s.cfg.kind != job.kind;
+    if moved {
+        let reply = match &outcome {
+            Outcome::Delivered => None,
+            Outcome::Retry { error, .. } => Some(error.clone()),
+            Outcome::Redirected { status } | Outcome::Refused { status } => {
+                Some(format!("HTTP {status}"))
+            }
+        };
+        if let Some(reply) = reply {
+            tracing::info!(message = "A reply from a notify sink's previous URL came after a reload; not held against the new URL, which gets the alert now.", sink = %s.cfg.name, was = %job.url.redacted(), url = %shown(s.cfg.url.as_ref()), %reply, id = %job.head.id);
+            return;
+        }
     }
     let gone = match outcome {
         Outcome::Delivered => delivered(s),
@@ -698,5 +836,134 @@ mod tests {
         reconfigure(&mut lock(&shared.state), &shared, moved);
         assert!(queue(&a, 0).is_empty());
         assert_eq!(shared.removed.load(Ordering::Relaxed), 1);
+    }
+
+    fn url(port: u16) -> Option<Url> {
+        Url::parse(&format!("http://127.0.0.1:{port}/h")).ok()
+    }
+
+    fn with_name_and_port(name: &str, port: u16) -> Vec<NotifyConfig> {
+        sinks("")
+            .into_iter()
+            .map(|mut c| {
+                c.name = name.into();
+                c.url = url(port);
+                c
+            })
+            .collect()
+    }
+
+    fn on_disk(dir: &Path) -> Vec<String> {
+        let mut j = Journal::new(dir);
+        let l = j.load(1000).unwrap();
+        l.spooled
+            .values()
+            .flat_map(|q| q.alerts.iter().map(|a| a.message.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_spool_write_is_said_and_the_spool_rewritten_from_memory_before_any_append() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(sinks(""));
+        take(&mut a, &[(restart(1), NotifyEvent::Restart)]);
+        let spool = d.path().join(crate::report::spool::SPOOL_DIR);
+        let mode = |m: u32| std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(m));
+        // The append fails (the disk, say), and so does the rewrite (refused: the directory
+        // is world-writable, which even root cannot get past).
+        lock(&a.shared.state).journal.fail_writes();
+        mode(0o757).unwrap();
+        take(&mut a, &[(restart(2), NotifyEvent::Restart)]);
+        let said = {
+            let st = lock(&a.shared.state);
+            assert!(st.journal.is_stale());
+            st.sinks[0].st.last_error.clone().unwrap()
+        };
+        assert!(said.contains("cannot write the spool"), "{said}");
+        assert!(said.contains("kept in memory"), "{said}");
+        take(&mut a, &[(restart(3), NotifyEvent::Restart)]);
+        assert_eq!(
+            on_disk(d.path()),
+            ["restart 1"],
+            "nothing appended meanwhile"
+        );
+        // The directory is usable again: the next write rewrites the spool from memory.
+        mode(0o750).unwrap();
+        take(&mut a, &[(restart(4), NotifyEvent::Restart)]);
+        assert!(lock(&a.shared.state).spool_error.is_none());
+        take(&mut a, &[(restart(5), NotifyEvent::Restart)]);
+        assert_eq!(
+            on_disk(d.path()),
+            [
+                "restart 1",
+                "restart 2",
+                "restart 3",
+                "restart 4",
+                "restart 5"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_sink_renamed_while_the_agent_was_stopped_finds_its_queue_at_the_next_start() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(with_name_and_port("hook", 9));
+        take(&mut a, &[(restart(1), NotifyEvent::GiveUp)]);
+        // Renamed in the config while stopped; type and URL unchanged.
+        let mut next = acceptor(d.path(), 10);
+        next.start(with_name_and_port("ops-hook", 9));
+        assert_eq!(queue(&next, 0), ["restart 1"]);
+        assert_eq!(next.shared.removed.load(Ordering::Relaxed), 0);
+        // And it stays with it (rewritten under the new name) across the next start.
+        let mut again = acceptor(d.path(), 10);
+        again.start(with_name_and_port("ops-hook", 9));
+        assert_eq!(queue(&again, 0), ["restart 1"]);
+        // Renamed and moved to another URL: another sink; the queue is counted and said lost.
+        let mut moved = acceptor(d.path(), 10);
+        moved.start(with_name_and_port("other", 10));
+        assert!(queue(&moved, 0).is_empty());
+        assert_eq!(moved.shared.removed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_reply_from_the_url_a_reload_replaced_counts_as_a_delivery_or_not_at_all() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = acceptor(d.path(), 10);
+        a.start(with_name_and_port("hook", 9));
+        let events: Vec<_> = (1..=3)
+            .map(|n| (restart(n), NotifyEvent::Restart))
+            .collect();
+        take(&mut a, &events);
+        let shared = a.shared.clone();
+        let mut st = lock(&shared.state);
+        let job = next_job(&st, clock::mono_now()).unwrap();
+        // While the attempt to port 9 runs, a reload points the sink at port 10.
+        reconfigure(&mut st, &shared, with_name_and_port("hook", 10));
+        for outcome in [
+            Outcome::Refused { status: 404 },
+            Outcome::Redirected { status: 301 },
+            Outcome::Retry {
+                error: "HTTP 503".into(),
+                after_ms: Some(600_000),
+            },
+        ] {
+            record(&mut st, &job, outcome, 0.5);
+            let s = &st.sinks[0];
+            assert_eq!(s.queue.len(), 3, "the alert is kept for the new URL");
+            assert_eq!((s.failures, s.next_ms, s.st.dropped), (0, 0, 0));
+            assert_eq!(s.st.last_error, None);
+        }
+        // A 2xx from the old URL: the alert did arrive there; it is not sent again.
+        record(&mut st, &job, Outcome::Delivered, 0.5);
+        assert_eq!((st.sinks[0].queue.len(), st.sinks[0].st.delivered), (2, 1));
+        // The new URL's own refusal is its own: dropped and counted.
+        let job = next_job(&st, clock::mono_now()).unwrap();
+        record(&mut st, &job, Outcome::Refused { status: 404 }, 0.5);
+        assert_eq!((st.sinks[0].queue.len(), st.sinks[0].st.dropped), (1, 1));
+        drop(st);
+        assert_eq!(on_disk(d.path()), ["restart 3"]);
     }
 }

@@ -33,6 +33,9 @@ impl Limiter {
     /// `Some(held back before this one)` when an alert for `app` may go now; `None` when the
     /// window is full (it is counted for the next alert).
     pub fn admit(&mut self, app: &str, now_ms: u64) -> Option<u64> {
+        if self.apps.len() >= PRUNE_AT && !self.apps.contains_key(app) {
+            self.forget_idle(now_ms);
+        }
         let (sent, held) = match self.apps.get_mut(app) {
             Some(x) => x,
             None => self.apps.entry(app.to_string()).or_default(),
@@ -49,6 +52,24 @@ impl Limiter {
         }
         sent.push_back(now_ms);
         Some(std::mem::take(held))
+    }
+}
+
+/// Apps tracked before the idle ones are forgotten (an app renamed or removed, a PM2 app
+/// name seen once): the map stays the size of the apps alerting now.
+const PRUNE_AT: usize = 256;
+
+impl Limiter {
+    /// Drops the apps with nothing sent in the window and nothing held back: forgetting them
+    /// changes no decision (their next alert goes, telling 0 held back, as it would have).
+    fn forget_idle(&mut self, now_ms: u64) {
+        let window = self.window_ms;
+        self.apps.retain(|_, (sent, held)| {
+            *held > 0
+                || sent
+                    .back()
+                    .is_some_and(|t| now_ms.saturating_sub(*t) < window)
+        });
     }
 }
 
@@ -80,5 +101,22 @@ mod tests {
         // The window slides: the first slot frees 60 s after the first alert.
         assert_eq!(l.admit("web", 60_999), None);
         assert_eq!(l.admit("web", 61_000), Some(8));
+    }
+
+    #[test]
+    fn apps_idle_for_a_window_are_forgotten_so_many_app_names_do_not_grow_it() {
+        let mut l = Limiter::new(60_000, 1);
+        for i in 0..10_000u64 {
+            assert_eq!(l.admit(&format!("app{i}"), i * 1_000), Some(0));
+        }
+        assert!(l.apps.len() <= PRUNE_AT + 60, "{}", l.apps.len());
+        // An app with alerts held back is kept until its next alert tells them.
+        let mut l = Limiter::new(60_000, 1);
+        assert_eq!(l.admit("web", 0), Some(0));
+        assert_eq!(l.admit("web", 1), None);
+        for i in 0..1_000u64 {
+            l.admit(&format!("app{i}"), 120_000 + i);
+        }
+        assert_eq!(l.admit("web", 200_000), Some(1));
     }
 }

@@ -34,10 +34,13 @@ impl SpoolFile {
         self.dir.join(self.name)
     }
 
-    /// Reads the spool; a corrupt file is moved aside to `<name>.corrupt`.
+    /// Reads the spool; a corrupt file is moved aside to `<name>.corrupt`. Read whole: what
+    /// `store` wrote is bounded by its writer's own capacity (the AWS buffer's can pass the
+    /// 16 MiB `files::MAX_STATE_FILE`), and a spool cut at a cap would be called corrupt and
+    /// moved aside with everything in it.
     pub fn load<T: DeserializeOwned>(&self) -> std::io::Result<Option<T>> {
         let path = self.path();
-        let Some(bytes) = files::read_optional(&path)? else {
+        let Some(bytes) = files::read_capped(&path, u64::MAX)? else {
             return Ok(None);
         };
         match serde_json::from_slice::<T>(&bytes) {
@@ -62,5 +65,27 @@ impl SpoolFile {
         files::ensure_dir(&self.dir)?;
         let data = serde_json::to_vec(content).map_err(std::io::Error::other)?;
         files::write_atomic(&self.path(), &data, 0o600, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spool_larger_than_the_state_file_cap_is_read_back_whole_not_called_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let f = SpoolFile::new(d.path(), "pending.json");
+        let items: Vec<String> = (0..5000)
+            .map(|i| format!("{i} {}", "x".repeat(4000)))
+            .collect();
+        f.store(Some(&items)).unwrap();
+        assert!(std::fs::metadata(f.path()).unwrap().len() > files::MAX_STATE_FILE);
+        assert_eq!(f.load::<Vec<String>>().unwrap(), Some(items));
+        assert!(!d
+            .path()
+            .join(SPOOL_DIR)
+            .join("pending.json.corrupt")
+            .exists());
     }
 }

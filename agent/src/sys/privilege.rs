@@ -168,6 +168,96 @@ fn drop_to(user: &User, uid: u32) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
+/// The user the agent runs as, for a check made before (or without) becoming it: `validate`
+/// under sudo judges a `url_file` for this user, who reads it at every reload, not for root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentUser {
+    pub uid: u32,
+    /// The user name, or the uid when it has none.
+    pub name: String,
+    /// Its groups, primary first (a `root:<group>` 0640 file is read through one of them).
+    pub gids: Vec<u32>,
+    /// Who that is and how it was found, for messages.
+    pub who: String,
+}
+
+impl AgentUser {
+    /// This process's user: what the running agent is.
+    pub fn current() -> AgentUser {
+        let uid = euid();
+        let gid = rustix::process::getegid().as_raw();
+        let mut gids = vec![gid];
+        gids.extend(
+            nix::unistd::getgroups()
+                .unwrap_or_default()
+                .into_iter()
+                .map(Gid::as_raw)
+                .filter(|g| *g != gid),
+        );
+        let name = lookup(uid).map_or_else(|_| uid.to_string(), |u| u.name);
+        AgentUser {
+            uid,
+            who: format!("{name} (uid {uid}, the user running this command)"),
+            name,
+            gids,
+        }
+    }
+
+    /// `uid` with its passwd entry's groups.
+    fn of(uid: u32, how: String) -> AgentUser {
+        let (name, gids) = match lookup(uid) {
+            Ok(u) => {
+                let mut gids = vec![u.gid];
+                if let Ok(c) = CString::new(u.name.clone()) {
+                    let all =
+                        nix::unistd::getgrouplist(&c, Gid::from_raw(u.gid)).unwrap_or_default();
+                    gids.extend(all.into_iter().map(Gid::as_raw).filter(|g| *g != u.gid));
+                }
+                (u.name, gids)
+            }
+            Err(_) => (uid.to_string(), Vec::new()),
+        };
+        AgentUser {
+            uid,
+            who: format!("{name} (uid {uid}, {how})"),
+            name,
+            gids,
+        }
+    }
+}
+
+/// Whom `run` with this PM2_HOME and state directory acts as: not root, this process's user;
+/// as root, PM2_HOME's owner (whom `run` becomes), else the state directory's owner (the
+/// systemd unit's `User=`, which `StateDirectory=` gives it to; `pause` becomes it too), else
+/// root. `pm2_home` is the resolved one, `None` when it cannot be told.
+pub fn agent_user(pm2_home: Option<&Path>, state_dir: &Path) -> AgentUser {
+    if !euid_is_root() {
+        return AgentUser::current();
+    }
+    if let Some(home) = pm2_home.filter(|h| h.exists()) {
+        match home_owner(home) {
+            Ok(uid) if uid != 0 => {
+                let how = format!(
+                    "the owner of PM2_HOME {}, whom `run` runs as",
+                    home.display()
+                );
+                return AgentUser::of(uid, how);
+            }
+            _ => {}
+        }
+    }
+    match std::fs::symlink_metadata(state_dir) {
+        Ok(m) if m.is_dir() && m.uid() != 0 => AgentUser::of(
+            m.uid(),
+            format!("the owner of the state directory {}", state_dir.display()),
+        ),
+        _ => AgentUser::of(
+            0,
+            "root: neither PM2_HOME nor the state directory belongs to another user".into(),
+        ),
+    }
+}
+
 /// Whether this process runs with root's effective uid.
 pub fn euid_is_root() -> bool {
     rustix::process::geteuid().is_root()
