@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::alerts::{self, Alert, Limiter};
+use super::bisect::{self, Bisect, Verdict};
 use super::client::{xml_text, Aws, CallError, Service};
 use super::creds::CredsError;
 use super::imds::Imds;
@@ -174,6 +175,9 @@ struct State {
     limiter: Limiter,
     topic_arn: Option<String>,
     stream_ready: bool,
+    /// Datums and events at the front of the buffer that the last flush held unjudged after
+    /// AWS refused them (see `bisect`): the next flush never sends them with newer ones.
+    held: [usize; 2],
     failing: [bool; 3],
     /// A credentials problem was logged (once: it names the fix).
     creds_reported: bool,
@@ -210,6 +214,7 @@ fn run(
         spool,
         topic_arn: None,
         stream_ready: false,
+        held: [0; 2],
         failing: [false; 3],
         creds_reported: false,
         calls,
@@ -390,7 +395,13 @@ impl State {
             self.buf.count_dropped((before - datums.len()) as u64);
         }
         let cap = self.opts.capacity;
+        // An overflow drops the oldest: the held items among them are no longer held.
+        let metrics_len = self.buf.metrics.len() + datums.len();
+        let logs_len = self.buf.logs.len() + records.len();
         let dropped = self.buf.push(&cap, datums, records, alerts);
+        self.held[METRICS] =
+            self.held[METRICS].saturating_sub(metrics_len - self.buf.metrics.len());
+        self.held[LOGS] = self.held[LOGS].saturating_sub(logs_len - self.buf.logs.len());
         if dropped > 0 {
             tracing::warn!(
                 message =
@@ -452,13 +463,18 @@ impl State {
         }
     }
 
-    /// Drops buffered datums CloudWatch would refuse (older than two weeks); whether any were.
-    fn drop_stale_metrics(&mut self) -> bool {
+    /// Drops buffered datums CloudWatch would refuse (older than two weeks).
+    fn drop_stale_metrics(&mut self) {
         let now = clock::wall_ms();
         let before = self.buf.metrics.len();
-        self.buf
-            .metrics
-            .retain(|d| d.ts_ms + logs::MAX_AGE_MS > now + 60_000);
+        let (mut i, mut held) = (0, self.held[METRICS].min(before));
+        self.buf.metrics.retain(|d| {
+            let keep = d.ts_ms + logs::MAX_AGE_MS > now + 60_000;
+            held -= usize::from(!keep && i < self.held[METRICS]);
+            i += 1;
+            keep
+        });
+        self.held[METRICS] = held;
         let stale = before - self.buf.metrics.len();
         if stale > 0 {
             self.buf.count_dropped(stale as u64);
@@ -467,49 +483,65 @@ impl State {
                 dropped = stale
             );
         }
-        stale > 0
     }
 
+    /// How many datums from `start` make the next PutMetricData: within AWS's limits, and the
+    /// form-encoded body checked against the 1 MB too (a request over it is split, never gzipped).
+    fn metric_request_len(&self, start: usize, resolution: u32) -> usize {
+        let mut n = metrics::next_request_len(self.buf.metrics.range(start..));
+        while n > 1 {
+            let batch = self.buf.metrics.range(start..start + n);
+            let params = metric_params(&self.cfg.namespace, batch, resolution);
+            if super::client::query_body("PutMetricData", CW_VERSION, &params).len()
+                <= metrics::MAX_REQUEST_BYTES
+            {
+                break;
+            }
+            n /= 2;
+        }
+        n
+    }
+
+    /// Every buffered datum, oldest first, in as few requests as AWS's limits allow. A request
+    /// AWS refuses as a whole is searched for the datums it refuses within a budget of extra
+    /// calls (see `bisect`): a datum refused alone is dropped and counted, the others go, and
+    /// what the budget left unjudged stays buffered (and spooled) for the next flush.
     fn send_metrics(&mut self, aws: &mut Aws) {
         let resolution = if self.cfg.high_resolution { 1 } else { 60 };
-        // After a refusal the batch is halved until the datum AWS refuses is alone.
-        let mut cap = usize::MAX;
-        while !self.buf.metrics.is_empty() && !self.interrupted() {
-            if self.drop_stale_metrics() {
-                continue;
-            }
-            let mut n = metrics::next_request_len(self.buf.metrics.iter()).min(cap);
-            // The estimate keeps a request under 1 MB; the form encoding is checked too, and a
-            // request over it is split (never gzipped).
-            let params = loop {
-                let batch = self.buf.metrics.iter().take(n);
-                let params = metric_params(&self.cfg.namespace, batch, resolution);
-                let size = super::client::query_body("PutMetricData", CW_VERSION, &params).len();
-                if size <= metrics::MAX_REQUEST_BYTES || n == 1 {
-                    break params;
-                }
-                n /= 2;
+        self.drop_stale_metrics();
+        let largest = metrics::next_request_len(self.buf.metrics.iter());
+        let suspects = self.held[METRICS].min(self.buf.metrics.len());
+        let mut search = Bisect::new(bisect::budget_for(largest), suspects);
+        while !self.interrupted() {
+            let Some(n) = search.next(|start| self.metric_request_len(start, resolution)) else {
+                break;
             };
+            let at = search.held();
+            let batch: Vec<Datum> = self.buf.metrics.range(at..at + n).cloned().collect();
+            let params = metric_params(&self.cfg.namespace, batch.iter(), resolution);
             self.calls.put_metric_data.fetch_add(1, Ordering::Relaxed);
             match aws.query(Service::CloudWatch, "PutMetricData", CW_VERSION, &params) {
                 Ok(_) => {
-                    self.buf.metrics.drain(..n);
+                    self.buf.metrics.drain(at..at + n);
+                    search.accepted();
                     self.note_success(METRICS);
                 }
-                Err(e) if e.is_refused() && n > 1 => cap = n / 2,
-                Err(e) if e.is_refused() => {
-                    let metric = &self.buf.metrics[0].name;
-                    tracing::error!(message = "CloudWatch refused a metric; dropping it.", %metric, error = %e);
-                    self.buf.metrics.drain(..1);
-                    self.buf.count_dropped(1);
-                    cap = usize::MAX;
-                }
+                Err(e) if e.is_refused() => match search.refused() {
+                    Verdict::Bad => {
+                        let metric = &self.buf.metrics[at].name;
+                        tracing::error!(message = "CloudWatch refused a metric; dropping it.", %metric, error = %e);
+                        self.buf.metrics.remove(at);
+                        self.buf.count_dropped(1);
+                    }
+                    Verdict::Split | Verdict::Held => {}
+                },
                 Err(e) => {
                     self.fail(METRICS, &e);
-                    return;
+                    break;
                 }
             }
         }
+        self.note_held(METRICS, search.held());
     }
 
     fn ensure_stream(&mut self, aws: &mut Aws) -> Result<(), CallError> {
@@ -562,22 +594,28 @@ impl State {
     }
 
     /// Drops buffered events CloudWatch Logs would refuse (older than 14 days or too far
-    /// ahead); returns whether any were dropped.
-    fn drop_unacceptable_logs(&mut self) -> bool {
+    /// ahead).
+    fn drop_unacceptable_logs(&mut self) {
         let now = clock::wall_ms();
         let before = self.buf.logs.len();
-        self.buf.logs.retain(|r| logs::acceptable(r.ts_ms, now));
+        let (mut i, mut held) = (0, self.held[LOGS].min(before));
+        self.buf.logs.retain(|r| {
+            let keep = logs::acceptable(r.ts_ms, now);
+            held -= usize::from(!keep && i < self.held[LOGS]);
+            i += 1;
+            keep
+        });
+        self.held[LOGS] = held;
         let stale = before - self.buf.logs.len();
         if stale > 0 {
             self.buf.count_dropped(stale as u64);
             tracing::warn!(message = "Dropped events CloudWatch Logs would refuse (older than 14 days or too far ahead).", dropped = stale);
         }
-        stale > 0
     }
 
-    /// The PutLogEvents body for the first `n` buffered events, in the order it requires.
-    fn log_batch(&self, n: usize) -> serde_json::Value {
-        let mut batch: Vec<LogRecord> = self.buf.logs.iter().take(n).cloned().collect();
+    /// The PutLogEvents body for `batch`, in the order it requires.
+    fn log_batch(&self, batch: &[LogRecord]) -> serde_json::Value {
+        let mut batch = batch.to_vec();
         logs::chronological(&mut batch);
         let events: Vec<serde_json::Value> = batch
             .into_iter()
@@ -590,53 +628,70 @@ impl State {
         })
     }
 
+    /// The items at the front of the buffer this flush held unjudged (see `bisect`).
+    fn note_held(&mut self, which: usize, held: usize) {
+        self.held[which] = held;
+        if held > 0 {
+            tracing::warn!(
+                message =
+                    "AWS refused requests; keeping what is not yet judged for the next flush.",
+                service = SERVICE[which],
+                pending = held
+            );
+        }
+    }
+
+    /// Every buffered event, oldest first, as `send_metrics` sends datums (a refused batch is
+    /// searched within a budget; an event refused alone is dropped and counted).
     fn send_logs(&mut self, aws: &mut Aws) {
-        // After a refusal the batch is halved until the event AWS refuses is alone.
-        let mut cap = usize::MAX;
+        self.drop_unacceptable_logs();
+        let largest = logs::next_batch_len(self.buf.logs.iter());
+        let suspects = self.held[LOGS].min(self.buf.logs.len());
+        let mut search = Bisect::new(bisect::budget_for(largest), suspects);
         while !self.buf.logs.is_empty() && !self.interrupted() {
-            if self.drop_unacceptable_logs() {
-                continue;
-            }
             if !self.stream_ready {
                 if let Err(e) = self.ensure_stream(aws) {
                     self.fail(LOGS, &e);
-                    return;
+                    break;
                 }
                 self.stream_ready = true;
             }
-            let n = logs::next_batch_len(self.buf.logs.iter()).min(cap);
-            let body = self.log_batch(n);
+            let Some(n) = search.next(|start| logs::next_batch_len(self.buf.logs.range(start..)))
+            else {
+                break;
+            };
+            let at = search.held();
+            let batch: Vec<LogRecord> = self.buf.logs.range(at..at + n).cloned().collect();
             self.calls.put_log_events.fetch_add(1, Ordering::Relaxed);
-            match aws.logs("PutLogEvents", &body) {
+            match aws.logs("PutLogEvents", &self.log_batch(&batch)) {
                 Ok(out) => {
-                    self.buf.logs.drain(..n);
+                    self.buf.logs.drain(at..at + n);
+                    search.accepted();
                     self.note_success(LOGS);
                     if let Some(info) = out.get("rejectedLogEventsInfo").filter(|i| i.is_object()) {
                         tracing::warn!(message = "CloudWatch Logs rejected some events.", too_old = ?info.get("tooOldLogEventEndIndex"), expired = ?info.get("expiredLogEventEndIndex"), too_new = ?info.get("tooNewLogEventStartIndex"));
                     }
                 }
                 Err(e) if e.code() == Some("ResourceNotFoundException") => {
-                    // The group or stream was deleted under us: create it again and retry.
+                    // The group or stream was deleted under us: create it again and resend.
+                    search.again();
                     self.stream_ready = false;
-                    if let Err(e) = self.ensure_stream(aws) {
-                        self.fail(LOGS, &e);
-                        return;
+                }
+                Err(e) if e.is_refused() => match search.refused() {
+                    Verdict::Bad => {
+                        tracing::error!(message = "CloudWatch Logs refused an event; dropping it.", dropped = 1, error = %e);
+                        self.buf.logs.remove(at);
+                        self.buf.count_dropped(1);
                     }
-                    self.stream_ready = true;
-                }
-                Err(e) if e.is_refused() && n > 1 => cap = n / 2,
-                Err(e) if e.is_refused() => {
-                    tracing::error!(message = "CloudWatch Logs refused an event; dropping it.", dropped = 1, error = %e);
-                    self.buf.logs.drain(..1);
-                    self.buf.count_dropped(1);
-                    cap = usize::MAX;
-                }
+                    Verdict::Split | Verdict::Held => {}
+                },
                 Err(e) => {
                     self.fail(LOGS, &e);
-                    return;
+                    break;
                 }
             }
         }
+        self.note_held(LOGS, search.held());
     }
 
     /// The topic's ARN, looked up once: a fleet's topic is provision-aws's (its ARN is built,
@@ -758,61 +813,25 @@ pub fn metric_params<'a>(
 mod tests {
     use super::*;
 
-    /// A fake CloudWatch (ministack accepts what AWS refuses) that refuses every PutMetricData
-    /// carrying the dimension value `refused-by-aws`, as AWS refuses a whole batch for one datum.
-    fn refusing_cloudwatch() -> (String, Arc<AtomicU64>) {
-        use std::io::{Read, Write};
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ep = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
-        let accepted = Arc::new(AtomicU64::new(0));
-        let a = accepted.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { break };
-                s.set_read_timeout(Some(Duration::from_millis(200))).ok();
-                let mut all = Vec::new();
-                let mut buf = [0u8; 65536];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    all.extend_from_slice(&buf[..n]);
-                }
-                let text = String::from_utf8_lossy(&all);
-                let (status, body) = if text.contains("refused-by-aws") {
-                    ("400 Bad Request", "<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>bad dimension</Message></Error></ErrorResponse>")
-                } else {
-                    let n = text.matches(".MetricName=").count() as u64;
-                    a.fetch_add(n, Ordering::SeqCst);
-                    ("200 OK", "<PutMetricDataResponse/>")
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        (ep, accepted)
-    }
+    use crate::aws::test_env::{self, Answer, Seen};
 
-    #[test]
-    fn a_refused_batch_is_halved_until_only_the_refused_datum_is_dropped() {
-        let (ep, accepted) = refusing_cloudwatch();
+    /// The sink's state for `endpoint` (static test keys), as `run` builds it, its spool in a
+    /// temporary directory.
+    fn sink_at(endpoint: &str) -> (State, Aws, tempfile::TempDir) {
         let text = "[aws]\nregion = \"us-east-1\"\nnamespace = \"PM2/Test\"\nlog_group = \"/g\"\ninstance_id = \"i-1\"\n[[apps]]\nname = \"a\"\n";
         let cfg = crate::config::Config::parse(Path::new("/t.toml"), text)
             .unwrap()
             .aws
             .unwrap();
-        let env = crate::aws::test_env::static_keys(&ep);
-        let mut aws = Aws::new(
+        let env = test_env::static_keys(endpoint);
+        let aws = Aws::new(
             Some("us-east-1"),
             Box::new(env),
             None,
             Duration::from_secs(3),
         );
         let dir = tempfile::tempdir().unwrap();
-        let mut st = State {
+        let st = State {
             finishing: false,
             stop: Arc::new(AtomicBool::new(false)),
             limiter: Limiter::new(1, 1),
@@ -822,25 +841,68 @@ mod tests {
             spooled: false,
             topic_arn: None,
             stream_ready: false,
+            held: [0; 2],
             failing: [false; 3],
             creds_reported: false,
             calls: Arc::new(Calls::default()),
             cfg,
             opts: SinkOptions::default(),
         };
-        let now = clock::wall_ms();
-        let datum = |app: &str| Datum {
+        (st, aws, dir)
+    }
+
+    fn datum(app: &str, ts_ms: u64) -> Datum {
+        Datum {
             name: "ServiceStatus".into(),
             dims: vec![
                 ("App".into(), app.into()),
                 ("InstanceId".into(), "i-1".into()),
             ],
-            ts_ms: now,
+            ts_ms,
             stats: metrics::Stats::one(1.0),
             unit: Unit::None,
-        };
-        let mut all: Vec<Datum> = (0..7).map(|i| datum(&format!("app{i}"))).collect();
-        all.insert(3, datum("refused-by-aws"));
+        }
+    }
+
+    fn record(message: &str, ts_ms: u64) -> LogRecord {
+        LogRecord {
+            ts_ms,
+            message: message.into(),
+        }
+    }
+
+    fn reply(status: &'static str, body: &str) -> Answer {
+        (status, Vec::new(), body.to_string())
+    }
+
+    const INVALID: &str = "<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>bad dimension</Message></Error></ErrorResponse>";
+
+    /// A CloudWatch that refuses every PutMetricData carrying the dimension value
+    /// `refused-by-aws`, as AWS refuses a whole request for one datum that no local check
+    /// catches (ministack accepts what AWS refuses, so it cannot stand in here); counts the
+    /// datums it accepts.
+    fn refusing_cloudwatch() -> (String, Arc<AtomicU64>) {
+        let accepted = Arc::new(AtomicU64::new(0));
+        let a = accepted.clone();
+        let ep = test_env::server(move |r: &Seen| {
+            if r.body.contains("refused-by-aws") {
+                reply("400 Bad Request", INVALID)
+            } else {
+                let n = r.body.matches(".MetricName=").count() as u64;
+                a.fetch_add(n, Ordering::SeqCst);
+                reply("200 OK", "<PutMetricDataResponse/>")
+            }
+        });
+        (ep, accepted)
+    }
+
+    #[test]
+    fn a_refused_batch_is_halved_until_only_the_refused_datum_is_dropped() {
+        let (ep, accepted) = refusing_cloudwatch();
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let mut all: Vec<Datum> = (0..7).map(|i| datum(&format!("app{i}"), now)).collect();
+        all.insert(3, datum("refused-by-aws", now));
         st.buf
             .push(&Capacity::default(), all, Vec::new(), Vec::new());
         st.send_metrics(&mut aws);
@@ -851,6 +913,123 @@ mod tests {
             "the 7 good datums delivered"
         );
         assert_eq!(st.buf.dropped, 1, "only the refused one counted as dropped");
+    }
+
+    #[test]
+    fn a_request_aws_refuses_costs_a_bounded_number_of_calls_per_flush_and_valid_datums_arrive() {
+        let (ep, accepted) = refusing_cloudwatch();
+        let (mut st, mut aws, dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let mut all: Vec<Datum> = (0..1000).map(|_| datum("refused-by-aws", now)).collect();
+        all.extend((0..200).map(|i| datum(&format!("app{i}"), now)));
+        st.buf
+            .push(&Capacity::default(), all, Vec::new(), Vec::new());
+        let counter = st.calls.clone();
+        let calls = || counter.put_metric_data.load(Ordering::Relaxed);
+        // One request per 1000 datums, plus the budget of the search.
+        let bound = 2 + u64::from(bisect::budget_for(1000));
+        st.send_metrics(&mut aws);
+        let first = calls();
+        eprintln!(
+            "first flush: {first} PutMetricData calls, {} datums proven bad",
+            st.buf.dropped
+        );
+        assert!(first <= bound, "{first} calls in one flush");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            200,
+            "the valid datums arrived"
+        );
+        let proven = st.buf.dropped;
+        assert!(proven >= 1);
+        assert_eq!(
+            st.buf.metrics.len() as u64,
+            1000 - proven,
+            "the rest are kept"
+        );
+        assert!(st
+            .buf
+            .metrics
+            .iter()
+            .all(|d| d.dims[0].1 == "refused-by-aws"));
+        // What was not judged is spooled for the next flush (and the next start).
+        st.persist();
+        let spooled = Spool::new(dir.path()).load().unwrap().unwrap();
+        assert_eq!(spooled.metrics.len(), st.buf.metrics.len());
+        // Each later flush is bounded too, and the datums recorded since go at once.
+        for flush in 1..=3u64 {
+            st.buf.push(
+                &Capacity::default(),
+                vec![datum("web", now)],
+                Vec::new(),
+                Vec::new(),
+            );
+            let before = calls();
+            st.send_metrics(&mut aws);
+            assert!(
+                calls() - before <= bound,
+                "flush {flush}: {} calls",
+                calls() - before
+            );
+            assert_eq!(accepted.load(Ordering::SeqCst), 200 + flush);
+        }
+        assert!(st.buf.dropped > proven, "more proven bad at each flush");
+        assert!(st
+            .buf
+            .metrics
+            .iter()
+            .all(|d| d.dims[0].1 == "refused-by-aws"));
+    }
+
+    #[test]
+    fn refused_log_events_cost_a_bounded_number_of_calls_per_flush() {
+        // A CloudWatch Logs that refuses any PutLogEvents holding an event it finds invalid.
+        let accepted = Arc::new(AtomicU64::new(0));
+        let a = accepted.clone();
+        let ep = test_env::server(move |r: &Seen| match r.header("x-amz-target") {
+            Some("Logs_20140328.PutLogEvents") if r.body.contains("refused-by-aws") => reply(
+                "400 Bad Request",
+                r#"{"__type":"InvalidParameterException","message":"bad event"}"#,
+            ),
+            Some("Logs_20140328.PutLogEvents") => {
+                let n = r.body.matches("\"timestamp\"").count() as u64;
+                a.fetch_add(n, Ordering::SeqCst);
+                reply("200 OK", "{}")
+            }
+            _ => reply("200 OK", "{}"),
+        });
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let all: Vec<LogRecord> = (0..2000).map(|_| record("refused-by-aws", now)).collect();
+        st.buf
+            .push(&Capacity::default(), Vec::new(), all, Vec::new());
+        let counter = st.calls.clone();
+        let calls = || counter.put_log_events.load(Ordering::Relaxed);
+        let bound = 1 + u64::from(bisect::budget_for(2000));
+        st.send_logs(&mut aws);
+        eprintln!(
+            "first flush: {} PutLogEvents calls, {} events proven bad",
+            calls(),
+            st.buf.dropped
+        );
+        assert!(calls() <= bound, "{} calls", calls());
+        assert!(st.buf.dropped >= 1);
+        assert_eq!(
+            st.buf.logs.len() as u64,
+            2000 - st.buf.dropped,
+            "the rest are kept"
+        );
+        // The events recorded since go in the next flush, which is bounded too.
+        let new: Vec<LogRecord> = (0..50)
+            .map(|i| record(&format!("event {i}"), now))
+            .collect();
+        st.buf
+            .push(&Capacity::default(), Vec::new(), new, Vec::new());
+        let before = calls();
+        st.send_logs(&mut aws);
+        assert!(calls() - before <= bound + 1, "{} calls", calls() - before);
+        assert_eq!(accepted.load(Ordering::SeqCst), 50);
+        assert!(st.buf.logs.iter().all(|r| r.message == "refused-by-aws"));
     }
 
     #[test]
