@@ -129,6 +129,19 @@ pub(crate) mod test_env {
         ep
     }
 
+    /// An HTTP `Date` (IMF-fixdate) of epoch ms.
+    pub fn http_date(ms: u64) -> String {
+        const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+        const MONTHS: [&str; 12] = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let iso = crate::clock::rfc3339(ms);
+        let (y, mo, d) = (&iso[0..4], &iso[5..7], &iso[8..10]);
+        let month = MONTHS[mo.parse::<usize>().unwrap() - 1];
+        let weekday = DAYS[(ms / 86_400_000 % 7) as usize];
+        format!("{weekday}, {d} {month} {y} {} GMT", &iso[11..19])
+    }
+
     /// Static test keys for an endpoint on the loopback, and no profile files.
     pub fn static_keys(endpoint: &str) -> impl Fn(&str) -> Option<String> + Send + 'static {
         of(&[

@@ -463,13 +463,14 @@ impl State {
         }
     }
 
-    /// Drops buffered datums CloudWatch would refuse (older than two weeks).
-    fn drop_stale_metrics(&mut self) {
-        let now = clock::wall_ms();
+    /// Drops buffered datums CloudWatch would refuse for their time (older than 14 days or more
+    /// than 2 hours ahead of AWS's clock, their timestamps moved to it as they will be sent).
+    fn drop_stale_metrics(&mut self, aws: &Aws) {
+        let now = aws.aws_time(clock::wall_ms());
         let before = self.buf.metrics.len();
         let (mut i, mut held) = (0, self.held[METRICS].min(before));
         self.buf.metrics.retain(|d| {
-            let keep = d.ts_ms + logs::MAX_AGE_MS > now + 60_000;
+            let keep = logs::acceptable(aws.aws_time(d.ts_ms), now);
             held -= usize::from(!keep && i < self.held[METRICS]);
             i += 1;
             keep
@@ -479,7 +480,7 @@ impl State {
         if stale > 0 {
             self.buf.count_dropped(stale as u64);
             tracing::warn!(
-                message = "Dropped metrics older than CloudWatch accepts.",
+                message = "Dropped metrics CloudWatch would refuse (older than 14 days or too far ahead).",
                 dropped = stale
             );
         }
@@ -491,7 +492,7 @@ impl State {
         let mut n = metrics::next_request_len(self.buf.metrics.range(start..));
         while n > 1 {
             let batch = self.buf.metrics.range(start..start + n);
-            let params = metric_params(&self.cfg.namespace, batch, resolution);
+            let params = metric_params(&self.cfg.namespace, batch, resolution, 0);
             if super::client::query_body("PutMetricData", CW_VERSION, &params).len()
                 <= metrics::MAX_REQUEST_BYTES
             {
@@ -508,7 +509,7 @@ impl State {
     /// what the budget left unjudged stays buffered (and spooled) for the next flush.
     fn send_metrics(&mut self, aws: &mut Aws) {
         let resolution = if self.cfg.high_resolution { 1 } else { 60 };
-        self.drop_stale_metrics();
+        self.drop_stale_metrics(aws);
         let largest = metrics::next_request_len(self.buf.metrics.iter());
         let suspects = self.held[METRICS].min(self.buf.metrics.len());
         let mut search = Bisect::new(bisect::budget_for(largest), suspects);
@@ -518,9 +519,13 @@ impl State {
             };
             let at = search.held();
             let batch: Vec<Datum> = self.buf.metrics.range(at..at + n).cloned().collect();
-            let params = metric_params(&self.cfg.namespace, batch.iter(), resolution);
+            let namespace = self.cfg.namespace.clone();
+            let body = |skew| {
+                let params = metric_params(&namespace, batch.iter(), resolution, skew);
+                super::client::query_body("PutMetricData", CW_VERSION, &params).into_bytes()
+            };
             self.calls.put_metric_data.fetch_add(1, Ordering::Relaxed);
-            match aws.query(Service::CloudWatch, "PutMetricData", CW_VERSION, &params) {
+            match aws.query_at(Service::CloudWatch, &body) {
                 Ok(_) => {
                     self.buf.metrics.drain(at..at + n);
                     search.accepted();
@@ -593,14 +598,14 @@ impl State {
         }
     }
 
-    /// Drops buffered events CloudWatch Logs would refuse (older than 14 days or too far
-    /// ahead).
-    fn drop_unacceptable_logs(&mut self) {
-        let now = clock::wall_ms();
+    /// Drops buffered events CloudWatch Logs would refuse (older than 14 days or more than 2
+    /// hours ahead of AWS's clock, their timestamps moved to it as they will be sent).
+    fn drop_unacceptable_logs(&mut self, aws: &Aws) {
+        let now = aws.aws_time(clock::wall_ms());
         let before = self.buf.logs.len();
         let (mut i, mut held) = (0, self.held[LOGS].min(before));
         self.buf.logs.retain(|r| {
-            let keep = logs::acceptable(r.ts_ms, now);
+            let keep = logs::acceptable(aws.aws_time(r.ts_ms), now);
             held -= usize::from(!keep && i < self.held[LOGS]);
             i += 1;
             keep
@@ -613,13 +618,14 @@ impl State {
         }
     }
 
-    /// The PutLogEvents body for `batch`, in the order it requires.
-    fn log_batch(&self, batch: &[LogRecord]) -> serde_json::Value {
+    /// The PutLogEvents body for `batch`, in the order it requires, its timestamps on AWS's
+    /// clock (`skew_ms` ahead of ours). The 24-hour span of a batch is the same on either clock.
+    fn log_batch(&self, batch: &[LogRecord], skew_ms: i64) -> serde_json::Value {
         let mut batch = batch.to_vec();
         logs::chronological(&mut batch);
         let events: Vec<serde_json::Value> = batch
             .into_iter()
-            .map(|r| serde_json::json!({ "timestamp": r.ts_ms, "message": r.message }))
+            .map(|r| serde_json::json!({ "timestamp": r.ts_ms.saturating_add_signed(skew_ms), "message": r.message }))
             .collect();
         serde_json::json!({
             "logGroupName": self.cfg.log_group,
@@ -644,7 +650,7 @@ impl State {
     /// Every buffered event, oldest first, as `send_metrics` sends datums (a refused batch is
     /// searched within a budget; an event refused alone is dropped and counted).
     fn send_logs(&mut self, aws: &mut Aws) {
-        self.drop_unacceptable_logs();
+        self.drop_unacceptable_logs(aws);
         let largest = logs::next_batch_len(self.buf.logs.iter());
         let suspects = self.held[LOGS].min(self.buf.logs.len());
         let mut search = Bisect::new(bisect::budget_for(largest), suspects);
@@ -663,7 +669,7 @@ impl State {
             let at = search.held();
             let batch: Vec<LogRecord> = self.buf.logs.range(at..at + n).cloned().collect();
             self.calls.put_log_events.fetch_add(1, Ordering::Relaxed);
-            match aws.logs("PutLogEvents", &self.log_batch(&batch)) {
+            match aws.logs_at("PutLogEvents", &|skew| self.log_batch(&batch, skew)) {
                 Ok(out) => {
                     self.buf.logs.drain(at..at + n);
                     search.accepted();
@@ -773,11 +779,13 @@ impl State {
 const CW_VERSION: &str = "2010-08-01";
 const SNS_VERSION: &str = "2010-03-31";
 
-/// PutMetricData's awsquery parameters for `datums` (StatisticValues, never raw values).
+/// PutMetricData's awsquery parameters for `datums` (StatisticValues, never raw values), their
+/// timestamps moved `skew_ms` to AWS's clock.
 pub fn metric_params<'a>(
     namespace: &str,
     datums: impl Iterator<Item = &'a Datum>,
     resolution: u32,
+    skew_ms: i64,
 ) -> Vec<(String, String)> {
     let mut p = vec![("Namespace".to_string(), namespace.to_string())];
     for (i, d) in datums.enumerate() {
@@ -794,7 +802,10 @@ pub fn metric_params<'a>(
             p.push((format!("{m}.Dimensions.member.{}.Name", j + 1), k.clone()));
             p.push((format!("{m}.Dimensions.member.{}.Value", j + 1), v.clone()));
         }
-        p.push((format!("{m}.Timestamp"), clock::rfc3339(d.ts_ms)));
+        p.push((
+            format!("{m}.Timestamp"),
+            clock::rfc3339(d.ts_ms.saturating_add_signed(skew_ms)),
+        ));
         let s = &d.stats;
         p.push((
             format!("{m}.StatisticValues.SampleCount"),
@@ -1032,6 +1043,115 @@ mod tests {
         assert!(st.buf.logs.iter().all(|r| r.message == "refused-by-aws"));
     }
 
+    /// Epoch ms of a SigV4 `X-Amz-Date` (`20261130T124000Z`).
+    fn amz_date_ms(d: &str) -> Option<u64> {
+        let b = d.get(..15)?;
+        clock::parse_rfc3339(&format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &b[0..4],
+            &b[4..6],
+            &b[6..8],
+            &b[9..11],
+            &b[11..13],
+            &b[13..15]
+        ))
+    }
+
+    /// The timestamps a fake AWS accepted: datums', events'.
+    type Accepted = (Vec<u64>, Vec<u64>);
+
+    /// AWS as it judges time, with a clock 3 hours behind ours (ministack judges none of it):
+    /// every reply carries its `Date`; a signature more than 5 minutes off its time is refused
+    /// (403, "Signature expired"); PutMetricData is refused (400 InvalidParameterValue) for a
+    /// Timestamp more than 2 hours ahead or 14 days behind; PutLogEvents takes the request but
+    /// rejects such events (`rejectedLogEventsInfo`). Keeps the timestamps it accepted.
+    fn aws_three_hours_behind() -> (String, Arc<std::sync::Mutex<Accepted>>) {
+        const AHEAD: u64 = 2 * 3_600_000;
+        const BEHIND: u64 = 14 * 86_400_000;
+        let theirs = || clock::wall_ms() - 3 * 3_600_000;
+        let kept = Arc::new(std::sync::Mutex::new((Vec::new(), Vec::new())));
+        let k = kept.clone();
+        let ep = test_env::server(move |r: &Seen| {
+            let now = theirs();
+            let date = vec![("Date", test_env::http_date(now))];
+            let signed = r.header("x-amz-date").and_then(amz_date_ms).unwrap_or(0);
+            if signed.abs_diff(now) > 300_000 {
+                return ("403 Forbidden", date, "<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>Signature expired: 20261130T150000Z is now earlier than 20261130T115500Z (20261130T121000Z - 15 min.)</Message></Error></ErrorResponse>".into());
+            }
+            let judged = |t: u64| t <= now + AHEAD && t + BEHIND >= now;
+            match r.header("x-amz-target") {
+                Some("Logs_20140328.PutLogEvents") => {
+                    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                    let times: Vec<u64> = v["logEvents"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e["timestamp"].as_u64().unwrap())
+                        .collect();
+                    let too_new = times.iter().position(|t| *t > now + AHEAD);
+                    let ok = times[..too_new.unwrap_or(times.len())].iter();
+                    k.lock().unwrap().1.extend(ok.filter(|t| judged(**t)));
+                    let body = match too_new {
+                        Some(i) => {
+                            serde_json::json!({ "rejectedLogEventsInfo": { "tooNewLogEventStartIndex": i } })
+                        }
+                        None => serde_json::json!({}),
+                    };
+                    ("200 OK", date, body.to_string())
+                }
+                Some(_) => ("200 OK", date, "{}".into()),
+                None => {
+                    let times: Vec<u64> = r
+                        .body
+                        .split('&')
+                        .filter_map(|p| p.split_once(".Timestamp="))
+                        .map(|(_, v)| clock::parse_rfc3339(&v.replace("%3A", ":")).unwrap())
+                        .collect();
+                    if times.iter().all(|t| judged(*t)) {
+                        k.lock().unwrap().0.extend(times);
+                        ("200 OK", date, "<PutMetricDataResponse/>".into())
+                    } else {
+                        ("400 Bad Request", date, "<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>The parameter MetricData.member.1.Timestamp must specify a time no more than two hours in the future.</Message></Error></ErrorResponse>".into())
+                    }
+                }
+            }
+        });
+        (ep, kept)
+    }
+
+    #[test]
+    fn a_clock_hours_off_sends_datum_and_event_times_on_aws_s_clock() {
+        let (ep, kept) = aws_three_hours_behind();
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let datums = (0..5).map(|i| datum(&format!("app{i}"), now)).collect();
+        let events = (0..3).map(|i| record(&format!("event {i}"), now)).collect();
+        st.buf
+            .push(&Capacity::default(), datums, events, Vec::new());
+        st.deliver(&mut aws, true);
+        let (metric_times, event_times) = kept.lock().unwrap().clone();
+        let aws_now = clock::wall_ms() - 3 * 3_600_000;
+        assert_eq!(metric_times.len(), 5, "every datum accepted");
+        assert_eq!(event_times.len(), 3, "every event accepted");
+        for t in metric_times.iter().chain(&event_times) {
+            assert!(
+                t.abs_diff(aws_now) < 60_000,
+                "stamped {} ms off AWS's clock",
+                t.abs_diff(aws_now)
+            );
+        }
+        assert_eq!(
+            (st.buf.dropped, st.buf.len()),
+            (0, 0),
+            "nothing dropped or left"
+        );
+        assert!(
+            (aws.skew_ms() + 3 * 3_600_000).abs() < 5_000,
+            "{}",
+            aws.skew_ms()
+        );
+    }
+
     #[test]
     fn a_fleet_topic_arn_is_built_from_the_caller_identity() {
         assert_eq!(
@@ -1083,7 +1203,7 @@ mod tests {
             },
             unit: Unit::Milliseconds,
         };
-        let p = metric_params("PM2/CodeBox", [&d, &d].into_iter(), 60);
+        let p = metric_params("PM2/CodeBox", [&d, &d].into_iter(), 60, 0);
         let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("Namespace"), Some("PM2/CodeBox"));
         assert_eq!(get("MetricData.member.1.MetricName"), Some("ResponseTime"));
