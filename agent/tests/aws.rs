@@ -979,3 +979,60 @@ fn datums_aws_refuses_cost_a_bounded_number_of_calls_per_flush_and_valid_metrics
         "{reported} + {counted} + {kept}"
     );
 }
+
+/// A non-ASCII `instance_id` is a warning, not a config error, and costs no metric: the agent
+/// sends it percent-encoded as the InstanceId dimension and the log stream name.
+#[test]
+fn a_non_ascii_instance_id_is_a_warning_and_every_metric_is_sent_under_its_encoding() {
+    let ms = Ministack::start();
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let mut agent = Agent::new(&pm2, &aws_section("höst", ""), &app("web", port, ""));
+    let out = std::process::Command::new(agent_harness::AGENT)
+        .args(["validate", "--config"])
+        .arg(agent.config())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("WARNING: instance_id `höst`") && stdout.contains("`h%C3%B6st`"),
+        "{stdout}"
+    );
+    agent.spawn_env(&ms.env());
+    let sent = "h%C3%B6st";
+    wait_until(
+        Duration::from_secs(20),
+        "metrics under the encoded instance id",
+        || {
+            stats(
+                &ms,
+                "ServiceStatus",
+                &[("App", "web"), ("InstanceId", sent)],
+            )
+            .is_some()
+                && stats(&ms, "AgentHeartbeat", &[("InstanceId", sent)]).is_some()
+        },
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "agent_start in the encoded stream",
+        || {
+            kinds(&log_messages(&ms, sent))
+                .iter()
+                .any(|k| k == "agent_start")
+        },
+    );
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
+    let log = agent.log();
+    assert!(log.contains("sending it percent-encoded"), "{log}");
+    assert!(
+        !log.contains("Dropping a metric AWS would refuse."),
+        "{log}"
+    );
+}

@@ -201,6 +201,9 @@ fn run(
         Some(i) => i.clone(),
         None => instance_id(imds.as_mut()),
     };
+    if let Some(written) = &cfg.instance_id_written {
+        tracing::warn!(message = "CloudWatch refuses the configured instance_id as a dimension value; sending it percent-encoded.", instance_id = %written, instance = %instance);
+    }
     let op = op_timeout(cfg.flush_interval);
     let mut aws = Aws::new(cfg.region.as_deref(), Box::new(process_env), imds, op);
     aws.share_deadline(halt.at.clone());
@@ -335,9 +338,11 @@ impl State {
     }
 }
 
-/// The InstanceId dimension: IMDSv2 on EC2 (unless AWS_EC2_METADATA_DISABLED), else the host name.
+/// The InstanceId dimension: IMDSv2 on EC2 (unless AWS_EC2_METADATA_DISABLED), else the host
+/// name, as AWS accepts it (`names::instance_name`: percent-encoded where it would refuse it).
 pub fn instance_id(imds: Option<&mut Imds>) -> String {
-    imds.and_then(|i| i.instance_id()).unwrap_or_else(hostname)
+    let id = imds.and_then(|i| i.instance_id()).unwrap_or_else(hostname);
+    super::names::instance_name(&id).into_owned()
 }
 
 /// The InstanceId this box gets from the environment (the CLI's view of what the agent will use).
