@@ -523,7 +523,9 @@ impl Aws {
             .map_err(|e| CallError::Transport(format!("unreadable reply: {e}")))
     }
 
-    /// Sends with retries until success, a final error, or the deadline.
+    /// Sends with retries until success, a final error, or the deadline. A refused skewed
+    /// signature is retried at once, once per call (a reply whose `Date` keeps moving must not
+    /// buy unlimited attempts).
     fn call(
         &mut self,
         service: Service,
@@ -535,6 +537,7 @@ impl Aws {
             .map_err(CallError::Transport)?;
         let until = Instant::now() + self.op_timeout;
         let mut attempt = 0;
+        let mut skew_retried = false;
         loop {
             let left = self
                 .bounded(until)
@@ -545,7 +548,8 @@ impl Aws {
             let body = body(self.skew_ms);
             let r = self.attempt(service, &url, headers, &body, left.min(ATTEMPT_TIMEOUT));
             let Err(e) = r else { return r };
-            if self.correct_skew(&e) {
+            if self.correct_skew(&e) && !skew_retried {
+                skew_retried = true;
                 continue;
             }
             if e.code().is_some_and(|c| EXPIRED.contains(&c)) {
@@ -882,6 +886,42 @@ mod tests {
             hits.load(std::sync::atomic::Ordering::SeqCst),
             3,
             "the offset is kept"
+        );
+    }
+
+    #[test]
+    fn a_refusal_whose_date_keeps_moving_gets_one_retry_not_a_loop() {
+        // An endpoint that refuses every signature as skewed, each time with a `Date` an hour
+        // away on the other side: the skew never settles.
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        let ep = crate::aws::test_env::server(move |_| {
+            let n = h.fetch_add(1, std::sync::atomic::Ordering::SeqCst) as u64;
+            let now = clock::wall_ms();
+            let theirs = if n.is_multiple_of(2) {
+                now + 3_600_000
+            } else {
+                now - 3_600_000
+            };
+            (
+                "403 Forbidden",
+                vec![("Date", crate::aws::test_env::http_date(theirs))],
+                "<ErrorResponse><Error><Code>RequestTimeTooSkewed</Code><Message>The difference between the request time and the current time is too large.</Message></Error></ErrorResponse>".into(),
+            )
+        });
+        let env = crate::aws::test_env::static_keys(&ep);
+        let mut aws = Aws::new(
+            Some("us-east-1"),
+            Box::new(env),
+            None,
+            Duration::from_secs(5),
+        );
+        let r = aws.query(Service::CloudWatch, "PutMetricData", "2010-08-01", &[]);
+        assert!(r.as_ref().is_err_and(CallError::is_skew), "{r:?}");
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "requests for one call"
         );
     }
 
