@@ -302,7 +302,13 @@ pub fn parse_http_date(s: &str) -> Option<u64> {
     let year: i64 = f.next()?.parse().ok()?;
     let mut hms = f.next()?.split(':').map(|p| p.parse::<i64>().ok());
     let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
-    if f.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+    // Bounded before any arithmetic: a reply's odd `Date` (year 99999999999) must not overflow.
+    let fields_ok = (1970..=9999).contains(&year)
+        && (1..=31).contains(&day)
+        && (0..=23).contains(&h)
+        && (0..=59).contains(&m)
+        && (0..=60).contains(&sec);
+    if f.next()? != "GMT" || !fields_ok {
         return None;
     }
     let days = clock::days_from_civil(year, month, day);
@@ -800,6 +806,19 @@ mod tests {
         );
         assert_eq!(parse_http_date("Mon, 30 Nov 2026 12:40:00 PST"), None);
         assert_eq!(parse_http_date("yesterday"), None);
+    }
+
+    #[test]
+    fn an_odd_reply_date_is_ignored_not_a_panic() {
+        // Each once overflowed (a panic in a debug build, a nonsense offset in a release one).
+        for odd in [
+            "Mon, 30 Nov 99999999999999 12:40:00 GMT",
+            "Mon, 30 Nov -99999999999999 12:40:00 GMT",
+            "Mon, 30 Nov 2026 -5:40:00 GMT",
+            "Mon, 30 Nov 1969 23:59:59 GMT",
+        ] {
+            assert_eq!(parse_http_date(odd), None, "{odd}");
+        }
     }
 
     /// A fake AWS whose clock is an hour ahead of ours (ministack does not check signing
