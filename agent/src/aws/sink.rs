@@ -653,12 +653,15 @@ impl State {
     }
 
     /// Every buffered event, oldest first, as `send_metrics` sends datums (a refused batch is
-    /// searched within a budget; an event refused alone is dropped and counted).
+    /// searched within a budget; an event refused alone is dropped and counted). A deleted group
+    /// or stream is created again once per flush: one that keeps vanishing is an outage, not a
+    /// reason to loop.
     fn send_logs(&mut self, aws: &mut Aws) {
         self.drop_unacceptable_logs(aws);
         let largest = logs::next_batch_len(self.buf.logs.iter());
         let suspects = self.held[LOGS].min(self.buf.logs.len());
         let mut search = Bisect::new(bisect::budget_for(largest), suspects);
+        let mut recreated = false;
         while !self.buf.logs.is_empty() && !self.interrupted() {
             if !self.stream_ready {
                 if let Err(e) = self.ensure_stream(aws) {
@@ -683,8 +686,9 @@ impl State {
                         tracing::warn!(message = "CloudWatch Logs rejected some events.", too_old = ?info.get("tooOldLogEventEndIndex"), expired = ?info.get("expiredLogEventEndIndex"), too_new = ?info.get("tooNewLogEventStartIndex"));
                     }
                 }
-                Err(e) if e.code() == Some("ResourceNotFoundException") => {
+                Err(e) if e.code() == Some("ResourceNotFoundException") && !recreated => {
                     // The group or stream was deleted under us: create it again and resend.
+                    recreated = true;
                     search.again();
                     self.stream_ready = false;
                 }
@@ -697,6 +701,7 @@ impl State {
                     Verdict::Split | Verdict::Held => {}
                 },
                 Err(e) => {
+                    self.stream_ready &= e.code() != Some("ResourceNotFoundException");
                     self.fail(LOGS, &e);
                     break;
                 }
@@ -1155,6 +1160,53 @@ mod tests {
             "{}",
             aws.skew_ms()
         );
+    }
+
+    /// A CloudWatch Logs whose PutLogEvents answers `put` (creating groups and streams works);
+    /// counts the PutLogEvents calls. Ministack answers as AWS does, so cannot stand in.
+    fn logs_answering(put: &'static str, status: &'static str) -> (String, Arc<AtomicU64>) {
+        let puts = Arc::new(AtomicU64::new(0));
+        let p = puts.clone();
+        let ep = test_env::server(move |r: &Seen| match r.header("x-amz-target") {
+            Some("Logs_20140328.PutLogEvents") => {
+                p.fetch_add(1, Ordering::SeqCst);
+                reply(status, put)
+            }
+            _ => reply("200 OK", "{}"),
+        });
+        (ep, puts)
+    }
+
+    #[test]
+    fn a_log_stream_that_keeps_vanishing_is_created_again_once_per_flush_not_in_a_loop() {
+        let (ep, puts) = logs_answering(
+            r#"{"__type":"ResourceNotFoundException","message":"The specified log stream does not exist."}"#,
+            "400 Bad Request",
+        );
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        // Stops the sink after 50 calls: without a bound the flush never ends by itself.
+        let (stop, p) = (st.stop.clone(), puts.clone());
+        std::thread::spawn(move || {
+            while p.load(Ordering::SeqCst) < 50 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        let now = clock::wall_ms();
+        st.buf.push(
+            &Capacity::default(),
+            Vec::new(),
+            vec![record("restart", now)],
+            Vec::new(),
+        );
+        st.send_logs(&mut aws);
+        assert_eq!(
+            puts.load(Ordering::SeqCst),
+            2,
+            "PutLogEvents calls in one flush"
+        );
+        assert_eq!(st.buf.logs.len(), 1, "the event is kept for the next flush");
+        assert!(st.failing[LOGS]);
     }
 
     #[test]
