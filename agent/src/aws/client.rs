@@ -508,7 +508,9 @@ impl Aws {
         self.logs_at(operation, &|_| body.clone())
     }
 
-    /// A CloudWatch Logs call whose body carries times AWS judges (see `query_at`).
+    /// A CloudWatch Logs call whose body carries times AWS judges (see `query_at`). A success
+    /// whose reply is not JSON is still a success (`Null`): AWS took the request, and sending
+    /// it again would deliver it twice.
     pub fn logs_at(
         &mut self,
         operation: &str,
@@ -525,8 +527,10 @@ impl Aws {
         if reply.iter().all(u8::is_ascii_whitespace) {
             return Ok(serde_json::Value::Null);
         }
-        serde_json::from_slice(&reply)
-            .map_err(|e| CallError::Transport(format!("unreadable reply: {e}")))
+        Ok(serde_json::from_slice(&reply).unwrap_or_else(|error| {
+            tracing::warn!(message = "CloudWatch Logs accepted a request with a reply that is not JSON.", action = operation, %error);
+            serde_json::Value::Null
+        }))
     }
 
     /// Sends with retries until success, a final error, or the deadline. A refused skewed

@@ -1210,6 +1210,28 @@ mod tests {
     }
 
     #[test]
+    fn a_put_log_events_aws_took_is_not_sent_again_for_an_unreadable_reply() {
+        let (ep, puts) = logs_answering("OK", "200 OK");
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        st.buf.push(
+            &Capacity::default(),
+            Vec::new(),
+            vec![record("restart", now)],
+            Vec::new(),
+        );
+        for _ in 0..3 {
+            st.send_logs(&mut aws);
+        }
+        assert_eq!(
+            puts.load(Ordering::SeqCst),
+            1,
+            "delivered once, not at every flush"
+        );
+        assert!(st.buf.logs.is_empty());
+    }
+
+    #[test]
     fn a_fleet_topic_arn_is_built_from_the_caller_identity() {
         assert_eq!(
             topic_arn(
