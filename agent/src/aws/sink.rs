@@ -652,6 +652,19 @@ impl State {
         }
     }
 
+    /// Events of an accepted batch of `n` that CloudWatch Logs rejected (too old, expired, too
+    /// new): AWS dropped them, so they are counted as dropped.
+    fn count_rejected(&mut self, reply: &serde_json::Value, n: usize) {
+        let Some(info) = reply.get("rejectedLogEventsInfo") else {
+            return;
+        };
+        let rejected = logs::rejected(info, n);
+        if rejected > 0 {
+            self.buf.count_dropped(rejected as u64);
+            tracing::warn!(message = "CloudWatch Logs rejected some events (counted as dropped).", dropped = rejected, too_old = ?info.get("tooOldLogEventEndIndex"), expired = ?info.get("expiredLogEventEndIndex"), too_new = ?info.get("tooNewLogEventStartIndex"));
+        }
+    }
+
     /// Every buffered event, oldest first, as `send_metrics` sends datums (a refused batch is
     /// searched within a budget; an event refused alone is dropped and counted). A deleted group
     /// or stream is created again once per flush: one that keeps vanishing is an outage, not a
@@ -682,9 +695,7 @@ impl State {
                     self.buf.logs.drain(at..at + n);
                     search.accepted();
                     self.note_success(LOGS);
-                    if let Some(info) = out.get("rejectedLogEventsInfo").filter(|i| i.is_object()) {
-                        tracing::warn!(message = "CloudWatch Logs rejected some events.", too_old = ?info.get("tooOldLogEventEndIndex"), expired = ?info.get("expiredLogEventEndIndex"), too_new = ?info.get("tooNewLogEventStartIndex"));
-                    }
+                    self.count_rejected(&out, n);
                 }
                 Err(e) if e.code() == Some("ResourceNotFoundException") && !recreated => {
                     // The group or stream was deleted under us: create it again and resend.
@@ -1229,6 +1240,27 @@ mod tests {
             "delivered once, not at every flush"
         );
         assert!(st.buf.logs.is_empty());
+    }
+
+    #[test]
+    fn events_cloudwatch_logs_takes_but_rejects_are_counted_as_dropped() {
+        // As AWS answers for events older than the group's retention.
+        let (ep, _) = logs_answering(
+            r#"{"rejectedLogEventsInfo":{"expiredLogEventEndIndex":2}}"#,
+            "200 OK",
+        );
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let events = (0..5).map(|i| record(&format!("e{i}"), now + i)).collect();
+        st.buf
+            .push(&Capacity::default(), Vec::new(), events, Vec::new());
+        st.send_logs(&mut aws);
+        assert!(st.buf.logs.is_empty());
+        assert_eq!(
+            (st.buf.dropped, st.buf.dropped_total),
+            (2, 2),
+            "reported as DroppedDatapoints at the next flush"
+        );
     }
 
     #[test]
