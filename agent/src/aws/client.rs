@@ -588,7 +588,7 @@ impl Aws {
         // Fetching credentials gets what is left of the attempt.
         let creds = self
             .creds
-            .get_within(total)
+            .get_within(total, self.skew_ms)
             .map_err(CallError::Credentials)?;
         let total = self
             .bounded(Instant::now() + total)
