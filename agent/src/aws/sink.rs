@@ -12,6 +12,12 @@
 //!   counted beyond it) and is spilled to `<state_dir>/spool/`; once AWS answers again it is
 //!   delivered in order; an item leaves the buffer only after AWS accepted it. A request whose
 //!   answer is lost may be repeated (at-least-once on the wire; no loss).
+//! - A flush's calls are bounded: a request AWS refuses as a whole is searched for the items it
+//!   refuses within a budget of extra calls (`bisect`), an item refused alone is dropped and
+//!   counted, the unjudged rest waits for the next flush; a vanished log stream is created again
+//!   once per flush.
+//! - Every time AWS judges (timestamps, their 14-day / 2-hour window) is on AWS's clock
+//!   (`Aws::aws_time`), learnt from its replies.
 //! - `Sink::stop` flushes within a deadline, then spills what is left for the next start.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
