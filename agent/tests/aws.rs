@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use agent_harness::{app, Agent};
-use aws_common::{rt, Ministack, Receiver};
+use aws_common::{rt, Ministack, Receiver, RefusingProxy};
 use common::{free_port, set_mode, wait_until, Pm2Sandbox};
 use serde_json::Value;
 
@@ -893,4 +893,146 @@ fn an_error_message_with_unicode_at_the_cut_does_not_stop_the_sink() {
     let log = agent.log();
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.contains("AccessDeniedException"), "{log}");
+}
+
+/// An earlier run left 1000 datums in the spool that AWS refuses as a whole request (something
+/// no local check catches; ministack accepts everything, so a proxy in front of it refuses them
+/// as AWS would). Each flush makes a bounded number of PutMetricData calls (the halving once made
+/// about 11,000 in one flush), the app's metrics still arrive from the first flush, the datums
+/// proven bad are dropped and counted, and the unjudged rest is kept.
+#[test]
+fn datums_aws_refuses_cost_a_bounded_number_of_calls_per_flush_and_valid_metrics_arrive() {
+    let ms = Ministack::start();
+    let proxy = RefusingProxy::start(ms.port, "refused-by-aws");
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let host = "refusal-host";
+    let mut agent = Agent::new(&pm2, &aws_section(host, ""), &app("web", port, ""));
+    let now = wall_ms();
+    let refused: Vec<Value> = (0..1000u64)
+        .map(|i| {
+            serde_json::json!({
+                "name": "ServiceStatus",
+                "dims": [["App", "refused-by-aws"], ["InstanceId", host]],
+                "ts_ms": now - 60_000 - i,
+                "stats": {"count": 1.0, "sum": 1.0, "min": 1.0, "max": 1.0},
+                "unit": "None"
+            })
+        })
+        .collect();
+    let spool = agent.state().join("spool/pending.json");
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(spool.parent().unwrap())
+            .unwrap();
+        let doc = serde_json::json!({"metrics": refused, "logs": [], "alerts": [], "dropped": 0});
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&spool)
+            .unwrap();
+        std::io::Write::write_all(&mut f, doc.to_string().as_bytes()).unwrap();
+    }
+    let mut env = ms.env();
+    env.push(("AWS_ENDPOINT_URL_CLOUDWATCH", proxy.endpoint()));
+    agent.spawn_env(&env);
+    let web = [("App", "web"), ("InstanceId", host)];
+    wait_until(
+        Duration::from_secs(15),
+        "the app's metrics past the refused datums",
+        || stats(&ms, "ServiceStatus", &web).is_some(),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let stopping = Instant::now();
+    assert!(agent.stop_within(Duration::from_secs(15)).success());
+    let bursts = proxy.bursts(Duration::from_millis(300), stopping);
+    eprintln!("PutMetricData calls per flush: {bursts:?}");
+    let bound = 2 + pmguard_agent::aws::bisect::budget_for(1000) as usize;
+    assert!(bursts.len() >= 3, "{bursts:?}");
+    assert!(
+        bursts.iter().all(|n| *n <= bound),
+        "more than {bound} calls in a flush: {bursts:?}"
+    );
+    let (beats, _, _, _) = stats(&ms, "AgentHeartbeat", &[("InstanceId", host)]).unwrap();
+    assert!(beats >= 3.0, "{beats}");
+    let log = agent.log();
+    assert!(
+        log.contains("CloudWatch refused a metric; dropping it."),
+        "{log}"
+    );
+    // Every refused datum is accounted for: reported dropped, counted for the next report, or
+    // still spooled unjudged.
+    let (_, reported, _, _) = stats(&ms, "DroppedDatapoints", &[("InstanceId", host)])
+        .expect("the datums proven bad are reported");
+    let left: Value = serde_json::from_str(&std::fs::read_to_string(&spool).unwrap()).unwrap();
+    let kept = left["metrics"].as_array().unwrap().len() as f64;
+    let counted = left["dropped"].as_f64().unwrap();
+    assert!(kept > 0.0 && reported >= 1.0, "{kept} {reported}");
+    assert_eq!(
+        reported + counted + kept,
+        1000.0,
+        "{reported} + {counted} + {kept}"
+    );
+}
+
+/// A non-ASCII `instance_id` is a warning, not a config error, and costs no metric: the agent
+/// sends it percent-encoded as the InstanceId dimension and the log stream name.
+#[test]
+fn a_non_ascii_instance_id_is_a_warning_and_every_metric_is_sent_under_its_encoding() {
+    let ms = Ministack::start();
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("web", port, &[]);
+    let mut agent = Agent::new(&pm2, &aws_section("höst", ""), &app("web", port, ""));
+    let out = std::process::Command::new(agent_harness::AGENT)
+        .args(["validate", "--config"])
+        .arg(agent.config())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("WARNING: instance_id `höst`") && stdout.contains("`h%C3%B6st`"),
+        "{stdout}"
+    );
+    agent.spawn_env(&ms.env());
+    let sent = "h%C3%B6st";
+    wait_until(
+        Duration::from_secs(20),
+        "metrics under the encoded instance id",
+        || {
+            stats(
+                &ms,
+                "ServiceStatus",
+                &[("App", "web"), ("InstanceId", sent)],
+            )
+            .is_some()
+                && stats(&ms, "AgentHeartbeat", &[("InstanceId", sent)]).is_some()
+        },
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "agent_start in the encoded stream",
+        || {
+            kinds(&log_messages(&ms, sent))
+                .iter()
+                .any(|k| k == "agent_start")
+        },
+    );
+    assert!(agent.stop_within(Duration::from_secs(10)).success());
+    let log = agent.log();
+    assert!(log.contains("sending it percent-encoded"), "{log}");
+    assert!(
+        !log.contains("Dropping a metric AWS would refuse."),
+        "{log}"
+    );
 }

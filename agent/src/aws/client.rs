@@ -10,6 +10,11 @@
 //!   set (the stop flush's).
 //! - Up to 3 attempts, exponential backoff with full jitter (100 ms base, 2 s cap), only for
 //!   throttling, 5xx and transport errors. Everything else comes back at once, classified.
+//! - AWS's time, not ours, wherever AWS judges it: the offset of AWS's clock is learnt from the
+//!   `Date` of its replies (a refused skewed signature is retried once with it) and applied to
+//!   every signature and, through the body builders (`query_at`, `logs_at`), to every timestamp
+//!   a request carries, rebuilt for each attempt. `aws_time` gives the rest of the sink the same
+//!   clock.
 //! - Errors and logs never carry a secret: URLs are shown redacted, credentials not at all.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -297,7 +302,13 @@ pub fn parse_http_date(s: &str) -> Option<u64> {
     let year: i64 = f.next()?.parse().ok()?;
     let mut hms = f.next()?.split(':').map(|p| p.parse::<i64>().ok());
     let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
-    if f.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+    // Bounded before any arithmetic: a reply's odd `Date` (year 99999999999) must not overflow.
+    let fields_ok = (1970..=9999).contains(&year)
+        && (1..=31).contains(&day)
+        && (0..=23).contains(&h)
+        && (0..=59).contains(&m)
+        && (0..=60).contains(&sec);
+    if f.next()? != "GMT" || !fields_ok {
         return None;
     }
     let days = clock::days_from_civil(year, month, day);
@@ -340,11 +351,16 @@ pub struct Aws {
     /// The stop deadline (`clock::mono_now` ms, 0 = none), shared with whoever stops the sink:
     /// every call and every attempt reads it, so a stop shortens the call in flight.
     stop_at: Arc<AtomicU64>,
-    /// AWS's time minus ours (ms), learnt from a reply that refused a skewed signature.
+    /// AWS's time minus ours (ms), learnt from the `Date` of its replies.
     skew_ms: i64,
-    /// The `Date` of the last reply that refused a skewed signature.
-    server_ms: Option<u64>,
+    /// AWS's time minus ours (ms) by the `Date` of the last reply that refused a skewed
+    /// signature.
+    refused_skew_ms: Option<i64>,
 }
+
+/// Offsets below this are not learnt from a successful reply: `Date` has whole seconds and the
+/// reply takes time to arrive, so a clock in sync reads as up to about 2 s off.
+pub const SKEW_TOLERANCE_MS: i64 = 5_000;
 
 const MAX_ATTEMPTS: u32 = 3;
 pub const NO_REGION: &str = "no AWS region: set `region` in [aws], AWS_REGION, or the profile's region (on EC2 the instance metadata gives it)";
@@ -383,7 +399,7 @@ impl Aws {
             op_timeout,
             stop_at: Arc::new(AtomicU64::new(0)),
             skew_ms: 0,
-            server_ms: None,
+            refused_skew_ms: None,
         }
     }
 
@@ -393,19 +409,48 @@ impl Aws {
         self.stop_at = stop_at;
     }
 
+    /// AWS's time minus ours (ms), as far as its replies told (0 until one did).
+    pub fn skew_ms(&self) -> i64 {
+        self.skew_ms
+    }
+
+    /// Our time `ms` (epoch ms of this machine's clock) on AWS's clock.
+    pub fn aws_time(&self, ms: u64) -> u64 {
+        ms.saturating_add_signed(self.skew_ms)
+    }
+
     /// After AWS said the signing time is off: the offset to its `Date`, applied to every later
-    /// signature; whether to retry at once (once per skew: a second refusal is final).
+    /// signature and timestamp; whether to retry at once.
     fn correct_skew(&mut self, e: &CallError) -> bool {
-        let Some(server) = self.server_ms.take() else {
+        let Some(skew) = self.refused_skew_ms.take() else {
             return false;
         };
-        let skew = server as i64 - clock::wall_ms() as i64;
         if !e.is_skew() || (skew - self.skew_ms).abs() < 1_000 {
             return false;
         }
-        tracing::warn!(message = "The clock differs from AWS's; signing with AWS's time.", skew_ms = skew, error = %e);
+        tracing::warn!(message = "The clock differs from AWS's; signing and timestamping with AWS's time.", skew_ms = skew, error = %e);
         self.skew_ms = skew;
         true
+    }
+
+    /// A successful reply's `Date`: an offset beyond the tolerance is AWS's time from now on
+    /// (AWS accepts signatures up to 5 minutes off, but a datum stamped minutes off lands in
+    /// the wrong period of every alarm); a clock put right again is followed back.
+    fn observe_date(&mut self, skew: Option<i64>) {
+        let Some(skew) = skew else { return };
+        if (skew - self.skew_ms).abs() < SKEW_TOLERANCE_MS {
+            return;
+        }
+        let skew = if skew.abs() < SKEW_TOLERANCE_MS {
+            0
+        } else {
+            skew
+        };
+        tracing::warn!(
+            message = "The clock differs from AWS's; timestamping with AWS's time.",
+            skew_ms = skew
+        );
+        self.skew_ms = skew;
     }
 
     /// `until`, or earlier when a stop deadline is set.
@@ -435,12 +480,22 @@ impl Aws {
         version: &str,
         params: &[(String, String)],
     ) -> Result<String, CallError> {
-        let body = query_body(action, version, params);
+        let body = query_body(action, version, params).into_bytes();
+        self.query_at(service, &|_| body.clone())
+    }
+
+    /// An awsquery call whose body carries times AWS judges: `body(skew_ms)` builds it
+    /// (`query_body`) with AWS's offset as known at each attempt.
+    pub fn query_at(
+        &mut self,
+        service: Service,
+        body: &dyn Fn(i64) -> Vec<u8>,
+    ) -> Result<String, CallError> {
         let headers = [(
             "Content-Type",
             "application/x-www-form-urlencoded; charset=utf-8",
         )];
-        let reply = self.call(service, &headers, body.as_bytes())?;
+        let reply = self.call(service, &headers, body)?;
         Ok(String::from_utf8_lossy(&reply).into_owned())
     }
 
@@ -450,31 +505,49 @@ impl Aws {
         operation: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, CallError> {
+        self.logs_at(operation, &|_| body.clone())
+    }
+
+    /// A CloudWatch Logs call whose body carries times AWS judges (see `query_at`). A success
+    /// whose reply is not JSON is still a success (`Null`): AWS took the request, and sending
+    /// it again would deliver it twice.
+    pub fn logs_at(
+        &mut self,
+        operation: &str,
+        body: &dyn Fn(i64) -> serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
         let target = format!("Logs_20140328.{operation}");
         let headers = [
             ("Content-Type", "application/x-amz-json-1.1"),
             ("X-Amz-Target", target.as_str()),
         ];
-        let reply = self.call(Service::Logs, &headers, body.to_string().as_bytes())?;
+        let reply = self.call(Service::Logs, &headers, &|skew| {
+            body(skew).to_string().into_bytes()
+        })?;
         if reply.iter().all(u8::is_ascii_whitespace) {
             return Ok(serde_json::Value::Null);
         }
-        serde_json::from_slice(&reply)
-            .map_err(|e| CallError::Transport(format!("unreadable reply: {e}")))
+        Ok(serde_json::from_slice(&reply).unwrap_or_else(|error| {
+            tracing::warn!(message = "CloudWatch Logs accepted a request with a reply that is not JSON.", action = operation, %error);
+            serde_json::Value::Null
+        }))
     }
 
-    /// Sends with retries until success, a final error, or the deadline.
+    /// Sends with retries until success, a final error, or the deadline. A refused skewed
+    /// signature is retried at once, once per call (a reply whose `Date` keeps moving must not
+    /// buy unlimited attempts).
     fn call(
         &mut self,
         service: Service,
         headers: &[(&str, &str)],
-        body: &[u8],
+        body: &dyn Fn(i64) -> Vec<u8>,
     ) -> Result<Vec<u8>, CallError> {
         let url = self.endpoints[service as usize]
             .clone()
             .map_err(CallError::Transport)?;
         let until = Instant::now() + self.op_timeout;
         let mut attempt = 0;
+        let mut skew_retried = false;
         loop {
             let left = self
                 .bounded(until)
@@ -482,9 +555,11 @@ impl Aws {
             if left < Duration::from_millis(50) {
                 return Err(CallError::Deadline);
             }
-            let r = self.attempt(service, &url, headers, body, left.min(ATTEMPT_TIMEOUT));
+            let body = body(self.skew_ms);
+            let r = self.attempt(service, &url, headers, &body, left.min(ATTEMPT_TIMEOUT));
             let Err(e) = r else { return r };
-            if self.correct_skew(&e) {
+            if self.correct_skew(&e) && !skew_retried {
+                skew_retried = true;
                 continue;
             }
             if e.code().is_some_and(|c| EXPIRED.contains(&c)) {
@@ -513,7 +588,7 @@ impl Aws {
         // Fetching credentials gets what is left of the attempt.
         let creds = self
             .creds
-            .get_within(total)
+            .get_within(total, self.skew_ms)
             .map_err(CallError::Credentials)?;
         let total = self
             .bounded(Instant::now() + total)
@@ -559,12 +634,17 @@ impl Aws {
         )
         .and_then(net::Reply::whole)
         .map_err(transport)?;
+        let skew = reply
+            .header("date")
+            .and_then(parse_http_date)
+            .map(|server| server as i64 - clock::wall_ms() as i64);
         if (200..300).contains(&reply.status) {
+            self.observe_date(skew);
             return Ok(reply.body);
         }
         let e = parse_error(reply.status, &reply.body, reply.header("x-amzn-errortype"));
         if e.is_skew() {
-            self.server_ms = reply.header("date").and_then(parse_http_date);
+            self.refused_skew_ms = skew;
         }
         Err(e)
     }
@@ -732,6 +812,19 @@ mod tests {
         assert_eq!(parse_http_date("yesterday"), None);
     }
 
+    #[test]
+    fn an_odd_reply_date_is_ignored_not_a_panic() {
+        // Each once overflowed (a panic in a debug build, a nonsense offset in a release one).
+        for odd in [
+            "Mon, 30 Nov 99999999999999 12:40:00 GMT",
+            "Mon, 30 Nov -99999999999999 12:40:00 GMT",
+            "Mon, 30 Nov 2026 -5:40:00 GMT",
+            "Mon, 30 Nov 1969 23:59:59 GMT",
+        ] {
+            assert_eq!(parse_http_date(odd), None, "{odd}");
+        }
+    }
+
     /// A fake AWS whose clock is an hour ahead of ours (ministack does not check signing
     /// times): it refuses a signature more than 5 minutes off its time, as AWS does, with its
     /// `Date`; counts the requests.
@@ -816,6 +909,80 @@ mod tests {
             hits.load(std::sync::atomic::Ordering::SeqCst),
             3,
             "the offset is kept"
+        );
+    }
+
+    #[test]
+    fn a_refusal_whose_date_keeps_moving_gets_one_retry_not_a_loop() {
+        // An endpoint that refuses every signature as skewed, each time with a `Date` an hour
+        // away on the other side: the skew never settles.
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        let ep = crate::aws::test_env::server(move |_| {
+            let n = h.fetch_add(1, std::sync::atomic::Ordering::SeqCst) as u64;
+            let now = clock::wall_ms();
+            let theirs = if n.is_multiple_of(2) {
+                now + 3_600_000
+            } else {
+                now - 3_600_000
+            };
+            (
+                "403 Forbidden",
+                vec![("Date", crate::aws::test_env::http_date(theirs))],
+                "<ErrorResponse><Error><Code>RequestTimeTooSkewed</Code><Message>The difference between the request time and the current time is too large.</Message></Error></ErrorResponse>".into(),
+            )
+        });
+        let env = crate::aws::test_env::static_keys(&ep);
+        let mut aws = Aws::new(
+            Some("us-east-1"),
+            Box::new(env),
+            None,
+            Duration::from_secs(5),
+        );
+        let r = aws.query(Service::CloudWatch, "PutMetricData", "2010-08-01", &[]);
+        assert!(r.as_ref().is_err_and(CallError::is_skew), "{r:?}");
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "requests for one call"
+        );
+    }
+
+    #[test]
+    fn the_offset_is_learnt_from_any_reply_beyond_the_tolerance_and_followed_back() {
+        let offset = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(180_000));
+        let o = offset.clone();
+        let ep = crate::aws::test_env::server(move |_| {
+            let theirs =
+                clock::wall_ms().saturating_add_signed(o.load(std::sync::atomic::Ordering::SeqCst));
+            (
+                "200 OK",
+                vec![("Date", crate::aws::test_env::http_date(theirs))],
+                "<PutMetricDataResponse/>".into(),
+            )
+        });
+        let env = crate::aws::test_env::static_keys(&ep);
+        let mut aws = Aws::new(
+            Some("us-east-1"),
+            Box::new(env),
+            None,
+            Duration::from_secs(5),
+        );
+        let call = |aws: &mut Aws| {
+            aws.query(Service::CloudWatch, "PutMetricData", "2010-08-01", &[])
+                .unwrap();
+            aws.skew_ms()
+        };
+        // 3 minutes: within what AWS accepts in a signature, yet a datum stamped on our clock
+        // would land in the wrong minute of every alarm.
+        assert!((call(&mut aws) - 180_000).abs() < 2_000);
+        offset.store(1_500, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(call(&mut aws), 0, "a clock put right is followed back");
+        offset.store(-2_500, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            call(&mut aws),
+            0,
+            "whole-second dates and latency are not skew"
         );
     }
 

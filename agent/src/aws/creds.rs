@@ -424,21 +424,24 @@ impl Provider {
 
     /// Credentials for the next request: the cached ones until 5 minutes before they expire.
     pub fn get(&mut self) -> Result<Credentials, CredsError> {
-        self.get_within(Duration::from_secs(3))
+        self.get_within(Duration::from_secs(3), 0)
     }
 
-    /// As `get`, a fetch from a metadata endpoint taking at most `left`.
-    pub fn get_within(&mut self, left: Duration) -> Result<Credentials, CredsError> {
+    /// As `get`, a fetch from a metadata endpoint taking at most `left`. Expiry times are AWS's
+    /// (the endpoints' clock): they are judged on our clock moved `skew_ms` to AWS's, so a clock
+    /// hours off neither refetches before every request nor signs with expired keys.
+    pub fn get_within(&mut self, left: Duration, skew_ms: i64) -> Result<Credentials, CredsError> {
         self.budget = left;
-        let now = clock::wall_ms();
+        let local = clock::wall_ms();
+        let now = local.saturating_add_signed(skew_ms);
         if let Some(c) = &self.cached {
-            if !c.stale(now) || (now < self.retry_at && !c.expired(now)) {
+            if !c.stale(now) || (local < self.retry_at && !c.expired(now)) {
                 return Ok(c.clone());
             }
         }
         // A refresh in the window is tried once a minute at most; the cached credentials serve
         // while they are still valid, whatever the refresh says.
-        self.retry_at = now + 60_000;
+        self.retry_at = local + 60_000;
         match self.resolve() {
             Ok(c) => {
                 self.cached = Some(c.clone());
@@ -773,6 +776,24 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&ok, &link).unwrap();
         assert_eq!(read_token_file(link.to_str().unwrap()).unwrap(), "token-1");
+    }
+
+    #[test]
+    fn expiry_is_judged_on_aws_time_so_a_fast_clock_does_not_refetch_every_request() {
+        // This clock is 3 hours ahead of AWS's: credentials valid one more hour by AWS's clock
+        // look two hours expired by ours.
+        let skew = -3 * 3_600_000;
+        let (uri, hits) = creds_server(doc("ASIA_1H", clock::wall_ms() - 2 * 3_600_000), 10);
+        let mut p = provider(&[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri)]);
+        for _ in 0..5 {
+            let c = p.get_within(Duration::from_secs(3), skew).unwrap();
+            assert_eq!(c.access_key_id(), "ASIA_1H");
+        }
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "fetched once, not before every request"
+        );
     }
 
     #[test]

@@ -76,6 +76,23 @@ pub fn next_batch_len<'a>(queue: impl IntoIterator<Item = &'a LogRecord>) -> usi
     n
 }
 
+/// How many events of a batch of `n` CloudWatch Logs took but rejected, by the reply's
+/// `rejectedLogEventsInfo`: those before `tooOldLogEventEndIndex` and `expiredLogEventEndIndex`
+/// (exclusive ends), and those from `tooNewLogEventStartIndex` on. Indices past the batch, or not
+/// numbers, are clamped or ignored: an odd reply can neither panic nor count more than `n`.
+pub fn rejected(info: &serde_json::Value, n: usize) -> usize {
+    let index = |key: &str| {
+        info.get(key)
+            .and_then(serde_json::Value::as_u64)
+            .map(|i| usize::try_from(i).unwrap_or(usize::MAX).min(n))
+    };
+    let old_end = index("tooOldLogEventEndIndex")
+        .max(index("expiredLogEventEndIndex"))
+        .unwrap_or(0);
+    let new_start = index("tooNewLogEventStartIndex").unwrap_or(n).max(old_end);
+    old_end + (n - new_start)
+}
+
 /// Puts a batch in the chronological order AWS requires (stable: equal times keep their order).
 pub fn chronological(batch: &mut [LogRecord]) {
     batch.sort_by_key(|r| r.ts_ms);
@@ -143,6 +160,30 @@ mod tests {
         assert!(acceptable(now - 13 * 86_400_000, now));
         assert!(!acceptable(now - 14 * 86_400_000, now));
         assert!(!acceptable(now + 3 * 3_600_000, now));
+    }
+
+    #[test]
+    fn rejected_events_are_counted_from_the_reply_indices() {
+        let r = |v: serde_json::Value| rejected(&v, 10);
+        assert_eq!(r(serde_json::json!({})), 0);
+        assert_eq!(r(serde_json::json!({ "tooOldLogEventEndIndex": 3 })), 3);
+        assert_eq!(r(serde_json::json!({ "tooNewLogEventStartIndex": 7 })), 3);
+        assert_eq!(
+            r(
+                serde_json::json!({ "expiredLogEventEndIndex": 2, "tooOldLogEventEndIndex": 4, "tooNewLogEventStartIndex": 9 })
+            ),
+            5
+        );
+        // Odd replies: overlapping, past the batch, negative, not numbers.
+        assert_eq!(
+            r(serde_json::json!({ "tooOldLogEventEndIndex": 8, "tooNewLogEventStartIndex": 2 })),
+            10
+        );
+        assert_eq!(r(serde_json::json!({ "tooOldLogEventEndIndex": 99 })), 10);
+        assert_eq!(
+            r(serde_json::json!({ "tooNewLogEventStartIndex": -1, "tooOldLogEventEndIndex": "x" })),
+            0
+        );
     }
 
     #[test]

@@ -47,6 +47,33 @@ pub const DIM_INSTANCE_ID: &str = "InstanceId";
 /// instances.
 pub const DIM_FLEET: &str = "Fleet";
 
+/// The name an instance goes by in AWS (its `InstanceId` dimension and its log stream), for an
+/// id from the config, IMDS or the host name: the id itself when CloudWatch accepts it as a
+/// dimension value and CloudWatch Logs as a stream name, else the id with every byte they refuse
+/// percent-encoded (UTF-8): `höst` -> `h%C3%B6st`, `web:1` -> `web%3A1`.
+///
+/// Why encode rather than refuse or drop: every datum carries the InstanceId, so a name AWS
+/// refuses would make it refuse every metric of the box. The encoded name is printable ASCII,
+/// distinct for distinct ids, and reads back to the original. Refused bytes: anything but
+/// printable ASCII (CloudWatch dimension values), `:` and `*` (log stream names); `%` is encoded
+/// too once anything is, so the encoding can be reversed. An id that is empty or only spaces
+/// is returned as is: no encoding makes it acceptable (the config refuses it).
+pub fn instance_name(id: &str) -> std::borrow::Cow<'_, str> {
+    let refused = |b: u8| !(0x20..0x7f).contains(&b) || b == b':' || b == b'*';
+    if !id.bytes().any(refused) {
+        return id.into();
+    }
+    let mut out = String::with_capacity(id.len() * 3);
+    for b in id.bytes() {
+        if refused(b) || b == b'%' {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out.into()
+}
+
 pub const DEFAULT_NAMESPACE: &str = "PM2/CodeBox";
 pub const DEFAULT_LOG_GROUP: &str = "/aws/ec2/pm2-health";
 pub const DEFAULT_LOG_RETENTION_DAYS: u32 = 30;
@@ -145,6 +172,23 @@ mod tests {
             operation("logs:PutRetentionPolicy"),
             "\"PutRetentionPolicy\""
         );
+    }
+
+    #[test]
+    fn an_instance_id_aws_refuses_is_sent_percent_encoded_and_an_accepted_one_as_is() {
+        assert_eq!(instance_name("i-0123456789abcdef0"), "i-0123456789abcdef0");
+        assert_eq!(instance_name("web 1 (50%)"), "web 1 (50%)");
+        assert_eq!(instance_name("höst"), "h%C3%B6st");
+        assert_eq!(instance_name("web:1*"), "web%3A1%2A");
+        assert_eq!(instance_name("a%b\u{7}"), "a%25b%07");
+        assert_eq!(instance_name("应用"), "%E5%BA%94%E7%94%A8");
+        for id in ["höst", "web:1", "应用", "tab\there"] {
+            let name = instance_name(id);
+            assert!(
+                crate::aws::metrics::dimension_value_ok(&name) && !name.contains([':', '*']),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,12 @@
 //!   counted beyond it) and is spilled to `<state_dir>/spool/`; once AWS answers again it is
 //!   delivered in order; an item leaves the buffer only after AWS accepted it. A request whose
 //!   answer is lost may be repeated (at-least-once on the wire; no loss).
+//! - A flush's calls are bounded: a request AWS refuses as a whole is searched for the items it
+//!   refuses within a budget of extra calls (`bisect`), an item refused alone is dropped and
+//!   counted, the unjudged rest waits for the next flush; a vanished log stream is created again
+//!   once per flush.
+//! - Every time AWS judges (timestamps, their 14-day / 2-hour window) is on AWS's clock
+//!   (`Aws::aws_time`), learnt from its replies.
 //! - `Sink::stop` flushes within a deadline, then spills what is left for the next start.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,6 +28,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::alerts::{self, Alert, Limiter};
+use super::bisect::{self, Bisect, Verdict};
 use super::client::{xml_text, Aws, CallError, Service};
 use super::creds::CredsError;
 use super::imds::Imds;
@@ -174,6 +181,9 @@ struct State {
     limiter: Limiter,
     topic_arn: Option<String>,
     stream_ready: bool,
+    /// Datums and events at the front of the buffer that the last flush held unjudged after
+    /// AWS refused them (see `bisect`): the next flush never sends them with newer ones.
+    held: [usize; 2],
     failing: [bool; 3],
     /// A credentials problem was logged (once: it names the fix).
     creds_reported: bool,
@@ -197,6 +207,9 @@ fn run(
         Some(i) => i.clone(),
         None => instance_id(imds.as_mut()),
     };
+    if let Some(written) = &cfg.instance_id_written {
+        tracing::warn!(message = "CloudWatch refuses the configured instance_id as a dimension value; sending it percent-encoded.", instance_id = %written, instance = %instance);
+    }
     let op = op_timeout(cfg.flush_interval);
     let mut aws = Aws::new(cfg.region.as_deref(), Box::new(process_env), imds, op);
     aws.share_deadline(halt.at.clone());
@@ -210,6 +223,7 @@ fn run(
         spool,
         topic_arn: None,
         stream_ready: false,
+        held: [0; 2],
         failing: [false; 3],
         creds_reported: false,
         calls,
@@ -330,9 +344,11 @@ impl State {
     }
 }
 
-/// The InstanceId dimension: IMDSv2 on EC2 (unless AWS_EC2_METADATA_DISABLED), else the host name.
+/// The InstanceId dimension: IMDSv2 on EC2 (unless AWS_EC2_METADATA_DISABLED), else the host
+/// name, as AWS accepts it (`names::instance_name`: percent-encoded where it would refuse it).
 pub fn instance_id(imds: Option<&mut Imds>) -> String {
-    imds.and_then(|i| i.instance_id()).unwrap_or_else(hostname)
+    let id = imds.and_then(|i| i.instance_id()).unwrap_or_else(hostname);
+    super::names::instance_name(&id).into_owned()
 }
 
 /// The InstanceId this box gets from the environment (the CLI's view of what the agent will use).
@@ -390,7 +406,13 @@ impl State {
             self.buf.count_dropped((before - datums.len()) as u64);
         }
         let cap = self.opts.capacity;
+        // An overflow drops the oldest: the held items among them are no longer held.
+        let metrics_len = self.buf.metrics.len() + datums.len();
+        let logs_len = self.buf.logs.len() + records.len();
         let dropped = self.buf.push(&cap, datums, records, alerts);
+        self.held[METRICS] =
+            self.held[METRICS].saturating_sub(metrics_len - self.buf.metrics.len());
+        self.held[LOGS] = self.held[LOGS].saturating_sub(logs_len - self.buf.logs.len());
         if dropped > 0 {
             tracing::warn!(
                 message =
@@ -452,64 +474,90 @@ impl State {
         }
     }
 
-    /// Drops buffered datums CloudWatch would refuse (older than two weeks); whether any were.
-    fn drop_stale_metrics(&mut self) -> bool {
-        let now = clock::wall_ms();
+    /// Drops buffered datums CloudWatch would refuse for their time (older than 14 days or more
+    /// than 2 hours ahead of AWS's clock, their timestamps moved to it as they will be sent).
+    fn drop_stale_metrics(&mut self, aws: &Aws) {
+        let now = aws.aws_time(clock::wall_ms());
         let before = self.buf.metrics.len();
-        self.buf
-            .metrics
-            .retain(|d| d.ts_ms + logs::MAX_AGE_MS > now + 60_000);
+        let (mut i, mut held) = (0, self.held[METRICS].min(before));
+        self.buf.metrics.retain(|d| {
+            let keep = logs::acceptable(aws.aws_time(d.ts_ms), now);
+            held -= usize::from(!keep && i < self.held[METRICS]);
+            i += 1;
+            keep
+        });
+        self.held[METRICS] = held;
         let stale = before - self.buf.metrics.len();
         if stale > 0 {
             self.buf.count_dropped(stale as u64);
             tracing::warn!(
-                message = "Dropped metrics older than CloudWatch accepts.",
+                message = "Dropped metrics CloudWatch would refuse (older than 14 days or too far ahead).",
                 dropped = stale
             );
         }
-        stale > 0
     }
 
+    /// How many datums from `start` make the next PutMetricData: within AWS's limits, and the
+    /// form-encoded body checked against the 1 MB too (a request over it is split, never gzipped).
+    fn metric_request_len(&self, start: usize, resolution: u32) -> usize {
+        let mut n = metrics::next_request_len(self.buf.metrics.range(start..));
+        while n > 1 {
+            let batch = self.buf.metrics.range(start..start + n);
+            let params = metric_params(&self.cfg.namespace, batch, resolution, 0);
+            if super::client::query_body("PutMetricData", CW_VERSION, &params).len()
+                <= metrics::MAX_REQUEST_BYTES
+            {
+                break;
+            }
+            n /= 2;
+        }
+        n
+    }
+
+    /// Every buffered datum, oldest first, in as few requests as AWS's limits allow. A request
+    /// AWS refuses as a whole is searched for the datums it refuses within a budget of extra
+    /// calls (see `bisect`): a datum refused alone is dropped and counted, the others go, and
+    /// what the budget left unjudged stays buffered (and spooled) for the next flush.
     fn send_metrics(&mut self, aws: &mut Aws) {
         let resolution = if self.cfg.high_resolution { 1 } else { 60 };
-        // After a refusal the batch is halved until the datum AWS refuses is alone.
-        let mut cap = usize::MAX;
-        while !self.buf.metrics.is_empty() && !self.interrupted() {
-            if self.drop_stale_metrics() {
-                continue;
-            }
-            let mut n = metrics::next_request_len(self.buf.metrics.iter()).min(cap);
-            // The estimate keeps a request under 1 MB; the form encoding is checked too, and a
-            // request over it is split (never gzipped).
-            let params = loop {
-                let batch = self.buf.metrics.iter().take(n);
-                let params = metric_params(&self.cfg.namespace, batch, resolution);
-                let size = super::client::query_body("PutMetricData", CW_VERSION, &params).len();
-                if size <= metrics::MAX_REQUEST_BYTES || n == 1 {
-                    break params;
-                }
-                n /= 2;
+        self.drop_stale_metrics(aws);
+        let largest = metrics::next_request_len(self.buf.metrics.iter());
+        let suspects = self.held[METRICS].min(self.buf.metrics.len());
+        let mut search = Bisect::new(bisect::budget_for(largest), suspects);
+        while !self.interrupted() {
+            let Some(n) = search.next(|start| self.metric_request_len(start, resolution)) else {
+                break;
+            };
+            let at = search.held();
+            let batch: Vec<Datum> = self.buf.metrics.range(at..at + n).cloned().collect();
+            let namespace = self.cfg.namespace.clone();
+            let body = |skew| {
+                let params = metric_params(&namespace, batch.iter(), resolution, skew);
+                super::client::query_body("PutMetricData", CW_VERSION, &params).into_bytes()
             };
             self.calls.put_metric_data.fetch_add(1, Ordering::Relaxed);
-            match aws.query(Service::CloudWatch, "PutMetricData", CW_VERSION, &params) {
+            match aws.query_at(Service::CloudWatch, &body) {
                 Ok(_) => {
-                    self.buf.metrics.drain(..n);
+                    self.buf.metrics.drain(at..at + n);
+                    search.accepted();
                     self.note_success(METRICS);
                 }
-                Err(e) if e.is_refused() && n > 1 => cap = n / 2,
-                Err(e) if e.is_refused() => {
-                    let metric = &self.buf.metrics[0].name;
-                    tracing::error!(message = "CloudWatch refused a metric; dropping it.", %metric, error = %e);
-                    self.buf.metrics.drain(..1);
-                    self.buf.count_dropped(1);
-                    cap = usize::MAX;
-                }
+                Err(e) if e.is_refused() => match search.refused() {
+                    Verdict::Bad => {
+                        let metric = &self.buf.metrics[at].name;
+                        tracing::error!(message = "CloudWatch refused a metric; dropping it.", %metric, error = %e);
+                        self.buf.metrics.remove(at);
+                        self.buf.count_dropped(1);
+                    }
+                    Verdict::Split | Verdict::Held => {}
+                },
                 Err(e) => {
                     self.fail(METRICS, &e);
-                    return;
+                    break;
                 }
             }
         }
+        self.note_held(METRICS, search.held());
     }
 
     fn ensure_stream(&mut self, aws: &mut Aws) -> Result<(), CallError> {
@@ -561,27 +609,34 @@ impl State {
         }
     }
 
-    /// Drops buffered events CloudWatch Logs would refuse (older than 14 days or too far
-    /// ahead); returns whether any were dropped.
-    fn drop_unacceptable_logs(&mut self) -> bool {
-        let now = clock::wall_ms();
+    /// Drops buffered events CloudWatch Logs would refuse (older than 14 days or more than 2
+    /// hours ahead of AWS's clock, their timestamps moved to it as they will be sent).
+    fn drop_unacceptable_logs(&mut self, aws: &Aws) {
+        let now = aws.aws_time(clock::wall_ms());
         let before = self.buf.logs.len();
-        self.buf.logs.retain(|r| logs::acceptable(r.ts_ms, now));
+        let (mut i, mut held) = (0, self.held[LOGS].min(before));
+        self.buf.logs.retain(|r| {
+            let keep = logs::acceptable(aws.aws_time(r.ts_ms), now);
+            held -= usize::from(!keep && i < self.held[LOGS]);
+            i += 1;
+            keep
+        });
+        self.held[LOGS] = held;
         let stale = before - self.buf.logs.len();
         if stale > 0 {
             self.buf.count_dropped(stale as u64);
             tracing::warn!(message = "Dropped events CloudWatch Logs would refuse (older than 14 days or too far ahead).", dropped = stale);
         }
-        stale > 0
     }
 
-    /// The PutLogEvents body for the first `n` buffered events, in the order it requires.
-    fn log_batch(&self, n: usize) -> serde_json::Value {
-        let mut batch: Vec<LogRecord> = self.buf.logs.iter().take(n).cloned().collect();
+    /// The PutLogEvents body for `batch`, in the order it requires, its timestamps on AWS's
+    /// clock (`skew_ms` ahead of ours). The 24-hour span of a batch is the same on either clock.
+    fn log_batch(&self, batch: &[LogRecord], skew_ms: i64) -> serde_json::Value {
+        let mut batch = batch.to_vec();
         logs::chronological(&mut batch);
         let events: Vec<serde_json::Value> = batch
             .into_iter()
-            .map(|r| serde_json::json!({ "timestamp": r.ts_ms, "message": r.message }))
+            .map(|r| serde_json::json!({ "timestamp": r.ts_ms.saturating_add_signed(skew_ms), "message": r.message }))
             .collect();
         serde_json::json!({
             "logGroupName": self.cfg.log_group,
@@ -590,53 +645,86 @@ impl State {
         })
     }
 
+    /// The items at the front of the buffer this flush held unjudged (see `bisect`).
+    fn note_held(&mut self, which: usize, held: usize) {
+        self.held[which] = held;
+        if held > 0 {
+            tracing::warn!(
+                message =
+                    "AWS refused requests; keeping what is not yet judged for the next flush.",
+                service = SERVICE[which],
+                pending = held
+            );
+        }
+    }
+
+    /// Events of an accepted batch of `n` that CloudWatch Logs rejected (too old, expired, too
+    /// new): AWS dropped them, so they are counted as dropped.
+    fn count_rejected(&mut self, reply: &serde_json::Value, n: usize) {
+        let Some(info) = reply.get("rejectedLogEventsInfo") else {
+            return;
+        };
+        let rejected = logs::rejected(info, n);
+        if rejected > 0 {
+            self.buf.count_dropped(rejected as u64);
+            tracing::warn!(message = "CloudWatch Logs rejected some events (counted as dropped).", dropped = rejected, too_old = ?info.get("tooOldLogEventEndIndex"), expired = ?info.get("expiredLogEventEndIndex"), too_new = ?info.get("tooNewLogEventStartIndex"));
+        }
+    }
+
+    /// Every buffered event, oldest first, as `send_metrics` sends datums (a refused batch is
+    /// searched within a budget; an event refused alone is dropped and counted). A deleted group
+    /// or stream is created again once per flush: one that keeps vanishing is an outage, not a
+    /// reason to loop.
     fn send_logs(&mut self, aws: &mut Aws) {
-        // After a refusal the batch is halved until the event AWS refuses is alone.
-        let mut cap = usize::MAX;
+        self.drop_unacceptable_logs(aws);
+        let largest = logs::next_batch_len(self.buf.logs.iter());
+        let suspects = self.held[LOGS].min(self.buf.logs.len());
+        let mut search = Bisect::new(bisect::budget_for(largest), suspects);
+        let mut recreated = false;
         while !self.buf.logs.is_empty() && !self.interrupted() {
-            if self.drop_unacceptable_logs() {
-                continue;
-            }
             if !self.stream_ready {
                 if let Err(e) = self.ensure_stream(aws) {
                     self.fail(LOGS, &e);
-                    return;
+                    break;
                 }
                 self.stream_ready = true;
             }
-            let n = logs::next_batch_len(self.buf.logs.iter()).min(cap);
-            let body = self.log_batch(n);
+            let Some(n) = search.next(|start| logs::next_batch_len(self.buf.logs.range(start..)))
+            else {
+                break;
+            };
+            let at = search.held();
+            let batch: Vec<LogRecord> = self.buf.logs.range(at..at + n).cloned().collect();
             self.calls.put_log_events.fetch_add(1, Ordering::Relaxed);
-            match aws.logs("PutLogEvents", &body) {
+            match aws.logs_at("PutLogEvents", &|skew| self.log_batch(&batch, skew)) {
                 Ok(out) => {
-                    self.buf.logs.drain(..n);
+                    self.buf.logs.drain(at..at + n);
+                    search.accepted();
                     self.note_success(LOGS);
-                    if let Some(info) = out.get("rejectedLogEventsInfo").filter(|i| i.is_object()) {
-                        tracing::warn!(message = "CloudWatch Logs rejected some events.", too_old = ?info.get("tooOldLogEventEndIndex"), expired = ?info.get("expiredLogEventEndIndex"), too_new = ?info.get("tooNewLogEventStartIndex"));
-                    }
+                    self.count_rejected(&out, n);
                 }
-                Err(e) if e.code() == Some("ResourceNotFoundException") => {
-                    // The group or stream was deleted under us: create it again and retry.
+                Err(e) if e.code() == Some("ResourceNotFoundException") && !recreated => {
+                    // The group or stream was deleted under us: create it again and resend.
+                    recreated = true;
+                    search.again();
                     self.stream_ready = false;
-                    if let Err(e) = self.ensure_stream(aws) {
-                        self.fail(LOGS, &e);
-                        return;
+                }
+                Err(e) if e.is_refused() => match search.refused() {
+                    Verdict::Bad => {
+                        tracing::error!(message = "CloudWatch Logs refused an event; dropping it.", dropped = 1, error = %e);
+                        self.buf.logs.remove(at);
+                        self.buf.count_dropped(1);
                     }
-                    self.stream_ready = true;
-                }
-                Err(e) if e.is_refused() && n > 1 => cap = n / 2,
-                Err(e) if e.is_refused() => {
-                    tracing::error!(message = "CloudWatch Logs refused an event; dropping it.", dropped = 1, error = %e);
-                    self.buf.logs.drain(..1);
-                    self.buf.count_dropped(1);
-                    cap = usize::MAX;
-                }
+                    Verdict::Split | Verdict::Held => {}
+                },
                 Err(e) => {
+                    self.stream_ready &= e.code() != Some("ResourceNotFoundException");
                     self.fail(LOGS, &e);
-                    return;
+                    break;
                 }
             }
         }
+        self.note_held(LOGS, search.held());
     }
 
     /// The topic's ARN, looked up once: a fleet's topic is provision-aws's (its ARN is built,
@@ -718,11 +806,13 @@ impl State {
 const CW_VERSION: &str = "2010-08-01";
 const SNS_VERSION: &str = "2010-03-31";
 
-/// PutMetricData's awsquery parameters for `datums` (StatisticValues, never raw values).
+/// PutMetricData's awsquery parameters for `datums` (StatisticValues, never raw values), their
+/// timestamps moved `skew_ms` to AWS's clock.
 pub fn metric_params<'a>(
     namespace: &str,
     datums: impl Iterator<Item = &'a Datum>,
     resolution: u32,
+    skew_ms: i64,
 ) -> Vec<(String, String)> {
     let mut p = vec![("Namespace".to_string(), namespace.to_string())];
     for (i, d) in datums.enumerate() {
@@ -739,7 +829,10 @@ pub fn metric_params<'a>(
             p.push((format!("{m}.Dimensions.member.{}.Name", j + 1), k.clone()));
             p.push((format!("{m}.Dimensions.member.{}.Value", j + 1), v.clone()));
         }
-        p.push((format!("{m}.Timestamp"), clock::rfc3339(d.ts_ms)));
+        p.push((
+            format!("{m}.Timestamp"),
+            clock::rfc3339(d.ts_ms.saturating_add_signed(skew_ms)),
+        ));
         let s = &d.stats;
         p.push((
             format!("{m}.StatisticValues.SampleCount"),
@@ -758,61 +851,25 @@ pub fn metric_params<'a>(
 mod tests {
     use super::*;
 
-    /// A fake CloudWatch (ministack accepts what AWS refuses) that refuses every PutMetricData
-    /// carrying the dimension value `refused-by-aws`, as AWS refuses a whole batch for one datum.
-    fn refusing_cloudwatch() -> (String, Arc<AtomicU64>) {
-        use std::io::{Read, Write};
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ep = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
-        let accepted = Arc::new(AtomicU64::new(0));
-        let a = accepted.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { break };
-                s.set_read_timeout(Some(Duration::from_millis(200))).ok();
-                let mut all = Vec::new();
-                let mut buf = [0u8; 65536];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    all.extend_from_slice(&buf[..n]);
-                }
-                let text = String::from_utf8_lossy(&all);
-                let (status, body) = if text.contains("refused-by-aws") {
-                    ("400 Bad Request", "<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>bad dimension</Message></Error></ErrorResponse>")
-                } else {
-                    let n = text.matches(".MetricName=").count() as u64;
-                    a.fetch_add(n, Ordering::SeqCst);
-                    ("200 OK", "<PutMetricDataResponse/>")
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        (ep, accepted)
-    }
+    use crate::aws::test_env::{self, Answer, Seen};
 
-    #[test]
-    fn a_refused_batch_is_halved_until_only_the_refused_datum_is_dropped() {
-        let (ep, accepted) = refusing_cloudwatch();
+    /// The sink's state for `endpoint` (static test keys), as `run` builds it, its spool in a
+    /// temporary directory.
+    fn sink_at(endpoint: &str) -> (State, Aws, tempfile::TempDir) {
         let text = "[aws]\nregion = \"us-east-1\"\nnamespace = \"PM2/Test\"\nlog_group = \"/g\"\ninstance_id = \"i-1\"\n[[apps]]\nname = \"a\"\n";
         let cfg = crate::config::Config::parse(Path::new("/t.toml"), text)
             .unwrap()
             .aws
             .unwrap();
-        let env = crate::aws::test_env::static_keys(&ep);
-        let mut aws = Aws::new(
+        let env = test_env::static_keys(endpoint);
+        let aws = Aws::new(
             Some("us-east-1"),
             Box::new(env),
             None,
             Duration::from_secs(3),
         );
         let dir = tempfile::tempdir().unwrap();
-        let mut st = State {
+        let st = State {
             finishing: false,
             stop: Arc::new(AtomicBool::new(false)),
             limiter: Limiter::new(1, 1),
@@ -822,25 +879,68 @@ mod tests {
             spooled: false,
             topic_arn: None,
             stream_ready: false,
+            held: [0; 2],
             failing: [false; 3],
             creds_reported: false,
             calls: Arc::new(Calls::default()),
             cfg,
             opts: SinkOptions::default(),
         };
-        let now = clock::wall_ms();
-        let datum = |app: &str| Datum {
+        (st, aws, dir)
+    }
+
+    fn datum(app: &str, ts_ms: u64) -> Datum {
+        Datum {
             name: "ServiceStatus".into(),
             dims: vec![
                 ("App".into(), app.into()),
                 ("InstanceId".into(), "i-1".into()),
             ],
-            ts_ms: now,
+            ts_ms,
             stats: metrics::Stats::one(1.0),
             unit: Unit::None,
-        };
-        let mut all: Vec<Datum> = (0..7).map(|i| datum(&format!("app{i}"))).collect();
-        all.insert(3, datum("refused-by-aws"));
+        }
+    }
+
+    fn record(message: &str, ts_ms: u64) -> LogRecord {
+        LogRecord {
+            ts_ms,
+            message: message.into(),
+        }
+    }
+
+    fn reply(status: &'static str, body: &str) -> Answer {
+        (status, Vec::new(), body.to_string())
+    }
+
+    const INVALID: &str = "<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>bad dimension</Message></Error></ErrorResponse>";
+
+    /// A CloudWatch that refuses every PutMetricData carrying the dimension value
+    /// `refused-by-aws`, as AWS refuses a whole request for one datum that no local check
+    /// catches (ministack accepts what AWS refuses, so it cannot stand in here); counts the
+    /// datums it accepts.
+    fn refusing_cloudwatch() -> (String, Arc<AtomicU64>) {
+        let accepted = Arc::new(AtomicU64::new(0));
+        let a = accepted.clone();
+        let ep = test_env::server(move |r: &Seen| {
+            if r.body.contains("refused-by-aws") {
+                reply("400 Bad Request", INVALID)
+            } else {
+                let n = r.body.matches(".MetricName=").count() as u64;
+                a.fetch_add(n, Ordering::SeqCst);
+                reply("200 OK", "<PutMetricDataResponse/>")
+            }
+        });
+        (ep, accepted)
+    }
+
+    #[test]
+    fn a_refused_batch_is_halved_until_only_the_refused_datum_is_dropped() {
+        let (ep, accepted) = refusing_cloudwatch();
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let mut all: Vec<Datum> = (0..7).map(|i| datum(&format!("app{i}"), now)).collect();
+        all.insert(3, datum("refused-by-aws", now));
         st.buf
             .push(&Capacity::default(), all, Vec::new(), Vec::new());
         st.send_metrics(&mut aws);
@@ -851,6 +951,322 @@ mod tests {
             "the 7 good datums delivered"
         );
         assert_eq!(st.buf.dropped, 1, "only the refused one counted as dropped");
+    }
+
+    #[test]
+    fn a_request_aws_refuses_costs_a_bounded_number_of_calls_per_flush_and_valid_datums_arrive() {
+        let (ep, accepted) = refusing_cloudwatch();
+        let (mut st, mut aws, dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let mut all: Vec<Datum> = (0..1000).map(|_| datum("refused-by-aws", now)).collect();
+        all.extend((0..200).map(|i| datum(&format!("app{i}"), now)));
+        st.buf
+            .push(&Capacity::default(), all, Vec::new(), Vec::new());
+        let counter = st.calls.clone();
+        let calls = || counter.put_metric_data.load(Ordering::Relaxed);
+        // One request per 1000 datums, plus the budget of the search.
+        let bound = 2 + u64::from(bisect::budget_for(1000));
+        st.send_metrics(&mut aws);
+        let first = calls();
+        eprintln!(
+            "first flush: {first} PutMetricData calls, {} datums proven bad",
+            st.buf.dropped
+        );
+        assert!(first <= bound, "{first} calls in one flush");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            200,
+            "the valid datums arrived"
+        );
+        let proven = st.buf.dropped;
+        assert!(proven >= 1);
+        assert_eq!(
+            st.buf.metrics.len() as u64,
+            1000 - proven,
+            "the rest are kept"
+        );
+        assert!(st
+            .buf
+            .metrics
+            .iter()
+            .all(|d| d.dims[0].1 == "refused-by-aws"));
+        // What was not judged is spooled for the next flush (and the next start).
+        st.persist();
+        let spooled = Spool::new(dir.path()).load().unwrap().unwrap();
+        assert_eq!(spooled.metrics.len(), st.buf.metrics.len());
+        // Each later flush is bounded too, and the datums recorded since go at once.
+        for flush in 1..=3u64 {
+            st.buf.push(
+                &Capacity::default(),
+                vec![datum("web", now)],
+                Vec::new(),
+                Vec::new(),
+            );
+            let before = calls();
+            st.send_metrics(&mut aws);
+            assert!(
+                calls() - before <= bound,
+                "flush {flush}: {} calls",
+                calls() - before
+            );
+            assert_eq!(accepted.load(Ordering::SeqCst), 200 + flush);
+        }
+        assert!(st.buf.dropped > proven, "more proven bad at each flush");
+        assert!(st
+            .buf
+            .metrics
+            .iter()
+            .all(|d| d.dims[0].1 == "refused-by-aws"));
+    }
+
+    #[test]
+    fn refused_log_events_cost_a_bounded_number_of_calls_per_flush() {
+        // A CloudWatch Logs that refuses any PutLogEvents holding an event it finds invalid.
+        let accepted = Arc::new(AtomicU64::new(0));
+        let a = accepted.clone();
+        let ep = test_env::server(move |r: &Seen| match r.header("x-amz-target") {
+            Some("Logs_20140328.PutLogEvents") if r.body.contains("refused-by-aws") => reply(
+                "400 Bad Request",
+                r#"{"__type":"InvalidParameterException","message":"bad event"}"#,
+            ),
+            Some("Logs_20140328.PutLogEvents") => {
+                let n = r.body.matches("\"timestamp\"").count() as u64;
+                a.fetch_add(n, Ordering::SeqCst);
+                reply("200 OK", "{}")
+            }
+            _ => reply("200 OK", "{}"),
+        });
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let all: Vec<LogRecord> = (0..2000).map(|_| record("refused-by-aws", now)).collect();
+        st.buf
+            .push(&Capacity::default(), Vec::new(), all, Vec::new());
+        let counter = st.calls.clone();
+        let calls = || counter.put_log_events.load(Ordering::Relaxed);
+        let bound = 1 + u64::from(bisect::budget_for(2000));
+        st.send_logs(&mut aws);
+        eprintln!(
+            "first flush: {} PutLogEvents calls, {} events proven bad",
+            calls(),
+            st.buf.dropped
+        );
+        assert!(calls() <= bound, "{} calls", calls());
+        assert!(st.buf.dropped >= 1);
+        assert_eq!(
+            st.buf.logs.len() as u64,
+            2000 - st.buf.dropped,
+            "the rest are kept"
+        );
+        // The events recorded since go in the next flush, which is bounded too.
+        let new: Vec<LogRecord> = (0..50)
+            .map(|i| record(&format!("event {i}"), now))
+            .collect();
+        st.buf
+            .push(&Capacity::default(), Vec::new(), new, Vec::new());
+        let before = calls();
+        st.send_logs(&mut aws);
+        assert!(calls() - before <= bound + 1, "{} calls", calls() - before);
+        assert_eq!(accepted.load(Ordering::SeqCst), 50);
+        assert!(st.buf.logs.iter().all(|r| r.message == "refused-by-aws"));
+    }
+
+    /// Epoch ms of a SigV4 `X-Amz-Date` (`20261130T124000Z`).
+    fn amz_date_ms(d: &str) -> Option<u64> {
+        let b = d.get(..15)?;
+        clock::parse_rfc3339(&format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &b[0..4],
+            &b[4..6],
+            &b[6..8],
+            &b[9..11],
+            &b[11..13],
+            &b[13..15]
+        ))
+    }
+
+    /// The timestamps a fake AWS accepted: datums', events'.
+    type Accepted = (Vec<u64>, Vec<u64>);
+
+    /// AWS as it judges time, with a clock 3 hours behind ours (ministack judges none of it):
+    /// every reply carries its `Date`; a signature more than 5 minutes off its time is refused
+    /// (403, "Signature expired"); PutMetricData is refused (400 InvalidParameterValue) for a
+    /// Timestamp more than 2 hours ahead or 14 days behind; PutLogEvents takes the request but
+    /// rejects such events (`rejectedLogEventsInfo`). Keeps the timestamps it accepted.
+    fn aws_three_hours_behind() -> (String, Arc<std::sync::Mutex<Accepted>>) {
+        const AHEAD: u64 = 2 * 3_600_000;
+        const BEHIND: u64 = 14 * 86_400_000;
+        let theirs = || clock::wall_ms() - 3 * 3_600_000;
+        let kept = Arc::new(std::sync::Mutex::new((Vec::new(), Vec::new())));
+        let k = kept.clone();
+        let ep = test_env::server(move |r: &Seen| {
+            let now = theirs();
+            let date = vec![("Date", test_env::http_date(now))];
+            let signed = r.header("x-amz-date").and_then(amz_date_ms).unwrap_or(0);
+            if signed.abs_diff(now) > 300_000 {
+                return ("403 Forbidden", date, "<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>Signature expired: 20261130T150000Z is now earlier than 20261130T115500Z (20261130T121000Z - 15 min.)</Message></Error></ErrorResponse>".into());
+            }
+            let judged = |t: u64| t <= now + AHEAD && t + BEHIND >= now;
+            match r.header("x-amz-target") {
+                Some("Logs_20140328.PutLogEvents") => {
+                    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                    let times: Vec<u64> = v["logEvents"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e["timestamp"].as_u64().unwrap())
+                        .collect();
+                    let too_new = times.iter().position(|t| *t > now + AHEAD);
+                    let ok = times[..too_new.unwrap_or(times.len())].iter();
+                    k.lock().unwrap().1.extend(ok.filter(|t| judged(**t)));
+                    let body = match too_new {
+                        Some(i) => {
+                            serde_json::json!({ "rejectedLogEventsInfo": { "tooNewLogEventStartIndex": i } })
+                        }
+                        None => serde_json::json!({}),
+                    };
+                    ("200 OK", date, body.to_string())
+                }
+                Some(_) => ("200 OK", date, "{}".into()),
+                None => {
+                    let times: Vec<u64> = r
+                        .body
+                        .split('&')
+                        .filter_map(|p| p.split_once(".Timestamp="))
+                        .map(|(_, v)| clock::parse_rfc3339(&v.replace("%3A", ":")).unwrap())
+                        .collect();
+                    if times.iter().all(|t| judged(*t)) {
+                        k.lock().unwrap().0.extend(times);
+                        ("200 OK", date, "<PutMetricDataResponse/>".into())
+                    } else {
+                        ("400 Bad Request", date, "<ErrorResponse><Error><Code>InvalidParameterValue</Code><Message>The parameter MetricData.member.1.Timestamp must specify a time no more than two hours in the future.</Message></Error></ErrorResponse>".into())
+                    }
+                }
+            }
+        });
+        (ep, kept)
+    }
+
+    #[test]
+    fn a_clock_hours_off_sends_datum_and_event_times_on_aws_s_clock() {
+        let (ep, kept) = aws_three_hours_behind();
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let datums = (0..5).map(|i| datum(&format!("app{i}"), now)).collect();
+        let events = (0..3).map(|i| record(&format!("event {i}"), now)).collect();
+        st.buf
+            .push(&Capacity::default(), datums, events, Vec::new());
+        st.deliver(&mut aws, true);
+        let (metric_times, event_times) = kept.lock().unwrap().clone();
+        let aws_now = clock::wall_ms() - 3 * 3_600_000;
+        assert_eq!(metric_times.len(), 5, "every datum accepted");
+        assert_eq!(event_times.len(), 3, "every event accepted");
+        for t in metric_times.iter().chain(&event_times) {
+            assert!(
+                t.abs_diff(aws_now) < 60_000,
+                "stamped {} ms off AWS's clock",
+                t.abs_diff(aws_now)
+            );
+        }
+        assert_eq!(
+            (st.buf.dropped, st.buf.len()),
+            (0, 0),
+            "nothing dropped or left"
+        );
+        assert!(
+            (aws.skew_ms() + 3 * 3_600_000).abs() < 5_000,
+            "{}",
+            aws.skew_ms()
+        );
+    }
+
+    /// A CloudWatch Logs whose PutLogEvents answers `put` (creating groups and streams works);
+    /// counts the PutLogEvents calls. Ministack answers as AWS does, so cannot stand in.
+    fn logs_answering(put: &'static str, status: &'static str) -> (String, Arc<AtomicU64>) {
+        let puts = Arc::new(AtomicU64::new(0));
+        let p = puts.clone();
+        let ep = test_env::server(move |r: &Seen| match r.header("x-amz-target") {
+            Some("Logs_20140328.PutLogEvents") => {
+                p.fetch_add(1, Ordering::SeqCst);
+                reply(status, put)
+            }
+            _ => reply("200 OK", "{}"),
+        });
+        (ep, puts)
+    }
+
+    #[test]
+    fn a_log_stream_that_keeps_vanishing_is_created_again_once_per_flush_not_in_a_loop() {
+        let (ep, puts) = logs_answering(
+            r#"{"__type":"ResourceNotFoundException","message":"The specified log stream does not exist."}"#,
+            "400 Bad Request",
+        );
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        // Stops the sink after 50 calls: without a bound the flush never ends by itself.
+        let (stop, p) = (st.stop.clone(), puts.clone());
+        std::thread::spawn(move || {
+            while p.load(Ordering::SeqCst) < 50 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        let now = clock::wall_ms();
+        st.buf.push(
+            &Capacity::default(),
+            Vec::new(),
+            vec![record("restart", now)],
+            Vec::new(),
+        );
+        st.send_logs(&mut aws);
+        assert_eq!(
+            puts.load(Ordering::SeqCst),
+            2,
+            "PutLogEvents calls in one flush"
+        );
+        assert_eq!(st.buf.logs.len(), 1, "the event is kept for the next flush");
+        assert!(st.failing[LOGS]);
+    }
+
+    #[test]
+    fn a_put_log_events_aws_took_is_not_sent_again_for_an_unreadable_reply() {
+        let (ep, puts) = logs_answering("OK", "200 OK");
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        st.buf.push(
+            &Capacity::default(),
+            Vec::new(),
+            vec![record("restart", now)],
+            Vec::new(),
+        );
+        for _ in 0..3 {
+            st.send_logs(&mut aws);
+        }
+        assert_eq!(
+            puts.load(Ordering::SeqCst),
+            1,
+            "delivered once, not at every flush"
+        );
+        assert!(st.buf.logs.is_empty());
+    }
+
+    #[test]
+    fn events_cloudwatch_logs_takes_but_rejects_are_counted_as_dropped() {
+        // As AWS answers for events older than the group's retention.
+        let (ep, _) = logs_answering(
+            r#"{"rejectedLogEventsInfo":{"expiredLogEventEndIndex":2}}"#,
+            "200 OK",
+        );
+        let (mut st, mut aws, _dir) = sink_at(&ep);
+        let now = clock::wall_ms();
+        let events = (0..5).map(|i| record(&format!("e{i}"), now + i)).collect();
+        st.buf
+            .push(&Capacity::default(), Vec::new(), events, Vec::new());
+        st.send_logs(&mut aws);
+        assert!(st.buf.logs.is_empty());
+        assert_eq!(
+            (st.buf.dropped, st.buf.dropped_total),
+            (2, 2),
+            "reported as DroppedDatapoints at the next flush"
+        );
     }
 
     #[test]
@@ -904,7 +1320,7 @@ mod tests {
             },
             unit: Unit::Milliseconds,
         };
-        let p = metric_params("PM2/CodeBox", [&d, &d].into_iter(), 60);
+        let p = metric_params("PM2/CodeBox", [&d, &d].into_iter(), 60, 0);
         let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("Namespace"), Some("PM2/CodeBox"));
         assert_eq!(get("MetricData.member.1.MetricName"), Some("ResponseTime"));

@@ -63,8 +63,13 @@ pub struct AwsConfig {
     /// Send metrics at 1-second storage resolution (default false: 60 s, the cheaper standard).
     pub high_resolution: bool,
     /// The `InstanceId` dimension and log stream name (default: the EC2 instance id from IMDSv2,
-    /// else the host name).
+    /// else the host name). 1 to 255 characters. Characters CloudWatch refuses in a dimension
+    /// value (anything but printable ASCII) or CloudWatch Logs in a stream name (`:`, `*`) are
+    /// sent percent-encoded, `höst` as `h%C3%B6st`, everywhere the name is used (metrics, log
+    /// stream, alarms), and `validate` warns; set an ASCII name to choose it yourself.
     pub instance_id: Option<String>,
+    /// `instance_id` as written in the file, when it had to be encoded (for the warning).
+    pub instance_id_written: Option<String>,
     /// Service-Down alarm (provision-aws): no passing check for this many minutes (default 10).
     pub alarm_down_minutes: u32,
     /// Fleet name (1 to 64 of A-Z a-z 0-9 - _): every instance with the same `fleet` shares one
@@ -279,10 +284,16 @@ impl Config {
 
     /// What is valid but insecure or lossy, for `validate` to say loudly: each probe that does
     /// not verify its TLS certificate; with `[aws]`, each app whose name CloudWatch refuses as a
-    /// dimension value (its metrics are dropped; its events and alerts still go out).
+    /// dimension value (its metrics are dropped; its events and alerts still go out), and an
+    /// `instance_id` that is sent encoded.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.aws.is_some() {
+        if let Some(aws) = &self.aws {
+            if let (Some(written), Some(sent)) = (&aws.instance_id_written, &aws.instance_id) {
+                out.push(format!(
+                    "instance_id `{written}`: CloudWatch refuses it as a dimension value (printable ASCII only; `:` and `*` not in a log stream), so it is sent as `{sent}` (the InstanceId dimension, the log stream, the alarms); set an ASCII instance_id to choose the name"
+                ));
+            }
             for app in &self.apps {
                 if !crate::aws::metrics::dimension_value_ok(&app.name) {
                     out.push(format!(
@@ -471,13 +482,18 @@ mod tests {
 
     #[test]
     fn names_cloudwatch_refuses_as_dimensions_are_caught_by_validate() {
-        let p = problems("[aws]\ninstance_id = \"höst\"\n[[apps]]\nname = \"a\"\n");
+        let p = problems("[aws]\ninstance_id = \"   \"\n[[apps]]\nname = \"a\"\n");
         assert!(
             p[0].message
-                .starts_with("instance_id must be 1 to 255 printable ASCII"),
+                .starts_with("instance_id must be 1 to 255 characters"),
             "{p:?}"
         );
         assert_eq!(p[0].line, 2);
+        let long = format!(
+            "[aws]\ninstance_id = \"{}\"\n[[apps]]\nname = \"a\"\n",
+            "é".repeat(50)
+        );
+        assert_eq!(problems(&long).len(), 1, "300 bytes once encoded");
         let c = parse("[aws]\n[[apps]]\nname = \"café\"\n[[apps]]\nname = \"web\"\n").unwrap();
         let w = c.warnings();
         assert_eq!(w.len(), 1, "{w:?}");
@@ -486,6 +502,24 @@ mod tests {
             .unwrap()
             .warnings()
             .is_empty());
+    }
+
+    #[test]
+    fn a_non_ascii_instance_id_is_a_warning_and_sent_encoded() {
+        let c = parse("[aws]\ninstance_id = \"höst\"\n[[apps]]\nname = \"a\"\n").unwrap();
+        let aws = c.aws.as_ref().unwrap();
+        assert_eq!(aws.instance_id.as_deref(), Some("h%C3%B6st"));
+        assert_eq!(aws.instance_id_written.as_deref(), Some("höst"));
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("instance_id `höst`: CloudWatch refuses")
+                && w[0].contains("sent as `h%C3%B6st`"),
+            "{w:?}"
+        );
+        let c = parse("[aws]\ninstance_id = \"web-1\"\n[[apps]]\nname = \"a\"\n").unwrap();
+        assert_eq!(c.aws.as_ref().unwrap().instance_id_written, None);
+        assert!(c.warnings().is_empty());
     }
 
     #[test]

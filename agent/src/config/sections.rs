@@ -110,7 +110,7 @@ impl Cx<'_> {
         let flush_interval =
             self.duration(&mut t, "flush_interval", secs(60), secs(1)..=secs(3600));
         let high_resolution = self.boolean(&mut t, "high_resolution").unwrap_or(false);
-        let instance_id = self.aws_instance_id(&mut t);
+        let (instance_id, instance_id_written) = self.aws_instance_id(&mut t);
         let alarm_down_minutes = self.integer(&mut t, "alarm_down_minutes", 10, 1..=1440) as u32;
         let alarm_failures = self.integer(&mut t, "alarm_failures", 3, 0..=100_000) as u32;
         let alarm_restarts = self.integer(&mut t, "alarm_restarts", 2, 0..=10_000) as u32;
@@ -125,6 +125,7 @@ impl Cx<'_> {
             flush_interval,
             high_resolution,
             instance_id,
+            instance_id_written,
             alarm_down_minutes,
             alarm_failures,
             alarm_restarts,
@@ -302,20 +303,25 @@ impl Cx<'_> {
         })
     }
 
-    fn aws_instance_id(&mut self, t: &mut Keys<'_>) -> Option<String> {
-        self.string(t, "instance_id").map(|(i, span)| {
-            if i.len() > 255 || !crate::aws::metrics::dimension_value_ok(&i) {
-                self.problem(
-                    span,
-                    "instance_id must be 1 to 255 printable ASCII characters (CloudWatch refuses other dimension values)".into(),
-                    Some(
-                        "remove the key to use the EC2 instance id (or the host name off EC2)"
-                            .into(),
-                    ),
-                );
-            }
-            i
-        })
+    /// `instance_id`, as AWS will see it (see `names::instance_name`), and as written when that
+    /// differs. Only a name no encoding can make acceptable is a problem.
+    fn aws_instance_id(&mut self, t: &mut Keys<'_>) -> (Option<String>, Option<String>) {
+        let Some((written, span)) = self.string(t, "instance_id") else {
+            return (None, None);
+        };
+        let name = names::instance_name(&written).into_owned();
+        if name.len() > 255 || name.trim().is_empty() {
+            self.problem(
+                span,
+                "instance_id must be 1 to 255 characters, not only spaces (a character CloudWatch refuses counts as its %XX encoding)".into(),
+                Some(
+                    "remove the key to use the EC2 instance id (or the host name off EC2)"
+                        .into(),
+                ),
+            );
+        }
+        let encoded = (name != written).then_some(written);
+        (Some(name), encoded)
     }
 
     fn agent(&mut self, t: &Table) -> AgentConfig {

@@ -335,3 +335,99 @@ impl Receiver {
             .collect()
     }
 }
+
+/// A CloudWatch that refuses what AWS refuses and ministack accepts: a proxy on 127.0.0.1 in
+/// front of a ministack that answers every PutMetricData holding `marker` (a datum no local
+/// check can catch) with AWS's whole-request refusal (400 InvalidParameterValue) and forwards
+/// the rest, byte for byte, to ministack. Records when each PutMetricData arrived.
+pub struct RefusingProxy {
+    pub port: u16,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+impl RefusingProxy {
+    pub fn start(upstream: u16, marker: &'static str) -> RefusingProxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c = calls.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let Some(raw) = read_request(&mut conn) else {
+                    continue;
+                };
+                let text = String::from_utf8_lossy(&raw);
+                if text.contains("Action=PutMetricData") {
+                    c.lock().unwrap().push(Instant::now());
+                }
+                if text.contains(marker) {
+                    let body = "<ErrorResponse><Error><Type>Sender</Type><Code>InvalidParameterValue</Code><Message>The value for parameter MetricData.member.1.Dimensions.member.1.Value is invalid.</Message></Error></ErrorResponse>";
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    continue;
+                }
+                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let _ = up.set_read_timeout(Some(Duration::from_secs(10)));
+                if up.write_all(&raw).is_ok() {
+                    let mut reply = Vec::new();
+                    let _ = up.read_to_end(&mut reply);
+                    let _ = conn.write_all(&reply);
+                }
+            }
+        });
+        RefusingProxy { port, calls }
+    }
+
+    pub fn endpoint(&self) -> String {
+        let url = format!("http://127.0.0.1:{}", self.port);
+        assert_loopback(&url);
+        url
+    }
+
+    /// The PutMetricData requests of each flush before `until`: requests less than `gap` apart
+    /// are one burst.
+    pub fn bursts(&self, gap: Duration, until: Instant) -> Vec<usize> {
+        let all = self.calls.lock().unwrap();
+        let calls: Vec<Instant> = all.iter().copied().filter(|t| *t < until).collect();
+        let mut out: Vec<usize> = Vec::new();
+        for (i, t) in calls.iter().enumerate() {
+            match i.checked_sub(1).map(|p| t.duration_since(calls[p])) {
+                Some(d) if d < gap => *out.last_mut().unwrap() += 1,
+                _ => out.push(1),
+            }
+        }
+        out
+    }
+}
+
+/// One whole HTTP request (head and Content-Length body), as sent.
+fn read_request(conn: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = conn.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if raw.len() >= end + 4 + len {
+            return Some(raw);
+        }
+    }
+}
