@@ -810,8 +810,10 @@ impl Drop for Tmpfs {
 
 /// Fault: the disk under the state directory fills up. `status.json` can no longer be
 /// rewritten, so the heartbeat must go stale (`status` exits 1 and the backup check takes over)
-/// instead of a fresh one-line beat laid over app states that are no longer true; with space
-/// back, the agent is fresh again. (A real full filesystem: a 1 MiB tmpfs, filled by hand.)
+/// instead of a fresh one-line beat laid over app states that are no longer true; systemd's
+/// watchdog still hears from the agent (a kill would stop the watching that matters most on a
+/// full disk); with space back, the agent is fresh again. (A real full filesystem: a 1 MiB
+/// tmpfs, filled by hand.)
 #[test]
 fn a_full_state_disk_withholds_the_heartbeat_until_status_json_can_be_written() {
     let pm2 = Pm2Sandbox::new();
@@ -827,7 +829,15 @@ fn a_full_state_disk_withholds_the_heartbeat_until_status_json_can_be_written() 
         .unwrap();
     assert!(mounted.success(), "mount a tmpfs (the suite runs as root)");
     let _tmpfs = Tmpfs(state.clone());
-    agent.spawn(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // WATCHDOG_USEC = 2 s: a ping at least every 0.5 s while on schedule.
+    agent.spawn(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "2000000"),
+    ]);
     let status = || {
         Command::new(AGENT)
             .args(["status", "--config"])
@@ -851,6 +861,17 @@ fn a_full_state_disk_withholds_the_heartbeat_until_status_json_can_be_written() 
         "a stale heartbeat on a full disk",
         || status() == Some(1),
     );
+    // What systemd hears now, the disk still full: pings, about one every 0.5 s.
+    let mut buf = [0u8; 512];
+    while sock.set_nonblocking(true).is_ok() && sock.recv(&mut buf).is_ok() {}
+    sock.set_nonblocking(false).unwrap();
+    let began = Instant::now();
+    let mut pings = 0;
+    while began.elapsed() < Duration::from_secs(3) {
+        let n = sock.recv(&mut buf).expect("a notification on a full disk");
+        pings += usize::from(&buf[..n] == b"WATCHDOG=1");
+    }
+    assert!(pings >= 3, "{pings} watchdog pings in 3 s on a full disk");
     std::fs::remove_file(&filler).unwrap();
     wait_until(
         Duration::from_secs(10),

@@ -95,6 +95,11 @@ impl Bisect {
             }
             self.held += len;
         }
+        if self.budget == 0 && self.held < self.suspects {
+            // The budget is spent on the suspects: the rest of them wait for the next flush
+            // unsent, and the items recorded after them go now.
+            self.held = self.suspects;
+        }
         let mut n = fresh(self.held);
         if self.held < self.suspects {
             n = n.min(self.suspects - self.held);
@@ -228,6 +233,39 @@ mod tests {
         }
         assert_eq!((good, bad), (2500 + 8 * flushes, 1000));
         eprintln!("1000 refused items judged in {flushes} flushes");
+    }
+
+    #[test]
+    fn a_pile_of_refused_items_larger_than_a_request_holds_back_newer_items_two_flushes_at_most() {
+        // 3000 items AWS refuses at the front: each flush judges some with its budget, takes one
+        // more refused request into the suspects and stops; once every refused item is a
+        // suspect, the suspects left after the budget wait unsent and newer items go.
+        let mut q = vec![true; 3000];
+        let mut suspects = 0;
+        let mut first_good = None;
+        for flush_no in 1..=400 {
+            q.extend([false; 8]);
+            let (_, dropped, delivered) = flush(&mut q, 1000, &mut suspects);
+            assert!(dropped.iter().all(|b| *b), "a good item was dropped");
+            if delivered > 0 && first_good.is_none() {
+                first_good = Some(flush_no);
+            }
+            if first_good.is_some() {
+                assert_eq!(
+                    q.iter().filter(|b| !**b).count(),
+                    0,
+                    "flush {flush_no}: good items held back behind the suspects"
+                );
+            }
+            if q.is_empty() {
+                break;
+            }
+        }
+        assert!(
+            first_good.is_some_and(|f| f <= 3),
+            "first good item in flush {first_good:?}"
+        );
+        assert!(q.is_empty(), "{} items never judged", q.len());
     }
 
     #[test]

@@ -361,6 +361,9 @@ pub struct Aws {
 /// Offsets below this are not learnt from a successful reply: `Date` has whole seconds and the
 /// reply takes time to arrive, so a clock in sync reads as up to about 2 s off.
 pub const SKEW_TOLERANCE_MS: i64 = 5_000;
+/// The furthest an accepted reply's `Date` moves the clock offset in one step (AWS's window for a
+/// signed request's time, which a real AWS enforces).
+const MAX_LEARNT_SKEW_MS: i64 = 15 * 60_000;
 
 const MAX_ATTEMPTS: u32 = 3;
 pub const NO_REGION: &str = "no AWS region: set `region` in [aws], AWS_REGION, or the profile's region (on EC2 the instance metadata gives it)";
@@ -439,6 +442,12 @@ impl Aws {
     fn observe_date(&mut self, skew: Option<i64>) {
         let Some(skew) = skew else { return };
         if (skew - self.skew_ms).abs() < SKEW_TOLERANCE_MS {
+            return;
+        }
+        // AWS refuses a signature more than 15 minutes off its clock (then `correct_skew` learns
+        // from the refusal). An endpoint that accepted one further off checks no signatures (a
+        // proxy, a stand-in) and its Date says nothing about AWS's time: not followed.
+        if skew.abs() > MAX_LEARNT_SKEW_MS && (skew - self.skew_ms).abs() > MAX_LEARNT_SKEW_MS {
             return;
         }
         let skew = if skew.abs() < SKEW_TOLERANCE_MS {
@@ -984,6 +993,12 @@ mod tests {
             0,
             "whole-second dates and latency are not skew"
         );
+        // An endpoint that took a request signed days off its Date checks no signatures: its
+        // clock is not AWS's, and the timestamps are not moved by it.
+        offset.store(2 * 86_400_000, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(call(&mut aws), 0, "a Date days off on an accepted reply");
+        offset.store(-40 * 365 * 86_400_000, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(call(&mut aws), 0, "a Date decades off on an accepted reply");
     }
 
     #[test]

@@ -47,20 +47,31 @@ pub const DIM_INSTANCE_ID: &str = "InstanceId";
 /// instances.
 pub const DIM_FLEET: &str = "Fleet";
 
-/// The name an instance goes by in AWS (its `InstanceId` dimension and its log stream), for an
-/// id from the config, IMDS or the host name: the id itself when CloudWatch accepts it as a
-/// dimension value and CloudWatch Logs as a stream name, else the id with every byte they refuse
-/// percent-encoded (UTF-8): `höst` -> `h%C3%B6st`, `web:1` -> `web%3A1`.
+/// The name an instance goes by in AWS (its `InstanceId` dimension and the alarms named after
+/// it), for an id from the config, IMDS or the host name: the id itself when CloudWatch accepts
+/// it as a dimension value, else the id with every byte it refuses percent-encoded (UTF-8):
+/// `höst` -> `h%C3%B6st`.
 ///
 /// Why encode rather than refuse or drop: every datum carries the InstanceId, so a name AWS
-/// refuses would make it refuse every metric of the box. The encoded name is printable ASCII,
-/// distinct for distinct ids, and reads back to the original. Refused bytes: anything but
-/// printable ASCII (CloudWatch dimension values), `:` and `*` (log stream names); `%` is encoded
-/// too once anything is, so the encoding can be reversed. An id that is empty or only spaces
-/// is returned as is: no encoding makes it acceptable (the config refuses it).
+/// refuses would make it refuse every metric of the box. The encoded name is printable ASCII.
+/// Refused bytes: anything but printable ASCII; `%` is encoded too once anything is. An id that
+/// was printable ASCII before (`db:primary`, `50%`) is sent unchanged, so an upgrade never renames
+/// a box's dimension and orphans its alarms. An id that is empty or only spaces is returned as
+/// is: no encoding makes it acceptable (the config refuses it).
 pub fn instance_name(id: &str) -> std::borrow::Cow<'_, str> {
-    let refused = |b: u8| !(0x20..0x7f).contains(&b) || b == b':' || b == b'*';
-    if !id.bytes().any(refused) {
+    encode(id, |b| !(0x20..0x7f).contains(&b))
+}
+
+/// The instance's log stream: `instance_name` with `:` and `*` also encoded (CloudWatch Logs
+/// refuses them in a stream name; a dimension value takes them): `web:1` -> `web%3A1`.
+pub fn stream_name(instance: &str) -> std::borrow::Cow<'_, str> {
+    encode(instance, |b| {
+        !(0x20..0x7f).contains(&b) || b == b':' || b == b'*'
+    })
+}
+
+fn encode(id: &str, refused: impl Fn(u8) -> bool) -> std::borrow::Cow<'_, str> {
+    if !id.bytes().any(&refused) {
         return id.into();
     }
     let mut out = String::with_capacity(id.len() * 3);
@@ -179,13 +190,17 @@ mod tests {
         assert_eq!(instance_name("i-0123456789abcdef0"), "i-0123456789abcdef0");
         assert_eq!(instance_name("web 1 (50%)"), "web 1 (50%)");
         assert_eq!(instance_name("höst"), "h%C3%B6st");
-        assert_eq!(instance_name("web:1*"), "web%3A1%2A");
+        // Printable ASCII stays as it was sent before encoding existed (the alarms carry it).
+        assert_eq!(instance_name("web:1*"), "web:1*");
+        assert_eq!(stream_name("web:1*"), "web%3A1%2A");
+        assert_eq!(stream_name("i-0123456789abcdef0"), "i-0123456789abcdef0");
         assert_eq!(instance_name("a%b\u{7}"), "a%25b%07");
         assert_eq!(instance_name("应用"), "%E5%BA%94%E7%94%A8");
         for id in ["höst", "web:1", "应用", "tab\there"] {
             let name = instance_name(id);
             assert!(
-                crate::aws::metrics::dimension_value_ok(&name) && !name.contains([':', '*']),
+                crate::aws::metrics::dimension_value_ok(&name)
+                    && !stream_name(&name).contains([':', '*']),
                 "{name}"
             );
         }

@@ -589,7 +589,7 @@ impl State {
     /// This instance's stream in the group (already there is fine).
     fn create_stream(&mut self, aws: &mut Aws) -> Result<(), CallError> {
         self.calls.other.fetch_add(1, Ordering::Relaxed);
-        let body = serde_json::json!({ "logGroupName": self.cfg.log_group, "logStreamName": self.instance });
+        let body = serde_json::json!({ "logGroupName": self.cfg.log_group, "logStreamName": super::names::stream_name(&self.instance) });
         match aws.logs("CreateLogStream", &body) {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("ResourceAlreadyExistsException") => Ok(()),
@@ -640,7 +640,7 @@ impl State {
             .collect();
         serde_json::json!({
             "logGroupName": self.cfg.log_group,
-            "logStreamName": self.instance,
+            "logStreamName": super::names::stream_name(&self.instance),
             "logEvents": events,
         })
     }

@@ -291,7 +291,7 @@ impl Config {
         if let Some(aws) = &self.aws {
             if let (Some(written), Some(sent)) = (&aws.instance_id_written, &aws.instance_id) {
                 out.push(format!(
-                    "instance_id `{written}`: CloudWatch refuses it as a dimension value (printable ASCII only; `:` and `*` not in a log stream), so it is sent as `{sent}` (the InstanceId dimension, the log stream, the alarms); set an ASCII instance_id to choose the name"
+                    "instance_id `{written}`: CloudWatch refuses it as a dimension value (printable ASCII only), so it is sent as `{sent}` (the InstanceId dimension, the log stream, the alarms); set an ASCII instance_id to choose the name"
                 ));
             }
             for app in &self.apps {

@@ -18,13 +18,15 @@ use super::shared::Shared;
 
 /// Reads `pauses.json` again if it changed since the last read. Returns whether it did.
 pub fn refresh(shared: &Shared) -> bool {
+    // Under the lock from the stat to the store: the watch loop's pulse and the main thread
+    // both refresh, and a slower reader must not put an older book back over a newer one.
+    let mut held = lock(&shared.pauses);
     let stamp = shared.state.pauses_stamp();
     // Unchanged, or still absent (no file was ever read, or its removal was already read).
-    if lock(&shared.pauses).0 == stamp {
+    if held.0 == stamp {
         return false;
     }
     let book = shared.state.read_pauses();
-    let mut held = lock(&shared.pauses);
     let changed = held.1 != book;
     *held = (stamp, book);
     changed

@@ -175,10 +175,12 @@ impl Pulse {
             return;
         }
         if g.needs_status(now, &self.shared) {
-            if g.last_ask == 0 || now.saturating_sub(g.last_ask) >= beat_spacing(g.every_ms) {
+            if g.last_ask == 0 || now.saturating_sub(g.last_ask) >= g.every_ms {
                 g.last_ask = now;
                 let _ = lock(&self.wake_main).send(ToMain::Status);
             }
+            // On schedule: systemd hears so even while the disk refuses status.json.
+            g.watchdog(now, &self.notifier);
             return;
         }
         g.beat_line(now, &self.shared);
@@ -190,7 +192,6 @@ impl Pulse {
     pub fn main_beat(&self, now: Mono, force: bool) {
         let mut g = lock(&self.inner);
         let g = &mut *g;
-        g.last_ask = 0;
         if force {
             g.status.force = true;
             g.last_beat = 0;
@@ -199,14 +200,19 @@ impl Pulse {
             return;
         }
         if g.needs_status(now, &self.shared) {
-            if !g.write_status(now, &self.shared) {
-                return;
+            if g.write_status(now, &self.shared) {
+                // Asked and answered: the loop may ask again at once. After a failure it asks
+                // at most once a beat.
+                g.last_ask = 0;
+                g.beat_line(now, &self.shared);
             }
-        } else if now < g.last_beat + beat_spacing(g.every_ms) {
-            g.watchdog(now, &self.notifier);
-            return;
+        } else if now >= g.last_beat + beat_spacing(g.every_ms) {
+            g.beat_line(now, &self.shared);
         }
-        g.beat_line(now, &self.shared);
+        // READY=1 and the watchdog go on while status.json cannot be written (a full or
+        // read-only disk): only a wedged agent must look dead to systemd, and killing the agent
+        // would stop the watching that matters most then. The heartbeat line is withheld, so the
+        // backup check sees the stale status for what it is.
         if !g.ready {
             g.ready = true;
             self.notifier.send("READY=1");

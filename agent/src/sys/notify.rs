@@ -22,7 +22,12 @@ impl Notifier {
                 Some(name) => SocketAddr::from_abstract_name(name.as_bytes()).ok()?,
                 None => SocketAddr::from_pathname(&p).ok()?,
             };
-            Some((UnixDatagram::unbound().ok()?, addr))
+            // Non-blocking: the watch loop pings the watchdog, and a PID 1 too busy to read its
+            // queue (a long daemon-reload) must not stall every probe. A ping it cannot take
+            // now is dropped; the next one follows within the period.
+            let sock = UnixDatagram::unbound().ok()?;
+            sock.set_nonblocking(true).ok()?;
+            Some((sock, addr))
         });
         let pid_matches = std::env::var("WATCHDOG_PID")
             .ok()
@@ -37,8 +42,12 @@ impl Notifier {
 
     pub fn send(&self, state: &str) {
         if let Some((sock, addr)) = &self.socket {
-            if let Err(error) = sock.send_to_addr(state.as_bytes(), addr) {
-                tracing::warn!(message = "Cannot notify systemd.", %error);
+            match sock.send_to_addr(state.as_bytes(), addr) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tracing::debug!(message = "systemd's notify socket is full; dropped.", state);
+                }
+                Err(error) => tracing::warn!(message = "Cannot notify systemd.", %error),
             }
         }
     }

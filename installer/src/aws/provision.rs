@@ -492,7 +492,7 @@ pub async fn observe_sharing(
                 page.log_streams()
                     .iter()
                     .filter_map(|s| s.log_stream_name())
-                    .filter(|n| *n != instance)
+                    .filter(|n| *n != pmguard_agent::aws::names::stream_name(instance))
                     .map(str::to_string),
             );
             token = page.next_token().map(str::to_string);
