@@ -20,6 +20,7 @@
 //!   (`Aws::aws_time`), learnt from its replies.
 //! - `Sink::stop` flushes within a deadline, then spills what is left for the next start.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -344,6 +345,28 @@ impl State {
     }
 }
 
+/// Removes the items AWS would refuse for their time (see `logs::acceptable`, on AWS's clock),
+/// keeping `held` (the unjudged items at the front, see `bisect`) in step. Returns how many.
+fn drop_untimely<T>(
+    items: &mut VecDeque<T>,
+    held: &mut usize,
+    aws: &Aws,
+    ts_ms: impl Fn(&T) -> u64,
+) -> usize {
+    let now = aws.aws_time(clock::wall_ms());
+    let before = items.len();
+    let front = (*held).min(before);
+    let (mut i, mut kept_front) = (0, front);
+    items.retain(|item| {
+        let keep = logs::acceptable(aws.aws_time(ts_ms(item)), now);
+        kept_front -= usize::from(!keep && i < *held);
+        i += 1;
+        keep
+    });
+    *held = kept_front;
+    before - items.len()
+}
+
 /// The InstanceId dimension: IMDSv2 on EC2 (unless AWS_EC2_METADATA_DISABLED), else the host
 /// name, as AWS accepts it (`names::instance_name`: percent-encoded where it would refuse it).
 pub fn instance_id(imds: Option<&mut Imds>) -> String {
@@ -477,17 +500,9 @@ impl State {
     /// Drops buffered datums CloudWatch would refuse for their time (older than 14 days or more
     /// than 2 hours ahead of AWS's clock, their timestamps moved to it as they will be sent).
     fn drop_stale_metrics(&mut self, aws: &Aws) {
-        let now = aws.aws_time(clock::wall_ms());
-        let before = self.buf.metrics.len();
-        let (mut i, mut held) = (0, self.held[METRICS].min(before));
-        self.buf.metrics.retain(|d| {
-            let keep = logs::acceptable(aws.aws_time(d.ts_ms), now);
-            held -= usize::from(!keep && i < self.held[METRICS]);
-            i += 1;
-            keep
+        let stale = drop_untimely(&mut self.buf.metrics, &mut self.held[METRICS], aws, |d| {
+            d.ts_ms
         });
-        self.held[METRICS] = held;
-        let stale = before - self.buf.metrics.len();
         if stale > 0 {
             self.buf.count_dropped(stale as u64);
             tracing::warn!(
@@ -612,17 +627,7 @@ impl State {
     /// Drops buffered events CloudWatch Logs would refuse (older than 14 days or more than 2
     /// hours ahead of AWS's clock, their timestamps moved to it as they will be sent).
     fn drop_unacceptable_logs(&mut self, aws: &Aws) {
-        let now = aws.aws_time(clock::wall_ms());
-        let before = self.buf.logs.len();
-        let (mut i, mut held) = (0, self.held[LOGS].min(before));
-        self.buf.logs.retain(|r| {
-            let keep = logs::acceptable(aws.aws_time(r.ts_ms), now);
-            held -= usize::from(!keep && i < self.held[LOGS]);
-            i += 1;
-            keep
-        });
-        self.held[LOGS] = held;
-        let stale = before - self.buf.logs.len();
+        let stale = drop_untimely(&mut self.buf.logs, &mut self.held[LOGS], aws, |r| r.ts_ms);
         if stale > 0 {
             self.buf.count_dropped(stale as u64);
             tracing::warn!(message = "Dropped events CloudWatch Logs would refuse (older than 14 days or too far ahead).", dropped = stale);
