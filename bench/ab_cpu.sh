@@ -7,6 +7,8 @@
 # lookup reads the host's auxv under valgrind and faults), and perf has no counters in this VM.
 # Usage: A=old/pmguard-agent B=new/pmguard-agent [REPS=3] [DURATION=40] [EXTRA_PROCS=0] [WITH_AWS=1] bench/ab_cpu.sh
 #   EXTRA_PROCS: that many `/bin/sleep` processes more in PM2 (a bigger process list).
+#   A_APP / B_APP: extra lines for that build's [[apps]] section (e.g. B_APP='keep_alive = true':
+#   the same build with and without a setting).
 #   WITH_AWS=1: both agents also run the AWS sink (`[aws]`, flush_interval = AWS_FLUSH, 10s by
 #   default so a window holds several flushes) against a private ministack on 127.0.0.1, with
 #   dummy keys and IMDS off.
@@ -67,12 +69,13 @@ health_url = "http://127.0.0.1:$PORT/health"
 timeout = "1s"
 max_retries = 3
 retry_interval = "1s"
+$2
 
 $AWS_SECTION
 EOF
 }
-cfg a > "$W/a.toml"
-cfg b > "$W/b.toml"
+cfg a "${A_APP:-}" > "$W/a.toml"
+cfg b "${B_APP:-}" > "$W/b.toml"
 run() { # label cmd...
     local label=$1; shift
     local line

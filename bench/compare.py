@@ -43,6 +43,8 @@ SCALE_COUNTS = [int(x) for x in os.environ.get("SCALE_COUNTS", "1 10 100").split
 SCALE_REAL = int(os.environ.get("SCALE_REAL", "10"))  # node PM2 apps; the rest are stand-ins
 # Also run the largest count without health_url (PM2 state + /proc only): splits the probe's cost off.
 SCALE_NOPROBE = os.environ.get("SCALE_NOPROBE", "1") == "1"
+# Also run the largest count with `keep_alive = true` (one kept connection per probe).
+SCALE_KEEPALIVE = os.environ.get("SCALE_KEEPALIVE", "1") == "1"
 DETECT_REPS = int(os.environ.get("DETECT_REPS", str(REPS)))
 FAULTS = os.environ.get("FAULTS", "sigstop 500 spin crash").split()
 SECTIONS = os.environ.get("SECTIONS", "footprint scale detect cost").split()
@@ -195,7 +197,7 @@ def ensure_main_app_healthy(min_age=0.0):
         time.sleep(min_age - age)
 
 
-def agent_config(path, state_dir, apps, aws_section="", log_passing_checks=False):
+def agent_config(path, state_dir, apps, aws_section="", log_passing_checks=False, keep_alive=False):
     lines = ["[agent]", 'interval = "1s"', f'state_dir = "{state_dir}"',
              f'pm2_home = "{PM2_HOME}"']
     if log_passing_checks:  # the detect section reads the first passing check from events.jsonl
@@ -205,6 +207,8 @@ def agent_config(path, state_dir, apps, aws_section="", log_passing_checks=False
         lines += ["[[apps]]", f'name = "{name}"']
         if port is not None:
             lines.append(f'health_url = "http://127.0.0.1:{port}/health"')
+            if keep_alive:
+                lines.append("keep_alive = true")
         lines += ['timeout = "1s"', "max_retries = 3", 'retry_interval = "1s"',
                   'restart_cooldown = "10s"', 'startup_grace = "5s"', ""]
     if aws_section:
@@ -432,15 +436,17 @@ def scale(results):
     sc = os.path.join(WORK, "scale")
     os.makedirs(sc, exist_ok=True)
     rows, base, cmds, extra = {}, {}, {}, {}
-    counts = list(SCALE_COUNTS) + ([f"{maxn} without health_url"] if SCALE_NOPROBE else [])
+    counts = (list(SCALE_COUNTS) + ([f"{maxn} without health_url"] if SCALE_NOPROBE else [])
+              + ([f"{maxn} keep_alive"] if SCALE_KEEPALIVE else []))
     for n in counts:
         if isinstance(n, int):
-            sel = apps[:n]
+            sel, key = apps[:n], str(n)
+        elif n.endswith("keep_alive"):
+            sel, key = apps[:maxn], f"{maxn}-keepalive"
         else:
-            sel = [(name, None) for name, _ in apps[:maxn]]
-        key = str(n).split()[0] + ("-noprobe" if not isinstance(n, int) else "")
+            sel, key = [(name, None) for name, _ in apps[:maxn]], f"{maxn}-noprobe"
         cfg = agent_config(os.path.join(sc, f"pmguard-{key}.toml"), os.path.join(sc, f"state-{str(n).replace(' ', '_')}"),
-                           sel)
+                           sel, keep_alive=isinstance(n, str) and n.endswith("keep_alive"))
         cmds[n] = [AGENT, "run", "--config", cfg]
         rows[n] = []
     base_reps = []

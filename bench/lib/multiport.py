@@ -4,21 +4,28 @@
 usage: multiport.py COUNT   binds COUNT free 127.0.0.1 ports, then prints "ready PORT..." on stdout
 
 Stands in for the health endpoints of the scale benchmark's PM2 apps that are not node
-processes (bench/compare.py explains why). Connection: close, like pmguard's probe.
+processes (bench/compare.py explains why). Like node's http server: a connection stays open for
+the next request unless the request says `Connection: close`, and closes after 5 s idle.
 """
 import asyncio
 import sys
 
-OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n"
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n"
 
 
 async def handle(reader, writer):
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
-        writer.write(OK if path == b"/health" else NOT_FOUND)
-        await writer.drain()
+        while True:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+            close = b"connection: close" in head.lower()
+            reply = OK if path == b"/health" else NOT_FOUND
+            tail = b"connection: close\r\n\r\n" if close else b"\r\n"
+            writer.write(reply + tail + (b"ok" if path == b"/health" else b""))
+            await writer.drain()
+            if close:
+                break
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
             ConnectionError):
         pass

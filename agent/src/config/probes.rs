@@ -25,6 +25,7 @@ const HTTP_KEYS: &[&str] = &[
     "tls_verify",
     "ca_file",
     "cert_warn_days",
+    "keep_alive",
 ];
 const TLS_KEYS: &[&str] = &["tls_verify", "ca_file", "cert_warn_days"];
 /// Framing headers the probe writes itself.
@@ -73,6 +74,7 @@ impl Cx<'_> {
             body_regex: self.probe_body_regex(t),
         };
         let tls = self.probe_tls(t);
+        let keep_alive = self.boolean(t, "keep_alive");
         let kind = match (url, tcp) {
             (Some(_), Some(_)) => {
                 self.problem(
@@ -92,6 +94,7 @@ impl Cx<'_> {
                 }
                 self.head_without_body(t, method, &expect);
                 ProbeKind::Http(Box::new(HttpProbe {
+                    keep_alive: self.https_keep_alive(t, url.tls, keep_alive),
                     tls: url.tls.then_some(tls),
                     url,
                     socket,
@@ -114,6 +117,18 @@ impl Cx<'_> {
             }
         };
         Some(ProbeSpec { kind, timeout })
+    }
+
+    /// `keep_alive` as given (off by default); an https probe connects for each check.
+    fn https_keep_alive(&mut self, t: &Keys<'_>, tls: bool, given: Option<bool>) -> bool {
+        if tls && given == Some(true) {
+            self.problem(
+                key_span(t, "keep_alive"),
+                "keep_alive applies to http:// probes: an https probe opens a connection for each check".into(),
+                Some("remove keep_alive, or probe the app's plain http port".into()),
+            );
+        }
+        given.unwrap_or(false) && !tls
     }
 
     /// Reports each of `keys` present in `t`: they do not apply to `what`.
@@ -462,5 +477,34 @@ expect_body = "x"
         let p = probes("[[apps]]\nname = \"r\"\ntcp = \"[::1]:6379\"\n");
         assert_eq!(p[0].describe(), "tcp://[::1]:6379");
         assert_eq!(p[0].network_host(), Some("::1"));
+    }
+
+    #[test]
+    fn keep_alive_is_off_unless_asked_and_only_for_plain_http() {
+        let plain = |extra: &str| {
+            let p = probes(&format!(
+                "[[apps]]\nname = \"w\"\nhealth_url = \"http://127.0.0.1:5000/h\"\n{extra}"
+            ));
+            match &p[0].kind {
+                ProbeKind::Http(h) => h.keep_alive,
+                ProbeKind::Tcp(_) => panic!("{p:?}"),
+            }
+        };
+        assert!(!plain(""));
+        assert!(plain("keep_alive = true\n"));
+        let p = problems(
+            "[[apps]]\nname = \"w\"\nhealth_url = \"https://127.0.0.1/h\"\nkeep_alive = true\n[[apps.probes]]\ntcp = \"127.0.0.1:1\"\nkeep_alive = true\n[[apps.probes]]\nhealth_url = \"http://127.0.0.1/\"\nkeep_alive = \"yes\"\n",
+        );
+        let lines: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.message.as_str())).collect();
+        for (line, text) in [
+            (4, "keep_alive applies to http:// probes"),
+            (7, "`keep_alive` does not apply to a tcp probe"),
+            (10, "`keep_alive` must be true or false"),
+        ] {
+            assert!(
+                lines.iter().any(|(l, m)| *l == line && m.contains(text)),
+                "{text} on line {line}: {lines:?}"
+            );
+        }
     }
 }

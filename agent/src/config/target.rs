@@ -204,6 +204,9 @@ pub struct HttpProbe {
     pub expect: Expect,
     /// Set for https URLs.
     pub tls: Option<TlsSettings>,
+    /// Keep the connection of a passed probe open for the next one (plain http only; see
+    /// `probe::flight`).
+    pub keep_alive: bool,
 }
 
 impl std::fmt::Debug for HttpProbe {
@@ -216,6 +219,7 @@ impl std::fmt::Debug for HttpProbe {
             .field("headers", &names)
             .field("expect", &self.expect)
             .field("tls", &self.tls)
+            .field("keep_alive", &self.keep_alive)
             .finish()
     }
 }

@@ -2,12 +2,22 @@
 //! send the request and read the reply, through rustls for https. `advance` moves it on as far
 //! as the socket allows without waiting; the caller polls `fd()` for `events()`.
 //!
+//! With `keep_alive` (plain http only) the connection of a passed probe whose reply was whole
+//! and framed is kept for the next run: a request on a kept connection costs the agent about a
+//! third of a new connection's CPU (no handshake, no teardown; BENCHMARKS.md). A kept
+//! connection is used only while nothing came on it since (a peek), and for at most `KEEP_FOR`
+//! after it was opened, so an app that stops accepting new connections is still seen within
+//! that time. A run on a kept connection that gets nothing back (the server closed it as the
+//! request went) is retried at once on a new connection within the same deadline. After a
+//! failed probe nothing is kept: the retries that count towards a restart connect afresh.
+//!
 //! Invariants: never blocks; reads at most `MAX_HEAD + MAX_BODY` plaintext bytes per call
 //! sequence; a reply that arrived before the deadline is still read after it.
 
 use std::io::{ErrorKind, Read, Write};
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustix::event::PollFlags;
 use rustls::ClientConnection;
@@ -21,6 +31,9 @@ use super::http::{self, Asked, MAX_BODY, MAX_HEAD};
 use super::tls::{days_left, Tls};
 use super::ProbeOutcome;
 
+/// How long a kept connection serves after it was opened; then the next run connects anew.
+pub const KEEP_FOR: Duration = Duration::from_secs(30);
+
 /// One configured probe and what it keeps between runs. Its `Debug` leaves out the request
 /// bytes, which hold header values and the query string.
 pub struct Single {
@@ -29,6 +42,10 @@ pub struct Single {
     /// The request bytes (empty for a tcp probe).
     request: Vec<u8>,
     tls: Option<Tls>,
+    /// Connections may be kept (`keep_alive`, plain http, no `Connection: close` of the user's).
+    keeps: bool,
+    /// The connection the last passed run left open, and when it was opened.
+    kept: Option<(Socket, Instant)>,
 }
 
 impl std::fmt::Debug for Single {
@@ -37,6 +54,7 @@ impl std::fmt::Debug for Single {
             .field("probe", &self.spec.describe())
             .field("request_len", &self.request.len())
             .field("tls", &self.tls.is_some())
+            .field("kept", &self.kept.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -53,6 +71,10 @@ pub struct Flight {
     tls: Option<Box<ClientConnection>>,
     buf: Vec<u8>,
     pub deadline: Instant,
+    /// When this run's connection was opened (earlier than the run for a kept one).
+    opened: Instant,
+    /// The run uses a kept connection: nothing back from it is retried on a new one.
+    reused: bool,
 }
 
 impl std::fmt::Debug for Flight {
@@ -64,6 +86,7 @@ impl std::fmt::Debug for Flight {
             .field("sent", &self.sent)
             .field("tls", &self.tls.is_some())
             .field("read", &self.buf.len())
+            .field("reused", &self.reused)
             .finish_non_exhaustive()
     }
 }
@@ -94,8 +117,8 @@ impl Flight {
 
 impl Single {
     pub fn new(spec: ProbeSpec) -> Single {
-        let (endpoint, request, tls) = match &spec.kind {
-            ProbeKind::Tcp(t) => (Endpoint::inet(&t.host, t.port), Vec::new(), None),
+        let (endpoint, request, tls, keeps) = match &spec.kind {
+            ProbeKind::Tcp(t) => (Endpoint::inet(&t.host, t.port), Vec::new(), None, false),
             ProbeKind::Http(h) => (
                 match &h.socket {
                     Some(path) => Endpoint::Unix(path.clone()),
@@ -103,6 +126,7 @@ impl Single {
                 },
                 http::request(h),
                 h.tls.as_ref().map(|s| Tls::new(s, &h.url.host)),
+                h.tls.is_none() && http::request_keeps_open(h),
             ),
         };
         Single {
@@ -110,6 +134,8 @@ impl Single {
             endpoint,
             request,
             tls,
+            keeps,
+            kept: None,
         }
     }
 
@@ -142,32 +168,67 @@ impl Single {
         }
     }
 
-    /// Begins a run: connects to the first address that takes a connect.
+    /// Begins a run: on the kept connection if there is a usable one, else connects to the
+    /// first address that takes a connect.
     pub fn start(&mut self, start: Instant) -> Result<Flight, ProbeOutcome> {
         // `seen` is kept from earlier runs: a resumed TLS session shows no certificate, and it is
         // the same one.
         let deadline = start + self.spec.timeout;
+        if let Some((socket, opened)) = self.kept.take() {
+            if start.saturating_duration_since(opened) < KEEP_FOR && idle_and_open(&socket) {
+                return Ok(Flight {
+                    socket,
+                    addrs: Vec::new(),
+                    next_addr: 0,
+                    connecting: false,
+                    sent: 0,
+                    tls: None,
+                    buf: Vec::new(),
+                    deadline,
+                    opened,
+                    reused: true,
+                });
+            }
+        }
+        let (socket, addrs, next_addr) = self.open()?;
+        Ok(Flight {
+            socket,
+            next_addr,
+            addrs,
+            connecting: true,
+            sent: 0,
+            tls: None,
+            buf: Vec::new(),
+            deadline,
+            opened: Instant::now(),
+            reused: false,
+        })
+    }
+
+    /// A new connection: the socket, the addresses, the index of the next one to try.
+    fn open(&self) -> Result<(Socket, Vec<SockAddr>, usize), ProbeOutcome> {
         let addrs = self.endpoint.addresses().map_err(ProbeOutcome::Connect)?;
         let mut last_error = String::from("no address");
         for (i, addr) in addrs.iter().enumerate() {
             match connect(addr) {
-                Ok(socket) => {
-                    return Ok(Flight {
-                        socket,
-                        next_addr: i + 1,
-                        addrs,
-                        connecting: true,
-                        sent: 0,
-                        tls: None,
-                        buf: Vec::new(),
-                        deadline,
-                    })
-                }
+                Ok(socket) => return Ok((socket, addrs, i + 1)),
                 Err(e) => last_error = format!("{}: {e}", show(addr)),
             }
         }
         self.endpoint.mark_stale();
         Err(ProbeOutcome::Connect(last_error))
+    }
+
+    /// After a run's outcome: keeps its connection for the next run when the probe passed and
+    /// the reply was whole and framed with the connection left open.
+    pub fn settle(&mut self, f: &Flight, outcome: &ProbeOutcome) {
+        let head = matches!(&self.spec.kind, ProbeKind::Http(h) if h.method == Method::Head);
+        if self.keeps && outcome.passed() && !f.connecting && http::keeps_open(&f.buf, head) {
+            // A second descriptor for the connection: the run's own closes with the run.
+            if let Ok(s) = f.socket.try_clone() {
+                self.kept = Some((s, f.opened));
+            }
+        }
     }
 
     /// The outcome of a run whose deadline passed: a complete head with a body still coming is
@@ -205,10 +266,34 @@ impl Single {
         let Some(ask) = self.asked() else {
             return Some(ProbeOutcome::Connected);
         };
-        match f.tls.as_mut() {
-            None => exchange_plain(f, &self.request, ask),
-            Some(_) => exchange_tls(f, ask),
+        let outcome = match f.tls.as_mut() {
+            None => exchange_plain(f, &self.request, ask)?,
+            Some(_) => exchange_tls(f, ask)?,
+        };
+        let post = matches!(&self.spec.kind, ProbeKind::Http(h) if h.method == Method::Post);
+        if f.reused
+            && f.buf.is_empty()
+            && matches!(outcome, ProbeOutcome::Connect(_))
+            && (f.sent == 0 || !post)
+        {
+            // The server closed the kept connection as the request went (its idle timeout):
+            // the app did not answer "no", so ask again on a new connection. A POST the server
+            // may have read is not sent twice (it need not be idempotent).
+            match self.open() {
+                Ok((socket, addrs, next_addr)) => {
+                    f.socket = socket;
+                    f.addrs = addrs;
+                    f.next_addr = next_addr;
+                    f.connecting = true;
+                    f.sent = 0;
+                    f.opened = Instant::now();
+                    f.reused = false;
+                    return self.step(f);
+                }
+                Err(outcome) => return Some(outcome),
+            }
         }
+        Some(outcome)
     }
 
     /// Ok(true) once connected (and, for https, the TLS client set up with the request queued).
@@ -245,6 +330,13 @@ impl Single {
         }
         Ok(true)
     }
+}
+
+/// Whether a kept connection can carry the next request: nothing arrived on it since the last
+/// reply (neither the server's close nor stray bytes) and no error is pending.
+fn idle_and_open(s: &Socket) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+    matches!(s.peek(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock)
 }
 
 /// A server that never stops sending (an endless stream of 100 Continue, a huge body) must not

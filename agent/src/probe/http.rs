@@ -26,6 +26,7 @@ pub struct Asked<'a> {
 
 /// The request bytes: the method, the URL's path, `Host` (from the URL unless a header gives
 /// it), the defaults, then the user's headers (which replace defaults of the same name).
+/// `Connection: close` unless the probe keeps its connection (HTTP/1.1 keeps it by default).
 pub fn request(p: &HttpProbe) -> Vec<u8> {
     let given = |name: &str| p.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
     let mut r = format!("{} {} HTTP/1.1\r\n", p.method.as_str(), p.url.path);
@@ -39,6 +40,9 @@ pub fn request(p: &HttpProbe) -> Vec<u8> {
         ("Connection", "close".to_string()),
     ];
     for (k, v) in defaults {
+        if k == "Connection" && p.keep_alive {
+            continue;
+        }
         if !given(k) {
             r.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -51,6 +55,96 @@ pub fn request(p: &HttpProbe) -> Vec<u8> {
     }
     r.push_str("\r\n");
     r.into_bytes()
+}
+
+/// Whether a `Connection` header's value holds the `close` token.
+fn says_close(value: &str) -> bool {
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+/// Whether the request lets the connection stay open after the reply (no `Connection: close`
+/// of the user's).
+pub fn request_keeps_open(p: &HttpProbe) -> bool {
+    p.keep_alive
+        && !p
+            .headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("connection") && says_close(v))
+}
+
+/// Whether `buf` is exactly one whole reply after which the connection can carry another
+/// request: an HTTP/1.1 final head without `Connection: close`, a body framed by one
+/// `Content-Length` or by chunked encoding (or none: HEAD, 204, 304) and read to its end, and
+/// not one byte more. Anything else (a body that runs to the close, a reply cut short, framing
+/// that two headers contradict) closes the connection.
+pub fn keeps_open(buf: &[u8], head_request: bool) -> bool {
+    let Ok((status, head_len, head)) = final_head(buf, false) else {
+        return false;
+    };
+    if !head.starts_with("HTTP/1.1 ") {
+        return false;
+    }
+    let mut length: Option<usize> = None;
+    let mut chunked = false;
+    for line in head.lines().skip(1) {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let (k, v) = (k.trim(), v.trim());
+        if k.eq_ignore_ascii_case("connection") && says_close(v) {
+            return false;
+        }
+        if k.eq_ignore_ascii_case("content-length") {
+            match (length, v.parse::<usize>()) {
+                (None, Ok(n)) => length = Some(n),
+                _ => return false,
+            }
+        } else if k.eq_ignore_ascii_case("transfer-encoding") {
+            if chunked || !v.eq_ignore_ascii_case("chunked") {
+                return false;
+            }
+            chunked = true;
+        }
+    }
+    let body = &buf[head_len..];
+    if head_request || matches!(status, 204 | 304) {
+        return body.is_empty();
+    }
+    match (chunked, length) {
+        (true, None) => chunked_end(body) == Some(body.len()),
+        (false, Some(n)) => body.len() == n,
+        _ => false,
+    }
+}
+
+/// Where a chunked body (chunks, the last chunk, trailers, the empty line) ends, when all of it
+/// is there and every line ends in CRLF.
+fn chunked_end(raw: &[u8]) -> Option<usize> {
+    let mut at = 0usize;
+    loop {
+        let eol = at + find(&raw[at..], b"\r\n")?;
+        let line = std::str::from_utf8(&raw[at..eol]).ok()?;
+        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+        at = eol + 2;
+        if size == 0 {
+            break;
+        }
+        at = at.checked_add(size)?;
+        if raw.get(at..at.checked_add(2)?)? != b"\r\n" {
+            return None;
+        }
+        at += 2;
+    }
+    loop {
+        let eol = at + find(raw.get(at..)?, b"\r\n")?;
+        let empty = eol == at;
+        at = eol + 2;
+        if empty {
+            return Some(at);
+        }
+    }
 }
 
 /// Whether the body (so far) holds the expected text and matches the expected pattern.
@@ -374,6 +468,7 @@ mod tests {
             ],
             expect: Expect::default(),
             tls: None,
+            keep_alive: false,
         };
         let r = String::from_utf8(request(&p)).unwrap();
         assert!(r.starts_with("POST /h?t=1 HTTP/1.1\r\n"), "{r}");
@@ -390,5 +485,72 @@ mod tests {
             "{r}"
         );
         assert!(!r.contains("Content-Length"));
+    }
+
+    #[test]
+    fn only_a_whole_framed_reply_that_leaves_the_connection_open_is_kept() {
+        let yes: [(&[u8], bool); 6] = [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+            (b"HTTP/1.1 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=1\r\nok\r\n0\r\nX-T: 1\r\n\r\n", false),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", true),
+        ];
+        for (reply, head) in yes {
+            assert!(
+                keeps_open(reply, head),
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        let no: [(&[u8], bool); 10] = [
+            // Said close, or HTTP/1.0.
+            (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok", false),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+            // Cut short, or one byte more than the reply.
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokX", false),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n", false),
+            // A body that runs to the close; framing two headers contradict.
+            (b"HTTP/1.1 200 OK\r\n\r\nok", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", false),
+            // A head that is not whole yet.
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n", false),
+        ];
+        for (reply, head) in no {
+            assert!(
+                !keeps_open(reply, head),
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+    }
+
+    #[test]
+    fn a_kept_probe_does_not_say_close_and_a_users_close_is_honoured() {
+        let url = crate::config::target::HttpTarget::parse("http://127.0.0.1:5000/h").unwrap();
+        let mut p = HttpProbe {
+            url,
+            socket: None,
+            method: Method::Get,
+            headers: Vec::new(),
+            expect: Expect::default(),
+            tls: None,
+            keep_alive: true,
+        };
+        let r = String::from_utf8(request(&p)).unwrap();
+        assert!(!r.to_ascii_lowercase().contains("connection"), "{r}");
+        assert!(request_keeps_open(&p));
+        p.headers = vec![("connection".into(), "Close".into())];
+        assert!(!request_keeps_open(&p));
+        p.keep_alive = false;
+        p.headers.clear();
+        assert!(String::from_utf8(request(&p))
+            .unwrap()
+            .contains("Connection: close\r\n"));
+        assert!(!request_keeps_open(&p));
     }
 }

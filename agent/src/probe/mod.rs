@@ -223,14 +223,24 @@ impl Prober {
                 .unwrap_or((ProbeOutcome::Connected, String::new()));
             return Started::Done(carry.result(outcome, target));
         };
-        match single.start(Instant::now()) {
-            Ok(flight) => Started::Pending(InFlight {
+        let mut flight = match single.start(Instant::now()) {
+            Ok(flight) => flight,
+            Err(outcome) => return self.finished(index, outcome, carry),
+        };
+        // As far as the socket allows at once (a loopback connect is done by now, a kept
+        // connection takes the request): the caller's first poll then waits for the reply,
+        // without a round for a socket that was writable all along.
+        match single.step(&mut flight) {
+            None => Started::Pending(InFlight {
                 index,
                 request_len: single.request_len(),
                 flight,
                 carry,
             }),
-            Err(outcome) => self.finished(index, outcome, carry),
+            Some(outcome) => {
+                single.settle(&flight, &outcome);
+                self.finished(index, outcome, carry)
+            }
         }
     }
 
@@ -295,6 +305,7 @@ impl Prober {
             None if Instant::now() >= f.flight.deadline => single.late(&f.flight),
             None => return None,
         };
+        single.settle(&f.flight, &outcome);
         if matches!(outcome, ProbeOutcome::Connect(_) | ProbeOutcome::Timeout) {
             // Look the name up again (in the background): it may point elsewhere now (a moved
             // address often drops SYNs: a timeout, not a refusal).
@@ -363,6 +374,7 @@ mod tests {
     use crate::config::target::{Expect, HttpProbe, HttpTarget, Method, StatusMatch};
     use std::io::{Read, Write};
     use std::net::TcpListener;
+    use std::sync::Arc;
     use std::thread;
 
     /// Serves one connection with `reply` after `delay`, on 127.0.0.1.
@@ -398,6 +410,7 @@ mod tests {
                     body_regex: None,
                 },
                 tls: None,
+                keep_alive: false,
             })),
             timeout: Duration::from_millis(timeout_ms),
         }
@@ -543,14 +556,19 @@ mod tests {
             .map(|t| prober(t, 600))
             .collect();
         let began = Instant::now();
-        let mut flights: Vec<Option<InFlight>> = probers
-            .iter_mut()
-            .map(|p| match p.start() {
-                Started::Pending(f) => Some(f),
-                Started::Done(r) => panic!("no connect in flight: {r:?}"),
-            })
-            .collect();
         let mut results: Vec<Option<ProbeOutcome>> = vec![None, None, None];
+        // A reply that is there by the time the request went may end a check at its start.
+        let mut flights: Vec<Option<InFlight>> = Vec::new();
+        for (i, p) in probers.iter_mut().enumerate() {
+            match p.start() {
+                Started::Pending(f) => flights.push(Some(f)),
+                Started::Done(r) => {
+                    results[i] = Some(r.outcome);
+                    flights.push(None);
+                }
+            }
+        }
+        assert!(flights[1].is_some() && flights[2].is_some());
         while results.iter().any(Option::is_none) {
             let live: Vec<usize> = (0..3).filter(|i| flights[*i].is_some()).collect();
             let mut ready = [false; 3];
@@ -596,9 +614,9 @@ mod tests {
         let Started::Pending(mut f) = p.start() else {
             panic!("no connect in flight");
         };
-        wait_ready(&f);
-        // Connected: the request goes out; the reply is 200 ms away.
-        assert!(p.advance(&mut f).is_none());
+        // Connected on loopback at once: the request went out with the start, and the probe
+        // waits for the reply, which is 200 ms away.
+        assert_eq!(f.events(), PollFlags::IN);
         // The caller comes back after the deadline; the reply came before it.
         std::thread::sleep(Duration::from_millis(600));
         let r = p.advance(&mut f).unwrap();
@@ -702,5 +720,187 @@ mod tests {
             assert!(Instant::now() < deadline, "never passed: {r:?}");
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// How a keep-alive test server answers each request on a connection.
+    #[derive(Clone, Copy)]
+    enum Serve {
+        /// 200 with a `Content-Length` body, connection left open.
+        Framed,
+        /// Answers the first request on a connection, then closes it once idle for 50 ms.
+        CloseWhenIdle,
+        /// Answers the first request on a connection; reads the second and closes unanswered.
+        DropSecondRequest,
+        /// 503 with a framed body, connection left open.
+        Unavailable,
+    }
+
+    /// A server on 127.0.0.1 that keeps connections open: counts connections and requests and
+    /// records each request's head.
+    fn serve_kept(
+        how: Serve,
+    ) -> (
+        HttpTarget,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, h) = (conns.clone(), heads.clone());
+        thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                thread::spawn(move || {
+                    let mut n = 0;
+                    loop {
+                        let mut req = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !req.ends_with(b"\r\n\r\n") {
+                            match s.read(&mut byte) {
+                                Ok(1) => req.push(byte[0]),
+                                _ => return,
+                            }
+                        }
+                        n += 1;
+                        h.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&req).into_owned());
+                        let reply: &[u8] = match how {
+                            Serve::Unavailable => {
+                                b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"
+                            }
+                            Serve::DropSecondRequest if n == 2 => return,
+                            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        };
+                        if s.write_all(reply).is_err() {
+                            return;
+                        }
+                        if matches!(how, Serve::CloseWhenIdle) {
+                            thread::sleep(Duration::from_millis(50));
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let t = HttpTarget::parse(&format!("http://127.0.0.1:{port}/h")).unwrap();
+        (t, conns, heads)
+    }
+
+    fn kept_prober(t: HttpTarget) -> Prober {
+        let mut s = spec(t, 1_000, None);
+        if let ProbeKind::Http(h) = &mut s.kind {
+            h.keep_alive = true;
+        }
+        Prober::new(vec![s])
+    }
+
+    fn count(n: &Arc<std::sync::atomic::AtomicUsize>) -> usize {
+        n.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn keep_alive_asks_again_on_the_same_connection_and_without_it_never_does() {
+        let (t, conns, heads) = serve_kept(Serve::Framed);
+        let mut p = kept_prober(t.clone());
+        for _ in 0..5 {
+            assert_eq!(p.probe().outcome, ProbeOutcome::Pass { status: 200 });
+        }
+        assert_eq!(count(&conns), 1, "five checks, one connection");
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 5);
+        assert!(
+            heads
+                .iter()
+                .all(|h| !h.to_ascii_lowercase().contains("connection:")),
+            "{heads:?}"
+        );
+        // The default: a connection per check, each saying so.
+        let (t, conns, heads) = serve_kept(Serve::Framed);
+        let mut p = prober(t, 1_000);
+        for _ in 0..3 {
+            assert_eq!(p.probe().outcome, ProbeOutcome::Pass { status: 200 });
+        }
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(count(&conns), 3);
+        assert!(heads
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|h| h.contains("Connection: close\r\n")));
+    }
+
+    #[test]
+    fn a_kept_connection_the_server_closed_is_replaced_without_a_failure() {
+        // Closed while idle: seen before the request goes.
+        let (t, conns, _) = serve_kept(Serve::CloseWhenIdle);
+        let mut p = kept_prober(t);
+        for _ in 0..3 {
+            assert_eq!(p.probe().outcome, ProbeOutcome::Pass { status: 200 });
+            thread::sleep(Duration::from_millis(150));
+        }
+        assert_eq!(count(&conns), 3);
+        // Closed as the request arrived (read, never answered): asked again on a new
+        // connection within the same check, not counted as the app's failure.
+        let (t, conns, heads) = serve_kept(Serve::DropSecondRequest);
+        let mut p = kept_prober(t);
+        for _ in 0..3 {
+            assert_eq!(p.probe().outcome, ProbeOutcome::Pass { status: 200 });
+        }
+        // Checks 2 and 3 each lost their request on the kept connection and asked again.
+        assert_eq!(count(&conns), 3);
+        assert_eq!(heads.lock().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn after_a_failure_or_past_keep_for_the_next_check_connects_anew() {
+        let (t, conns, _) = serve_kept(Serve::Unavailable);
+        let mut p = kept_prober(t);
+        for _ in 0..3 {
+            assert_eq!(p.probe().outcome, ProbeOutcome::Status(503));
+        }
+        assert_eq!(count(&conns), 3, "a failed check keeps nothing");
+        let (t, conns, _) = serve_kept(Serve::Framed);
+        let mut p = kept_prober(t);
+        assert!(p.probe().outcome.passed());
+        assert!(p.probe().outcome.passed());
+        assert_eq!(count(&conns), 1);
+        // A run that starts `KEEP_FOR` after the connection opened takes a new one.
+        let f = p.probes[0]
+            .start(Instant::now() + flight::KEEP_FOR)
+            .unwrap_or_else(|o| panic!("{o:?}"));
+        assert!(format!("{f:?}").contains("reused: false"), "{f:?}");
+        drop(f);
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(count(&conns), 2);
+    }
+
+    #[test]
+    fn a_reply_that_runs_to_the_close_is_not_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = conns.clone();
+        thread::spawn(move || {
+            for s in listener.incoming().take(3) {
+                let mut s = s.unwrap();
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut req = [0u8; 1024];
+                let _ = s.read(&mut req);
+                // No length, no chunks: the body ends when the connection does.
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nok");
+            }
+        });
+        let t = HttpTarget::parse(&format!("http://127.0.0.1:{port}/h")).unwrap();
+        let mut p = kept_prober(t);
+        for _ in 0..3 {
+            assert!(p.probe().outcome.passed());
+        }
+        assert_eq!(count(&conns), 3);
     }
 }

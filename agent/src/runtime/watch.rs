@@ -210,7 +210,7 @@ impl Loop {
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
-            self.begin(&name);
+            self.begin(&name, now);
         }
     }
 
@@ -365,8 +365,9 @@ impl Loop {
         lock(&self.shared.board).remove(name);
     }
 
-    /// Starts a check: PM2's state and /proc now, the probe in flight.
-    fn begin(&mut self, name: &str) {
+    /// Starts a check: PM2's state and /proc now, the probe in flight. `round`: when the round
+    /// that begins it started.
+    fn begin(&mut self, name: &str, round: Mono) {
         let Some(s) = self.slots.get_mut(name) else {
             return;
         };
@@ -374,7 +375,10 @@ impl Loop {
             return;
         };
         // A check begun a little early (`COALESCE_MS`) keeps its slot: the schedule stays aligned.
-        let started = clock::mono_now().max(s.next);
+        // Checks that were due when the round started share the round's slot, however long the
+        // ones before them took (the first PM2 list at start-up): apps started together stay
+        // together, one wake-up a period for all of them instead of one each.
+        let started = round.max(s.next);
         s.started = started;
         // The worst a check plus a restart may take, with slack: past it the agent is wedged.
         // An app's probes run one after another, each with its own timeout.
@@ -386,8 +390,11 @@ impl Loop {
         s.progress
             .due
             .store(started + bound.as_millis() as u64, Ordering::Relaxed);
+        // The probe first: its request is on its way while PM2's state and /proc are read, so
+        // a batch of checks finds most replies there at its first poll (fewer wake-ups).
+        let probe = app.start_probe();
         let seen = app.observe(&self.shared, SNAPSHOT_MAX_AGE);
-        match app.start_probe() {
+        match probe {
             None => self.finish(name, seen, None),
             Some(Started::Done(result)) => self.finish(name, seen, Some(result)),
             Some(Started::Pending(probe)) => s.running = Some(Running { seen, probe }),
