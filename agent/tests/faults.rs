@@ -372,6 +372,46 @@ fn a_fifo_named_status_json_never_hangs_the_backup_check() {
     assert_ne!(status.code(), Some(2), "{out}");
 }
 
+/// Race: an app PM2 starts long after the agent did (a `pm2 start` or `pm2 resurrect` by a
+/// person) is first seen while it still starts: its first probes are refused. That app gets its
+/// startup grace from when PM2 spawned it, as a restart would, and is never restarted for it.
+#[test]
+fn an_app_first_seen_while_it_starts_gets_its_grace_from_its_spawn() {
+    let pm2 = Pm2Sandbox::new();
+    pm2.start_app("other", free_port(), &[]);
+    let port = free_port();
+    let agent = Agent::start_with(
+        &pm2,
+        "",
+        &app(
+            "late",
+            port,
+            "max_retries = 1\ninterval = \"300ms\"\nstartup_grace = \"4s\"",
+        ),
+        &[],
+    );
+    // The agent's own grace runs out while PM2 knows no `late`.
+    std::thread::sleep(Duration::from_millis(4_500));
+    // Spawned now, listening 1.5 s later: the checks meanwhile are refused.
+    pm2.start_app_env("late", port, &[], &[("START_DELAY_MS", "1500")]);
+    agent.wait_for_probe_ok();
+    let refused = agent
+        .of_kind("probe")
+        .iter()
+        .filter(|e| e["ok"] == false)
+        .count();
+    assert!(
+        refused > 0,
+        "no check saw the app starting: {:?}",
+        agent.of_kind("probe")
+    );
+    assert!(
+        agent.of_kind("restart").is_empty(),
+        "{:?}",
+        agent.of_kind("restart")
+    );
+}
+
 /// Fault: a person runs `pm2 kill`. That is PM2 stopped on purpose (it says so on its bus), not
 /// a crash: pmguard must not bring it back behind the person's back. When the person runs
 /// `pm2 resurrect`, the agent watches the app again, and only one daemon runs.

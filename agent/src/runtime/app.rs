@@ -376,6 +376,8 @@ impl App {
     pub fn notice_pm2_restarts(&mut self, shared: &Shared, snap: &Snapshot, now: Mono) -> Vec<u32> {
         let mut moved = Vec::new();
         let mut restarts = 0;
+        // The longest grace a first-seen instance still has left (see below), in ms.
+        let mut young = 0;
         for e in snap.by_name(&self.cfg.name) {
             if e.pid == 0 {
                 // Between processes (stopped, launching): nothing to compare yet.
@@ -383,6 +385,17 @@ impl App {
             }
             let now_seen = (e.restart_time, e.pid);
             let prev = self.restart_counts.insert(e.pm_id, now_seen);
+            if prev.is_none() {
+                // First seen (a `pm2 start` or `pm2 resurrect` after the agent started): an
+                // instance PM2 spawned less than `startup_grace` ago is still starting, and has
+                // the rest of its grace, as after a restart.
+                let age = e
+                    .pm_uptime_ms
+                    .map(|spawned| clock::wall_ms().saturating_sub(spawned));
+                if let Some(age) = age.filter(|a| *a < self.policy.startup_grace) {
+                    young = young.max(self.policy.startup_grace - age);
+                }
+            }
             if let Some((count, _)) = prev.filter(|p| *p != now_seen) {
                 moved.push(e.pm_id);
                 // A counter that went down was reset (pm2 reset, daemon restart), or stayed
@@ -392,6 +405,10 @@ impl App {
         }
         if let Some(r) = &shared.recorder {
             r.restarts(&self.cfg.name, restarts);
+        }
+        if young > 0 {
+            let end = now + young;
+            self.state.grace_until = Some(self.state.grace_until.map_or(end, |g| g.max(end)));
         }
         if !moved.is_empty() {
             self.state.restarted_elsewhere(now, &self.policy);
