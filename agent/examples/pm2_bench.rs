@@ -2,6 +2,7 @@
 //!
 //! `pm2_bench client N`: connects once, calls `list` N times; prints this process's CPU per call
 //! (getrusage RUSAGE_SELF user+sys / N), its peak RSS, and the daemon's CPU per call.
+//! `pm2_bench ping N`: connects once, sends PM2's `ping` N times (the same figures per call).
 //! `pm2_bench jlist N`: runs `pm2 jlist` N times; prints the children's CPU per call
 //! (RUSAGE_CHILDREN), the largest child's peak RSS, and the daemon's CPU per call.
 //! Uses `$PM2_HOME` (or the default home). Output is one `key=value` line for scripts.
@@ -63,6 +64,19 @@ fn main() {
             }
             let (c1, rss) = rusage(UsageWho::RUSAGE_SELF);
             (c1 - c0, rss, procs)
+        }
+        "ping" => {
+            // What the watch loop sends every 5 s while it reuses a quiet list.
+            let client = Client::new(paths.clone());
+            let (c0, _) = rusage(UsageWho::RUSAGE_SELF);
+            for _ in 0..n {
+                if let Err(e) = client.ping(Duration::from_secs(5)) {
+                    eprintln!("pm2_bench: {e}");
+                    std::process::exit(1);
+                }
+            }
+            let (c1, rss) = rusage(UsageWho::RUSAGE_SELF);
+            (c1 - c0, rss, 0)
         }
         "jlist" => {
             let bin = std::env::var("PMGUARD_TEST_PM2").unwrap_or_else(|_| "pm2".into());

@@ -3,8 +3,8 @@
 //! as the socket allows without waiting; the caller polls `fd()` for `events()`.
 //!
 //! With `keep_alive` (plain http only) the connection of a passed probe whose reply was whole
-//! and framed is kept for the next run: a request on a kept connection costs the agent about a
-//! third of a new connection's CPU (no handshake, no teardown; BENCHMARKS.md). A kept
+//! and framed is kept for the next run: a request on a kept connection costs the agent less
+//! than half a new connection's CPU (no handshake, no teardown; BENCHMARKS.md). A kept
 //! connection is used only while nothing came on it since (a peek), and for at most `KEEP_FOR`
 //! after it was opened, so an app that stops accepting new connections is still seen within
 //! that time. A run on a kept connection that gets nothing back (the server closed it as the
