@@ -11,7 +11,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,12 +19,14 @@ use agent_harness::{app, Agent};
 use common::{free_port, wait_until, Pm2Sandbox};
 
 /// A Unix socket in front of one of PM2's: bytes pass both ways; what the agent sends is kept
-/// (to count requests), and what the daemon sends can be dropped (`mute`).
+/// (to count requests), and what the daemon sends can be dropped (`mute`) or held back for
+/// `delay_ms` (a slow daemon).
 struct Relay {
     _dir: tempfile::TempDir,
     path: PathBuf,
     sent: Arc<Mutex<Vec<u8>>>,
     mute: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -34,7 +36,9 @@ impl Relay {
         let listener = UnixListener::bind(&path).unwrap();
         let sent: Arc<Mutex<Vec<u8>>> = Arc::default();
         let mute = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let (target, s, m) = (target.to_path_buf(), Arc::clone(&sent), Arc::clone(&mute));
+        let d = Arc::clone(&delay_ms);
         std::thread::spawn(move || {
             for agent in listener.incoming().flatten() {
                 let Ok(daemon) = UnixStream::connect(&target) else {
@@ -45,8 +49,9 @@ impl Relay {
                     daemon.try_clone().unwrap(),
                     Some(s.clone()),
                     None,
+                    None,
                 );
-                pump(daemon, agent, None, Some(m.clone()));
+                pump(daemon, agent, None, Some(m.clone()), Some(d.clone()));
             }
         });
         Relay {
@@ -54,6 +59,7 @@ impl Relay {
             path,
             sent,
             mute,
+            delay_ms,
         }
     }
 
@@ -70,6 +76,7 @@ fn pump(
     mut to: UnixStream,
     keep: Option<Arc<Mutex<Vec<u8>>>>,
     mute: Option<Arc<AtomicBool>>,
+    delay_ms: Option<Arc<AtomicU64>>,
 ) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -83,6 +90,10 @@ fn pump(
             }
             if mute.as_ref().is_some_and(|m| m.load(Ordering::SeqCst)) {
                 continue;
+            }
+            let hold = delay_ms.as_ref().map_or(0, |d| d.load(Ordering::SeqCst));
+            if hold > 0 {
+                std::thread::sleep(Duration::from_millis(hold));
             }
             if to.write_all(&buf[..n]).is_err() {
                 break;
@@ -208,4 +219,37 @@ fn kill_and_see_pm2_restart(pm2: &Pm2Sandbox, agent: &Agent, name: &str) {
         "noticed only after {took:?}"
     );
     assert!(agent.of_kind("restart").is_empty(), "pmguard restarted too");
+}
+
+/// PM2 slow to answer (every reply 700 ms late, and without a bus every check asks it): the
+/// probe starts after PM2 was read, so its 500 ms timeout and the latency it reports are the
+/// app's own, not PM2's wait.
+#[test]
+fn a_slow_pm2_does_not_eat_the_probes_time() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("slowpm2", port, &[]);
+    let rpc = Relay::start(&pm2.home().join("rpc.sock"));
+    let nowhere = tempfile::tempdir().unwrap();
+    let agent = start(
+        &pm2,
+        "slowpm2",
+        port,
+        &nowhere.path().join("pub.sock"),
+        &rpc,
+    );
+    agent.wait_for_probe_ok();
+    rpc.delay_ms.store(700, Ordering::SeqCst);
+    let mark = clock_ms();
+    std::thread::sleep(Duration::from_secs(5));
+    let probes: Vec<_> = agent
+        .of_kind("probe")
+        .into_iter()
+        .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t > mark + 1_000))
+        .collect();
+    assert!(probes.len() >= 2, "{probes:?}");
+    for p in &probes {
+        assert_eq!(p["ok"], true, "{p}");
+        assert!(p["latency_ms"].as_u64().is_some_and(|l| l < 400), "{p}");
+    }
 }

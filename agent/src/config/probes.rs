@@ -94,7 +94,7 @@ impl Cx<'_> {
                 }
                 self.head_without_body(t, method, &expect);
                 ProbeKind::Http(Box::new(HttpProbe {
-                    keep_alive: self.https_keep_alive(t, url.tls, keep_alive),
+                    keep_alive: self.probe_keep_alive(t, url.tls, method, keep_alive),
                     tls: url.tls.then_some(tls),
                     url,
                     socket,
@@ -119,16 +119,35 @@ impl Cx<'_> {
         Some(ProbeSpec { kind, timeout })
     }
 
-    /// `keep_alive` as given (off by default); an https probe connects for each check.
-    fn https_keep_alive(&mut self, t: &Keys<'_>, tls: bool, given: Option<bool>) -> bool {
-        if tls && given == Some(true) {
+    /// `keep_alive` as given (off by default). An https probe connects for each check; a POST
+    /// is never sent twice, so a kept connection the server closes as it arrives would count
+    /// as the app's failure: both refused.
+    fn probe_keep_alive(
+        &mut self,
+        t: &Keys<'_>,
+        tls: bool,
+        method: Method,
+        given: Option<bool>,
+    ) -> bool {
+        if given != Some(true) {
+            return false;
+        }
+        let why = if tls {
+            Some("keep_alive applies to http:// probes: an https probe opens a connection for each check")
+        } else if method == Method::Post {
+            Some("keep_alive applies to GET and HEAD probes: a POST is never sent twice, so a kept connection the app closes as it arrives would count as a failure")
+        } else {
+            None
+        };
+        if let Some(why) = why {
             self.problem(
                 key_span(t, "keep_alive"),
-                "keep_alive applies to http:// probes: an https probe opens a connection for each check".into(),
-                Some("remove keep_alive, or probe the app's plain http port".into()),
+                why.into(),
+                Some("remove keep_alive (each check then opens its own connection)".into()),
             );
+            return false;
         }
-        given.unwrap_or(false) && !tls
+        true
     }
 
     /// Reports each of `keys` present in `t`: they do not apply to `what`.
@@ -493,13 +512,14 @@ expect_body = "x"
         assert!(!plain(""));
         assert!(plain("keep_alive = true\n"));
         let p = problems(
-            "[[apps]]\nname = \"w\"\nhealth_url = \"https://127.0.0.1/h\"\nkeep_alive = true\n[[apps.probes]]\ntcp = \"127.0.0.1:1\"\nkeep_alive = true\n[[apps.probes]]\nhealth_url = \"http://127.0.0.1/\"\nkeep_alive = \"yes\"\n",
+            "[[apps]]\nname = \"w\"\nhealth_url = \"https://127.0.0.1/h\"\nkeep_alive = true\n[[apps.probes]]\ntcp = \"127.0.0.1:1\"\nkeep_alive = true\n[[apps.probes]]\nhealth_url = \"http://127.0.0.1/\"\nkeep_alive = \"yes\"\n[[apps.probes]]\nhealth_url = \"http://127.0.0.1/\"\nmethod = \"POST\"\nkeep_alive = true\n",
         );
         let lines: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.message.as_str())).collect();
         for (line, text) in [
             (4, "keep_alive applies to http:// probes"),
             (7, "`keep_alive` does not apply to a tcp probe"),
             (10, "`keep_alive` must be true or false"),
+            (14, "keep_alive applies to GET and HEAD probes"),
         ] {
             assert!(
                 lines.iter().any(|(l, m)| *l == line && m.contains(text)),

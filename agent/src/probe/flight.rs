@@ -9,7 +9,10 @@
 //! after it was opened, so an app that stops accepting new connections is still seen within
 //! that time. A run on a kept connection that gets nothing back (the server closed it as the
 //! request went) is retried at once on a new connection within the same deadline. After a
-//! failed probe nothing is kept: the retries that count towards a restart connect afresh.
+//! failed check no probe of the app keeps its connection (`Prober::finished`): the retries that
+//! count towards a restart connect afresh. A connection the next check could not use (too old
+//! by then) is closed after its check (`release_unless_used_by`), so a server that serves one
+//! connection at a time is held only between close checks.
 //!
 //! Invariants: never blocks; reads at most `MAX_HEAD + MAX_BODY` plaintext bytes per call
 //! sequence; a reply that arrived before the deadline is still read after it.
@@ -217,6 +220,24 @@ impl Single {
         }
         self.endpoint.mark_stale();
         Err(ProbeOutcome::Connect(last_error))
+    }
+
+    /// Closes the kept connection (a failed check: its retries connect anew).
+    pub fn forget_kept(&mut self) {
+        self.kept = None;
+    }
+
+    /// Closes the kept connection if the next run, at `next`, could not use it anyway: it
+    /// would be `KEEP_FOR` old by then. A server that serves one connection at a time is not
+    /// held until a distant next check.
+    pub fn release_unless_used_by(&mut self, next: Instant) {
+        if self
+            .kept
+            .as_ref()
+            .is_some_and(|(_, opened)| next.saturating_duration_since(*opened) >= KEEP_FOR)
+        {
+            self.kept = None;
+        }
     }
 
     /// After a run's outcome: keeps its connection for the next run when the probe passed and

@@ -185,6 +185,15 @@ impl Prober {
         }
     }
 
+    /// After a check, with the next one `next_in` away: kept connections that would be too old
+    /// to use by then are closed now.
+    pub fn release_kept(&mut self, next_in: Duration) {
+        let next = Instant::now() + next_in;
+        for p in &mut self.probes {
+            p.release_unless_used_by(next);
+        }
+    }
+
     /// The probes, in the order they run.
     pub fn specs(&self) -> impl Iterator<Item = &ProbeSpec> {
         self.probes.iter().map(|p| &p.spec)
@@ -260,6 +269,10 @@ impl Prober {
             }
         }
         if !outcome.passed() {
+            // The retries that lead to a restart connect anew, for every probe of the app.
+            for p in &mut self.probes {
+                p.forget_kept();
+            }
             return Started::Done(carry.result(outcome, target));
         }
         // The check's pass is the first probe's that has an HTTP status (for events and
@@ -902,5 +915,38 @@ mod tests {
             assert!(p.probe().outcome.passed());
         }
         assert_eq!(count(&conns), 3);
+    }
+
+    #[test]
+    fn a_failed_check_closes_every_probes_kept_connection() {
+        let (first, conns, _) = serve_kept(Serve::Framed);
+        let (second, _, _) = serve_kept(Serve::Unavailable);
+        let mut kept = spec(first, 1_000, None);
+        if let ProbeKind::Http(h) = &mut kept.kind {
+            h.keep_alive = true;
+        }
+        let mut p = Prober::new(vec![kept, spec(second, 1_000, None)]);
+        for _ in 0..3 {
+            assert_eq!(p.probe().outcome, ProbeOutcome::Status(503));
+        }
+        assert_eq!(
+            count(&conns),
+            3,
+            "the first probe passed each time on a new connection"
+        );
+    }
+
+    #[test]
+    fn a_kept_connection_is_closed_when_the_next_check_is_too_far_to_use_it() {
+        let (t, conns, _) = serve_kept(Serve::Framed);
+        let mut p = kept_prober(t);
+        assert!(p.probe().outcome.passed());
+        p.release_kept(Duration::from_secs(1));
+        assert!(p.probe().outcome.passed());
+        assert_eq!(count(&conns), 1, "a check 1 s away uses it");
+        p.release_kept(flight::KEEP_FOR);
+        assert!(format!("{p:?}").contains("kept: false"), "{p:?}");
+        assert!(p.probe().outcome.passed());
+        assert_eq!(count(&conns), 2);
     }
 }

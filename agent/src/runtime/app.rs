@@ -303,6 +303,13 @@ impl App {
         same.then_some(snap)
     }
 
+    /// The next check is `next_in` away: kept probe connections too old by then are closed.
+    pub fn release_kept(&mut self, next_in: Duration) {
+        if let Some(p) = self.prober.as_mut() {
+            p.release_kept(next_in);
+        }
+    }
+
     /// Starts this app's probes without waiting (`None`: the app has no probe).
     pub fn start_probe(&mut self) -> Option<Started> {
         self.prober.as_mut().map(Prober::start)

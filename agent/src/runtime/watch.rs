@@ -209,8 +209,15 @@ impl Loop {
             .filter(|(_, s)| s.app.is_some() && s.running.is_none() && s.next <= now + COALESCE_MS)
             .map(|(n, _)| n.clone())
             .collect();
-        for name in due {
-            self.begin(&name, now);
+        // PM2 and /proc first, for every due app (the first may wait for PM2's list), then the
+        // probes, none of which waits: no probe's deadline runs while PM2 is asked, and the
+        // replies to a batch gather while the rest of it goes out (fewer wake-ups).
+        let seen: Vec<(String, Observation)> = due
+            .into_iter()
+            .filter_map(|name| self.observe(&name, now).map(|o| (name, o)))
+            .collect();
+        for (name, observed) in seen {
+            self.launch(&name, observed);
         }
     }
 
@@ -365,15 +372,11 @@ impl Loop {
         lock(&self.shared.board).remove(name);
     }
 
-    /// Starts a check: PM2's state and /proc now, the probe in flight. `round`: when the round
-    /// that begins it started.
-    fn begin(&mut self, name: &str, round: Mono) {
-        let Some(s) = self.slots.get_mut(name) else {
-            return;
-        };
-        let Some(app) = s.app.as_mut() else {
-            return;
-        };
+    /// The first half of starting a check: its slot, its deadline for the wedge watch, PM2's
+    /// state and /proc now. `round`: when the round that begins it started.
+    fn observe(&mut self, name: &str, round: Mono) -> Option<Observation> {
+        let s = self.slots.get_mut(name)?;
+        let app = s.app.as_mut()?;
         // A check begun a little early (`COALESCE_MS`) keeps its slot: the schedule stays aligned.
         // Checks that were due when the round started share the round's slot, however long the
         // ones before them took (the first PM2 list at start-up): apps started together stay
@@ -390,11 +393,19 @@ impl Loop {
         s.progress
             .due
             .store(started + bound.as_millis() as u64, Ordering::Relaxed);
-        // The probe first: its request is on its way while PM2's state and /proc are read, so
-        // a batch of checks finds most replies there at its first poll (fewer wake-ups).
-        let probe = app.start_probe();
-        let seen = app.observe(&self.shared, SNAPSHOT_MAX_AGE);
-        match probe {
+        Some(app.observe(&self.shared, SNAPSHOT_MAX_AGE))
+    }
+
+    /// The second half: the probe in flight (or the check judged at once without one). Never
+    /// waits, so the probes of a batch start back to back.
+    fn launch(&mut self, name: &str, seen: Observation) {
+        let Some(s) = self.slots.get_mut(name) else {
+            return;
+        };
+        let Some(app) = s.app.as_mut() else {
+            return;
+        };
+        match app.start_probe() {
             None => self.finish(name, seen, None),
             Some(Started::Done(result)) => self.finish(name, seen, Some(result)),
             Some(Started::Pending(probe)) => s.running = Some(Running { seen, probe }),
@@ -458,6 +469,7 @@ impl Loop {
         // Start-aligned: a check that overran its period (a hung probe, a restart) is followed
         // at once, so detection stays on the configured schedule instead of drifting.
         s.next = (s.started + app.period().as_millis() as u64).max(now);
+        app.release_kept(Duration::from_millis(s.next - now));
         s.progress
             .due
             .store(s.next + IDLE_SLACK_MS, Ordering::Relaxed);
