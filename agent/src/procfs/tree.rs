@@ -184,7 +184,9 @@ mod tests {
         let proc_root = Path::new("/proc");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut files = Vec::new();
-        while files.len() < 4 && std::time::Instant::now() < deadline {
+        // Until all four run (a child caught between fork and exec has no pages yet).
+        let settled = |m: &[Member]| m.len() >= 4 && m.iter().all(|m| m.rss_bytes > 0);
+        while !settled(&files) && std::time::Instant::now() < deadline {
             files = walk(proc_root, &Children::find(proc_root), root, page_size());
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
