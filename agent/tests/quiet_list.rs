@@ -253,3 +253,49 @@ fn a_slow_pm2_does_not_eat_the_probes_time() {
         assert!(p["latency_ms"].as_u64().is_some_and(|l| l < 400), "{p}");
     }
 }
+
+/// `a` is healthy (its quiet list needs no PM2 call), `b` fails (every round asks PM2, which is
+/// slow): `a`'s PM2 state is read a second before its probe starts. `a` is SIGKILLed in that
+/// second and PM2 starts it again at once (listening 3 s later). The refused probe belongs to
+/// PM2's restart under way, not to a failing app: not counted, and `a` never restarted by pmguard.
+#[test]
+fn a_process_replaced_while_its_probe_ran_is_not_counted_as_a_failure() {
+    let pm2 = Pm2Sandbox::new();
+    let (pa, pb) = (free_port(), free_port());
+    pm2.start_app_env("a", pa, &[], &[("START_DELAY_MS", "3000")]);
+    pm2.start_app_env("b", pb, &[], &[("MODE", "500")]);
+    let rpc = Relay::start(&pm2.home().join("rpc.sock"));
+    let bus = Relay::start(&pm2.home().join("pub.sock"));
+    let apps = app("a", pa, "max_retries = 1\nstartup_grace = \"5s\"")
+        + &app("b", pb, "max_retries = 100");
+    let agent = Agent::start_with(
+        &pm2,
+        "",
+        &apps,
+        &[
+            ("PM2_DAEMON_RPC_PORT", rpc.path.to_str().unwrap()),
+            ("PM2_DAEMON_PUB_PORT", bus.path.to_str().unwrap()),
+        ],
+    );
+    agent.wait_for_probe_ok();
+    // Past the agent's startup grace; then every PM2 answer comes 1 s late.
+    std::thread::sleep(Duration::from_secs(6));
+    rpc.delay_ms.store(1_000, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2_500));
+    let old = pm2.pids("a");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let restarts: Vec<_> = agent
+        .of_kind("restart")
+        .into_iter()
+        .filter(|e| e["app"] == "a")
+        .collect();
+    assert!(
+        restarts.is_empty(),
+        "pmguard restarted `a` while PM2 was starting it: {restarts:?}"
+    );
+}

@@ -303,6 +303,21 @@ impl App {
         same.then_some(snap)
     }
 
+    /// Whether a process this observation saw has exited or been replaced since (its kept
+    /// /proc handle no longer reads the very process the tracker opened): PM2's state in it is
+    /// no longer the app's, so a failed probe beside it says nothing about the app as it is.
+    pub fn observed_processes_changed(&self, seen: &Observation) -> bool {
+        let Pm2View::Instances(list) = &seen.view else {
+            return false;
+        };
+        list.iter().filter(|i| i.pid > 0).any(|i| {
+            self.trackers.get(&i.pid).is_some_and(|(w, t)| {
+                !w.sample()
+                    .is_ok_and(|s| s.start_ticks == t.start_ticks && !matches!(s.state, 'Z' | 'X'))
+            })
+        })
+    }
+
     /// The next check is `next_in` away: kept probe connections too old by then are closed.
     pub fn release_kept(&mut self, next_in: Duration) {
         if let Some(p) = self.prober.as_mut() {

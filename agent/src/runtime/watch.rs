@@ -420,6 +420,20 @@ impl Loop {
         let Some(app) = s.app.as_mut() else {
             return;
         };
+        // The app's process exited or was replaced while its probe ran (the observation was taken
+        // before the round's probes started, and a slow PM2 may have stood between): a refused
+        // probe then is PM2's restart under way, not the app failing. Not counted; looked at
+        // again shortly with PM2's new state (which gives the new process its grace).
+        if probe.as_ref().is_some_and(|p| !p.outcome.passed())
+            && app.observed_processes_changed(&seen)
+        {
+            let now = clock::mono_now();
+            s.next = now + app.period().as_millis().min(200) as u64;
+            s.progress
+                .due
+                .store(s.next + IDLE_SLACK_MS, Ordering::Relaxed);
+            return;
+        }
         let check = app.conclude(seen, probe);
         let (decision, snapshot) = app.assess(&self.shared, check);
         s.progress.checks.fetch_add(1, Ordering::Relaxed);
