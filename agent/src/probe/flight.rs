@@ -9,7 +9,7 @@
 //! after it was opened, so an app that stops accepting new connections is still seen within
 //! that time. A run on a kept connection that gets nothing back (the server closed it as the
 //! request went) is retried at once on a new connection within the same deadline. After a
-//! failed check no probe of the app keeps its connection (`Prober::finished`): the retries that
+//! failed probe no probe of the app keeps its connection (`Prober::finished`): the retries that
 //! count towards a restart connect afresh. A connection the next check could not use (too old
 //! by then) is closed after its check (`release_unless_used_by`), so a server that serves one
 //! connection at a time is held only between close checks.
