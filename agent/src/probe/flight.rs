@@ -129,7 +129,9 @@ impl Single {
                 },
                 http::request(h),
                 h.tls.as_ref().map(|s| Tls::new(s, &h.url.host)),
-                h.tls.is_none() && http::request_keeps_open(h),
+                // Never a POST: one the server may have read is not sent again on a new
+                // connection, so a kept one it closed as the request came would be a failure.
+                h.tls.is_none() && h.method != Method::Post && http::request_keeps_open(h),
             ),
         };
         Single {
@@ -243,8 +245,8 @@ impl Single {
     /// After a run's outcome: keeps its connection for the next run when the probe passed and
     /// the reply was whole and framed with the connection left open.
     pub fn settle(&mut self, f: &Flight, outcome: &ProbeOutcome) {
-        let head = matches!(&self.spec.kind, ProbeKind::Http(h) if h.method == Method::Head);
-        if self.keeps && outcome.passed() && !f.connecting && http::keeps_open(&f.buf, head) {
+        let whole = |ask: Asked<'_>| http::keeps_open(&f.buf, ask.head);
+        if self.keeps && outcome.passed() && !f.connecting && self.asked().is_some_and(whole) {
             // A second descriptor for the connection: the run's own closes with the run.
             if let Ok(s) = f.socket.try_clone() {
                 self.kept = Some((s, f.opened));
@@ -291,15 +293,10 @@ impl Single {
             None => exchange_plain(f, &self.request, ask)?,
             Some(_) => exchange_tls(f, ask)?,
         };
-        let post = matches!(&self.spec.kind, ProbeKind::Http(h) if h.method == Method::Post);
-        if f.reused
-            && f.buf.is_empty()
-            && matches!(outcome, ProbeOutcome::Connect(_))
-            && (f.sent == 0 || !post)
-        {
+        if f.reused && f.buf.is_empty() && matches!(outcome, ProbeOutcome::Connect(_)) {
             // The server closed the kept connection as the request went (its idle timeout):
-            // the app did not answer "no", so ask again on a new connection. A POST the server
-            // may have read is not sent twice (it need not be idempotent).
+            // the app did not answer "no", so ask again on a new connection (a kept probe is
+            // never a POST, see `new`).
             match self.open() {
                 Ok((socket, addrs, next_addr)) => {
                     f.socket = socket;

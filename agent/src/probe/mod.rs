@@ -878,6 +878,18 @@ mod tests {
             assert_eq!(p.probe().outcome, ProbeOutcome::Status(503));
         }
         assert_eq!(count(&conns), 3, "a failed check keeps nothing");
+        // A POST is never kept, whatever its settings say.
+        let (t, conns, _) = serve_kept(Serve::Framed);
+        let mut post = spec(t, 1_000, None);
+        if let ProbeKind::Http(h) = &mut post.kind {
+            h.keep_alive = true;
+            h.method = Method::Post;
+        }
+        let mut p = Prober::new(vec![post]);
+        for _ in 0..2 {
+            assert!(p.probe().outcome.passed());
+        }
+        assert_eq!(count(&conns), 2);
         let (t, conns, _) = serve_kept(Serve::Framed);
         let mut p = kept_prober(t);
         assert!(p.probe().outcome.passed());

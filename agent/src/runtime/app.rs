@@ -292,7 +292,7 @@ impl App {
                     && trackers.get(&e.pid).is_some_and(|(w, t)| {
                         w.sample().is_ok_and(|s| {
                             samples.push((e.pid, s));
-                            s.start_ticks == t.start_ticks && !matches!(s.state, 'Z' | 'X')
+                            same_live_process(&s, t)
                         })
                     })
             });
@@ -311,10 +311,9 @@ impl App {
             return false;
         };
         list.iter().filter(|i| i.pid > 0).any(|i| {
-            self.trackers.get(&i.pid).is_some_and(|(w, t)| {
-                !w.sample()
-                    .is_ok_and(|s| s.start_ticks == t.start_ticks && !matches!(s.state, 'Z' | 'X'))
-            })
+            self.trackers
+                .get(&i.pid)
+                .is_some_and(|(w, t)| !w.sample().is_ok_and(|s| same_live_process(&s, t)))
         })
     }
 
@@ -985,4 +984,9 @@ fn verdict_line(v: &Verdict) -> String {
         Verdict::Pm2Unresponsive(e) => format!("PM2 daemon not answering: {e}."),
         Verdict::Failed { reason, .. } => format!("Check failed: {reason}."),
     }
+}
+/// Whether `s`, read through a kept /proc handle, is still the live process `t` was opened on
+/// (not a reused pid: that handle would give ESRCH; not exited and waiting to be reaped).
+fn same_live_process(s: &crate::procfs::StatSample, t: &PidTracker) -> bool {
+    s.start_ticks == t.start_ticks && !matches!(s.state, 'Z' | 'X')
 }
