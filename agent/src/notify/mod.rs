@@ -1,7 +1,7 @@
 //! `[[notify]]`: alerts to webhooks and Slack-compatible chats, nothing lost, nothing sent twice.
 //!
-//! The data path: the event log forwards each event to the `Inbox` (a bounded channel; never
-//! blocks the emitting thread), the `notify` thread turns the events a sink asked for into
+//! The data path: the event log forwards each event to the `Inbox` (a channel bounded by a
+//! count, allocated as it fills; never blocks the emitting thread), the `notify` thread turns the events a sink asked for into
 //! `payload::Alert`s (rate-limited per app and sink, with the tail of the app's error log when
 //! asked) and appends them to the journal (`<state_dir>/spool/notify.jsonl`, 0600, fsynced) at
 //! once; the `notify-send` thread delivers each sink's alerts in order through the shared
@@ -28,8 +28,8 @@ pub mod retry;
 mod worker;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -82,9 +82,15 @@ enum Msg {
 const INBOX_CAP: usize = 10_000;
 
 /// The event log's forward: hands the events a sink may want to the notify thread.
+///
+/// An unbounded channel with its own count, not `sync_channel(INBOX_CAP)`: that one allocates
+/// and writes all its slots at once (320 KB, most of the agent's heap), this one a block of 31
+/// as they fill. Only events count against the cap; a reload or a stop is always taken.
 #[derive(Debug)]
 pub struct Inbox {
-    tx: SyncSender<Msg>,
+    tx: Sender<Msg>,
+    /// Events sent and not yet taken by the notify thread.
+    waiting: Arc<AtomicUsize>,
     dropped: AtomicU64,
 }
 
@@ -99,8 +105,14 @@ impl Forward for Inbox {
         let Some(what) = payload::notify_event(e.kind) else {
             return;
         };
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Event(Box::new(e.clone()), what))
-        {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= INBOX_CAP {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.tx.send(Msg::Event(Box::new(e.clone()), what)).is_err() {
+            // The notify thread has ended (after a stop): nothing takes events any more.
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -133,14 +145,16 @@ impl Notify {
         logs: LogPaths,
         opts: Options,
     ) -> std::io::Result<Notify> {
-        let (tx, rx) = mpsc::sync_channel(INBOX_CAP);
+        let (tx, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(worker::Shared::new(state_dir));
         let deadline = opts.stop_deadline;
         let limits = opts.limits;
         let acceptor = worker::Acceptor::new(shared.clone(), origin, logs, opts);
+        let taken = waiting.clone();
         let accept = std::thread::Builder::new()
             .name("notify".into())
-            .spawn(move || acceptor.run(sinks, &rx))?;
+            .spawn(move || acceptor.run(sinks, &rx, &taken))?;
         let s = shared.clone();
         let send = std::thread::Builder::new()
             .name("notify-send".into())
@@ -148,6 +162,7 @@ impl Notify {
         Ok(Notify {
             inbox: Arc::new(Inbox {
                 tx,
+                waiting,
                 dropped: AtomicU64::new(0),
             }),
             accept,
@@ -204,5 +219,68 @@ fn board_of(inbox: &Inbox, shared: &worker::Shared) -> Board {
     Board {
         sinks: crate::sync::lock(&shared.status).clone(),
         lost: inbox.dropped.load(Ordering::Relaxed) + shared.removed.load(Ordering::Relaxed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::events::Kind;
+
+    fn inbox() -> (Inbox, mpsc::Receiver<Msg>) {
+        let (tx, rx) = mpsc::channel();
+        let inbox = Inbox {
+            tx,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            dropped: AtomicU64::new(0),
+        };
+        (inbox, rx)
+    }
+
+    #[test]
+    fn a_full_inbox_turns_away_the_newest_events_and_counts_them() {
+        let (inbox, rx) = inbox();
+        let restart = Event::new(Kind::Restart, Some("api"), "restarted");
+        for _ in 0..INBOX_CAP + 3 {
+            inbox.forward(&restart);
+        }
+        assert_eq!(inbox.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(rx.try_iter().count(), INBOX_CAP);
+        // What the notify thread takes frees its place: the next event is kept again.
+        inbox.waiting.fetch_sub(INBOX_CAP, Ordering::AcqRel);
+        inbox.forward(&restart);
+        assert_eq!(inbox.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(rx.try_iter().count(), 1);
+    }
+
+    #[test]
+    fn the_notify_thread_frees_the_places_of_the_events_it_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Origin {
+            host: "box".into(),
+            instance_id: None,
+        };
+        let logs: LogPaths = Arc::new(|_: &str| None);
+        let n = Notify::start(vec![], dir.path(), origin, logs, Options::default()).unwrap();
+        let inbox = n.inbox();
+        let restart = Event::new(Kind::Restart, Some("api"), "restarted");
+        for _ in 0..50 {
+            inbox.forward(&restart);
+        }
+        let until = clock::mono_now() + 5_000;
+        while inbox.waiting.load(Ordering::Acquire) > 0 && clock::mono_now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(inbox.waiting.load(Ordering::Acquire), 0);
+        assert_eq!(n.status().lost, 0);
+        n.stop();
+    }
+
+    #[test]
+    fn events_no_sink_can_want_are_not_queued() {
+        let (inbox, rx) = inbox();
+        inbox.forward(&Event::new(Kind::StateChange, Some("api"), "healthy"));
+        assert_eq!(rx.try_iter().count(), 0);
+        assert_eq!(inbox.waiting.load(Ordering::Relaxed), 0);
     }
 }

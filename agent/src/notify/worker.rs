@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -256,7 +256,13 @@ impl Acceptor {
 
     /// Until a `Stop` (or the agent dropping its handle): take every waiting message, then
     /// write what they added to the journal in one append.
-    pub(super) fn run(mut self, sinks: Vec<NotifyConfig>, rx: &Receiver<Msg>) {
+    /// `waiting` counts the events sent and not yet taken (the inbox's cap).
+    pub(super) fn run(
+        mut self,
+        sinks: Vec<NotifyConfig>,
+        rx: &Receiver<Msg>,
+        waiting: &AtomicUsize,
+    ) {
         self.start(sinks);
         while let Ok(first) = rx.recv() {
             let mut records = Vec::new();
@@ -266,6 +272,7 @@ impl Acceptor {
             for m in std::iter::once(first).chain(rx.try_iter()) {
                 match m {
                     Msg::Event(e, what) => {
+                        waiting.fetch_sub(1, Ordering::AcqRel);
                         let now = clock::mono_now();
                         self.accept(&mut st, &e, what, now, &mut records);
                     }
