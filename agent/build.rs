@@ -4,13 +4,15 @@
 //! Never fails the build: outside a git checkout (a source tarball) or without `git` the commit
 //! is "unknown"; `PMGUARD_GIT_COMMIT` set in the environment wins (a packager's own stamp).
 //!
-//! In optimised builds for Linux it also lays out `pmguard-agent`'s code: the functions listed
-//! in `hot-text.txt` (what a watching agent runs) go first, together, in an output section
-//! `.text.hot`, through a linker script that only adds that section (`INSERT BEFORE .text`; lld,
-//! zig's lld and GNU ld take it). The kernel maps a binary's code in 64 KiB blocks around each
-//! page touched, so hot code spread over the whole 3 MB text made most of it resident. A function
-//! the list misses is placed as before; `dist/build` checks that the section is there and full.
-//! `bench/hot_text.sh` regenerates the list.
+//! With `PMGUARD_HOT_TEXT=1` (set by `dist/build`), in optimised builds for Linux, it also lays
+//! out `pmguard-agent`'s code: the functions listed in `hot-text.txt` (what a watching agent runs)
+//! go first, together, in an output section `.text.hot`, through a linker script that only adds
+//! that section (`INSERT BEFORE .text`). The kernel maps a binary's code in 64 KiB blocks around
+//! each page touched, so hot code spread over the whole 3 MB text made most of it resident.
+//! Opt-in because not every linker takes such a script: lld (rust-lld, zig's) and GNU ld do; gold
+//! and mold do not. The names are v0-mangled (`.cargo/config.toml`): asked for without them, the
+//! build fails saying so. A function the list misses is placed as before; `dist/build` checks
+//! the section. `bench/hot_text.sh` regenerates the list.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,17 +34,24 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
 fn hot_text_layout(dir: &Path) {
     println!("cargo:rerun-if-changed=hot-text.txt");
     println!("cargo:rerun-if-env-changed=PMGUARD_HOT_TEXT");
-    // PMGUARD_HOT_TEXT=0: no layout, for a linker that does not take `INSERT` (gold).
-    if std::env::var("PMGUARD_HOT_TEXT").as_deref() == Ok("0") {
-        return;
-    }
     // Optimised builds only: a debug build has tens of thousands of sections to match against
     // the list (about 25 s per link), and nobody measures its memory.
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux")
+    if std::env::var("PMGUARD_HOT_TEXT").as_deref() != Ok("1")
+        || std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux")
         || std::env::var("PROFILE").as_deref() != Ok("release")
     {
         return;
     }
+    // RUSTFLAGS (or a target's rustflags) in the environment or a cargo config replace
+    // `.cargo/config.toml`'s: then no Rust name in the list can match.
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    assert!(
+        flags.contains("symbol-mangling-version=v0"),
+        "PMGUARD_HOT_TEXT=1 needs v0 symbol names, and this build's rustflags ({:?}) replaced \
+         .cargo/config.toml's: add `-C symbol-mangling-version=v0` to them, or unset \
+         PMGUARD_HOT_TEXT",
+        flags.replace('\x1f', " ")
+    );
     let Some(out) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {
         return;
     };
@@ -68,8 +77,12 @@ fn hot_text_layout(dir: &Path) {
     }
     script.push_str("  }\n} INSERT BEFORE .text;\n");
     let path = out.join("hot-text.ld");
+    // The compiler driver splits a `-Wl,` argument at commas; -Xlinker passes the path whole.
     if std::fs::write(&path, script).is_ok() {
-        println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", path.display());
+        println!("cargo:rustc-link-arg-bins=-Xlinker");
+        println!("cargo:rustc-link-arg-bins=-T");
+        println!("cargo:rustc-link-arg-bins=-Xlinker");
+        println!("cargo:rustc-link-arg-bins={}", path.display());
     }
 }
 

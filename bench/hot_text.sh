@@ -19,16 +19,22 @@
 # Only 127.0.0.1 is contacted.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-W=$(mktemp -d)
+# The work directory (the binary's copy among it) on the disk of the build, not a tmpfs /tmp.
+mkdir -p "$ROOT/target"
+exec 9>"$ROOT/target/.hot_text.lock"
+flock -n 9 || { echo "another bench/hot_text.sh is running" >&2; exit 2; }
+W=$(mktemp -d -p "$ROOT/target" hot_text.XXXXXX)
 TGT=${HOT_TEXT_TARGET_DIR:-$W/target}
-BDI=""; RA=""
+RA_FILE=""; RA=""; AGENT_PID=""
 cleanup() {
-    [ -n "$BDI" ] && [ -n "$RA" ] && echo "$RA" >"$BDI/read_ahead_kb"
+    [ -n "$RA_FILE" ] && [ -n "$RA" ] && echo "$RA" >"$RA_FILE"
+    [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null || true
     pm2 kill >/dev/null 2>&1 || true
     [ -n "${MS:-}" ] && kill -- "-$MS" 2>/dev/null || true
     rm -rf "$W"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
 export PM2_HOME=$W/pm2
 command -v pm2 >/dev/null || { echo "pm2 is not on PATH" >&2; exit 2; }
 
@@ -39,11 +45,17 @@ CARGO_TARGET_DIR=$TGT PMGUARD_HOT_TEXT=0 RUSTFLAGS="-C llvm-args=-align-all-func
 BIN=$W/agent
 cp "$TGT/release/pmguard-agent" "$BIN"
 
-# The disk's readahead: off while the workloads run.
-dev=$(stat -c '%d' "$BIN")
-BDI=/sys/class/bdi/$((dev >> 8)):$((dev & 255))
-[ -w "$BDI/read_ahead_kb" ] || { echo "cannot set $BDI/read_ahead_kb (run as root)" >&2; BDI=""; exit 2; }
-RA=$(cat "$BDI/read_ahead_kb")
+# The disk's readahead: off while the workloads run (restored on exit; a SIGKILL would leave it
+# at 0: `cat` the printed file's old value back by hand). A partition's setting is its disk's.
+blk=$(readlink -f "/sys/dev/block/$(stat -c '%Hd:%Ld' "$BIN")" 2>/dev/null || true)
+[ -n "$blk" ] && [ -f "$blk/partition" ] && blk=$(dirname "$blk")
+if [ -z "$blk" ] || [ ! -w "$blk/queue/read_ahead_kb" ]; then
+    echo "cannot set the readahead of the disk holding $W (not a block device, or not root)" >&2
+    exit 2
+fi
+RA=$(cat "$blk/queue/read_ahead_kb")
+RA_FILE=$blk/queue/read_ahead_kb
+echo "readahead of $RA_FILE: $RA KiB, 0 during the workloads" >&2
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 APP_PORT=$(port)
@@ -71,9 +83,10 @@ restart_cooldown = "5s"
 startup_grace = "3s"
 $aws
 EOT
-    echo 0 >"$BDI/read_ahead_kb"
+    echo 0 >"$RA_FILE"
     "$BIN" run --config "$W/a.toml" >"$W/$name.log" 2>&1 &
     local pid=$!
+    AGENT_PID=$pid
     if [ "$fault" = 1 ]; then
         sleep 12; local app; app=$(pm2 pid bench)
         kill -STOP "$app"; sleep 10; kill -CONT "$app" 2>/dev/null || true; sleep $((secs - 22))
@@ -85,7 +98,8 @@ EOT
     fi
     python3 "$ROOT/bench/lib/pagemap.py" "$pid" "$BIN" >"$W/$name.pages"
     kill "$pid"; wait "$pid" || true
-    echo "$RA" >"$BDI/read_ahead_kb"
+    AGENT_PID=""
+    echo "$RA" >"$RA_FILE"
     echo "  $name: $(wc -l <"$W/$name.pages") pages of the binary mapped" >&2
 }
 echo "workloads (about 2 min)..." >&2

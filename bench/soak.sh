@@ -14,7 +14,7 @@ EVERY=${SAMPLE_EVERY:-30}
 
 command -v pm2 >/dev/null 2>&1 || { echo "pm2 is not on PATH (npm install -g pm2@7.0.4)" >&2; exit 2; }
 if [[ -z "${AGENT:-}" ]]; then
-    cargo build --quiet --release -p pmguard-agent --manifest-path "$ROOT/Cargo.toml"
+    PMGUARD_HOT_TEXT=1 cargo build --quiet --release -p pmguard-agent --manifest-path "$ROOT/Cargo.toml"
     AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/release/pmguard-agent"
 fi
 
