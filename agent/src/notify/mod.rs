@@ -1,11 +1,12 @@
 //! `[[notify]]`: alerts to webhooks and Slack-compatible chats, nothing lost, nothing sent twice.
 //!
 //! The data path: the event log forwards each event to the `Inbox` (a channel bounded by a
-//! count, allocated as it fills; never blocks the emitting thread), the `notify` thread turns the events a sink asked for into
-//! `payload::Alert`s (rate-limited per app and sink, with the tail of the app's error log when
-//! asked) and appends them to the journal (`<state_dir>/spool/notify.jsonl`, 0600, fsynced) at
-//! once; the `notify-send` thread delivers each sink's alerts in order through the shared
-//! blocking client (`crate::net`) and journals each one that leaves (`journal`).
+//! count, allocated as it fills; never blocks the emitting thread), the `notify` thread turns
+//! the events a sink asked for into `payload::Alert`s (rate-limited per app and sink, with the
+//! tail of the app's error log when asked) and appends them to the journal
+//! (`<state_dir>/spool/notify.jsonl`, 0600, fsynced) at once; the `notify-send` thread delivers
+//! each sink's alerts in order through the shared blocking client (`crate::net`) and journals
+//! each one that leaves (`journal`).
 //!
 //! Invariants:
 //! - The watch loop never waits on a sink, and neither does acceptance: only `notify-send`
