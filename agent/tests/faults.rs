@@ -430,7 +430,7 @@ fn a_persons_pm2_kill_is_respected_and_their_resurrect_is_followed() {
             "manual",
             port,
             // The grace covers node's start after the resurrect below on a loaded CI machine
-            // (3 s was once too short there: a restart while the app was still binding).
+            // (a restart after the resurrect was seen once in CI with 3 s; cause not proven).
             "max_retries = 1\nretry_interval = \"300ms\"\nstartup_grace = \"8s\"\nrestart_cooldown = \"1s\"",
         ),
         &[],
