@@ -1,7 +1,7 @@
 //! Stamps the git commit the binaries are built from into `PMGUARD_GIT_COMMIT`, read by
 //! `pmguard_agent::cli::LONG_VERSION` (both binaries' `--version`).
 //!
-//! Never fails the build: outside a git checkout (a source tarball) or without `git` the commit
+//! The stamp never fails the build: outside a git checkout (a source tarball) or without `git` the commit
 //! is "unknown"; `PMGUARD_GIT_COMMIT` set in the environment wins (a packager's own stamp).
 //!
 //! With `PMGUARD_HOT_TEXT=1` (set by `dist/build`), in optimised builds for Linux, it also lays
@@ -58,14 +58,14 @@ fn hot_text_layout(dir: &Path) {
     let Ok(list) = std::fs::read_to_string(dir.join("hot-text.txt")) else {
         return;
     };
+    // A name with a character the script language would read as syntax is skipped: the list
+    // is data, never part of the script's structure.
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_.*".contains(c);
     let mut script = String::from("SECTIONS {\n  .text.hot : {\n");
     for name in list.lines().map(str::trim) {
         if name.is_empty() || name.starts_with('#') {
             continue;
         }
-        // A name with a character the script language would read as syntax is skipped:
-        // the list is data, never part of the script's structure.
-        let plain = |c: char| c.is_ascii_alphanumeric() || "_.*".contains(c);
         if !name.chars().all(plain) {
             println!("cargo:warning=hot-text.txt: skipped a name with an unexpected character: {name:.60}");
             continue;

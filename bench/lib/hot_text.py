@@ -43,8 +43,8 @@ def ran(syms, files):
                     i -= 1
                     addr, size, name = syms[i]
                     if addr + max(size, 1) <= page:
-                        # Functions are sorted by start: once one ends before the page and
-                        # starts a page or more before it, none further back can reach it.
+                        # Functions are sorted by start; none is 64 KiB long (the largest,
+                        # aws-lc's, is 28 KiB), so one starting further back cannot reach it.
                         if addr + 65536 < page:
                             break
                         continue
