@@ -219,7 +219,8 @@ fn a_stalled_pm2_daemon_is_never_resurrected() {
         nix::sys::signal::Signal::SIGSTOP,
     )
     .ok();
-    wait_until(Duration::from_secs(15), "pm2_unresponsive", || {
+    // Seen by the next list or ping: within `RELIST_MS` (10 s), the ping's 1 s and the list's 3 s.
+    wait_until(Duration::from_secs(25), "pm2_unresponsive", || {
         !health_changes(&agent, "pm2_unresponsive").is_empty()
     });
     std::thread::sleep(Duration::from_secs(25));

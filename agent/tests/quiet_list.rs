@@ -134,7 +134,7 @@ fn start(pm2: &Pm2Sandbox, name: &str, port: u16, pubsub: &Path, rpc: &Relay) ->
 }
 
 /// A healthy app checked every 300 ms: PM2 is asked for its list at most every 30 s while it
-/// answers a ping every 5 s, not at every check; a process killed behind PM2's back (PM2 starts it again) is seen at the next check.
+/// answers a ping every 10 s, not at every check; a process killed behind PM2's back (PM2 starts it again) is seen at the next check.
 #[test]
 fn a_quiet_healthy_app_costs_few_lists_and_a_killed_process_is_seen_at_once() {
     let pm2 = Pm2Sandbox::new();
@@ -151,7 +151,7 @@ fn a_quiet_healthy_app_costs_few_lists_and_a_killed_process_is_seen_at_once() {
     let asked = rpc.count(LIST) - lists;
     let pinged = rpc.count(PING) - pings;
     assert!(checks >= 25, "only {checks} checks in 12 s");
-    // Past 5 s a cheap ping stands in for the list (every 5 s), up to 30 s.
+    // Past 10 s a cheap ping stands in for the list (every 10 s), up to 30 s.
     assert!(asked <= 2, "{asked} lists for {checks} quiet checks");
     assert!((1..=4).contains(&pinged), "{pinged} pings in 12 s");
     kill_and_see_pm2_restart(&pm2, &agent, "quiet");

@@ -41,11 +41,14 @@ struct Listed {
 }
 
 /// How long a quiet list is reused with nothing more: a stalled daemon (which sends nothing on
-/// the bus) is noticed within this, by the next list or by a `ping` (see `RELIST_MAX_MS`).
-pub const RELIST_MS: u64 = 5_000;
+/// the bus) is noticed within this, by the next list or by a `ping` (see `RELIST_MAX_MS`). A
+/// ping wakes the daemon's event loop: 0.16-0.45 ms of its CPU each (BENCHMARKS.md), so at 5 s
+/// the pings were a fifth of what one app at 1 s cost the box. Exits, restarts and stops come
+/// on the bus and dead pids show in /proc at once; only a stall waits for this.
+pub const RELIST_MS: u64 = 10_000;
 
 /// The longest a list is reused while the bus is quiet. Past `RELIST_MS` the list stands only
-/// while PM2 answered a `ping` within `RELIST_MS`: a ping costs the daemon nothing, the list
+/// while PM2 answered a `ping` within `RELIST_MS`: a ping costs the daemon little, the list
 /// measures every process it runs (1.2 % of a core at 100 processes asked every second). A lost
 /// bus message is noticed by the next list within this.
 pub const RELIST_MAX_MS: u64 = 30_000;
