@@ -2,8 +2,7 @@
 //!
 //! - `status.json`: each app's state (0640), rewritten at the next heartbeat when something a
 //!   person acts on changed (health, failures, instances, restarts, pauses), else every
-//!   `STATUS_REFRESH_MS` (latency, CPU, memory and the probe history are at most that old;
-//!   `TEXTFILE_REFRESH_MS` with a Prometheus textfile, which is written with it).
+//!   `STATUS_REFRESH_MS` (latency, CPU and memory are at most that old).
 //! - `heartbeat`: the daemon's liveness, one fixed-size line rewritten in place once per check
 //!   period (1-5 s; 0640): one `pwrite`, not a new file. `read_status` lays it over `status.json`
 //!   when both come from the same daemon, so every reader judges freshness as before.
@@ -25,13 +24,8 @@ use crate::sys::files::{self, Lock, LockError};
 
 pub const STATUS_FILE: &str = "status.json";
 pub const HEARTBEAT_FILE: &str = "heartbeat";
-/// The longest `status.json` goes without a rewrite while nothing significant changes: monit's
-/// default cycle. Each rewrite is a new file and a rename, about 0.3 ms of the agent's CPU, and
-/// was most of the main thread's cost at 5 s (BENCHMARKS.md, "Cost to the box, round 6").
-pub const STATUS_REFRESH_MS: u64 = 30_000;
-/// The same with `prometheus_textfile`: node_exporter serves the file at every scrape, and its
-/// heartbeat gauge is what a dead-agent alert reads (`time() - ... > 60`, README).
-pub const TEXTFILE_REFRESH_MS: u64 = 5_000;
+/// The longest `status.json` goes without a rewrite while nothing significant changes.
+pub const STATUS_REFRESH_MS: u64 = 5_000;
 /// See `StatusFile::is_fresh`.
 pub const FRESH_SLACK_MS: u64 = 2_000;
 pub const RESTARTS_FILE: &str = "restarts.json";

@@ -15,8 +15,7 @@
 //! every app keeps its promised schedule (`Progress::due`), so a wedged agent looks dead to
 //! systemd and to the backup check; a beat is withheld while `status.json` cannot be written;
 //! a significant change or a pause is in `status.json` within one beat (or `LOOK_MS` + one
-//! round for a pause); `status.json` is never older than `STATUS_REFRESH_MS` plus a beat
-//! (`TEXTFILE_REFRESH_MS` with a Prometheus textfile).
+//! round for a pause); `status.json` is never older than `STATUS_REFRESH_MS` plus a beat.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,9 +25,7 @@ use std::sync::{Arc, Mutex};
 use crate::clock::{self, Mono};
 use crate::config::Config;
 use crate::report::prometheus::{self, Textfile};
-use crate::report::state::{
-    Beat, HeartbeatFile, StateDir, StatusFile, STATUS_REFRESH_MS, TEXTFILE_REFRESH_MS,
-};
+use crate::report::state::{Beat, HeartbeatFile, StateDir, StatusFile, STATUS_REFRESH_MS};
 use crate::runtime::shared::{Progress, Shared};
 use crate::sync::lock;
 use crate::sys::notify::Notifier;
@@ -36,10 +33,6 @@ use crate::sys::notify::Notifier;
 /// How often at most the watch loop looks whether `pauses.json` changed: `pause` waits up to
 /// 5 s to see its pause applied in `status.json`.
 const LOOK_MS: u64 = 500;
-
-/// The main thread's own tick: a pause past its deadline leaves `pauses.json` (with its
-/// `pause_expired` event) within this, whatever `STATUS_REFRESH_MS` is.
-const MAIN_TICK_MS: u64 = 6_000;
 
 /// Why the pulse wakes the main thread.
 pub enum ToMain {
@@ -144,11 +137,11 @@ impl Pulse {
         self.next_at.store(0, Ordering::Relaxed);
     }
 
-    /// The main thread's slow tick: `MAIN_TICK_MS` (the watch loop asks for `status.json`
-    /// every `STATUS_REFRESH_MS` while it beats; the tick ends pauses and covers a loop that
-    /// stopped beating), and at most a quarter of the watchdog's period.
+    /// The main thread's slow tick: at most `STATUS_REFRESH_MS` and a second (the watch loop
+    /// asks for `status.json` every `STATUS_REFRESH_MS` while it beats), and a quarter of the
+    /// watchdog's period.
     pub fn main_tick(&self) -> u64 {
-        let tick = MAIN_TICK_MS;
+        let tick = STATUS_REFRESH_MS + 1_000;
         match self.notifier.watchdog {
             // `watchdog` is half of WATCHDOG_USEC already.
             Some(half) => tick.min((half.as_millis() as u64 / 2).max(100)),
@@ -267,15 +260,6 @@ impl Inner {
             .all(|p| p.checks.load(Ordering::Relaxed) > 0)
     }
 
-    /// How long `status.json` (and the textfile with it) goes without a rewrite.
-    fn refresh_ms(&self) -> u64 {
-        if self.textfile.is_some() {
-            TEXTFILE_REFRESH_MS
-        } else {
-            STATUS_REFRESH_MS
-        }
-    }
-
     fn board(&self) -> crate::notify::Board {
         self.notify.as_ref().map(|f| f()).unwrap_or_default()
     }
@@ -287,7 +271,7 @@ impl Inner {
         if !self.ready
             || st.force
             || st.beat_file.is_none()
-            || now.saturating_sub(st.last_write) >= self.refresh_ms()
+            || now.saturating_sub(st.last_write) >= STATUS_REFRESH_MS
         {
             return true;
         }
