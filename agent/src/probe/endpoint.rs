@@ -200,3 +200,21 @@ pub fn show(addr: &SockAddr) -> String {
         (None, None) => "?".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A probe socket never blocks the watch loop and never leaks into a `pm2` the agent runs:
+    /// both flags come from socket(2) itself, which a socket2 upgrade could change.
+    #[test]
+    fn a_probe_socket_is_non_blocking_and_closed_on_exec() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = SockAddr::from(listener.local_addr().unwrap());
+        let s = connect(&addr).unwrap();
+        let status = rustix::fs::fcntl_getfl(&s).unwrap();
+        assert!(status.contains(rustix::fs::OFlags::NONBLOCK), "{status:?}");
+        let fd = rustix::io::fcntl_getfd(&s).unwrap();
+        assert!(fd.contains(rustix::io::FdFlags::CLOEXEC), "{fd:?}");
+    }
+}
