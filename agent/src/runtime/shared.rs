@@ -42,8 +42,9 @@ struct Listed {
 
 /// How long a quiet list is reused with nothing more: a stalled daemon (which sends nothing on
 /// the bus) is noticed within this, by the next list or by a `ping` (see `RELIST_MAX_MS`). A
-/// ping wakes the daemon's event loop: 0.16-0.45 ms of its CPU each (BENCHMARKS.md, round 4),
-/// 0.002-0.005 s per minute at 5 s, up to an eighth of what one app at 1 s cost the box. A
+/// ping wakes the daemon's event loop: 0.16-0.45 ms of its CPU each (BENCHMARKS.md, round 4).
+/// Pinged between lists, that is ~4 a minute at 10 s (0.001-0.002 s of the daemon's CPU) and
+/// was ~10 at 5 s (0.002-0.005 s, up to an eighth of what one app at 1 s cost the box). A
 /// stalled daemon is only reported (`pm2_unresponsive`), never acted on; exits, restarts and
 /// stops come on the bus and dead pids show in /proc at once, so only that report waits.
 pub const RELIST_MS: u64 = 10_000;
