@@ -491,6 +491,53 @@ fn a_persons_pm2_kill_is_respected_and_their_resurrect_is_followed() {
     assert!(who.contains("resurrect"), "{who}");
 }
 
+/// A person's `pm2 stop` of a server that stops accepting at SIGINT and drains for 3 s: its
+/// probes are refused while PM2's list (reused while the bus is quiet) still says online and
+/// the process still lives. With `max_retries = 1` one refused probe decides a restart; the
+/// fresh list taken before acting shows `stopping`, so pmguard never restarts what a person is
+/// stopping (seen once in CI with `pm2 kill`).
+#[test]
+fn a_persons_graceful_stop_is_not_restarted_while_the_server_drains() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app_env(
+        "drain",
+        port,
+        &["--kill-timeout", "10000"],
+        &[("GRACEFUL_MS", "3000"), ("DRAIN_CLOSES", "1")],
+    );
+    let agent = Agent::start(
+        &pm2,
+        &app(
+            "drain",
+            port,
+            // The grace outlasts the drain, so PM2's `stopping` alone decides nothing here.
+            "max_retries = 1\nretry_interval = \"200ms\"\nstartup_grace = \"5s\"\nrestart_cooldown = \"1s\"",
+        ),
+    );
+    agent.wait_for_probe_ok();
+    // Past the agent's own start-up grace.
+    std::thread::sleep(Duration::from_millis(5_500));
+    assert!(pm2.pm2(&["stop", "drain"]).status.success());
+    std::thread::sleep(Duration::from_secs(2));
+    let refused = agent
+        .of_kind("probe")
+        .iter()
+        .filter(|p| p["ok"] == false)
+        .count();
+    assert!(
+        refused > 0,
+        "no probe failed during the drain: {:?}",
+        agent.events()
+    );
+    let restarts = agent.of_kind("restart");
+    assert!(
+        restarts.is_empty(),
+        "{restarts:?}\nprobes: {:?}",
+        agent.of_kind("probe")
+    );
+}
+
 /// Fault: `pm2 update` while the agent runs (the daemon is replaced, every app restarted by PM2,
 /// the agent's connection dropped). The agent follows the new daemon and restarts nothing.
 #[test]

@@ -578,7 +578,7 @@ impl App {
         snap: Option<&Snapshot>,
     ) -> Decision {
         let decision = match decision {
-            Decision::Restart { culprits, reason } => self.restart(shared, culprits, reason),
+            Decision::Restart { culprits, reason } => self.restart(shared, culprits, reason, snap),
             Decision::Resurrect { reason } => {
                 self.resurrect(shared, &reason);
                 Decision::Resurrect { reason }
@@ -777,8 +777,20 @@ impl App {
     }
 
     /// Restarts the culprits (or every instance), verifies, escalates; returns what was done.
-    fn restart(&mut self, shared: &Shared, culprits: Vec<u32>, reason: String) -> Decision {
+    fn restart(
+        &mut self,
+        shared: &Shared,
+        culprits: Vec<u32>,
+        reason: String,
+        seen: Option<&Snapshot>,
+    ) -> Decision {
         let name = self.cfg.name.clone();
+        if let Some(why) = changed_since_check(shared, &name, seen) {
+            // Undo the count `decide` made: nothing was restarted.
+            self.state.restarts.pop_back();
+            tracing::info!(message = "Not restarting: the check's evidence no longer stands.", app = %name, why = %why);
+            return Decision::Wait { why: Some(why) };
+        }
         let (guard, mut book) = match self.book_restart(shared) {
             Ok(booked) => booked,
             Err(wait) => return wait,
@@ -987,6 +999,34 @@ fn verdict_line(v: &Verdict) -> String {
 }
 /// Whether `s`, read through a kept /proc handle, is still the live process `t` was opened on
 /// (not a reused pid: that handle would give ESRCH; not exited and waiting to be reaped).
+/// Why the check's view of the app no longer stands, if it does not: PM2 (asked afresh) lists
+/// the app's instances with other pids or statuses than the list the check judged, or does not
+/// answer. A person's `pm2 stop`, `restart`, `reload` or `kill` shows so (`stopping`, a new pid,
+/// a daemon gone) while the probe already failed: a draining server refuses new connections
+/// before its process exits and before PM2 says anything on the bus. `None`: act.
+fn changed_since_check(shared: &Shared, name: &str, seen: Option<&Snapshot>) -> Option<String> {
+    let seen = seen?;
+    let view = |s: &Snapshot| {
+        let mut v: Vec<(u32, u32, crate::pm2::Status)> = s
+            .by_name(name)
+            .into_iter()
+            .map(|e| (e.pm_id, e.pid, e.status.clone()))
+            .collect();
+        v.sort_by_key(|e| e.0);
+        v
+    };
+    match shared.snapshot(0) {
+        Err(e) => Some(format!(
+            "PM2 did not answer just before the restart ({e}); the next check looks again"
+        )),
+        Ok(now) if view(&now) != view(seen) => Some(
+            "PM2's view of the app changed since the check (a stop, restart or reload under way); the next check looks again"
+                .into(),
+        ),
+        Ok(_) => None,
+    }
+}
+
 fn same_live_process(s: &crate::procfs::StatSample, t: &PidTracker) -> bool {
     s.start_ticks == t.start_ticks && !matches!(s.state, 'Z' | 'X')
 }

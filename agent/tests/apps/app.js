@@ -5,7 +5,8 @@
 //                    acts.
 // Env: PORT (required), MODE (initial mode, default ok), START_DELAY_MS (listen after a delay),
 // HOST (address to bind, default 127.0.0.1), GRACEFUL_MS (catch SIGINT and take this long to
-// shut down, as a real server drains; a busy event loop never gets to run the handler).
+// shut down, as a real server drains; a busy event loop never gets to run the handler),
+// DRAIN_CLOSES=1 (with GRACEFUL_MS: close the listener at SIGINT, so new connections are refused).
 'use strict';
 const http = require('http');
 
@@ -73,7 +74,11 @@ function listen() {
 
 const graceful = parseInt(process.env.GRACEFUL_MS || '0', 10);
 if (graceful > 0) {
-  process.on('SIGINT', () => setTimeout(() => process.exit(0), graceful));
+  process.on('SIGINT', () => {
+    // DRAIN_CLOSES=1: stop accepting at once and drain, as most servers do on SIGINT.
+    if (process.env.DRAIN_CLOSES === '1') server.close();
+    setTimeout(() => process.exit(0), graceful);
+  });
 }
 
 const delay = parseInt(process.env.START_DELAY_MS || '0', 10);
