@@ -997,8 +997,7 @@ fn verdict_line(v: &Verdict) -> String {
         Verdict::Failed { reason, .. } => format!("Check failed: {reason}."),
     }
 }
-/// Whether `s`, read through a kept /proc handle, is still the live process `t` was opened on
-/// (not a reused pid: that handle would give ESRCH; not exited and waiting to be reaped).
+
 /// Why the check's view of the app no longer stands, if it does not: PM2 (asked afresh) lists
 /// the app's instances with other pids or statuses than the list the check judged, or does not
 /// answer. A person's `pm2 stop`, `restart`, `reload` or `kill` shows so (`stopping`, a new pid,
@@ -1027,6 +1026,8 @@ fn changed_since_check(shared: &Shared, name: &str, seen: Option<&Snapshot>) -> 
     }
 }
 
+/// Whether `s`, read through a kept /proc handle, is still the live process `t` was opened on
+/// (not a reused pid: that handle would give ESRCH; not exited and waiting to be reaped).
 fn same_live_process(s: &crate::procfs::StatSample, t: &PidTracker) -> bool {
     s.start_ticks == t.start_ticks && !matches!(s.state, 'Z' | 'X')
 }
