@@ -18,6 +18,9 @@ use crate::pm2::Status;
 
 use crate::clock::Mono;
 
+/// PM2's own default `kill_timeout`, for a process description without one.
+pub const PM2_KILL_TIMEOUT_MS: u64 = 1_600;
+
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
@@ -28,6 +31,8 @@ pub struct InstanceView {
     pub pm_id: u32,
     pub pid: u32,
     pub status: Status,
+    /// PM2's `kill_timeout` for this instance (`None`: PM2's default), which bounds a stop.
+    pub kill_timeout_ms: Option<u64>,
     /// Set when the CPU tracker found this pid stuck (see `PidTracker`).
     pub stuck: Option<String>,
 }
@@ -47,8 +52,12 @@ pub enum Pm2View {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     Healthy,
-    /// PM2 is starting, stopping or waiting to restart the app.
-    Transitional(String),
+    /// PM2 is starting, stopping or waiting to restart the app. `stop_ms` is set while an
+    /// instance is `stopping`: the longest `kill_timeout` among them, which PM2 may take.
+    Transitional {
+        status: String,
+        stop_ms: Option<u64>,
+    },
     /// PM2 does not know the app: nothing the agent can restart.
     Missing,
     DaemonDown(String),
@@ -70,7 +79,15 @@ pub fn judge(pm2: &Pm2View, probe_failure: Option<&str>) -> Verdict {
         Pm2View::Instances(i) => i,
     };
     if let Some(t) = instances.iter().find(|i| i.status.is_transitional()) {
-        return Verdict::Transitional(t.status.as_str().to_string());
+        let stop_ms = instances
+            .iter()
+            .filter(|i| i.status == Status::Stopping)
+            .map(|i| i.kill_timeout_ms.unwrap_or(PM2_KILL_TIMEOUT_MS))
+            .max();
+        return Verdict::Transitional {
+            status: t.status.as_str().to_string(),
+            stop_ms,
+        };
     }
     let mut reasons = Vec::new();
     let mut culprits = Vec::new();
@@ -140,6 +157,8 @@ pub struct Policy {
     pub max_retries: u32,
     pub restart_cooldown: u64,
     pub startup_grace: u64,
+    /// How long PM2 may take beyond an instance's `kill_timeout` to stop it.
+    pub restart_timeout: u64,
     pub crashloop_restarts: u32,
     pub crashloop_window: u64,
     pub crashloop_backoff: u64,
@@ -152,6 +171,7 @@ impl From<&AppConfig> for Policy {
             max_retries: c.max_retries,
             restart_cooldown: ms(c.restart_cooldown),
             startup_grace: ms(c.startup_grace),
+            restart_timeout: ms(c.restart_timeout),
             crashloop_restarts: c.crashloop_restarts,
             crashloop_window: ms(c.crashloop_window),
             crashloop_backoff: ms(c.crashloop_backoff),
@@ -278,7 +298,7 @@ fn wait(why: impl Into<String>) -> Decision {
 
 /// Updates `state` with one check's verdict and says what to do.
 pub fn decide(state: &mut AppState, policy: &Policy, verdict: &Verdict, now: Mono) -> Decision {
-    if !matches!(verdict, Verdict::Transitional(_)) {
+    if !matches!(verdict, Verdict::Transitional { .. }) {
         state.transitional_since = None;
     }
     match failure_of(state, policy, verdict, now) {
@@ -362,10 +382,17 @@ fn failure_of(
             state.healthy_since = None;
             Err(wait(format!("PM2 daemon not answering: {e}")))
         }
-        Verdict::Transitional(status) => {
+        Verdict::Transitional { status, stop_ms } => {
             let since = *state.transitional_since.get_or_insert(now);
             let held = now.saturating_sub(since);
-            if held < policy.startup_grace {
+            // A stop (a person's `pm2 stop`, `restart`, `reload`) legitimately lasts as long as
+            // the app's `kill_timeout`, however short the start-up grace is.
+            let allowed = stop_ms.map_or(policy.startup_grace, |k| {
+                policy
+                    .startup_grace
+                    .max(k.saturating_add(policy.restart_timeout))
+            });
+            if held < allowed {
                 return Err(wait(format!("PM2 reports `{status}`")));
             }
             let reason = format!("PM2 has reported `{status}` for {held} ms");
@@ -505,6 +532,7 @@ mod tests {
             max_retries: 3,
             restart_cooldown: 60_000,
             startup_grace: 30_000,
+            restart_timeout: 10_000,
             crashloop_restarts: 3,
             crashloop_window: 900_000,
             crashloop_backoff: 300_000,
@@ -652,7 +680,10 @@ mod tests {
     #[test]
     fn transitional_states_wait_until_they_outlast_the_grace() {
         let (mut s, p, t) = after_grace();
-        let v = Verdict::Transitional("waiting restart".into());
+        let v = Verdict::Transitional {
+            status: "waiting restart".into(),
+            stop_ms: None,
+        };
         for dt in [0, 10_000, 29_999] {
             let d = decide(&mut s, &p, &v, t + dt);
             assert!(matches!(d, Decision::Wait { .. }));
@@ -660,6 +691,56 @@ mod tests {
         assert_eq!(s.failures, 0);
         decide(&mut s, &p, &v, t + 30_000);
         assert_eq!(s.failures, 1);
+    }
+
+    #[test]
+    fn a_stop_may_last_its_kill_timeout_even_past_a_short_grace() {
+        let p = Policy {
+            startup_grace: 1_000,
+            restart_timeout: 10_000,
+            max_retries: 1,
+            ..policy()
+        };
+        let mut s = AppState::new(0, &p);
+        let t = 5_000;
+        let view = Pm2View::Instances(vec![
+            InstanceView {
+                kill_timeout_ms: Some(30_000),
+                ..inst(0, Status::Stopping, None)
+            },
+            inst(1, Status::Online, None),
+        ]);
+        let v = judge(&view, Some("connect refused"));
+        assert_eq!(
+            v,
+            Verdict::Transitional {
+                status: "stopping".into(),
+                stop_ms: Some(30_000)
+            }
+        );
+        for dt in [0, 1_000, 20_000, 39_999] {
+            let d = decide(&mut s, &p, &v, t + dt);
+            assert!(matches!(d, Decision::Wait { .. }), "{dt}: {d:?}");
+        }
+        assert_eq!(s.failures, 0);
+        // A stop held past kill_timeout + restart_timeout is PM2 stuck: it counts.
+        assert!(is_restart(&decide(&mut s, &p, &v, t + 40_000)));
+        // Without a kill_timeout in PM2's list, its default (1.6 s) bounds the stop.
+        let mut s = AppState::new(0, &p);
+        let view = Pm2View::Instances(vec![inst(0, Status::Stopping, None)]);
+        let v = judge(&view, None);
+        assert!(matches!(decide(&mut s, &p, &v, t), Decision::Wait { .. }));
+        assert!(matches!(
+            decide(&mut s, &p, &v, t + 11_599),
+            Decision::Wait { .. }
+        ));
+        assert!(is_restart(&decide(&mut s, &p, &v, t + 11_600)));
+        // Starting states keep the start-up grace.
+        let mut s = AppState::new(0, &p);
+        let view = Pm2View::Instances(vec![inst(0, Status::Launching, None)]);
+        let v = judge(&view, None);
+        decide(&mut s, &p, &v, t);
+        assert!(is_restart(&decide(&mut s, &p, &v, t + 1_000)));
     }
 
     #[test]
@@ -789,6 +870,7 @@ mod tests {
             pm_id,
             pid: 100 + pm_id,
             status,
+            kill_timeout_ms: None,
             stuck: stuck.map(String::from),
         }
     }
@@ -822,7 +904,10 @@ mod tests {
             matches!(judge(&view, None), Verdict::Failed { culprits, .. } if culprits.is_empty())
         );
         let view = Pm2View::Instances(vec![inst(0, Status::Launching, None)]);
-        assert!(matches!(judge(&view, None), Verdict::Transitional(_)));
+        assert!(matches!(
+            judge(&view, None),
+            Verdict::Transitional { stop_ms: None, .. }
+        ));
     }
 
     #[test]
@@ -868,7 +953,10 @@ mod tests {
     #[test]
     fn tree_failures_do_not_override_what_pm2_says() {
         let memory = ("memory over".to_string(), vec![]);
-        let launching = Verdict::Transitional("launching".into());
+        let launching = Verdict::Transitional {
+            status: "launching".into(),
+            stop_ms: None,
+        };
         assert_eq!(
             with_tree_failures(launching.clone(), std::slice::from_ref(&memory)),
             launching

@@ -538,6 +538,48 @@ fn a_persons_graceful_stop_is_not_restarted_while_the_server_drains() {
     );
 }
 
+/// A person's `pm2 stop` of a server that drains for longer than `startup_grace`: PM2 reports
+/// `stopping` the whole time, which is its own work within the app's `kill_timeout`, not a
+/// stuck state. Nothing may be restarted, and once stopped the app is left stopped.
+#[test]
+fn a_stop_longer_than_the_start_up_grace_is_waited_out_not_restarted() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app_env(
+        "longstop",
+        port,
+        &["--kill-timeout", "15000"],
+        &[("GRACEFUL_MS", "5000"), ("DRAIN_CLOSES", "1")],
+    );
+    let agent = Agent::start(
+        &pm2,
+        &app(
+            "longstop",
+            port,
+            "max_retries = 1\nretry_interval = \"200ms\"\nstartup_grace = \"1s\"\nrestart_cooldown = \"1s\"",
+        ),
+    );
+    agent.wait_for_probe_ok();
+    std::thread::sleep(Duration::from_millis(1_500));
+    // `pm2 stop` returns once PM2 has stopped the app: 5 s of `stopping`, five start-up graces.
+    let began = std::time::Instant::now();
+    assert!(pm2.pm2(&["stop", "longstop"]).status.success());
+    assert!(
+        began.elapsed() >= Duration::from_secs(4),
+        "the app did not drain: {:?}",
+        began.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let restarts = agent.of_kind("restart");
+    assert!(
+        restarts.is_empty(),
+        "{restarts:?}\nevents: {:?}",
+        agent.events()
+    );
+    let list = pm2.jlist();
+    assert_eq!(list[0]["pm2_env"]["status"], "stopped", "{list}");
+}
+
 /// Fault: `pm2 update` while the agent runs (the daemon is replaced, every app restarted by PM2,
 /// the agent's connection dropped). The agent follows the new daemon and restarts nothing.
 #[test]

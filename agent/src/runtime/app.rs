@@ -388,6 +388,7 @@ impl App {
             pm_id: e.pm_id,
             pid: e.pid,
             status: e.status.clone(),
+            kill_timeout_ms: e.kill_timeout_ms,
             stuck,
         }
     }
@@ -470,7 +471,7 @@ impl App {
         // Only the app's own state is the person's doing; a daemon that died meanwhile is not.
         let about_the_app = matches!(
             check.verdict,
-            Verdict::Failed { .. } | Verdict::Transitional(_) | Verdict::Missing
+            Verdict::Failed { .. } | Verdict::Transitional { .. } | Verdict::Missing
         );
         let decision = if self.manual_stop && about_the_app {
             // Counted as nothing: a person's stop is not a failure to repair.
@@ -990,7 +991,7 @@ fn probers(cfg: &AppConfig) -> Option<Prober> {
 fn verdict_line(v: &Verdict) -> String {
     match v {
         Verdict::Healthy => "Check passed.".into(),
-        Verdict::Transitional(s) => format!("PM2 reports `{s}`."),
+        Verdict::Transitional { status, .. } => format!("PM2 reports `{status}`."),
         Verdict::Missing => "PM2 does not know this app.".into(),
         Verdict::DaemonDown(e) => format!("PM2 daemon unreachable: {e}."),
         Verdict::Pm2Unresponsive(e) => format!("PM2 daemon not answering: {e}."),

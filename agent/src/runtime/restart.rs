@@ -50,9 +50,6 @@ pub struct Targets<'a> {
     pub restart_timeout: Duration,
 }
 
-/// PM2's own default `kill_timeout`, for a process description without one.
-const DEFAULT_KILL_TIMEOUT_MS: u64 = 1_600;
-
 /// How long PM2 gets to start a killed instance again by itself (autorestart) before pmguard
 /// asks it to.
 const AUTORESTART_WAIT: Duration = Duration::from_secs(2);
@@ -81,8 +78,10 @@ pub fn restart_instances(
     let signaller = Signaller::new(shared);
     let mut done = Vec::new();
     for e in targets {
-        let deadline = Duration::from_millis(e.kill_timeout_ms.unwrap_or(DEFAULT_KILL_TIMEOUT_MS))
-            + t.restart_timeout;
+        let deadline = Duration::from_millis(
+            e.kill_timeout_ms
+                .unwrap_or(crate::policy::PM2_KILL_TIMEOUT_MS),
+        ) + t.restart_timeout;
         // This instance's worst case: a restart, the escalation, a second restart.
         if let Some(p) = progress {
             p.promise(deadline * 2 + Duration::from_secs(10));
