@@ -376,7 +376,14 @@ fn exchange_plain(f: &mut Flight, request: &[u8], ask: Asked<'_>) -> Option<Prob
                         "connection closed while sending the request".into(),
                     ))
                 }
-                Ok(n) => f.sent += n,
+                Ok(n) => {
+                    f.sent += n;
+                    if f.sent == request.len() {
+                        // The reply cannot be there yet (the app has not even been woken): a
+                        // read now would only say EAGAIN. The poll says when it is.
+                        return None;
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
                 Err(e) => return Some(map_io(e)),

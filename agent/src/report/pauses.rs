@@ -23,6 +23,8 @@ use crate::report::state::StateDir;
 use crate::sys::files;
 
 pub const PAUSES_FILE: &str = "pauses.json";
+/// The same name for the directory watch (`sys::dirwatch`).
+pub const PAUSES_FILE_C: &std::ffi::CStr = c"pauses.json";
 
 /// The longest pause: a forgotten pause must end (an app left unwatched forever is what the
 /// tools pmguard replaces did silently).

@@ -245,6 +245,7 @@ mod tests {
             updated_at: String::new(),
             interval_ms: 1_000,
             pauses_revision: 0,
+            fresh_on_read: false,
             apps,
             notify: Vec::new(),
             notify_lost: 0,

@@ -1,8 +1,11 @@
 //! What the agent keeps in its state directory, and how the daemon and the backup check share it.
 //!
 //! - `status.json`: each app's state (0640), rewritten at the next heartbeat when something a
-//!   person acts on changed (health, failures, instances, restarts, pauses), else every
-//!   `STATUS_REFRESH_MS` (latency, CPU and memory are at most that old).
+//!   person acts on changed (health, failures, instances, restarts, pauses), when someone opens
+//!   it and it is `ASK_MIN_MS` old or more (the daemon watches the directory; `read_status_fresh`
+//!   then waits for the new file), and else every `STATUS_QUIET_REFRESH_MS`
+//!   (`STATUS_REFRESH_MS` without the watch or with a Prometheus textfile, whose reader cannot
+//!   ask). Latency, CPU and memory in it are as old as the last write.
 //! - `heartbeat`: the daemon's liveness, one fixed-size line rewritten in place once per check
 //!   period (1-5 s; 0640): one `pwrite`, not a new file. `read_status` lays it over `status.json`
 //!   when both come from the same daemon, so every reader judges freshness as before.
@@ -23,9 +26,19 @@ use crate::policy::{AppState, Health};
 use crate::sys::files::{self, Lock, LockError};
 
 pub const STATUS_FILE: &str = "status.json";
+/// The same name for the directory watch (`sys::dirwatch`).
+pub const STATUS_FILE_C: &std::ffi::CStr = c"status.json";
 pub const HEARTBEAT_FILE: &str = "heartbeat";
-/// The longest `status.json` goes without a rewrite while nothing significant changes.
+/// The longest `status.json` goes without a rewrite while nothing significant changes, when
+/// readers cannot ask for a fresh one (no directory watch) or a Prometheus textfile is kept.
 pub const STATUS_REFRESH_MS: u64 = 5_000;
+/// The same while the daemon answers readers' opens (`StatusFile::fresh_on_read`).
+pub const STATUS_QUIET_REFRESH_MS: u64 = 60_000;
+/// A reader's open of `status.json` is answered with a new file when the last one is at least
+/// this old; a younger one is what it reads (so a reader sees data at most this old).
+pub const ASK_MIN_MS: u64 = 1_000;
+/// How long `read_status_fresh` waits for the daemon's answer before it shows what it read.
+pub const ASK_WAIT: Duration = Duration::from_secs(2);
 /// See `StatusFile::is_fresh`.
 pub const FRESH_SLACK_MS: u64 = 2_000;
 pub const RESTARTS_FILE: &str = "restarts.json";
@@ -153,20 +166,66 @@ impl StateDir {
 
     /// `status.json` with the newest heartbeat of the daemon that wrote it.
     pub fn read_status(&self) -> Result<Option<StatusFile>, StatusReadError> {
+        let Some((mut status, _)) = self.read_status_file()? else {
+            return Ok(None);
+        };
+        if let Some(beat) = self.read_beat() {
+            beat.lay_over(&mut status);
+        }
+        Ok(Some(status))
+    }
+
+    /// `read_status` for a person: the open of `status.json` asks a live daemon that watches
+    /// its directory for a new one (see the module's doc), and this waits up to `wait` for it
+    /// when what it read is `ASK_MIN_MS` old or more. The backup check does not use it: it
+    /// judges the heartbeat only, and must not wait on a wedged daemon.
+    pub fn read_status_fresh(&self, wait: Duration) -> Result<Option<StatusFile>, StatusReadError> {
+        let Some((mut status, id)) = self.read_status_file()? else {
+            return Ok(None);
+        };
+        // The file's own age: its `heartbeat` before the heartbeat file is laid over it.
+        let written_age = clock::same_boot(status.boot_epoch)
+            .then(|| clock::mono_now().saturating_sub(status.heartbeat));
+        if let Some(b) = self.read_beat() {
+            b.lay_over(&mut status);
+        }
+        let asked = status.fresh_on_read
+            && status.is_fresh()
+            && written_age.is_some_and(|a| a >= ASK_MIN_MS);
+        if !asked {
+            return Ok(Some(status));
+        }
+        let path = self.path(STATUS_FILE);
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+            if files::file_id(&path) == Some(id) {
+                continue;
+            }
+            if let Some((new, _)) = self.read_status_file()? {
+                status = new;
+                if let Some(b) = self.read_beat() {
+                    b.lay_over(&mut status);
+                }
+            }
+            break;
+        }
+        Ok(Some(status))
+    }
+
+    /// `status.json` as written, and which file it was.
+    fn read_status_file(&self) -> Result<Option<(StatusFile, files::FileId)>, StatusReadError> {
         let path = self.path(STATUS_FILE);
         let shown = || path.display().to_string();
-        match files::read_optional(&path) {
+        match files::read_capped_id(&path, files::MAX_STATE_FILE) {
             Ok(None) => Ok(None),
-            Ok(Some(b)) => {
-                let mut status: StatusFile =
+            Ok(Some((b, id))) => {
+                let status: StatusFile =
                     serde_json::from_slice(&b).map_err(|source| StatusReadError::Json {
                         path: shown(),
                         source,
                     })?;
-                if let Some(beat) = self.read_beat() {
-                    beat.lay_over(&mut status);
-                }
-                Ok(Some(status))
+                Ok(Some((status, id)))
             }
             Err(source) => Err(StatusReadError::Io {
                 path: shown(),
@@ -364,6 +423,10 @@ pub struct StatusFile<A = AppStatus> {
     /// The revision of `pauses.json` this daemon applied (`pause` waits for it).
     #[serde(default)]
     pub pauses_revision: u64,
+    /// The daemon watches its directory: opening this file asks it for a new one (see
+    /// `StateDir::read_status_fresh`).
+    #[serde(default)]
+    pub fresh_on_read: bool,
     pub apps: Vec<A>,
     /// The `[[notify]]` sinks' counters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -1,11 +1,13 @@
-//! `pmguard-agent status`: what the daemon last wrote to `status.json`, for a person or as JSON.
+//! `pmguard-agent status`: what the daemon wrote to `status.json`, for a person or as JSON. A
+//! live daemon rewrites it when it is opened (`StateDir::read_status_fresh`): what is shown is at
+//! most a second old.
 
 use std::io::Write;
 
 use serde_json::json;
 
 use crate::clock;
-use crate::report::state::{AppStatus, StateDir, StatusFile, StatusReadError};
+use crate::report::state::{AppStatus, StateDir, StatusFile, StatusReadError, ASK_WAIT};
 
 /// Prints the status. Returns false when there is no fresh heartbeat.
 pub fn print(
@@ -13,7 +15,7 @@ pub fn print(
     as_json: bool,
     out: &mut dyn Write,
 ) -> Result<bool, StatusReadError> {
-    let Some(status) = state.read_status()? else {
+    let Some(status) = state.read_status_fresh(ASK_WAIT)? else {
         if as_json {
             let _ = writeln!(out, "{}", json!({"running": false, "apps": []}));
         } else {
@@ -47,7 +49,7 @@ pub fn print(
 /// Prints the status in Prometheus' text format (the textfile's content); nothing but a comment
 /// without a status file. Returns false when there is no fresh heartbeat.
 pub fn print_prometheus(state: &StateDir, out: &mut dyn Write) -> Result<bool, StatusReadError> {
-    let Some(status) = state.read_status()? else {
+    let Some(status) = state.read_status_fresh(ASK_WAIT)? else {
         let _ = writeln!(out, "# No status in {}.", state.dir.display());
         return Ok(false);
     };

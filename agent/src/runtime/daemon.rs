@@ -5,8 +5,8 @@
 //! pulse asks), the watch loop (every app's checks, see `watch`; it beats the pulse after its
 //! rounds, see `pulse`), one short-lived thread per action in progress (a slow
 //! restart of one app never delays another), the bus reader, and the PM2 client's reader.
-//! Invariants: the heartbeat (the `heartbeat` file, `status.json` only when it changed or
-//! every `STATUS_REFRESH_MS`) and `WATCHDOG=1` are refreshed only while every app
+//! Invariants: the heartbeat (the `heartbeat` file; `status.json` when it changed, when a
+//! reader asks, and on a slow refresh, see `pulse`) and `WATCHDOG=1` are refreshed only while every app
 //! keeps its promised schedule, so a wedged agent looks dead to systemd and to the backup check;
 //! a panic is a bug: the release build aborts (`panic = "abort"`) and systemd starts the agent
 //! again (`Restart=on-failure`), an unwinding build starts the watch loop again; SIGTERM stops
@@ -254,9 +254,20 @@ struct Main {
 impl Main {
     /// Until SIGTERM/SIGINT (or the signal thread is gone).
     fn serve(&mut self, rx: &Receiver<ToMain>) {
-        let tick = Duration::from_millis(self.pulse.main_tick());
         loop {
             let mut force = false;
+            // A pause's end is a deadline of its own (a few ms late, so it has passed); one
+            // already past that could not be removed yet (a restart holds the lock, a full
+            // disk) is tried again a second later, not in a spin.
+            let tick = Duration::from_millis(self.pulse.main_tick()).min(
+                crate::runtime::maintenance::until_next_deadline(&self.shared).map_or(
+                    Duration::MAX,
+                    |d| match d.is_zero() {
+                        true => Duration::from_secs(1),
+                        false => d + Duration::from_millis(20),
+                    },
+                ),
+            );
             match rx.recv_timeout(tick) {
                 Ok(ToMain::Signal(Sig::SIGHUP)) => {
                     self.pulse.notifier().send("RELOADING=1");
@@ -439,10 +450,5 @@ fn start_watch(
         })
         .collect();
     drop(inner);
-    let beat = pulse.clone();
-    crate::runtime::watch::spawn(
-        shared.clone(),
-        apps,
-        Arc::new(move |now| beat.on_round(now)),
-    )
+    crate::runtime::watch::spawn(shared.clone(), apps, pulse.clone())
 }

@@ -1,7 +1,8 @@
 //! The agent's side of maintenance pauses: noticing a change to `pauses.json`, and ending the
 //! pauses whose deadline passed, or that are not plausible (with a `pause_expired` event).
 //!
-//! The watch loop's pulse calls `refresh` at most every 500 ms (one stat(2) of the file, and a
+//! The watch loop's pulse calls `refresh` when the state directory's watch says the file was
+//! replaced or removed (without the watch: at most every 500 ms, one stat(2) of the file, and a
 //! read only when it changed); the main thread calls `tick` on its slow tick and when the pulse
 //! asks for `status.json`. Checks read the copy kept in `Shared` (`Shared::pause_of`); a restart reads
 //! the file itself again under `restart.lock` (`App::book_restart`), so once `pause` has written
@@ -30,6 +31,19 @@ pub fn refresh(shared: &Shared) -> bool {
     let changed = held.1 != book;
     *held = (stamp, book);
     changed
+}
+
+/// How long until the earliest pause in force ends (`None`: no pause), so the main thread can
+/// wake for it: its `pause_expired` event is then on time however slow its tick.
+pub fn until_next_deadline(shared: &Shared) -> Option<Duration> {
+    let now = clock::wall_ms();
+    lock(&shared.pauses)
+        .1
+        .apps
+        .values()
+        .map(|p| p.until_ms.saturating_sub(now))
+        .min()
+        .map(Duration::from_millis)
 }
 
 /// The revision of `pauses.json` the agent applied (shown in `status.json`).

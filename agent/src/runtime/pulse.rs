@@ -16,23 +16,48 @@
 //! systemd and to the backup check; a beat is withheld while `status.json` cannot be written;
 //! a significant change or a pause is in `status.json` within one beat (or `LOOK_MS` + one
 //! round for a pause); `status.json` is never older than `STATUS_REFRESH_MS` plus a beat.
+//!
+//! The state directory's watch (`sys::dirwatch`, polled by the watch loop beside its probes)
+//! replaces two of those costs when the kernel grants it: a pause is noticed when `pauses.json`
+//! is replaced, not by a stat every `LOOK_MS`; and `status.json`, rewritten every 5 s for
+//! readers who might look, is rewritten when someone opens it instead (at most once per
+//! `ASK_MIN_MS`; `StateDir::read_status_fresh` waits for it), on a significant change as
+//! before, and every `STATUS_QUIET_REFRESH_MS` for readers that cannot wait (with a Prometheus
+//! textfile, whose reader never opens status.json, every `STATUS_REFRESH_MS` as before). Without
+//! the watch, or once it ends, everything is as described above.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use crate::clock::{self, Mono};
 use crate::config::Config;
+use crate::report::pauses::PAUSES_FILE_C;
 use crate::report::prometheus::{self, Textfile};
-use crate::report::state::{Beat, HeartbeatFile, StateDir, StatusFile, STATUS_REFRESH_MS};
+use crate::report::state::{
+    Beat, HeartbeatFile, StateDir, StatusFile, ASK_MIN_MS, STATUS_FILE_C, STATUS_QUIET_REFRESH_MS,
+    STATUS_REFRESH_MS,
+};
 use crate::runtime::shared::{Progress, Shared};
 use crate::sync::lock;
+use crate::sys::dirwatch::DirWatch;
 use crate::sys::notify::Notifier;
 
 /// How often at most the watch loop looks whether `pauses.json` changed: `pause` waits up to
 /// 5 s to see its pause applied in `status.json`.
 const LOOK_MS: u64 = 500;
+
+/// The main thread's tick while the directory is watched: what it does on its own then is
+/// reviving a watch loop that died (unwinding builds only; a release build aborts and systemd
+/// starts it again) and a beat should the loop not.
+const MAIN_TICK_MS: u64 = 30_000;
+
+/// After the directory watch woke the loop, it is not polled again for this long: a reader
+/// opening `status.json` in a loop wakes the agent at most 10 times a second, not once per
+/// open (a pause waits that much longer at most).
+const WATCH_REST_MS: u64 = 100;
 
 /// Why the pulse wakes the main thread.
 pub enum ToMain {
@@ -52,6 +77,16 @@ pub struct Pulse {
     next_at: AtomicU64,
     wake_main: Mutex<Sender<ToMain>>,
     inner: Mutex<Inner>,
+    /// The state directory's watch; `None` when the kernel refused it.
+    dir: Option<DirWatch>,
+    /// The watch works (false without one, or once it ended).
+    watching: AtomicBool,
+    /// Someone opened `status.json` since the last write.
+    asked: AtomicBool,
+    /// `pauses.json` was replaced or removed since the last look.
+    pauses_changed: AtomicBool,
+    /// `Mono` before which the watch is not polled (`WATCH_REST_MS`).
+    watch_rest: AtomicU64,
 }
 
 /// What the beats share between the two threads.
@@ -71,6 +106,8 @@ pub struct Inner {
     status: StatusWrites,
     textfile: Option<Textfile>,
     notify: Option<NotifyBoard>,
+    /// This process's id, for the heartbeat line (getpid(2) is not cached by libc).
+    pid: u32,
 }
 
 /// When `status.json` was last rewritten, and what it said then (see `report::state`).
@@ -85,6 +122,10 @@ struct StatusWrites {
     /// A pause or reload changed what `status.json` must say, or its last write failed: write
     /// it at the next beat.
     force: bool,
+    /// Someone opened `status.json`: a new one is due if the last is `ASK_MIN_MS` old.
+    asked: bool,
+    /// Readers can ask (the directory is watched): the quiet refresh applies.
+    watched: bool,
 }
 
 impl Pulse {
@@ -95,7 +136,19 @@ impl Pulse {
         wake_main: Sender<ToMain>,
         notify: Option<NotifyBoard>,
     ) -> Pulse {
+        let dir = match DirWatch::new(&shared.state.dir, STATUS_FILE_C, PAUSES_FILE_C) {
+            Ok(w) => Some(w),
+            Err(error) => {
+                tracing::warn!(message = "Cannot watch the state directory (inotify); rewriting status.json every 5 s and looking for pauses every 500 ms instead.", path = %shared.state.dir.display(), %error);
+                None
+            }
+        };
         Pulse {
+            watching: AtomicBool::new(dir.is_some()),
+            dir,
+            asked: AtomicBool::new(false),
+            pauses_changed: AtomicBool::new(false),
+            watch_rest: AtomicU64::new(0),
             shared,
             notifier,
             next_at: AtomicU64::new(0),
@@ -116,12 +169,50 @@ impl Pulse {
                     .as_deref()
                     .map(Textfile::new),
                 notify,
+                pid: std::process::id(),
             }),
         }
     }
 
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
+    }
+
+    /// The state directory's watch, for the watch loop to poll beside its probes (`on_watch`
+    /// when it is readable): `Ok` with the fd, or `Err` with the `Mono` until which it rests
+    /// (the loop wakes then to poll it again); `Ok(None)` without a watch.
+    pub fn watch_fd(&self, now: Mono) -> Result<Option<BorrowedFd<'_>>, Mono> {
+        let Some(dir) = self.dir.as_ref() else {
+            return Ok(None);
+        };
+        if !self.watching.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let rest = self.watch_rest.load(Ordering::Relaxed);
+        if now < rest {
+            return Err(rest);
+        }
+        Ok(Some(dir.fd()))
+    }
+
+    /// The watch is readable: notes what it saw for the next `on_round` (the same round).
+    pub fn on_watch(&self, now: Mono) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        self.watch_rest
+            .store(now + WATCH_REST_MS, Ordering::Relaxed);
+        let seen = dir.take();
+        if seen.opened {
+            self.asked.store(true, Ordering::Relaxed);
+        }
+        if seen.changed || seen.gone {
+            self.pauses_changed.store(true, Ordering::Relaxed);
+        }
+        if seen.gone && self.watching.swap(false, Ordering::Relaxed) {
+            tracing::warn!(message = "The state directory's watch ended; rewriting status.json every 5 s and looking for pauses every 500 ms instead.", path = %self.shared.state.dir.display());
+        }
+        self.next_at.store(0, Ordering::Relaxed);
     }
 
     /// The shared part, for the main thread (reload changes `progress`).
@@ -137,11 +228,17 @@ impl Pulse {
         self.next_at.store(0, Ordering::Relaxed);
     }
 
-    /// The main thread's slow tick: at most `STATUS_REFRESH_MS` and a second (the watch loop
-    /// asks for `status.json` every `STATUS_REFRESH_MS` while it beats), and a quarter of the
-    /// watchdog's period.
+    /// The main thread's slow tick (the daemon also wakes it at a pause's deadline): at most
+    /// `STATUS_REFRESH_MS` and a second without the directory watch (the main thread then
+    /// notices a pause's change and writes `status.json` should the loop not ask), `MAIN_TICK_MS`
+    /// with it (the watch loop asks for `status.json` when due and reports pauses itself), and a
+    /// quarter of the watchdog's period.
     pub fn main_tick(&self) -> u64 {
-        let tick = STATUS_REFRESH_MS + 1_000;
+        let tick = if self.watching.load(Ordering::Relaxed) {
+            MAIN_TICK_MS
+        } else {
+            STATUS_REFRESH_MS + 1_000
+        };
         match self.notifier.watchdog {
             // `watchdog` is half of WATCHDOG_USEC already.
             Some(half) => tick.min((half.as_millis() as u64 / 2).max(100)),
@@ -159,16 +256,28 @@ impl Pulse {
             return;
         };
         let g = &mut *g;
-        if now.saturating_sub(g.last_look) >= LOOK_MS {
+        let watching = self.watching.load(Ordering::Relaxed);
+        let look = if watching {
+            self.pauses_changed.swap(false, Ordering::Relaxed)
+        } else {
+            now.saturating_sub(g.last_look) >= LOOK_MS
+        };
+        if look {
             g.last_look = now;
             if crate::runtime::maintenance::refresh(&self.shared) {
                 g.status.force = true;
             }
         }
+        g.status.watched = watching;
+        g.status.asked |= self.asked.swap(false, Ordering::Relaxed);
         let beat_at = g.last_beat + beat_spacing(g.every_ms);
-        let look_at = g.last_look + LOOK_MS;
+        let look_at = if watching {
+            u64::MAX
+        } else {
+            g.last_look + LOOK_MS
+        };
         self.next_at.store(beat_at.min(look_at), Ordering::Relaxed);
-        if !g.status.force && now < beat_at {
+        if !g.status.force && !g.status.asked && now < beat_at {
             return;
         }
         if !g.on_schedule(now) || !g.all_checked() {
@@ -196,6 +305,7 @@ impl Pulse {
             g.status.force = true;
             g.last_beat = 0;
         }
+        g.status.asked |= self.asked.swap(false, Ordering::Relaxed);
         if !g.on_schedule(now) || !g.all_checked() {
             return;
         }
@@ -267,15 +377,22 @@ impl Inner {
     /// Whether the next beat must rewrite `status.json`: not ready yet, forced, due for its
     /// refresh, no heartbeat file, or something a person acts on changed.
     fn needs_status(&mut self, now: Mono, shared: &Shared) -> bool {
-        let st = &self.status;
-        if !self.ready
-            || st.force
-            || st.beat_file.is_none()
-            || now.saturating_sub(st.last_write) >= STATUS_REFRESH_MS
-        {
+        let st = &mut self.status;
+        let age = now.saturating_sub(st.last_write);
+        if st.asked && age < ASK_MIN_MS {
+            // What the reader opened is young enough: it reads that one.
+            st.asked = false;
+        }
+        let refresh = if st.watched && self.textfile.is_none() {
+            STATUS_QUIET_REFRESH_MS
+        } else {
+            STATUS_REFRESH_MS
+        };
+        if !self.ready || st.force || st.asked || st.beat_file.is_none() || age >= refresh {
             return true;
         }
-        fingerprint(shared, &self.board()) != st.last_print
+        let last = st.last_print;
+        fingerprint(shared, &self.board()) != last
     }
 
     /// `status.json` (and the Prometheus textfile). Returns whether it was written; a status
@@ -294,10 +411,18 @@ impl Inner {
         }
         let notify = self.board();
         let print = fingerprint(shared, &notify);
-        let written = write_heartbeat(shared, self.every_ms, self.textfile.as_mut(), notify);
+        let written = write_heartbeat(
+            shared,
+            self.every_ms,
+            self.status.watched,
+            self.textfile.as_mut(),
+            notify,
+        );
         self.status.last_write = now;
         self.status.last_print = print;
         self.status.force = !written;
+        // Answered; after a failure the next try answers it (the heartbeat is withheld meanwhile).
+        self.status.asked &= !written;
         written
     }
 
@@ -309,7 +434,7 @@ impl Inner {
             r.alive();
         }
         let beat = Beat {
-            pid: std::process::id(),
+            pid: self.pid,
             boot_epoch: clock::boot_epoch(),
             heartbeat: clock::mono_now(),
             interval_ms: self.every_ms,
@@ -325,7 +450,13 @@ impl Inner {
             self.status.beat_file = None;
             self.status.beat_file_failed = true;
             let notify = self.board();
-            write_heartbeat(shared, self.every_ms, self.textfile.as_mut(), notify);
+            write_heartbeat(
+                shared,
+                self.every_ms,
+                self.status.watched,
+                self.textfile.as_mut(),
+                notify,
+            );
         }
     }
 
@@ -384,6 +515,7 @@ pub fn heartbeat_every(config: &Config) -> u64 {
 fn write_heartbeat(
     shared: &Shared,
     interval_ms: u64,
+    fresh_on_read: bool,
     textfile: Option<&mut Textfile>,
     notify: crate::notify::Board,
 ) -> bool {
@@ -403,6 +535,7 @@ fn write_heartbeat(
             updated_at: clock::rfc3339(clock::wall_ms()),
             interval_ms,
             pauses_revision,
+            fresh_on_read,
             apps: board.values().collect(),
             notify: notify.sinks,
             notify_lost: notify.lost,
@@ -429,6 +562,13 @@ mod tests {
 
     fn config(apps: &str) -> Config {
         Config::parse(std::path::Path::new("/x.toml"), apps).unwrap()
+    }
+
+    #[test]
+    fn the_watched_names_are_the_files_names() {
+        use crate::report::{pauses::PAUSES_FILE, state::STATUS_FILE};
+        assert_eq!(STATUS_FILE_C.to_str().unwrap(), STATUS_FILE);
+        assert_eq!(PAUSES_FILE_C.to_str().unwrap(), PAUSES_FILE);
     }
 
     #[test]

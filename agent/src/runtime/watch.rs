@@ -27,6 +27,7 @@ use crate::probe::{InFlight, ProbeResult, Started};
 use crate::report::events::{Event, Kind};
 use crate::report::state::AppRestarts;
 use crate::runtime::app::{App, Observation};
+use crate::runtime::pulse::Pulse;
 use crate::runtime::shared::{Progress, Shared, LIST_TIMEOUT, SNAPSHOT_MAX_AGE};
 use crate::sync::lock;
 use crate::sys::pidfd::timespec;
@@ -82,15 +83,11 @@ pub struct Watch {
     pub join: JoinHandle<()>,
 }
 
-/// Called after every round of the loop with the time: the daemon's pulse (the heartbeat rides
-/// on the loop's own wake-ups, at least one a second; see `runtime::pulse`). Must not block.
-pub type OnRound = Arc<dyn Fn(Mono) + Send + Sync>;
-
 /// Starts the loop with `apps`; each app's first check is at once.
 pub fn spawn(
     shared: Arc<Shared>,
     apps: Vec<(AppConfig, Option<AppRestarts>, Arc<Progress>)>,
-    on_round: OnRound,
+    pulse: Arc<Pulse>,
 ) -> std::io::Result<Watch> {
     let (tx, rx) = mpsc::channel();
     let tx = WatchTx {
@@ -106,7 +103,7 @@ pub fn spawn(
                 shared,
                 slots: BTreeMap::new(),
                 tx: own,
-                on_round,
+                pulse,
             };
             let now = clock::mono_now();
             for (cfg, persisted, progress) in apps {
@@ -142,7 +139,10 @@ struct Loop {
     shared: Arc<Shared>,
     slots: BTreeMap<String, Slot>,
     tx: WatchTx,
-    on_round: OnRound,
+    /// The daemon's pulse: called after every round (the heartbeat rides on the loop's own
+    /// wake-ups, at least one a second), and its state-directory watch is polled with the
+    /// probes (see `runtime::pulse`). Never blocks the loop.
+    pulse: Arc<Pulse>,
 }
 
 impl Loop {
@@ -196,7 +196,7 @@ impl Loop {
             self.wait(stopping, &mut polled, &mut ready);
             self.advance(&polled, &ready);
             if stopping.is_none() {
-                (self.on_round)(clock::mono_now());
+                self.pulse.on_round(clock::mono_now());
             }
         }
     }
@@ -231,6 +231,17 @@ impl Loop {
         // At least one wake-up a second: the pulse (heartbeat, pause look) rides on it.
         let mut wait_ms = stopping.map_or(1_000, |d| d.saturating_sub(now).max(1));
         let mut fds = vec![PollFd::from_borrowed_fd(self.tx.waker.fd(), PollFlags::IN)];
+        let dir = match self.pulse.watch_fd(now) {
+            Ok(fd) => fd,
+            Err(rest) => {
+                wait_ms = wait_ms.min(rest.saturating_sub(now).max(1));
+                None
+            }
+        };
+        let first = 1 + usize::from(dir.is_some());
+        if let Some(fd) = dir {
+            fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+        }
         for (name, s) in &self.slots {
             if let Some(r) = &s.running {
                 fds.push(PollFd::from_borrowed_fd(r.probe.fd(), r.probe.events()));
@@ -244,11 +255,19 @@ impl Loop {
         // EINTR or an error: every probe is looked at again against its deadline.
         let n = poll(&mut fds, Some(&timespec(Duration::from_millis(wait_ms)))).unwrap_or(0);
         let woke = n > 0 && !fds[0].revents().is_empty();
+        let watched = n > 0 && first == 2 && !fds[1].revents().is_empty();
         ready.clear();
-        ready.extend(fds[1..].iter().map(|f| n > 0 && !f.revents().is_empty()));
+        ready.extend(
+            fds[first..]
+                .iter()
+                .map(|f| n > 0 && !f.revents().is_empty()),
+        );
         drop(fds);
         if woke {
             self.tx.waker.drain();
+        }
+        if watched {
+            self.pulse.on_watch(clock::mono_now());
         }
     }
 

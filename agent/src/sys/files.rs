@@ -77,6 +77,24 @@ pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
 /// Reads at most `max` bytes of a regular file, never through a symlink and never blocking on
 /// its open (O_NONBLOCK: a FIFO would otherwise wait for a writer); `None` when it does not exist.
 pub fn read_capped(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    Ok(read_capped_id(path, max)?.map(|(bytes, _)| bytes))
+}
+
+/// Which file a path names: (device, inode). A file replaced by a rename has a new one.
+pub type FileId = (u64, u64);
+
+/// The file `path` names now, without opening it (an open is what the agent's state-directory
+/// watch reports as a reader); `None` when it does not exist.
+pub fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// `read_capped`, with the identity of the file that was read.
+pub fn read_capped_id(path: &Path, max: u64) -> io::Result<Option<(Vec<u8>, FileId)>> {
+    use std::os::unix::fs::MetadataExt;
     let f = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
@@ -86,7 +104,8 @@ pub fn read_capped(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    if !f.metadata()?.is_file() {
+    let meta = f.metadata()?;
+    if !meta.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{} is not a regular file; remove it", path.display()),
@@ -94,7 +113,7 @@ pub fn read_capped(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
     }
     let mut buf = Vec::new();
     io::Read::read_to_end(&mut io::Read::take(f, max), &mut buf)?;
-    Ok(Some(buf))
+    Ok(Some((buf, (meta.dev(), meta.ino()))))
 }
 
 /// Replaces `path` with `data` atomically (fsynced), with `mode` and, when given, the owner set

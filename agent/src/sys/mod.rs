@@ -1,6 +1,8 @@
 //! The OS edges the rest of the agent uses through safe functions: files in the state directory
-//! (`files`), users and privileges (`privilege`), systemd's notify socket (`notify`).
+//! (`files`), users and privileges (`privilege`), systemd's notify socket (`notify`), the state
+//! directory watched for readers and pauses (`dirwatch`).
 
+pub mod dirwatch;
 pub mod files;
 pub mod notify;
 pub mod pidfd;
