@@ -46,6 +46,9 @@ if [[ -n "${WITH_AWS:-}" ]]; then
         curl -sf "http://127.0.0.1:$MS_PORT/_localstack/health" >/dev/null && break
         sleep 0.2
     done
+    # Read before every AWS_* variable is cleared below (AWS_FLUSH among them: until 1 December
+    # 2026 this line came after the clearing, so every run flushed every 10 s whatever was asked).
+    FLUSH=${AWS_FLUSH:-10s}
     for v in $(compgen -e | grep '^AWS_' || true); do unset "$v"; done
     export AWS_ENDPOINT_URL=http://127.0.0.1:$MS_PORT AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
         AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null \
@@ -54,7 +57,7 @@ if [[ -n "${WITH_AWS:-}" ]]; then
 namespace = \"PMGuard/Bench\"
 log_group = \"/pmguard/bench\"
 instance_id = \"bench-host\"
-flush_interval = \"${AWS_FLUSH:-10s}\""
+flush_interval = \"$FLUSH\""
 fi
 cfg() {
     cat <<EOF

@@ -99,6 +99,18 @@ fn install_on_a_real_systemd_restarts_a_hung_app_and_uninstalls_cleanly() {
     }
     // Just restarted by pmguard: ok, or a warning about recent restarts, never a failure.
     assert_ne!(status("app codebox").as_deref(), Some("fail"), "{checks:#}");
+    // `status` as root, reading the PM2 user's state directory: the agent, inside its unit's
+    // sandbox, watches that directory, so the reader's open gets it a fresh status.json.
+    let shown = m.exec(&[
+        "/usr/local/bin/pmguard-agent",
+        "status",
+        "--json",
+        "--config",
+        "/root/pmguard.toml",
+    ]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&shown.stdout)));
+    assert_eq!(shown["fresh_on_read"], true, "{shown:#}");
     // PM2 is under pm2-ubuntu.service (`pm2 startup`): install added no unit of its own.
     assert_eq!(
         status("pm2 supervised").as_deref(),

@@ -189,9 +189,11 @@ impl StateDir {
         if let Some(b) = self.read_beat() {
             b.lay_over(&mut status);
         }
+        // With a margin: the daemon may judge the age a little before this reader does, and a
+        // file it found young enough is not followed by a new one.
         let asked = status.fresh_on_read
             && status.is_fresh()
-            && written_age.is_some_and(|a| a >= ASK_MIN_MS);
+            && written_age.is_some_and(|a| a >= ASK_MIN_MS + 200);
         if !asked {
             return Ok(Some(status));
         }
