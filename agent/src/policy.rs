@@ -79,6 +79,28 @@ pub fn judge(pm2: &Pm2View, probe_failure: Option<&str>) -> Verdict {
         Pm2View::Instances(i) => i,
     };
     if let Some(t) = instances.iter().find(|i| i.status.is_transitional()) {
+        // While PM2 starts or stops some instances, the shared probe and the others' PM2
+        // states say nothing certain (a person's `pm2 stop` goes one instance after the
+        // other). A sibling found stuck by its own CPU or process state is its own fault,
+        // though, and a long `kill_timeout` must not hide it.
+        let stuck: Vec<&InstanceView> = instances
+            .iter()
+            .filter(|i| !i.status.is_transitional() && i.stuck.is_some())
+            .collect();
+        if !stuck.is_empty() {
+            let mut reasons: Vec<String> = stuck
+                .iter()
+                .map(|i| {
+                    let why = i.stuck.as_deref().unwrap_or_default();
+                    format!("pm_id {} pid {} is stuck: {why}", i.pm_id, i.pid)
+                })
+                .collect();
+            reasons.push(format!("pm_id {} is {}", t.pm_id, t.status.as_str()));
+            return Verdict::Failed {
+                reason: reasons.join("; "),
+                culprits: stuck.iter().map(|i| i.pm_id).collect(),
+            };
+        }
         let stop_ms = instances
             .iter()
             .filter(|i| i.status == Status::Stopping)
@@ -735,6 +757,22 @@ mod tests {
             Decision::Wait { .. }
         ));
         assert!(is_restart(&decide(&mut s, &p, &v, t + 11_600)));
+        // A sibling stuck on its own is not hidden by another's long stop: it alone is at
+        // fault (the shared probe's failure is not, while PM2 is stopping an instance).
+        let view = Pm2View::Instances(vec![
+            InstanceView {
+                kill_timeout_ms: Some(600_000),
+                ..inst(0, Status::Stopping, None)
+            },
+            inst(1, Status::Online, Some("cpu 100 % for 60 s")),
+        ]);
+        assert_eq!(
+            judge(&view, Some("timed out")),
+            Verdict::Failed {
+                reason: "pm_id 1 pid 101 is stuck: cpu 100 % for 60 s; pm_id 0 is stopping".into(),
+                culprits: vec![1]
+            }
+        );
         // Starting states keep the start-up grace.
         let mut s = AppState::new(0, &p);
         let view = Pm2View::Instances(vec![inst(0, Status::Launching, None)]);

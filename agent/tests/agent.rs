@@ -693,5 +693,16 @@ fn status_stays_fresh_between_rewrites_of_status_json() {
             .unwrap_or(Value::Null);
         v["apps"][0]["failures"].as_u64().unwrap_or(0) >= 1
     });
+    // A clean stop leaves the final states and counts, for whoever looks afterwards.
+    std::thread::sleep(Duration::from_secs(3));
+    let stopped_at = wall();
     assert!(agent.stop().success());
+    let v: Value = serde_json::from_slice(&std::fs::read(&status_file).unwrap()).unwrap();
+    assert_eq!(v["fresh_on_read"], false, "{v}");
+    let last = v["apps"][0]["last_check_ms"].as_u64().unwrap();
+    assert!(
+        last + 1_500 >= stopped_at,
+        "the last check in status.json is {} ms before the stop",
+        stopped_at.saturating_sub(last)
+    );
 }

@@ -580,6 +580,54 @@ fn a_stop_longer_than_the_start_up_grace_is_waited_out_not_restarted() {
     assert_eq!(list[0]["pm2_env"]["status"], "stopped", "{list}");
 }
 
+/// Fault: a person moves the state directory away and makes a new one while the agent runs.
+/// The agent's inotify watch follows the old directory, so it must notice, fall back to
+/// writing `status.json` every few seconds, and put its heartbeat in the new directory:
+/// `status` (and the backup check) must see a live agent there, not a dead one.
+#[test]
+fn a_state_directory_moved_away_is_followed_by_path() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("moved", port, &[]);
+    let agent = Agent::start(&pm2, &app("moved", port, "max_retries = 100"));
+    agent.wait_for_probe_ok();
+    let status = || {
+        Command::new(AGENT)
+            .args(["status", "--json", "--config"])
+            .arg(agent.config())
+            .output()
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(10), "a first heartbeat", || {
+        status().status.success()
+    });
+    let state = agent.state();
+    let old = state.with_file_name("state.old");
+    std::fs::rename(&state, &old).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "a live agent seen in the new directory",
+        || status().status.success(),
+    );
+    // And it stays so, with nobody asking in between: the fallback rewrites status.json.
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(500));
+        let beat = std::fs::read_to_string(state.join("heartbeat")).unwrap_or_default();
+        assert!(beat.starts_with("pmguard-heartbeat"), "{beat:?}");
+    }
+    let out = status();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(v["fresh_on_read"], false, "{v}");
+    let log = std::fs::read_to_string(old.with_file_name("agent-1.log")).unwrap_or_default();
+    assert!(
+        log.contains("no longer the one watched"),
+        "the agent says why it falls back: {log}"
+    );
+}
+
 /// Fault: `pm2 update` while the agent runs (the daemon is replaced, every app restarted by PM2,
 /// the agent's connection dropped). The agent follows the new daemon and restarts nothing.
 #[test]

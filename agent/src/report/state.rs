@@ -35,7 +35,9 @@ pub const STATUS_REFRESH_MS: u64 = 5_000;
 /// The same while the daemon answers readers' opens (`StatusFile::fresh_on_read`).
 pub const STATUS_QUIET_REFRESH_MS: u64 = 60_000;
 /// A reader's open of `status.json` is answered with a new file when the last one is at least
-/// this old; a younger one is what it reads (so a reader sees data at most this old).
+/// this old; a younger one is what it reads. A reader that waits for the answer
+/// (`read_status_fresh`) sees data at most about this old; one that reads the file it opened
+/// sees what was there (up to `STATUS_QUIET_REFRESH_MS` old; its `updated_at` says).
 pub const ASK_MIN_MS: u64 = 1_000;
 /// How long `read_status_fresh` waits for the daemon's answer before it shows what it read.
 pub const ASK_WAIT: Duration = Duration::from_secs(2);
@@ -192,8 +194,8 @@ impl StateDir {
         // With a margin: the daemon may judge the age a little before this reader does, and a
         // file it found young enough is not followed by a new one.
         let asked = status.fresh_on_read
-            && status.is_fresh()
-            && written_age.is_some_and(|a| a >= ASK_MIN_MS + 200);
+            && written_age.is_some_and(|a| a >= ASK_MIN_MS + 200)
+            && beating(&status);
         if !asked {
             return Ok(Some(status));
         }
@@ -269,6 +271,23 @@ impl StateDir {
             Beat::parse(&bytes)
         })
     }
+}
+
+/// Whether the daemon that wrote `status` is beating now: its heartbeat no older than one
+/// period plus slack (a live one beats every period; `is_fresh` allows three, for the backup
+/// check's sake) and its pid still there. A reader does not wait on a dead or frozen daemon.
+fn beating(status: &StatusFile) -> bool {
+    let recent = status
+        .age_ms()
+        .is_some_and(|age| age <= status.interval_ms.max(1_000) + 1_500);
+    let alive = rustix::process::Pid::from_raw(status.pid as i32).is_some_and(|pid| {
+        // EPERM: alive, another user's (a reader who is not the PM2 user).
+        !matches!(
+            rustix::process::test_kill_process(pid),
+            Err(e) if e == rustix::io::Errno::SRCH
+        )
+    });
+    recent && alive
 }
 
 /// One heartbeat: which daemon, on which boot, when, and how often it beats.

@@ -100,6 +100,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     while !main.watch.join.is_finished() && clock::mono_now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    main.pulse.final_status();
     // Last: the apps' final events and `agent_stop` go out (or to the spool) within 5 s.
     if let Some(n) = main.notify.take() {
         n.stop();

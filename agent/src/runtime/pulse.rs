@@ -15,7 +15,10 @@
 //! every app keeps its promised schedule (`Progress::due`), so a wedged agent looks dead to
 //! systemd and to the backup check; a beat is withheld while `status.json` cannot be written;
 //! a significant change or a pause is in `status.json` within one beat (or `LOOK_MS` + one
-//! round for a pause); `status.json` is never older than `STATUS_REFRESH_MS` plus a beat.
+//! round for a pause); without the watch below, `status.json` is never older than
+//! `STATUS_REFRESH_MS` plus a beat, and with it, never older than `ASK_MIN_MS` plus a beat
+//! for a reader that waits for its answer (`StateDir::read_status_fresh`), and
+//! `STATUS_QUIET_REFRESH_MS` plus a beat for one that reads the file directly.
 //!
 //! The state directory's watch (`sys::dirwatch`, polled by the watch loop beside its probes)
 //! replaces two of those costs when the kernel grants it: a pause is noticed when `pauses.json`
@@ -87,6 +90,9 @@ pub struct Pulse {
     pauses_changed: AtomicBool,
     /// `Mono` before which the watch is not polled (`WATCH_REST_MS`).
     watch_rest: AtomicU64,
+    /// The watched directory is no longer at the state directory's path: the heartbeat file
+    /// must be opened again there (taken under `inner`'s lock).
+    dir_lost: AtomicBool,
 }
 
 /// What the beats share between the two threads.
@@ -149,6 +155,7 @@ impl Pulse {
             asked: AtomicBool::new(false),
             pauses_changed: AtomicBool::new(false),
             watch_rest: AtomicU64::new(0),
+            dir_lost: AtomicBool::new(false),
             shared,
             notifier,
             next_at: AtomicU64::new(0),
@@ -206,13 +213,36 @@ impl Pulse {
         if seen.opened {
             self.asked.store(true, Ordering::Relaxed);
         }
-        if seen.changed || seen.gone {
+        if seen.changed {
             self.pauses_changed.store(true, Ordering::Relaxed);
         }
-        if seen.gone && self.watching.swap(false, Ordering::Relaxed) {
-            tracing::warn!(message = "The state directory's watch ended; rewriting status.json every 5 s and looking for pauses every 500 ms instead.", path = %self.shared.state.dir.display());
+        if seen.gone {
+            self.lose_dir();
         }
         self.next_at.store(0, Ordering::Relaxed);
+    }
+
+    /// The watched directory was moved, removed or unmounted, or another one now has its path:
+    /// back to looking by path (status.json every 5 s, a stat for pauses every 500 ms), and the
+    /// heartbeat file opened again at the path, so readers of the new directory see a live
+    /// agent.
+    fn lose_dir(&self) {
+        if self.watching.swap(false, Ordering::Relaxed) {
+            tracing::warn!(message = "The state directory is no longer the one watched (moved, removed or unmounted); rewriting status.json every 5 s and looking for pauses every 500 ms from now on.", path = %self.shared.state.dir.display());
+            self.pauses_changed.store(true, Ordering::Relaxed);
+            self.dir_lost.store(true, Ordering::Relaxed);
+            self.next_at.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Under `inner`'s lock: after `lose_dir`, the next beat writes status.json and the
+    /// heartbeat into the directory now at the path.
+    fn take_dir_loss(&self, g: &mut Inner) {
+        if self.dir_lost.swap(false, Ordering::Relaxed) {
+            g.status.beat_file = None;
+            g.status.beat_file_failed = false;
+            g.status.force = true;
+        }
     }
 
     /// The shared part, for the main thread (reload changes `progress`).
@@ -256,6 +286,7 @@ impl Pulse {
             return;
         };
         let g = &mut *g;
+        self.take_dir_loss(g);
         let watching = self.watching.load(Ordering::Relaxed);
         let look = if watching {
             self.pauses_changed.swap(false, Ordering::Relaxed)
@@ -299,8 +330,17 @@ impl Pulse {
     /// The main thread's beat: after its tick, a reload, a pause change, or when the watch loop
     /// asked for `status.json`. Writes it when due, then the heartbeat.
     pub fn main_beat(&self, now: Mono, force: bool) {
+        // The kernel says nothing of a directory removed while the agent's files in it are
+        // open: one stat per main tick does.
+        if let Some(dir) = self.dir.as_ref() {
+            if self.watching.load(Ordering::Relaxed) && !dir.still_at(&self.shared.state.dir) {
+                self.lose_dir();
+            }
+        }
         let mut g = lock(&self.inner);
         let g = &mut *g;
+        self.take_dir_loss(g);
+        g.status.watched = self.watching.load(Ordering::Relaxed);
         if force {
             g.status.force = true;
             g.last_beat = 0;
@@ -331,6 +371,29 @@ impl Pulse {
         }
         g.watchdog(now, &self.notifier);
         self.next_at.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Pulse {
+    /// At a clean stop, once the watch loop has ended: the final counts and states in
+    /// `status.json` for whoever looks afterwards (nobody can ask any more, so it says
+    /// `fresh_on_read: false`). Its heartbeat stays the last beat's: the stopped agent does
+    /// not look alive any longer than without this write.
+    pub fn final_status(&self) {
+        let mut g = lock(&self.inner);
+        let g = &mut *g;
+        if !g.ready || g.last_beat == 0 {
+            return;
+        }
+        let notify = g.board();
+        write_heartbeat(
+            &self.shared,
+            g.every_ms,
+            false,
+            g.last_beat,
+            g.textfile.as_mut(),
+            notify,
+        );
     }
 }
 
@@ -415,6 +478,7 @@ impl Inner {
             shared,
             self.every_ms,
             self.status.watched,
+            clock::mono_now(),
             self.textfile.as_mut(),
             notify,
         );
@@ -454,6 +518,7 @@ impl Inner {
                 shared,
                 self.every_ms,
                 self.status.watched,
+                clock::mono_now(),
                 self.textfile.as_mut(),
                 notify,
             );
@@ -516,6 +581,7 @@ fn write_heartbeat(
     shared: &Shared,
     interval_ms: u64,
     fresh_on_read: bool,
+    heartbeat: Mono,
     textfile: Option<&mut Textfile>,
     notify: crate::notify::Board,
 ) -> bool {
@@ -531,7 +597,7 @@ fn write_heartbeat(
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             boot_epoch: clock::boot_epoch(),
-            heartbeat: clock::mono_now(),
+            heartbeat,
             updated_at: clock::rfc3339(clock::wall_ms()),
             interval_ms,
             pauses_revision,

@@ -6,8 +6,11 @@
 //!   beside its probes, so the watch costs nothing while nobody touches the directory.
 //! - Only names directly in the directory are reported (inotify does not recurse), and only the
 //!   two names the agent cares about count; opens of other files wake the poll and are dropped.
-//! - A queue overflow counts as both (anything may have happened); the watch gone (the directory
-//!   removed or unmounted) is reported once, and the caller goes back to looking by itself.
+//! - A queue overflow counts as both (anything may have happened). The directory moved,
+//!   removed or unmounted is "gone": the watch follows the inode, not the path, so the caller
+//!   goes back to looking at the path by itself. A directory removed while files in it are
+//!   still open (the agent's heartbeat and lock are) sends nothing until they are closed, so
+//!   the caller also asks `still_at` now and then.
 //! - No file is written and nothing listens: a reader needs no more than read access to the file
 //!   to be noticed, which is what lets root or a reader in the group ask for a fresh status
 //!   without writing into the PM2 user's directory.
@@ -18,6 +21,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+
+use crate::sys::files;
 
 /// What the queued events say.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +38,8 @@ pub struct Seen {
 #[derive(Debug)]
 pub struct DirWatch {
     fd: OwnedFd,
+    /// The watched directory, as found when the watch was set.
+    id: Option<files::FileId>,
     /// The file whose opens are reported (`status.json`).
     opened: &'static CStr,
     /// The file whose changes are reported (`pauses.json`).
@@ -55,14 +62,22 @@ impl DirWatch {
                 | WatchFlags::MOVED_TO
                 | WatchFlags::MOVED_FROM
                 | WatchFlags::DELETE
+                | WatchFlags::DELETE_SELF
+                | WatchFlags::MOVE_SELF
                 | WatchFlags::ONLYDIR
                 | WatchFlags::DONT_FOLLOW,
         )?;
         Ok(DirWatch {
             fd,
+            id: files::file_id(dir),
             opened,
             changed,
         })
+    }
+
+    /// Whether `dir` is still the directory being watched (one stat).
+    pub fn still_at(&self, dir: &Path) -> bool {
+        self.id.is_some() && files::file_id(dir) == self.id
     }
 
     /// The fd to poll for readability.
@@ -84,7 +99,12 @@ impl DirWatch {
                 seen.changed = true;
                 continue;
             }
-            if flags.intersects(ReadFlags::IGNORED | ReadFlags::DELETE_SELF | ReadFlags::UNMOUNT) {
+            if flags.intersects(
+                ReadFlags::IGNORED
+                    | ReadFlags::DELETE_SELF
+                    | ReadFlags::MOVE_SELF
+                    | ReadFlags::UNMOUNT,
+            ) {
                 seen.gone = true;
                 continue;
             }
@@ -142,9 +162,29 @@ mod tests {
         );
         std::fs::remove_file(d.path().join("pauses.json")).unwrap();
         assert!(w.take().changed);
+        assert!(w.still_at(d.path()));
+        // Removed while a file in it is still open (the agent's heartbeat and lock): the
+        // kernel says nothing yet; `still_at` does.
+        let held = std::fs::File::create(d.path().join("heartbeat")).unwrap();
         let path = d.path().to_path_buf();
         drop(d);
         assert!(!path.exists());
-        assert!(w.take().gone, "the directory removed");
+        std::fs::create_dir(&path).unwrap();
+        assert!(!w.still_at(&path), "another directory at the path");
+        std::fs::remove_dir(&path).unwrap();
+        drop(held);
+        assert!(w.take().gone, "the directory removed, its last file closed");
+    }
+
+    #[test]
+    fn a_moved_directory_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        let w = DirWatch::new(&dir, c"status.json", c"pauses.json").unwrap();
+        std::fs::rename(&dir, d.path().join("state.old")).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        assert!(w.take().gone);
+        assert!(!w.still_at(&dir));
     }
 }
