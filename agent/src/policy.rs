@@ -80,12 +80,14 @@ pub fn judge(pm2: &Pm2View, probe_failure: Option<&str>) -> Verdict {
     };
     if let Some(t) = instances.iter().find(|i| i.status.is_transitional()) {
         // While PM2 starts or stops some instances, the shared probe and the others' PM2
-        // states say nothing certain (a person's `pm2 stop` goes one instance after the
-        // other). A sibling found stuck by its own CPU or process state is its own fault,
-        // though, and a long `kill_timeout` must not hide it.
+        // states say nothing certain. A sibling found stuck by its own CPU or process state is
+        // its own fault while others start. Not while one is stopping: a person's `pm2 stop`
+        // goes one instance after the other and says so only as each one ends, and the app
+        // they stop is often the one that spins; restarting a sibling then would undo the stop.
+        let stopping = instances.iter().any(|i| i.status == Status::Stopping);
         let stuck: Vec<&InstanceView> = instances
             .iter()
-            .filter(|i| !i.status.is_transitional() && i.stuck.is_some())
+            .filter(|i| !stopping && !i.status.is_transitional() && i.stuck.is_some())
             .collect();
         if !stuck.is_empty() {
             let mut reasons: Vec<String> = stuck
@@ -757,8 +759,21 @@ mod tests {
             Decision::Wait { .. }
         ));
         assert!(is_restart(&decide(&mut s, &p, &v, t + 11_600)));
-        // A sibling stuck on its own is not hidden by another's long stop: it alone is at
-        // fault (the shared probe's failure is not, while PM2 is stopping an instance).
+        // A sibling stuck on its own is at fault while another starts (the shared probe's
+        // failure is not) ...
+        let view = Pm2View::Instances(vec![
+            inst(0, Status::Launching, None),
+            inst(1, Status::Online, Some("cpu 100 % for 60 s")),
+        ]);
+        assert_eq!(
+            judge(&view, Some("timed out")),
+            Verdict::Failed {
+                reason: "pm_id 1 pid 101 is stuck: cpu 100 % for 60 s; pm_id 0 is launching".into(),
+                culprits: vec![1]
+            }
+        );
+        // ... but not while one stops: a person's `pm2 stop` of a spinning cluster goes one
+        // instance at a time, and a restart of the sibling would undo it.
         let view = Pm2View::Instances(vec![
             InstanceView {
                 kill_timeout_ms: Some(600_000),
@@ -766,13 +781,13 @@ mod tests {
             },
             inst(1, Status::Online, Some("cpu 100 % for 60 s")),
         ]);
-        assert_eq!(
+        assert!(matches!(
             judge(&view, Some("timed out")),
-            Verdict::Failed {
-                reason: "pm_id 1 pid 101 is stuck: cpu 100 % for 60 s; pm_id 0 is stopping".into(),
-                culprits: vec![1]
+            Verdict::Transitional {
+                stop_ms: Some(600_000),
+                ..
             }
-        );
+        ));
         // Starting states keep the start-up grace.
         let mut s = AppState::new(0, &p);
         let view = Pm2View::Instances(vec![inst(0, Status::Launching, None)]);

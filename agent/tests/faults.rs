@@ -604,11 +604,14 @@ fn a_state_directory_moved_away_is_followed_by_path() {
     let state = agent.state();
     let old = state.with_file_name("state.old");
     std::fs::rename(&state, &old).unwrap();
+    // A moment with no directory at the path at all: the agent's first try to reopen its
+    // heartbeat there fails, and must be tried again.
+    std::thread::sleep(Duration::from_millis(500));
     std::fs::create_dir(&state).unwrap();
     wait_until(
-        Duration::from_secs(10),
-        "a live agent seen in the new directory",
-        || status().status.success(),
+        Duration::from_secs(15),
+        "a live agent seen in the new directory, its heartbeat file there",
+        || status().status.success() && state.join("heartbeat").exists(),
     );
     // And it stays so, with nobody asking in between: the fallback rewrites status.json.
     let began = Instant::now();

@@ -52,6 +52,10 @@ use crate::sys::notify::Notifier;
 /// 5 s to see its pause applied in `status.json`.
 const LOOK_MS: u64 = 500;
 
+/// How often a heartbeat file that could not be opened or written is tried again (one open;
+/// the failure is logged once).
+const BEAT_FILE_RETRY_MS: u64 = 5_000;
+
 /// The main thread's tick while the directory is watched: what it does on its own then is
 /// reviving a watch loop that died (unwinding builds only; a release build aborts and systemd
 /// starts it again) and a beat should the loop not.
@@ -122,7 +126,10 @@ struct StatusWrites {
     /// The in-place heartbeat; `None` until opened, or after it failed (then every beat
     /// rewrites `status.json`, as before the heartbeat file existed).
     beat_file: Option<HeartbeatFile>,
-    beat_file_failed: bool,
+    /// When opening or writing the heartbeat file last failed (`None`: it never did, or it was
+    /// opened since). It is tried again every `BEAT_FILE_RETRY_MS`, so a directory that was
+    /// briefly missing (moved away, made again) gets its heartbeat file back.
+    beat_file_failed: Option<Mono>,
     last_write: Mono,
     last_print: u64,
     /// A pause or reload changed what `status.json` must say, or its last write failed: write
@@ -240,7 +247,7 @@ impl Pulse {
     fn take_dir_loss(&self, g: &mut Inner) {
         if self.dir_lost.swap(false, Ordering::Relaxed) {
             g.status.beat_file = None;
-            g.status.beat_file_failed = false;
+            g.status.beat_file_failed = None;
             g.status.force = true;
         }
     }
@@ -463,12 +470,21 @@ impl Inner {
     /// beats: a fresh heartbeat over a stale status.json would make `status` and the backup
     /// check trust states that are no longer true.
     fn write_status(&mut self, now: Mono, shared: &Shared) -> bool {
-        if self.status.beat_file.is_none() && !self.status.beat_file_failed {
+        let retry = self
+            .status
+            .beat_file_failed
+            .is_none_or(|at| now.saturating_sub(at) >= BEAT_FILE_RETRY_MS);
+        if self.status.beat_file.is_none() && retry {
             match shared.state.open_heartbeat() {
-                Ok(f) => self.status.beat_file = Some(f),
+                Ok(f) => {
+                    self.status.beat_file = Some(f);
+                    self.status.beat_file_failed = None;
+                }
                 Err(error) => {
-                    tracing::warn!(message = "Cannot open the heartbeat file; rewriting status.json at every beat instead.", path = %shared.state.dir.display(), %error);
-                    self.status.beat_file_failed = true;
+                    if self.status.beat_file_failed.is_none() {
+                        tracing::warn!(message = "Cannot open the heartbeat file; rewriting status.json at every beat instead.", path = %shared.state.dir.display(), %error);
+                    }
+                    self.status.beat_file_failed = Some(now);
                 }
             }
         }
@@ -512,7 +528,7 @@ impl Inner {
         };
         if failed {
             self.status.beat_file = None;
-            self.status.beat_file_failed = true;
+            self.status.beat_file_failed = Some(now);
             let notify = self.board();
             write_heartbeat(
                 shared,
