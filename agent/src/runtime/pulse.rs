@@ -130,6 +130,8 @@ struct StatusWrites {
     /// opened since). It is tried again every `BEAT_FILE_RETRY_MS`, so a directory that was
     /// briefly missing (moved away, made again) gets its heartbeat file back.
     beat_file_failed: Option<Mono>,
+    /// A heartbeat file failure was logged; again only after a beat has been written since.
+    beat_file_warned: bool,
     last_write: Mono,
     last_print: u64,
     /// A pause or reload changed what `status.json` must say, or its last write failed: write
@@ -481,8 +483,9 @@ impl Inner {
                     self.status.beat_file_failed = None;
                 }
                 Err(error) => {
-                    if self.status.beat_file_failed.is_none() {
+                    if !self.status.beat_file_warned {
                         tracing::warn!(message = "Cannot open the heartbeat file; rewriting status.json at every beat instead.", path = %shared.state.dir.display(), %error);
+                        self.status.beat_file_warned = true;
                     }
                     self.status.beat_file_failed = Some(now);
                 }
@@ -521,10 +524,18 @@ impl Inner {
         };
         let failed = match self.status.beat_file.as_ref().map(|f| f.beat(&beat)) {
             Some(Err(error)) => {
-                tracing::warn!(message = "Cannot write the heartbeat file; rewriting status.json at every beat instead.", path = %shared.state.dir.display(), %error);
+                // Tried again every BEAT_FILE_RETRY_MS: said once, not at every try.
+                if !self.status.beat_file_warned {
+                    tracing::warn!(message = "Cannot write the heartbeat file; rewriting status.json at every beat instead.", path = %shared.state.dir.display(), %error);
+                    self.status.beat_file_warned = true;
+                }
                 true
             }
-            _ => false,
+            Some(Ok(())) => {
+                self.status.beat_file_warned = false;
+                false
+            }
+            None => false,
         };
         if failed {
             self.status.beat_file = None;
