@@ -175,8 +175,8 @@ impl EventLog {
         // the size that decides our own rotation must be the size of the file at the path.
         if let Some(f) = &inner.file {
             use std::os::unix::fs::MetadataExt;
-            let same = match (std::fs::symlink_metadata(&self.path), f.metadata()) {
-                (Ok(p), Ok(o)) => p.ino() == o.ino() && p.dev() == o.dev(),
+            let same = match (files::file_id(&self.path), f.metadata()) {
+                (Some(p), Ok(o)) => p == (o.dev(), o.ino()),
                 _ => false,
             };
             if !same {

@@ -186,8 +186,7 @@ impl StateDir {
             return Ok(None);
         };
         // The file's own age: its `heartbeat` before the heartbeat file is laid over it.
-        let written_age = clock::same_boot(status.boot_epoch)
-            .then(|| clock::mono_now().saturating_sub(status.heartbeat));
+        let written_age = status.age_ms();
         if let Some(b) = self.read_beat() {
             b.lay_over(&mut status);
         }
@@ -206,13 +205,8 @@ impl StateDir {
             if files::file_id(&path) == Some(id) {
                 continue;
             }
-            if let Some((new, _)) = self.read_status_file()? {
-                status = new;
-                if let Some(b) = self.read_beat() {
-                    b.lay_over(&mut status);
-                }
-            }
-            break;
+            // The new file (or, should it be gone again, what was read).
+            return Ok(self.read_status()?.or(Some(status)));
         }
         Ok(Some(status))
     }

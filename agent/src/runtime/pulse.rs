@@ -336,6 +336,20 @@ impl Pulse {
         g.watchdog(now, &self.notifier);
     }
 
+    /// At a clean stop, once the watch loop has ended: the final counts and states in
+    /// `status.json` for whoever looks afterwards (nobody can ask any more, so it says
+    /// `fresh_on_read: false`). Its heartbeat stays the last beat's: the stopped agent does
+    /// not look alive any longer than without this write.
+    pub fn final_status(&self) {
+        let mut g = lock(&self.inner);
+        let g = &mut *g;
+        if !g.ready || g.last_beat == 0 {
+            return;
+        }
+        let (last_beat, notify) = (g.last_beat, g.board());
+        g.write_file(&self.shared, false, last_beat, notify);
+    }
+
     /// The main thread's beat: after its tick, a reload, a pause change, or when the watch loop
     /// asked for `status.json`. Writes it when due, then the heartbeat.
     pub fn main_beat(&self, now: Mono, force: bool) {
@@ -380,29 +394,6 @@ impl Pulse {
         }
         g.watchdog(now, &self.notifier);
         self.next_at.store(0, Ordering::Relaxed);
-    }
-}
-
-impl Pulse {
-    /// At a clean stop, once the watch loop has ended: the final counts and states in
-    /// `status.json` for whoever looks afterwards (nobody can ask any more, so it says
-    /// `fresh_on_read: false`). Its heartbeat stays the last beat's: the stopped agent does
-    /// not look alive any longer than without this write.
-    pub fn final_status(&self) {
-        let mut g = lock(&self.inner);
-        let g = &mut *g;
-        if !g.ready || g.last_beat == 0 {
-            return;
-        }
-        let notify = g.board();
-        write_heartbeat(
-            &self.shared,
-            g.every_ms,
-            false,
-            g.last_beat,
-            g.textfile.as_mut(),
-            notify,
-        );
     }
 }
 
@@ -493,14 +484,8 @@ impl Inner {
         }
         let notify = self.board();
         let print = fingerprint(shared, &notify);
-        let written = write_heartbeat(
-            shared,
-            self.every_ms,
-            self.status.watched,
-            clock::mono_now(),
-            self.textfile.as_mut(),
-            notify,
-        );
+        let watched = self.status.watched;
+        let written = self.write_file(shared, watched, clock::mono_now(), notify);
         self.status.last_write = now;
         self.status.last_print = print;
         self.status.force = !written;
@@ -540,16 +525,28 @@ impl Inner {
         if failed {
             self.status.beat_file = None;
             self.status.beat_file_failed = Some(now);
-            let notify = self.board();
-            write_heartbeat(
-                shared,
-                self.every_ms,
-                self.status.watched,
-                clock::mono_now(),
-                self.textfile.as_mut(),
-                notify,
-            );
+            let (watched, notify) = (self.status.watched, self.board());
+            self.write_file(shared, watched, clock::mono_now(), notify);
         }
+    }
+
+    /// `status.json` (and the textfile) as the board stands, with this heartbeat and these
+    /// sink counters; whether it was written.
+    fn write_file(
+        &mut self,
+        shared: &Shared,
+        fresh_on_read: bool,
+        heartbeat: Mono,
+        notify: crate::notify::Board,
+    ) -> bool {
+        write_heartbeat(
+            shared,
+            self.every_ms,
+            fresh_on_read,
+            heartbeat,
+            self.textfile.as_mut(),
+            notify,
+        )
     }
 
     fn watchdog(&mut self, now: Mono, notifier: &Notifier) {
