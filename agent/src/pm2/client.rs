@@ -140,10 +140,7 @@ impl Client {
             detail: "getMonitorData reply has no result".into(),
         })?;
         let processes = raw.into_iter().filter_map(RawEntry::into_entry).collect();
-        Ok(Snapshot {
-            generation,
-            processes,
-        })
+        Ok(Snapshot::new(generation, processes))
     }
 
     /// `restartProcessId {"id":N,"env":{}}` (an empty env leaves the app's environment unchanged).

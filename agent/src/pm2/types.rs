@@ -178,12 +178,34 @@ pub struct ProcessEntry {
 pub struct Snapshot {
     pub generation: u64,
     pub processes: Vec<ProcessEntry>,
+    /// Indices into `processes`, sorted by name then daemon order: every watched app looks
+    /// itself up in every list it is checked against (100 apps against a 100-entry list was
+    /// 10,000 name comparisons a round, BENCHMARKS.md round 8).
+    by_name: Vec<u32>,
 }
 
 impl Snapshot {
+    pub fn new(generation: u64, processes: Vec<ProcessEntry>) -> Self {
+        let mut by_name: Vec<u32> = (0..processes.len() as u32).collect();
+        by_name.sort_by(|&a, &b| processes[a as usize].name.cmp(&processes[b as usize].name));
+        Snapshot {
+            generation,
+            processes,
+            by_name,
+        }
+    }
+
     /// All entries with this name (one per cluster worker), in daemon order.
     pub fn by_name<'a>(&'a self, name: &str) -> Vec<&'a ProcessEntry> {
-        self.processes.iter().filter(|p| p.name == name).collect()
+        let entry = |i: &u32| &self.processes[*i as usize];
+        let from = self
+            .by_name
+            .partition_point(|i| entry(i).name.as_str() < name);
+        self.by_name[from..]
+            .iter()
+            .map(entry)
+            .take_while(|p| p.name == name)
+            .collect()
     }
 }
 
@@ -530,6 +552,43 @@ mod tests {
         assert_eq!(r.error.unwrap().0, "m");
         let r: Reply<String> = serde_json::from_slice(br#"{"args":["7.0.4", 1]}"#).unwrap();
         assert_eq!(r.args.unwrap().0.as_deref(), Some("7.0.4"));
+    }
+
+    #[test]
+    fn by_name_finds_every_worker_in_daemon_order_and_nothing_else() {
+        let entry = |name: &str, pm_id: u32| {
+            let json = format!(
+                r#"{{"pid":{},"name":"{name}","pm_id":{pm_id},"pm2_env":{{"status":"online"}}}}"#,
+                100 + pm_id
+            );
+            serde_json::from_str::<RawEntry>(&json)
+                .unwrap()
+                .into_entry()
+                .unwrap()
+        };
+        let snap = Snapshot::new(
+            1,
+            vec![
+                entry("web", 4),
+                entry("api", 0),
+                entry("web", 1),
+                entry("web-2", 2),
+                entry("we", 3),
+                entry("web", 0),
+            ],
+        );
+        let ids = |name: &str| {
+            snap.by_name(name)
+                .iter()
+                .map(|e| e.pm_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids("web"), [4, 1, 0]);
+        assert_eq!(ids("api"), [0]);
+        assert_eq!(ids("we"), [3]);
+        assert_eq!(ids("web-2"), [2]);
+        assert!(ids("w").is_empty() && ids("zzz").is_empty() && ids("").is_empty());
+        assert!(Snapshot::new(0, Vec::new()).by_name("web").is_empty());
     }
 
     #[test]

@@ -11,7 +11,6 @@
 //! followed at once); `Progress::due` always says by when the app will report again, so the
 //! main thread can withhold the heartbeat when the loop is wedged.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -101,7 +100,7 @@ pub fn spawn(
         .spawn(move || {
             let mut w = Loop {
                 shared,
-                slots: BTreeMap::new(),
+                slots: Vec::new(),
                 tx: own,
                 pulse,
             };
@@ -121,6 +120,7 @@ struct Running {
 }
 
 struct Slot {
+    name: String,
     cfg: AppConfig,
     /// `None` while an action thread has the app.
     app: Option<Box<App>>,
@@ -137,7 +137,10 @@ struct Slot {
 
 struct Loop {
     shared: Arc<Shared>,
-    slots: BTreeMap<String, Slot>,
+    /// In config order. Indexed within a round (`begin_due`, `wait` to `advance`): slots are
+    /// added and removed only by messages, between rounds. A name is looked up only for a
+    /// message (a linear scan: messages are rare, rounds are not).
+    slots: Vec<Slot>,
     tx: WatchTx,
     /// The daemon's pulse: called after every round (the heartbeat rides on the loop's own
     /// wake-ups, at least one a second), and its state-directory watch is polled with the
@@ -156,25 +159,31 @@ impl Loop {
         let mut app = App::new(cfg.clone(), now, persisted.as_ref());
         app.progress = Some(progress.clone());
         progress.due.store(now + IDLE_SLACK_MS, Ordering::Relaxed);
-        self.slots.insert(
-            cfg.name.clone(),
-            Slot {
-                cfg,
-                app: Some(Box::new(app)),
-                progress,
-                next: now,
-                started: now,
-                running: None,
-                pending_cfg: None,
-                removed: false,
-            },
-        );
+        let slot = Slot {
+            name: cfg.name.clone(),
+            cfg,
+            app: Some(Box::new(app)),
+            progress,
+            next: now,
+            started: now,
+            running: None,
+            pending_cfg: None,
+            removed: false,
+        };
+        match self.find(&slot.name) {
+            Some(i) => self.slots[i] = slot,
+            None => self.slots.push(slot),
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.name == name)
     }
 
     fn run(&mut self, rx: Receiver<ToWatch>) {
         let mut stopping: Option<Mono> = None;
         let mut ready: Vec<bool> = Vec::new();
-        let mut polled: Vec<String> = Vec::new();
+        let mut polled: Vec<usize> = Vec::new();
         loop {
             while let Ok(m) = rx.try_recv() {
                 if let ToWatch::Stop = m {
@@ -187,7 +196,7 @@ impl Loop {
             let now = clock::mono_now();
             match stopping {
                 Some(deadline) => {
-                    if now >= deadline || self.slots.values().all(|s| s.app.is_some()) {
+                    if now >= deadline || self.slots.iter().all(|s| s.app.is_some()) {
                         return;
                     }
                 }
@@ -203,28 +212,28 @@ impl Loop {
 
     /// Starts the check of every app whose time has come and that no action holds.
     fn begin_due(&mut self, now: Mono) {
-        let due: Vec<String> = self
-            .slots
-            .iter()
-            .filter(|(_, s)| s.app.is_some() && s.running.is_none() && s.next <= now + COALESCE_MS)
-            .map(|(n, _)| n.clone())
+        let due: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                let s = &self.slots[i];
+                s.app.is_some() && s.running.is_none() && s.next <= now + COALESCE_MS
+            })
             .collect();
         // PM2 and /proc first, for every due app (the first may wait for PM2's list), then the
         // probes, none of which waits: no probe's deadline runs while PM2 is asked, and the
         // replies to a batch gather while the rest of it goes out (fewer wake-ups).
-        let seen: Vec<(String, Observation)> = due
+        let seen: Vec<(usize, Observation)> = due
             .into_iter()
-            .filter_map(|name| self.observe(&name, now).map(|o| (name, o)))
+            .filter_map(|i| self.observe(i, now).map(|o| (i, o)))
             .collect();
-        for (name, observed) in seen {
-            self.launch(&name, observed);
+        for (i, observed) in seen {
+            self.launch(i, observed);
         }
     }
 
     /// One poll for the wake-up fd and every probe in flight, until the next event: a probe's
     /// socket, a probe's deadline, an app's next check, or a message. Fills `polled` with the
     /// apps whose probes were polled and `ready` with whether each socket is ready.
-    fn wait(&mut self, stopping: Option<Mono>, polled: &mut Vec<String>, ready: &mut Vec<bool>) {
+    fn wait(&mut self, stopping: Option<Mono>, polled: &mut Vec<usize>, ready: &mut Vec<bool>) {
         polled.clear();
         let now = clock::mono_now();
         let instant = Instant::now();
@@ -242,10 +251,10 @@ impl Loop {
         if let Some(fd) = dir {
             fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
         }
-        for (name, s) in &self.slots {
+        for (i, s) in self.slots.iter().enumerate() {
             if let Some(r) = &s.running {
                 fds.push(PollFd::from_borrowed_fd(r.probe.fd(), r.probe.events()));
-                polled.push(name.clone());
+                polled.push(i);
                 let left = r.probe.deadline().saturating_duration_since(instant);
                 wait_ms = wait_ms.min(left.as_micros().div_ceil(1000) as u64);
             } else if s.app.is_some() && stopping.is_none() {
@@ -273,10 +282,10 @@ impl Loop {
 
     /// Moves every probe whose socket is ready or whose deadline passed; a finished probe
     /// finishes its check.
-    fn advance(&mut self, polled: &[String], ready: &[bool]) {
+    fn advance(&mut self, polled: &[usize], ready: &[bool]) {
         let instant = Instant::now();
-        for (name, &ready) in polled.iter().zip(ready) {
-            let Some(s) = self.slots.get_mut(name) else {
+        for (&i, &ready) in polled.iter().zip(ready) {
+            let Some(s) = self.slots.get_mut(i) else {
                 continue;
             };
             let (Some(app), Some(r)) = (s.app.as_mut(), s.running.as_mut()) else {
@@ -287,7 +296,7 @@ impl Loop {
             }
             if let Some(result) = app.advance_probe(&mut r.probe) {
                 if let Some(r) = s.running.take() {
-                    self.finish(name, r.seen, Some(result));
+                    self.finish(i, r.seen, Some(result));
                 }
             }
         }
@@ -303,26 +312,29 @@ impl Loop {
             } => self.add(*cfg, persisted, progress, now),
             ToWatch::Config(cfg) => self.reconfigure(*cfg, now),
             ToWatch::Remove(name) => {
-                if let Some(s) = self.slots.get_mut(&name) {
-                    if s.app.is_some() {
-                        self.slots.remove(&name);
+                if let Some(i) = self.find(&name) {
+                    if self.slots[i].app.is_some() {
+                        self.slots.remove(i);
                     } else {
-                        s.removed = true;
+                        self.slots[i].removed = true;
                     }
                 }
             }
             ToWatch::Bus(ev) => self.bus_event(&ev, now),
             ToWatch::Done(app) => {
-                let name = app.name().to_string();
                 // Only into the slot it left (a reload may have replaced the app meanwhile).
-                if let Some(s) = self.slots.get_mut(&name).filter(|s| s.app.is_none()) {
-                    if s.removed {
-                        self.forget(&name);
-                        return;
-                    }
-                    s.app = Some(app);
-                    self.schedule(&name);
+                let Some(i) = self
+                    .find(app.name())
+                    .filter(|&i| self.slots[i].app.is_none())
+                else {
+                    return;
+                };
+                if self.slots[i].removed {
+                    self.forget(i);
+                    return;
                 }
+                self.slots[i].app = Some(app);
+                self.schedule(i);
             }
             ToWatch::Lost(name) => self.lost(&name, now),
             ToWatch::Stop => {}
@@ -331,7 +343,7 @@ impl Loop {
 
     /// A changed app: at once when idle, else when its action hands it back.
     fn reconfigure(&mut self, cfg: AppConfig, now: Mono) {
-        if let Some(s) = self.slots.get_mut(&cfg.name) {
+        if let Some(s) = self.find(&cfg.name).map(|i| &mut self.slots[i]) {
             s.cfg = cfg.clone();
             match s.app.as_mut() {
                 Some(app) if s.running.is_none() => {
@@ -344,7 +356,7 @@ impl Loop {
     }
 
     fn bus_event(&mut self, ev: &BusEvent, now: Mono) {
-        let Some(s) = self.slots.get_mut(&ev.name) else {
+        let Some(s) = self.find(&ev.name).map(|i| &mut self.slots[i]) else {
             return;
         };
         // While an action thread has the app, PM2's events are the action's own doing (the
@@ -367,13 +379,14 @@ impl Loop {
 
     /// An action thread died without handing its app back: watch the app afresh.
     fn lost(&mut self, name: &str, now: Mono) {
-        let Some(s) = self.slots.get_mut(name).filter(|s| s.app.is_none()) else {
+        let Some(i) = self.find(name).filter(|&i| self.slots[i].app.is_none()) else {
             return;
         };
-        if s.removed {
-            self.forget(name);
+        if self.slots[i].removed {
+            self.forget(i);
             return;
         }
+        let s = &mut self.slots[i];
         tracing::error!(message = "An action stopped unexpectedly; watching the app again.", app = %name);
         let book = self.shared.state.read_restarts();
         let mut app = App::new(s.cfg.clone(), now, book.apps.get(name));
@@ -386,15 +399,15 @@ impl Loop {
 
     /// Drops an app removed from the config while an action had it, and the board line its
     /// action wrote back.
-    fn forget(&mut self, name: &str) {
-        self.slots.remove(name);
-        lock(&self.shared.board).remove(name);
+    fn forget(&mut self, i: usize) {
+        let s = self.slots.remove(i);
+        lock(&self.shared.board).remove(&s.name);
     }
 
     /// The first half of starting a check: its slot, its deadline for the wedge watch, PM2's
     /// state and /proc now. `round`: when the round that begins it started.
-    fn observe(&mut self, name: &str, round: Mono) -> Option<Observation> {
-        let s = self.slots.get_mut(name)?;
+    fn observe(&mut self, i: usize, round: Mono) -> Option<Observation> {
+        let s = self.slots.get_mut(i)?;
         let app = s.app.as_mut()?;
         // A check begun a little early (`COALESCE_MS`) keeps its slot: the schedule stays aligned.
         // Checks that were due when the round started share the round's slot, however long the
@@ -417,23 +430,23 @@ impl Loop {
 
     /// The second half: the probe in flight (or the check judged at once without one). Never
     /// waits, so the probes of a batch start back to back.
-    fn launch(&mut self, name: &str, seen: Observation) {
-        let Some(s) = self.slots.get_mut(name) else {
+    fn launch(&mut self, i: usize, seen: Observation) {
+        let Some(s) = self.slots.get_mut(i) else {
             return;
         };
         let Some(app) = s.app.as_mut() else {
             return;
         };
         match app.start_probe() {
-            None => self.finish(name, seen, None),
-            Some(Started::Done(result)) => self.finish(name, seen, Some(result)),
+            None => self.finish(i, seen, None),
+            Some(Started::Done(result)) => self.finish(i, seen, Some(result)),
             Some(Started::Pending(probe)) => s.running = Some(Running { seen, probe }),
         }
     }
 
     /// Judges a finished check; a decision to act goes to a thread of its own with the app.
-    fn finish(&mut self, name: &str, seen: Observation, probe: Option<ProbeResult>) {
-        let Some(s) = self.slots.get_mut(name) else {
+    fn finish(&mut self, i: usize, seen: Observation, probe: Option<ProbeResult>) {
+        let Some(s) = self.slots.get_mut(i) else {
             return;
         };
         let Some(app) = s.app.as_mut() else {
@@ -458,13 +471,14 @@ impl Loop {
         s.progress.checks.fetch_add(1, Ordering::Relaxed);
         if let Decision::Wait { .. } = decision {
             app.act(&self.shared, decision, snapshot.as_deref());
-            self.schedule(name);
+            self.schedule(i);
             return;
         }
         let Some(mut app) = s.app.take() else {
             return;
         };
-        let (shared, tx, owner) = (self.shared.clone(), self.tx.clone(), name.to_string());
+        let name = &s.name;
+        let (shared, tx, owner) = (self.shared.clone(), self.tx.clone(), name.clone());
         // The app moves to the action thread and comes back in `Done` (or `Lost`).
         let spawned = std::thread::Builder::new()
             .name(format!("act:{name}"))
@@ -483,13 +497,13 @@ impl Loop {
             // The app went down with the closure: it is watched again from its saved history,
             // and its next check decides afresh.
             tracing::error!(message = "Cannot start an action thread.", app = %name, %error);
-            self.tx.send(ToWatch::Lost(name.to_string()));
+            self.tx.send(ToWatch::Lost(name.clone()));
         }
     }
 
     /// Sets the next check after one finished (with its action), aligned to when it started.
-    fn schedule(&mut self, name: &str) {
-        let Some(s) = self.slots.get_mut(name) else {
+    fn schedule(&mut self, i: usize) {
+        let Some(s) = self.slots.get_mut(i) else {
             return;
         };
         let Some(app) = s.app.as_mut() else {
