@@ -706,3 +706,88 @@ fn status_stays_fresh_between_rewrites_of_status_json() {
         stopped_at.saturating_sub(last)
     );
 }
+
+/// `status` lists the instances PM2 runs now, each with its own pid: a cluster scaled down by a
+/// person shows one line fewer, scaled up again one line per worker, with the new workers' pids
+/// (the board's lines are updated in place, check after check).
+#[test]
+fn status_follows_a_cluster_scaled_down_and_up() {
+    let pm2 = Pm2Sandbox::new();
+    let port = free_port();
+    pm2.start_app("sc", port, &["-i", "2"]);
+    let agent = Agent::start(&pm2, &app("sc", port, "max_retries = 100"));
+    agent.wait_for_probe_ok();
+    let shown = || -> Vec<(u64, u64, String)> {
+        let out = Command::new(AGENT)
+            .args(["status", "--json", "--config"])
+            .arg(agent.config())
+            .output()
+            .unwrap();
+        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
+            return Vec::new();
+        };
+        let mut lines: Vec<(u64, u64, String)> = v["apps"][0]["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| {
+                (
+                    i["pm_id"].as_u64().unwrap_or(u64::MAX),
+                    i["pid"].as_u64().unwrap_or(0),
+                    i["status"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        lines.sort();
+        lines
+    };
+    let running = || -> Vec<(u64, u64, String)> {
+        let mut lines: Vec<(u64, u64, String)> = pm2
+            .jlist()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == "sc")
+            .map(|e| {
+                (
+                    e["pm_id"].as_u64().unwrap(),
+                    e["pid"].as_u64().unwrap_or(0),
+                    e["pm2_env"]["status"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        lines.sort();
+        lines
+    };
+    for (workers, step) in [(2, None), (1, Some("1")), (3, Some("3"))] {
+        if let Some(n) = step {
+            let out = pm2.pm2(&["scale", "sc", n]);
+            assert!(out.status.success(), "pm2 scale sc {n}: {out:?}");
+        }
+        let mut last = (Vec::new(), Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (want, got) = (running(), shown());
+            if want.len() == workers
+                && want
+                    .iter()
+                    .all(|(_, pid, status)| *pid > 0 && status == "online")
+                && got == want
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{workers} workers: status shows {:?}, PM2 runs {:?}",
+                last.1,
+                last.0
+            );
+            last = (want, got);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert!(
+        agent.of_kind("restart").is_empty(),
+        "a person's scaling was not repaired"
+    );
+}

@@ -707,40 +707,34 @@ impl App {
     }
 
     /// Updates this app's line in the shared board (`status.json`) in place: the board keeps
-    /// the probe history, so a check adds one record instead of copying twenty.
+    /// the probe history, so a check adds one record instead of copying twenty, and the
+    /// instances' lines are rewritten field by field (a check at 100 apps a second allocated
+    /// their status strings and log paths anew every time).
     pub fn publish(&mut self, shared: &Shared, snap: Option<&Snapshot>) {
-        let instances = snap
-            .map(|s| {
-                s.by_name(&self.cfg.name)
-                    .into_iter()
-                    .map(|e| InstanceStatus {
-                        pm_id: e.pm_id,
-                        pid: e.pid,
-                        status: e.status.as_str().to_string(),
-                        cpu_pct: self.cpu_of(e.pid),
-                        memory: self.memory_of(e),
-                        restart_time: e.restart_time,
-                        err_log: e.err_log.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let entries = snap.map(|s| s.by_name(&self.cfg.name)).unwrap_or_default();
         let mut board = lock(&shared.board);
-        let entry = board
-            .entry(self.cfg.name.clone())
-            .or_insert_with(|| AppStatus {
-                name: self.cfg.name.clone(),
-                health: Health::Starting,
-                failures: 0,
-                max_retries: 0,
-                checks: 0,
-                note: None,
-                last_check_ms: None,
-                instances: Vec::new(),
-                probes: VecDeque::new(),
-                restarts: VecDeque::new(),
-                paused: None,
-            });
+        if !board.contains_key(&self.cfg.name) {
+            board.insert(
+                self.cfg.name.clone(),
+                AppStatus {
+                    name: self.cfg.name.clone(),
+                    health: Health::Starting,
+                    failures: 0,
+                    max_retries: 0,
+                    checks: 0,
+                    note: None,
+                    last_check_ms: None,
+                    instances: Vec::new(),
+                    probes: VecDeque::new(),
+                    restarts: VecDeque::new(),
+                    paused: None,
+                },
+            );
+        }
+        let Some(entry) = board.get_mut(&self.cfg.name) else {
+            return;
+        };
+        self.fill_instances(&mut entry.instances, &entries);
         entry.health = self.state.health;
         entry.failures = self.state.failures;
         entry.max_retries = self.cfg.max_retries;
@@ -749,7 +743,6 @@ impl App {
             entry.note = self.note.clone();
         }
         entry.last_check_ms = Some(clock::wall_ms());
-        entry.instances = instances;
         if let Some(p) = self.new_probe.take() {
             entry.probes.push_back(p);
             if entry.probes.len() > HISTORY {
@@ -758,6 +751,37 @@ impl App {
         }
         if entry.restarts != self.restarts_shown {
             entry.restarts = self.restarts_shown.clone();
+        }
+    }
+
+    /// The board's instance lines for `entries`, rewritten in place field by field.
+    fn fill_instances(&self, lines: &mut Vec<InstanceStatus>, entries: &[&ProcessEntry]) {
+        lines.truncate(entries.len());
+        for (n, e) in entries.iter().enumerate() {
+            let (cpu_pct, memory) = (self.cpu_of(e.pid), self.memory_of(e));
+            let Some(line) = lines.get_mut(n) else {
+                lines.push(InstanceStatus {
+                    pm_id: e.pm_id,
+                    pid: e.pid,
+                    status: e.status.as_str().to_string(),
+                    cpu_pct,
+                    memory,
+                    restart_time: e.restart_time,
+                    err_log: e.err_log.clone(),
+                });
+                continue;
+            };
+            line.pm_id = e.pm_id;
+            line.pid = e.pid;
+            if line.status != e.status.as_str() {
+                line.status = e.status.as_str().to_string();
+            }
+            line.cpu_pct = cpu_pct;
+            line.memory = memory;
+            line.restart_time = e.restart_time;
+            if line.err_log != e.err_log {
+                line.err_log = e.err_log.clone();
+            }
         }
     }
 
