@@ -55,7 +55,7 @@ fn main() {
             let mut procs = 0;
             for _ in 0..n {
                 match client.list(Duration::from_secs(5)) {
-                    Ok(s) => procs = s.processes.len(),
+                    Ok(s) => procs = s.processes().len(),
                     Err(e) => {
                         eprintln!("pm2_bench: {e}");
                         std::process::exit(1);

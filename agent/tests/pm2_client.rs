@@ -53,11 +53,11 @@ fn list_matches_jlist_and_never_holds_the_env() {
     );
 
     let j = jlist.as_array().unwrap();
-    assert_eq!(snap.processes.len(), j.len());
+    assert_eq!(snap.processes().len(), j.len());
     assert_eq!(snap.generation, c.generation());
     for je in j {
         let e = snap
-            .processes
+            .processes()
             .iter()
             .find(|e| u64::from(e.pm_id) == je["pm_id"].as_u64().unwrap())
             .unwrap();
@@ -251,12 +251,16 @@ fn cluster_restart_of_one_worker_leaves_the_other() {
     c.restart(a.pm_id, snap.generation, ACTION).unwrap();
     wait_until(ACTION, "worker restarted", || {
         let s = c.list(T).unwrap();
-        let w = s.processes.iter().find(|p| p.pm_id == a.pm_id).unwrap();
+        let w = s.processes().iter().find(|p| p.pm_id == a.pm_id).unwrap();
         w.pid != 0 && w.pid != a.pid && w.status == Status::Online
     });
     let s = c.list(T).unwrap();
     assert_eq!(
-        s.processes.iter().find(|p| p.pm_id == b.pm_id).unwrap().pid,
+        s.processes()
+            .iter()
+            .find(|p| p.pm_id == b.pm_id)
+            .unwrap()
+            .pid,
         b.pid
     );
 }

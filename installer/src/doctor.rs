@@ -638,7 +638,7 @@ fn pm2_dump(paths: &Pm2Paths, snap: &pmguard_agent::pm2::Snapshot) -> Check {
         }
     };
     let saved: BTreeSet<&str> = dumped.iter().map(|e| e.name.as_str()).collect();
-    let running: BTreeSet<&str> = snap.processes.iter().map(|e| e.name.as_str()).collect();
+    let running: BTreeSet<&str> = snap.processes().iter().map(|e| e.name.as_str()).collect();
     compare_dump(&saved, &running)
 }
 

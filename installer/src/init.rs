@@ -482,7 +482,7 @@ pub fn run(
             home: pm2_home.to_path_buf(),
             source,
         })?;
-    if snapshot.processes.is_empty() {
+    if snapshot.processes().is_empty() {
         return Err(InitError::NoApps {
             user: user.to_string(),
             home: pm2_home.to_path_buf(),
@@ -492,7 +492,7 @@ pub fn run(
         .ok()
         .and_then(|s| s.trim().parse().ok());
     let sockets = ProcSockets::read(proc_root)?;
-    let apps = propose(&snapshot.processes, daemon_pid, &sockets)?;
+    let apps = propose(snapshot.processes(), daemon_pid, &sockets)?;
     let text = render(header, &apps);
     Config::parse(Path::new("pmguard.toml"), &text)
         .map_err(|e| InitError::Invalid(e.to_string()))?;

@@ -706,7 +706,7 @@ mod tests {
         }
         let snap = client.list(T).unwrap();
         assert_eq!(snap.generation, 1);
-        assert_eq!(snap.processes.len(), 1);
+        assert_eq!(snap.processes().len(), 1);
         assert_eq!(snap.by_name("web")[0].pid, 42);
         assert!(!format!("{snap:?}").contains("hunter2"));
         server.join().unwrap();

@@ -177,7 +177,8 @@ pub struct ProcessEntry {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub generation: u64,
-    pub processes: Vec<ProcessEntry>,
+    /// Private, so that the index below always describes it (`processes()` reads it).
+    processes: Vec<ProcessEntry>,
     /// Indices into `processes`, sorted by name then daemon order: every watched app looks
     /// itself up in every list it is checked against (100 apps against a 100-entry list was
     /// 10,000 name comparisons a round, BENCHMARKS.md round 8).
@@ -193,6 +194,11 @@ impl Snapshot {
             processes,
             by_name,
         }
+    }
+
+    /// Every entry, in daemon order.
+    pub fn processes(&self) -> &[ProcessEntry] {
+        &self.processes
     }
 
     /// All entries with this name (one per cluster worker), in daemon order.

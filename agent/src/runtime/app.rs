@@ -779,7 +779,11 @@ impl App {
             line.cpu_pct = cpu_pct;
             line.memory = memory;
             line.restart_time = e.restart_time;
-            if line.err_log != e.err_log {
+            // By bytes: a `PathBuf` compares by components, so `/l/./0.log` would equal
+            // `/l/0.log` and the old spelling would stay.
+            if line.err_log.as_ref().map(|p| p.as_os_str())
+                != e.err_log.as_ref().map(|p| p.as_os_str())
+            {
                 line.err_log = e.err_log.clone();
             }
         }
