@@ -195,11 +195,7 @@ fn cooldown_and_crash_loop_limits_hold() {
     // Paused: still failing, but no fourth restart for a while.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(agent.of_kind("restart").len(), 3);
-    let status = Command::new(AGENT)
-        .args(["status", "--json", "--config"])
-        .arg(agent.config())
-        .output()
-        .unwrap();
+    let status = agent.status_json();
     let v: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["apps"][0]["health"], "crash_loop", "{v}");
 }
@@ -623,13 +619,7 @@ fn status_stays_fresh_between_rewrites_of_status_json() {
     );
     agent.wait_for_probe_ok();
     let status_file = agent.state().join("status.json");
-    let status = || {
-        Command::new(AGENT)
-            .args(["status", "--json", "--config"])
-            .arg(agent.config())
-            .output()
-            .unwrap()
-    };
+    let status = || agent.status_json();
     let file = || std::fs::metadata(&status_file).unwrap().ino();
     wait_until(Duration::from_secs(10), "a first heartbeat", || {
         status().status.success()
@@ -718,11 +708,7 @@ fn status_follows_a_cluster_scaled_down_and_up() {
     let agent = Agent::start(&pm2, &app("sc", port, "max_retries = 100"));
     agent.wait_for_probe_ok();
     let shown = || -> Vec<(u64, u64, String)> {
-        let out = Command::new(AGENT)
-            .args(["status", "--json", "--config"])
-            .arg(agent.config())
-            .output()
-            .unwrap();
+        let out = agent.status_json();
         let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
             return Vec::new();
         };

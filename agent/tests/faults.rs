@@ -591,13 +591,7 @@ fn a_state_directory_moved_away_is_followed_by_path() {
     pm2.start_app("moved", port, &[]);
     let agent = Agent::start(&pm2, &app("moved", port, "max_retries = 100"));
     agent.wait_for_probe_ok();
-    let status = || {
-        Command::new(AGENT)
-            .args(["status", "--json", "--config"])
-            .arg(agent.config())
-            .output()
-            .unwrap()
-    };
+    let status = || agent.status_json();
     wait_until(Duration::from_secs(10), "a first heartbeat", || {
         status().status.success()
     });
@@ -849,11 +843,7 @@ fn corrupt_state_files_are_set_aside_and_watching_goes_on() {
         Duration::from_secs(10),
         "status from the new heartbeat",
         || {
-            let status = Command::new(AGENT)
-                .args(["status", "--json", "--config"])
-                .arg(agent.config())
-                .output()
-                .unwrap();
+            let status = agent.status_json();
             v = serde_json::from_slice(&status.stdout).unwrap_or(Value::Null);
             v["apps"][0]["name"] == "corrupt"
         },

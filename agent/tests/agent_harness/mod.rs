@@ -111,6 +111,15 @@ impl Agent {
         self.dir.path().join("state")
     }
 
+    /// `pmguard-agent status --json` for this agent's config, as a person would run it.
+    pub fn status_json(&self) -> std::process::Output {
+        Command::new(AGENT)
+            .args(["status", "--json", "--config"])
+            .arg(self.config())
+            .output()
+            .unwrap()
+    }
+
     pub fn log(&self) -> String {
         (1..=self.runs)
             .map(|i| {
